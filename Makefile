@@ -1,0 +1,23 @@
+# The two set-up commands of the README: `make demo` (the main job) and `make test` (the suite).
+# Each creates the virtual environment when it is missing.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+$(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m grit_jax.demo --workdir runs/demo
+
+test: venv
+	$(BIN)/python -m pytest -q -x --durations=15 tests
+
+.PHONY: venv demo test

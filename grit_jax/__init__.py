@@ -1,0 +1,1 @@
+"""grit_jax: GRIT (Generative Representational Instruction Tuning) in JAX/Flax."""

@@ -1,0 +1,48 @@
+"""`grit-jax` entry point: dispatches a subcommand to the module that owns it.
+
+Subcommand modules are imported lazily so `grit-jax --help` does not pay for importing jax and tensorflow.
+Each one exposes `main(argv: list[str]) -> int`.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from grit_jax.errors import GritJaxError
+
+# name -> (module, function, one-line help)
+COMMANDS = {
+    "train": ("grit_jax.training.cli", "main", "train with an ml-collections config (--config FILE --workdir DIR)"),
+    "embed": ("grit_jax.inference.cli", "embed_main", "embed a JSONL of texts into a .npy matrix"),
+    "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
+    "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
+    "convert": ("grit_jax.convert.cli", "main", "hf-to-jax SRC DST | jax-to-hf SRC DST"),
+    "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
+}
+
+
+def _usage() -> str:
+  lines = ["usage: grit-jax <command> [args...]", "", "commands:"]
+  lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"grit-jax: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module, func, _ = COMMANDS[name]
+  try:
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+  except GritJaxError as e:
+    print(f"grit-jax {name}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
