@@ -1,0 +1,76 @@
+"""The full config schema every recipe starts from (ml_collections). Recipes in this folder call `base.get_config()`
+and change values; a key that is not here cannot be set (a misspelled override is an error).
+
+Read by: grit_jax.data (config.data), grit_jax.objectives / training (config.loss, config.optimizer, config.mesh,
+config.train), grit_jax.modeling (config.model: ModelConfig fields by name).
+"""
+import dataclasses
+
+import ml_collections
+
+
+def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
+  from grit_jax.modeling import get_config as get_model_config  # lazy: keeps `--help` cheap
+
+  c = ml_collections.ConfigDict()
+  # Every ModelConfig field, so `--config.model.remat_policy=full` works and a typo fails.
+  c.model = ml_collections.ConfigDict(dataclasses.asdict(get_model_config(model_preset)))
+  c.init_from = ""  # "" = random init; "hf:DIR" = convert a Hugging Face checkpoint; "ckpt:DIR" = grit_jax checkpoint
+  # Attention per pass, as the reference's --attn: chars 1-2 embedding (query, passage), 3-4 generative;
+  # b = bidirectional, c = causal.  GritLM uses "bbcc".
+  c.attn = "bbcc"
+
+  c.data = ml_collections.ConfigDict(dict(
+      train_dir="data/train",            # one JSONL per dataset; embedding vs generative told apart by keys
+      eval_dir="data/eval",
+      tokenizer="data/tokenizer.model",  # SentencePiece model (Mistral's tokenizer.model for real runs)
+      mode="unified",                    # unified | embedding | generative
+      query_max_len=256,
+      passage_max_len=2048,
+      generative_max_len=2048,
+      train_group_size=2,                # 1 positive + (g-1) hard negatives per query
+      embedding_batch_size=8,            # global queries per step
+      generative_batch_size=4,           # global generative sequences per step
+      pack_generative=False,
+      single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
+      bad_input="skip",                  # skip (counted, reported) | error
+      seed=0,
+  ))
+
+  c.loss = ml_collections.ConfigDict(dict(
+      pooling="mean",                    # mean | weightedmean | lasttoken
+      normalize=True,
+      temperature=0.02,
+      lambda_rep=1.0,
+      lambda_gen=1.0,
+      lm_loss_mode="mixed",              # mixed | token
+      lm_loss_sub_batches=1,             # mixed: number of sub-batches the token mean is taken in (fixed, not #devices)
+      lm_token_factor=1.0,               # token: multiplies sum(token CE) / num_samples
+      contrastive_grad="exact",          # exact (true gradient of the global loss) | gritlm (reference: 1/W of it)
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=2e-5,
+      warmup_ratio=0.03,                 # linear warmup over this fraction of train.steps, then linear decay to 0
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      grad_clip=1.0,                     # global-norm clipping
+  ))
+
+  # Mesh axes (data, fsdp, tensor, expert); -1 = all remaining devices. Pure FSDP by default.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1253,
+      grad_accum=1,                      # micro-batches per step (same result as one full batch)
+      gradcache_chunk=0,                 # >0: GradCache two-pass embedding with this many queries per chunk
+      seed=0,
+      log_every=10,
+      eval_every=0,                      # 0 = only at the end
+      save_every=200,
+      keep_checkpoints=3,
+      export_hf=True,                    # write a Hugging Face directory at the end
+  ))
+  return c
