@@ -1,0 +1,329 @@
+"""Deterministic, resumable, shardable training iterator (numpy sampling over indices of the tfds builds).
+
+Global batches are a pure function of (seed, stream, epoch): every epoch is a fresh seeded permutation, so the
+iterator state is just a few integers per stream and a resumed run yields exactly the uninterrupted run's batches.
+Every process computes the same global batch of indices and reads, tokenizes and yields only its own rows
+(rows [p*B/P, (p+1)*B/P) for shard p of P), so the per-process batches assemble into the global batch with
+`to_global_batch` and the global batch does not depend on the number of processes.
+
+Embedding stream: with `single_dataset_batches` (the reference's CustomRandomSampler) each dataset's permutation
+is cut into full global batches, the leftovers of all datasets are shuffled together into mixed batches, the final
+partial batch is dropped (the reference's dataloader_drop_last), and the batch order is shuffled.
+Generative stream: one permutation per epoch cut into global batches; with packing, every process packs its own
+strided share of the permutation (order[p::P]) into its rows, and the state records the position in that share.
+The two streams run their epochs independently (the smaller one wraps around first, like the reference's refill).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from grit_jax.data import batching, jsonl, tfds_builders
+from grit_jax.errors import GritJaxError
+
+STATE_VERSION = 1
+_EMB, _GEN = 0, 1  # stream ids in the seeds
+
+
+def _cfg(data_cfg, key, default=None):
+  try:
+    return data_cfg[key]
+  except (KeyError, AttributeError):
+    return default
+
+
+def _epoch_batches(counts: np.ndarray, offsets: np.ndarray, batch: int, rng: np.random.Generator,
+                   single_dataset: bool) -> np.ndarray:
+  """[num_batches, batch] global example indices of one epoch."""
+  if single_dataset and len(counts) > 1:
+    full, leftover = [], []
+    for d, n in enumerate(counts):
+      perm = offsets[d] + rng.permutation(int(n))
+      k = int(n) // batch
+      full.append(perm[:k * batch].reshape(k, batch))
+      leftover.append(perm[k * batch:])
+    mixed = rng.permutation(np.concatenate(leftover))
+    k = len(mixed) // batch
+    batches = np.concatenate(full + [mixed[:k * batch].reshape(k, batch)])
+    return batches[rng.permutation(len(batches))]
+  perm = rng.permutation(int(offsets[-1]))
+  k = len(perm) // batch
+  return perm[:k * batch].reshape(k, batch)
+
+
+class _Stream:
+  """Global batches of indices epoch by epoch. State: {"epoch", "batch"} = the next batch to yield."""
+
+  def __init__(self, ds: tfds_builders.JsonlDataset, global_batch: int, seed: int, stream: int,
+               single_dataset: bool, name: str):
+    self.ds, self.global_batch, self.seed, self.stream = ds, global_batch, seed, stream
+    self.single_dataset = single_dataset
+    self.epoch, self.batch = 0, 0
+    self._cache: tuple[int, np.ndarray] | None = None
+    if len(ds) < global_batch:
+      raise GritJaxError(f"{name}: {len(ds)} valid examples in {ds.files}, fewer than one global batch of "
+                         f"{global_batch}")
+
+  def batches(self, epoch: int) -> np.ndarray:
+    if self._cache is None or self._cache[0] != epoch:
+      rng = np.random.default_rng([self.seed, self.stream, epoch])
+      self._cache = (epoch, _epoch_batches(self.ds.counts, self.ds.offsets, self.global_batch, rng,
+                                           self.single_dataset))
+    return self._cache[1]
+
+  def next(self) -> tuple[int, np.ndarray]:
+    """(epoch, [global_batch] indices) of the next global batch."""
+    if self.batch >= len(self.batches(self.epoch)):
+      self.epoch, self.batch = self.epoch + 1, 0
+    out = self.epoch, self.batches(self.epoch)[self.batch]
+    self.batch += 1
+    return out
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "batch": self.batch}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class _PackedStream:
+  """This shard's share of each epoch's permutation (order[p::P]). State: {"epoch", "pos"}."""
+
+  def __init__(self, ds: tfds_builders.JsonlDataset, seed: int, shard_index: int, num_shards: int):
+    self.ds, self.seed, self.shard_index, self.num_shards = ds, seed, shard_index, num_shards
+    self.epoch, self.pos = 0, 0
+    self._cache: tuple[int, np.ndarray] | None = None
+    if len(ds) < num_shards:
+      raise GritJaxError(f"generative data: {len(ds)} examples cannot be split over {num_shards} processes")
+
+  def order(self, epoch: int) -> np.ndarray:
+    if self._cache is None or self._cache[0] != epoch:
+      rng = np.random.default_rng([self.seed, _GEN, epoch])
+      self._cache = (epoch, rng.permutation(len(self.ds))[self.shard_index::self.num_shards])
+    return self._cache[1]
+
+  def peek(self) -> int:
+    if self.pos >= len(self.order(self.epoch)):
+      self.epoch, self.pos = self.epoch + 1, 0
+    return int(self.order(self.epoch)[self.pos])
+
+  def advance(self) -> None:
+    self.pos += 1
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "pos": self.pos}
+
+  def set_state(self, state: dict) -> None:
+    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
+  mode = _cfg(data_cfg, "mode", "unified")
+  if mode not in ("unified", "embedding", "generative"):
+    raise GritJaxError(f"config.data.mode={mode!r}: expected unified | embedding | generative")
+  if not 0 <= shard_index < num_shards:
+    raise GritJaxError(f"shard_index={shard_index} is not in [0, {num_shards})")
+  for key in ("query_max_len", "passage_max_len", "generative_max_len", "train_group_size",
+              "embedding_batch_size", "generative_batch_size"):
+    if int(_cfg(data_cfg, key, 1)) < 1:
+      raise GritJaxError(f"config.data.{key}={_cfg(data_cfg, key)}: must be >= 1")
+  for key in ("embedding_batch_size", "generative_batch_size"):
+    if int(data_cfg[key]) % num_shards:
+      raise GritJaxError(f"config.data.{key}={data_cfg[key]} (global) is not divisible by {num_shards} processes")
+
+
+def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | None,
+                  kinds: tuple[str, ...]) -> dict[str, tfds_builders.JsonlDataset]:
+  """{kind: built dataset} for the requested kinds of `folder` (missing kind = GritJaxError)."""
+  files = jsonl.split_files(folder)
+  out = {}
+  for kind in kinds:
+    if not files[kind]:
+      key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
+      raise GritJaxError(f"config.data.mode={_cfg(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no file "
+                         f"in {folder!r} has {key} lines")
+    out[kind] = tfds_builders.build(
+        files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
+        passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
+        group_size=int(data_cfg.train_group_size), bad_input=_cfg(data_cfg, "bad_input", "skip"),
+        cache_dir=cache_dir)
+  return out
+
+
+def mode_kinds(data_cfg) -> tuple[str, ...]:
+  mode = _cfg(data_cfg, "mode", "unified")
+  return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
+          "generative": (jsonl.GENERATIVE,)}[mode]
+
+
+class TrainIterator:
+  """Infinite iterator of this process's share of each global training batch (see the module docstring)."""
+
+  def __init__(self, data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
+               cache_dir: str | None = None):
+    from grit_jax.data.tokenizer import Tokenizer
+
+    _check_cfg(data_cfg, num_shards, shard_index)
+    self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
+    self.shard_index, self.num_shards = int(shard_index), int(num_shards)
+    self.seed = int(_cfg(data_cfg, "seed", 0))
+    self.q_len, self.p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
+    self.g_len, self.group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
+    self.pack = bool(_cfg(data_cfg, "pack_generative", False))
+    cache_dir = cache_dir or _cfg(data_cfg, "cache_dir")
+    self.datasets = load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
+                                  mode_kinds(data_cfg))
+    self.stats = jsonl.BadInputStats()
+    for ds in self.datasets.values():
+      self.stats.merge(ds.stats)
+    self.emb = self.gen = None
+    if jsonl.EMBEDDING in self.datasets:
+      self.emb_batch = int(data_cfg.embedding_batch_size)
+      self.emb = _Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
+                         bool(_cfg(data_cfg, "single_dataset_batches", True)), "embedding data")
+    if jsonl.GENERATIVE in self.datasets:
+      self.gen_batch = int(data_cfg.generative_batch_size)
+      ds = self.datasets[jsonl.GENERATIVE]
+      self.gen = (_PackedStream(ds, self.seed, self.shard_index, self.num_shards) if self.pack else
+                  _Stream(ds, self.gen_batch, self.seed, _GEN, False, "generative data"))
+    self.step = 0
+    self._fingerprint = {
+        "seed": self.seed, "num_shards": self.num_shards, "shard_index": self.shard_index, "pack": self.pack,
+        "datasets": {k: ds.builder.builder_config.content_fingerprint for k, ds in self.datasets.items()},
+        "batch": [int(data_cfg.embedding_batch_size), int(data_cfg.generative_batch_size)],
+    }
+
+  def __iter__(self):
+    return self
+
+  def _local(self, indices: np.ndarray, global_batch: int) -> np.ndarray:
+    b = global_batch // self.num_shards
+    return indices[self.shard_index * b:(self.shard_index + 1) * b]
+
+  def _embedding_batch(self) -> dict[str, np.ndarray]:
+    epoch, indices = self.emb.next()
+    local = self._local(indices, self.emb_batch)
+    feats = []
+    for i, rec in zip(local, self.emb.ds.records(local)):
+      # Per-example sampling seed: independent of the shard layout, so the global batch is the same for any P.
+      rng = np.random.default_rng([self.seed, _EMB, epoch, int(i)])
+      feats.append(batching.embedding_features(self.tokenizer, rec, query_max_len=self.q_len,
+                                               passage_max_len=self.p_len, group_size=self.group, rng=rng))
+    return batching.stack_embedding(feats)
+
+  def _generative_batch(self) -> dict[str, np.ndarray]:
+    if not self.pack:
+      _, indices = self.gen.next()
+      local = self._local(indices, self.gen_batch)
+      return batching.stack_generative([batching.generative_features(self.tokenizer, rec,
+                                                                     generative_max_len=self.g_len)
+                                        for rec in self.gen.ds.records(local)])
+    packer = batching.Packer(self.gen_batch // self.num_shards, self.g_len, self.tokenizer.pad_id)
+    while True:
+      rec = self.gen.ds.records([self.gen.peek()])[0]
+      if not packer.add(*batching.generative_tokens(self.tokenizer, rec, self.g_len)):
+        return packer.batch()
+      self.gen.advance()
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = {}
+    if self.gen is not None:
+      batch.update(self._generative_batch())
+    if self.emb is not None:
+      batch.update(self._embedding_batch())
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: the next batch this iterator yields."""
+    return {"version": STATE_VERSION, "step": self.step, "fingerprint": self._fingerprint,
+            "emb": self.emb.get_state() if self.emb else None, "gen": self.gen.get_state() if self.gen else None}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+      raise GritJaxError(f"data iterator state: unknown format {str(state)[:120]}")
+    if state.get("fingerprint") != self._fingerprint:
+      raise GritJaxError("data iterator state was saved for different data/seed/batch/sharding: "
+                         f"saved {state.get('fingerprint')}, now {self._fingerprint}")
+    self.step = int(state["step"])
+    if self.emb:
+      self.emb.set_state(state["emb"])
+    if self.gen:
+      self.gen.set_state(state["gen"])
+
+  def report(self) -> str:
+    return self.stats.report()
+
+  @property
+  def examples_per_epoch(self) -> dict[str, int]:
+    return {k: len(ds) for k, ds in self.datasets.items()}
+
+
+def make_train_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
+                        cache_dir: str | None = None) -> TrainIterator:
+  """The training iterator of `config.data` (see TrainIterator)."""
+  return TrainIterator(data_cfg, tokenizer, shard_index, num_shards, cache_dir)
+
+
+def _filler(kind: str, data_cfg, tokenizer) -> dict[str, np.ndarray]:
+  """A weight-0 row: all padding, no labels (its loss and accuracy terms are masked out by the weights)."""
+  if kind == jsonl.EMBEDDING:
+    q, p, g = int(data_cfg.query_max_len), int(data_cfg.passage_max_len), int(data_cfg.train_group_size)
+    row = {"query_ids": np.full([q], tokenizer.pad_id, np.int32), "query_mask": np.zeros([q], np.int32),
+           "passage_ids": np.full([g, p], tokenizer.pad_id, np.int32), "passage_mask": np.zeros([g, p], np.int32)}
+    # One real token (BOS) keeps masked means finite for consumers that do not look at the weight.
+    row["query_ids"][0] = row["passage_ids"][:, 0] = tokenizer.bos_id
+    row["query_mask"][0] = row["passage_mask"][:, 0] = 1
+    row["query_pool_mask"] = row["query_mask"].copy()
+    row["passage_pool_mask"] = row["passage_mask"].copy()
+    return row
+  n = int(data_cfg.generative_max_len)
+  ids = np.full([n], tokenizer.pad_id, np.int32)
+  ids[0] = tokenizer.bos_id
+  return {"gen_ids": ids, "gen_mask": (np.arange(n) == 0).astype(np.int32),
+          "gen_labels": np.full([n], batching.IGNORE, np.int32)}
+
+
+def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
+                       cache_dir: str | None = None, embedding_batch_size: int | None = None,
+                       generative_batch_size: int | None = None):
+  """Finite list of this process's eval batches over `data_cfg.eval_dir`, read through the seqio eval tasks.
+
+  Deterministic passages (first positive, first negatives). Every process gets the same number of batches;
+  the last ones are completed with filler rows whose weight is 0: batches carry `query_weight` [Bq] and
+  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels -100.
+  Only the kinds of `data_cfg.mode` that eval_dir has are included (an embedding-only eval folder gives batches
+  without gen_* keys).
+  """
+  from grit_jax.data import tasks
+  from grit_jax.data.tokenizer import Tokenizer
+
+  _check_cfg(data_cfg, num_shards, shard_index)
+  tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
+  names = tasks.register_tasks(data_cfg, split="eval", tokenizer=tokenizer,
+                               cache_dir=cache_dir or _cfg(data_cfg, "cache_dir"))
+  sizes = {jsonl.EMBEDDING: int(embedding_batch_size or data_cfg.embedding_batch_size) // num_shards,
+           jsonl.GENERATIVE: int(generative_batch_size or data_cfg.generative_batch_size) // num_shards}
+  per_kind, num_batches = {}, 0
+  for kind, name in names.items():
+    examples = list(tasks.task_numpy(name, shard_index=shard_index, num_shards=num_shards))
+    total = tasks.num_examples(name)
+    per_kind[kind] = examples
+    num_batches = max(num_batches, math.ceil(math.ceil(total / num_shards) / sizes[kind]))
+  batches = []
+  for b in range(num_batches):
+    batch = {}
+    for kind, examples in per_kind.items():
+      size = sizes[kind]
+      chunk = examples[b * size:(b + 1) * size]
+      weight = np.array([1] * len(chunk) + [0] * (size - len(chunk)), np.int32)  # [B]
+      filler = _filler(kind, data_cfg, tokenizer)
+      chunk = chunk + [filler] * (size - len(chunk))
+      if kind == jsonl.EMBEDDING:
+        batch.update(batching.stack_embedding(chunk), query_weight=weight)
+      else:
+        batch.update(batching.stack_generative(chunk), gen_weight=weight)
+    batches.append(batch)
+  return batches

@@ -1,0 +1,202 @@
+"""Reading and validating the GritLM JSONL formats, with the bad-input policy.
+
+A folder holds one JSONL file per dataset (sorted by name; `*.jsonl`). Embedding files have a "query" key, generative
+files a "text" key; a file's kind is decided by its first line that parses as an object with one of them.
+
+- Embedding: `{"query": [instr, text] | text, "pos": [[instr, text] | text, ...], "neg": [...]}`
+- Generative: `{"text": [user, assistant, user, assistant, ...] | text}`
+
+Every problem names the file and line: `path:LINE: what`. Policy "error" raises GritJaxError at the first one;
+"skip" drops the line, counts it per file and keeps the first messages, so nothing disappears silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+from grit_jax.data import templates
+from grit_jax.errors import GritJaxError
+
+EMBEDDING = "embedding"
+GENERATIVE = "generative"
+POLICIES = ("skip", "error")
+MAX_MESSAGES_PER_FILE = 20
+
+
+class BadLine(GritJaxError):
+  """A problem with one JSON line (the reader adds file and line)."""
+
+
+@dataclasses.dataclass
+class BadInputStats:
+  """Skipped lines per file (skip policy), with the first messages of each file."""
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+  messages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  def add(self, path: str, message: str) -> None:
+    self.skipped[path] = self.skipped.get(path, 0) + 1
+    msgs = self.messages.setdefault(path, [])
+    if len(msgs) < MAX_MESSAGES_PER_FILE:
+      msgs.append(message)
+
+  def merge(self, other: "BadInputStats") -> None:
+    for path, n in other.skipped.items():
+      self.skipped[path] = self.skipped.get(path, 0) + n
+      self.messages.setdefault(path, []).extend(other.messages.get(path, [])[:MAX_MESSAGES_PER_FILE])
+
+  @property
+  def total(self) -> int:
+    return sum(self.skipped.values())
+
+  def to_json(self) -> dict:
+    return {"skipped": dict(self.skipped), "messages": {k: list(v) for k, v in self.messages.items()}}
+
+  @classmethod
+  def from_json(cls, d: dict | None) -> "BadInputStats":
+    d = d or {}
+    return cls(dict(d.get("skipped", {})), {k: list(v) for k, v in d.get("messages", {}).items()})
+
+  def report(self) -> str:
+    if not self.skipped:
+      return "bad input: no lines skipped"
+    lines = [f"bad input: skipped {self.total} line(s)"]
+    for path, n in sorted(self.skipped.items()):
+      lines.append(f"  {path}: {n} skipped")
+      lines += [f"    {m}" for m in self.messages.get(path, [])]
+    return "\n".join(lines)
+
+
+def list_jsonl(folder: str) -> list[str]:
+  if not os.path.isdir(folder):
+    raise GritJaxError(f"data folder {folder!r} does not exist")
+  files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  if not files:
+    raise GritJaxError(f"data folder {folder!r} has no *.jsonl files")
+  return files
+
+
+def file_kind(path: str) -> str | None:
+  """EMBEDDING, GENERATIVE, or None when no line is an object with "query" or "text"."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        obj = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(obj, dict):
+        if "query" in obj:
+          return EMBEDDING
+        if "text" in obj:
+          return GENERATIVE
+  return None
+
+
+def split_files(folder: str) -> dict[str, list[str]]:
+  """{kind: files} of a folder; a file with neither key is an error (it would otherwise be ignored silently)."""
+  out = {EMBEDDING: [], GENERATIVE: []}
+  for path in list_jsonl(folder):
+    kind = file_kind(path)
+    if kind is None:
+      raise GritJaxError(f"{path}: no line has a \"query\" (embedding) or \"text\" (generative) key")
+    out[kind].append(path)
+  return out
+
+
+def _pair(value: Any, key: str) -> tuple[str, str]:
+  """(instruction, text) of `[instr, text]` or a plain string."""
+  if isinstance(value, str):
+    instr, text = "", value
+  elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, str) for v in value):
+    instr, text = value
+  else:
+    raise BadLine(f"{key}: expected [instruction, text] or a string, got {json.dumps(value)[:80]}")
+  if not text.strip():
+    raise BadLine(f"{key}: empty text")
+  return instr, text
+
+
+def parse_embedding(obj: Any, group_size: int) -> dict:
+  """{"query": (instr, text), "pos": [(instr, text)], "neg": [(instr, text)]}; raises BadLine."""
+  if not isinstance(obj, dict):
+    raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
+  keys = ("query", "pos", "neg") if group_size > 1 else ("query", "pos")
+  for key in keys:
+    if key not in obj:
+      raise BadLine(f"missing key {key!r}")
+  out = {"query": _pair(obj["query"], "query")}
+  for key in ("pos", "neg"):
+    items = obj.get(key, [])
+    if not isinstance(items, list):
+      raise BadLine(f"{key}: expected a list")
+    out[key] = [_pair(v, f"{key}[{i}]") for i, v in enumerate(items)]
+  if not out["pos"]:
+    raise BadLine("pos: empty list")
+  if group_size > 1 and not out["neg"]:
+    raise BadLine(f"neg: empty list, but train_group_size={group_size} needs hard negatives")
+  return out
+
+
+def parse_generative(obj: Any) -> dict:
+  """{"turns": [user, assistant, ...], "chat": bool}; a trailing user turn is dropped (as the reference)."""
+  if not isinstance(obj, dict):
+    raise BadLine(f"expected a JSON object, got {type(obj).__name__}")
+  if "text" not in obj:
+    raise BadLine("missing key 'text'")
+  text = obj["text"]
+  if isinstance(text, str):
+    if not text.strip():
+      raise BadLine("text: empty text")
+    return {"turns": [text], "chat": False}
+  if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
+    raise BadLine("text: expected a string or a list of strings [user, assistant, ...]")
+  turns = templates.normalize_turns(text)
+  if not turns:
+    raise BadLine("text: no complete (user, assistant) turn")
+  for i, t in enumerate(turns):
+    if not t.strip():
+      raise BadLine(f"text[{i}]: empty text")
+  return {"turns": turns, "chat": True}
+
+
+def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_size: int = 2,
+              check: Callable[[dict], None] | None = None) -> Iterator[tuple[int, dict]]:
+  """Yields (1-based line number, parsed record) of the valid lines of `path`.
+
+  check: an extra per-record validation (e.g. token lengths) that raises GritJaxError for a bad record.
+  """
+  if policy not in POLICIES:
+    raise GritJaxError(f"config.data.bad_input={policy!r}: expected one of {POLICIES}")
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        _bad(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})", policy, stats)
+        continue
+      if not line.strip():
+        continue  # blank lines carry no data
+      try:
+        obj = json.loads(line)
+      except ValueError as e:
+        _bad(path, lineno, f"malformed JSON ({getattr(e, 'msg', e)})", policy, stats)
+        continue
+      try:
+        record = parse_embedding(obj, group_size) if kind == EMBEDDING else parse_generative(obj)
+        if check is not None:
+          check(record)
+      except GritJaxError as e:
+        _bad(path, lineno, str(e), policy, stats)
+        continue
+      yield lineno, record
+
+
+def _bad(path: str, lineno: int, what: str, policy: str, stats: BadInputStats) -> None:
+  message = f"{path}:{lineno}: {what}"
+  if policy == "error":
+    raise GritJaxError(message)
+  logging.warning("skipping bad input line: %s", message)
+  stats.add(path, message)

@@ -1,0 +1,134 @@
+"""GritLM templates, generative labels and embedding pooling masks (reference run.py / data.py constants).
+
+Embedding:  `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}`, or `<s><|embed|>\\n{text}` without instruction.
+Generative: `<s>` + "\\n".join(`<|user|>\\n{u}\\n<|assistant|>\\n{a.strip()}</s>` per turn).
+
+Pooling mask: the reference tokenizes the prefix (BOS + format + instruction) on its own and zeroes that many
+positions; we do exactly that. The prefix ends in "\\n", a byte-fallback piece that never merges with the text
+after it, so the pooled span is exactly the text (tests decode it back).
+
+Generative labels: the reference derives user-span lengths from separately tokenized pieces, which for turns >= 2
+misses the "\\n" turn separator and the dummy "▁" that starts a segment after `</s>`, shifting masks by a token or
+two (grit_reference.md gotcha 4). We build the ids piece by piece with exact boundaries instead: the ids equal the
+tokenization of the full string (tested), and every assistant span + its `</s>` is labelled exactly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from grit_jax.errors import GritJaxError
+
+BASE_BOS = "<s>"
+USER_BOS = "<|user|>\n"
+EMBED_BOS = "\n<|embed|>\n"
+ASSISTANT_BOS = "\n<|assistant|>\n"
+ASSISTANT_EOS = "</s>"
+TURN_SEP = "\n"
+IGNORE = -100
+INSTRUCTION_STRIP = "\t\n :"
+CHARS_PER_TOKEN_CAP = 10  # the reference cuts strings to 10 x max_len characters before tokenizing
+
+
+def clean_instruction(instruction: str | None) -> str:
+  return (instruction or "").strip(INSTRUCTION_STRIP)
+
+
+def embed_prefix(instruction: str | None) -> str:
+  """Everything before the text: BOS, format tokens and the (stripped) instruction. Never pooled."""
+  instruction = clean_instruction(instruction)
+  if instruction:
+    return BASE_BOS + USER_BOS + instruction + EMBED_BOS
+  return BASE_BOS + "<|embed|>\n"
+
+
+def embed_text(instruction: str | None, text: str) -> str:
+  return embed_prefix(instruction) + text
+
+
+def encode_embedding(tokenizer, instruction: str | None, text: str, max_len: int) -> tuple[list[int], list[int]]:
+  """(ids, pool_mask), both of length <= max_len (right-truncated, unpadded).
+
+  pool_mask is 0 over BOS, format and instruction tokens and 1 over the text tokens. Raises GritJaxError when the
+  text is empty or the prefix alone leaves no room for text (the reference drops such rows).
+  """
+  if not text:
+    raise GritJaxError("empty text")
+  text = text[:CHARS_PER_TOKEN_CAP * max_len]
+  prefix = embed_prefix(instruction)
+  n_prefix = len(tokenizer.encode(prefix))  # the reference's instruction length
+  if n_prefix >= max_len:
+    raise GritJaxError(f"instruction too long: its prefix is {n_prefix} tokens, max_len is {max_len}")
+  ids = tokenizer.encode(prefix + text)[:max_len]
+  pool_mask = [0] * n_prefix + [1] * (len(ids) - n_prefix)
+  return ids, pool_mask
+
+
+def _user_piece(i: int, user: str) -> str:
+  return (BASE_BOS if i == 0 else TURN_SEP) + USER_BOS + user + ASSISTANT_BOS
+
+
+def normalize_turns(turns: Sequence[str]) -> list[str]:
+  """Alternating [user, assistant, ...]; a trailing user turn is dropped (the reference does the same)."""
+  turns = list(turns)
+  return turns[:len(turns) // 2 * 2]
+
+
+def chat_text(turns: Sequence[str]) -> str:
+  """The full training string of complete (user, assistant) turns."""
+  turns = normalize_turns(turns)
+  return BASE_BOS + TURN_SEP.join(
+      USER_BOS + u + ASSISTANT_BOS + a.strip() + ASSISTANT_EOS for u, a in zip(turns[::2], turns[1::2]))
+
+
+def chat_prompt(messages: str | Sequence[str]) -> str:
+  """Generation prompt: `<s><|user|>\\n{msg}\\n<|assistant|>\\n`; a list alternates user/assistant, ends with user."""
+  if isinstance(messages, str):
+    messages = [messages]
+  messages = list(messages)
+  if not messages or len(messages) % 2 == 0:
+    raise GritJaxError("chat_prompt: messages must alternate user/assistant and end with a user turn")
+  history = chat_text(messages[:-1])
+  if len(messages) == 1:
+    return BASE_BOS + USER_BOS + messages[-1] + ASSISTANT_BOS
+  return history + TURN_SEP + USER_BOS + messages[-1] + ASSISTANT_BOS
+
+
+def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> tuple[list[int], list[int]]:
+  """(ids, labels) of a chat, right-truncated to max_len (truncation can drop the final `</s>`, as in the reference).
+
+  labels: -100 over BOS, user turns and format tokens; the assistant text and its `</s>` carry their ids.
+  """
+  turns = normalize_turns(turns)
+  if not turns:
+    raise GritJaxError("no complete (user, assistant) turn")
+  cap = CHARS_PER_TOKEN_CAP * max_len
+  ids: list[int] = []
+  labels: list[int] = []
+  for i, (user, answer) in enumerate(zip(turns[::2], turns[1::2])):
+    answer = answer.strip()
+    if not answer:
+      raise GritJaxError(f"empty assistant turn {i}")
+    # A user piece starts a new SentencePiece segment (after BOS or `</s>`); the answer continues it after "\n".
+    user_ids = tokenizer.encode(_user_piece(i, user[:cap]))
+    if i == 0 and len(user_ids) >= max_len:
+      raise GritJaxError(f"first user turn too long: {len(user_ids)} tokens, max_len is {max_len}")
+    answer_ids = tokenizer.encode(answer[:cap], continuation=True) + [tokenizer.eos_id]
+    ids += user_ids + answer_ids
+    labels += [IGNORE] * len(user_ids) + answer_ids
+    if len(ids) >= max_len:
+      break
+  return ids[:max_len], labels[:max_len]
+
+
+def encode_plain(tokenizer, text: str, max_len: int) -> tuple[list[int], list[int]]:
+  """(ids, labels) of a plain-string generative row: `<s>{text}</s>` (BOS/EOS added when missing), trained on
+  every token but the first."""
+  if not text.strip():
+    raise GritJaxError("empty text")
+  text = text[:CHARS_PER_TOKEN_CAP * max_len]
+  if not text.startswith(BASE_BOS):
+    text = BASE_BOS + text
+  if not text.endswith(ASSISTANT_EOS):
+    text = text + ASSISTANT_EOS
+  ids = tokenizer.encode(text)[:max_len]
+  return ids, [IGNORE] + ids[1:]

@@ -1,0 +1,221 @@
+"""tensorflow-datasets builders over a local folder of GritLM JSONL files (built offline, array_record format).
+
+One build per (folder, kind): every valid line of every file of that kind becomes one example, in file order
+(shuffling disabled), with its dataset index (the file) and line number. Bad lines are handled by the bad-input
+policy at build time; the per-file skip counts and messages are stored in the dataset's metadata, so a later run
+that reuses the build still reports them. The array_record format gives random access (`as_data_source`), which the
+numpy sampler in grit_jax.data.iterator uses for deterministic, resumable, shardable sampling.
+
+The build is cached under `cache_dir/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
+size, content hash), the tokenizer, the max lengths, the group size and the policy, so any change triggers a rebuild.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from grit_jax.data import jsonl, templates
+from grit_jax.errors import GritJaxError
+
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "tfds")
+tfds.disable_progress_bar()
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("GRIT_JAX_DATA_CACHE", DEFAULT_CACHE_DIR)
+
+
+@dataclasses.dataclass
+class GritJsonlConfig(tfds.core.BuilderConfig):
+  """What one build reads and how it validates (every field enters the fingerprint)."""
+  kind: str = jsonl.EMBEDDING
+  files: tuple[str, ...] = ()
+  tokenizer: str = ""
+  query_max_len: int = 256
+  passage_max_len: int = 2048
+  generative_max_len: int = 2048
+  group_size: int = 2
+  bad_input: str = "skip"
+  content_fingerprint: str = ""  # the same without file paths: identifies the data for resumable state
+
+
+def _sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+_FULL_HASH_LIMIT = 1 << 30
+
+
+def _file_fingerprint(path: str) -> list:
+  """Content-based (a copied or touched file keeps its resumable state): full sha256 up to 1 GiB,
+  beyond that size + sha256 of the first and last 16 MiB (hashing a multi-GB corpus at every start is too slow)."""
+  size = os.path.getsize(path)
+  if size <= _FULL_HASH_LIMIT:
+    return [os.path.basename(path), size, _sha256_file(path)]
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    h.update(f.read(16 << 20))
+    f.seek(size - (16 << 20))
+    h.update(f.read())
+  return [os.path.basename(path), size, h.hexdigest()]
+
+
+def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: int, passage_max_len: int,
+                generative_max_len: int, group_size: int, bad_input: str) -> GritJsonlConfig:
+  files = tuple(os.path.abspath(f) for f in files)
+  content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f) for f in files],
+                 tokenizer=_sha256_file(tokenizer), q=query_max_len, p=passage_max_len, g=generative_max_len,
+                 group=group_size, bad=bad_input)
+  content_fp = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+  # The build also keys on the paths, so its bad-input messages name the files this run reads.
+  fingerprint = hashlib.sha256(json.dumps([content_fp, files]).encode()).hexdigest()[:16]
+  return GritJsonlConfig(name=f"{kind}_{fingerprint}", version=tfds.core.Version("1.0.0"), kind=kind, files=files,
+                         tokenizer=os.path.abspath(tokenizer), query_max_len=query_max_len,
+                         passage_max_len=passage_max_len, generative_max_len=generative_max_len,
+                         group_size=group_size, bad_input=bad_input, content_fingerprint=content_fp)
+
+
+class GritJsonl(tfds.core.GeneratorBasedBuilder):
+  """GritLM JSONL (embedding or generative) -> tfds examples; see the module docstring."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = []  # configs are made per folder by make_config
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    text, texts = tfds.features.Text(), tfds.features.Sequence(tfds.features.Text())
+    if self.builder_config.kind == jsonl.EMBEDDING:
+      features = {"query_instruction": text, "query": text, "pos_instructions": texts, "pos": texts,
+                  "neg_instructions": texts, "neg": texts}
+    else:
+      features = {"turns": texts, "chat": np.bool_}
+    features.update(dataset=np.int32, line=np.int32)
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 metadata=tfds.core.MetadataDict(),
+                                 # Keep file order: dataset d occupies the index range [offset_d, offset_d+count_d).
+                                 disable_shuffling=True,
+                                 description=f"GritLM {self.builder_config.kind} JSONL from local files")
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    cfg = self.builder_config
+    from grit_jax.data.tokenizer import Tokenizer  # seqio import stays out of module import
+
+    tok = Tokenizer(cfg.tokenizer)
+
+    @functools.lru_cache(maxsize=65536)
+    def prefix_len(instruction: str) -> int:
+      return len(tok.encode(templates.embed_prefix(instruction)))
+
+    def check_embedding(rec: dict) -> None:
+      for key, items, max_len in (("query", [rec["query"]], cfg.query_max_len),
+                                  ("pos", rec["pos"], cfg.passage_max_len), ("neg", rec["neg"], cfg.passage_max_len)):
+        for i, (instr, _) in enumerate(items):
+          n = prefix_len(instr)
+          if n >= max_len:
+            where = key if key == "query" else f"{key}[{i}]"
+            raise jsonl.BadLine(f"{where}: instruction too long ({n} prefix tokens leave no room for text under "
+                                f"max_len={max_len})")
+
+    def check_generative(rec: dict) -> None:
+      if rec["chat"]:
+        n = len(tok.encode(templates.BASE_BOS + templates.USER_BOS + rec["turns"][0] + templates.ASSISTANT_BOS))
+        if n >= cfg.generative_max_len:
+          raise jsonl.BadLine(f"text[0]: first user turn too long ({n} tokens leave no room for the answer under "
+                              f"generative_max_len={cfg.generative_max_len})")
+
+    stats = jsonl.BadInputStats()
+    counts = []
+    check = check_embedding if cfg.kind == jsonl.EMBEDDING else check_generative
+    for d, path in enumerate(cfg.files):
+      n = 0
+      for lineno, rec in jsonl.read_file(path, cfg.kind, policy=cfg.bad_input, stats=stats,
+                                         group_size=cfg.group_size, check=check):
+        n += 1
+        if cfg.kind == jsonl.EMBEDDING:
+          ex = {"query_instruction": rec["query"][0], "query": rec["query"][1],
+                "pos_instructions": [p[0] for p in rec["pos"]], "pos": [p[1] for p in rec["pos"]],
+                "neg_instructions": [p[0] for p in rec["neg"]], "neg": [p[1] for p in rec["neg"]]}
+        else:
+          ex = {"turns": rec["turns"], "chat": rec["chat"]}
+        yield f"{d:06d}:{lineno:012d}", dict(ex, dataset=d, line=lineno)
+      counts.append(n)
+    if sum(counts) == 0:
+      raise GritJaxError(f"no valid {cfg.kind} lines in {list(cfg.files)}\n{stats.report()}")
+    self.info.metadata.update(files=list(cfg.files), counts=counts, bad_input=stats.to_json())
+
+
+class JsonlDataset:
+  """A built GritJsonl with random access: `len`, `records(indices)`, per-dataset offsets and skip stats."""
+
+  def __init__(self, builder: GritJsonl):
+    self.builder = builder
+    self.kind = builder.builder_config.kind
+    meta = builder.info.metadata
+    self.files: list[str] = list(meta["files"])
+    self.counts = np.asarray(meta["counts"], np.int64)  # [num datasets]
+    self.offsets = np.concatenate([[0], np.cumsum(self.counts)])  # [num datasets + 1]
+    self.stats = jsonl.BadInputStats.from_json(meta.get("bad_input"))
+    self.source = builder.as_data_source("train")
+    if len(self.source) != int(self.offsets[-1]):
+      raise GritJaxError(f"tfds build {builder.data_dir} is inconsistent ({len(self.source)} examples, metadata "
+                         f"says {int(self.offsets[-1])}); delete it to rebuild")
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def dataset_of(self, index: np.ndarray) -> np.ndarray:
+    return np.searchsorted(self.offsets, index, side="right") - 1
+
+  def records(self, indices) -> list[dict]:
+    """Decoded records (python strings) of the given global indices."""
+    idx = [int(i) for i in indices]
+    raw = self.source.__getitems__(idx) if hasattr(self.source, "__getitems__") else [self.source[i] for i in idx]
+    return [_decode(r) for r in raw]
+
+
+def _decode(value):
+  if isinstance(value, dict):
+    return {k: _decode(v) for k, v in value.items()}
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype == object):
+    return [_decode(v) for v in value]
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return value.item()
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: int, passage_max_len: int,
+          generative_max_len: int, group_size: int, bad_input: str, cache_dir: str | None = None) -> JsonlDataset:
+  """Builds (or reuses) the tfds dataset of `folder_files` of one kind and opens it for random access.
+
+  With bad_input="error" the first bad line raises GritJaxError naming file and line (and nothing is cached).
+  """
+  config = make_config(kind, folder_files, tokenizer=tokenizer, query_max_len=query_max_len,
+                       passage_max_len=passage_max_len, generative_max_len=generative_max_len,
+                       group_size=group_size, bad_input=bad_input)
+  cache_dir = cache_dir or default_cache_dir()
+  os.makedirs(cache_dir, exist_ok=True)
+  # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
+  # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
+  with open(os.path.join(cache_dir, f".{config.name}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
+    builder.download_and_prepare()
+  return JsonlDataset(builder)

@@ -1,0 +1,373 @@
+"""Data pipeline: templates and masks (decoded back to text), tfds builds, seqio tasks, batches, resume, sharding,
+bad input, packing. Runs on the shipped data/ (tokenizer + JSONL) and small files written into tmp_path."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from grit_jax import data as D
+from grit_jax.data import batching, iterator, jsonl, tasks, templates, tfds_builders
+from grit_jax.errors import GritJaxError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK_PATH = os.path.join(ROOT, "data", "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return D.Tokenizer(TOK_PATH)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds_cache"))
+
+
+def make_cfg(**kw):
+  c = dict(train_dir=os.path.join(ROOT, "data", "train"), eval_dir=os.path.join(ROOT, "data", "eval"),
+           tokenizer=TOK_PATH, mode="unified", query_max_len=32, passage_max_len=64, generative_max_len=48,
+           train_group_size=3, embedding_batch_size=8, generative_batch_size=4, pack_generative=False,
+           single_dataset_batches=True, bad_input="skip", seed=0)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def runs(labels):
+  """[(start, end)) of the maximal runs of labels != -100."""
+  out, start = [], None
+  for t, l in enumerate(list(labels) + [-100]):
+    if l != -100 and start is None:
+      start = t
+    elif l == -100 and start is not None:
+      out.append((start, t))
+      start = None
+  return out
+
+
+def write_jsonl(path, lines):
+  with open(path, "w", encoding="utf-8") as f:
+    for line in lines:
+      f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+# --- tokenizer and templates -------------------------------------------------------------------------------------
+
+def test_tokenizer_specials_and_ids(tok):
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 0)
+  assert tok.vocab_size == 1000
+  a, b = tok.encode("a b"), tok.encode("c")
+  # Literal <s>/</s> become BOS/EOS; the text after a special token starts a new segment (dummy "▁" prefix).
+  assert tok.encode("a b<s>c</s>") == a + [1] + b + [2]
+  assert tok.encode("<s><|embed|>\n") == [1] + tok.encode("<|embed|>\n")
+  assert tok.encode("<s><|embed|>\n")[-1] == tok._sp.piece_to_id("<0x0A>")
+  # Markers are plain text: several pieces each, none of them special.
+  assert len(tok.encode("<|embed|>")) > 1 and 1 not in tok.encode("<|embed|>")
+  text = "Zürich 😀 naïve  spaces\ttabs"
+  assert tok.decode(tok.encode(text)) == text  # byte fallback round-trips anything
+
+
+def test_embedding_template_and_pool_mask(tok):
+  assert templates.embed_text("  Retrieve docs: \n", "hello") == "<s><|user|>\nRetrieve docs\n<|embed|>\nhello"
+  assert templates.embed_text("", "hello") == "<s><|embed|>\nhello"
+  assert templates.embed_text(" :\t", "hello") == "<s><|embed|>\nhello"
+  text = "Return the square root of x."
+  for instr in ["Given a summary, retrieve the function:", ""]:
+    ids, pool = templates.encode_embedding(tok, instr, text, 64)
+    assert ids == tok.encode(templates.embed_text(instr, text))
+    n_instr = len(tok.encode(templates.embed_prefix(instr)))  # the reference's instruction length
+    assert pool == [0] * n_instr + [1] * (len(ids) - n_instr)
+    pooled = [i for i, m in zip(ids, pool) if m]
+    assert tok.decode(pooled) == text  # pooled span is exactly the text
+    assert ids[0] == 1 and pool[0] == 0  # BOS never pooled
+  # Only the instruction changes -> the pooled tokens are the same.
+  a = templates.encode_embedding(tok, "Instruction one", text, 64)
+  b = templates.encode_embedding(tok, "A much longer second instruction", text, 64)
+  assert [i for i, m in zip(*a) if m] == [i for i, m in zip(*b) if m]
+  # Truncation keeps max_len tokens; an instruction that fills max_len is rejected.
+  ids, pool = templates.encode_embedding(tok, "Find it", text * 20, 30)
+  assert len(ids) == len(pool) == 30 and sum(pool) == 30 - len(tok.encode(templates.embed_prefix("Find it")))
+  with pytest.raises(GritJaxError, match="instruction too long"):
+    templates.encode_embedding(tok, "word " * 40, text, 30)
+  with pytest.raises(GritJaxError, match="empty text"):
+    templates.encode_embedding(tok, "x", "", 30)
+
+
+def test_chat_template_and_labels(tok):
+  turns = ["What does json.dumps do?", "  Serialize obj to a JSON str. ", "And json.loads?", "Deserialize s."]
+  full = templates.chat_text(turns)
+  assert full == ("<s><|user|>\nWhat does json.dumps do?\n<|assistant|>\nSerialize obj to a JSON str.</s>\n"
+                  "<|user|>\nAnd json.loads?\n<|assistant|>\nDeserialize s.</s>")
+  ids, labels = templates.encode_chat(tok, turns, 512)
+  assert ids == tok.encode(full)  # piecewise encoding == encoding the whole string
+  spans = runs(labels)
+  assert len(spans) == 2
+  for (s, e), answer in zip(spans, ["Serialize obj to a JSON str.", "Deserialize s."]):
+    assert tok.decode(labels[s:e]) == answer  # labelled span = assistant text ...
+    assert labels[e - 1] == 2 and ids[e - 1] == 2  # ... + </s> (trained)
+    assert labels[s:e] == ids[s:e]
+  # Everything else (BOS, user turns, format tokens, separator) is ignored.
+  user_text = tok.decode([i for i, l in zip(ids, labels) if l == -100])
+  assert "What does json.dumps do?" in user_text and "And json.loads?" in user_text and "Serialize" not in user_text
+  # The first user span matches the reference's separately tokenized piece exactly.
+  assert spans[0][0] == len(tok.encode("<s><|user|>\nWhat does json.dumps do?\n<|assistant|>\n"))
+  # Changing a response does not move the user spans of earlier turns.
+  ids2, labels2 = templates.encode_chat(tok, [turns[0], "Other answer entirely, longer.", *turns[2:]], 512)
+  assert labels2[:spans[0][0]] == labels[:spans[0][0]]
+  # A trailing user turn is dropped; truncation can cut the final </s>.
+  assert templates.encode_chat(tok, turns + ["unanswered"], 512) == (ids, labels)
+  ids3, labels3 = templates.encode_chat(tok, turns, len(ids) - 1)
+  assert ids3 == ids[:-1] and labels3 == labels[:-1]
+  with pytest.raises(GritJaxError, match="first user turn too long"):
+    templates.encode_chat(tok, ["word " * 50, "a"], 20)
+
+
+def test_chat_prompt():
+  assert templates.chat_prompt("Hi there") == "<s><|user|>\nHi there\n<|assistant|>\n"
+  assert templates.chat_prompt(["Hi", "Hello! ", "Bye"]) == (
+      "<s><|user|>\nHi\n<|assistant|>\nHello!</s>\n<|user|>\nBye\n<|assistant|>\n")
+  with pytest.raises(GritJaxError):
+    templates.chat_prompt(["Hi", "Hello"])
+
+
+# --- tfds builders and seqio tasks -------------------------------------------------------------------------------
+
+def test_tfds_builder_builds_offline(tmp_path, tok):
+  files = jsonl.split_files(os.path.join(ROOT, "data", "train"))
+  assert [os.path.basename(f) for f in files["embedding"]] == [
+      "docs_algorithms.jsonl", "docs_files.jsonl", "docs_text.jsonl"]
+  ds = tfds_builders.build(files["embedding"], "embedding", tokenizer=TOK_PATH, query_max_len=32, passage_max_len=64,
+                           generative_max_len=48, group_size=2, bad_input="error", cache_dir=str(tmp_path))
+  assert os.path.isdir(os.path.join(str(tmp_path), "grit_jsonl"))
+  lines = [[json.loads(l) for l in open(f, encoding="utf-8")] for f in files["embedding"]]
+  assert list(ds.counts) == [len(x) for x in lines] and len(ds) == sum(len(x) for x in lines)
+  # File order is kept: index offsets[d] + j is line j+1 of file d, with its content.
+  for d in range(3):
+    for j in (0, len(lines[d]) - 1):
+      rec = ds.records([ds.offsets[d] + j])[0]
+      src = lines[d][j]
+      assert (rec["dataset"], rec["line"]) == (d, j + 1)
+      assert [rec["query_instruction"], rec["query"]] == src["query"]
+      assert [[i, t] for i, t in zip(rec["pos_instructions"], rec["pos"])] == src["pos"]
+      assert [[i, t] for i, t in zip(rec["neg_instructions"], rec["neg"])] == src["neg"]
+
+
+def test_seqio_tasks_shapes_and_sharding(tok, cache):
+  cfg = make_cfg()
+  names = tasks.register_tasks(cfg, split="eval", tokenizer=tok, cache_dir=cache)
+  ex = next(tasks.task_numpy(names["embedding"]))
+  want = {"query_ids": (32,), "query_mask": (32,), "query_pool_mask": (32,), "passage_ids": (3, 64),
+          "passage_mask": (3, 64), "passage_pool_mask": (3, 64)}
+  for k, shape in want.items():
+    assert ex[k].shape == shape and ex[k].dtype == np.int32, k
+  # The eval task = the shared featurizer on the same record (first positive, first negative cycled).
+  rec = tfds_builders.build(jsonl.split_files(cfg.eval_dir)["embedding"], "embedding", tokenizer=TOK_PATH,
+                            query_max_len=32, passage_max_len=64, generative_max_len=48, group_size=3,
+                            bad_input="skip", cache_dir=cache).records([0])[0]
+  direct = batching.embedding_features(tok, rec, query_max_len=32, passage_max_len=64, group_size=3, rng=None)
+  for k in want:
+    np.testing.assert_array_equal(ex[k], direct[k])
+  pooled = tok.decode(ex["query_ids"] * ex["query_pool_mask"])
+  assert len(pooled) > 10 and rec["query"].startswith(pooled)
+  n_prefix = len(tok.encode(templates.embed_prefix(rec["query_instruction"])))
+  assert ex["query_pool_mask"].sum() == ex["query_mask"].sum() - n_prefix
+  gen = list(tasks.task_numpy(names["generative"]))
+  assert gen[0]["gen_ids"].shape == gen[0]["gen_labels"].shape == (48,) and gen[0]["gen_labels"].dtype == np.int32
+  # seqio.ShardInfo: two shards cover every example exactly once.
+  total = tasks.num_examples(names["generative"])
+  seen = [(int(e["dataset"]), int(e["line"])) for s in range(2) for e in tasks.task_numpy(names["generative"], s, 2)]
+  assert len(seen) == total == len(set(seen)) == len(gen)
+
+
+# --- training iterator -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def unified(tok, cache):
+  return lambda **kw: D.make_train_iterator(make_cfg(**kw), tokenizer=tok, cache_dir=cache)
+
+
+def test_batch_contract(unified, tok):
+  it = unified()
+  b = next(it)
+  shapes = {"query_ids": (8, 32), "query_mask": (8, 32), "query_pool_mask": (8, 32), "passage_ids": (24, 64),
+            "passage_mask": (24, 64), "passage_pool_mask": (24, 64), "gen_ids": (4, 48), "gen_mask": (4, 48),
+            "gen_labels": (4, 48)}
+  assert {k: v.shape for k, v in b.items()} == shapes
+  assert all(v.dtype == np.int32 for v in b.values())
+  # Right padding; pool mask inside the attention mask; labels ignored on padding.
+  for m in (b["query_mask"], b["passage_mask"], b["gen_mask"]):
+    assert np.all(np.diff(m, axis=1) <= 0) and np.all(m[:, 0] == 1)
+  assert np.all(b["query_pool_mask"] <= b["query_mask"]) and np.all(b["gen_labels"][b["gen_mask"] == 0] == -100)
+  # Passages: row i*g is query i's positive, rows i*g+1.. its hard negatives (the neighbour's doc).
+  by_query = {}
+  for f in jsonl.split_files(os.path.join(ROOT, "data", "train"))["embedding"]:
+    for line in open(f, encoding="utf-8"):
+      r = json.loads(line)
+      by_query.setdefault(r["query"][1], []).append(r)
+  for i in range(8):
+    q = tok.decode(b["query_ids"][i] * b["query_pool_mask"][i])
+    cands = [r for key, rs in by_query.items() if key.startswith(q) for r in rs]
+    pos = tok.decode(b["passage_ids"][3 * i] * b["passage_pool_mask"][3 * i])
+    neg = tok.decode(b["passage_ids"][3 * i + 1] * b["passage_pool_mask"][3 * i + 1])
+    assert any(r["pos"][0][1].startswith(pos[:40]) and r["neg"][0][1].startswith(neg[:40]) for r in cands)
+  assert "bad input: no lines skipped" == it.report()
+
+
+def test_single_dataset_batches():
+  counts, batch = np.array([10, 14, 7]), 4
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  bs = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(0), True)
+  ds_of = np.searchsorted(offsets, bs, side="right") - 1
+  pure = sum(len(set(row)) == 1 for row in ds_of)
+  assert pure >= 2 + 3 + 1 and len(bs) == 31 // 4  # 6 single-dataset batches + 1 mixed from the leftovers
+  assert len(np.unique(bs)) == bs.size
+
+
+def test_resume_equals_uninterrupted_and_determinism(unified):
+  for kw in ({}, {"pack_generative": True, "embedding_batch_size": 64}):  # the second crosses an epoch (307 // 64)
+    ref = unified(**kw)
+    base = [next(ref) for _ in range(7)]
+    it = unified(**kw)
+    for _ in range(3):
+      next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    resumed = unified(**kw)
+    resumed.set_state(state)
+    for want in base[3:]:
+      got = next(resumed)
+      assert got.keys() == want.keys()
+      for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  other = next(unified(seed=1))
+  assert not np.array_equal(other["query_ids"], base[0]["query_ids"])
+  with pytest.raises(GritJaxError, match="different"):
+    unified(seed=1).set_state(state)
+
+
+def test_two_process_sharding(tmp_path, tok, cache):
+  folder = tmp_path / "shard"
+  folder.mkdir()
+  for name, n in (("a", 10), ("b", 14)):  # 24 queries, global batch 4: one epoch = 6 batches, nothing dropped
+    write_jsonl(folder / f"{name}.jsonl", [{"query": ["Find", f"query {name} {i}"], "pos": [f"doc {i}"],
+                                            "neg": [f"other {i}"]} for i in range(n)])
+  cfg = make_cfg(train_dir=str(folder), mode="embedding", embedding_batch_size=4, train_group_size=2)
+  one = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  two = [D.make_train_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache) for s in range(2)]
+  seen = []
+  for _ in range(6):
+    full, parts = next(one), [next(t) for t in two]
+    for k in full:  # the per-process shares assemble into the single-process global batch
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k])
+    for p in parts:
+      assert p["query_ids"].shape == (2, 32)
+      seen += [tok.decode(q * m) for q, m in zip(p["query_ids"], p["query_pool_mask"])]
+  assert sorted(seen) == sorted([f"query a {i}" for i in range(10)] + [f"query b {i}" for i in range(14)])
+  # Packed generative streams: each process packs its own strided share; together they cover the epoch once.
+  cfg = make_cfg(mode="generative", pack_generative=True, generative_batch_size=4)
+  shard_its = [D.make_train_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache)
+               for s in range(2)]
+  n_gen = shard_its[0].examples_per_epoch["generative"]
+  orders = [t.gen.order(0) for t in shard_its]
+  assert sorted(np.concatenate(orders).tolist()) == list(range(n_gen))
+
+
+def test_to_global_batch(unified):
+  import jax
+
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with pytest.raises(GritJaxError, match="not divisible"):
+    D.to_global_batch(next(unified()), mesh)  # 4 generative rows over 8 devices
+  b = next(unified(generative_batch_size=8))
+  g = D.to_global_batch(b, mesh)
+  for k, v in b.items():
+    assert g[k].shape == v.shape
+    np.testing.assert_array_equal(np.asarray(g[k]), v)
+  assert g["query_ids"].sharding.spec[0] == ("data", "fsdp")
+  assert len(g["passage_ids"].addressable_shards) == 8 and g["passage_ids"].addressable_shards[0].data.shape[0] == 3
+
+
+def test_packing_segments(unified, tok):
+  it = unified(mode="generative", pack_generative=True, generative_batch_size=4, generative_max_len=128)
+  packed_segments = 0
+  for _ in range(3):
+    b = next(it)
+    seg, pos, lab, ids = b["gen_segment_ids"], b["gen_positions"], b["gen_labels"], b["gen_ids"]
+    assert np.array_equal(b["gen_mask"], (seg > 0).astype(np.int32))
+    for r in range(seg.shape[0]):
+      s = seg[r]
+      n = int((s > 0).sum())
+      assert np.all(s[n:] == 0) and np.all(lab[r][n:] == -100)  # padding only at the end
+      assert s[0] == 1 and np.all(np.diff(s[:n]) >= 0) and np.all(np.diff(s[:n]) <= 1)
+      starts = np.flatnonzero(np.diff(np.concatenate([[0], s[:n]])))
+      packed_segments += len(starts) - 1
+      for a, e in zip(starts, list(starts[1:]) + [n]):
+        assert np.array_equal(pos[r][a:e], np.arange(e - a))  # positions restart per segment
+        assert ids[r][a] == 1 and lab[r][a] == -100  # each segment starts with BOS, never a target
+        for st, en in runs(lab[r][a:e]):  # labelled spans = answers + </s>, inside the segment
+          assert lab[r][a + en - 1] == 2
+      # No target crosses a segment boundary: labels[t+1] is a target only within the same segment.
+      nxt = np.flatnonzero(lab[r][1:n] != -100)
+      assert np.all(s[nxt] == s[nxt + 1])
+  assert packed_segments > 0  # some rows really hold several sequences
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+GOOD_EMB = {"query": ["Find the doc", "a query"], "pos": [["", "a doc"]], "neg": [["", "another doc"]]}
+BAD_EMB = [
+    ("{not json", "malformed JSON"),
+    (json.dumps({"query": ["x", "y"], "neg": ["n"]}), "missing key 'pos'"),
+    (json.dumps({"query": ["x", "  "], "pos": ["p"], "neg": ["n"]}), "query: empty text"),
+    (json.dumps({"query": ["word " * 40, "y"], "pos": ["p"], "neg": ["n"]}), "query: instruction too long"),
+]
+BAD_GEN = [
+    (json.dumps({"text": ["hi", ""]}), r"text\[1\]: empty text"),
+    (json.dumps({"text": ["word " * 60, "a"]}), r"text\[0\]: first user turn too long"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_EMB) + len(BAD_GEN)))
+def test_bad_input_error_policy(tmp_path, tok, cache, case):
+  emb = case < len(BAD_EMB)
+  line, what = (BAD_EMB + BAD_GEN)[case]
+  good = GOOD_EMB if emb else {"text": ["q", "a"]}
+  write_jsonl(tmp_path / "d.jsonl", [good, good, line, good])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding" if emb else "generative", bad_input="error",
+                 embedding_batch_size=1, generative_batch_size=1)
+  with pytest.raises(GritJaxError, match=f"{tmp_path / 'd.jsonl'}:3: {what}"):
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+
+
+def test_bad_input_skip_policy(tmp_path, tok, cache):
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB] + [l for l, _ in BAD_EMB] + [GOOD_EMB])
+  with open(tmp_path / "emb.jsonl", "ab") as f:
+    f.write(b"\xff\xfe not utf-8\n")
+  write_jsonl(tmp_path / "gen.jsonl", [{"text": ["q", "a"]}] + [l for l, _ in BAD_GEN] + ["", {"text": "plain"}])
+  cfg = make_cfg(train_dir=str(tmp_path), bad_input="skip", embedding_batch_size=2, generative_batch_size=2)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  emb, gen = str(tmp_path / "emb.jsonl"), str(tmp_path / "gen.jsonl")
+  assert it.stats.skipped == {emb: 5, gen: 2}
+  assert it.examples_per_epoch == {"embedding": 2, "generative": 2}
+  for i, (_, what) in enumerate(BAD_EMB):
+    assert f"{emb}:{i + 2}: " in it.stats.messages[emb][i] and what.split(":")[-1].strip() in it.stats.messages[emb][i]
+  assert f"{emb}:7: not valid UTF-8" in it.stats.messages[emb][4]
+  report = it.report()
+  assert "skipped 7 line(s)" in report and f"{gen}: 2 skipped" in report and f"{gen}:2:" in report
+  next(it)
+  # The counts survive a reuse of the cached build.
+  assert D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache).stats.skipped == {emb: 5, gen: 2}
+
+
+def test_eval_batches(tok, cache):
+  cfg = make_cfg()
+  batches = D.make_eval_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  n_emb = sum(int(b["query_weight"].sum()) for b in batches)
+  n_gen = sum(int(b["gen_weight"].sum()) for b in batches)
+  assert n_emb == n_gen == 25 and len(batches) == 7  # ceil(25 / 4) generative batches
+  assert all(b["query_ids"].shape == (8, 32) and b["gen_ids"].shape == (4, 48) for b in batches)
+  last = batches[-1]
+  assert np.all(last["gen_labels"][last["gen_weight"] == 0] == -100)
+  shards = [D.make_eval_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache) for s in range(2)]
+  assert len(shards[0]) == len(shards[1])
+  assert sum(int(b["query_weight"].sum()) for s in shards for b in s) == 25
