@@ -1,0 +1,431 @@
+"""Hugging Face Mistral / Mixtral safetensors <-> grit_jax param pytrees, tensor by tensor.
+
+The rename table (`hf_entries`) is the whole conversion: each HF tensor maps to one param leaf (or one expert's
+slice of the stacked [E, ...] Mixtral weights, or one layer's slice of the scanned `layers/` stack). Linear weights
+are transposed (HF [out, in] -> Flax [in, out]) and reshaped to the leaf's shape (q_proj [D, H, Dh], o_proj
+[H, Dh, D]); everything else is copied. Loading reads one tensor at a time from the memory-mapped safetensors files
+into preallocated leaves, so only one full copy of the weights is ever held; saving writes shard by shard.
+
+Also the grit_jax directory format: config.json ({"format": "grit_jax", "model": ModelConfig fields, "hf_dtype"})
++ params.safetensors with '/'-joined param paths.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from typing import Iterator
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from grit_jax.errors import GritJaxError
+from grit_jax.modeling.config import ModelConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+JAX_PARAMS_FILE = "params.safetensors"
+JAX_FORMAT = "grit_jax"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One HF tensor. `path`: param path inside a layer (layer is not None) or at the top; `expert`: index into the
+  leading [E] axis; `linear`: transpose + reshape with `in_dims` leading input dims on the Flax side."""
+  name: str
+  path: tuple[str, ...]
+  layer: int | None = None
+  expert: int | None = None
+  linear: bool = False
+  in_dims: int = 1
+
+
+def hf_entries(config: ModelConfig) -> list[Entry]:
+  """The rename table, in the order HF files list tensors."""
+  out = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"))]
+  for i in range(config.num_layers):
+    pre = f"model.layers.{i}."
+    lin = lambda name, path, in_dims=1, expert=None: Entry(pre + name, path, i, expert, True, in_dims)
+    out += [lin(f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel")) for p in "qkv"]
+    out.append(lin("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), in_dims=2))
+    if config.is_moe:
+      out.append(lin("block_sparse_moe.gate.weight", ("block_sparse_moe", "gate", "kernel")))
+      for e in range(config.num_experts):
+        out += [lin(f"block_sparse_moe.experts.{e}.{w}.weight", ("block_sparse_moe", w), expert=e)
+                for w in ("w1", "w2", "w3")]
+    else:
+      out += [lin(f"mlp.{p}_proj.weight", ("mlp", f"{p}_proj", "kernel")) for p in ("gate", "up", "down")]
+    out += [Entry(pre + f"{n}.weight", (n, "scale"), i) for n in ("input_layernorm", "post_attention_layernorm")]
+  out.append(Entry("model.norm.weight", ("norm", "scale")))
+  if not config.tie_word_embeddings:
+    out.append(Entry("lm_head.weight", ("lm_head", "kernel"), linear=True))
+  return out
+
+
+def param_shapes(config: ModelConfig) -> dict:
+  """Nested dict of leaf shapes (unscanned layout), from the model itself."""
+  import jax
+  import jax.numpy as jnp
+  from grit_jax.modeling.model import Transformer, unscan_params
+
+  cfg = config.replace(scan_layers=False, remat_policy="none")
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda i: Transformer(cfg).init(jax.random.PRNGKey(0), i, causal=True)["params"], ids)
+  return jax.tree.map(lambda x: tuple(x.shape), unscan_params(abstract))
+
+
+def _leaf_ref(params: dict, entry: Entry, scanned: bool):
+  """(leaf array, index tuple) that `entry` reads or writes."""
+  if entry.layer is None:
+    node, idx = params, ()
+  elif scanned:
+    node, idx = params["layers"], (entry.layer,)
+  else:
+    node, idx = params[f"layers_{entry.layer}"], ()
+  for key in entry.path:
+    node = node[key]
+  return node, idx + (() if entry.expert is None else (entry.expert,))
+
+
+def _hf_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  if not entry.linear:
+    return tuple(flax_shape)
+  return (math.prod(flax_shape[entry.in_dims:]), math.prod(flax_shape[:entry.in_dims]))
+
+
+def to_flax(entry: Entry, tensor: np.ndarray, flax_shape) -> np.ndarray:
+  return tensor.T.reshape(flax_shape) if entry.linear else tensor
+
+
+def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
+  if not entry.linear:
+    return value
+  return value.reshape(_hf_shape(entry, value.shape)[::-1]).T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading Hugging Face directories
+
+
+def _require_dir(path: str) -> str:
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise GritJaxError(f"{path}: no such directory")
+  return path
+
+
+def weight_files(path: str) -> dict[str, str]:
+  """HF tensor name -> safetensors file, from model.safetensors.index.json or the *.safetensors files."""
+  path = _require_dir(path)
+  index = os.path.join(path, INDEX_FILE)
+  if os.path.isfile(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise GritJaxError(f"{index}: not a safetensors index ({e})") from e
+    for fname in sorted(set(weight_map.values())):
+      if not os.path.isfile(os.path.join(path, fname)):
+        raise GritJaxError(f"{index}: lists shard {fname!r}, which is missing from {path}")
+    return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and f != JAX_PARAMS_FILE)
+  if not files:
+    raise GritJaxError(f"{path}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+  out = {}
+  for fname in files:
+    full = os.path.join(path, fname)
+    try:
+      with safe_open(full, framework="np") as f:
+        out.update({name: full for name in f.keys()})
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+      raise GritJaxError(f"{full}: unreadable safetensors file ({e})") from e
+  return out
+
+
+def _alloc(shapes: dict, dtype, scanned: bool, num_layers: int) -> dict:
+  """Uninitialised numpy leaves, scanned layers stacked on a leading axis."""
+  layer_keys = [f"layers_{i}" for i in range(num_layers)]
+  out = {k: _map_shapes(v, lambda s: np.empty(s, dtype)) for k, v in shapes.items() if k not in layer_keys}
+  if scanned:
+    out["layers"] = _map_shapes(shapes["layers_0"], lambda s: np.empty((num_layers,) + s, dtype))
+  else:
+    out.update({k: _map_shapes(shapes[k], lambda s: np.empty(s, dtype)) for k in layer_keys})
+  return out
+
+
+def _map_shapes(tree, fn):
+  if isinstance(tree, dict):
+    return {k: _map_shapes(v, fn) for k, v in tree.items()}
+  return fn(tree)
+
+
+def load_hf(path: str, config: ModelConfig | None = None) -> dict:
+  """Params (numpy, config.param_dtype, in config.scan_layers' layout) from an HF Mistral/Mixtral directory.
+  `config` defaults to the directory's config.json. Missing, extra or misshapen tensors raise GritJaxError."""
+  path = _require_dir(path)
+  config = config or ModelConfig.from_hf(path)
+  files = weight_files(path)
+  dtype = np.dtype(_np_dtype(config.param_dtype))
+  shapes = param_shapes(config)
+  params = _alloc(shapes, dtype, config.scan_layers, config.num_layers)
+  entries = hf_entries(config)
+  known = {e.name for e in entries}
+  extra = sorted(n for n in files if n not in known and not _IGNORED.match(n))
+  if extra:
+    raise GritJaxError(f"{path}: unexpected tensor(s) for a {config.num_layers}-layer "
+                       f"{'Mixtral' if config.is_moe else 'Mistral'} model: {extra[:5]}")
+  with contextlib.ExitStack() as stack:
+    handles = {}
+    for e in entries:
+      if e.name not in files:
+        raise GritJaxError(f"{path}: missing weight tensor {e.name!r}")
+      fname = files[e.name]
+      if fname not in handles:
+        handles[fname] = stack.enter_context(safe_open(fname, framework="np"))
+      leaf, idx = _leaf_ref(params, e, config.scan_layers)
+      flax_shape = leaf[idx].shape
+      tensor = handles[fname].get_tensor(e.name)
+      want = _hf_shape(e, flax_shape)
+      if tuple(tensor.shape) != want:
+        raise GritJaxError(f"{fname}: tensor {e.name!r} has shape {tuple(tensor.shape)}, the config "
+                           f"({config.num_layers} layers, hidden {config.hidden_size}) expects {want}")
+      leaf[idx] = to_flax(e, tensor, flax_shape).astype(dtype)
+  return params
+
+
+def _np_dtype(name: str):
+  import jax.numpy as jnp
+  return jnp.dtype(name)  # numpy-compatible, bfloat16 included (ml_dtypes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing Hugging Face directories
+
+
+def parse_size(size) -> int:
+  """Bytes from an int or a string like "5GB", "500MB" (powers of 1000, as HF)."""
+  if isinstance(size, (int, np.integer)):
+    return int(size)
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
+  if not m:
+    raise GritJaxError(f"max_shard_size={size!r}: expected bytes or a size like '5GB'")
+  unit = (m.group(2) or "B").upper()
+  base = 1024 if "I" in unit else 1000
+  return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _host(x) -> np.ndarray:
+  return np.asarray(x)
+
+
+def hf_tensors(params: dict, config: ModelConfig, dtype=None) -> Iterator[tuple[str, tuple, object]]:
+  """(HF name, HF shape, numpy dtype, thunk -> contiguous numpy tensor) in file order; params scanned or not."""
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  scanned = "layers" in params
+  for e in hf_entries(config):
+    try:
+      leaf, idx = _leaf_ref(params, e, scanned)
+    except KeyError as err:
+      raise GritJaxError(f"params: missing leaf {err} for HF tensor {e.name!r}") from err
+    shape = tuple(leaf.shape[len(idx):])
+
+    def thunk(e=e, leaf=leaf, idx=idx):
+      value = _host(leaf[idx] if idx else leaf)
+      if dtype is not None:
+        value = value.astype(dtype)
+      return np.ascontiguousarray(to_hf(e, value))
+
+    yield e.name, _hf_shape(e, shape), np.dtype(dtype or leaf.dtype), thunk
+
+
+def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="5GB", dtype=None) -> str:
+  """Write config.json + safetensors (one file, or shards + model.safetensors.index.json when larger than
+  `max_shard_size`) into `out_dir` (created). `dtype` (e.g. "bfloat16") casts on the way out; default: the params'
+  dtype. Not atomic on its own: write into a temporary directory (see `atomic_dir`)."""
+  os.makedirs(out_dir, exist_ok=True)
+  limit = parse_size(max_shard_size)
+  np_dtype = None if dtype is None else np.dtype(_np_dtype(dtype))
+  shards, current, size = [], [], 0
+  tensors = list(hf_tensors(params, config, np_dtype))
+  for name, shape, dt, thunk in tensors:
+    nbytes = math.prod(shape) * dt.itemsize
+    if current and size + nbytes > limit:
+      shards.append(current)
+      current, size = [], 0
+    current.append((name, thunk))
+    size += nbytes
+  shards.append(current)
+  n = len(shards)
+  weight_map, total = {}, 0
+  for k, shard in enumerate(shards):
+    fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+    arrays = {name: thunk() for name, thunk in shard}
+    total += sum(a.nbytes for a in arrays.values())
+    save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    weight_map.update({name: fname for name in arrays})
+    del arrays
+  if n > 1:
+    _write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+  out_dtype = str(np_dtype) if np_dtype is not None else str(tensors[0][2])
+  _write_json(os.path.join(out_dir, "config.json"), config.to_hf_dict(torch_dtype=out_dtype))
+  return out_dir
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str, overwrite: bool = False):
+  """Yields a temporary directory next to `dst`; on success it replaces `dst`, on error it is removed, so `dst`
+  is never half-written."""
+  dst = os.path.abspath(os.fspath(dst))
+  if os.path.exists(dst) and not overwrite:
+    raise GritJaxError(f"{dst}: already exists (pass --overwrite to replace it)")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    yield tmp
+    old = None
+    if os.path.exists(dst):
+      old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+      os.replace(dst, os.path.join(old, "d"))
+    os.replace(tmp, dst)
+    if old:
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  copied = []
+  for fname in TOKENIZER_FILES:
+    src = os.path.join(src_dir, fname)
+    if os.path.isfile(src):
+      shutil.copyfile(src, os.path.join(dst_dir, fname))
+      copied.append(fname)
+  return copied
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grit_jax directory format
+
+
+def is_jax_dir(path: str) -> bool:
+  cfg = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg):
+    return False
+  try:
+    with open(cfg) as f:
+      return json.load(f).get("format") == JAX_FORMAT
+  except (json.JSONDecodeError, AttributeError):
+    return False
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for k, v in params.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+  out: dict = {}
+  for name, v in flat.items():
+    node = out
+    *parents, leaf = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return out
+
+
+def save_jax(params: dict, config: ModelConfig, out_dir: str, hf_dtype: str | None = None) -> str:
+  """config.json + params.safetensors ('/'-joined names) into `out_dir` (created; see `atomic_dir`)."""
+  import flax.linen as nn
+  os.makedirs(out_dir, exist_ok=True)
+  flat = {k: np.ascontiguousarray(_host(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
+  save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
+  _write_json(os.path.join(out_dir, "config.json"),
+              {"format": JAX_FORMAT, "model": config.to_dict(), "hf_dtype": hf_dtype or config.param_dtype})
+  return out_dir
+
+
+def load_jax(path: str, **overrides) -> tuple[ModelConfig, dict, dict]:
+  """(config, params in config.scan_layers' layout, metadata) from a grit_jax directory."""
+  from grit_jax.modeling.model import params_for
+  path = _require_dir(path)
+  cfg_path = os.path.join(path, "config.json")
+  with open(cfg_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != JAX_FORMAT or "model" not in meta:
+    raise GritJaxError(f"{cfg_path}: not a grit_jax config (expected format={JAX_FORMAT!r} and a 'model' key)")
+  config = ModelConfig.from_dict({**meta["model"], **overrides}, source=cfg_path)
+  pfile = os.path.join(path, JAX_PARAMS_FILE)
+  if not os.path.isfile(pfile):
+    raise GritJaxError(f"{path}: missing {JAX_PARAMS_FILE}")
+  with safe_open(pfile, framework="np") as f:
+    params = unflatten({k: f.get_tensor(k) for k in f.keys()})
+  params = params_for(params, config)
+  _check_shapes(params, config, pfile)
+  dtype = np.dtype(_np_dtype(config.param_dtype))
+  params = _map_shapes(params, lambda a: a if a.dtype == dtype else a.astype(dtype))
+  return config, params, meta
+
+
+def _check_shapes(params: dict, config: ModelConfig, source: str) -> None:
+  want = flatten(param_shapes(config))
+  if config.scan_layers:
+    from grit_jax.modeling.model import unscan_params
+    params = unscan_params(params)
+  got = {k: tuple(v.shape) for k, v in flatten(params).items()}
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise GritJaxError(f"{source}: missing param(s) {missing[:5]}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise GritJaxError(f"{source}: unexpected param(s) {extra[:5]}")
+  for k in want:
+    if want[k] != got[k]:
+      raise GritJaxError(f"{source}: param {k!r} has shape {got[k]}, the config expects {want[k]}")
+
+
+def load_pretrained(path: str, **overrides) -> tuple[ModelConfig, dict]:
+  """(config, numpy params) from an HF directory or a grit_jax directory; `overrides` replace config fields
+  (e.g. dtype="bfloat16", scan_layers=True)."""
+  path = _require_dir(path)
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise GritJaxError(f"{path}: no config.json")
+  if is_jax_dir(path):
+    config, params, _ = load_jax(path, **overrides)
+    return config, params
+  config = ModelConfig.from_hf(path, **overrides)
+  return config, load_hf(path, config)
+
+
+def hf_dtype_of(path: str) -> str:
+  """The dtype of an HF directory's embedding tensor ("float32", "bfloat16" or "float16")."""
+  name = "model.embed_tokens.weight"
+  files = weight_files(path)
+  if name not in files:
+    raise GritJaxError(f"{path}: missing weight tensor {name!r}")
+  with safe_open(files[name], framework="np") as f:
+    code = f.get_slice(name).get_dtype()
+  return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code, "float32")

@@ -1,0 +1,75 @@
+"""GritLM: a loaded model (config + params + tokenizer) with numpy-in, numpy-out forward passes."""
+from __future__ import annotations
+
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grit_jax.modeling.config import ModelConfig
+from grit_jax.modeling.model import Transformer, params_for
+
+
+@functools.lru_cache(maxsize=None)
+def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
+  """jit(params, ids [B, T], mask [B, T]) -> hidden [B, T, D] or logits [B, T, V]; one per (config, mode), so
+  repeated calls with the same shapes reuse the compiled program."""
+  module = Transformer(config)
+
+  def fn(params, ids_BT, mask_BT):
+    out = module.apply({"params": params}, ids_BT, mask_BT, causal=causal, return_logits=return_logits)
+    return out.logits if return_logits else out.hidden
+
+  return jax.jit(fn)
+
+
+class GritLM:
+  """`GritLM(config, params, tokenizer=None)`; `GritLM.from_pretrained(dir)` for HF or grit_jax directories."""
+
+  def __init__(self, config: ModelConfig, params, tokenizer=None):
+    self.config = config
+    self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
+    self.tokenizer = tokenizer
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype: str = "float32", **overrides) -> "GritLM":
+    """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
+    hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
+    ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present."""
+    from grit_jax.convert import hf
+    config, params = hf.load_pretrained(path, dtype=dtype, **overrides)
+    tokenizer = None
+    tok_path = os.path.join(path, "tokenizer.model")
+    if os.path.isfile(tok_path):
+      from grit_jax.data.tokenizer import Tokenizer
+      tokenizer = Tokenizer(tok_path)
+    return cls(config, params, tokenizer)
+
+  def _run(self, input_ids, attention_mask, causal: bool, return_logits: bool) -> np.ndarray:
+    ids = jnp.asarray(np.asarray(input_ids, np.int32))
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+    mask = jnp.ones_like(ids) if attention_mask is None else jnp.asarray(np.asarray(attention_mask, np.int32))
+    return np.asarray(forward_fn(self.config, bool(causal), return_logits)(self.params, ids, mask))
+
+  def hidden_states(self, input_ids, attention_mask=None, causal: bool = False) -> np.ndarray:
+    """Final-norm hidden states [B, T, D] (bidirectional by default, as for embeddings)."""
+    return self._run(input_ids, attention_mask, causal, False)
+
+  def logits(self, input_ids, attention_mask=None, causal: bool = True) -> np.ndarray:
+    """LM logits [B, T, V] float32 (causal by default)."""
+    return self._run(input_ids, attention_mask, causal, True)
+
+  def save_pretrained(self, path: str, dtype: str | None = None, max_shard_size="5GB") -> str:
+    """Write a Hugging Face directory (config.json, safetensors, tokenizer.model) atomically; replaces `path`."""
+    from grit_jax.convert import hf
+    import shutil
+    with hf.atomic_dir(path, overwrite=True) as tmp:
+      hf.save_hf(self.params, self.config, tmp, max_shard_size=max_shard_size, dtype=dtype)
+      tok = getattr(self.tokenizer, "path", None)
+      if tok and os.path.isfile(tok):
+        shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
+    return path

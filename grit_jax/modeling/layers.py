@@ -1,0 +1,182 @@
+"""Decoder building blocks (Flax Linen): projections, RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP, Mixtral
+sparse MoE and the decoder layer. Parameter names mirror Hugging Face (q_proj, gate_proj, block_sparse_moe, ...)
+so conversion is a rename table plus transposes; every parameter carries logical axis names.
+
+Letters in names: B batch, T query length, S key length (cache slots), D hidden, H query heads, K kv heads,
+R = H // K, Dh head dim, I mlp, E experts, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from grit_jax.modeling.attention import attend
+from grit_jax.modeling.config import ModelConfig
+
+INIT_STD = 0.02  # HF initializer_range
+constrain = nn.with_logical_constraint
+
+
+def _init(axes: Sequence[str | None]):
+  return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), tuple(axes))
+
+
+class Linear(nn.Module):
+  """x [..., *in] @ kernel [*in, *features] (no bias). `axes` names every kernel dim. `out_dtype` lets matmuls
+  with bf16 inputs accumulate and return float32 (LM head, router)."""
+  features: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  in_dims: int = 1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  out_dtype: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.in_dims:]
+    kernel = self.param("kernel", _init(self.axes), tuple(in_shape) + tuple(self.features),
+                        jnp.dtype(self.param_dtype))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contract_x = tuple(range(x.ndim - self.in_dims, x.ndim))
+    return jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.in_dims))), ((), ())),
+                               preferred_element_type=jnp.dtype(self.out_dtype or self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, normalised in float32 (as HF), returned in the compute dtype."""
+  eps: float = 1e-5
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+                       jnp.dtype(self.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
+
+
+def apply_rotary(x_BTND, positions_BT, theta: float):
+  """RoPE with HF's rotate_half convention: the two halves of each head (not interleaved pairs) form the complex
+  pairs; inv_freq and angles in float32."""
+  Dh = x_BTND.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))  # [Dh/2]
+  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+  cos, sin = jnp.cos(angles_BTD).astype(x_BTND.dtype), jnp.sin(angles_BTD).astype(x_BTND.dtype)
+  x1, x2 = jnp.split(x_BTND, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BTND * cos + rotated * sin
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention. With `kv` (this layer's cache k, v [B, S, K, Dh]) the T new keys/values are
+  written at slots [cache_index, cache_index + T) and the queries attend over all S slots under `mask_B1TS`."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_B1TS, kv=None, cache_index=None):
+    c = self.config
+    dense = lambda feats, axes, name, in_dims=1: Linear(feats, axes, in_dims, c.dtype, c.param_dtype, name=name)
+    q_BTHD = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BTD)
+    k_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTD)
+    v_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTD)
+    q_BTHD = checkpoint_name(apply_rotary(q_BTHD, positions_BT, c.rope_theta), "query_proj")
+    k_BTKD = checkpoint_name(apply_rotary(k_BTKD, positions_BT, c.rope_theta), "key_proj")
+    v_BTKD = checkpoint_name(v_BTKD, "value_proj")
+    q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
+    k_BTKD = constrain(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
+    v_BTKD = constrain(v_BTKD, ("batch", "length", "kv_heads", "head_dim"))
+    new_kv = None
+    if kv is not None:
+      cache_k, cache_v = kv  # [B, S, K, Dh]
+      start = (0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BTKD.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start)
+      new_kv = (cache_k, cache_v)
+      k_BTKD, v_BTKD = cache_k.astype(c.dtype), cache_v.astype(c.dtype)
+    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, impl=c.attention_impl)
+    out_BTHD = constrain(out_BTHD, ("batch", "length", "heads", "head_dim"))
+    out_BTD = dense((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", in_dims=2)(out_BTHD)
+    return checkpoint_name(out_BTD, "out_proj"), new_kv
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    c = self.config
+    dense = lambda feats, axes, name: Linear(feats, axes, 1, c.dtype, c.param_dtype, name=name)
+    gate_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "gate_proj")(x_BTD)
+    up_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "up_proj")(x_BTD)
+    h_BTI = constrain(nn.silu(gate_BTI) * up_BTI, ("batch", "length", "mlp"))
+    return dense((c.hidden_size,), ("mlp", "embed"), "down_proj")(h_BTI)
+
+
+class SparseMoe(nn.Module):
+  """Mixtral's sparse MoE block (HF MixtralSparseMoeBlock): router softmax over all experts in float32, top-k,
+  renormalise the k weights, y = sum_k w_k * SwiGLU_{e_k}(x).
+
+  Dropless reference path: every expert runs on every token (dense einsums over the `exp` axis) and the router
+  weights, zero outside the top k, combine them. Exact, shards over an expert mesh axis without collectives
+  beyond GSPMD's, and costs E / k times the active FLOPs.
+
+  Also returns the layer's load-balancing statistics over real tokens (token_mask): [2, E] = (top-k assignment
+  counts, summed router probabilities), and the number of real tokens.
+  """
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, token_mask_BT):
+    c = self.config
+    E, D, I = c.num_experts, c.hidden_size, c.intermediate_size
+    logits_BTE = Linear((E,), ("embed", "exp"), 1, c.dtype, c.param_dtype, out_dtype="float32", name="gate")(x_BTD)
+    probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
+    top_w_BTk, top_i_BTk = jax.lax.top_k(probs_BTE, c.num_experts_per_tok)
+    top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
+    onehot_BTkE = jax.nn.one_hot(top_i_BTk, E, dtype=jnp.float32)
+    combine_BTE = jnp.einsum("btk,btke->bte", top_w_BTk, onehot_BTkE)  # router weight, 0 outside the top k
+
+    param = lambda name, shape, axes: self.param(name, _init(axes), shape, jnp.dtype(c.param_dtype)).astype(c.dtype)
+    w1_EDI = param("w1", (E, D, I), ("exp", "embed", "mlp"))
+    w3_EDI = param("w3", (E, D, I), ("exp", "embed", "mlp"))
+    w2_EID = param("w2", (E, I, D), ("exp", "mlp", "embed"))
+    x_BTD = x_BTD.astype(c.dtype)
+    gate_BTEI = jnp.einsum("btd,edi->btei", x_BTD, w1_EDI)
+    up_BTEI = jnp.einsum("btd,edi->btei", x_BTD, w3_EDI)
+    h_BTEI = nn.silu(gate_BTEI) * up_BTEI
+    h_BTEI = h_BTEI * combine_BTE.astype(c.dtype)[..., None]
+    h_BTEI = constrain(h_BTEI, ("batch", "length", "exp", "mlp"))
+    y_BTD = jnp.einsum("btei,eid->btd", h_BTEI, w2_EID)
+
+    m_BT = token_mask_BT.astype(jnp.float32)
+    counts_E = jnp.einsum("btke,bt->e", onehot_BTkE, m_BT)
+    prob_sum_E = jnp.einsum("bte,bt->e", probs_BTE, m_BT)
+    return y_BTD, jnp.stack([counts_E, prob_sum_E])
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm decoder block. Signature suits nn.scan: (carry x, scanned kv, broadcast rest) -> (x, (kv, stats))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, kv, mask_B1TS, positions_BT, cache_index, token_mask_BT):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    attn_BTD, kv = Attention(c, name="self_attn")(norm("input_layernorm")(x_BTD), positions_BT, mask_B1TS, kv,
+                                                  cache_index)
+    x_BTD = x_BTD + attn_BTD
+    h_BTD = norm("post_attention_layernorm")(x_BTD)
+    if c.is_moe:
+      mlp_BTD, stats = SparseMoe(c, name="block_sparse_moe")(h_BTD, token_mask_BT)
+    else:
+      mlp_BTD, stats = Mlp(c, name="mlp")(h_BTD), None
+    x_BTD = constrain((x_BTD + mlp_BTD).astype(c.dtype), ("batch", "length", "embed"))
+    return x_BTD, (kv, stats)

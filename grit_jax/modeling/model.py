@@ -1,0 +1,190 @@
+"""Transformer (embedding, decoder stack, final norm, LM head) and the KV cache.
+
+One set of weights runs causally (generation) or bidirectionally (embeddings): `causal` is a static argument of
+the call, and the mask is built once per call by `attention.make_attention_mask`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grit_jax.modeling.attention import make_attention_mask
+from grit_jax.modeling.config import ModelConfig
+from grit_jax.modeling.layers import INIT_STD, DecoderLayer, Linear, RMSNorm
+
+# remat_policy name -> jax.checkpoint policy (None = recompute everything). Names tagged in layers.Attention.
+REMAT_POLICIES = {
+    "full": None,
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj"),
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys/values of every layer for S slots. A call writes its T tokens at slots [index, index + T); attention
+  reads all `valid` slots, with causality decided by the stored `positions` (so rows of different lengths and
+  caches made by a bidirectional pass work unchanged)."""
+  k: jax.Array          # [L, B, S, K, Dh]
+  v: jax.Array          # [L, B, S, K, Dh]
+  positions: jax.Array  # [B, S] int32
+  valid: jax.Array      # [B, S] bool
+  index: jax.Array      # [] int32, next write slot (shared by the batch)
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               positions=jnp.zeros((batch, max_len), jnp.int32), valid=jnp.zeros((batch, max_len), bool),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class TransformerOutput:
+  hidden: jax.Array                 # [B, T, D] final-norm hidden states
+  logits: jax.Array | None          # [B, T, V] float32, None when return_logits=False
+  aux_loss: jax.Array               # [] Switch load-balancing loss (0 for dense models), unweighted
+  cache: KVCache | None
+
+
+def load_balancing_loss(stats_L2E, num_tokens, num_experts: int):
+  """HF `load_balancing_loss_func` from per-layer sums: stats [L, 2, E] = (top-k counts, router prob sums) over
+  real tokens. Like HF, the fractions pool all layers' rows (total = L * tokens) before the product:
+  E * sum_e (counts_e / total) * (probs_e / total)."""
+  total = jnp.maximum(stats_L2E.shape[0] * num_tokens, 1.0)
+  counts_E, probs_E = stats_L2E[:, 0].sum(0) / total, stats_L2E[:, 1].sum(0) / total
+  return num_experts * jnp.sum(counts_E * probs_E)
+
+
+def _layer_class(config: ModelConfig):
+  if config.remat_policy == "none":
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, *, causal: bool = True, positions=None, segment_ids=None,
+               cache: KVCache | None = None, return_logits: bool = True) -> TransformerOutput:
+    """input_ids [B, T] int32; attention_mask [B, T] (1 = token, 0 = padding); positions [B, T] int32 (default
+    arange(T), offset by cache.index when a cache is given); segment_ids [B, T] (packing, 0 = padding; not with
+    a cache). See docs/DESIGN.md."""
+    c = self.config
+    B, T = input_ids.shape
+    valid_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+    if segment_ids is not None:
+      valid_BT = valid_BT & (segment_ids != 0)
+    if positions is None:
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions_BT = positions.astype(jnp.int32)
+    window = c.sliding_window if causal else None
+
+    if cache is None:
+      mask_B1TS = make_attention_mask(positions_BT, positions_BT, valid_BT, causal=causal, sliding_window=window,
+                                      q_segment_BT=segment_ids, k_segment_BS=segment_ids)
+      kv, index, k_pos_BS, k_valid_BS = None, None, None, None
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+      index = cache.index
+      k_pos_BS = jax.lax.dynamic_update_slice(cache.positions, positions_BT, (0, index))
+      k_valid_BS = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, index))
+      mask_B1TS = make_attention_mask(positions_BT, k_pos_BS, k_valid_BS, causal=causal, sliding_window=window)
+      kv = (cache.k, cache.v)
+
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
+                                                                 ("vocab", "embed")),
+                     name="embed_tokens")
+    x_BTD = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
+
+    layer_cls = _layer_class(c)
+    if c.scan_layers:
+      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTD, (kv, stats) = stack(c, name="layers")(x_BTD, kv, mask_B1TS, positions_BT, index, valid_BT)
+    else:
+      new_k, new_v, all_stats = [], [], []
+      for i in range(c.num_layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BTD, (layer_kv, s) = layer_cls(c, name=f"layers_{i}")(x_BTD, layer_kv, mask_B1TS, positions_BT, index,
+                                                                valid_BT)
+        if layer_kv is not None:
+          new_k.append(layer_kv[0])
+          new_v.append(layer_kv[1])
+        all_stats.append(s)
+      kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+      stats = jnp.stack(all_stats) if c.is_moe else None
+
+    hidden_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x_BTD)
+    aux = (load_balancing_loss(stats, valid_BT.sum().astype(jnp.float32), c.num_experts) if c.is_moe
+           else jnp.zeros((), jnp.float32))
+
+    logits_BTV = None
+    if return_logits:
+      if c.tie_word_embeddings:
+        logits_BTV = embed.attend(hidden_BTD).astype(jnp.float32)
+      else:
+        logits_BTV = Linear((c.vocab_size,), ("embed", "vocab"), 1, c.dtype, c.param_dtype, out_dtype="float32",
+                            name="lm_head")(hidden_BTD)
+      logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(k=kv[0], v=kv[1], positions=k_pos_BS, valid=k_valid_BS, index=index + T)
+    return TransformerOutput(hidden=hidden_BTD, logits=logits_BTV, aux_loss=aux, cache=new_cache)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Scanned <-> unscanned parameter layouts
+
+
+def _stack(xs):
+  return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def scan_params(params: dict, num_layers: int) -> dict:
+  """layers_{i}/... (unscanned) -> layers/... stacked on a leading axis (scan_layers=True). Idempotent."""
+  params = nn.meta.unbox(params)
+  if "layers" in params:
+    return params
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *xs: _stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
+  return out
+
+
+def unscan_params(params: dict) -> dict:
+  """layers/... stacked -> layers_{i}/... Idempotent."""
+  params = nn.meta.unbox(params)
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+  return out
+
+
+def params_for(params: dict, config: ModelConfig) -> dict:
+  """`params` in the layout `config.scan_layers` asks for."""
+  return scan_params(params, config.num_layers) if config.scan_layers else unscan_params(params)
+
+
+def init_params(config: ModelConfig, rng=None, batch: int = 1, length: int = 8):
+  """Random params (unboxed) for `config`."""
+  ids = jnp.zeros((batch, length), jnp.int32)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return nn.meta.unbox(Transformer(config).init(rng, ids, jnp.ones_like(ids), causal=True)["params"])
