@@ -1,0 +1,194 @@
+"""The GRIT objective as pure functions: pooling, the contrastive loss (L_rep) with in-batch negatives gathered
+across the mesh, the next-token loss (L_gen) and their combination.
+
+Every function works on plain arrays (float32 math whatever the input dtype) and can be checked with numbers worked
+out by hand (grit_reference.md section 10; tests/test_objectives.py).
+
+Cross-device negatives, two gradient semantics (config.loss.contrastive_grad):
+- `exact`: the loss is written on the global, batch-sharded arrays inside one `jax.jit`; XLA gathers the passages
+  of every device and the gradient is the true gradient of the global loss L_rep.
+- `gritlm`: the reference's behaviour. Each of the W batch shards gathers every query/passage *without* gradient,
+  puts its own live rows back, computes the (identical) global loss, and the shards' gradients are averaged. The
+  applied gradient is therefore (1/W) * grad L_rep while the reported loss is L_rep (`gathered_contrastive_loss`).
+  W = the number of shards the batch is split into = the product of the sizes of the mesh axes that shard the
+  batch (data x fsdp x expert; grit_jax.training.mesh.BATCH_AXES).
+The shipped recipes use `exact` (configs/base.py): it does not depend on the device count, so a recipe behaves the
+same on 8 GPUs, a 256-chip pod or a laptop, and loss curves are comparable across meshes. `gritlm` is there to
+reproduce the reference's effective weighting of L_rep vs L_gen (1/W), which changes with W; with `exact`, the same
+effective weighting is `lambda_rep = 1/W` (see grit_reference.md section 3, "Combination").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+IGNORE = -100
+POOLINGS = ("mean", "weightedmean", "lasttoken")
+LM_MODES = ("mixed", "token")
+CONTRASTIVE_GRADS = ("exact", "gritlm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pooling
+
+def l2_normalize(x, eps: float = 1e-12):
+  """x / ||x|| over the last axis, in float32 (zero vectors stay zero)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def pool(hidden, pool_mask, method: str = "mean", normalize: bool = False):
+  """hidden [B, T, D], pool_mask [B, T] (1 = pooled token: the text, not BOS / instruction / format tokens, not
+  padding) -> [B, D] float32.
+
+  mean: sum_t m_t h_t / sum_t m_t.  weightedmean: weights w = m * cumsum(m) (1, 2, 3, ... from the first pooled
+  token).  lasttoken: h at the last position where m = 1 (position 0 if none).  Rows with an empty mask give 0
+  (mean / weightedmean) instead of NaN.
+  """
+  h_BTD = hidden.astype(jnp.float32)
+  m_BT = pool_mask.astype(jnp.float32)
+  if method == "mean":
+    w_BT = m_BT
+  elif method == "weightedmean":
+    w_BT = m_BT * jnp.cumsum(m_BT, axis=1)
+  elif method == "lasttoken":
+    T = m_BT.shape[1]
+    last_B = jnp.max(jnp.where(m_BT > 0, jnp.arange(T), 0), axis=1)  # [B]
+    w_BT = jax.nn.one_hot(last_B, T, dtype=jnp.float32)
+  else:
+    raise ValueError(f"pooling method {method!r}: expected one of {POOLINGS}")
+  out_BD = jnp.einsum("bt,btd->bd", w_BT, h_BTD) / jnp.maximum(w_BT.sum(axis=1, keepdims=True), 1e-9)
+  return l2_normalize(out_BD) if normalize else out_BD
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Contrastive loss (L_rep)
+
+def contrastive_logits(q, p, temperature: float = 0.02, normalize: bool = True):
+  """q [B, D], p [B*g, D] -> similarity / temperature [B, B*g] float32 (cosine when `normalize`, else dot)."""
+  q_BD, p_PD = q.astype(jnp.float32), p.astype(jnp.float32)
+  if normalize:
+    q_BD, p_PD = l2_normalize(q_BD), l2_normalize(p_PD)
+  return jnp.einsum("bd,pd->bp", q_BD, p_PD, precision=jax.lax.Precision.HIGHEST) / temperature
+
+
+def contrastive_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, normalize: bool = True,
+                     return_accuracy: bool = False):
+  """In-batch-negatives InfoNCE: q [B, D] queries, p [B*g, D] passages (query i's positive at row i*g, then its
+  g-1 hard negatives). Every passage is a candidate for every query; the target of row i is column i*g; loss =
+  mean over rows of the cross-entropy of (cosine / temperature).
+
+  Returns the loss, or (loss, top-1 accuracy) with `return_accuracy`.
+  """
+  B = q.shape[0]
+  if p.shape[0] != B * group_size:
+    raise ValueError(f"contrastive_loss: {p.shape[0]} passages for {B} queries x group_size {group_size}")
+  logits_BP = contrastive_logits(q, p, temperature, normalize)
+  target_B = jnp.arange(B) * group_size
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_BP, target_B).mean()
+  if not return_accuracy:
+    return loss
+  accuracy = jnp.mean((jnp.argmax(logits_BP, axis=-1) == target_B).astype(jnp.float32))
+  return loss, accuracy
+
+
+def _live_gathered(x_local, axes: tuple[str, ...], grad: str):
+  """Inside shard_map: every shard's rows [W * b, D] in global order. `gritlm`: the other shards' rows are
+  constants (no gradient flows back to them), only this shard's own rows are live."""
+  if grad == "exact":
+    return jax.lax.all_gather(x_local, axes, axis=0, tiled=True)
+  gathered = jax.lax.all_gather(jax.lax.stop_gradient(x_local), axes, axis=0, tiled=True)
+  start = jax.lax.axis_index(axes) * x_local.shape[0]
+  return jax.lax.dynamic_update_slice_in_dim(gathered, x_local, start, axis=0)
+
+
+def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature: float = 0.02,
+                              group_size: int = 2, *, normalize: bool = True, grad: str = "gritlm"):
+  """`contrastive_loss` over the global batch, computed per batch shard with explicit all-gathers, as the reference
+  does with `dist.all_gather` + `--negatives_cross_device`.
+
+  q [B, D], p [B*g, D]: global arrays (any sharding); `batch_axes`: the mesh axes the batch is split over
+  (W = product of their sizes). Each shard gathers all rows, computes the global loss L, and the W per-shard values
+  are averaged. grad="gritlm": gathered copies carry no gradient, so the gradient is (1/W) * grad L (the
+  reference's). grad="exact": the gathers are differentiated (transpose = reduce-scatter), giving grad L.
+  Returns (loss, top-1 accuracy); the loss value is L either way.
+  """
+  if grad not in CONTRASTIVE_GRADS:
+    raise ValueError(f"contrastive_grad {grad!r}: expected one of {CONTRASTIVE_GRADS}")
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names and mesh.shape[a] > 1)
+  if not axes:
+    return contrastive_loss(q, p, temperature, group_size, normalize=normalize, return_accuracy=True)
+  P = jax.sharding.PartitionSpec
+
+  def per_shard(q_local, p_local):
+    q_all = _live_gathered(q_local.astype(jnp.float32), axes, grad)
+    p_all = _live_gathered(p_local.astype(jnp.float32), axes, grad)
+    loss, acc = contrastive_loss(q_all, p_all, temperature, group_size, normalize=normalize, return_accuracy=True)
+    return loss[None], acc[None]  # one value per shard: [1] each
+
+  loss_W, acc_W = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=(P(axes), P(axes)))(
+      q, p)
+  return loss_W.mean(), jax.lax.stop_gradient(acc_W.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Language-model loss (L_gen)
+
+def lm_token_weights(labels, mode: str = "mixed", num_sub_batches: int = 1, token_factor: float = 1.0):
+  """Per-target weights w [B, T-1] float32 such that lm_loss = sum(w * CE) over the shifted targets.
+
+  Weights depend only on the labels, so a loss split into micro-batches (gradient accumulation) with weights taken
+  from the full batch adds up exactly to the full-batch loss.
+  - mixed: rows are split into `num_sub_batches` equal contiguous sub-batches; token mean inside each, then mean
+    over sub-batches (an empty sub-batch contributes 0).
+  - token: sum over tokens / number of rows, times `token_factor`.
+  """
+  valid_BT = (labels[:, 1:] != IGNORE).astype(jnp.float32)  # [B, T-1]
+  B = labels.shape[0]
+  if mode == "token":
+    return valid_BT * (token_factor / B)
+  if mode != "mixed":
+    raise ValueError(f"lm loss mode {mode!r}: expected one of {LM_MODES}")
+  if B % num_sub_batches:
+    raise ValueError(f"lm loss: {B} generative rows do not split into {num_sub_batches} sub-batches")
+  valid_SRT = valid_BT.reshape(num_sub_batches, B // num_sub_batches, -1)
+  count_S = valid_SRT.sum(axis=(1, 2), keepdims=True)  # [S, 1, 1]
+  return (valid_SRT / (jnp.maximum(count_S, 1.0) * num_sub_batches)).reshape(valid_BT.shape)
+
+
+def token_cross_entropy(logits, labels):
+  """Next-token CE [B, T-1] float32 of logits [B, T, V] against labels [B, T] (unshifted, HF convention);
+  ignored positions (-100) give 0."""
+  targets_BT = labels[:, 1:]
+  ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
+                                                          jnp.where(targets_BT == IGNORE, 0, targets_BT))
+  return jnp.where(targets_BT == IGNORE, 0.0, ce_BT)
+
+
+def lm_loss(logits, labels, mode: str = "mixed", num_sub_batches: int = 1, token_factor: float = 1.0, *,
+            weights=None):
+  """Shifted next-token loss: logits [B, T, V], labels [B, T] aligned with the inputs (-100 = ignored).
+  See `lm_token_weights` for the modes; `weights` [B, T-1] overrides them (e.g. taken from a larger batch)."""
+  if weights is None:
+    weights = lm_token_weights(labels, mode, num_sub_batches, token_factor)
+  return jnp.sum(token_cross_entropy(logits, labels) * weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GRIT
+
+def grit_loss(loss_rep=None, loss_gen=None, aux_loss=None, *, lambda_rep: float = 1.0, lambda_gen: float = 1.0,
+              router_aux_coef: float = 0.0):
+  """lambda_rep * L_rep + lambda_gen * L_gen + router_aux_coef * aux (the MoE load-balancing loss of the
+  generative pass). Missing terms (None: embedding-only / generative-only batches, dense models) count 0."""
+  total = jnp.zeros((), jnp.float32)
+  if loss_rep is not None:
+    total = total + lambda_rep * loss_rep
+  if loss_gen is not None:
+    total = total + lambda_gen * loss_gen
+  if aux_loss is not None and router_aux_coef:
+    total = total + router_aux_coef * aux_loss
+  return total

@@ -1,0 +1,106 @@
+"""Model FLOPs of a GRIT training step, the bidirectional embedding passes and the causal generative pass counted
+separately, and MFU from them.
+
+Counted as the usual MFU convention does (PaLM appendix B, MaxText): matmul FLOPs only (2 per multiply-add), a
+training step = 3x the forward (backward = 2x), recomputation (remat, GradCache's extra no-grad forward) NOT counted
+-- it is overhead that MFU is meant to expose. Attention score/value products count only the key positions a query
+may see: all T for bidirectional passes, (T + 1) / 2 on average for causal ones (fewer with a sliding window).
+Padded shapes are counted (the accelerator computes them). Embedding passes skip the LM head; the generative pass
+pays it. MoE layers count the router and `num_experts_per_tok` experts per token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
+
+
+def _get(cfg, name, default=None):
+  return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def _mean_visible_keys(length: int, causal: bool, sliding_window: int | None) -> float:
+  """Average number of key positions one query attends to in a length-`length` self-attention."""
+  if not causal:
+    return float(length)
+  w = sliding_window or length
+  w = min(w, length)
+  # query i sees min(i + 1, w) keys
+  total = w * (w + 1) / 2 + (length - w) * w
+  return total / length
+
+
+def matmul_params_per_layer(cfg) -> int:
+  """Parameters of one decoder layer that take part in a per-token matmul (norms excluded)."""
+  d, h, kvh, dh = (_get(cfg, n) for n in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"))
+  attn = d * h * dh + 2 * d * kvh * dh + h * dh * d
+  inter = _get(cfg, "intermediate_size")
+  experts = _get(cfg, "num_experts", 0) or 0
+  if experts:
+    mlp = _get(cfg, "num_experts_per_tok") * 3 * d * inter + d * experts  # chosen experts + router
+  else:
+    mlp = 3 * d * inter
+  return attn + mlp
+
+
+def forward_flops(cfg, batch: int, length: int, *, causal: bool, lm_head: bool) -> float:
+  """FLOPs of one forward pass over [batch, length] tokens."""
+  tokens = batch * length
+  layers = _get(cfg, "num_layers")
+  dense = 2 * tokens * layers * matmul_params_per_layer(cfg)
+  window = None if not causal else _get(cfg, "sliding_window", None)
+  keys = _mean_visible_keys(length, causal, window)
+  # QK^T and PV: 2 products x 2 FLOPs x keys x heads x head_dim per query token and layer
+  attention = 2 * 2 * tokens * layers * keys * _get(cfg, "num_heads") * _get(cfg, "head_dim")
+  head = 2 * tokens * _get(cfg, "hidden_size") * _get(cfg, "vocab_size") if lm_head else 0
+  return float(dense + attention + head)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Model FLOPs of one training step, by pass."""
+  query: float        # bidirectional embedding pass over the queries
+  passage: float      # bidirectional embedding pass over positives + hard negatives
+  generative: float   # causal pass with the LM head
+
+  @property
+  def embedding(self) -> float:
+    return self.query + self.passage
+
+  @property
+  def total(self) -> float:
+    return self.query + self.passage + self.generative
+
+
+def grit_step_flops(model_cfg, *, query_batch: int = 0, query_len: int = 0, passage_batch: int = 0,
+                    passage_len: int = 0, gen_batch: int = 0, gen_len: int = 0,
+                    attn: str = "bbcc") -> StepFlops:
+  """Training FLOPs of one GRIT step (global batch). `attn` as config.attn: chars 1-2 = query/passage pass
+  (b = bidirectional, c = causal), chars 3-4 generative (GritLM: "bbcc")."""
+  m = TRAIN_MULTIPLIER
+  return StepFlops(
+      query=m * forward_flops(model_cfg, query_batch, query_len, causal=attn[0] == "c", lm_head=False)
+      if query_batch else 0.0,
+      passage=m * forward_flops(model_cfg, passage_batch, passage_len, causal=attn[1] == "c", lm_head=False)
+      if passage_batch else 0.0,
+      generative=m * forward_flops(model_cfg, gen_batch, gen_len, causal=attn[2] == "c", lm_head=True)
+      if gen_batch else 0.0,
+  )
+
+
+def grit_step_flops_from_config(config) -> StepFlops:
+  """Same, for a full recipe ConfigDict (config.model, config.data, config.attn)."""
+  d = config.data
+  emb = d.mode in ("unified", "embedding")
+  gen = d.mode in ("unified", "generative")
+  return grit_step_flops(
+      config.model,
+      query_batch=d.embedding_batch_size if emb else 0, query_len=d.query_max_len,
+      passage_batch=d.embedding_batch_size * d.train_group_size if emb else 0, passage_len=d.passage_max_len,
+      gen_batch=d.generative_batch_size if gen else 0, gen_len=d.generative_max_len,
+      attn=config.attn)
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_chips: int, peak_flops_per_chip: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak of all chips."""
+  return flops_per_step / (step_seconds * num_chips * peak_flops_per_chip)

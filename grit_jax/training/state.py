@@ -1,0 +1,72 @@
+"""The train state (step, params, optimizer state), created directly sharded on the mesh.
+
+Nothing is materialised on one device first: `jax.eval_shape` of the init gives the shapes and the logical axis
+names of every parameter (and of the optimizer moments, which mirror them), the rules turn those into mesh
+shardings, and the init itself runs as one `jax.jit` with those `out_shardings`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """step [] int32, params (float32 master weights, unboxed), opt_state; `tx` is static (not saved)."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params, tx) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+  def apply_gradients(self, grads) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide (e.g. a vocab of 32001 over tensor=4): that dimension is
+  then replicated instead of failing to compile."""
+  out = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = math.prod(mesh.shape[a] for a in names)
+    out.append(axes if names and dim % ways == 0 else None)
+  return P(*out)
+
+
+def _init_boxed(model_config, tx, rng):
+  from grit_jax.modeling import Transformer
+
+  ids = jnp.zeros((1, 8), jnp.int32)  # [B, T]: shapes of the params do not depend on it
+  params = Transformer(model_config).init(rng, ids, jnp.ones_like(ids), causal=True)["params"]
+  return TrainState.create(params, tx)  # boxed (LogicallyPartitioned) leaves carry the axis names
+
+
+def state_shardings(model_config, tx, mesh, rules, rng=None):
+  """(abstract TrainState of ShapeDtypeStructs, matching tree of NamedShardings) without allocating anything."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  boxed = jax.eval_shape(lambda r: _init_boxed(model_config, tx, r), rng)
+  specs = nn.get_partition_spec(boxed)  # logical PartitionSpecs (P() for unnamed leaves: step, counts)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+  shardings = jax.tree.map(lambda a, s: NamedSharding(mesh, _fit(s.spec, a.shape, mesh)), abstract, shardings)
+  return abstract, shardings
+
+
+def create_train_state(model_config, tx, mesh, rules, rng) -> TrainState:
+  """A TrainState whose params and optimizer state are created sharded over `mesh` (one jitted init)."""
+  _, shardings = state_shardings(model_config, tx, mesh, rules, rng)
+  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model_config, tx, r)), out_shardings=shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return init(rng)
+

@@ -1,0 +1,314 @@
+"""The GRIT train step: one `jax.jit` over the sharded state and the global batch, with donated state.
+
+loss = lambda_rep * L_rep(queries, passages) + lambda_gen * L_gen(generative batch) + router_aux_coef * aux
+- Query and passage passes: `causal` per config.attn (chars 1-2; b = bidirectional), no LM head; mean (or
+  weightedmean / lasttoken) pooling in float32; cosine / temperature; in-batch negatives over the global batch
+  (grit_jax.objectives: `exact` or `gritlm` gradients).
+- Generative pass: causal, LM head, next-token loss (mixed / token), plus the MoE load-balancing loss (Mixtral).
+Batches without query_* keys (generative-only) or without gen_* keys (embedding-only) drop that term.
+
+Three ways to compute the same gradient (tests/test_train_step.py checks they agree):
+- plain (grad_accum=1, gradcache_chunk=0): one value_and_grad over the whole batch.
+- gradient accumulation (grad_accum=k): the generative batch runs in k micro-batches (lax.scan, gradients summed;
+  the per-token weights of L_gen come from the full batch, so the sum is exactly the full-batch L_gen). The
+  contrastive loss is not a sum over micro-batches (every query scores every passage of the global batch), so the
+  embedding part runs GradCache with k chunks: representations of all chunks first, L_rep over the full batch,
+  then chunk-by-chunk backward. In-batch negatives are therefore always the whole global batch. The one
+  approximation: the MoE load-balancing loss is averaged over micro-batches (as the reference per device).
+- GradCache (gradcache_chunk=c): the embedding part in chunks of c queries (and their c*g passages); the
+  generative part in grad_accum micro-batches (one by default, the reference's --no_gen_gas).
+
+Metrics: loss, loss_rep, accuracy (contrastive top-1 within the global batch), loss_gen, aux_loss, grad_norm
+(before clipping), lr (used by this update), tokens (non-padding tokens of all passes).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grit_jax import objectives
+from grit_jax.errors import GritJaxError
+from grit_jax.training import gradcache as gc
+from grit_jax.training import mesh as mesh_lib
+from grit_jax.training import optimizer as opt_lib
+
+EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
+GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
+GEN_OPTIONAL = ("gen_segment_ids", "gen_positions")
+
+
+def parse_attn(attn: str) -> tuple[bool, bool]:
+  """config.attn -> (query pass causal, passage pass causal). 2 or 4 chars of b/c; the generative chars must be c."""
+  if len(attn) not in (2, 4) or set(attn) - {"b", "c"}:
+    raise GritJaxError(f"config.attn={attn!r}: expected 2 or 4 characters of b (bidirectional) / c (causal), "
+                       "e.g. bbcc")
+  if attn[2:] and attn[2:] != "cc":
+    raise GritJaxError(f"config.attn={attn!r}: the generative pass (chars 3-4) must be causal (cc)")
+  return attn[0] == "c", attn[1] == "c"
+
+
+def _split_config(loss_cfg, attn, grad_accum, gradcache_chunk):
+  """Accepts config.loss or a whole recipe config (then attn / train.grad_accum / train.gradcache_chunk come
+  from it, unless given)."""
+  if "loss" in loss_cfg:
+    full = loss_cfg
+    loss_cfg = full.loss
+    attn = full.attn if attn is None else attn
+    grad_accum = full.train.grad_accum if grad_accum is None else grad_accum
+    gradcache_chunk = full.train.gradcache_chunk if gradcache_chunk is None else gradcache_chunk
+  return loss_cfg, attn or "bbcc", grad_accum or 1, gradcache_chunk or 0
+
+
+class GritObjective:
+  """The pieces of the GRIT loss over a global batch (traced inside the step's jit)."""
+
+  def __init__(self, model_config, loss_cfg, mesh, rules, attn: str = "bbcc"):
+    from grit_jax.modeling import Transformer
+
+    self.config, self.loss_cfg, self.mesh, self.rules = model_config, loss_cfg, mesh, rules
+    self.model = Transformer(model_config)
+    self.causal_q, self.causal_p = parse_attn(attn)
+    if loss_cfg.contrastive_grad not in objectives.CONTRASTIVE_GRADS:
+      raise GritJaxError(f"config.loss.contrastive_grad={loss_cfg.contrastive_grad!r}: expected one of "
+                         f"{objectives.CONTRASTIVE_GRADS}")
+    if loss_cfg.pooling not in objectives.POOLINGS:
+      raise GritJaxError(f"config.loss.pooling={loss_cfg.pooling!r}: expected one of {objectives.POOLINGS}")
+    if loss_cfg.lm_loss_mode not in objectives.LM_MODES:
+      raise GritJaxError(f"config.loss.lm_loss_mode={loss_cfg.lm_loss_mode!r}: expected one of "
+                         f"{objectives.LM_MODES}")
+    self.batch_axes = mesh_lib.batch_axes(mesh, rules)
+    self.shards = mesh_lib.num_batch_shards(mesh, rules)
+
+  # -- embedding side -------------------------------------------------------------------------------------------
+
+  def embed(self, params, ids, mask, pool_mask, *, causal: bool):
+    """[b, T] int32 x3 -> pooled representations [b, D] float32 (normalised later, inside the loss)."""
+    out = self.model.apply({"params": params}, ids, mask, causal=causal, return_logits=False)
+    return objectives.pool(out.hidden, pool_mask, method=self.loss_cfg.pooling)
+
+  def embed_query(self, params, ids, mask, pool_mask):
+    return self.embed(params, ids, mask, pool_mask, causal=self.causal_q)
+
+  def embed_passage(self, params, ids, mask, pool_mask):
+    return self.embed(params, ids, mask, pool_mask, causal=self.causal_p)
+
+  def rep_loss(self, q_BD, p_PD):
+    """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics."""
+    l = self.loss_cfg
+    g = p_PD.shape[0] // q_BD.shape[0]
+    if l.contrastive_grad == "gritlm":
+      return objectives.gathered_contrastive_loss(q_BD, p_PD, self.mesh, self.batch_axes, l.temperature, g,
+                                                  normalize=l.normalize, grad="gritlm")
+    return objectives.contrastive_loss(q_BD, p_PD, l.temperature, g, normalize=l.normalize, return_accuracy=True)
+
+  # -- generative side ------------------------------------------------------------------------------------------
+
+  def lm_weights(self, labels_BT):
+    l = self.loss_cfg
+    return objectives.lm_token_weights(labels_BT, l.lm_loss_mode, l.lm_loss_sub_batches, l.lm_token_factor)
+
+  def gen_terms(self, params, gen: dict, weights_BT):
+    """(sum of weighted next-token CE, MoE aux loss) of a (micro-)batch of generative rows."""
+    out = self.model.apply({"params": params}, gen["gen_ids"], gen["gen_mask"], causal=True,
+                           positions=gen.get("gen_positions"), segment_ids=gen.get("gen_segment_ids"))
+    return objectives.lm_loss(out.logits, gen["gen_labels"], weights=weights_BT), out.aux_loss
+
+  def total(self, loss_rep=None, loss_gen=None, aux=None):
+    l = self.loss_cfg
+    return objectives.grit_loss(loss_rep, loss_gen, aux, lambda_rep=l.lambda_rep, lambda_gen=l.lambda_gen,
+                                router_aux_coef=self.config.router_aux_loss_coef)
+
+  # -- whole batch ----------------------------------------------------------------------------------------------
+
+  def loss(self, params, batch):
+    """(objective, metrics) of the full batch in one pass (the plain step and evaluation)."""
+    metrics = {}
+    loss_rep = loss_gen = aux = None
+    if "gen_ids" in batch:
+      loss_gen, aux = self.gen_terms(params, batch, self.lm_weights(batch["gen_labels"]))
+      metrics.update(loss_gen=loss_gen, aux_loss=aux)
+    if "query_ids" in batch:
+      q_BD = self.embed_query(params, batch["query_ids"], batch["query_mask"], batch["query_pool_mask"])
+      p_PD = self.embed_passage(params, batch["passage_ids"], batch["passage_mask"], batch["passage_pool_mask"])
+      loss_rep, acc = self.rep_loss(q_BD, p_PD)
+      metrics.update(loss_rep=loss_rep, accuracy=acc)
+    total = self.total(loss_rep, loss_gen, aux)
+    metrics["loss"] = total
+    return total, metrics
+
+  def chunked_grads(self, params, batch, grad_accum: int, emb_chunks: int):
+    """((objective, metrics), grads) with the generative batch in `grad_accum` micro-batches and the embedding
+    batch GradCache'd in `emb_chunks` chunks. Equal to jax.value_and_grad(self.loss) up to float rounding."""
+    l = self.loss_cfg
+    grads = jax.tree.map(jnp.zeros_like, params)
+    metrics = {}
+    loss_rep = loss_gen = aux = None
+    if "gen_ids" in batch:
+      gen = {k: batch[k] for k in GEN_KEYS + GEN_OPTIONAL if k in batch}
+      weights = self.lm_weights(gen["gen_labels"])
+      gen["weights"] = jnp.pad(weights, ((0, 0), (0, 1)))  # [B, T]: same row layout as the other arrays
+      shards = gc.chunk_shards([gen["gen_ids"].shape[0]], grad_accum, self.shards)
+      micro = {k: self._chunk_constraint(gc.split_chunks(v, grad_accum, shards), shards) for k, v in gen.items()}
+
+      def micro_objective(p, mb):
+        ce_sum, mb_aux = self.gen_terms(p, mb, mb["weights"][:, :-1])
+        return self.total(None, ce_sum, mb_aux / grad_accum), (ce_sum, mb_aux)
+
+      def body(acc, mb):
+        (_, terms), g = jax.value_and_grad(micro_objective, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, acc, g), terms
+
+      grads, (ce_parts, aux_parts) = jax.lax.scan(body, grads, micro)
+      loss_gen, aux = ce_parts.sum(), aux_parts.mean()
+      metrics.update(loss_gen=loss_gen, aux_loss=aux)
+    if "query_ids" in batch:
+      q_in = tuple(batch[k] for k in EMB_KEYS[:3])
+      p_in = tuple(batch[k] for k in EMB_KEYS[3:])
+      shards = gc.chunk_shards([q_in[0].shape[0], p_in[0].shape[0]], emb_chunks, self.shards)
+
+      def rep_objective(q_BD, p_PD):
+        loss, acc = self.rep_loss(q_BD, p_PD)
+        return l.lambda_rep * loss, (loss, acc)
+
+      (_, (loss_rep, acc)), g_rep = gc.gradcache((self.embed_query, self.embed_passage), params, (q_in, p_in),
+                                                 rep_objective, emb_chunks, shards=shards,
+                                                 constrain=functools.partial(self._chunk_constraint, shards=shards))
+      grads = jax.tree.map(jnp.add, grads, g_rep)
+      metrics.update(loss_rep=loss_rep, accuracy=acc)
+    total = self.total(loss_rep, loss_gen, aux)
+    metrics["loss"] = total
+    return (total, metrics), grads
+
+  def value_and_grad(self, params, batch, grad_accum: int = 1, gradcache_chunk: int = 0):
+    """((objective, metrics), grads) of a batch: plain, accumulated or GradCache'd (see the module doc)."""
+    if grad_accum < 1 or gradcache_chunk < 0:
+      raise GritJaxError(f"config.train.grad_accum={grad_accum} / gradcache_chunk={gradcache_chunk}: expected "
+                         "grad_accum >= 1 and gradcache_chunk >= 0")
+    emb_chunks = 1
+    if "query_ids" in batch:
+      num_q = batch["query_ids"].shape[0]
+      if gradcache_chunk and num_q % gradcache_chunk:
+        raise GritJaxError(f"config.train.gradcache_chunk={gradcache_chunk} does not divide the {num_q} queries "
+                           "of the batch")
+      emb_chunks = num_q // gradcache_chunk if gradcache_chunk else grad_accum
+      if num_q % emb_chunks:
+        raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {num_q} queries of the batch")
+    if "gen_ids" in batch:
+      rows = batch["gen_ids"].shape[0]
+      if rows % grad_accum:
+        raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} generative rows")
+      sub = self.loss_cfg.lm_loss_sub_batches
+      if self.loss_cfg.lm_loss_mode == "mixed" and (sub < 1 or rows % sub):
+        raise GritJaxError(f"config.loss.lm_loss_sub_batches={sub}: must divide the {rows} generative rows")
+    if grad_accum == 1 and emb_chunks == 1:
+      return jax.value_and_grad(self.loss, has_aux=True)(params, batch)
+    return self.chunked_grads(params, batch, grad_accum, emb_chunks)
+
+  def _chunk_constraint(self, x_NC, shards: int):
+    """Chunked arrays [n, c, ...]: chunk rows stay split over the batch axes (when chunks span every shard)."""
+    if not self.batch_axes or shards != self.shards:
+      return x_NC
+    return jax.lax.with_sharding_constraint(x_NC, NamedSharding(self.mesh, P(None, self.batch_axes)))
+
+
+def batch_tokens(batch: dict):
+  """Non-padding tokens of every pass in the batch."""
+  keys = [k for k in ("query_mask", "passage_mask", "gen_mask") if k in batch]
+  return sum((jnp.sum(batch[k].astype(jnp.int32)) for k in keys), jnp.zeros((), jnp.int32))
+
+
+class _MeshFn:
+  """A jitted function called (and lowered) under the mesh and the logical-axis rules, so the model's
+  `with_logical_constraint`s resolve to mesh axes at trace time. Built on first call when it needs the state's
+  shardings."""
+
+  def __init__(self, mesh, rules, build):
+    self.mesh, self.rules, self._build, self.jitted = mesh, rules, build, None
+
+  def _get(self, state):
+    if self.jitted is None:
+      self.jitted = self._build(state)
+    return self.jitted
+
+  def __call__(self, state, batch):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._get(state)(state, batch)
+
+  def lower(self, state, batch):
+    """AOT lowering (abstract ShapeDtypeStruct args with shardings work): `.lower(...).compile()`."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._get(state).lower(state, batch)
+
+
+def _shardings_of(tree):
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def input_batch_sharding(mesh) -> NamedSharding:
+  """Sharding of every batch array (leading dim over the input batch axes, as grit_jax.data.to_global_batch)."""
+  return NamedSharding(mesh, P(tuple(a for a in mesh_lib.INPUT_BATCH_AXES if a in mesh.axis_names)))
+
+
+def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,
+                    gradcache_chunk: int | None = None, state_shardings: Any = None, donate: bool = True):
+  """Returns step(state, batch) -> (new state, metrics): one jitted GRIT update.
+
+  model_config: ModelConfig; loss_cfg: config.loss (or the whole recipe config, from which attn,
+  train.grad_accum and train.gradcache_chunk are then read); mesh, rules: grit_jax.training.mesh.make_mesh;
+  attn: config.attn; grad_accum: generative micro-batches and, with embedding keys, GradCache chunks;
+  gradcache_chunk: > 0 = GradCache with this many queries per chunk; state_shardings: the TrainState's sharding
+  tree (default: taken from the first state passed in). The state is donated.
+  """
+  loss_cfg, attn, grad_accum, gradcache_chunk = _split_config(loss_cfg, attn, grad_accum, gradcache_chunk)
+  obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
+
+  def step(state, batch):
+    (loss, metrics), grads = obj.value_and_grad(state.params, batch, grad_accum, gradcache_chunk)
+    new_state = state.apply_gradients(grads)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), tokens=batch_tokens(batch))
+    try:
+      metrics["lr"] = opt_lib.current_lr(new_state.opt_state)
+    except ValueError:  # an optimizer not built by make_optimizer: no lr to report
+      pass
+    return new_state, metrics
+
+  batch_sharding = input_batch_sharding(mesh)
+
+  def build(state):
+    shardings = state_shardings if state_shardings is not None else _shardings_of(state)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                   donate_argnums=(0,) if donate else ())
+
+  return _MeshFn(mesh, rules, build)
+
+
+def make_grad_fn(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,
+                 gradcache_chunk: int | None = None):
+  """Returns grad_fn(params, batch) -> ((loss, metrics), grads), jitted: the gradient the train step applies
+  (before clipping), for tests and tools."""
+  loss_cfg, attn, grad_accum, gradcache_chunk = _split_config(loss_cfg, attn, grad_accum, gradcache_chunk)
+  obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
+  fn = lambda params, batch: obj.value_and_grad(params, batch, grad_accum, gradcache_chunk)
+  batch_sharding = input_batch_sharding(mesh)
+  return _MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding)))
+
+
+def make_eval_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None):
+  """Returns eval_step(params, batch) -> metrics (loss, loss_rep, accuracy = in-batch top-1 retrieval, loss_gen,
+  aux_loss, tokens), jitted, no gradients."""
+  loss_cfg, attn, _, _ = _split_config(loss_cfg, attn, 1, 0)
+  obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
+
+  def eval_step(params, batch):
+    _, metrics = obj.loss(params, batch)
+    return dict(metrics, tokens=batch_tokens(batch))
+
+  batch_sharding = input_batch_sharding(mesh)
+  return _MeshFn(mesh, rules, lambda params: jax.jit(eval_step, in_shardings=(_shardings_of(params),
+                                                                              batch_sharding)))

@@ -1,0 +1,202 @@
+"""The GRIT objectives with hand-worked numbers (grit_reference.md section 10) and the cross-device contrastive loss:
+one device vs a (2 data x 4 fsdp) mesh, `exact` vs `gritlm` gradients."""
+import math
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from grit_jax import objectives  # noqa: E402
+from grit_jax.training import mesh as mesh_lib  # noqa: E402
+
+
+# --- pooling ----------------------------------------------------------------------------------------------------
+
+def _pool_case():
+  h = jnp.array([[[1.0], [2.0], [3.0], [4.0]]])  # [B=1, T=4, D=1]
+  attention = np.array([1, 1, 1, 0])
+  pool_mask = attention.copy()
+  pool_mask[:1] = 0  # instruction length 1 (BOS) excluded
+  return h, jnp.asarray(pool_mask[None])
+
+
+@pytest.mark.parametrize("method, expected", [("mean", 2.5), ("weightedmean", 8.0 / 3.0), ("lasttoken", 3.0)])
+def test_pool_hand_worked(method, expected):
+  h, m = _pool_case()
+  out = objectives.pool(h, m, method=method)
+  assert out.dtype == jnp.float32 and out.shape == (1, 1)
+  np.testing.assert_allclose(float(out[0, 0]), expected, rtol=1e-6)
+
+
+def test_pool_bf16_input_is_float32_and_normalize():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.bfloat16)
+  m = jnp.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0], [1, 1, 1, 1, 1]])
+  out = objectives.pool(h, m, "mean", normalize=True)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=-1), 1.0, rtol=1e-6)
+  h32 = np.asarray(h, np.float32)
+  mean1 = h32[0, 1:4].mean(0)
+  np.testing.assert_allclose(np.asarray(out[0]), mean1 / np.linalg.norm(mean1), rtol=1e-5)
+
+
+def test_pool_padding_invariant():
+  rng = np.random.default_rng(1)
+  h = rng.normal(size=(2, 6, 3)).astype(np.float32)
+  m = np.array([[0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]])
+  for method in objectives.POOLINGS:
+    a = objectives.pool(jnp.asarray(h), jnp.asarray(m), method)
+    b = objectives.pool(jnp.asarray(np.concatenate([h, rng.normal(size=(2, 3, 3))], 1)),
+                        jnp.asarray(np.pad(m, ((0, 0), (0, 3)))), method)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+# --- contrastive ----------------------------------------------------------------------------------------------
+
+Q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+PS = np.array([[0.8, 0.6], [0.6, 0.8], [0.6, 0.8], [1.0, 0.0]], np.float32)
+
+
+def test_contrastive_hand_worked():
+  # logits = q p^T / 0.02 = [[40, 30, 30, 50], [30, 40, 40, 0]], targets [0, 2]
+  row0 = -40 + 50 + math.log(math.exp(-10) + math.exp(-20) + math.exp(-20) + 1.0)
+  row1 = -40 + 40 + math.log(math.exp(-10) + 1.0 + 1.0 + math.exp(-40))
+  np.testing.assert_allclose([row0, row1], [10.0000454, 0.6931699], rtol=1e-6)
+  loss, acc = objectives.contrastive_loss(jnp.asarray(Q), jnp.asarray(PS), temperature=0.02, group_size=2,
+                                          return_accuracy=True)
+  np.testing.assert_allclose(float(loss), (row0 + row1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(loss), 5.3466076, rtol=1e-6)
+  # row 0's argmax is column 3 (50 > 40): wrong; row 1 ties 40/40 at columns 1, 2 -> argmax 1: wrong
+  assert float(acc) == 0.0
+  logits = objectives.contrastive_logits(jnp.asarray(Q), jnp.asarray(PS), 0.02)
+  np.testing.assert_allclose(np.asarray(logits), [[40, 30, 30, 50], [30, 40, 40, 0]], rtol=1e-5)
+
+
+def test_contrastive_is_cosine_and_counts_accuracy():
+  # scaling a vector does not change a cosine loss; a correct ranking gives accuracy 1
+  q = np.array([[3.0, 0.0], [0.0, 0.5]], np.float32)
+  p = np.array([[2.0, 0.1], [1.0, -1.0], [0.1, 4.0], [1.0, 1.0]], np.float32)
+  l1, a1 = objectives.contrastive_loss(jnp.asarray(q), jnp.asarray(p), 0.1, 2, return_accuracy=True)
+  l2 = objectives.contrastive_loss(jnp.asarray(q / 7), jnp.asarray(p * 3), 0.1, 2)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  assert float(a1) == 1.0
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+  s = qn @ pn.T / 0.1
+  ce = [np.log(np.exp(s[i]).sum()) - s[i, 2 * i] for i in range(2)]
+  np.testing.assert_allclose(float(l1), np.mean(ce), rtol=1e-5)
+
+
+# --- LM loss ----------------------------------------------------------------------------------------------------
+
+def _lm_case():
+  """Two rows whose per-token CE is exactly [1, 1, 1] and [4]: logits that give CE c to the target are
+  [c + log(V - 1) + ..., ...]; simpler: 2-way vocab with logit gap chosen so that CE = c."""
+  V = 2
+  # CE of target 0 with logits [0, x] = log(1 + e^x); choose x = log(e^c - 1)
+  def logits_for(c):
+    return [0.0, math.log(math.exp(c) - 1.0)]
+  T = 4
+  logits = np.zeros((2, T, V), np.float32)
+  labels = np.full((2, T), -100, np.int32)
+  for t in range(3):  # row 0: targets at positions 1..3, predicted from positions 0..2
+    logits[0, t] = logits_for(1.0)
+    labels[0, t + 1] = 0
+  logits[1, 0] = logits_for(4.0)
+  labels[1, 1] = 0
+  return jnp.asarray(logits), jnp.asarray(labels)
+
+
+def test_lm_loss_hand_worked():
+  logits, labels = _lm_case()
+  ce = objectives.token_cross_entropy(logits, labels)
+  np.testing.assert_allclose(np.asarray(ce), [[1, 1, 1], [4, 0, 0]], rtol=1e-5)
+  np.testing.assert_allclose(float(objectives.lm_loss(logits, labels, "mixed")), 7 / 4, rtol=1e-5)  # 1.75
+  np.testing.assert_allclose(float(objectives.lm_loss(logits, labels, "token")), 7 / 2, rtol=1e-5)  # 3.5
+  np.testing.assert_allclose(float(objectives.lm_loss(logits, labels, "token", token_factor=0.003)), 0.0105,
+                             rtol=1e-5)
+  # two sub-batches of one row each: mean(3/3, 4/1) = 2.5 (the per-sample mean)
+  np.testing.assert_allclose(float(objectives.lm_loss(logits, labels, "mixed", num_sub_batches=2)), 2.5, rtol=1e-5)
+
+
+def test_lm_loss_equal_lengths_token_is_length_times_mixed():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(4, 6, 11)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 11, (4, 6)), jnp.int32)
+  mixed = float(objectives.lm_loss(logits, labels, "mixed"))
+  token = float(objectives.lm_loss(logits, labels, "token"))
+  np.testing.assert_allclose(token, 5 * mixed, rtol=1e-5)  # L = 5 targets per row after the shift
+  # mixed over 4 one-row sub-batches = per-sample mean = mixed when lengths are equal
+  np.testing.assert_allclose(float(objectives.lm_loss(logits, labels, "mixed", 4)), mixed, rtol=1e-5)
+
+
+def test_grit_loss_combination():
+  total = objectives.grit_loss(jnp.float32(2.0), jnp.float32(3.0), jnp.float32(5.0), lambda_rep=0.5,
+                               lambda_gen=0.003, router_aux_coef=0.02)
+  np.testing.assert_allclose(float(total), 0.5 * 2 + 0.003 * 3 + 0.02 * 5, rtol=1e-6)
+  assert float(objectives.grit_loss(None, jnp.float32(3.0))) == 3.0
+  assert float(objectives.grit_loss(jnp.float32(2.0), None, jnp.float32(5.0))) == 2.0  # no coef: no aux
+
+
+# --- across the mesh ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mesh_and_reps():
+  mesh, rules = mesh_lib.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1))
+  rng = np.random.default_rng(0)
+  B, g, D = 16, 2, 8
+  q = rng.normal(size=(B, D)).astype(np.float32)
+  p = (np.repeat(q, g, axis=0) + 0.7 * rng.normal(size=(B * g, D))).astype(np.float32)
+  return mesh, rules, q, p
+
+
+def _sharded(mesh, x):
+  return jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+
+
+def test_gathered_loss_equals_single_device(mesh_and_reps):
+  mesh, rules, q, p = mesh_and_reps
+  ref_loss, ref_acc = objectives.contrastive_loss(jnp.asarray(q), jnp.asarray(p), 0.05, 2, return_accuracy=True)
+  axes = mesh_lib.batch_axes(mesh, rules)
+  assert mesh_lib.num_batch_shards(mesh, rules) == 8
+  for grad in ("exact", "gritlm"):
+    fn = jax.jit(lambda a, b, grad=grad: objectives.gathered_contrastive_loss(a, b, mesh, axes, 0.05, 2, grad=grad))
+    loss, acc = fn(_sharded(mesh, q), _sharded(mesh, p))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(acc), float(ref_acc), rtol=1e-6)
+  # the global-view (GSPMD) loss on sharded arrays equals it too
+  glob = jax.jit(lambda a, b: objectives.contrastive_loss(a, b, 0.05, 2))(_sharded(mesh, q), _sharded(mesh, p))
+  np.testing.assert_allclose(float(glob), float(ref_loss), rtol=1e-5)
+
+
+def test_gathered_gradients_exact_and_gritlm(mesh_and_reps):
+  mesh, rules, q, p = mesh_and_reps
+  axes = mesh_lib.batch_axes(mesh, rules)
+  W = mesh_lib.num_batch_shards(mesh, rules)
+  ref = jax.grad(lambda a, b: objectives.contrastive_loss(a, b, 0.05, 2), argnums=(0, 1))(jnp.asarray(q),
+                                                                                          jnp.asarray(p))
+
+  def grads(grad):
+    f = lambda a, b: objectives.gathered_contrastive_loss(a, b, mesh, axes, 0.05, 2, grad=grad)[0]
+    return jax.jit(jax.grad(f, argnums=(0, 1)))(_sharded(mesh, q), _sharded(mesh, p))
+
+  for got, want in zip(grads("exact"), ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for got, want in zip(grads("gritlm"), ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want) / W, rtol=1e-5, atol=1e-7)
+  # and the GSPMD global-view gradient is the exact one
+  g_glob = jax.jit(jax.grad(lambda a, b: objectives.contrastive_loss(a, b, 0.05, 2), argnums=(0, 1)))(
+      _sharded(mesh, q), _sharded(mesh, p))
+  for got, want in zip(g_glob, ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_gathered_single_shard_is_local_loss():
+  # W = 1: the gathered loss is the local loss (nothing to gather)
+  mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
+  loss, _ = objectives.gathered_contrastive_loss(jnp.asarray(Q), jnp.asarray(PS), mesh,
+                                                 mesh_lib.batch_axes(mesh, rules), 0.02, 2)
+  np.testing.assert_allclose(float(loss), 5.3466076, rtol=1e-6)
