@@ -27,15 +27,27 @@ def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
 
 
 class GritLM:
-  """`GritLM(config, params, tokenizer=None)`; `GritLM.from_pretrained(dir)` for HF or grit_jax directories."""
+  """`GritLM(config, params, tokenizer=None, attn="bbcc")`; `GritLM.from_pretrained(dir)` for HF or grit_jax dirs.
 
-  def __init__(self, config: ModelConfig, params, tokenizer=None):
+  `attn` is the reference's attention string (chars 1-2 embedding passes, 3-4 generative; b = bidirectional,
+  c = causal): GritLM models use "bbcc"; a causal embedder ("cccc") makes query/doc RAG caching exact.
+  """
+
+  # encode / generate / rag live in their own modules (each a function of the model); bound here as methods.
+  from grit_jax.inference.encode import encode
+  from grit_jax.inference.generate import generate
+  from grit_jax.inference.rag import rag
+
+  def __init__(self, config: ModelConfig, params, tokenizer=None, attn: str = "bbcc"):
+    if len(attn) != 4 or set(attn) - {"b", "c"}:
+      raise ValueError(f"attn must be 4 characters of b/c like 'bbcc', got {attn!r}")
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
     self.tokenizer = tokenizer
+    self.attn = attn
 
   @classmethod
-  def from_pretrained(cls, path: str, dtype: str = "float32", **overrides) -> "GritLM":
+  def from_pretrained(cls, path: str, dtype: str = "float32", attn: str = "bbcc", **overrides) -> "GritLM":
     """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
     hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
     ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present."""
@@ -46,7 +58,7 @@ class GritLM:
     if os.path.isfile(tok_path):
       from grit_jax.data.tokenizer import Tokenizer
       tokenizer = Tokenizer(tok_path)
-    return cls(config, params, tokenizer)
+    return cls(config, params, tokenizer, attn=attn)
 
   def _run(self, input_ids, attention_mask, causal: bool, return_logits: bool) -> np.ndarray:
     ids = jnp.asarray(np.asarray(input_ids, np.int32))

@@ -1,0 +1,123 @@
+"""Embeddings: GritLM template, one bidirectional (or causal, for `cc` models) pass, pooling over the text tokens.
+
+Texts are sorted by token length and cut into batches; each batch is padded to a length bucket (a power of two,
+at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
+compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs. Output order is the
+input order.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grit_jax import objectives
+from grit_jax.errors import GritJaxError
+from grit_jax.inference.generate import _count_trace, bucket
+from grit_jax.modeling.model import KVCache, Transformer
+
+POOLINGS = ("mean", "weightedmean", "lasttoken")
+
+
+def embedding_is_causal(model, attn: str | None = None) -> bool:
+  """GritLM's `attn` string: the first two letters are the embedding passes; only `bb` is bidirectional."""
+  attn = attn or getattr(model, "attn", None) or "bbcc"
+  if attn not in ("bbcc", "cccc", "bb", "cc"):
+    raise GritJaxError(f"attn={attn!r}: expected one of bbcc, cccc, bb, cc")
+  return attn[:2] != "bb"
+
+
+@functools.lru_cache(maxsize=None)
+def embed_fn(config, causal: bool, pooling: str, normalize: bool, with_cache: bool):
+  """jit(params, ids [B,T], mask [B,T], pool_mask [B,T]) -> (emb [B,D] float32, KVCache of T slots or None).
+
+  With `with_cache` the pass also writes its keys/values into a fresh cache: the embedding and the RAG cache
+  come from the same forward pass."""
+  module = Transformer(config)
+
+  def fn(params, ids_BT, mask_BT, pool_BT):
+    _count_trace("embed_cache" if with_cache else "embed")
+    B, T = ids_BT.shape
+    cache = KVCache.init(config, B, T, jnp.dtype(config.dtype)) if with_cache else None
+    out = module.apply({"params": params}, ids_BT, mask_BT, causal=causal, cache=cache, return_logits=False)
+    emb_BD = objectives.pool(out.hidden, pool_BT, method=pooling, normalize=normalize)  # float32
+    return emb_BD, out.cache
+
+  return jax.jit(fn)
+
+
+def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
+  """(ids, pool_mask) per text through the GritLM embedding template (data.templates)."""
+  from grit_jax.data import templates
+  if model.tokenizer is None:
+    raise GritJaxError("encode needs a tokenizer (tokenizer.model next to the weights)")
+  out = []
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise GritJaxError(f"texts[{i}] is {type(t).__name__}, expected str")
+    try:
+      ids, pool = templates.encode_embedding(model.tokenizer, instruction, t, max_length)
+    except GritJaxError as e:
+      raise GritJaxError(f"texts[{i}]: {e}") from e
+    out.append((np.asarray(ids, np.int32), np.asarray(pool, np.int32)))
+  return out
+
+
+def batches(tokens, batch_size: int, max_length: int) -> Iterator[tuple[np.ndarray, ...]]:
+  """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets."""
+  order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i][0]))
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    T = bucket(len(tokens[idx[0]][0]), cap=max_length)
+    rows = bucket(len(idx), cap=batch_size, minimum=1)
+    ids = np.zeros((rows, T), np.int32)   # [B, T]
+    mask = np.zeros((rows, T), np.int32)
+    pool = np.zeros((rows, T), np.int32)
+    for b, i in enumerate(idx):
+      t, p = tokens[i]
+      ids[b, :len(t)], mask[b, :len(t)], pool[b, :len(t)] = t, 1, p
+    for b in range(len(idx), rows):  # filler rows: one BOS token, dropped afterwards
+      ids[b, 0], mask[b, 0], pool[b, 0] = 1, 1, 1
+    yield np.asarray(idx), ids, mask, pool
+
+
+def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",
+                  normalize: bool = True, causal: bool = False, with_cache: bool = False):
+  """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
+  (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy)."""
+  if pooling not in POOLINGS:
+    raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+  if batch_size < 1 or max_length < 1:
+    raise GritJaxError(f"batch_size={batch_size}, max_length={max_length}: must be >= 1")
+  fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
+  emb = np.zeros((len(tokens), model.config.hidden_size), np.float32)
+  caches = [None] * len(tokens)
+  for idx, ids, mask, pool in batches(tokens, batch_size, max_length):
+    e, cache = fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pool))
+    emb[idx] = np.asarray(e)[:len(idx)]
+    if with_cache:
+      from grit_jax.inference.generate import unstack_cache
+      for i, kv in zip(idx, unstack_cache(cache)):
+        caches[i] = kv
+  return (emb, caches) if with_cache else emb
+
+
+def encode(model, texts: Sequence[str], instruction: str = "", batch_size: int = 64, max_length: int = 512,
+           pooling: str = "mean", normalize: bool = True, attn: str | None = None) -> np.ndarray:
+  """Embed `texts` with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
+  `<s><|embed|>\\n{text}` without instruction). BOS, instruction and format tokens are not pooled but are
+  attended to. Bidirectional attention unless the model's `attn` is `cccc`/`cc`.
+
+  Compilation: batches are sorted by length and padded to power-of-two length buckets (>= 16, capped at
+  max_length) and power-of-two row buckets (capped at batch_size), so a corpus of any size compiles only a few
+  programs. Returns np.float32 [N, D] in input order (L2-normalised when `normalize`)."""
+  if isinstance(texts, str):
+    texts = [texts]
+  texts = list(texts)
+  if not texts:
+    return np.zeros((0, model.config.hidden_size), np.float32)
+  tokens = tokenize(model, texts, instruction, max_length)
+  return encode_tokens(model, tokens, batch_size, max_length, pooling, normalize, embedding_is_causal(model, attn))

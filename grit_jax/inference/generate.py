@@ -1,0 +1,272 @@
+"""Generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode program per shape bucket.
+
+The same program continues from a cache that already holds a prefix (RAG caching: the KV states of an embedding
+pass). Layout conventions (see docs/DESIGN.md "Model"):
+- prompts are right-padded; row b's prompt tokens sit at positions start_B[b] + [0, len_b);
+- the cache has one write slot (`index`) shared by the batch; padding slots stay `valid=False`, so no row ever
+  attends to padding, and the causal mask compares positions, not slots;
+- a row stops after emitting `</s>`; later tokens of that row are padding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grit_jax.errors import GritJaxError
+from grit_jax.modeling.model import KVCache, Transformer
+
+# Number of times each jitted program was traced (= compiled): tests check that bucketing keeps this small.
+TRACE_COUNTS: dict[str, int] = {}
+MIN_LENGTH_BUCKET = 16
+
+
+def _count_trace(name: str) -> None:
+  TRACE_COUNTS[name] = TRACE_COUNTS.get(name, 0) + 1
+
+
+def bucket(n: int, cap: int | None = None, minimum: int = MIN_LENGTH_BUCKET) -> int:
+  """Smallest power of two >= n (at least `minimum`), clipped to `cap`: shapes come from a short fixed list."""
+  b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
+  return max(int(n), min(b, cap)) if cap else b
+
+
+def bucket_slots(n: int) -> int:
+  """Cache sizes: powers of two up to 1024, then multiples of 512 (a long cached document wastes <= 512 slots)."""
+  return bucket(n) if n <= 1024 else -(-int(n) // 512) * 512
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KV cache plumbing (caches are pytrees: k, v [L, B, S, KVH, Dh], positions [B, S], valid [B, S], index [])
+
+
+def make_cache(k, v, positions, valid, index) -> KVCache:
+  return KVCache(k=k, v=v, positions=positions, valid=valid, index=jnp.asarray(index, jnp.int32))
+
+
+def pad_cache(cache: KVCache, length: int) -> KVCache:
+  """Room for `length` slots in total; new slots are invalid (never attended) and writes continue at `index`."""
+  extra = length - cache.k.shape[2]
+  if extra < 0:
+    raise ValueError(f"cache has {cache.k.shape[2]} slots, cannot shrink to {length}")
+  if extra == 0:
+    return cache
+  kv_pad = ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))
+  return make_cache(jnp.pad(cache.k, kv_pad), jnp.pad(cache.v, kv_pad),
+                    jnp.pad(cache.positions, ((0, 0), (0, extra))),
+                    jnp.pad(cache.valid, ((0, 0), (0, extra))), cache.index)
+
+
+def concat_caches(first: KVCache, second: KVCache) -> KVCache:
+  """[first | second] along the slot axis (the paper's Query-Doc / Doc-Query). Each keeps its own RoPE positions
+  (both start at 0, as in the reference) and validity; writes continue after both."""
+  s1, s2 = first.index, second.index
+  cut = lambda c, n: (c.k[:, :, :n], c.v[:, :, :n], c.positions[:, :n], c.valid[:, :n])
+  a, b = cut(first, int(s1)), cut(second, int(s2))
+  return make_cache(*(jnp.concatenate([x, y], axis=2 if x.ndim == 5 else 1) for x, y in zip(a, b)),
+                    int(s1) + int(s2))
+
+
+def stack_caches(rows: Sequence[tuple[np.ndarray, np.ndarray]], length: int | None = None,
+                 dtype=None) -> KVCache:
+  """Batch per-row caches (k, v each [L, n_b, KVH, Dh], positions 0..n_b-1) into one right-padded KVCache whose
+  valid mask marks the padding. `length` = slots to allocate (default: the longest row)."""
+  lens = [int(k.shape[1]) for k, _ in rows]
+  length = length or max(lens)
+  L, _, kvh, dh = rows[0][0].shape
+  dtype = dtype or rows[0][0].dtype
+  k = np.zeros((L, len(rows), length, kvh, dh), dtype)  # [L, B, S, KVH, Dh]
+  v = np.zeros_like(k)
+  valid = np.zeros((len(rows), length), bool)
+  positions = np.zeros((len(rows), length), np.int32)
+  for b, ((kb, vb), n) in enumerate(zip(rows, lens)):
+    k[:, b, :n], v[:, b, :n] = kb, vb
+    valid[b, :n] = True
+    positions[b, :n] = np.arange(n)
+  return make_cache(jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions), jnp.asarray(valid), max(lens))
+
+
+def unstack_cache(cache: KVCache) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per-row (k, v) [L, n_b, KVH, Dh] of the valid slots (right padding dropped): what an index stores."""
+  k, v, valid = np.asarray(cache.k), np.asarray(cache.v), np.asarray(cache.valid)
+  return [(k[:, b, valid[b]], v[:, b, valid[b]]) for b in range(valid.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def sample_token(logits_BV, rng, temperature, top_p, greedy: bool):
+  """Greedy argmax, or temperature + nucleus (top-p) sampling. top_p keeps the smallest set of tokens whose
+  probability reaches top_p (the most likely token is always kept, so a tiny top_p is greedy)."""
+  if greedy:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  logits_BV = logits_BV.astype(jnp.float32) / temperature
+  sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p  # mass strictly before each token
+  keep_BV = keep_BV.at[:, 0].set(True)
+  cutoff_B = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1)
+  logits_BV = jnp.where(logits_BV >= cutoff_B[:, None], logits_BV, -jnp.inf)
+  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jitted programs
+
+
+@functools.lru_cache(maxsize=None)
+def continuation_logits_fn(config):
+  """jit(params, cache, ids [B,T], mask [B,T], start [B]) -> (logits [B,T,V], cache): one causal call appending
+  `ids` after whatever the cache holds; row b's tokens get positions start[b] + arange(T)."""
+  module = Transformer(config)
+
+  def fn(params, cache, ids_BT, mask_BT, start_B):
+    _count_trace("continuation_logits")
+    pos_BT = start_B[:, None] + jnp.arange(ids_BT.shape[1], dtype=jnp.int32)[None]
+    out = module.apply({"params": params}, ids_BT, mask_BT, causal=True, positions=pos_BT, cache=cache,
+                       return_logits=True)
+    return out.logits, out.cache
+
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def generate_fn(config, max_new_tokens: int, greedy: bool, stop_at_eos: bool = True):
+  """jit(params, cache, ids [B,T], mask [B,T], start [B], rng, temperature, top_p) -> tokens [B, max_new_tokens].
+
+  Prefill: one causal call writes the (right-padded) prompt into the cache after its prefix. Decode: a
+  `lax.while_loop` of single-token calls, stopping when every row has emitted `</s>` (or after max_new_tokens).
+  The cache must have room for prefix + T + max_new_tokens - 1 slots.
+  """
+  module = Transformer(config)
+  eos, pad = config.eos_token_id, 0
+
+  def fn(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p):
+    _count_trace("generate")
+    B, T = ids_BT.shape
+    pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    out = module.apply({"params": params}, ids_BT, mask_BT, causal=True, positions=pos_BT, cache=cache,
+                       return_logits=True)
+    len_B = mask_BT.sum(-1).astype(jnp.int32)
+    last_BV = jnp.take_along_axis(out.logits, jnp.maximum(len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    tok_B = sample_token(last_BV, jax.random.fold_in(rng, 0), temperature, top_p, greedy)
+    done_B = (tok_B == eos) if stop_at_eos else jnp.zeros((B,), bool)
+    tokens_BN = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok_B)
+    pos_B = start_B + len_B  # position of the token just sampled
+
+    def cond(state):
+      i, _, _, _, done_B, _ = state
+      return (i < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(state):
+      i, cache, tok_B, pos_B, done_B, tokens_BN = state
+      out = module.apply({"params": params}, tok_B[:, None], jnp.ones((B, 1), jnp.int32), causal=True,
+                         positions=pos_B[:, None], cache=cache, return_logits=True)
+      nxt_B = sample_token(out.logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p, greedy)
+      nxt_B = jnp.where(done_B, pad, nxt_B)
+      tokens_BN = tokens_BN.at[:, i].set(nxt_B)
+      if stop_at_eos:
+        done_B = done_B | (nxt_B == eos)
+      return i + 1, out.cache, nxt_B, pos_B + 1, done_B, tokens_BN
+
+    state = (jnp.int32(1), out.cache, tok_B, pos_B, done_B, tokens_BN)
+    return jax.lax.while_loop(cond, body, state)[-1]
+
+  return jax.jit(fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host-side drivers
+
+
+def pad_rows(seqs: Sequence[Sequence[int]], length: int, rows: int, filler: int):
+  """Right-pad token lists into ids/mask [rows, length]; filler rows (batch bucketing) hold one BOS token."""
+  ids = np.zeros((rows, length), np.int32)
+  mask = np.zeros((rows, length), np.int32)
+  for b in range(rows):
+    s = seqs[b] if b < len(seqs) else [filler]
+    ids[b, :len(s)], mask[b, :len(s)] = s, 1
+  return ids, mask
+
+
+def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start=None, *,
+                        max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                        stop_at_eos: bool = True) -> list[list[int]]:
+  """Continue each row of `cache` (None = empty) with its token list `seqs[b]` and generate. `start[b]` = first
+  position of the continuation (default: the row's number of valid cached tokens). Returns the new token ids per
+  row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two."""
+  if max_new_tokens < 1:
+    raise GritJaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise GritJaxError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+  n = len(seqs)
+  if any(len(s) == 0 for s in seqs):
+    raise GritJaxError("empty prompt: every row needs at least one token")
+  rows = n if cache is not None else bucket(n, minimum=1)
+  T = bucket(max(len(s) for s in seqs))
+  ids, mask = pad_rows(seqs, T, rows, model.config.bos_token_id)
+  if cache is None:
+    cache = KVCache.init(model.config, rows, T + max_new_tokens, jnp.dtype(model.config.dtype))
+  else:
+    if cache.k.shape[1] != n:
+      raise GritJaxError(f"cache has {cache.k.shape[1]} rows, got {n} continuations")
+    cache = pad_cache(cache, bucket_slots(int(cache.index) + T + max_new_tokens))
+  if start is None:
+    start = np.asarray(cache.valid).sum(-1)
+  start = np.asarray(start, np.int32)
+  limit = int((start + mask.sum(-1)).max()) + max_new_tokens
+  if limit > model.config.max_position_embeddings:
+    raise GritJaxError(f"prompt + max_new_tokens reaches position {limit} > max_position_embeddings="
+                       f"{model.config.max_position_embeddings}")
+  greedy = temperature == 0.0
+  fn = generate_fn(model.config, int(max_new_tokens), greedy, stop_at_eos)
+  tokens = np.asarray(fn(model.params, cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
+                         jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0), jnp.float32(top_p)))
+  eos = model.config.eos_token_id
+  result = []
+  for row in tokens[:n].tolist():
+    result.append(row[:row.index(eos) + 1] if stop_at_eos and eos in row else row)
+  return result
+
+
+def _chat_text(item) -> str:
+  """A user message, or a list of messages alternating user/assistant and ending with the user's."""
+  from grit_jax.data import templates
+  if isinstance(item, str) or (isinstance(item, (list, tuple)) and all(isinstance(m, str) for m in item)):
+    return templates.chat_prompt(item)
+  raise GritJaxError(f"prompt {str(item)[:60]!r}: expected a string or a list of message strings")
+
+
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+  """Token-level generation for already tokenized prompts (BOS included if wanted)."""
+  return generate_from_cache(model, None, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+
+
+def decode_new(tokenizer, ids: Sequence[int], eos_id: int) -> str:
+  ids = list(ids)
+  if eos_id in ids:
+    ids = ids[:ids.index(eos_id)]
+  return tokenizer.decode(ids)
+
+
+def generate(model, prompts_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0) -> list[str]:
+  """Chat generation: each prompt (a user message, or a list of messages) goes through the GritLM chat template
+  `<s><|user|>\\n{msg}\\n<|assistant|>\\n`; the batch is prefilled once (right padding, per-row positions) and
+  decoded with a preallocated KV cache until every row emits `</s>`. Greedy when temperature == 0; otherwise
+  temperature + top-p sampling, reproducible for a given seed. Returns the replies without `</s>`."""
+  if isinstance(prompts_or_messages, str):
+    prompts_or_messages = [prompts_or_messages]
+  if model.tokenizer is None:
+    raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
+  if len(prompts_or_messages) == 0:
+    return []
+  seqs = [model.tokenizer.encode(_chat_text(p)) for p in prompts_or_messages]
+  out = generate_ids(model, seqs, max_new_tokens, temperature, top_p, seed)
+  return [decode_new(model.tokenizer, o, model.config.eos_token_id) for o in out]

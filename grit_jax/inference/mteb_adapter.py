@@ -1,0 +1,58 @@
+"""An mteb (2.x) encoder for a GritLM: `mteb.evaluate(MtebEncoder(model), tasks)`.
+
+Follows mteb's EncoderProtocol: `encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)`.
+Instructions as in the paper's MTEB evaluation: queries (and symmetric tasks, which have no prompt type) get the
+task instruction, stripped of ": \\n" and put in the GritLM template by `encode`; documents get none, except in
+reranking tasks, where the reference uses the same instruction on both sides. Embeddings are not normalised by
+default (the reference's MTEB script uses normalized=False; cosine scoring is unaffected).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+
+from grit_jax.inference.encode import encode
+
+INSTRUCTION_STRIP = ": \n"
+BOTH_SIDES_TASK_TYPES = ("Reranking",)
+
+
+class MtebEncoder(AbsEncoder):
+  """Wraps a grit_jax GritLM (anything with config/params/tokenizer) for mteb."""
+
+  def __init__(self, model, name: str = "grit_jax/gritlm", *, batch_size: int = 64, max_length: int = 512,
+               normalize: bool = False, instructions: dict[str, str] | None = None,
+               both_sides_task_types=BOTH_SIDES_TASK_TYPES):
+    self.model = model
+    self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
+    self.prompts_dict = instructions  # task name / task type -> instruction (mteb's prompt priority applies)
+    self.both_sides_task_types = tuple(both_sides_task_types)
+    self.mteb_model_meta = ModelMeta(
+        loader=None, name=name, revision=None, release_date=None, languages=None,
+        n_parameters=int(sum(np.size(x) for x in _leaves(model.params))), memory_usage_mb=None,
+        max_tokens=max_length, embed_dim=model.config.hidden_size, license=None, open_weights=None,
+        public_training_code="https://github.com/ContextualAI/gritlm", public_training_data=None,
+        framework=["JAX"], similarity_fn_name=ScoringFunction.COSINE, use_instructions=True,
+        training_datasets=None)
+
+  def instruction_for(self, task_metadata, prompt_type: PromptType | None) -> str:
+    if prompt_type == PromptType.document and task_metadata.type not in self.both_sides_task_types:
+      return ""
+    return (self.get_instruction(task_metadata, prompt_type) or "").strip(INSTRUCTION_STRIP)
+
+  def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
+             prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
+    texts = [t for batch in inputs for t in batch["text"]]
+    # The reference embeds an empty string as just the template; our template code rejects empty text.
+    texts = [t if t else " " for t in texts]
+    return encode(self.model, texts, instruction=self.instruction_for(task_metadata, prompt_type),
+                  batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
+
+
+def _leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)

@@ -1,0 +1,314 @@
+"""Retrieval-augmented generation with GritLM's caching modes (paper section 4; reference rag/eval.py).
+
+One model retrieves and generates. The KV states of its embedding passes are reused as the generation prefix:
+
+  mode       cached prefix (KV of an embedding pass)                continuation (no BOS) + "The answer is"
+  none       -                                                      full prompt, `prompt` format below (BOS)
+  query      <s><|embed|>\\n{q}                                      \\n<|user|>\\n{doc}\\n\\nOptionally using ...
+  doc        <s><|embed|>\\n{doc}   (stored in the index)            \\n<|user|>\\n{q}\\n\\nAnswer the prior query ...
+  query_doc  <s><|embed|>\\n{q}  +  \\n<|embed|>\\n{doc} (no BOS)      \\n<|user|>\\nOptionally using ...
+  doc_query  <s><|embed|>\\n{doc}  +  <s><|embed|>\\n{q}               \\n<|user|>\\nAnswer the prior query ...
+
+Each cached segment keeps the RoPE positions of its own pass (starting at 0, as the reference); the continuation
+starts at the total cached length. Batched caches are right-padded and carry a validity mask, so no row attends
+to padding (the reference's batched demo does). With causal embedding passes (`cccc`), `query` and `doc` reproduce
+plain RAG on the same token sequence exactly; with bidirectional passes (`bbcc`) the cached states differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from grit_jax.errors import GritJaxError
+from grit_jax.inference import encode as encode_lib
+from grit_jax.inference import generate as gen
+
+MODES = ("none", "query", "doc", "query_doc", "doc_query")
+
+EMBED_BOS = "<|embed|>\n"
+# Plain-RAG prompt formats (reference FULL_FORMAT*); `prompt` picks one for mode "none".
+FULL_FORMATS = {
+    "query": "<s><|user|>\n{query}\n\n{doc}\n\nOptionally using the prior context answer the query prior to it"
+             "\n<|assistant|>\n",
+    "doc": "<s><|user|>\n{doc}\n\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
+           "\n<|assistant|>\n",
+    "queryemb": "<s><|embed|>\n{query}\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior"
+                " to it\n<|assistant|>\n",
+    "docemb": "<s><|embed|>\n{doc}\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context"
+              " prior to it\n<|assistant|>\n",
+}
+CACHE_FORMATS = {
+    "query": "\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
+    "doc": "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
+           "\n<|assistant|>\n",
+    "doc_query": "\n<|user|>\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n",
+    "query_doc": "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
+}
+ANSWER_PREFIX = "The answer is"
+INDEX_VERSION = 1
+
+
+def doc_text(doc) -> str:
+  """A corpus entry as text: a string, or {"title", "text"} joined as the reference's encode_corpus does."""
+  if isinstance(doc, str):
+    return doc
+  if isinstance(doc, dict) and "text" in doc:
+    return (doc.get("title", "") + " " + doc["text"]).strip() if doc.get("title") else doc["text"]
+  raise GritJaxError(f"document {str(doc)[:60]!r}: expected a string or an object with a 'text' field")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# index
+
+
+@dataclasses.dataclass
+class RagIndex:
+  """Document embeddings [N, D] (float32, top-k by dot product) and, optionally, each document's KV cache from the
+  same embedding pass, stored flat: k/v [L, total_tokens, KVH, Dh] with offsets [N+1] into the token axis."""
+  documents: list[str]
+  embeddings: np.ndarray
+  causal: bool                      # attention of the embedding passes (caches are only valid for that mode)
+  cache_k: np.ndarray | None = None
+  cache_v: np.ndarray | None = None
+  cache_offsets: np.ndarray | None = None
+
+  @property
+  def has_cache(self) -> bool:
+    return self.cache_k is not None
+
+  def search(self, query_emb: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(indices [Q, k], scores [Q, k]) by dot product, best first."""
+    scores_QN = np.asarray(query_emb, np.float32) @ self.embeddings.T
+    k = min(k, scores_QN.shape[1])
+    top_Qk = np.argsort(-scores_QN, axis=1, kind="stable")[:, :k]
+    return top_Qk, np.take_along_axis(scores_QN, top_Qk, axis=1)
+
+  def doc_cache(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(k, v) [L, n_i, KVH, Dh] of document i (positions 0..n_i-1)."""
+    if not self.has_cache:
+      raise GritJaxError("this index was built without KV caches (build_index(..., with_cache=True))")
+    a, b = int(self.cache_offsets[i]), int(self.cache_offsets[i + 1])
+    return self.cache_k[:, a:b], self.cache_v[:, a:b]
+
+  def save(self, path: str) -> None:
+    """Write `path/` (embeddings.npy, documents.jsonl, kv_cache.npz, index.json); each file atomically."""
+    os.makedirs(path, exist_ok=True)
+    _atomic(os.path.join(path, "embeddings.npy"), lambda f: np.save(f, self.embeddings))
+    _atomic(os.path.join(path, "documents.jsonl"),
+            lambda f: f.write("".join(json.dumps({"text": d}) + "\n" for d in self.documents).encode()))
+    meta = {"version": INDEX_VERSION, "causal": self.causal, "num_documents": len(self.documents),
+            "cache": self.has_cache}
+    if self.has_cache:
+      dtype = str(self.cache_k.dtype)
+      view = (lambda a: a.view(np.uint16)) if dtype == "bfloat16" else (lambda a: a)  # npz has no bfloat16
+      meta["cache_dtype"] = dtype
+      _atomic(os.path.join(path, "kv_cache.npz"),
+              lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets))
+    _atomic(os.path.join(path, "index.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+
+  @classmethod
+  def load(cls, path: str) -> "RagIndex":
+    meta_path = os.path.join(path, "index.json")
+    try:
+      with open(meta_path) as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise GritJaxError(f"{meta_path}: cannot read index metadata ({e})") from e
+    if meta.get("version") != INDEX_VERSION:
+      raise GritJaxError(f"{meta_path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
+    with open(os.path.join(path, "documents.jsonl")) as f:
+      docs = [json.loads(line)["text"] for line in f if line.strip()]
+    emb = np.load(os.path.join(path, "embeddings.npy"))
+    index = cls(docs, emb, bool(meta["causal"]))
+    if meta.get("cache"):
+      with np.load(os.path.join(path, "kv_cache.npz")) as z:
+        k, v, offsets = z["k"], z["v"], z["offsets"]
+      if meta["cache_dtype"] == "bfloat16":
+        k, v = k.view(jnp.bfloat16), v.view(jnp.bfloat16)
+      index.cache_k, index.cache_v, index.cache_offsets = k, v, offsets
+    if len(docs) != emb.shape[0] or (index.has_cache and len(index.cache_offsets) != len(docs) + 1):
+      raise GritJaxError(f"{path}: documents, embeddings and caches disagree in count")
+    return index
+
+
+def _atomic(path: str, write) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _embed_tokens(model, texts: Sequence[str], max_length: int):
+  """(ids, pool_mask) of `<s><|embed|>\\n{text}`: the reference embeds RAG queries and documents without an
+  instruction, and that same sequence is the cached prefix."""
+  return encode_lib.tokenize(model, texts, "", max_length)
+
+
+def build_index(model, documents: Sequence, with_cache: bool = True, batch_size: int = 16, max_length: int = 4096,
+                attn: str | None = None) -> RagIndex:
+  """Embed a corpus; with `with_cache`, keep each document's KV states from that same pass (Doc Caching costs no
+  extra compute at index time)."""
+  docs = [doc_text(d) for d in documents]
+  if not docs:
+    raise GritJaxError("empty corpus")
+  causal = encode_lib.embedding_is_causal(model, attn)
+  tokens = _embed_tokens(model, docs, max_length)
+  if not with_cache:
+    return RagIndex(docs, encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal), causal)
+  emb, caches = encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal, with_cache=True)
+  offsets = np.cumsum([0] + [k.shape[1] for k, _ in caches]).astype(np.int64)
+  return RagIndex(docs, emb, causal, np.concatenate([k for k, _ in caches], axis=1),
+                  np.concatenate([v for _, v in caches], axis=1), offsets)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts per mode
+
+
+@dataclasses.dataclass
+class Prepared:
+  """What generation starts from: a batched cache (or None) and the per-row continuation token ids."""
+  cache: object | None
+  continuation: list[list[int]]
+  prefix_ids: list[list[int]] | None  # token ids the cache stands for (plain-prompt equivalent), when known
+
+
+def _segment_cache(model, seqs: Sequence[Sequence[int]], causal: bool):
+  """KV states of an embedding pass over token lists (per row, valid tokens only)."""
+  tokens = [(np.asarray(s, np.int32), np.ones(len(s), np.int32)) for s in seqs]
+  _, caches = encode_lib.encode_tokens(model, tokens, batch_size=max(1, len(seqs)),
+                                       max_length=gen.bucket(max(len(s) for s in seqs)), causal=causal,
+                                       with_cache=True)
+  return caches
+
+
+def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, query_caches=None,
+            doc_caches=None, query_ids=None, doc_ids=None, prompt: str = "query", causal: bool = False,
+            max_length: int = 4096) -> Prepared:
+  """Build the cache and continuation of each (query, retrieved doc) pair for `mode`. Caches given (from the
+  retrieval pass or the index) are reused; missing ones are computed with an embedding pass."""
+  tok = model.tokenizer
+  enc = lambda s: list(tok.encode(s))
+  if mode not in MODES:
+    raise GritJaxError(f"cache={mode!r}: expected one of {MODES}")
+  n = len(queries)
+  if mode == "none":
+    if prompt not in FULL_FORMATS:
+      raise GritJaxError(f"prompt={prompt!r}: expected one of {tuple(FULL_FORMATS)}")
+    seqs = [enc(FULL_FORMATS[prompt].format(query=q, doc=d) + ANSWER_PREFIX) for q, d in zip(queries, docs)]
+    return Prepared(None, seqs, [[] for _ in range(n)])
+
+  def joined(a, b):
+    return None if a is None or b is None else [x + y for x, y in zip(a, b)]
+
+  def embed_ids(texts):
+    return [t.tolist() for t, _ in _embed_tokens(model, texts, max_length)]
+
+  if mode in ("query", "query_doc", "doc_query") and query_caches is None:
+    query_ids = query_ids or embed_ids(queries)
+    query_caches = _segment_cache(model, query_ids, causal)
+  if mode in ("doc", "doc_query") and doc_caches is None:
+    doc_ids = doc_ids or embed_ids(docs)
+    doc_caches = _segment_cache(model, doc_ids, causal)
+  if mode == "query_doc":  # the doc segment follows the query: "\n<|embed|>\n{doc}" without BOS
+    doc_ids = [enc("\n" + EMBED_BOS + d) for d in docs]
+    doc_caches = _segment_cache(model, doc_ids, causal)
+
+  if mode == "query":
+    segments, prefix = [query_caches], query_ids
+    cont = [CACHE_FORMATS["query"].format(doc=d) for d in docs]
+  elif mode == "doc":
+    segments, prefix = [doc_caches], doc_ids
+    cont = [CACHE_FORMATS["doc"].format(query=q) for q in queries]
+  elif mode == "query_doc":
+    segments, prefix = [query_caches, doc_caches], joined(query_ids, doc_ids)
+    cont = [CACHE_FORMATS["query_doc"]] * n
+  else:
+    segments, prefix = [doc_caches, query_caches], joined(doc_ids, query_ids)
+    cont = [CACHE_FORMATS["doc_query"]] * n
+  cache = gen.stack_caches(segments[0])
+  for more in segments[1:]:
+    cache = gen.concat_caches(cache, gen.stack_caches(more))
+  return Prepared(cache, [enc(c + ANSWER_PREFIX) for c in cont], prefix)
+
+
+def continuation_logits(model, prepared: Prepared) -> list[np.ndarray]:
+  """Logits [n_b, V] over each row's continuation tokens, given its cached prefix (for tests and analysis)."""
+  seqs = prepared.continuation
+  T = gen.bucket(max(len(s) for s in seqs))
+  ids, mask = gen.pad_rows(seqs, T, len(seqs), model.config.bos_token_id)
+  if prepared.cache is None:
+    cache = gen.KVCache.init(model.config, len(seqs), T, jnp.dtype(model.config.dtype))
+  else:
+    cache = gen.pad_cache(prepared.cache, gen.bucket_slots(int(prepared.cache.index) + T))
+  start = np.asarray(cache.valid).sum(-1).astype(np.int32)
+  logits, _ = gen.continuation_logits_fn(model.config)(model.params, cache, jnp.asarray(ids), jnp.asarray(mask),
+                                                      jnp.asarray(start))
+  logits = np.asarray(logits)
+  return [logits[b, :len(s)] for b, s in enumerate(seqs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end
+
+
+@dataclasses.dataclass
+class RagResult:
+  answer: str
+  document: str
+  doc_index: int
+  score: float
+
+  def __str__(self) -> str:
+    return self.answer
+
+
+def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *, prompt: str = "query",
+        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, max_length: int = 4096,
+        attn: str | None = None, stop_at_eos: bool = True):
+  """Retrieve the top-1 document for `query` (a string, or a list for a batch) from `documents` (a list of
+  strings / {"title","text"} dicts, or a RagIndex) and answer with caching mode `cache` (see the module doc).
+
+  The query's embedding pass also yields its KV cache (modes query/query_doc/doc_query); doc modes take the
+  document's cache from the index (built, with caches, when `documents` is a list). Returns a RagResult (str() is
+  the answer), or a list of them for a list of queries. `stop_at_eos=False` forces max_new_tokens (latency runs)."""
+  if cache not in MODES:
+    raise GritJaxError(f"cache={cache!r}: expected one of {MODES}")
+  single = isinstance(query, str)
+  queries = [query] if single else list(query)
+  causal = encode_lib.embedding_is_causal(model, attn)
+  if isinstance(documents, RagIndex):
+    index = documents
+    if index.causal != causal and cache in ("doc", "doc_query"):
+      raise GritJaxError(f"index caches were built with causal={index.causal}, model embeds with causal={causal}")
+  else:
+    index = build_index(model, documents, with_cache=cache in ("doc", "doc_query"), max_length=max_length,
+                        attn=attn)
+  q_tokens = _embed_tokens(model, queries, max_length)
+  keep_q = cache in ("query", "query_doc", "doc_query")
+  if keep_q:  # retrieval embedding and query cache from one pass
+    q_emb, q_caches = encode_lib.encode_tokens(model, q_tokens, max_length=max_length, causal=causal,
+                                               with_cache=True)
+  else:
+    q_emb, q_caches = encode_lib.encode_tokens(model, q_tokens, max_length=max_length, causal=causal), None
+  top, scores = index.search(q_emb, 1)
+  hits = top[:, 0].tolist()
+  docs = [index.documents[i] for i in hits]
+  doc_caches = [index.doc_cache(i) for i in hits] if cache in ("doc", "doc_query") else None
+  prepared = prepare(model, queries, docs, cache, query_caches=q_caches, doc_caches=doc_caches,
+                     query_ids=[t.tolist() for t, _ in q_tokens] if keep_q else None,
+                     prompt=prompt, causal=causal, max_length=max_length)
+  out = gen.generate_from_cache(model, prepared.cache, prepared.continuation, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+  results = [RagResult(gen.decode_new(model.tokenizer, o, model.config.eos_token_id), d, i, float(s))
+             for o, d, i, s in zip(out, docs, hits, scores[:, 0])]
+  return results[0] if single else results

@@ -1,0 +1,366 @@
+"""Inference: embeddings, KV-cached generation, RAG caching modes, the mteb adapter and the CLI, on a tiny random
+model. Every check compares against an independent computation (numpy pooling, cache-free full forwards)."""
+import json
+import os
+import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grit_jax.errors import GritJaxError
+from grit_jax.inference import encode as encode_lib
+from grit_jax.inference import generate as gen
+from grit_jax.inference import rag as rag_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
+
+DOCS = [
+    "The capital of France is Paris, a city on the Seine.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar.",
+    "Mount Everest is the highest mountain above sea level.",
+    "A short one.",
+]
+QUERIES = ["What is the capital of France?", "highest mountain", "How do plants make sugar from light?"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+  if not os.path.exists(TOKENIZER):
+    pytest.skip("data/tokenizer.model not built yet")
+  from grit_jax.data.tokenizer import Tokenizer
+  return Tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.modeling import get_config, init_params
+  cfg = get_config("tiny_mistral", dtype="float32")
+  return GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), tok)
+
+
+def full_logits(model, ids, width=128):
+  """Cache-free causal forward of one sequence: [T, V]. Right-padded to a fixed width (causal: padding after the
+  sequence cannot change its logits) so that every call reuses one compiled shape."""
+  n = len(ids)
+  width = max(width, n)
+  x = np.zeros((1, width), np.int32)
+  x[0, :n] = ids
+  mask = (np.arange(width) < n).astype(np.int32)[None]
+  return np.asarray(model.logits(x, mask, causal=True))[0, :n]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embeddings
+
+
+def test_encode_equals_numpy_mean_pool_in_input_order(model, tok):
+  from grit_jax.data import templates
+  texts = ["one two three four five six seven eight nine ten eleven", "short", "a middle sized sentence here"]
+  instr = "Retrieve a passage"
+  emb = encode_lib.encode(model, texts, instruction=instr, batch_size=2, max_length=64)
+  assert emb.dtype == np.float32 and emb.shape == (3, model.config.hidden_size)
+  for i, t in enumerate(texts):
+    ids, pool = templates.encode_embedding(tok, instr, t, 64)
+    assert 0 < sum(pool) < len(ids)  # the prefix (BOS, format, instruction) is excluded
+    h = np.asarray(model.hidden_states(np.asarray([ids]), np.ones((1, len(ids)), np.int32), causal=False))[0]
+    ref = (h * np.asarray(pool)[:, None]).sum(0) / sum(pool)
+    np.testing.assert_allclose(emb[i], ref / np.linalg.norm(ref), atol=1e-5, rtol=1e-5)
+  raw = encode_lib.encode(model, texts, instruction=instr, batch_size=2, max_length=64, normalize=False)
+  np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), emb, atol=1e-5)
+  if hasattr(model, "encode"):  # the GritLM method form
+    np.testing.assert_allclose(model.encode(texts, instruction=instr, batch_size=2, max_length=64), emb, atol=1e-6)
+  # the instruction changes the embedding although the same positions are pooled
+  assert np.abs(encode_lib.encode(model, texts[:1], instruction="Other task")[0] - emb[0]).max() > 1e-4
+
+
+def test_encode_causal_attn_differs_and_matches_causal_hidden(model, tok):
+  from grit_jax.data import templates
+  text = "causal embedding of this sentence"
+  emb = encode_lib.encode(model, [text], attn="cccc", normalize=False)[0]
+  ids, pool = templates.encode_embedding(tok, "", text, 512)
+  h = np.asarray(model.hidden_states(np.asarray([ids]), np.ones((1, len(ids)), np.int32), causal=True))[0]
+  np.testing.assert_allclose(emb, (h * np.asarray(pool)[:, None]).sum(0) / sum(pool), atol=1e-5, rtol=1e-5)
+  assert np.abs(emb - encode_lib.encode(model, [text], normalize=False)[0]).max() > 1e-4
+
+
+def test_encode_bucketing_bounds_compiles(model):
+  rng = np.random.default_rng(0)
+  words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+  make = lambda n: [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(n)]
+  before = gen.TRACE_COUNTS.get("embed", 0)
+  encode_lib.encode(model, make(37), batch_size=8, max_length=64)
+  first = gen.TRACE_COUNTS.get("embed", 0) - before
+  # length buckets 16/32/64 x row buckets {8, last batch's power of two}: at most 6 programs for 37 texts
+  assert 1 <= first <= 6
+  encode_lib.encode(model, make(37), batch_size=8, max_length=64)
+  encode_lib.encode(model, make(29), batch_size=8, max_length=64)
+  assert gen.TRACE_COUNTS.get("embed", 0) - before <= 9  # new inputs reuse the programs (only row buckets differ)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+  from grit_jax.data import templates
+  msgs = ["Hi", "Tell me about the highest mountain on earth please", "Why is the sky blue?"]
+  return [tok.encode(templates.chat_prompt(m)) for m in msgs]
+
+
+def greedy_reference(model, ids, n, stop_at_eos=True):
+  ids, out = list(ids), []
+  for _ in range(n):
+    nxt = int(np.argmax(full_logits(model, ids)[-1]))
+    out.append(nxt)
+    ids.append(nxt)
+    if stop_at_eos and nxt == model.config.eos_token_id:
+      break
+  return out
+
+
+def test_generate_equals_stepwise_full_forward_argmax(model, prompts):
+  assert len({len(p) for p in prompts}) == 3  # different lengths: right padding + per-row positions
+  out = gen.generate_ids(model, prompts, max_new_tokens=6)
+  for p, o in zip(prompts, out):
+    assert o == greedy_reference(model, p, 6)
+
+
+def test_generation_stops_each_row_at_eos(model, prompts):
+  import dataclasses
+  ref = greedy_reference(model, prompts[1], 6, stop_at_eos=False)
+  out = gen.generate_ids(model, prompts, max_new_tokens=6, stop_at_eos=False)
+  assert out[1] == ref and all(len(o) == 6 for o in out)
+  # Declare row 1's third greedy token the end token: row 1 must stop right after it (the token is kept), the
+  # other rows go on until they emit it themselves.
+  stop = type(model)(dataclasses.replace(model.config, eos_token_id=ref[2]), model.params, model.tokenizer)
+  stopped = gen.generate_ids(stop, prompts, max_new_tokens=6)
+  assert stopped[1] == ref[:ref.index(ref[2]) + 1]
+  for p, o in zip(prompts, stopped):
+    assert o == greedy_reference(stop, p, 6)
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy(model, prompts):
+  a = gen.generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+  b = gen.generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, seed=3)
+  c = gen.generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, seed=4)
+  assert a == b and a != c
+  greedy = gen.generate_ids(model, prompts, max_new_tokens=6)
+  assert gen.generate_ids(model, prompts, max_new_tokens=6, temperature=1.0, top_p=1e-6, seed=5) == greedy
+
+
+def test_top_p_keeps_the_nucleus():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  draws = jax.vmap(lambda k: gen.sample_token(logits, k, 1.0, 0.7, greedy=False))(
+      jax.random.split(jax.random.PRNGKey(0), 4000))
+  counts = np.bincount(np.asarray(draws).ravel(), minlength=4) / 4000
+  assert counts[2] == 0 and counts[3] == 0  # 0.5 + 0.3 >= 0.7: tokens 2, 3 are outside the nucleus
+  np.testing.assert_allclose(counts[:2], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+
+
+def test_generate_text_api(model, tok, prompts):
+  out = gen.generate(model, ["Hi", ["Hi", "Hello!", "Why is the sky blue?"], "Why is the sky blue?"],
+                     max_new_tokens=6)
+  assert len(out) == 3 and all(isinstance(o, str) for o in out)
+  ids = gen.generate_ids(model, prompts, max_new_tokens=6)
+  assert out[0] == tok.decode([i for i in ids[0] if i != model.config.eos_token_id])
+  assert out[2] == tok.decode([i for i in ids[2] if i != model.config.eos_token_id])
+  if hasattr(model, "generate"):
+    assert model.generate(["Hi"], max_new_tokens=6) == out[:1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RAG caching
+
+
+@pytest.mark.parametrize("mode", ["query", "doc"])
+def test_causal_cache_reproduces_plain_rag_logits(model, mode):
+  q, d = QUERIES[0], DOCS[0]
+  prep = rag_lib.prepare(model, [q], [d], mode, causal=True)
+  cached = rag_lib.continuation_logits(model, prep)[0]
+  prefix, cont = prep.prefix_ids[0], prep.continuation[0]
+  assert prefix[0] == model.config.bos_token_id and cont[0] != model.config.bos_token_id
+  plain = full_logits(model, prefix + cont)[len(prefix):]
+  np.testing.assert_allclose(cached, plain, atol=1e-5, rtol=1e-5)
+  # bidirectional embedding passes give the generator states it would not compute itself
+  bidir = rag_lib.continuation_logits(model, rag_lib.prepare(model, [q], [d], mode, causal=False))[0]
+  assert np.abs(bidir - plain).max() > 1e-3
+
+
+def test_causal_doc_caching_end_to_end_equals_plain_generation(model):
+  index = rag_lib.build_index(model, DOCS, attn="cccc")
+  res = rag_lib.rag(model, QUERIES[0], index, cache="doc", max_new_tokens=4, attn="cccc")
+  q_emb = encode_lib.encode(model, [QUERIES[0]], attn="cccc")
+  assert res.doc_index == int(np.argmax(index.embeddings @ q_emb[0]))
+  prep = rag_lib.prepare(model, [QUERIES[0]], [res.document], "doc", causal=True)
+  plain = gen.generate_ids(model, [prep.prefix_ids[0] + prep.continuation[0]], max_new_tokens=4)[0]
+  assert res.answer == gen.decode_new(model.tokenizer, plain, model.config.eos_token_id)
+
+
+def test_batched_caches_do_not_attend_padding(model):
+  docs = [DOCS[3], DOCS[1], DOCS[0]]  # very different lengths -> right-padded batch cache
+  singles = [rag_lib.continuation_logits(model, rag_lib.prepare(model, [q], [d], "doc"))[0]
+             for q, d in zip(QUERIES, docs)]
+  prep = rag_lib.prepare(model, QUERIES, docs, "doc")
+  assert not np.asarray(prep.cache.valid).all()
+  batched = rag_lib.continuation_logits(model, prep)
+  # extra padding slots filled with garbage must not change anything
+  c = gen.pad_cache(prep.cache, int(prep.cache.index) + 23)
+  junk = ~np.asarray(c.valid)[None, :, :, None, None]
+  noise = 1e3 * np.random.default_rng(0).standard_normal(c.k.shape).astype(np.float32)
+  c = gen.make_cache(jnp.where(junk, noise, c.k), jnp.where(junk, noise, c.v), c.positions, c.valid, c.index)
+  padded = rag_lib.continuation_logits(model, rag_lib.Prepared(c, prep.continuation, prep.prefix_ids))
+  for s, b, p in zip(singles, batched, padded):
+    np.testing.assert_allclose(b, s, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(p, s, atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def index(model):
+  return rag_lib.build_index(model, DOCS)
+
+
+def test_batched_rag_equals_one_by_one(model, index):
+  batch = rag_lib.rag(model, QUERIES, index, cache="doc", max_new_tokens=4)
+  one = [rag_lib.rag(model, q, index, cache="doc", max_new_tokens=4) for q in QUERIES]
+  assert [r.answer for r in batch] == [r.answer for r in one]
+  assert [r.doc_index for r in batch] == [r.doc_index for r in one]
+  if hasattr(model, "rag"):  # the GritLM method form
+    assert str(model.rag(QUERIES[0], index, cache="doc", max_new_tokens=4)) == one[0].answer
+
+
+def test_concatenated_caches_keep_segment_positions(model, index):
+  prep = rag_lib.prepare(model, [QUERIES[1]], [DOCS[2]], "doc_query", causal=True)
+  n_doc = len(model.tokenizer.encode("<s><|embed|>\n" + DOCS[2]))
+  n_q = len(model.tokenizer.encode("<s><|embed|>\n" + QUERIES[1]))
+  pos = np.asarray(prep.cache.positions)[0]
+  assert int(prep.cache.index) == n_doc + n_q
+  np.testing.assert_array_equal(pos[:n_doc + n_q], np.r_[np.arange(n_doc), np.arange(n_q)])
+  # the segments never attend to each other, so it is not the plain sequence (never exact, as the paper says)
+  cached = rag_lib.continuation_logits(model, prep)[0]
+  plain = full_logits(model, prep.prefix_ids[0] + prep.continuation[0])[-len(prep.continuation[0]):]
+  assert np.abs(cached - plain).max() > 1e-4
+  for mode in rag_lib.MODES:
+    res = rag_lib.rag(model, QUERIES[1], index, cache=mode, max_new_tokens=4, stop_at_eos=False)
+    assert res.document == DOCS[res.doc_index] and isinstance(res.answer, str)
+
+
+def test_index_save_load_roundtrip(model, tmp_path):
+  index = rag_lib.build_index(model, [{"title": "Paris", "text": DOCS[0]}] + DOCS[1:])
+  assert index.documents[0] == "Paris " + DOCS[0]
+  index.save(str(tmp_path / "idx"))
+  loaded = rag_lib.RagIndex.load(str(tmp_path / "idx"))
+  assert sorted(os.listdir(tmp_path / "idx")) == ["documents.jsonl", "embeddings.npy", "index.json",
+                                                   "kv_cache.npz"]
+  np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+  for i in range(len(DOCS)):
+    for a, b in zip(loaded.doc_cache(i), index.doc_cache(i)):
+      np.testing.assert_array_equal(a, b)
+  n0 = len(model.tokenizer.encode("<s><|embed|>\n" + index.documents[0]))
+  assert loaded.doc_cache(0)[0].shape[1] == n0
+  q = encode_lib.encode(model, QUERIES)
+  top, scores = loaded.search(q, k=2)
+  full = q @ index.embeddings.T
+  np.testing.assert_array_equal(top[:, 0], full.argmax(1))
+  np.testing.assert_allclose(scores[:, 0], full.max(1), rtol=1e-6)
+  assert (scores[:, 0] >= scores[:, 1]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mteb
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError(f"network access attempted: {a}")
+  monkeypatch.setattr(socket.socket, "connect", refuse)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def test_mteb_mock_tasks_offline(model, no_network):
+  mteb = pytest.importorskip("mteb")
+  from mteb.mocks.mock_tasks import MockRerankingTask, MockRetrievalTask, MockSTSTask
+
+  from grit_jax.inference.mteb_adapter import MtebEncoder
+
+  seen = []
+
+  class Recording(MtebEncoder):
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kw):
+      out = super().encode(inputs, task_metadata=task_metadata, hf_split=hf_split, hf_subset=hf_subset,
+                           prompt_type=prompt_type, **kw)
+      texts = [t for b in inputs for t in b["text"]]
+      seen.append((task_metadata.type, prompt_type, self.instruction_for(task_metadata, prompt_type), texts, out))
+      return out
+
+  enc = Recording(model, instructions={"Retrieval": "Retrieve the answer:", "STS": "Same meaning",
+                                       "Reranking": "Rerank"})
+  tasks = [MockRetrievalTask(), MockSTSTask(), MockRerankingTask()]
+  res = mteb.evaluate(enc, tasks, cache=None, show_progress_bar=False)
+  assert not res.exceptions
+  names = {r.task_name: r for r in res.task_results}
+  assert set(names) == {"MockRetrievalTask", "MockSTSTask", "MockRerankingTask"}
+  for r in names.values():
+    assert np.isfinite(r.get_score())
+  by_kind = {(t, str(p.value) if p else None): (i, x, o) for t, p, i, x, o in seen}
+  assert by_kind[("Retrieval", "query")][0] == "Retrieve the answer"  # stripped of ": \n"
+  assert by_kind[("Retrieval", "document")][0] == ""
+  assert by_kind[("STS", None)][0] == "Same meaning"
+  # reranking: the paper's evaluation gives documents the same instruction as queries
+  assert by_kind[("Reranking", "query")][0] == by_kind[("Reranking", "document")][0] == "Rerank"
+  instr, texts, out = by_kind[("Retrieval", "query")]
+  np.testing.assert_allclose(out, encode_lib.encode(model, texts, instruction=instr, normalize=False), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+  if not hasattr(model, "save_pretrained"):
+    pytest.skip("GritLM.save_pretrained not available")
+  d = str(tmp_path_factory.mktemp("model"))
+  model.save_pretrained(d)
+  return d
+
+
+def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
+  from grit_jax.inference import cli
+  src = tmp_path / "texts.jsonl"
+  src.write_text(json.dumps("first text") + "\n" + json.dumps({"text": "second"}) + "\n")
+  out = tmp_path / "emb.npy"
+  assert cli.embed_main(["--model", model_dir, "--input", str(src), "--output", str(out),
+                         "--instruction", "Find"]) == 0
+  np.testing.assert_allclose(np.load(out), encode_lib.encode(model, ["first text", "second"], instruction="Find"),
+                             atol=1e-5)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('"ok"\n{"txt": 1}\n')
+  with pytest.raises(GritJaxError, match=r"bad.jsonl:2"):
+    cli.embed_main(["--model", model_dir, "--input", str(bad), "--output", str(tmp_path / "x.npy")])
+  assert not (tmp_path / "x.npy").exists()
+  assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
+  from grit_jax.inference import cli
+  assert cli.generate_main(["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "6"]) == 0
+  assert capsys.readouterr().out.strip() == gen.generate(model, ["Hi"], max_new_tokens=6)[0].strip()
+  corpus = tmp_path / "docs.jsonl"
+  corpus.write_text("".join(json.dumps({"title": "", "text": d}) + "\n" for d in DOCS))
+  idx = tmp_path / "index"
+  argv = ["--model", model_dir, "--corpus", str(corpus), "--query", QUERIES[0], "--cache", "doc",
+          "--index", str(idx), "--max-new-tokens", "4"]
+  assert cli.rag_main(argv) == 0
+  first = capsys.readouterr().out
+  assert (idx / "kv_cache.npz").exists()
+  assert cli.rag_main(argv) == 0  # second run loads the saved index
+  assert capsys.readouterr().out == first
+  expect = rag_lib.rag(model, QUERIES[0], DOCS, cache="doc", max_new_tokens=4)
+  assert f"answer: {expect.answer}" in first
