@@ -72,5 +72,8 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       save_every=200,
       keep_checkpoints=3,
       export_hf=True,                    # write a Hugging Face directory at the end
+      checkpoint_dir="",                 # checkpoints go to <checkpoint_dir or workdir>/checkpoints (multi-host: gs://...)
+      async_checkpoint=True,             # write checkpoints in the background while training continues
+      stop_after=0,                      # >0: save and stop after this step (a time-limited job); rerun resumes
   ))
   return c

@@ -1,0 +1,268 @@
+"""`grit-jax train` end to end on the tiny recipe: config overrides, outputs (metrics JSONL, TensorBoard events,
+orbax checkpoints, a Hugging Face export that transformers loads), resume = uninterrupted (also after kill -9 in the
+middle of a save), NaN stop, and two processes x 4 devices = one process x 8 devices.
+
+Every run is a subprocess (as a user runs it); they share a persistent compilation cache so only the first pays for
+compiling the step.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from grit_jax import cli
+from grit_jax.errors import GritJaxError
+from grit_jax.training import cli as train_cli
+from grit_jax.training import metrics_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+# Short sequences, small batches, save every 2 steps, log every step, eval only at the end.
+TINY = ["--config", "configs/tiny.py", f"--config.train.steps={STEPS}", "--config.train.log_every=1",
+        "--config.train.save_every=2", "--config.train.eval_every=0", "--config.train.keep_checkpoints=2",
+        "--config.data.query_max_len=48", "--config.data.passage_max_len=32", "--config.data.generative_max_len=48",
+        "--config.data.embedding_batch_size=8", "--config.data.generative_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+              XLA_FLAGS="--xla_force_host_platform_device_count=8")
+
+
+def train(workdir, *extra, env, check=True, timeout=400):
+  out = subprocess.run([sys.executable, "-m", "grit_jax.cli", "train", *TINY, "--workdir", str(workdir),
+                        "--noprogress", *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  if check:
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+  return out
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics_log.read_metrics(str(workdir)) if r["split"] == "train"}
+
+
+def ckpt_steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+# --- configs ---------------------------------------------------------------------------------------------------
+
+def test_overrides_apply(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  config, fv = train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", "w", "--config.optimizer.lr=1e-5",
+                                     "--config.mesh.fsdp=-1", "--config.init_from=hf:/models/x",
+                                     "--config.data.pack_generative=True"])
+  assert config.optimizer.lr == 1e-5 and config.mesh.fsdp == -1 and config.init_from == "hf:/models/x"
+  assert config.data.pack_generative is True and fv.workdir == "w"
+
+
+@pytest.mark.parametrize("bad,named", [("--config.optimizer.lrr=1e-5", "optimizer.lrr"),
+                                       ("--config.optimiser.lr=1e-5", "optimiser"),
+                                       ("--config.train.stepz=3", "train.stepz")])
+def test_misspelled_key_is_an_error_naming_it(monkeypatch, capsys, bad, named):
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(GritJaxError, match=f"unknown config key '{named}'"):
+    train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", "w", bad])
+  # Through the `grit-jax` dispatcher: a one-line error, exit 2, nothing trained.
+  assert cli.main(["train", "--config", "configs/tiny.py", "--workdir", "w", bad]) == 2
+  assert named in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(ROOT, "w"))
+
+
+def test_bad_value_and_missing_file(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  with pytest.raises(GritJaxError, match="optimizer.lr=fast"):
+    train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", "w", "--config.optimizer.lr=fast"])
+  with pytest.raises(GritJaxError, match="configs/nope.py: no such file"):
+    train_cli.parse_args(["--config", "configs/nope.py", "--workdir", "w"])
+
+
+def test_paper_recipes(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  c7, _ = train_cli.parse_args(["--config", "configs/gritlm_7b.py", "--workdir", "w"])
+  assert (c7.optimizer.lr, c7.optimizer.warmup_ratio, c7.train.steps) == (2e-5, 0.03, 1253)
+  assert (c7.data.embedding_batch_size, c7.data.generative_batch_size, c7.data.train_group_size) == (2048, 256, 2)
+  assert (c7.data.query_max_len, c7.data.passage_max_len, c7.data.generative_max_len) == (256, 2048, 2048)
+  assert (c7.loss.temperature, c7.loss.pooling, c7.attn, c7.loss.lm_loss_mode, c7.loss.lambda_gen) == (
+      0.02, "mean", "bbcc", "mixed", 1.0)
+  assert (c7.model.num_layers, c7.model.hidden_size, c7.model.num_experts) == (32, 4096, 0)
+  c8, _ = train_cli.parse_args(["--config", "configs/gritlm_8x7b.py", "--workdir", "w"])
+  assert (c8.data.embedding_batch_size, c8.data.generative_batch_size) == (256, 256)
+  assert (c8.loss.lm_loss_mode, c8.loss.lambda_gen, c8.model.router_aux_loss_coef) == ("token", 0.003, 0.02)
+  assert (c8.model.num_experts, c8.model.num_experts_per_tok, c8.optimizer.lr) == (8, 2, 2e-5)
+  for name, mode in (("gritlm_7b_embedding", "embedding"), ("gritlm_7b_generative", "generative"),
+                     ("gritlm_8x7b_embedding", "embedding"), ("gritlm_8x7b_generative", "generative")):
+    c, _ = train_cli.parse_args(["--config", f"configs/{name}.py", "--workdir", "w"])
+    assert c.data.mode == mode
+
+
+# --- one run and its outputs -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, env):
+  workdir = tmp_path_factory.mktemp("full")
+  train(workdir, env=env)
+  return workdir
+
+
+@pytest.mark.slow
+def test_outputs(full_run):
+  records = metrics_log.read_metrics(str(full_run))
+  losses = train_losses(full_run)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert all(np.isfinite(v) for v in losses.values())
+  train_rec = [r for r in records if r["split"] == "train"][-1]
+  for key in ("loss", "tokens_per_s", "mfu"):
+    assert key in train_rec
+  assert train_rec["tokens_per_s"] > 0
+  (ev,) = [r for r in records if r["split"] == "eval"]
+  assert ev["step"] == STEPS and 0.0 <= ev["retrieval_top1"] <= ev["retrieval_top5"] <= 1.0
+  assert ev["lm_loss"] > 0
+  tb = metrics_log.read_tb_scalars(str(full_run))
+  assert [s for s, _ in tb["train/loss"]] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([v for _, v in tb["train/loss"]], [losses[s] for s in range(1, STEPS + 1)], rtol=1e-6)
+  assert ckpt_steps(full_run) == [4, 6]  # keep_checkpoints=2
+  hf = os.path.join(full_run, "hf")
+  assert {"config.json", "tokenizer.model"} <= set(os.listdir(hf))
+  assert any(n.endswith(".safetensors") for n in os.listdir(hf))
+  assert not [n for n in os.listdir(full_run) if ".tmp" in n]
+
+
+@pytest.mark.slow
+def test_hf_export_loads_in_transformers_and_gritlm(full_run):
+  import torch
+  import transformers
+
+  from grit_jax import GritLM
+
+  hf = os.path.join(full_run, "hf")
+  ours = GritLM.from_pretrained(hf)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, theirs.config.vocab_size, size=(2, 12)).astype(np.int32)  # [B, T]
+  mask = np.ones_like(ids)
+  mask[1, 9:] = 0  # right padding
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+  got = np.asarray(ours.logits(ids, mask, causal=True))
+  np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(got[1, :9], ref[1, :9], atol=1e-4, rtol=1e-4)  # padded positions are undefined
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_stop_and_rerun_equals_uninterrupted(full_run, tmp_path, env):
+  out = train(tmp_path, "--config.train.stop_after=3", env=env)
+  assert ckpt_steps(tmp_path) == [2, 3] and sorted(train_losses(tmp_path)) == [1, 2, 3]
+  assert not os.path.exists(tmp_path / "hf")
+  train(tmp_path, env=env)  # the same command as the uninterrupted run
+  resumed, full = train_losses(tmp_path), train_losses(full_run)
+  assert sorted(resumed) == list(range(1, STEPS + 1))  # one record per step: the rerun replaced nothing twice
+  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [full[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-6, atol=1e-6)
+  del out
+
+
+@pytest.mark.slow
+def test_kill_during_save_keeps_previous_checkpoint(full_run, tmp_path, env):
+  killed = train(tmp_path, env=dict(env, GRIT_JAX_TEST_KILL_DURING_SAVE="4"), check=False)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  names = os.listdir(tmp_path / "checkpoints")
+  assert any(n.startswith("4.") and "tmp" in n for n in names), names  # the save of step 4 was cut short
+  assert ckpt_steps(tmp_path) == [2]
+  train(tmp_path, env=env)
+  assert ckpt_steps(tmp_path) == [4, 6]
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+  resumed, full = train_losses(tmp_path), train_losses(full_run)
+  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [full[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-6, atol=1e-6)
+
+
+# --- divergence ------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, env):
+  # Linear warmup from 0 over 3 steps: update 1 is zero (checkpoint 1 is good), update 2 is ~1e29-sized, so the
+  # loss of step 3 overflows.
+  out = train(tmp_path, "--config.optimizer.lr=1e30", "--config.optimizer.grad_clip=0.0",
+              "--config.optimizer.warmup_ratio=0.5", "--config.train.save_every=1", env=env, check=False)
+  assert out.returncode == 1, out.stderr[-3000:]
+  msg = [line for line in out.stderr.splitlines() if "training diverged at step" in line]
+  assert msg, out.stderr[-3000:]
+  bad_step = int(msg[0].split("training diverged at step ")[1].split(":")[0])
+  assert 1 < bad_step <= STEPS
+  good = ckpt_steps(tmp_path)
+  # The checkpoint of the step before the bad loss holds the params that produced it: not kept either.
+  assert good and max(good) <= bad_step - 2
+  assert f"last good checkpoint is step {max(good)}" in msg[0]
+  assert not os.path.exists(tmp_path / "hf")
+  # The kept checkpoint restores and holds finite parameters.
+  import jax
+  import orbax.checkpoint as ocp
+
+  state = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, "checkpoints", str(max(good)), "state"))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+# --- multi-host ------------------------------------------------------------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(full_run, tmp_path, env):
+  port = _free_port()
+  env4 = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable, "-m", "grit_jax.cli", "train", *TINY, "--workdir", str(tmp_path),
+                             "--noprogress", "--coordinator", f"localhost:{port}", "--num_processes", "2",
+                             "--process_id", str(i)], cwd=ROOT, env=env4, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=500) for p in procs]
+  for p, (o, e) in zip(procs, outs):
+    assert p.returncode == 0, o[-2000:] + e[-4000:]
+  multi, single = train_losses(tmp_path), train_losses(full_run)
+  assert sorted(multi) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([multi[s] for s in range(1, STEPS + 1)], [single[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-5, atol=1e-6)
+  assert ckpt_steps(tmp_path) == [4, 6]
+  meta = json.load(open(tmp_path / "checkpoints" / "6" / "meta" / "metadata"))  # written once, by process 0
+  assert meta["process_count"] == 2
+
+
+# --- init_from -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_init_from_hf_and_ckpt(full_run, monkeypatch):
+  """init_from=hf:DIR converts a Hugging Face directory into the sharded state; ckpt:DIR takes a run's weights."""
+  import jax
+
+  from grit_jax.convert import hf as hf_lib
+  from grit_jax.training import trainer
+
+  monkeypatch.chdir(ROOT)
+  config, _ = train_cli.parse_args([*TINY, "--workdir", "unused"])
+  run = trainer.Run(config)
+  state = run.init_state()
+  want = hf_lib.load_hf(os.path.join(full_run, "hf"), run.model_config)  # the trained weights, numpy
+  for spec in (f"hf:{full_run}/hf", f"ckpt:{full_run}"):
+    got = trainer._init_from(run, state, spec).params
+    flat_got, flat_want = jax.tree.leaves_with_path(got), dict(jax.tree.leaves_with_path(want))
+    assert len(flat_got) == len(flat_want)
+    for path, leaf in flat_got:
+      assert leaf.sharding == dict(jax.tree.leaves_with_path(state.params))[path].sharding  # sharded as the init
+      np.testing.assert_allclose(np.asarray(leaf), flat_want[path], rtol=0, atol=0, err_msg=f"{spec} {path}")
+  with pytest.raises(GritJaxError, match="expected hf:DIR or ckpt:DIR"):
+    trainer._init_from(run, state, "gs://nope")
