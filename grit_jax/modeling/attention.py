@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -47,10 +48,31 @@ def xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS):
   return out_BTKRD.reshape(B, T, H, Dh)
 
 
-def attend(q, k, v, mask, impl: str = "xla"):
-  """q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, 1, T, S] bool -> [B, T, H, Dh] (q's dtype).
+@flax.struct.dataclass
+class SelfAttentionMask:
+  """A self-attention mask (no KV cache, T == S) together with its structure, which fused kernels use instead of
+  the dense array (they skip masked blocks). Under jit the dense mask is dropped when a kernel does not read it."""
+  dense: jax.Array                # [B, 1, T, T] bool, from make_attention_mask
+  segment_ids: jax.Array          # [B, T] int32: 0 = padding, else the packing segment (1 without packing)
+  causal: bool = flax.struct.field(pytree_node=False)
+  sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
 
-  impl: "xla" (and "auto", which is "xla" until fused kernels are wired in here)."""
-  if impl in ("xla", "auto"):
-    return xla_attention(q, k, v, mask).astype(q.dtype)
-  raise ValueError(f"attention_impl={impl!r}: this build only has the 'xla' path")
+
+def attend(q, k, v, mask, impl: str = "xla"):
+  """q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, 1, T, S] bool or a SelfAttentionMask -> [B, T, H, Dh] (q's
+  dtype).
+
+  impl (ModelConfig.attention_impl): "xla" | "splash" (TPU Pallas kernel) | "cudnn" (GPU) | "auto" (splash on TPU,
+  cudnn on GPU, xla on CPU). Calls with a dense mask (KV cache: decode, cached prefill) always take the xla path."""
+  from grit_jax.modeling import kernels  # the Pallas import is only paid by models that get here
+
+  structured = isinstance(mask, SelfAttentionMask)
+  impl = kernels.select_impl(impl, decode=not structured)
+  if impl == "splash":
+    return kernels.splash_attention(q, k, v, causal=mask.causal, segment_ids_q=mask.segment_ids,
+                                    sliding_window=mask.sliding_window).astype(q.dtype)
+  if impl == "cudnn":
+    return kernels.cudnn_attention(q, k, v, causal=mask.causal, mask=mask.dense,
+                                   sliding_window=mask.sliding_window).astype(q.dtype)
+  dense = mask.dense if structured else mask
+  return xla_attention(q, k, v, dense).astype(q.dtype)

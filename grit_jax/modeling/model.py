@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax.modeling.attention import make_attention_mask
+from grit_jax.modeling.attention import SelfAttentionMask, make_attention_mask
 from grit_jax.modeling.config import ModelConfig
 from grit_jax.modeling.layers import INIT_STD, DecoderLayer, Linear, RMSNorm
 
@@ -94,6 +94,9 @@ class Transformer(nn.Module):
     if cache is None:
       mask_B1TS = make_attention_mask(positions_BT, positions_BT, valid_BT, causal=causal, sliding_window=window,
                                       q_segment_BT=segment_ids, k_segment_BS=segment_ids)
+      segments_BT = valid_BT.astype(jnp.int32) if segment_ids is None else jnp.where(valid_BT, segment_ids, 0)
+      mask_B1TS = SelfAttentionMask(dense=mask_B1TS, segment_ids=segments_BT.astype(jnp.int32), causal=causal,
+                                    sliding_window=window)
       kv, index, k_pos_BS, k_valid_BS = None, None, None, None
     else:
       if segment_ids is not None:
