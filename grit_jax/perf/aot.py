@@ -1,0 +1,272 @@
+"""`grit-jax aot`: compile a recipe's train step for a TPU slice ahead of time, on any host (CPU is enough).
+
+  grit-jax aot --config configs/gritlm_7b.py --topology v5p-64 [--num_slices 1] [--config.KEY=VALUE ...]
+
+With libtpu installed (`pip install 'jax[tpu]'`), `get_topology_desc` describes the slice's chips; the real train
+step (grit_jax.training.step) is lowered over a mesh of them with abstract, sharded state and batch and compiled by
+the TPU compiler. Prints per-chip memory (memory_analysis), FLOPs, the collectives XLA inserted, and a roofline
+estimate of the step time and MFU. A recipe that does not fit in HBM fails to compile with RESOURCE_EXHAUSTED,
+reported as "does not fit" (exit status 1).
+
+What the numbers mean:
+- memory: bytes per chip of arguments (state + batch shard), outputs, temporaries (activations, gathered weights,
+  gradients) -- total = arguments + outputs - aliased (donated state) + temporaries; compared with the chip's HBM.
+- model FLOPs: grit_jax.perf.mfu (embedding passes and generative pass counted separately; no remat recompute).
+  XLA's cost_analysis FLOPs are printed too, but they count a scanned layer stack's loop body ONCE (not once per
+  layer) and do not see Pallas kernels (splash attention), so they undercount scanned models.
+- estimated step time: a roofline lower bound: max(compute at peak bf16 FLOP/s including remat recompute, FSDP
+  weight/gradient traffic over ICI); the MFU printed is model FLOPs over chips x peak x that time (an upper bound).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import time
+
+from grit_jax.errors import GritJaxError
+from grit_jax.perf import topologies
+
+USAGE = "usage: grit-jax aot --config configs/RECIPE.py --topology v5p-64 [--num_slices N] [--config.KEY=VALUE ...]"
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_COLLECTIVE_RE = re.compile(r"=\s*\S.*?\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# extra forward passes per training step a remat policy recomputes (fraction of one forward), for the time estimate
+_REMAT_RECOMPUTE = {"none": 0.0, "full": 1.0, "minimal": 0.6, "save_dots_except_mlp": 0.7}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv: list[str]):
+  """(config, topology name, num_slices, write_hlo path) from argv; bad input raises GritJaxError."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["grit-jax aot", *argv]
+  config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
+  if config_path is None:
+    raise GritJaxError(f"--config is required\n{USAGE}")
+  file = config_path.split(":")[0]
+  if not os.path.exists(file):
+    raise GritJaxError(f"--config {config_path}: no such file")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(file)))  # recipes import `configs.<sibling>`
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5e-16 (grit_jax.perf.topologies)", flag_values=fv)
+  flags.DEFINE_integer("num_slices", 1, "slices joined over the data-center network (multislice)", flag_values=fv)
+  flags.DEFINE_string("write_hlo", None, "write the compiled HLO text to this file", flag_values=fv)
+  try:
+    rest = fv(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
+    msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)).strip()
+    raise GritJaxError(f"{msg}\n{USAGE}") from None
+  if len(rest) > 1:
+    raise GritJaxError(f"unexpected argument {rest[1]!r}\n{USAGE}")
+  if not fv.topology:
+    raise GritJaxError(f"--topology is required (e.g. v5p-64)\n{USAGE}")
+  if fv.num_slices < 1:
+    raise GritJaxError(f"--num_slices={fv.num_slices}: must be >= 1")
+  return fv.config, fv.topology, fv.num_slices, fv.write_hlo
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compilation
+
+@dataclasses.dataclass
+class AotResult:
+  topology: str
+  num_chips: int
+  fits: bool
+  error: str = ""                         # RESOURCE_EXHAUSTED message when it does not fit
+  argument_bytes: int = 0                 # per chip
+  output_bytes: int = 0
+  alias_bytes: int = 0
+  temp_bytes: int = 0
+  code_bytes: int = 0
+  hbm_bytes: int = 0
+  xla_flops_per_chip: float = 0.0         # cost_analysis (loop bodies once; no Pallas kernels)
+  model_flops: float = 0.0                # per step, all chips (grit_jax.perf.mfu)
+  model_flops_embedding: float = 0.0
+  model_flops_generative: float = 0.0
+  collectives: dict = dataclasses.field(default_factory=dict)
+  param_count: int = 0
+  compile_seconds: float = 0.0
+  est_compute_s: float = 0.0
+  est_comm_s: float = 0.0
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+  @property
+  def est_step_s(self) -> float:
+    return max(self.est_compute_s, self.est_comm_s)
+
+  @property
+  def est_mfu(self) -> float:
+    chip = self._chip
+    return self.model_flops / (self.est_step_s * self.num_chips * chip.peak_bf16_flops) if self.est_step_s else 0.0
+
+  @property
+  def _chip(self):
+    return topologies.get_topology(self.topology).chip
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Static count of collective ops in compiled HLO text (async pairs counted once, by their -start)."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for m in _COLLECTIVE_RE.finditer(hlo_text):
+    counts[m.group(1)] += 1
+  return counts
+
+
+def abstract_batch(data_cfg, sharding) -> dict:
+  """ShapeDtypeStructs of one global batch of the recipe (docs/DESIGN.md batch keys), sharded like the loader's."""
+  import jax
+  import jax.numpy as jnp
+
+  spec = lambda rows, length: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+  batch = {}
+  if data_cfg.mode in ("unified", "embedding"):
+    bq, g = data_cfg.embedding_batch_size, data_cfg.train_group_size
+    for k in ("query_ids", "query_mask", "query_pool_mask"):
+      batch[k] = spec(bq, data_cfg.query_max_len)
+    for k in ("passage_ids", "passage_mask", "passage_pool_mask"):
+      batch[k] = spec(bq * g, data_cfg.passage_max_len)
+  if data_cfg.mode in ("unified", "generative"):
+    keys = ["gen_ids", "gen_mask", "gen_labels"] + (["gen_segment_ids", "gen_positions"]
+                                                    if data_cfg.pack_generative else [])
+    for k in keys:
+      batch[k] = spec(data_cfg.generative_batch_size, data_cfg.generative_max_len)
+  return batch
+
+
+def _model_config(config):
+  from grit_jax.modeling import ModelConfig
+
+  return ModelConfig(**config.model.to_dict())
+
+
+def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
+  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
+  topo = topologies.get_topology(topology)
+  devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
+  import jax
+
+  from grit_jax.perf import mfu as mfu_lib
+  from grit_jax.training import mesh as mesh_lib
+  from grit_jax.training import optimizer as opt_lib
+  from grit_jax.training import state as state_lib
+  from grit_jax.training import step as step_lib
+
+  model_config = _model_config(config)
+  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
+  tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
+  abstract, shardings = state_lib.state_shardings(model_config, tx, mesh, rules)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = abstract_batch(config.data, step_lib.input_batch_sharding(mesh))
+  train_step = step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings)
+
+  flops = mfu_lib.grit_step_flops_from_config(config)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
+                  model_flops=flops.total, model_flops_embedding=flops.embedding,
+                  model_flops_generative=flops.generative, param_count=n_params)
+  t0 = time.perf_counter()
+  try:
+    compiled = train_step.lower(state, batch).compile()
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only the out-of-memory case is an answer
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    res.fits, res.error = False, _first_lines(str(e), 6)
+    res.compile_seconds = time.perf_counter() - t0
+    return res
+  res.compile_seconds = time.perf_counter() - t0
+
+  mem = compiled.memory_analysis()
+  res.argument_bytes, res.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+  res.alias_bytes, res.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+  res.code_bytes = mem.generated_code_size_in_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  res.xla_flops_per_chip = float(cost.get("flops", 0.0))
+  text = compiled.as_text()
+  res.collectives = count_collectives(text)
+  if hlo_path:
+    with open(hlo_path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(hlo_path + ".tmp", hlo_path)
+
+  # Roofline: compute at peak (with remat's recomputed forward), FSDP traffic over ICI (all-gather of the
+  # weights for the forward and again for the backward, reduce-scatter of the gradients: 3 x weight bytes in the
+  # compute dtype, of which each chip moves (n-1)/n).
+  chip = topo.chip
+  recompute = _REMAT_RECOMPUTE.get(model_config.remat_policy, 1.0) / mfu_lib.TRAIN_MULTIPLIER
+  res.est_compute_s = flops.total * (1 + recompute) / (res.num_chips * chip.peak_bf16_flops)
+  fsdp = mesh.shape.get("fsdp", 1)
+  wbytes = 2 if model_config.dtype == "bfloat16" else 4
+  res.est_comm_s = (3 * n_params * wbytes * (fsdp - 1) / fsdp / chip.ici_bytes_per_s) if fsdp > 1 else 0.0
+  return res
+
+
+def _first_lines(s: str, n: int) -> str:
+  return "\n".join(line for line in s.strip().splitlines()[:n])
+
+
+def _gib(b: float) -> str:
+  return f"{b / 2**30:.2f} GiB" if b >= 2**28 else f"{b / 2**20:.2f} MiB"
+
+
+def _secs(s: float) -> str:
+  return f"{s:.2f} s" if s >= 0.1 else f"{s * 1e3:.3f} ms"
+
+
+def format_report(config, res: AotResult) -> str:
+  m = config.model
+  d = config.data
+  lines = [
+      f"recipe: {m.num_layers} layers, d={m.hidden_size}, experts={m.num_experts}, params {res.param_count / 1e9:.2f} B;"
+      f" dtype {m.dtype}, remat {m.remat_policy}, attention {m.attention_impl}",
+      f"batch: mode {d.mode}, embedding {d.embedding_batch_size} queries x {d.query_max_len} + "
+      f"{d.embedding_batch_size * d.train_group_size} passages x {d.passage_max_len}, generative {d.generative_batch_size} x {d.generative_max_len}; "
+      f"gradcache_chunk {config.train.gradcache_chunk}, grad_accum {config.train.grad_accum}; mesh "
+      f"{dict(config.mesh)}",
+      f"topology: {res.topology} ({res.num_chips} chips, {_gib(res.hbm_bytes)} HBM each); "
+      f"compile {res.compile_seconds:.1f} s",
+  ]
+  if not res.fits:
+    lines += ["RESULT: DOES NOT FIT (RESOURCE_EXHAUSTED at compile time)", res.error]
+    return "\n".join(lines)
+  lines += [
+      f"memory per chip: arguments {_gib(res.argument_bytes)}, outputs {_gib(res.output_bytes)}, "
+      f"aliased {_gib(res.alias_bytes)}, temporaries {_gib(res.temp_bytes)} -> total {_gib(res.total_bytes)} "
+      f"of {_gib(res.hbm_bytes)} ({res.total_bytes / res.hbm_bytes:.0%})",
+      f"model FLOPs per step: {res.model_flops:.4g} (embedding {res.model_flops_embedding:.4g}, generative "
+      f"{res.model_flops_generative:.4g}); per chip {res.model_flops / res.num_chips:.4g}",
+      f"XLA cost_analysis FLOPs per chip: {res.xla_flops_per_chip:.4g} (scanned layer loop counted once)",
+      "collectives (static ops in the compiled program): "
+      + ", ".join(f"{k} {v}" for k, v in res.collectives.items()),
+      f"estimated step time (roofline at peak {res._chip.peak_bf16_flops / 1e12:.0f} TFLOP/s/chip): "
+      f"{_secs(res.est_step_s)} (compute {_secs(res.est_compute_s)}, FSDP ICI traffic {_secs(res.est_comm_s)}) "
+      f"-> MFU at most {res.est_mfu:.1%}",
+      "RESULT: FITS",
+  ]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  topologies.quiet_libtpu_env()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; it never runs TPU code
+  config, topology, num_slices, hlo_path = parse_args(argv)
+  topologies.get_topology(topology)  # fail fast on a bad name
+  res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path)
+  print(format_report(config, res))
+  return 0 if res.fits else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
