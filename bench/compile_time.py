@@ -7,7 +7,6 @@ layers; an unscanned stack (--no-scan, shown for contrast) grows linearly.
 """
 import argparse
 import os
-import sys
 import time
 
 p = argparse.ArgumentParser()
@@ -18,7 +17,7 @@ p.add_argument("--no-scan", action="store_true")
 p.add_argument("--repeats", type=int, default=2, help="min over this many compiles each (interleaved)")
 args = p.parse_args()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # noqa: E402,F401  (puts the repo on sys.path)
 
 import jax  # noqa: E402
 

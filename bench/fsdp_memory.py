@@ -8,7 +8,6 @@ within 5% of total / 8.
 """
 import argparse
 import os
-import sys
 
 p = argparse.ArgumentParser()
 p.add_argument("--preset", default="mistral_7b")
@@ -16,7 +15,7 @@ p.add_argument("--devices", type=int, default=8)
 args = p.parse_args()
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # noqa: E402,F401  (puts the repo on sys.path)
 
 import math  # noqa: E402
 

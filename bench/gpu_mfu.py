@@ -9,10 +9,7 @@ params); bf16 compute, float32 master weights and Adam. Batch: 8 queries x 256 +
 Runs anywhere jax sees a GPU (the image needs jax with CUDA, flax, optax, ml_collections).
 """
 import argparse
-import os
 import statistics
-import sys
-import time
 
 p = argparse.ArgumentParser()
 p.add_argument("--impl", default="auto", help="attention_impl: auto (cudnn on GPU) | cudnn | xla")
@@ -21,16 +18,14 @@ p.add_argument("--steps", type=int, default=5)
 p.add_argument("--peak", type=float, default=989e12)
 p.add_argument("--batch", type=int, nargs=3, default=[8, 16, 8], help="queries, passages, generative rows")
 args = p.parse_args()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import ready_train_step, time_train_steps  # noqa: E402  (also puts the repo on sys.path)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
 from grit_jax.perf import mfu  # noqa: E402
-from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib, step as step_lib  # noqa
 
 c = base.get_config("mistral_7b")
 m = c.model
@@ -43,11 +38,6 @@ d.embedding_batch_size, d.train_group_size, d.generative_batch_size = bq, bp // 
 d.query_max_len, d.passage_max_len, d.generative_max_len = 256, 2048, 2048
 c.mesh.fsdp = 1
 
-model_config = ModelConfig(**m.to_dict())
-mesh, rules = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-tx = opt_lib.make_optimizer(c.optimizer, c.train.steps)
-state = state_lib.create_train_state(model_config, tx, mesh, rules, jax.random.PRNGKey(0))
-n_params = sum(x.size for x in jax.tree.leaves(state.params))
 rng = np.random.default_rng(0)
 
 
@@ -61,18 +51,9 @@ pi, pm = rows(bp, 2048)
 gi, gm = rows(bg, 2048)
 batch = dict(query_ids=qi, query_mask=qm, query_pool_mask=qm, passage_ids=pi, passage_mask=pm, passage_pool_mask=pm,
              gen_ids=gi, gen_mask=gm, gen_labels=gi)
-batch = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, step_lib.input_batch_sharding(mesh))
-train_step = step_lib.make_train_step(model_config, c, mesh, rules)
-t0 = time.perf_counter()
-state, metrics = train_step(state, batch)
-jax.block_until_ready(metrics)
-compile_s = time.perf_counter() - t0
-times = []
-for _ in range(args.steps):
-  t0 = time.perf_counter()
-  state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
-  times.append(time.perf_counter() - t0)
+state, train_step, batch = ready_train_step(ModelConfig(**m.to_dict()), c, batch, devices=jax.devices()[:1])
+n_params = sum(x.size for x in jax.tree.leaves(state.params))
+compile_s, times, _, state, metrics = time_train_steps(state, train_step, batch, args.steps)
 step_s = statistics.median(times)
 flops = mfu.grit_step_flops_from_config(c)
 print(f"device {jax.devices()[0].device_kind}; jax {jax.__version__}; {n_params / 1e9:.2f} B params; "

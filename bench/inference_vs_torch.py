@@ -13,26 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import median_seconds  # noqa: E402  (also puts the repo on sys.path)
 
 import numpy as np  # noqa: E402
-
-
-def timeit(fn, runs):
-  fn(), fn()
-  ts = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def main(argv=None) -> int:
@@ -96,7 +83,7 @@ def main(argv=None) -> int:
     return out
 
   same = hf_decode()[:, a.prompt_tokens:].tolist() == jax_decode()
-  t_hf, t_jax = timeit(hf_decode, a.runs), timeit(jax_decode, a.runs)
+  t_hf, t_jax = median_seconds(hf_decode, a.runs, warmup=2), median_seconds(jax_decode, a.runs, warmup=2)
   n = a.batch * a.new_tokens
   print(f"decode  (batch {a.batch}, {a.new_tokens} new tokens, greedy; same tokens: {same}): "
         f"torch {n / t_hf:8.1f} tok/s | jax {n / t_jax:8.1f} tok/s | ratio jax/torch {t_hf / t_jax:.2f}x")
@@ -120,7 +107,7 @@ def main(argv=None) -> int:
     return encode_lib.encode_tokens(model, tokens, batch_size=a.embed_seqs, max_length=a.embed_len)
 
   emb_diff = np.abs(hf_embed() - jax_embed()).max()
-  t_hf, t_jax = timeit(hf_embed, a.runs), timeit(jax_embed, a.runs)
+  t_hf, t_jax = median_seconds(hf_embed, a.runs, warmup=2), median_seconds(jax_embed, a.runs, warmup=2)
   print(f"embed   ({a.embed_seqs} x {a.embed_len} tokens, bidirectional, mean; max |diff| {emb_diff:.1e}): "
         f"torch {a.embed_seqs / t_hf:8.1f} seq/s | jax {a.embed_seqs / t_jax:8.1f} seq/s | "
         f"ratio jax/torch {t_hf / t_jax:.2f}x")

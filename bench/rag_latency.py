@@ -13,11 +13,9 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import wall_times  # noqa: E402  (also puts the repo on sys.path)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -86,11 +84,7 @@ def main(argv=None) -> int:
   for mode in ("none", "doc"):
     run(mode), run(mode)  # compile + warm caches
     traced = dict(gen.TRACE_COUNTS)
-    ts = []
-    for _ in range(a.runs):
-      t0 = time.perf_counter()
-      run(mode)
-      ts.append(time.perf_counter() - t0)
+    ts = wall_times(lambda: run(mode), a.runs, warmup=0)
     times[mode] = statistics.median(ts)
     assert gen.TRACE_COUNTS == traced, "a timed run recompiled"
     print(f"  {'plain RAG (doc first)' if mode == 'none' else 'Doc Caching':<22} median {times[mode]:.4f} s "

@@ -15,31 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import matmul_flops, ready_train_step, time_train_steps  # noqa: E402  (also puts the repo on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def matmul_flops(n: int = 2048, dtype=jnp.float32, reps: int = 10) -> tuple[float, float]:
-  """(FLOP/s, FLOP per CPU-second) of a jitted n x n x n matmul with float32 accumulation: best wall time of
-  `reps`, and total FLOPs over the process CPU time of all reps."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  f(a, b).block_until_ready()
-  best, cpu0 = float("inf"), time.process_time()
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  flops = 2 * n ** 3
-  return flops / best, flops * reps / (time.process_time() - cpu0)
 
 
 def synthetic_batch(rng, vocab, queries, group, gen, seq):
@@ -83,10 +65,6 @@ def main(argv=None) -> int:
   from configs import base
   from grit_jax.modeling import get_config
   from grit_jax.training import flops as flops_lib
-  from grit_jax.training import mesh as mesh_lib
-  from grit_jax.training import optimizer as opt_lib
-  from grit_jax.training import state as state_lib
-  from grit_jax.training import step as step_lib
 
   mc = get_config("tiny_mistral", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
                   num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
@@ -96,16 +74,9 @@ def main(argv=None) -> int:
   cfg.attn = "bbcc"
   cfg.train.steps = 1000
   cfg.train.grad_accum, cfg.train.gradcache_chunk = args.grad_accum, args.gradcache_chunk
-  mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  tx = opt_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
-  state = state_lib.create_train_state(mc, tx, mesh, rules, jax.random.PRNGKey(0))
-  n_params = flops_lib.num_params(state.params)
-  step = step_lib.make_train_step(mc, cfg, mesh, rules)
-
-  from grit_jax.data import to_global_batch
-
   batch_np = synthetic_batch(np.random.default_rng(0), args.vocab, args.queries, args.group, args.gen, args.seq)
-  batch = to_global_batch(batch_np, mesh)
+  state, step, batch = ready_train_step(mc, cfg, batch_np, mesh_axes=dict(data=1, fsdp=-1, tensor=1, expert=1))
+  n_params = flops_lib.num_params(state.params)
   tokens = sum(int(v.size) for k, v in batch_np.items() if k.endswith("_mask") and "pool" not in k)
   step_flops = flops_lib.step_flops(mc, batch_np, attn=cfg.attn)
 
@@ -115,20 +86,12 @@ def main(argv=None) -> int:
         f"x {args.seq} tokens = {tokens} tokens; model FLOPs/step {step_flops.total / 1e12:.3f} T "
         f"(embedding {step_flops.embedding / 1e12:.3f} T, generative {step_flops.generative / 1e12:.3f} T)")
 
-  t = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  print(f"compile + first step: {time.perf_counter() - t:.1f} s; loss {float(m['loss']):.4f}")
   # The matmul is timed right before and right after the steps (other processes sharing the cores change the
   # ceiling over a run); the CPU-time ratio is the fairer number when the machine is shared.
   mm_before = matmul_flops(dtype=jnp.float32)
-  times, cpu0 = [], time.process_time()
-  for _ in range(args.steps):
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
-  step_cpu_s = (time.process_time() - cpu0) / args.steps
+  first, times, cpu_s, state, m = time_train_steps(state, step, batch, args.steps)
+  print(f"compile + first step: {first:.1f} s")
+  step_cpu_s = cpu_s / args.steps
   mm_after = matmul_flops(dtype=jnp.float32)
   step_s = float(np.median(times))
   mm32, mm32_cpu = (mm_before[0] + mm_after[0]) / 2, (mm_before[1] + mm_after[1]) / 2

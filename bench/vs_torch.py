@@ -11,8 +11,6 @@ step (ours: after compilation). Targets: ours >= 1.3x faster; achieved FLOP/s >=
 import argparse
 import os
 import statistics
-import sys
-import time
 
 p = argparse.ArgumentParser()
 p.add_argument("--sizes", nargs="+", default=["tiny", "100m"])
@@ -20,11 +18,9 @@ p.add_argument("--steps", type=int, default=3)
 p.add_argument("--threads", type=int, default=os.cpu_count())
 args = p.parse_args()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import matmul_flops, ready_train_step, time_train_steps, wall_times  # noqa: E402  (also puts the repo on sys.path)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -33,7 +29,6 @@ import transformers  # noqa: E402
 from configs import tiny  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
 from grit_jax.perf import mfu  # noqa: E402
-from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib, step as step_lib  # noqa
 
 torch.set_num_threads(args.threads)
 
@@ -79,23 +74,9 @@ def make_batch(c, seed=0):
 
 
 def time_ours(c, batch):
-  model_config = ModelConfig(**c.model.to_dict())
-  mesh, rules = mesh_lib.make_mesh(c.mesh, jax.devices()[:1])
-  tx = opt_lib.make_optimizer(c.optimizer, c.train.steps)
-  state = state_lib.create_train_state(model_config, tx, mesh, rules, jax.random.PRNGKey(0))
-  step = step_lib.make_train_step(model_config, c, mesh, rules)
-  b = jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, step_lib.input_batch_sharding(mesh))
-  t0 = time.perf_counter()
-  state, m = step(state, b)
-  jax.block_until_ready(m)
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), first, float(m["loss"])
+  state, step, b = ready_train_step(ModelConfig(**c.model.to_dict()), c, batch, devices=jax.devices()[:1])
+  first, times, _, _, metrics = time_train_steps(state, step, b, args.steps)
+  return statistics.median(times), first, float(metrics["loss"])
 
 
 def time_torch(c, batch):
@@ -132,30 +113,14 @@ def time_torch(c, batch):
     opt.step()
     return float(loss.detach())
 
-  step()  # warm-up
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    loss = step()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times), loss
-
-
-def matmul_flops_per_s(n=2048):
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    f(a, a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / min(times)
+  losses = []
+  times = wall_times(lambda: losses.append(step()), args.steps)
+  return statistics.median(times), losses[-1]
 
 
 print(f"jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads), transformers "
       f"{transformers.__version__}; {os.cpu_count()} CPU cores; float32")
-peak = matmul_flops_per_s()
+peak = matmul_flops()[0]
 print(f"plain jitted 2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
 for size in args.sizes:
   c = make_config(size)
