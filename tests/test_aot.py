@@ -66,6 +66,22 @@ def test_out_of_memory_recipe_is_reported_not_raised():
   assert "DOES NOT FIT" in aot.format_report(config, res)
 
 
+def test_compiled_but_over_hbm_does_not_fit():
+  # The shape of GritLM-8x7B on v5p-64 (32 chips): the deviceless compile accepted temporaries of 88.69 GiB, but
+  # with the 16.31 GiB sharded state the chip would need 105 GiB of its 95.
+  gib = 2**30
+  res = aot.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib, argument_bytes=16.31 * gib,
+                      output_bytes=16.31 * gib, alias_bytes=16.31 * gib, temp_bytes=88.69 * gib)
+  aot.judge_memory(res)
+  assert not res.fits and "105.00 GiB per chip > 95.00 GiB" in res.error
+  out = aot.format_report(_tiny(), res)
+  assert "memory per chip" in out and "RESULT: DOES NOT FIT (compiled, but" in out and "RESULT: FITS" not in out
+  ok = aot.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib, argument_bytes=10 * gib,
+                     temp_bytes=84 * gib)
+  aot.judge_memory(ok)
+  assert ok.fits
+
+
 @needs_libtpu
 def test_report_names_every_number(compiled_tiny):
   config, results = compiled_tiny

@@ -5,7 +5,8 @@
 With libtpu installed (`pip install 'jax[tpu]'`), `get_topology_desc` describes the slice's chips; the real train
 step (grit_jax.training.step) is lowered over a mesh of them with abstract, sharded state and batch and compiled by
 the TPU compiler. Prints per-chip memory (memory_analysis), FLOPs, the collectives XLA inserted, and a roofline
-estimate of the step time and MFU. A recipe that does not fit in HBM fails to compile with RESOURCE_EXHAUSTED,
+estimate of the step time and MFU. A recipe that does not fit in HBM fails to compile with RESOURCE_EXHAUSTED, or
+compiles with arguments + temporaries over HBM (a compile without devices checks temporaries alone); either is
 reported as "does not fit" (exit status 1).
 
 What the numbers mean:
@@ -81,7 +82,7 @@ class AotResult:
   topology: str
   num_chips: int
   fits: bool
-  error: str = ""                         # RESOURCE_EXHAUSTED message when it does not fit
+  error: str = ""                         # why it does not fit (the compiler's RESOURCE_EXHAUSTED, or over HBM)
   argument_bytes: int = 0                 # per chip
   output_bytes: int = 0
   alias_bytes: int = 0
@@ -191,6 +192,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   res.argument_bytes, res.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
   res.alias_bytes, res.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
   res.code_bytes = mem.generated_code_size_in_bytes
+  judge_memory(res)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   res.xla_flops_per_chip = float(cost.get("flops", 0.0))
@@ -211,6 +213,16 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   wbytes = 2 if model_config.dtype == "bfloat16" else 4
   res.est_comm_s = (3 * n_params * wbytes * (fsdp - 1) / fsdp / chip.ici_bytes_per_s) if fsdp > 1 else 0.0
   return res
+
+
+def judge_memory(res: AotResult) -> None:
+  """A compile without devices rejects a program whose temporaries exceed HBM, but it does not count the arguments
+  (the sharded train state and batch), which live in HBM too: a program can compile and still not fit. Judge the
+  whole per-chip footprint."""
+  if res.fits and res.total_bytes > res.hbm_bytes:
+    res.fits = False
+    res.error = (f"compiled, but arguments + outputs - aliased + temporaries = {_gib(res.total_bytes)} per chip > "
+                 f"{_gib(res.hbm_bytes)} HBM (a compile without devices checks the temporaries alone)")
 
 
 def _first_lines(s: str, n: int) -> str:
@@ -238,7 +250,7 @@ def format_report(config, res: AotResult) -> str:
       f"topology: {res.topology} ({res.num_chips} chips, {_gib(res.hbm_bytes)} HBM each); "
       f"compile {res.compile_seconds:.1f} s",
   ]
-  if not res.fits:
+  if not res.fits and not res.temp_bytes:
     lines += ["RESULT: DOES NOT FIT (RESOURCE_EXHAUSTED at compile time)", res.error]
     return "\n".join(lines)
   lines += [
@@ -253,7 +265,7 @@ def format_report(config, res: AotResult) -> str:
       f"estimated step time (roofline at peak {res._chip.peak_bf16_flops / 1e12:.0f} TFLOP/s/chip): "
       f"{_secs(res.est_step_s)} (compute {_secs(res.est_compute_s)}, FSDP ICI traffic {_secs(res.est_comm_s)}) "
       f"-> MFU at most {res.est_mfu:.1%}",
-      "RESULT: FITS",
+      "RESULT: FITS" if res.fits else f"RESULT: DOES NOT FIT ({res.error})",
   ]
   return "\n".join(lines)
 
