@@ -152,14 +152,9 @@ def test_select_impl():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Through the model: attention_impl="splash" vs "xla" on the same params (needs attend()'s kernel hook).
+# Through the model: attention_impl="splash" vs "xla" on the same params.
 
-from grit_jax.modeling import attention as attention_lib  # noqa: E402
 from grit_jax.modeling import Transformer, get_config, init_params  # noqa: E402
-
-needs_hook = pytest.mark.skipif(not hasattr(attention_lib, "SelfAttentionMask"),
-                                reason="attend() has no kernel hook yet (see grit_jax/modeling/kernels.py)")
-
 
 @pytest.fixture(scope="module")
 def tiny_batch():
@@ -171,7 +166,6 @@ def tiny_batch():
   return cfg, params, ids, mask
 
 
-@needs_hook
 @pytest.mark.parametrize("causal", [True, False])
 def test_model_splash_matches_xla(tiny_batch, causal):
   cfg, params, ids, mask = tiny_batch
@@ -193,7 +187,6 @@ def test_model_splash_matches_xla(tiny_batch, causal):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3), g_s, g_x)
 
 
-@needs_hook
 def test_model_decode_with_cache_stays_on_xla(tiny_batch):
   """A cached call (dense mask) takes the xla path even with attention_impl="splash" (the kernel covers T == S)."""
   cfg, params, ids, mask = tiny_batch
