@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 import time
@@ -29,34 +28,23 @@ def _default_platform() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _text(x) -> tuple[str, str]:
-  """(instruction, text) of a JSONL field: [instr, text] or a plain string."""
-  if isinstance(x, (list, tuple)):
-    return (x[0], x[1]) if len(x) == 2 else ("", x[-1])
-  return "", x
-
-
 def load_eval(eval_dir: str):
-  """Held-out retrieval rows [(instr, query, pos_text)], the document corpus, and chats [(user, reference)]."""
+  """Held-out retrieval rows [(instr, query, pos_text)], the document corpus, and chats [(user, reference)]: the
+  eval folder read by the training data reader (grit_jax.data.jsonl), which rejects a malformed line by file:line."""
+  from grit_jax.data import jsonl
+
   rows, corpus, chats = [], [], []
-  for path in sorted(glob.glob(os.path.join(eval_dir, "*.jsonl"))):
-    with open(path) as f:
-      for line in f:
-        if not line.strip():
-          continue
-        ex = json.loads(line)
-        if "query" in ex:
-          instr, q = _text(ex["query"])
-          pos = [_text(p)[1] for p in ex.get("pos", [])]
-          neg = [_text(n)[1] for n in ex.get("neg", [])]
-          if not pos:
-            continue
-          rows.append((instr, q, pos[0]))
-          corpus.extend(pos + neg)
-        elif "text" in ex:
-          turns = ex["text"] if isinstance(ex["text"], list) else [ex["text"]]
-          if len(turns) >= 2:
-            chats.append((turns[0], turns[1]))
+  stats = jsonl.BadInputStats()
+  files = jsonl.split_files(eval_dir)
+  for path in files[jsonl.EMBEDDING]:
+    for _, ex in jsonl.read_file(path, jsonl.EMBEDDING, policy="error", stats=stats, group_size=1):
+      (instr, q), pos, neg = ex["query"], [t for _, t in ex["pos"]], [t for _, t in ex["neg"]]
+      rows.append((instr, q, pos[0]))
+      corpus.extend(pos + neg)
+  for path in files[jsonl.GENERATIVE]:
+    for _, ex in jsonl.read_file(path, jsonl.GENERATIVE, policy="error", stats=stats):
+      if len(ex["turns"]) >= 2:
+        chats.append((ex["turns"][0], ex["turns"][1]))
   corpus = list(dict.fromkeys(corpus))  # unique, in order
   return rows, corpus, chats
 

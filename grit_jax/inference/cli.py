@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 
 
 def read_texts(path: str, allow_title: bool = False) -> list:
@@ -54,14 +55,7 @@ def save_npy_atomic(path: str, array: np.ndarray) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise GritJaxError(f"--output {path}: folder {folder} does not exist")
-  tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      np.save(f, array)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  atomic_write(path, lambda f: np.save(f, array), "wb")
 
 
 def _load(path: str):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
 
@@ -98,18 +99,18 @@ class RagIndex:
   def save(self, path: str) -> None:
     """Write `path/` (embeddings.npy, documents.jsonl, kv_cache.npz, index.json); each file atomically."""
     os.makedirs(path, exist_ok=True)
-    _atomic(os.path.join(path, "embeddings.npy"), lambda f: np.save(f, self.embeddings))
-    _atomic(os.path.join(path, "documents.jsonl"),
-            lambda f: f.write("".join(json.dumps({"text": d}) + "\n" for d in self.documents).encode()))
+    atomic_write(os.path.join(path, "embeddings.npy"), lambda f: np.save(f, self.embeddings), "wb")
+    atomic_write(os.path.join(path, "documents.jsonl"),
+                 lambda f: f.writelines(json.dumps({"text": d}) + "\n" for d in self.documents))
     meta = {"version": INDEX_VERSION, "causal": self.causal, "num_documents": len(self.documents),
             "cache": self.has_cache}
     if self.has_cache:
       dtype = str(self.cache_k.dtype)
       view = (lambda a: a.view(np.uint16)) if dtype == "bfloat16" else (lambda a: a)  # npz has no bfloat16
       meta["cache_dtype"] = dtype
-      _atomic(os.path.join(path, "kv_cache.npz"),
-              lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets))
-    _atomic(os.path.join(path, "index.json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
+      atomic_write(os.path.join(path, "kv_cache.npz"),
+                   lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets), "wb")
+    atomic_write(os.path.join(path, "index.json"), lambda f: json.dump(meta, f, indent=1))
 
   @classmethod
   def load(cls, path: str) -> "RagIndex":
@@ -134,17 +135,6 @@ class RagIndex:
     if len(docs) != emb.shape[0] or (index.has_cache and len(index.cache_offsets) != len(docs) + 1):
       raise GritJaxError(f"{path}: documents, embeddings and caches disagree in count")
     return index
-
-
-def _atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _embed_tokens(model, texts: Sequence[str], max_length: int):

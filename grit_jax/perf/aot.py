@@ -27,6 +27,7 @@ import sys
 import time
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 from grit_jax.perf import topologies
 
 USAGE = "usage: grit-jax aot --config configs/RECIPE.py --topology v5p-64 [--num_slices N] [--config.KEY=VALUE ...]"
@@ -199,9 +200,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   text = compiled.as_text()
   res.collectives = count_collectives(text)
   if hlo_path:
-    with open(hlo_path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(hlo_path + ".tmp", hlo_path)
+    atomic_write(hlo_path, lambda f: f.write(text))
 
   # Roofline: compute at peak (with remat's recomputed forward), FSDP traffic over ICI (all-gather of the
   # weights for the forward and again for the backward, reduce-scatter of the gradients: 3 x weight bytes in the

@@ -11,6 +11,9 @@ pays it. MoE layers count the router and `num_experts_per_tok` experts per token
 from __future__ import annotations
 
 import dataclasses
+import os
+
+from grit_jax.perf.topologies import CHIPS
 
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 
@@ -104,3 +107,28 @@ def grit_step_flops_from_config(config) -> StepFlops:
 def mfu(flops_per_step: float, step_seconds: float, num_chips: int, peak_flops_per_chip: float) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the peak of all chips."""
   return flops_per_step / (step_seconds * num_chips * peak_flops_per_chip)
+
+
+# Dense bf16 peak FLOP/s per jax device, by device_kind prefix (TPU numbers from the chip table of
+# grit_jax.perf.topologies). TPU v4/v5p devices are whole (megacore) chips.
+_DEVICE_PEAKS = (
+    ("TPU v5p", CHIPS["v5p"].peak_bf16_flops), ("TPU v5 lite", CHIPS["v5e"].peak_bf16_flops),
+    ("TPU v5e", CHIPS["v5e"].peak_bf16_flops), ("TPU v6", CHIPS["v6e"].peak_bf16_flops),
+    ("TPU v4", CHIPS["v4"].peak_bf16_flops),
+    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
+)
+# A CPU host has no datasheet number; ~100 GFLOP/s per core (AVX-512 float32, measured ~50% of theoretical FMA peak
+# on the reference machine) makes MFU on a laptop comparable between runs, not between machines.
+_CPU_FLOPS_PER_CORE = 100e9
+
+
+def peak_flops(devices) -> float:
+  """Summed peak FLOP/s of `devices` (jax devices of this process; for the train log's MFU); NaN if unknown."""
+  if devices[0].platform == "cpu":
+    import jax
+
+    return _CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+  for prefix, flops in _DEVICE_PEAKS:
+    if devices[0].device_kind.startswith(prefix):
+      return flops * len(devices)
+  return float("nan")

@@ -16,6 +16,8 @@ from typing import Mapping
 
 import numpy as np
 
+from grit_jax.fileio import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -45,10 +47,7 @@ class MetricsLog:
     os.makedirs(workdir, exist_ok=True)
     if resume_step is not None and os.path.exists(self.path):
       kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(tmp, self.path)
+      atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
     self._file = open(self.path, "a")
     import tensorflow as tf  # lazy: only the writing process pays for it
 

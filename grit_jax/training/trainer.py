@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
+from grit_jax.perf import mfu as mfu_lib
 from grit_jax.training import checkpoint as ckpt_lib
 from grit_jax.training import metrics_log
 
@@ -32,26 +34,6 @@ class TrainingDiverged(GritJaxError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Throughput accounting
-
-# Dense bf16 peak FLOP/s per jax device, by device_kind prefix. TPU v4/v5p devices are whole (megacore) chips.
-_PEAK_FLOPS = (
-    ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v6", 918e12), ("TPU v4", 275e12),
-    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
-)
-# A CPU host has no datasheet number; ~100 GFLOP/s per core (AVX-512 float32, measured ~50% of theoretical FMA peak
-# on the reference machine) makes MFU on a laptop comparable between runs, not between machines.
-_CPU_FLOPS_PER_CORE = 100e9
-
-
-def peak_flops(devices) -> float:
-  """Summed peak FLOP/s of `devices` (for MFU)."""
-  kind = devices[0].device_kind
-  if devices[0].platform == "cpu":
-    return _CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
-  for prefix, flops in _PEAK_FLOPS:
-    if kind.startswith(prefix):
-      return flops * len(devices)
-  return float("nan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,26 +85,20 @@ class Run:
 
 def make_eval_fns(model_config, config, mesh, rules):
   """Jitted (embed_queries, embed_passages, lm_sums) over global (sharded) batches, each called under the mesh and
-  the logical-axis rules (as the train step), so the model's sharding constraints resolve to mesh axes."""
+  the logical-axis rules (as the train step), so the model's sharding constraints resolve to mesh axes. The passes
+  are the train step's own (grit_jax.training.step.GritObjective)."""
   import flax.linen as nn
-  import optax
 
   from grit_jax import objectives
-  from grit_jax.modeling import Transformer
+  from grit_jax.training import step as step_lib
 
-  model = Transformer(model_config)
-
-  def embed(params, ids, mask, pool_mask, causal):
-    out = model.apply({"params": params}, ids, mask, causal=causal, return_logits=False)
-    return objectives.pool(out.hidden, pool_mask, method=config.loss.pooling, normalize=config.loss.normalize)
+  obj = step_lib.GritObjective(model_config, config.loss, mesh, rules, config.attn)
+  finish = objectives.l2_normalize if config.loss.normalize else (lambda e: e)
 
   def lm_sums(params, ids, mask, labels):
     """(sum of next-token CE over supervised tokens, their count): an exact token mean over the whole eval set."""
-    logits = model.apply({"params": params}, ids, mask, causal=True).logits  # [B, T, V]
-    labels = labels[:, 1:]  # [B, T-1]
-    valid = labels != -100
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.where(valid, labels, 0))
-    return jnp.sum(ce * valid), jnp.sum(valid)
+    logits = obj.model.apply({"params": params}, ids, mask, causal=True).logits  # [B, T, V]
+    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != objectives.IGNORE)
 
   def under_mesh(fn):
     jitted = jax.jit(fn)
@@ -132,9 +108,8 @@ def make_eval_fns(model_config, config, mesh, rules):
         return jitted(*args)
     return call
 
-  causal_q, causal_p = config.attn[0] == "c", config.attn[1] == "c"
-  return (under_mesh(lambda p, i, m, pm: embed(p, i, m, pm, causal_q)),
-          under_mesh(lambda p, i, m, pm: embed(p, i, m, pm, causal_p)),
+  return (under_mesh(lambda p, i, m, pm: finish(obj.embed_query(p, i, m, pm))),
+          under_mesh(lambda p, i, m, pm: finish(obj.embed_passage(p, i, m, pm))),
           under_mesh(lm_sums))
 
 
@@ -217,13 +192,6 @@ def _config_json(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
   from grit_jax import data as data_lib
@@ -231,8 +199,9 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
   t = config.train
   primary = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  config_json = _config_json(config)
   if primary:
-    _write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
+    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
 
   run = Run(config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
@@ -240,7 +209,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
   data_state = None
   if start is not None:
     state, data_state, meta = ckpt.restore(start, run.abstract_state())
-    _warn_config_changes(meta.get("config", {}), _config_json(config))
+    _warn_config_changes(meta.get("config", {}), config_json)
   else:
     start = 0
     state = run.init_state()
@@ -254,7 +223,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
   flops = _step_flops(config)
-  peak = peak_flops(jax.devices())
+  peak = mfu_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
     from tqdm import tqdm
@@ -281,7 +250,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
       m = dict(m)
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
-      m["mfu"] = flops / m["step_s"] / peak if flops else float("nan")
+      m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
       log.write(step, m)
       window.update(t=time.perf_counter(), steps=0, tokens=0)
       if bar is not None:
@@ -306,7 +275,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
         pending = None
         if not bool(_all_finite(_params(state))):
           _diverged(step, "parameters", ckpt, last_saved, log, bar)
-        ckpt.save(step, state, step_data_state, {"config": _config_json(config), "metrics": last_metrics})
+        ckpt.save(step, state, step_data_state, {"config": config_json, "metrics": last_metrics})
         last_saved = step
       if preempted:
         stop = step
@@ -382,9 +351,7 @@ def _postfix(m: dict) -> str:
 
 def _step_flops(config) -> float:
   try:
-    from grit_jax.perf.mfu import grit_step_flops_from_config
-
-    return grit_step_flops_from_config(config).total
+    return mfu_lib.grit_step_flops_from_config(config).total
   except Exception:  # noqa: BLE001 - throughput reporting must never stop a run
     return 0.0
 
