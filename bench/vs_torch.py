@@ -1,12 +1,14 @@
 """GRIT train step: grit_jax vs the PyTorch reference path (transformers Mistral + the GritLM loss in torch), same
 model shape, same batch, same machine, one run. Also: our achieved FLOP/s vs a plain jitted matmul.
 
-  .venv/bin/python bench/vs_torch.py [--sizes tiny 100m] [--steps 3] [--threads N]
+  .venv/bin/python bench/vs_torch.py [--sizes tiny 100m] [--steps 3] [--threads N] [--scan] [--matmul xla]
 
 Both sides: float32 on CPU, AdamW + global-norm clipping, the full GRIT loss (bidirectional mean-pooled query and
 passage passes, contrastive loss at temperature 0.02 with in-batch + hard negatives, causal LM loss on the
 generative batch, summed), one optimizer update per step. Times are the median of --steps steps after a warm-up
 step (ours: after compilation). Targets: ours >= 1.3x faster; achieved FLOP/s >= 40% of the matmul's at ~100M.
+Ours runs as the tiny recipe does on CPU: unrolled layers (ModelConfig default; --scan = nn.scan, as the 7B recipes
+on TPU) and matmul_impl "auto" (= flat on CPU; --matmul xla = plain dot_general, for the ablation).
 """
 import argparse
 import os
@@ -16,6 +18,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--sizes", nargs="+", default=["tiny", "100m"])
 p.add_argument("--steps", type=int, default=3)
 p.add_argument("--threads", type=int, default=os.cpu_count())
+p.add_argument("--scan", action="store_true", help="scan the layers (default: unrolled, the CPU recipes' layout)")
+p.add_argument("--matmul", default="auto", choices=["auto", "xla", "flat"], help="ModelConfig.matmul_impl")
 args = p.parse_args()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from _common import matmul_flops, ready_train_step, time_train_steps, wall_times  # noqa: E402  (also puts the repo on sys.path)
@@ -46,7 +50,7 @@ def make_config(size):
   overrides, (bq, lq, lp, bg, lg) = SIZES[size]
   for k, v in overrides.items():
     c.model[k] = v
-  c.model.scan_layers, c.model.remat_policy = True, "none"
+  c.model.scan_layers, c.model.remat_policy, c.model.matmul_impl = args.scan, "none", args.matmul
   d = c.data
   d.embedding_batch_size, d.query_max_len, d.passage_max_len = bq, lq, lp
   d.generative_batch_size, d.generative_max_len, d.train_group_size = bg, lg, GROUP
@@ -119,7 +123,8 @@ def time_torch(c, batch):
 
 
 print(f"jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads), transformers "
-      f"{transformers.__version__}; {os.cpu_count()} CPU cores; float32")
+      f"{transformers.__version__}; {os.cpu_count()} CPU cores; float32; ours: "
+      f"{'scanned' if args.scan else 'unrolled'} layers, matmul_impl={args.matmul}")
 peak = matmul_flops()[0]
 print(f"plain jitted 2048x2048 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
 for size in args.sizes:

@@ -12,6 +12,7 @@ from helpers_hf import make_hf_model, random_batch, torch_logits  # noqa: E402
 from grit_jax import GritLM  # noqa: E402
 from grit_jax.modeling import KVCache, Transformer, get_config  # noqa: E402
 from grit_jax.modeling.attention import make_attention_mask  # noqa: E402
+from grit_jax.modeling.layers import select_matmul_impl  # noqa: E402
 from grit_jax.modeling.model import scan_params, unscan_params  # noqa: E402
 
 TOL = 1e-4
@@ -275,6 +276,37 @@ def test_scan_equals_no_scan(pair, batch, unscanned_reference, remat):
     np.testing.assert_allclose(float(aux1), float(aux0), atol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(unscan_params(g1))):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(scan_layers=True, remat_policy="minimal"), dict(dtype="bfloat16")])
+def test_flat_matmul_equals_dot_general(pair, batch, overrides):
+  """matmul_impl="flat" (2-D matmuls with their own VJP; what "auto" picks on CPU) gives the logits and gradients
+  of the plain N-D dot_general that jax differentiates, o_proj's two contracted dims and the LM head included."""
+  _, ours = pair("mistral")
+  ids, mask = (jnp.asarray(x) for x in batch)
+  params = scan_params(ours.params, ours.config.num_layers) if overrides.get("scan_layers") else ours.params
+  out = {impl: _loss_and_grad(ours.config.replace(matmul_impl=impl, **overrides), params, ids, mask, True)
+         for impl in ("xla", "flat")}
+  (logits0, _, g0), (logits1, _, g1) = out["xla"], out["flat"]
+  bf16 = overrides.get("dtype") == "bfloat16"
+  scale = lambda x: float(np.abs(np.asarray(x, np.float32)).max())
+  tol = (lambda x: 2e-2 * scale(x)) if bf16 else (lambda x: 1e-5 * max(scale(x), 1.0))
+  assert np.abs(np.asarray(logits1) - np.asarray(logits0)).max() <= tol(logits0)
+  assert jax.tree.structure(g1) == jax.tree.structure(g0)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32)).max() <= tol(a)
+
+
+def test_matmul_impl_auto_is_flat_on_cpu_only(pair, batch):
+  """"auto" traces the flat custom-VJP matmul when compiling for CPU and the plain dot_general for TPU / GPU."""
+  _, ours = pair("mistral")
+  ids, mask = (jnp.asarray(x) for x in batch)
+  jaxpr = lambda impl: str(jax.make_jaxpr(lambda p: Transformer(ours.config.replace(matmul_impl=impl)).apply(
+      {"params": p}, ids, mask).logits)(ours.params))
+  assert "custom_vjp_call" in jaxpr("auto") and "custom_vjp_call" not in jaxpr("xla")
+  assert [select_matmul_impl("auto", p) for p in ("cpu", "tpu", "gpu")] == ["flat", "xla", "xla"]
+  assert select_matmul_impl("flat", "tpu") == "flat"
 
 
 def test_scanned_model_from_pretrained_matches(pair, batch, tmp_path_factory):

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 from grit_jax.errors import GritJaxError
 
 DTYPES = ("float32", "bfloat16")
+MATMUL_IMPLS = ("auto", "xla", "flat")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp")
 
 
@@ -40,6 +41,7 @@ class ModelConfig:
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
   attention_impl: str = "xla"             # see grit_jax.modeling.attention.attend
+  matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
 
   def __post_init__(self):
     def bad(key, why):
@@ -63,6 +65,8 @@ class ModelConfig:
       bad("param_dtype", f"expected one of {DTYPES}")
     if self.remat_policy not in REMAT_POLICIES:
       bad("remat_policy", f"expected one of {REMAT_POLICIES}")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      bad("matmul_impl", f"expected one of {MATMUL_IMPLS}")
 
   @property
   def is_moe(self) -> bool:

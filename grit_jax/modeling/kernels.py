@@ -20,20 +20,14 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from grit_jax.modeling.attention import target_platform
+
 IMPLS = ("auto", "xla", "splash", "cudnn")
 # Mesh axes that shard the batch and the heads (grit_jax.training.mesh logical rules): the Pallas kernel cannot be
 # partitioned by XLA, so under a mesh it runs inside a shard_map over these.
 BATCH_AXES = ("data", "fsdp", "expert")
 HEAD_AXIS = "tensor"
 _LANES = 128  # splash tiles the sequence in multiples of the TPU lane width
-
-
-def target_platform() -> str:
-  """Platform the current trace compiles for: the context mesh's (set by `jax.set_mesh`; a TPU topology mesh on a
-  CPU host says "tpu"), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = getattr(mesh, "platform", None) if not mesh.empty else None
-  return platform or jax.default_backend()
 
 
 def select_impl(config_impl: str, platform: str | None = None, *, decode: bool = False) -> str:

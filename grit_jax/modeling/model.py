@@ -142,7 +142,7 @@ class Transformer(nn.Module):
         logits_BTV = embed.attend(hidden_BTD).astype(jnp.float32)
       else:
         logits_BTV = Linear((c.vocab_size,), ("embed", "vocab"), 1, c.dtype, c.param_dtype, out_dtype="float32",
-                            name="lm_head")(hidden_BTD)
+                            impl=c.matmul_impl, name="lm_head")(hidden_BTD)
       logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
     new_cache = None
