@@ -1,7 +1,9 @@
 """What the bench scripts share: the repository on sys.path, the timing loop, the matmul ceiling, a ready train step.
 
 `python bench/x.py` puts bench/ first on sys.path, so each script imports this module before jax; it sets no
-platform (gpu_mfu.py needs the GPU, the others pin JAX_PLATFORMS=cpu themselves).
+platform (gpu_mfu.py needs the GPU, the others pin JAX_PLATFORMS=cpu themselves), and on the CPU it tunes glibc as
+the CLI does (grit_jax.perf.host; GRIT_JAX_MALLOC=system leaves it alone, for the ablation). torch, in the same
+process in the side-by-side scripts, runs on the same allocator settings.
 """
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from grit_jax.perf import host  # noqa: E402
+
+if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+  host.keep_heap_for_xla_cpu()
 
 
 def _block(out):

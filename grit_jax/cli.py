@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from grit_jax.errors import GritJaxError
+from grit_jax.perf import host
 
 # name -> (module, function, one-line help)
 COMMANDS = {
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"grit-jax: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
   module, func, _ = COMMANDS[name]
+  host.prepare_cpu_host()  # before the subcommand imports jax
   try:
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
   except GritJaxError as e:

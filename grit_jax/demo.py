@@ -12,20 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
 
 import numpy as np
 
-
-def _default_platform() -> None:
-  # libtpu is installed for ahead-of-time compilation; on a host without a TPU, keep jax from probing for one.
-  if "JAX_PLATFORMS" not in os.environ and not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/[0-9]*") \
-      and not os.path.exists("/dev/nvidia0"):
-    os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from grit_jax.perf import host
 
 
 def load_eval(eval_dir: str):
@@ -72,7 +65,7 @@ def _short(s: str, n: int = 90) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  _default_platform()
+  host.prepare_cpu_host()  # before jax starts: the platform, and glibc keeps XLA's step buffers
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--config", default="configs/tiny.py")
