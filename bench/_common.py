@@ -1,9 +1,10 @@
 """What the bench scripts share: the repository on sys.path, the timing loop, the matmul ceiling, a ready train step.
 
-`python bench/x.py` puts bench/ first on sys.path, so each script imports this module before jax; it sets no
-platform (gpu_mfu.py needs the GPU, the others pin JAX_PLATFORMS=cpu themselves), and on the CPU it tunes glibc as
-the CLI does (grit_jax.perf.host; GRIT_JAX_MALLOC=system leaves it alone, for the ablation). torch, in the same
-process in the side-by-side scripts, runs on the same allocator settings.
+`python bench/x.py` puts bench/ first on sys.path, so each script imports this module before jax. The CPU scripts
+pin JAX_PLATFORMS=cpu before importing it; then it sets the process up as the CLI does (grit_jax.perf.host: on the
+CPU glibc keeps XLA's step buffers; GRIT_JAX_MALLOC=system leaves it alone, for the ablation), so torch, in the same
+process in the side-by-side scripts, runs on the same allocator settings. On a GPU host (gpu_mfu.py) it changes
+nothing.
 """
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-from grit_jax.perf import host  # noqa: E402
+from grit_jax.perf import host  # noqa: E402  (imports no jax)
 
-if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
-  host.keep_heap_for_xla_cpu()
+host.prepare_cpu_host()
 
 
 def _block(out):

@@ -3,6 +3,7 @@ step with a large temporary, in fresh processes (the setting must precede jax's 
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import json, os, resource, sys
 from grit_jax.perf import host
 applied = host.prepare_cpu_host()
 import jax, jax.numpy as jnp
-N = 4096  # each [N, N] float32 array is 64 MiB: over glibc's mmap bar, as a training step's temporaries are
+N = {N}  # each [N, N] float32 array is 64 MiB: over glibc's mmap bar, as a training step's temporaries are
 f = jax.jit(lambda x: jnp.cumsum(jnp.sin(x), axis=0) * jnp.cumsum(jnp.cos(x), axis=1))
 x = jnp.ones((N, N), jnp.float32) / N
 faults = []
@@ -27,16 +28,19 @@ print(json.dumps(dict(applied=applied, faults=faults[3:])))  # after compilation
 """
 
 
+N = 4096
+
+
 def _step_faults(malloc: str) -> dict:
   env = dict(os.environ, GRIT_JAX_MALLOC=malloc, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  out = subprocess.run([sys.executable, "-c", _STEP_FAULTS], env=env, capture_output=True, text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", _STEP_FAULTS.format(N=N)], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc")
 def test_kept_heap_stops_xla_cpu_steps_refaulting_their_buffers():
-  array_pages = 4096 * 4096 * 4 // 4096
+  array_pages = N * N * 4 // resource.getpagesize()
   system, kept = _step_faults("system"), _step_faults("keep")
   assert not system["applied"] and kept["applied"]
   # glibc's default: every step maps its buffers afresh and faults them in, page by page
