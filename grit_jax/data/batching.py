@@ -145,3 +145,69 @@ def to_global_batch(batch_np: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
                          f"{axes}; change config.data.embedding_batch_size / generative_batch_size")
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing whole sequences into rows (fixed count per step; see docs/DESIGN.md "Packing")
+
+def pack_plan(lengths: Sequence[int], units: int, rows: int, row_len: int) -> np.ndarray | None:
+  """Places every sequence of a pass into the rows of its packing unit, or returns None when a unit's sequences do
+  not fit in `rows` rows of `row_len` tokens.
+
+  The N sequences (in batch order) split into `units` contiguous groups of N / units (a unit = one device's share of
+  the batch); each group is packed first-fit-decreasing into its own `rows` rows. Only where a sequence sits
+  changes: which sequences a step has, and their order in the pooled outputs, are the padded batch's.
+  Returns [N, 2] int64 (row within the unit, start column).
+  """
+  n_total = len(lengths)
+  if n_total % units:
+    raise GritJaxError(f"packing: {n_total} sequences do not split into {units} units")
+  n = n_total // units
+  lengths = np.asarray(lengths, np.int64)
+  if lengths.size and (lengths.min() < 1 or lengths.max() > row_len):
+    raise GritJaxError(f"packing: sequence lengths {lengths.min()}..{lengths.max()} do not fit rows of {row_len}")
+  out = np.zeros([n_total, 2], np.int64)
+  for u in range(units):
+    free = np.full([rows], row_len, np.int64)  # tokens left per row
+    for i in sorted(range(u * n, (u + 1) * n), key=lambda i: (-lengths[i], i)):
+      fits = np.flatnonzero(free >= lengths[i])
+      if not fits.size:
+        return None
+      r = int(fits[0])
+      out[i] = r, row_len - free[r]
+      free[r] -= lengths[i]
+  return out
+
+
+def rows_needed(lengths: Sequence[int], units: int, row_len: int) -> int:
+  """The fewest rows per unit that `pack_plan` fits these sequences into."""
+  n = len(lengths) // units
+  lo = max(1, -(-int(np.max(np.asarray(lengths).reshape(units, n).sum(1))) // row_len))
+  while pack_plan(lengths, units, lo, row_len) is None:
+    lo += 1
+  return lo
+
+
+def pack_sequences(seqs: Sequence[dict], plan: np.ndarray, units: int, rows: int, row_len: int,
+                   pad: dict[str, int], prefix: str, first_index: int = 0) -> dict[str, np.ndarray]:
+  """Packed arrays of one pass, from per-sequence 1-D int arrays (same keys, e.g. ids and pool_mask) and a plan.
+
+  -> {prefix}{key} [units, rows, row_len] (padded with pad[key]), {prefix}segment_ids [units, rows, row_len]
+  (1 + the sequence's index in the global pass, 0 = padding: equal ids = same sequence, so it is both the attention
+  segment and the pooling/loss index), {prefix}positions (restart at 0 in every sequence) and {prefix}lengths
+  [units, n] (tokens of each sequence, batch order). `first_index`: global index of seqs[0] (a process's share).
+  """
+  out = {f"{prefix}{k}": np.full([units, rows, row_len], v, np.int32) for k, v in pad.items()}
+  seg = np.zeros([units, rows, row_len], np.int32)
+  pos = np.zeros([units, rows, row_len], np.int32)
+  n = len(seqs) // units
+  lengths = np.zeros([units, n], np.int32)
+  for i, (s, (r, c)) in enumerate(zip(seqs, plan)):
+    u, L = i // n, len(next(iter(s.values())))
+    for k in pad:
+      out[f"{prefix}{k}"][u, r, c:c + L] = s[k]
+    seg[u, r, c:c + L] = first_index + i + 1
+    pos[u, r, c:c + L] = np.arange(L)
+    lengths[u, i % n] = L
+  out.update({f"{prefix}segment_ids": seg, f"{prefix}positions": pos, f"{prefix}lengths": lengths})
+  return out
