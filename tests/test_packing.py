@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from grit_jax.data import batching
+from grit_jax.data import packing
 from grit_jax.training import step as step_lib
 from test_train_step import B, G, LG, LP, LQ, MODEL, assert_tree_close, loss_cfg, meshes, random_batch, states  # noqa: F401
 
@@ -33,11 +33,11 @@ def pack_like(batch, units=1, extra_rows=1, row_lens=(2 * LQ, 2 * LP, 2 * LG), c
       continue
     seqs = _sequences(batch, name, keys)
     lengths = [len(s["ids"]) for s in seqs]
-    rows = batching.rows_needed(lengths, units, row_len) + extra_rows
+    rows = packing.rows_needed(lengths, units, row_len) + extra_rows
     rows = -(-rows // mult) * mult
-    plan = batching.pack_plan(lengths, units, rows, row_len)
+    plan = packing.pack_plan(lengths, units, rows, row_len)
     pad = {"ids": PAD, "pool_mask": 0} if name != "gen" else {"ids": PAD, "labels": -100}
-    out.update(batching.pack_sequences(seqs, plan, units, rows, row_len, pad, prefix=f"{name}_"))
+    out.update(packing.pack_sequences(seqs, plan, units, rows, row_len, pad, prefix=f"{name}_"))
   return out
 
 
@@ -171,7 +171,7 @@ def test_pool_packed_weights_ignore_padding_and_other_sequences():
 
 def test_pack_plan_fits_or_says_no():
   lengths = [5, 3, 4, 2, 6, 1]
-  plan = batching.pack_plan(lengths, units=2, rows=2, row_len=7)
+  plan = packing.pack_plan(lengths, units=2, rows=2, row_len=7)
   assert plan is not None
   # every sequence inside its unit's rows, no overlaps
   for u in range(2):
@@ -180,7 +180,7 @@ def test_pack_plan_fits_or_says_no():
       r, c = plan[i]
       used[r, c:c + lengths[i]] += 1
     assert used.max() == 1
-  assert batching.pack_plan(lengths, units=2, rows=1, row_len=7) is None
-  assert batching.rows_needed(lengths, 2, 7) == 2
+  assert packing.pack_plan(lengths, units=2, rows=1, row_len=7) is None
+  assert packing.rows_needed(lengths, 2, 7) == 2
   with pytest.raises(Exception, match="do not fit rows"):
-    batching.pack_plan([8], 1, 1, 7)
+    packing.pack_plan([8], 1, 1, 7)

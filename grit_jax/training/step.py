@@ -24,6 +24,7 @@ Metrics: loss, loss_rep, accuracy (contrastive top-1 within the global batch), l
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -326,6 +327,15 @@ def _shardings_of(tree):
 def input_batch_sharding(mesh) -> NamedSharding:
   """Sharding of every batch array (leading dim over the input batch axes, as grit_jax.data.to_global_batch)."""
   return NamedSharding(mesh, P(tuple(a for a in mesh_lib.INPUT_BATCH_AXES if a in mesh.axis_names)))
+
+
+def packing_layout(config, mesh) -> dict:
+  """What the data iterator packs for (make_train_iterator's packing_kw): one unit per input batch shard of `mesh`,
+  and rows that split into the step's embedding chunks and generative micro-batches."""
+  t, d = config.train, config.data
+  shards = math.prod(mesh.shape[a] for a in mesh_lib.INPUT_BATCH_AXES if a in mesh.axis_names)
+  emb_chunks = d.embedding_batch_size // t.gradcache_chunk if t.gradcache_chunk else t.grad_accum
+  return {"batch_shards": shards, "chunks": (max(emb_chunks, 1), t.grad_accum)}
 
 
 def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,

@@ -216,13 +216,20 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
     if config.init_from:
       state = _init_from(run, state, config.init_from)
 
-  it = data_lib.make_train_iterator(config.data, shard_index=jax.process_index(), num_shards=jax.process_count())
+  from grit_jax.training import step as step_lib
+
+  it = data_lib.make_train_iterator(config.data, shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                    **step_lib.packing_layout(config, run.mesh))
+  if it.packer is not None and primary:
+    print(it.packer.describe(), flush=True)
   if data_state is not None:
     it.set_state(data_state)
 
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
   flops = _step_flops(config)
+  if it.packer is not None:  # the packed rows are what the step computes
+    flops = mfu_lib.grit_step_flops_from_config(config, it.packer.layouts).total
   peak = mfu_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
@@ -293,6 +300,8 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
           bar.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     final = max(stop, start)
     summary = {"step": final, "resumed_from": start, **last_metrics}
+    if it.packer is not None:
+      summary["pack_fallback_steps"] = it.packer.fallbacks
     if final == t.steps and t.export_hf:
       summary["hf"] = export_hf(_params(state), config, os.path.join(workdir, "hf"))
   finally:
