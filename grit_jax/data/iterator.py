@@ -228,13 +228,22 @@ class TrainIterator:
     return packing.StepPacker(self.pack_layouts(data_cfg, kinds, batch_shards, chunks), self.shard_index,
                               self.num_shards)
 
-  def sample_lengths(self, kind: str, limit: int = packing.STAT_EXAMPLES) -> dict[str, list[int]]:
-    """{pass: token lengths} of up to `limit` examples in the sampler's first-epoch order (passages sampled as in
-    training)."""
+  def sample_lengths(self, kind: str, limit: int = packing.STAT_EXAMPLES) -> dict[str, list[np.ndarray]]:
+    """{pass: [token lengths of each batch pool]} of up to `limit` examples in the sampler's first-epoch order
+    (passages sampled as in training). Pools: one per dataset when batches are drawn from one dataset each
+    (single_dataset_batches: their lengths go together), else one."""
     stream = self.emb if kind == "emb" else self.gen
     order = np.random.default_rng([self.seed, _EMB if kind == "emb" else _GEN, 0]).permutation(len(stream.ds))
-    seqs = self._pass_sequences(kind, 0, order[:limit])
-    return {name: [len(s["ids"]) for s in v] for name, v in seqs.items()}
+    order = order[:limit]
+    seqs = self._pass_sequences(kind, 0, order)
+    per_pool = (stream.ds.dataset_of(order) if stream.single_dataset and len(stream.ds.counts) > 1
+                else np.zeros(len(order), np.int64))
+    out = {}
+    for name, v in seqs.items():
+      lengths = np.array([len(s["ids"]) for s in v])
+      owner = np.repeat(per_pool, len(v) // len(order))  # g passages per example
+      out[name] = [lengths[owner == d] for d in np.unique(owner)]
+    return out
 
   def pack_layouts(self, data_cfg, kinds, batch_shards: int, chunks: tuple[int, int]) -> dict:
     """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: rows from config or
@@ -251,7 +260,7 @@ class TrainIterator:
             name, num_sequences=batch[name], units=batch_shards,
             row_len=int(_cfg(data_cfg, f"{key}_pack_len", 0)) or max_len, max_len=max_len,
             rows=int(_cfg(data_cfg, f"{key}_pack_rows", 0)), chunks=chunks[0 if kind == "emb" else 1],
-            headroom=headroom, length_pool=lengths, seed=self.seed)
+            headroom=headroom, length_pools=lengths, seed=self.seed)
     return layouts
 
   def _packed_batch(self) -> dict[str, np.ndarray]:

@@ -119,8 +119,10 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def make_layout(name: str, *, num_sequences: int, units: int, row_len: int, max_len: int, rows: int,
-                chunks: int, headroom: float, length_pool: Sequence[int], seed: int = 0) -> PassLayout:
-  """The layout of one pass; rows = 0: derived from `length_pool` (this pass's sequence lengths on the data)."""
+                chunks: int, headroom: float, length_pools: Sequence[np.ndarray], seed: int = 0) -> PassLayout:
+  """The layout of one pass; rows = 0: derived from `length_pools` (this pass's sequence lengths on the data; one
+  pool per dataset when a batch comes from one dataset: each sampled batch draws from one pool, picked in
+  proportion to its size)."""
   key = {"gen": "generative"}.get(name, name)
   if num_sequences % units:
     raise GritJaxError(f"packing: the {num_sequences} {name} sequences per step do not split over the {units} "
@@ -128,10 +130,12 @@ def make_layout(name: str, *, num_sequences: int, units: int, row_len: int, max_
   if row_len < max_len:
     raise GritJaxError(f"config.data.{key}_pack_len={row_len} is below {key}_max_len={max_len}: a sequence of max "
                        "length would not fit a row")
-  if not len(length_pool):
+  sizes = np.array([len(p) for p in length_pools], np.float64)
+  if not sizes.sum():
     raise GritJaxError(f"packing: no {name} data to derive config.data.{key}_pack_rows from")
-  rng = np.random.default_rng([seed, len(length_pool), num_sequences])
-  batches = [rng.choice(np.asarray(length_pool), num_sequences) for _ in range(STAT_BATCHES)]
+  rng = np.random.default_rng([seed, int(sizes.sum()), num_sequences])
+  pools = rng.choice(len(length_pools), STAT_BATCHES, p=sizes / sizes.sum())
+  batches = [rng.choice(length_pools[d], num_sequences) for d in pools]
   derived = not rows
   if derived:
     need = max(rows_needed(b, units, row_len) for b in batches)
