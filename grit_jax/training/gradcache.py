@@ -68,7 +68,7 @@ def gradcache(rep_fns: Sequence[Callable], params, inputs: Sequence[tuple], loss
   loss_fn(*reps) -> (scalar objective, aux);  num_chunks: chunks per input (B_i / num_chunks rows each);
   shards: W, how many devices split the batch dim; constrain: applied to every chunked array [n, c, ...] (a sharding
   constraint keeping dim 1 on the batch axes).
-  packed[i]: input i is packed rows [U, R, ...] (grit_jax.data.batching.pack_sequences): chunks are row chunks of
+  packed[i]: input i is packed rows [U, R, ...] (grit_jax.data.packing.pack_sequences): chunks are row chunks of
   every unit (`split_rows`), rep_fns[i] returns the representations of ALL the pass's sequences with 0 for those
   outside the chunk's rows, so the representations are the sum over chunks and every chunk pulls back the full
   representation gradient (a sequence's rows lie in one chunk: the other chunks' contributions to it are 0).

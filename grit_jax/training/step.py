@@ -41,7 +41,7 @@ from grit_jax.training import optimizer as opt_lib
 
 EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
 GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
-# Packed passes (grit_jax.data.batching.pack_sequences): [U, R, L] arrays (U packing units = device shares, R rows of
+# Packed passes (grit_jax.data.packing.pack_sequences): [U, R, L] arrays (U packing units = device shares, R rows of
 # L tokens) and {pass}_lengths [U, n] (n sequences per unit). A batch is packed per pass when it has segment ids.
 PACKED_ROW_KEYS = ("ids", "segment_ids", "positions")
 PASSES = ("query", "passage", "gen")
