@@ -22,7 +22,7 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       train_dir="data/train",            # one JSONL per dataset; embedding vs generative told apart by keys
-      eval_dir="data/eval",
+      eval_dir="data/eval",               # "" = no held-out evaluation
       tokenizer="data/tokenizer.model",  # SentencePiece model (Mistral's tokenizer.model for real runs)
       mode="unified",                    # unified | embedding | generative
       query_max_len=256,

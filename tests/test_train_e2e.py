@@ -55,12 +55,12 @@ def ckpt_steps(workdir):
 
 # --- configs ---------------------------------------------------------------------------------------------------
 
-def test_overrides_apply(monkeypatch):
+def test_overrides_apply(monkeypatch, tmp_path):
   monkeypatch.chdir(ROOT)
   config, fv = train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", "w", "--config.optimizer.lr=1e-5",
-                                     "--config.mesh.fsdp=-1", "--config.init_from=hf:/models/x",
+                                     "--config.mesh.fsdp=-1", f"--config.init_from=ckpt:{tmp_path}",
                                      "--config.data.pack_generative=True"])
-  assert config.optimizer.lr == 1e-5 and config.mesh.fsdp == -1 and config.init_from == "hf:/models/x"
+  assert config.optimizer.lr == 1e-5 and config.mesh.fsdp == -1 and config.init_from == f"ckpt:{tmp_path}"
   assert config.data.pack_generative is True and fv.workdir == "w"
 
 
@@ -250,19 +250,19 @@ def test_init_from_hf_and_ckpt(full_run, monkeypatch):
   import jax
 
   from grit_jax.convert import hf as hf_lib
-  from grit_jax.training import trainer
+  from grit_jax.training import run as run_lib
 
   monkeypatch.chdir(ROOT)
   config, _ = train_cli.parse_args([*TINY, "--workdir", "unused"])
-  run = trainer.Run(config)
+  run = run_lib.Run(config)
   state = run.init_state()
   want = hf_lib.load_hf(os.path.join(full_run, "hf"), run.model_config)  # the trained weights, numpy
   for spec in (f"hf:{full_run}/hf", f"ckpt:{full_run}"):
-    got = trainer._init_from(run, state, spec).params
+    got = run_lib.load_init_params(spec, run.model_config, state.params)
     flat_got, flat_want = jax.tree.leaves_with_path(got), dict(jax.tree.leaves_with_path(want))
     assert len(flat_got) == len(flat_want)
     for path, leaf in flat_got:
       assert leaf.sharding == dict(jax.tree.leaves_with_path(state.params))[path].sharding  # sharded as the init
       np.testing.assert_allclose(np.asarray(leaf), flat_want[path], rtol=0, atol=0, err_msg=f"{spec} {path}")
   with pytest.raises(GritJaxError, match="expected hf:DIR or ckpt:DIR"):
-    trainer._init_from(run, state, "gs://nope")
+    run_lib.load_init_params("gs://nope", run.model_config, state.params)

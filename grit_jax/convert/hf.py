@@ -198,8 +198,17 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
       if tuple(tensor.shape) != want:
         raise GritJaxError(f"{fname}: tensor {e.name!r} has shape {tuple(tensor.shape)}, the config "
                            f"({config.num_layers} layers, hidden {config.hidden_size}) expects {want}")
+      _require_finite(tensor, f"{fname}: tensor {e.name!r}")
       leaf[idx] = to_flax(e, tensor, flax_shape).astype(dtype)
   return params
+
+
+def _require_finite(tensor: np.ndarray, what: str) -> None:
+  """Weights with NaN or inf would train into NaN losses or serve NaN embeddings: refuse them by name."""
+  if np.issubdtype(tensor.dtype, np.floating) or tensor.dtype.name == "bfloat16":
+    bad = int(np.count_nonzero(~np.isfinite(tensor.astype(np.float32, copy=False))))
+    if bad:
+      raise GritJaxError(f"{what} has {bad} NaN/inf value(s) of {tensor.size}: the weights are damaged")
 
 
 def _np_dtype(name: str):
@@ -382,7 +391,10 @@ def load_jax(path: str, **overrides) -> tuple[ModelConfig, dict, dict]:
   if not os.path.isfile(pfile):
     raise GritJaxError(f"{path}: missing {JAX_PARAMS_FILE}")
   with safe_open(pfile, framework="np") as f:
-    params = unflatten({k: f.get_tensor(k) for k in f.keys()})
+    flat = {k: f.get_tensor(k) for k in f.keys()}
+  for k, v in flat.items():
+    _require_finite(v, f"{pfile}: param {k!r}")
+  params = unflatten(flat)
   params = params_for(params, config)
   _check_shapes(params, config, pfile)
   dtype = np.dtype(_np_dtype(config.param_dtype))

@@ -120,17 +120,14 @@ class _PackedStream:
 
 
 def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
-  mode = _cfg(data_cfg, "mode", "unified")
-  if mode not in ("unified", "embedding", "generative"):
-    raise GritJaxError(f"config.data.mode={mode!r}: expected unified | embedding | generative")
+  """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
+  from grit_jax import contract
+
+  emb, gen = contract.passes(data_cfg)
   if not 0 <= shard_index < num_shards:
     raise GritJaxError(f"shard_index={shard_index} is not in [0, {num_shards})")
-  for key in ("query_max_len", "passage_max_len", "generative_max_len", "train_group_size",
-              "embedding_batch_size", "generative_batch_size"):
-    if int(_cfg(data_cfg, key, 1)) < 1:
-      raise GritJaxError(f"config.data.{key}={_cfg(data_cfg, key)}: must be >= 1")
-  for key in ("embedding_batch_size", "generative_batch_size"):
-    if int(data_cfg[key]) % num_shards:
+  for key, used in (("embedding_batch_size", emb), ("generative_batch_size", gen)):
+    if used and int(data_cfg[key]) % num_shards:
       raise GritJaxError(f"config.data.{key}={data_cfg[key]} (global) is not divisible by {num_shards} processes")
 
 
@@ -142,18 +139,18 @@ def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | N
   for kind in kinds:
     if not files[kind]:
       key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
-      raise GritJaxError(f"config.data.mode={_cfg(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no file "
+      raise GritJaxError(f"config.data.mode={data_cfg.mode!r} needs {kind} data, but no file "
                          f"in {folder!r} has {key} lines")
     out[kind] = tfds_builders.build(
         files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
         passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
-        group_size=int(data_cfg.train_group_size), bad_input=_cfg(data_cfg, "bad_input", "skip"),
+        group_size=int(data_cfg.train_group_size), bad_input=data_cfg.bad_input,
         cache_dir=cache_dir)
   return out
 
 
 def mode_kinds(data_cfg) -> tuple[str, ...]:
-  mode = _cfg(data_cfg, "mode", "unified")
+  mode = data_cfg.mode
   return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
           "generative": (jsonl.GENERATIVE,)}[mode]
 
@@ -168,10 +165,10 @@ class TrainIterator:
     _check_cfg(data_cfg, num_shards, shard_index)
     self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
     self.shard_index, self.num_shards = int(shard_index), int(num_shards)
-    self.seed = int(_cfg(data_cfg, "seed", 0))
+    self.seed = int(data_cfg.seed)
     self.q_len, self.p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
     self.g_len, self.group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
-    self.pack = bool(_cfg(data_cfg, "pack_generative", False))
+    self.pack = bool(data_cfg.pack_generative)
     cache_dir = cache_dir or _cfg(data_cfg, "cache_dir")
     self.datasets = load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
                                   mode_kinds(data_cfg))
@@ -182,7 +179,7 @@ class TrainIterator:
     if jsonl.EMBEDDING in self.datasets:
       self.emb_batch = int(data_cfg.embedding_batch_size)
       self.emb = _Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
-                         bool(_cfg(data_cfg, "single_dataset_batches", True)), "embedding data")
+                         bool(data_cfg.single_dataset_batches), "embedding data")
     if jsonl.GENERATIVE in self.datasets:
       self.gen_batch = int(data_cfg.generative_batch_size)
       ds = self.datasets[jsonl.GENERATIVE]
