@@ -63,10 +63,10 @@ def read_texts(path: str, allow_title: bool = False) -> list:
 
 def check_output_file(path: str, flag: str, suffix: str = "") -> None:
   """A file we may (re)write: not a directory, in an existing writable folder; checked before any work."""
-  if suffix and not path.endswith(suffix):
-    raise GritJaxError(f"{flag} {path}: expected a {suffix} path")
   if os.path.isdir(path):
     raise GritJaxError(f"{flag} {path}: is a directory")
+  if suffix and not path.endswith(suffix):
+    raise GritJaxError(f"{flag} {path}: expected a {suffix} path")
   check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
   if os.path.exists(path) and not os.access(path, os.W_OK):
     raise GritJaxError(f"{flag} {path}: exists and is not writable")

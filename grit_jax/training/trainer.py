@@ -158,6 +158,7 @@ def export_hf(params, config, out_dir: str) -> str:
   """Writes a Hugging Face directory (config.json + safetensors + tokenizer.model) that GritLM.from_pretrained and
   transformers load. Collective (every process gathers the params); process 0 writes, atomically."""
   from grit_jax.convert import hf as hf_lib
+  from grit_jax.convert import settings as settings_lib
 
   host = _to_host(params)
   if jax.process_index() == 0:
@@ -167,6 +168,7 @@ def export_hf(params, config, out_dir: str) -> str:
         hf_lib.copy_tokenizer_files(src, tmp)  # tokenizer.json etc. of the base model, when there
       hf_lib.save_hf(jax.tree.map(np.asarray, host), model_config_from(config), tmp)
       shutil.copyfile(config.data.tokenizer, os.path.join(tmp, "tokenizer.model"))
+      settings_lib.write(tmp, settings_lib.from_config(config))  # attn, pooling, ... to serve it as trained
   return out_dir
 
 
