@@ -119,6 +119,8 @@ def test_argument_forms_and_their_errors(hf_dir, ours):
     GritLM(hf_dir, pooling_method="max")
   with pytest.raises(GritJaxError, match="role"):
     ours.generate([{"role": "system", "content": "x"}], max_new_tokens=2)
+  with pytest.raises(GritJaxError, match="unknown keyword"):
+    GritLM(hf_dir, trust_remote_code_typo=True)
   assert GritLM(hf_dir, torch_dtype="torch.bfloat16").config.dtype == "bfloat16"
   chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
           {"role": "user", "content": "Why?"}]

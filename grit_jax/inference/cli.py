@@ -180,6 +180,7 @@ def generate_main(argv: list[str]) -> int:
 
 def rag_main(argv: list[str]) -> int:
   from grit_jax.inference import rag as rag_lib
+  from grit_jax.inference.encode import embedding_is_causal
   p = _parser("grit-jax rag", "Retrieve from a corpus and answer (KV caching).")
   p.add_argument("--corpus", help="JSONL of documents (string or {'title', 'text'}); not needed with an --index")
   p.add_argument("--query", required=True, action="append", help="a question (repeat for a batch)")
@@ -208,6 +209,8 @@ def rag_main(argv: list[str]) -> int:
     stale = None
     if docs is not None and index.corpus != rag_lib.corpus_fingerprint(docs):
       stale = f"--corpus {a.corpus} differs from the corpus it was built from"
+    elif docs is not None and index.causal != embedding_is_causal(model.attn):
+      stale = f"it was built with causal={index.causal} embedding passes, --attn {model.attn} differs"
     else:
       try:
         index.check_model(model, f"--index {a.index}")

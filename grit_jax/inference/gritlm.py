@@ -92,6 +92,11 @@ class GritLM:
       if device is not None:
         log.warning("device=%r is ignored: JAX places arrays on its default backend (%s)", device,
                     jax.default_backend())
+      torch_dtype = torch_dtype or kwargs.pop("dtype", None)  # transformers 5 renamed torch_dtype to dtype
+      unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)})
+      if unknown:
+        raise GritJaxError(f"GritLM(path, ...): unknown keyword(s) {unknown} (neither gritlm's nor ModelConfig "
+                           "fields)")
       path = os.fspath(model_name_or_path)
       dtype = dtype_name(torch_dtype or "float32")
       if dtype == "auto":

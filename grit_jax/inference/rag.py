@@ -346,8 +346,9 @@ def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *
   if isinstance(documents, RagIndex):
     index = documents
     index.check_model(model)
-    if index.causal != causal and cache in ("doc", "doc_query"):
-      raise GritJaxError(f"index caches were built with causal={index.causal}, model embeds with causal={causal}")
+    if index.causal != causal:  # its embeddings (and caches) come from another attention than the queries'
+      raise GritJaxError(f"index was built with causal={index.causal} embedding passes, the queries are embedded "
+                         f"with causal={causal}: rebuild it with the same attn")
   else:
     index = build_index(model, documents, with_cache=cache in ("doc", "doc_query"), max_length=max_length,
                         attn=attn)
