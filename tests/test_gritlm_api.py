@@ -245,6 +245,19 @@ def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, ca
   shutil.copyfile(TOKENIZER, other / "tokenizer.model")
   assert run(None, str(other)) != 0  # another model, no corpus to rebuild from: an error
   assert "built with model" in capsys.readouterr().err
+  damage = {  # file -> (new bytes or an edit, the message's start)
+      "embeddings.npy": (b"garbage", "embeddings.npy: cannot read"),
+      "kv_cache.npz": (lambda b: b[:len(b) // 2], "kv_cache.npz: cannot read the KV caches"),
+      "documents.jsonl": (lambda b: b + b"{not json\n", "documents.jsonl:3: not an index document row"),
+      "index.json": (lambda b: b[:-3], "index.json: cannot read index metadata"),
+  }
+  for name, (edit, message) in damage.items():
+    copy = tmp_path / f"damaged_{name}"
+    shutil.copytree(idx, copy)
+    old = (copy / name).read_bytes()
+    (copy / name).write_bytes(edit(old) if callable(edit) else edit)
+    with pytest.raises(GritJaxError, match=message):
+      rag_lib.RagIndex.load(str(copy))
   (idx / "embeddings.npy").write_bytes(b"garbage")
-  assert run(None) != 0
+  assert run(None) != 0  # the CLI says so in one line, before loading the model
   assert "embeddings.npy: cannot read" in capsys.readouterr().err

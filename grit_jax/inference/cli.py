@@ -105,9 +105,20 @@ def _load(path: str, attn: str | None = None):
   return GritLM.from_pretrained(path, **kwargs)
 
 
+class _Help(argparse.HelpFormatter):
+  """Every option's help ends with its default (or says it is required / where its default comes from)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.required:
+      return text + " (required)"
+    if action.default in (None, argparse.SUPPRESS) or "default" in text:
+      return text
+    return f"{text} (default: {action.default!r})"
+
+
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=prog, description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Help)
   p.add_argument("--model", required=True, help="model directory (Hugging Face or grit_jax format)")
   return p
 
