@@ -321,5 +321,6 @@ class GritLM:
       tok = getattr(self.tokenizer, "path", None)
       if tok and os.path.isfile(tok):
         shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-      settings_lib.write(tmp, self.settings)
+      # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
+      settings_lib.write(tmp, dataclasses.replace(self.settings, attn=self.attn or "cccc"))
     return path
