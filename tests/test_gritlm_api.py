@@ -173,6 +173,10 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
     h = model.hidden_states(np.asarray([ids]), causal=True)[0]  # causal, weighted mean over the text, no norm
     w = np.asarray(pool) * np.cumsum(pool)
     np.testing.assert_allclose(model.encode(text), (h * w[:, None]).sum(0) / w.sum(), atol=1e-5, rtol=1e-5)
+  src = tmp_path / "t.jsonl"
+  src.write_text(json.dumps(text) + "\n")
+  assert cli.main(["embed", "--model", hf, "--input", str(src), "--output", str(tmp_path / "e.npy")]) == 0
+  np.testing.assert_allclose(np.load(tmp_path / "e.npy")[0], model.encode(text), atol=1e-6)  # the CLI too
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     over = GritLM.from_pretrained(hf2, attn="bbcc")
