@@ -63,9 +63,9 @@ def test_embeddings_equal_gritlm_package(hf_dir, attn, pooling):
   ref = theirs(hf_dir, attn=attn, pooling_method=pooling)
   model = GritLM(hf_dir, attn=attn, pooling_method=pooling)
   for instr in ("", "Retrieve a passage that answers the question"):
-    want = ref.encode(TEXTS, instruction=gritlm_instruction(instr), batch_size=2)
-    got_plain = model.encode(TEXTS, instruction=instr, batch_size=2)
-    got_wrapped = model.encode(TEXTS, instruction=gritlm_instruction(instr), batch_size=2)
+    want = ref.encode(TEXTS, instruction=gritlm_instruction(instr), batch_size=2)  # gritlm pads its batches
+    got_plain = model.encode(TEXTS, instruction=instr)
+    got_wrapped = model.encode(TEXTS, instruction=gritlm_instruction(instr))
     np.testing.assert_allclose(got_plain, want, atol=1e-5)
     np.testing.assert_array_equal(got_wrapped, got_plain)  # recognised, not wrapped twice
   assert np.abs(got_plain - model.encode(TEXTS, instruction="Other task")).max() > 1e-4  # instructions matter
@@ -85,6 +85,9 @@ def test_encode_queries_corpus_and_single_string_equal_gritlm_package(hf_dir, ou
   unnorm = theirs(hf_dir, normalized=False).encode(TEXTS, instruction=q, embed_instruction=True)
   np.testing.assert_allclose(ours.encode(TEXTS, instruction=q, normalize=False, embed_instruction=True), unnorm,
                              atol=1e-5)
+  from grit_jax import GritLM
+  np.testing.assert_allclose(GritLM(hf_dir, embed_eos="</s>").encode(TEXTS, instruction=q),
+                             theirs(hf_dir, embed_eos="</s>").encode(TEXTS, instruction=q), atol=1e-5)
 
 
 def test_generate_equals_gritlm_package_greedy(hf_dir, ours):
