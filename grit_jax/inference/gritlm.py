@@ -74,11 +74,21 @@ class GritLM:
                pooling_method=_UNSET, normalized=_UNSET, projection=None, is_inference: bool = True,
                embed_eos: str = "", device=None, torch_dtype=None, settings: settings_lib.Settings | None = None,
                **kwargs):
+    if mode not in MODES:
+      raise GritJaxError(f"mode={mode!r}: expected one of {MODES}")
+    if projection is not None:
+      raise GritJaxError(f"projection={projection!r}: gritlm creates this linear layer with random weights at load "
+                         "time (it is not stored with the model); grit_jax has no projection head")
+    if not is_inference:
+      raise GritJaxError("is_inference=False: train with `grit-jax train`")
+    given = {"attn": attn, "pooling": pooling_method, "normalize": normalized}
+    given = {k: v for k, v in given.items() if v is not _UNSET}
     if isinstance(model_name_or_path, ModelConfig):
       if torch_dtype is not None or kwargs:
         raise GritJaxError(f"GritLM(config, params, ...): unexpected {sorted(kwargs) or ['torch_dtype']} (those "
                            "are for GritLM(path, ...))")
-      config, stored, path = model_name_or_path, settings or settings_lib.Settings(), None
+      config, path = model_name_or_path, None
+      self.settings = self._override(settings or settings_lib.Settings(), given)
       self._gritlm_style = False
     elif isinstance(model_name_or_path, (str, os.PathLike)):  # gritlm.GritLM(model_name_or_path, ...)
       if params is not None or tokenizer is not None:
@@ -102,32 +112,21 @@ class GritLM:
       if dtype == "auto":
         from grit_jax.convert import hf
         dtype = "float32" if hf.is_jax_dir(path) else TORCH_DTYPES.get(hf.hf_dtype_of(path), "float32")
+      self.settings = self._override(settings_lib.read(path), given)  # bad values: errors before the weights
       # torch_dtype sets the weights' dtype too (as in torch); other keywords are ModelConfig fields
-      params, config, tokenizer, stored = self._load(path, dtype=dtype, param_dtype=dtype, **kwargs)
+      params, config, tokenizer = self._load(path, dtype=dtype, param_dtype=dtype, **kwargs)
       self._gritlm_style = True
     else:
       raise GritJaxError(f"GritLM: first argument must be a ModelConfig or a model directory, got "
                          f"{type(model_name_or_path).__name__}")
-    if mode not in MODES:
-      raise GritJaxError(f"mode={mode!r}: expected one of {MODES}")
-    if projection is not None:
-      raise GritJaxError(f"projection={projection!r}: gritlm creates this linear layer with random weights at load "
-                         "time (it is not stored with the model); grit_jax has no projection head")
-    if not is_inference:
-      raise GritJaxError("is_inference=False: train with `grit-jax train`")
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
     self.tokenizer = tokenizer
     self.mode = mode
     self.name_or_path = path
     self.embed_eos = embed_eos
-    given = {"attn": attn, "pooling": pooling_method, "normalize": normalized}
-    self.settings = self._override(stored, {k: v for k, v in given.items() if v is not _UNSET})
     self._logged: set = set()
     self._fingerprint = None
-    # validated now, not at the first encode
-    from grit_jax.inference.encode import embedding_is_causal
-    embedding_is_causal(self.attn)
 
   @staticmethod
   def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
@@ -139,13 +138,15 @@ class GritLM:
     out = dataclasses.replace(stored, **given)
     if out.attn is not None:
       settings_lib.check(out, "GritLM")
+    from grit_jax.inference.encode import embedding_is_causal
+    embedding_is_causal(out.attn)  # a servable attention, checked now rather than at the first encode
     return out
 
   @staticmethod
   def _load(path: str, dtype: str = "float32", **overrides):
     from grit_jax.convert import hf
     config, params = hf.load_pretrained(path, dtype=dtype, **overrides)
-    return params, config, load_tokenizer(path), settings_lib.read(path)
+    return params, config, load_tokenizer(path)
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", attn=_UNSET, *, pooling=_UNSET, normalize=_UNSET,
@@ -156,7 +157,8 @@ class GritLM:
     the model's grit_settings.json (attn, pooling, normalize, max lengths) as the defaults; `attn`, `pooling`,
     `normalize` given here override them (logged)."""
     path = os.fspath(path)
-    params, config, tokenizer, stored = cls._load(path, dtype=dtype, **overrides)
+    stored = settings_lib.read(path)  # a damaged file: an error before the weights are read
+    params, config, tokenizer = cls._load(path, dtype=dtype, **overrides)
     out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored)
     out.name_or_path = path
     return out
