@@ -306,6 +306,7 @@ def atomic_dir(dst: str, overwrite: bool = False):
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the result gets the user's umask like any new folder
   try:
     yield tmp
     old = None
@@ -318,6 +319,12 @@ def atomic_dir(dst: str, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:

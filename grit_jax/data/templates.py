@@ -20,7 +20,9 @@ from grit_jax.errors import GritJaxError
 
 BASE_BOS = "<s>"
 USER_BOS = "<|user|>\n"
-EMBED_BOS = "\n<|embed|>\n"
+EMBED_BOS = "\n<|embed|>\n"     # closes an instruction
+EMBED_ONLY = "<|embed|>\n"      # the whole format when there is no instruction
+FORMAT_TOKENS = ("<|user|>", "<|embed|>", "<|assistant|>")
 ASSISTANT_BOS = "\n<|assistant|>\n"
 ASSISTANT_EOS = "</s>"
 TURN_SEP = "\n"
@@ -33,12 +35,31 @@ def clean_instruction(instruction: str | None) -> str:
   return (instruction or "").strip(INSTRUCTION_STRIP)
 
 
+def wrapped_instruction(instruction: str | None) -> bool:
+  """True for an instruction already in gritlm's wrapped form, `gritlm_instruction(x)` = "<|user|>\\n{x}\\n<|embed|>\\n"
+  (or "<|embed|>\\n" for no instruction): it is used verbatim, never wrapped twice. Format tokens anywhere else in
+  an instruction are an error (a half-wrapped instruction would silently embed differently)."""
+  instruction = instruction or ""
+  if instruction == EMBED_ONLY or (instruction.startswith(USER_BOS) and instruction.endswith(EMBED_BOS)
+                                   and not any(t in instruction[len(USER_BOS):-len(EMBED_BOS)]
+                                               for t in FORMAT_TOKENS)):
+    return True
+  found = [t for t in FORMAT_TOKENS if t in instruction]
+  if found:
+    raise GritJaxError(f"instruction {instruction[:60]!r} contains {found[0]} but is not gritlm's wrapped form "
+                       f"'<|user|>\\n...\\n<|embed|>\\n': pass the plain instruction")
+  return False
+
+
 def embed_prefix(instruction: str | None) -> str:
-  """Everything before the text: BOS, format tokens and the (stripped) instruction. Never pooled."""
+  """Everything before the text: BOS, format tokens and the (stripped) instruction. Never pooled. An instruction
+  in gritlm's wrapped form is kept as it is (same tokens as its plain form when that is already stripped)."""
+  if wrapped_instruction(instruction):
+    return BASE_BOS + instruction
   instruction = clean_instruction(instruction)
   if instruction:
     return BASE_BOS + USER_BOS + instruction + EMBED_BOS
-  return BASE_BOS + "<|embed|>\n"
+  return BASE_BOS + EMBED_ONLY
 
 
 def embed_text(instruction: str | None, text: str) -> str:
