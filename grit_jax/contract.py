@@ -258,17 +258,16 @@ def _check_files(c, model) -> None:
     raise GritJaxError(f"config.data.train_dir={c.data.train_dir!r}: no such folder")
   if c.data.eval_dir and not os.path.isdir(c.data.eval_dir):
     raise GritJaxError(f"config.data.eval_dir={c.data.eval_dir!r}: no such folder (set it to '' for no eval)")
-  check_vocab(c.data.tokenizer, model.vocab_size, key="config.data.tokenizer")
-
-
-def check_vocab(tokenizer_path: str, vocab_size: int, key: str = "tokenizer") -> None:
-  """A tokenizer whose ids reach past the model's embedding table would index out of range (NaN losses in
-  training, NaN embeddings at inference): a named error instead."""
   from grit_jax.data.tokenizer import Tokenizer
 
-  n = Tokenizer(tokenizer_path).vocab_size
-  if n > vocab_size:
-    raise GritJaxError(f"{key}={tokenizer_path!r}: the tokenizer has {n} pieces but the model's vocab_size is "
+  check_vocab(Tokenizer(c.data.tokenizer).vocab_size, model.vocab_size, key=f"config.data.tokenizer={c.data.tokenizer!r}")
+
+
+def check_vocab(num_pieces: int, vocab_size: int, key: str = "tokenizer") -> None:
+  """A tokenizer whose ids reach past the model's embedding table would index out of range (NaN losses in
+  training, NaN embeddings at inference): a named error instead."""
+  if num_pieces > vocab_size:
+    raise GritJaxError(f"{key}: the tokenizer has {num_pieces} pieces but the model's vocab_size is "
                        f"{vocab_size}: ids >= {vocab_size} have no embedding")
 
 

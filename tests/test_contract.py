@@ -104,7 +104,7 @@ def test_attn_is_parsed_by_one_rule():
 
 def test_tokenizer_larger_than_the_vocabulary_is_an_error():
   # The shipped tokenizer has ~1000 pieces: a 512-row embedding table cannot hold its ids.
-  with pytest.raises(GritJaxError, match=r"config.data.tokenizer=.*tokenizer.model.*pieces but the model's "
+  with pytest.raises(GritJaxError, match=r"config.data.tokenizer=.*tokenizer.model.*pieces but the model.s "
                                          r"vocab_size is 512"):
     parse("--config.model.vocab_size=512")
 
@@ -234,3 +234,15 @@ def test_train_validates_before_building_anything(tmp_path):
     trainer.train(c, str(tmp_path / "run"), progress=False)
   assert not os.path.exists(tmp_path / "run")
 
+
+
+def test_serving_a_model_with_a_larger_tokenizer_is_an_error(tmp_path):
+  """At inference the same mismatch would give NaN embeddings with exit status 0: a named error instead."""
+  from grit_jax import GritLM
+  from grit_jax.data.tokenizer import Tokenizer
+  from grit_jax.modeling import get_config, init_params
+
+  config = get_config("tiny_mistral", vocab_size=512)
+  with pytest.raises(GritJaxError, match=r"tokenizer .*tokenizer.model: the tokenizer has \d+ pieces but the "
+                                         r"model's vocab_size is 512"):
+    GritLM(config, init_params(config), Tokenizer(os.path.join(ROOT, "data", "tokenizer.model")))

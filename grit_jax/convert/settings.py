@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+from grit_jax import contract
 from grit_jax.errors import GritJaxError
 
 SETTINGS_FILE = "grit_settings.json"
@@ -52,8 +53,7 @@ def check(s: Settings, where: str) -> Settings:
   """Every value in range, or a GritJaxError naming `where` and the key."""
   def bad(key, why):
     raise GritJaxError(f"{where}: {key}={getattr(s, key)!r}: {why}")
-  if not isinstance(s.attn, str) or len(s.attn) not in (2, 4) or set(s.attn) - {"b", "c"}:
-    bad("attn", "expected 2 or 4 characters of b (bidirectional) / c (causal), like 'bbcc'")
+  contract.parse_attn(s.attn, key=f"{where}: attn")
   if s.pooling not in POOLINGS:
     bad("pooling", f"expected one of {POOLINGS}")
   if not isinstance(s.normalize, bool):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import objectives
+from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.modeling.model import KVCache, Transformer
@@ -23,14 +23,16 @@ POOLINGS = objectives.POOLINGS + ("cls",)  # cls: the first token's state (BOS),
 
 
 def embedding_is_causal(attn: str | None) -> bool:
-  """GritLM's `attn` string: the first two letters are the embedding passes; only `bb` is bidirectional. None is
-  gritlm's "leave the model causal"."""
+  """GritLM's `attn` string (grit_jax.contract.parse_attn): chars 1-2 the embedding passes; None is gritlm's
+  "leave the model causal". Queries and passages are embedded alike here, so the mixed cb/bc training ablations
+  are not served (as in gritlm)."""
   if attn is None:
     return True
-  if attn not in ("bbcc", "cccc", "bb", "cc"):
-    raise GritJaxError(f"attn={attn!r}: expected one of bbcc, cccc, bb, cc or None (mixed query/passage "
-                       "attention is not served, as in gritlm)")
-  return attn[:2] != "bb"
+  mode = contract.parse_attn(attn, key="attn")
+  if mode.query_causal != mode.passage_causal:
+    raise GritJaxError(f"attn={attn!r}: mixed query/passage attention is not served (as in gritlm); "
+                       "expected bbcc, cccc, bb, cc or None")
+  return mode.query_causal
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax import contract
 from grit_jax.convert import settings as settings_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling.config import ModelConfig
@@ -119,6 +120,9 @@ class GritLM:
     else:
       raise GritJaxError(f"GritLM: first argument must be a ModelConfig or a model directory, got "
                          f"{type(model_name_or_path).__name__}")
+    if tokenizer is not None:
+      contract.check_vocab(tokenizer.vocab_size, config.vocab_size,
+                           key=f"tokenizer {getattr(tokenizer, 'path', '')}".strip())
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
     self.tokenizer = tokenizer
