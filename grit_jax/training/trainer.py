@@ -194,21 +194,25 @@ def _config_json(config) -> dict:
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
+  with ckpt_lib.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
+    return _train(config, workdir, progress=progress)
+
+
+def _train(config, workdir: str, *, progress: bool) -> dict:
   from grit_jax import data as data_lib
 
   t = config.train
   primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   config_json = _config_json(config)
   if primary:
     atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
 
   run = Run(config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  start = ckpt.latest_step()
+  restored = ckpt.restore_latest(run.abstract_state())  # the newest intact step; damaged newer ones named
   data_state = None
-  if start is not None:
-    state, data_state, meta = ckpt.restore(start, run.abstract_state())
+  if restored is not None:
+    start, state, data_state, meta = restored
     _warn_config_changes(meta.get("config", {}), config_json)
   else:
     start = 0
