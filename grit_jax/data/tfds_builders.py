@@ -6,8 +6,9 @@ policy at build time; the per-file skip counts and messages are stored in the da
 that reuses the build still reports them. The array_record format gives random access (`as_data_source`), which the
 numpy sampler in grit_jax.data.iterator uses for deterministic, resumable, shardable sampling.
 
-The build is cached under `cache_dir/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
+The build is cached under `<cache>/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
 size, content hash), the tokenizer, the max lengths, the group size and the policy, so any change triggers a rebuild.
+`<cache>` is config.data.cache_dir, else `$GRIT_JAX_CACHE/tfds`, else `~/.cache/grit_jax/tfds`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -25,12 +27,21 @@ from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "tfds")
+CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
 tfds.disable_progress_bar()
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("GRIT_JAX_DATA_CACHE", DEFAULT_CACHE_DIR)
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "grit_jax")
+  return os.path.join(root, "tfds")
+
+
+def cfg_value(data_cfg, key, default=None):
+  """data_cfg[key], or `default` for a config (or dict) without that key."""
+  try:
+    return data_cfg[key]
+  except (KeyError, AttributeError):
+    return default
 
 
 @dataclasses.dataclass
@@ -219,3 +230,35 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
     builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
     builder.download_and_prepare()
   return JsonlDataset(builder)
+
+
+def mode_kinds(data_cfg) -> tuple[str, ...]:
+  """The kinds of data config.data.mode trains on."""
+  mode = cfg_value(data_cfg, "mode", "unified")
+  return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
+          "generative": (jsonl.GENERATIVE,)}[mode]
+
+
+_REPORTED: set[str] = set()  # builds whose skipped lines this process has reported (evaluation reopens them)
+
+
+def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | None,
+                  kinds: tuple[str, ...]) -> dict[str, JsonlDataset]:
+  """{kind: built dataset} for the requested kinds of `folder` (missing kind = GritJaxError). Lines skipped by the
+  bad-input policy are reported (per file, once per process), also when the build comes from the cache."""
+  files = jsonl.split_files(folder)
+  out = {}
+  for kind in kinds:
+    if not files[kind]:
+      key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
+      raise GritJaxError(f"config.data.mode={cfg_value(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no "
+                         f"file in {folder!r} has {key} lines")
+    out[kind] = ds = build(
+        files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
+        passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
+        group_size=int(data_cfg.train_group_size), bad_input=cfg_value(data_cfg, "bad_input", "skip"),
+        cache_dir=cache_dir)
+    if ds.stats.total and ds.builder.builder_config.name not in _REPORTED:
+      _REPORTED.add(ds.builder.builder_config.name)
+      logging.warning("%s", ds.stats.report())
+  return out

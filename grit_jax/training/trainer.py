@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 
 import jax
@@ -251,7 +252,7 @@ def _train(config, workdir: str, *, progress: bool) -> dict:
     last_metrics = m
     if step % t.log_every == 0 or step == stop:
       dt = time.perf_counter() - window["t"]
-      m = dict(m)
+      m = dict(m, **_sum_over_processes({k: m[k] for k in it.truncated}))  # texts cut to max length, so far
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
       m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
@@ -269,6 +270,7 @@ def _train(config, workdir: str, *, progress: bool) -> dict:
       step_data_state = it.get_state()
       batch = data_lib.to_global_batch(batch_np, run.mesh)
       state, metrics = run.train_step(state, batch)
+      metrics = dict(metrics, **it.truncation_counts())  # host-side counts through this batch
       if pending is not None:
         settle(pending)
       pending = (step, metrics)
@@ -297,6 +299,9 @@ def _train(config, workdir: str, *, progress: bool) -> dict:
           bar.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     final = max(stop, start)
     summary = {"step": final, "resumed_from": start, **last_metrics}
+    cut = data_lib.iterator.truncation_report(_sum_over_processes(it.truncated), _sum_over_processes(it.texts))
+    if cut and primary:
+      print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
     if final == t.steps and t.export_hf:
       summary["hf"] = export_hf(_params(state), config, os.path.join(workdir, "hf"))
   finally:
@@ -336,6 +341,12 @@ class _Preemption:
   def restore(self):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def _sum_over_processes(counts: dict) -> dict:
+  """Host-side counts of this process -> the run's (collective)."""
+  per_process = ckpt_lib._allgather_json({k: int(v) for k, v in counts.items()})  # pylint: disable=protected-access
+  return {k: sum(c[k] for c in per_process) for k in counts}
 
 
 def _params(state):
