@@ -112,32 +112,27 @@ class RunLock:
 
   def acquire(self) -> str | None:
     """None, or why the folder is in use."""
+    folder = os.path.dirname(self.path)
     f = open(self.path, "a+")  # pylint: disable=consider-using-with  (held until release)
     f.seek(0)
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      holder = f.read().strip()
+      holder = _holder(f.read())[2]
       f.close()
-      return f"{os.path.dirname(self.path)} is in use by another run ({holder or 'starting'}); wait for it to " \
-             f"finish or use another --workdir"
-    holder = f.read().strip()
-    if holder:  # the previous run did not release it: crashed, killed, or (network filesystem) still running
-      try:
-        info = json.loads(holder)
-        pid, host = int(info["pid"]), str(info["host"])
-      except (ValueError, KeyError, TypeError):
-        pid, host = -1, ""
+      return f"{folder} is in use by another run ({holder}); wait for it to finish or use another --workdir"
+    text = f.read().strip()
+    if text:  # the previous run did not release it: crashed, killed, or (network filesystem) still running
+      pid, host, holder = _holder(text)
       if host != socket.gethostname() or (pid != os.getpid() and _pid_alive(pid)):
         f.close()
-        return (f"{os.path.dirname(self.path)} is in use by another run ({holder}); if that run has ended, delete "
-                f"{self.path}")
+        return f"{folder} is in use by another run ({holder}); if that run has ended, delete {self.path}"
       _warn(f"{self.path}: taking over the lock of a run that did not finish cleanly ({holder}; pid {pid} is no "
             "longer running)")
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
     f.flush()
     self._file = f
     return None
@@ -148,6 +143,16 @@ class RunLock:
       self._file.truncate()  # empty = released cleanly; the file stays (unlinking would race with a new holder)
       self._file.close()  # drops the flock
       self._file = None
+
+
+def _holder(text: str) -> tuple[int, str, str]:
+  """(pid, host, a description) of the run a lock file names; pid -1 when unreadable."""
+  try:
+    info = json.loads(text)
+    pid, host = int(info["pid"]), str(info["host"])
+  except (ValueError, KeyError, TypeError):
+    return -1, "", text.strip()[:200] or "starting"
+  return pid, host, f"pid {pid} on {host}, started {info.get('started', '?')}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -340,7 +345,7 @@ class Checkpointer:
     states = _allgather_json(data_state)
     data = {f"process_{i}": s for i, s in enumerate(states)}
     meta = dict(meta, step=int(step), process_count=jax.process_count())
-    self.manager.wait_until_finished()  # orbax would wait too; _sealing must not change under a running callback
+    self.wait()  # orbax would wait too; _sealing must not change under a running callback
     self._sealing = int(step)
     self.manager.save(
         int(step),
@@ -349,7 +354,7 @@ class Checkpointer:
         force=True,
     )
     if not self.async_save:
-      self.manager.wait_until_finished()
+      self.wait()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None, dict]:
     """(state on the current mesh, this process's data-iterator state, meta) of checkpoint `step`, unchecked
@@ -440,10 +445,14 @@ class Checkpointer:
     self.manager.delete(int(step))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is committed; a failed save (disk full, permissions) is a GritJaxError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax re-raises its background thread's error; name it in one line
+      raise GritJaxError(f"saving checkpoint step {self._sealing} in {self.directory} failed: {_one_line(e)}") from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
