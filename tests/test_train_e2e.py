@@ -342,6 +342,9 @@ def test_damaged_latest_checkpoint_is_named_and_the_newest_intact_restores(full_
   assert f"checkpoint step {bad} in {workdir}/checkpoints is damaged: " in err and why in err, err
   assert "Traceback" not in err
   assert os.path.isdir(workdir / "damaged_checkpoints" / str(bad)) and ckpt_steps(workdir) == sorted({4, 6} - {bad})
+  if damage == "flipped":  # init_from=ckpt: verifies the same checksums
+    with pytest.raises(GritJaxError, match="init_from=ckpt:.* the checkpoint is damaged: .* sha256"):
+      ckpt_lib.restore_params(str(workdir / "damaged_checkpoints" / "6"), state.params)
   # The restored state is the saved one, bit for bit.
   import orbax.checkpoint as ocp
 
@@ -413,6 +416,35 @@ def test_resume_past_a_damaged_checkpoint_equals_uninterrupted(full_run, tmp_pat
   np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [full[s] for s in range(1, STEPS + 1)],
                              rtol=1e-6, atol=1e-6)
   assert ckpt_steps(workdir) == [4, 6] and os.path.isdir(workdir / "damaged_checkpoints" / "6")
+
+
+def test_checksums_commit_with_the_step_and_a_failed_save_is_named(tmp_path, monkeypatch):
+  """Fast (no training): the manifest is inside every committed step and catches a flipped byte; a save whose
+  background work fails commits nothing and surfaces as one named error."""
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.arange(64, dtype=np.float32).reshape(8, 8)}, "step": np.int32(1)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {"note": "x"})
+  step_dir = os.path.join(ckpt.directory, "1")
+  manifest = json.load(open(os.path.join(step_dir, ckpt_lib.MANIFEST)))["files"]
+  assert {"state/_METADATA", "meta/metadata", "data/metadata"} <= set(manifest)
+  assert ckpt_lib.verify_manifest(step_dir) is None
+  victim = sorted(k for k in manifest if "/d/" in k)[0]
+  with open(os.path.join(step_dir, victim), "r+b") as f:
+    b = f.read(1)
+    f.seek(0)
+    f.write(bytes([b[0] ^ 1]))
+  assert ckpt_lib.verify_manifest(step_dir) == f"{victim} does not match its sha256 (corrupted bytes)"
+
+  def disk_full(step_dir):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt_lib, "write_manifest", disk_full)
+  with pytest.raises(GritJaxError, match=r"saving checkpoint step 2 in .* failed: OSError: \[Errno 28\] No space"):
+    ckpt.save(2, state, {"pos": 2}, {"note": "y"})
+  assert ckpt.all_steps() == [1]
+  ckpt.manager.close()
 
 
 # --- the run's folders -----------------------------------------------------------------------------------------
