@@ -453,19 +453,26 @@ def test_truncated_texts_are_counted_per_pass(tmp_path, tok, cache):
   assert full > 0 and it.truncation_counts()["truncated_gen"] == full
 
 
-def test_cache_is_keyed_by_content(tmp_path, tok):
+def test_cache_is_keyed_by_content(tmp_path, tok, monkeypatch):
   folder = tmp_path / "data"
   folder.mkdir()
   write_jsonl(folder / "a.jsonl", [{"text": "first version"}])
   kw = dict(tokenizer=TOK_PATH, query_max_len=32, passage_max_len=64, generative_max_len=48, group_size=2,
             bad_input="skip")
   files = [str(folder / "a.jsonl")]
+  hashed = []
+  sha256 = tfds_builders._sha256_file
+  monkeypatch.setattr(tfds_builders, "_sha256_file", lambda p: hashed.append(os.path.basename(p)) or sha256(p))
   old = tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw)
+  assert tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw).builder.data_dir == \
+      old.builder.data_dir
+  assert hashed.count("a.jsonl") == 1  # its digest is remembered while the file is unchanged
   stat = os.stat(folder / "a.jsonl")
   write_jsonl(folder / "a.jsonl", [{"text": "other version"}])  # same size, same mtime: only the bytes differ
   os.utime(folder / "a.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
   new = tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw)
   assert new.records([0])[0]["turns"] == ["other version"] and old.builder.data_dir != new.builder.data_dir
+  assert hashed.count("a.jsonl") == 2
   # Every input of the build enters its key: lengths, group size, policy.
   names = {tfds_builders.make_config("generative", files, **dict(kw, **change)).name
            for change in ({}, {"generative_max_len": 49}, {"group_size": 3}, {"bad_input": "error"})}

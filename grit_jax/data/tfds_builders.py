@@ -7,7 +7,9 @@ that reuses the build still reports them. The array_record format gives random a
 numpy sampler in grit_jax.data.iterator uses for deterministic, resumable, shardable sampling.
 
 The build is cached under `<cache>/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
-size, content hash), the tokenizer, the max lengths, the group size and the policy, so any change triggers a rebuild.
+size, sha256 of all their bytes), the tokenizer, the max lengths, the group size and the policy, so any change
+triggers a rebuild. A file's digest is remembered with its stat (`<cache>/file_sha256.json`) and recomputed when
+the file changes.
 `<cache>` is config.data.cache_dir, else `$GRIT_JAX_CACHE/tfds`, else `~/.cache/grit_jax/tfds`.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 
 FORMAT_VERSION = 1
 CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
@@ -66,32 +69,46 @@ def _sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
-_FULL_HASH_LIMIT = 1 << 30
+HASH_MEMO = "file_sha256.json"  # in the cache folder: {path: [[size, mtime_ns, ctime_ns, inode], sha256]}
 
 
-def _file_fingerprint(path: str) -> list:
-  """Content-based (a copied or touched file keeps its resumable state): full sha256 up to 1 GiB,
-  beyond that size + sha256 of the first and last 16 MiB (hashing a multi-GB corpus at every start is too slow)."""
-  size = os.path.getsize(path)
-  if size <= _FULL_HASH_LIMIT:
-    return [os.path.basename(path), size, _sha256_file(path)]
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    h.update(f.read(16 << 20))
-    f.seek(size - (16 << 20))
-    h.update(f.read())
-  return [os.path.basename(path), size, h.hexdigest()]
+def _file_fingerprint(path: str, memo: dict) -> list:
+  """[name, size, sha256 of the whole file]: content-based, so a copied or touched file keeps its resumable state.
+  `memo` keeps each file's digest with its (size, mtime, ctime, inode): a file is read again only after it changed
+  (any write moves ctime), so a multi-GB corpus is hashed once, not at every start."""
+  st = os.stat(path)
+  key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+  if memo.get(path, [None])[0] != key:
+    memo[path] = [key, _sha256_file(path)]
+  return [os.path.basename(path), st.st_size, memo[path][1]]
+
+
+def _read_memo(cache_dir: str | None) -> dict:
+  try:
+    with open(os.path.join(cache_dir, HASH_MEMO)) as f:
+      memo = json.load(f)
+    return memo if isinstance(memo, dict) else {}
+  except (OSError, TypeError, ValueError):  # none yet, or unreadable: hash again
+    return {}
 
 
 def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: int, passage_max_len: int,
-                generative_max_len: int, group_size: int, bad_input: str) -> GritJsonlConfig:
+                generative_max_len: int, group_size: int, bad_input: str,
+                cache_dir: str | None = None) -> GritJsonlConfig:
+  """The build's config; its name keys the cache. cache_dir: where the files' digests are remembered (None: the
+  files are hashed every time)."""
   files = tuple(os.path.abspath(f) for f in files)
-  content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f) for f in files],
+  memo = _read_memo(cache_dir)
+  before = dict(memo)
+  content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f, memo) for f in files],
                  tokenizer=_sha256_file(tokenizer), q=query_max_len, p=passage_max_len, g=generative_max_len,
                  group=group_size, bad=bad_input)
   content_fp = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
   # The build also keys on the paths, so its bad-input messages name the files this run reads.
   fingerprint = hashlib.sha256(json.dumps([content_fp, files]).encode()).hexdigest()[:16]
+  if cache_dir is not None and memo != before:
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write(os.path.join(cache_dir, HASH_MEMO), lambda f: json.dump(memo, f))
   return GritJsonlConfig(name=f"{kind}_{fingerprint}", version=tfds.core.Version("1.0.0"), kind=kind, files=files,
                          tokenizer=os.path.abspath(tokenizer), query_max_len=query_max_len,
                          passage_max_len=passage_max_len, generative_max_len=generative_max_len,
@@ -218,10 +235,10 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
 
   With bad_input="error" the first bad line raises GritJaxError naming file and line (and nothing is cached).
   """
+  cache_dir = cache_dir or default_cache_dir()
   config = make_config(kind, folder_files, tokenizer=tokenizer, query_max_len=query_max_len,
                        passage_max_len=passage_max_len, generative_max_len=generative_max_len,
-                       group_size=group_size, bad_input=bad_input)
-  cache_dir = cache_dir or default_cache_dir()
+                       group_size=group_size, bad_input=bad_input, cache_dir=cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
