@@ -34,6 +34,7 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       pack_generative=False,
       single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
       bad_input="skip",                  # skip (counted, reported) | error
+      cache_dir="",                      # tfds builds of the JSONL folders; "" = $GRIT_JAX_CACHE/tfds or ~/.cache/grit_jax/tfds
       seed=0,
   ))
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
@@ -50,24 +51,28 @@ def _config_json(config) -> dict:
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
+  model_config = contract.validate(config, num_devices=jax.device_count(),
+                                   log=print if jax.process_index() == 0 else None)  # before any mesh/data/weights
+  config = contract.with_model(config, model_config)  # what is saved and logged is the model really trained
+  with ckpt_lib.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
+    return _train(config, model_config, workdir, progress=progress)
+
+
+def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   from grit_jax import data as data_lib
 
   t = config.train
   primary = jax.process_index() == 0
-  model_config = contract.validate(config, num_devices=jax.device_count(),
-                                   log=print if primary else None)  # before any mesh, data or weights
-  config = contract.with_model(config, model_config)  # what is saved and logged is the model really trained
-  os.makedirs(workdir, exist_ok=True)
   config_json = _config_json(config)
   if primary:
     atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
 
   run = run_lib.Run(config, model_config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  start = ckpt.latest_step()
+  restored = ckpt.restore_latest(run.abstract_state())  # the newest intact step; damaged newer ones named
   data_state = None
-  if start is not None:
-    state, data_state, meta = ckpt.restore(start, run.abstract_state())
+  if restored is not None:
+    start, state, data_state, meta = restored
     _warn_config_changes(meta.get("config", {}), config_json)
   else:
     start = 0
@@ -104,7 +109,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
     last_metrics = m
     if step % t.log_every == 0 or step == stop:
       dt = time.perf_counter() - window["t"]
-      m = dict(m)
+      m = dict(m, **_sum_over_processes({k: m[k] for k in it.truncated}))  # texts cut to max length, so far
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
       m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
@@ -122,6 +127,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
       step_data_state = it.get_state()
       batch = data_lib.to_global_batch(batch_np, run.mesh)
       state, metrics = run.train_step(state, batch)
+      metrics = dict(metrics, **it.truncation_counts())  # host-side counts through this batch
       if pending is not None:
         settle(pending)
       pending = (step, metrics)
@@ -149,6 +155,9 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
           bar.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     final = max(stop, start)
     summary = {"step": final, "resumed_from": start, **last_metrics}
+    cut = data_lib.iterator.truncation_report(_sum_over_processes(it.truncated), _sum_over_processes(it.texts))
+    if cut and primary:
+      print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
     if final == t.steps and t.export_hf:
       summary["hf"] = export_lib.export_hf(run_lib.params(state), config, model_config, os.path.join(workdir, "hf"))
   finally:
@@ -188,6 +197,12 @@ class _Preemption:
   def restore(self):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
+
+
+def _sum_over_processes(counts: dict) -> dict:
+  """Host-side counts of this process -> the run's (collective)."""
+  per_process = ckpt_lib._allgather_json({k: int(v) for k, v in counts.items()})  # pylint: disable=protected-access
+  return {k: sum(c[k] for c in per_process) for k in counts}
 
 
 def _postfix(m: dict) -> str:
