@@ -105,6 +105,9 @@ def _check_data(c) -> None:
 
   _choice(d, "bad_input", jsonl.POLICIES, "data")
   _int(d, "seed", 0, "data")
+  for name in ("train_dir", "eval_dir", "tokenizer", "cache_dir"):
+    if not isinstance(d[name], str):
+      raise GritJaxError(f"config.data.{name}={d[name]!r}: must be a path string")
 
 
 def check_loss(l) -> None:
