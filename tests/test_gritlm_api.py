@@ -142,17 +142,19 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
   from grit_jax import GritLM, cli
   from grit_jax.data import templates
   from grit_jax.modeling import init_params
+  from grit_jax import contract
   from grit_jax.training import cli as train_cli
-  from grit_jax.training import trainer
+  from grit_jax.training import export as export_lib
 
   monkeypatch.chdir(ROOT)
   config, _ = train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
                                     "--config.attn=cccc", "--config.loss.pooling=weightedmean",
                                     "--config.loss.normalize=False"])
-  params = init_params(trainer.model_config_from(config), jax.random.PRNGKey(0))
+  model_config = contract.model_config(config, log=None)
+  params = init_params(model_config, jax.random.PRNGKey(0))
   old = os.umask(0o022)
   try:
-    hf = trainer.export_hf(params, config, str(tmp_path / "hf"))
+    hf = export_lib.export_hf(params, config, model_config, str(tmp_path / "hf"))
   finally:
     os.umask(old)
   assert os.stat(hf).st_mode & 0o777 == 0o755  # the user's umask, not mkdtemp's 0700

@@ -1,6 +1,6 @@
 """What inference needs to serve a model the way it was trained, stored next to its weights as grit_settings.json.
 
-Written by the training export (`trainer.export_hf`), `GritLM.save_pretrained` and both `grit-jax convert`
+Written by the training export (`training.export.export_hf`), `GritLM.save_pretrained` and both `grit-jax convert`
 directions (copied along); read by `GritLM.from_pretrained` and the inference CLI, which use it as their defaults
 (an explicit argument overrides it, with one log line). A directory without the file (e.g. a model downloaded from
 the Hub) gets the GritLM defaults below, which are those of the published GritLM models.
