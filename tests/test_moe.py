@@ -196,3 +196,20 @@ def test_ragged_dot_backend_compiles_for_tpu_with_local_routing():
   text = ragged.as_text()
   assert "ragged-dot" in text and " while(" not in text
   assert ragged.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("gmm", ["tiled", "ragged_dot"])
+def test_routed_experts_bfloat16_close_to_dense(gmm):
+  """bf16 compute: the routed path (float32 accumulation in the tiled matmuls) stays within bf16 rounding of the
+  dense one, for the output and the weight gradient."""
+  rng = np.random.RandomState(3)
+  top_i, top_w = _routing("random", 2, 16, rng)
+  x = jnp.asarray(rng.randn(2, 16, D), jnp.bfloat16)
+  w1, w3 = (jnp.asarray(0.2 * rng.randn(E, D, I), jnp.bfloat16) for _ in range(2))
+  w2 = jnp.asarray(0.2 * rng.randn(E, I, D), jnp.bfloat16)
+  run = lambda experts: jax.jit(jax.value_and_grad(
+      lambda w1: jnp.sum(experts(x, jnp.asarray(top_i), jnp.asarray(top_w), w1, w3, w2).astype(jnp.float32) ** 2)))(w1)
+  (l0, g0), (l1, g1) = run(dense_experts), run(lambda *a: routed_experts(*a, gmm=gmm))
+  assert g1.dtype == jnp.bfloat16 and abs(float(l1) - float(l0)) <= 2e-2 * abs(float(l0))
+  g0, g1 = np.asarray(g0, np.float32), np.asarray(g1, np.float32)
+  assert np.abs(g1 - g0).max() <= 3e-2 * np.abs(g0).max()
