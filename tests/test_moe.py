@@ -113,11 +113,12 @@ def test_sparse_moe_layer_routed_equals_dense_with_padding(layer_case):
   _close(g1, g0)  # w.r.t. gate, w1, w2, w3 and the input
 
 
-def test_model_routed_scanned_remat_equals_dense_with_padding():
-  """Whole model: logits, aux loss and parameter gradients, routed under nn.scan + full remat vs dense."""
+def test_model_routed_scanned_remat_on_8_devices_equals_dense_with_padding():
+  """Whole model: logits, aux loss and parameter gradients; routed under nn.scan + full remat on the 2 x 4 FSDP test
+  mesh (params sharded, batch split) vs dense on one device."""
   cfg = CFG
-  ids = jnp.asarray(np.random.RandomState(2).randint(3, 128, size=(3, 10)), jnp.int32)
-  mask = jnp.asarray(np.arange(10)[None, :] < np.array([10, 4, 7])[:, None], jnp.int32)
+  ids = jnp.asarray(np.random.RandomState(2).randint(3, 128, size=(8, 10)), jnp.int32)
+  mask = jnp.asarray(np.arange(10)[None, :] < np.array([10, 4, 7, 1, 10, 9, 2, 6])[:, None], jnp.int32)
   params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), ids, mask)["params"])
   params = jax.tree.map(lambda p: p * 3.0, params)
 
@@ -130,7 +131,13 @@ def test_model_routed_scanned_remat_equals_dense_with_padding():
     return out.logits, out.aux_loss, g
 
   l0, a0, g0 = run(cfg.replace(moe_impl="dense"), params)
-  l1, a1, g1 = run(cfg.replace(scan_layers=True, remat_policy="full"), scan_params(params, cfg.num_layers))
+  scanned = cfg.replace(scan_layers=True, remat_policy="full")
+  mesh, rules = mesh_lib.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1))
+  boxed = jax.eval_shape(Transformer(scanned).init, jax.random.PRNGKey(0), ids, mask)["params"]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    p8 = jax.device_put(scan_params(params, cfg.num_layers),
+                        nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules))
+    l1, a1, g1 = run(scanned, p8)
   _close(l1, l0)
   assert float(a0) > 1.0 and abs(float(a1) - float(a0)) <= TOL
   _close(g1, scan_params(g0, cfg.num_layers))

@@ -190,7 +190,7 @@ def dense_experts(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID):
 #   differentiation rules (dx a ragged dot with w^T, dw a ragged-contracting dot) come with the primitive, so remat
 #   and the aot compile see one ordinary op. Chosen over the megablox gmm Pallas kernel (tile sizes to tune, and a
 #   Mosaic kernel the CPU tests could only run in interpret mode) and over tokamax (one more dependency, whose TPU
-#   ragged dot is that same kernel family); both remain drop-in replacements behind `grouped_matmul`.
+#   ragged dot is that same kernel family); either would slot in where `_routed_local` picks its matmul.
 # - "tiled": on CPU, where jax lowers ragged_dot to a dense masked product over all groups (E times the FLOPs of
 #   the dense path's matmuls). Each expert's rows are padded to a multiple of a row tile, and a loop runs one
 #   [tile, in] @ [in, out] matmul per used tile with that tile's expert weights; a custom VJP does the same for dx
@@ -215,17 +215,13 @@ def _tiled_gmm(x_RI, w_EIO, tile_expert_G, num_tiles, tile: int):
   return _tiled_gmm_fwd(x_RI, w_EIO, tile_expert_G, num_tiles, tile)[0]
 
 
-def _tile_loop(num_tiles, init, body):
-  return jax.lax.fori_loop(0, num_tiles, body, init)
-
-
 def _tiled_gmm_fwd(x_RI, w_EIO, tile_expert_G, num_tiles, tile):
   def body(g, y_RO):
     x_tI = jax.lax.dynamic_slice_in_dim(x_RI, g * tile, tile)
     y_tO = jnp.dot(x_tI, w_EIO[tile_expert_G[g]], preferred_element_type=jnp.float32)
     return jax.lax.dynamic_update_slice_in_dim(y_RO, y_tO.astype(y_RO.dtype), g * tile, 0)
 
-  y_RO = _tile_loop(num_tiles, jnp.zeros((x_RI.shape[0], w_EIO.shape[2]), x_RI.dtype), body)
+  y_RO = jax.lax.fori_loop(0, num_tiles, body, jnp.zeros((x_RI.shape[0], w_EIO.shape[2]), x_RI.dtype))
   return y_RO, (x_RI, w_EIO, tile_expert_G, num_tiles)
 
 
@@ -242,7 +238,8 @@ def _tiled_gmm_bwd(tile, residuals, dy_RO):
     dx_RI = jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_tI.astype(dx_RI.dtype), g * tile, 0)
     return dx_RI, dw_EIO.at[e].add(dw_IO)
 
-  dx_RI, dw_EIO = _tile_loop(num_tiles, (jnp.zeros_like(x_RI), jnp.zeros(w_EIO.shape, jnp.float32)), body)
+  init = (jnp.zeros_like(x_RI), jnp.zeros(w_EIO.shape, jnp.float32))
+  dx_RI, dw_EIO = jax.lax.fori_loop(0, num_tiles, body, init)  # dw accumulated per expert in place
   return dx_RI, dw_EIO.astype(w_EIO.dtype), None, None
 
 
