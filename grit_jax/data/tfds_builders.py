@@ -72,10 +72,11 @@ def _sha256_file(path: str) -> str:
 HASH_MEMO = "file_sha256.json"  # in the cache folder: {path: [[size, mtime_ns, ctime_ns, inode], sha256]}
 
 
-def _file_fingerprint(path: str, memo: dict) -> list:
+def _file_fingerprint(path: str, memo: dict | None = None) -> list:
   """[name, size, sha256 of the whole file]: content-based, so a copied or touched file keeps its resumable state.
   `memo` keeps each file's digest with its (size, mtime, ctime, inode): a file is read again only after it changed
   (any write moves ctime), so a multi-GB corpus is hashed once, not at every start."""
+  memo = {} if memo is None else memo
   st = os.stat(path)
   key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
   if memo.get(path, [None])[0] != key:
