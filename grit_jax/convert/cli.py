@@ -2,8 +2,9 @@
 
 hf-to-jax: an HF Mistral/Mixtral directory (config.json + safetensors, sharded or not) -> a grit_jax directory
 (config.json + params.safetensors). jax-to-hf: the reverse, in the HF layout transformers loads (per-expert Mixtral
-names, shards + index when larger than --max-shard-size). Tokenizer files are copied along. DST is written through
-a temporary directory and renamed, so a failed conversion leaves nothing behind.
+names, shards + index when larger than --max-shard-size). Tokenizer files and grit_settings.json (the settings the
+model is served with) are copied along. DST is written through a temporary directory and renamed, so a failed
+conversion leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf
+  from grit_jax.convert import hf, settings
   from grit_jax.modeling.config import ModelConfig
   config = ModelConfig.from_hf(hf._require_dir(src), param_dtype=param_dtype)
   source_dtype = hf.hf_dtype_of(src)
@@ -40,17 +41,19 @@ def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool 
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_jax(params, config, tmp, hf_dtype=source_dtype)
     hf.copy_tokenizer_files(src, tmp)
+    settings.copy(src, tmp)
   return dst
 
 
 def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf
+  from grit_jax.convert import hf, settings
   if not hf.is_jax_dir(hf._require_dir(src)):
     raise GritJaxError(f"{src}: not a grit_jax directory (config.json with format={hf.JAX_FORMAT!r})")
   config, params, meta = hf.load_jax(src)
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_hf(params, config, tmp, max_shard_size=max_shard_size, dtype=dtype or meta.get("hf_dtype"))
     hf.copy_tokenizer_files(src, tmp)
+    settings.copy(src, tmp)
   return dst
 
 

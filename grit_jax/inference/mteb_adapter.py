@@ -15,8 +15,6 @@ from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
-from grit_jax.inference.encode import encode
-
 INSTRUCTION_STRIP = ": \n"
 BOTH_SIDES_TASK_TYPES = ("Reranking",)
 
@@ -49,8 +47,8 @@ class MtebEncoder(AbsEncoder):
     texts = [t for batch in inputs for t in batch["text"]]
     # The reference embeds an empty string as just the template; our template code rejects empty text.
     texts = [t if t else " " for t in texts]
-    return encode(self.model, texts, instruction=self.instruction_for(task_metadata, prompt_type),
-                  batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
+    return self.model.encode(texts, instruction=self.instruction_for(task_metadata, prompt_type),
+                             batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
 
 
 def _leaves(tree):
