@@ -464,11 +464,11 @@ def test_truncated_texts_are_counted_per_pass(tmp_path, tok, cache):
   assert iterator.truncation_report(it.truncated, it.texts) == (
       "truncated to the max length: 2 of 4 queries (50.0%), 4 of 8 passages (50.0%), 1 of 4 generative sequences "
       "(25.0%)")
-  # Packed: a cut sequence fills a whole row (the short ones are a few tokens), so count full-length segments.
+  # Packed: the same counts (a cut sequence is one of max length; the short ones are a few tokens).
   it = D.make_train_iterator(make_cfg(train_dir=str(tmp_path), mode="generative", pack_generative=True,
                                       generative_batch_size=4), tokenizer=tok, cache_dir=cache)
-  full = sum(int(np.sum(b["gen_segment_ids"] == 1, axis=1).tolist().count(48)) for b in [next(it), next(it)])
-  assert full > 0 and it.truncation_counts()["truncated_gen"] == full
+  full = sum(int(np.sum(b["gen_lengths"] == 48)) for b in [next(it), next(it)])
+  assert full == 2 and it.truncation_counts()["truncated_gen"] == full and it.texts["truncated_gen"] == 8
 
 
 def test_cache_is_keyed_by_content(tmp_path, tok, monkeypatch):
