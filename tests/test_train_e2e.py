@@ -109,8 +109,21 @@ def test_paper_recipes(monkeypatch):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("full")
-  train(workdir, env=env)
+  FULL_RUN_OUTPUT["out"] = train(workdir, env=env)
   return workdir
+
+
+FULL_RUN_OUTPUT = {}
+# Third-party lines a user must never see (TensorFlow/CUDA/oneDNN/absl start-up, seqio, tfds, libtpu).
+NOISE = ("oneDNN", "cuda", "CUDA", "cuInit", "absl::InitializeLog", "T5 library uses PAD_ID",
+         "Using custom data configuration", "Downloading and preparing", "downloaded and prepared", "TPU", "libtpu")
+
+
+@pytest.mark.slow
+def test_train_prints_no_library_noise(full_run):
+  out = FULL_RUN_OUTPUT["out"]
+  noisy = [line for line in (out.stdout + out.stderr).splitlines() if any(n in line for n in NOISE)]
+  assert noisy == [], noisy
 
 
 @pytest.mark.slow

@@ -50,15 +50,12 @@ class GritLM:
   def from_pretrained(cls, path: str, dtype: str = "float32", attn: str = "bbcc", **overrides) -> "GritLM":
     """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
     hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
-    ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present."""
+    ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model`, else `tokenizer.json`, from the same
+    directory when present."""
     from grit_jax.convert import hf
     config, params = hf.load_pretrained(path, dtype=dtype, **overrides)
-    tokenizer = None
-    tok_path = os.path.join(path, "tokenizer.model")
-    if os.path.isfile(tok_path):
-      from grit_jax.data.tokenizer import Tokenizer
-      tokenizer = Tokenizer(tok_path)
-    return cls(config, params, tokenizer, attn=attn)
+    from grit_jax.data.tokenizer import Tokenizer
+    return cls(config, params, Tokenizer.from_dir(path), attn=attn)
 
   def _run(self, input_ids, attention_mask, causal: bool, return_logits: bool) -> np.ndarray:
     ids = jnp.asarray(np.asarray(input_ids, np.int32))

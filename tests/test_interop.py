@@ -1,0 +1,173 @@
+"""Moving over from gritlm / Hugging Face: the tokenizer without TensorFlow (same ids as seqio's vocabulary, from a
+SentencePiece model or a tokenizer.json), inference that imports neither TensorFlow nor seqio, and commands whose
+output carries no third-party noise."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from grit_jax.data.tokenizer import Tokenizer
+from grit_jax.perf import host
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
+# Special strings, leading / repeated / trailing whitespace, newlines and tabs, digits (split_digits), byte fallback
+# (CJK, emoji, combining marks), the GritLM format tokens.
+TEXTS = ["hello world", "<s><|embed|>\nhello  world", " leading", "trailing ", "a</s>b<s> c", "<s></s><s>",
+         "héllo 日本語 🙂 e\u0301", "x\n\ny\t z", "1234567 3.14", "   z", "a \n b", "<|user|>\nq\n<|assistant|>\nA.</s>",
+         "<s>", "</s>", "<unk> <pad>", "ünïcödé — “quotes”", ""]
+HEAVY = ("tensorflow", "seqio", "tensorflow_datasets")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tokenizer without seqio
+
+
+def _seqio_ids(text: str, continuation: bool) -> list[int]:
+  """Expected ids from seqio's vocabularies: each segment between <s>/</s> through SentencePieceVocabulary (with the
+  dummy prefix dropped for a continued segment), <s>/</s> as ids 1/2."""
+  import re
+
+  import seqio
+  from sentencepiece import sentencepiece_model_pb2
+  plain = seqio.SentencePieceVocabulary(TOKENIZER)
+  cont = seqio.SentencePieceVocabulary(
+      TOKENIZER, normalizer_spec_overrides=sentencepiece_model_pb2.NormalizerSpec(add_dummy_prefix=False))
+  ids, after_text = [], continuation
+  for part in re.split(r"(<s>|</s>)", text):
+    if part in ("<s>", "</s>"):
+      ids.append(1 if part == "<s>" else 2)
+      after_text = False
+    elif part:
+      ids += list(map(int, (cont if after_text else plain).encode(part)))
+      after_text = True
+  return ids
+
+
+def test_tokenizer_ids_equal_seqio_vocabulary():
+  tok = Tokenizer(TOKENIZER)
+  assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (1, 2, 0, 1000)
+  for text in TEXTS:
+    for continuation in (False, True):
+      assert tok.encode(text, continuation=continuation) == _seqio_ids(text, continuation), (text, continuation)
+  ids = tok.encode("<s><|embed|>\n")
+  assert ids[0] == 1 and tok.id_to_piece(ids[1]).startswith("▁<")  # the dummy prefix after a special token
+  assert tok.decode(tok.encode("<s>héllo 日本語 🙂</s>")) == "héllo 日本語 🙂"
+
+
+def test_tokenizer_errors_name_the_file(tmp_path):
+  from grit_jax.errors import GritJaxError
+  with pytest.raises(GritJaxError, match="no SentencePiece model or tokenizer.json"):
+    Tokenizer(tmp_path / "missing.model")
+  bad = tmp_path / "bad.model"
+  bad.write_bytes(b"not a model")
+  with pytest.raises(GritJaxError, match="bad.model.*not a SentencePiece model"):
+    Tokenizer(bad)
+  bad_json = tmp_path / "tokenizer.json"
+  bad_json.write_text("{}")
+  with pytest.raises(GritJaxError, match="not a tokenizers JSON file"):
+    Tokenizer(bad_json)
+  assert Tokenizer.from_dir(str(tmp_path / "nothing_here")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference imports neither TensorFlow nor seqio, and no command prints third-party noise
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.modeling import get_config, init_params
+  cfg = get_config("tiny_mistral", dtype="float32")
+  d = str(tmp_path_factory.mktemp("model"))
+  GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), Tokenizer(TOKENIZER)).save_pretrained(d)
+  return d
+
+
+def _user_env():
+  """The environment of a user who set nothing: no platform choice, no TF log level, one CPU device."""
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "XLA_FLAGS")}
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+_INFERENCE = r"""
+import json, sys
+from grit_jax import GritLM, cli
+from grit_jax.inference.encode import encode
+from grit_jax.inference.generate import generate
+from grit_jax.inference.rag import rag
+d, tmp = sys.argv[1], sys.argv[2]
+m = GritLM.from_pretrained(d)
+assert encode(m, ["one text", "another"]).shape == (2, 64)
+generate(m, ["Hi"], max_new_tokens=2)
+rag(m, "a question", ["doc one", "doc two"], max_new_tokens=2)
+open(tmp + "/t.jsonl", "w").write('"first"\n"second"\n')
+for argv in (["embed", "--model", d, "--input", tmp + "/t.jsonl", "--output", tmp + "/e.npy"],
+             ["generate", "--model", d, "--prompt", "Hi", "--max-new-tokens", "2"],
+             ["rag", "--model", d, "--corpus", tmp + "/t.jsonl", "--query", "q", "--max-new-tokens", "2"]):
+  assert cli.main(argv) == 0, argv
+print(json.dumps(sorted(k for k in sys.modules if k.split(".")[0] in %r)))
+"""
+
+
+def test_inference_imports_neither_tensorflow_nor_seqio(model_dir, tmp_path):
+  out = subprocess.run([sys.executable, "-c", _INFERENCE % (HEAVY,), model_dir, str(tmp_path)], env=_user_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+  # The library path (no CLI set-up) picks the CPU itself: no libtpu worker-hostname errors, nothing at all.
+  assert out.stderr == "", out.stderr[-3000:]
+
+
+def test_cli_embed_prints_one_line_and_no_noise(model_dir, tmp_path):
+  src = tmp_path / "texts.jsonl"
+  src.write_text('"first text"\n{"text": "second"}\n')
+  out = subprocess.run([sys.executable, "-m", "grit_jax.cli", "embed", "--model", model_dir, "--input", str(src),
+                        "--output", str(tmp_path / "e.npy")], env=_user_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == [f"wrote {tmp_path / 'e.npy'}: 2 x 64 float32"]
+  assert out.stderr == ""
+
+
+_TF_IMPORT = r"""
+import os, sys
+from grit_jax.perf import host
+host.quiet_library_logs()
+import tensorflow, seqio, tensorflow_datasets
+os.write(2, b"I0000 00:00:1.2 77 port.cc:153] oneDNN custom operations are on.\nW0000 00:00:1.3 77 x.cc:1] a real TF warning\n")
+from absl import logging
+logging.warning("T5 library uses PAD_ID=%d, which is different", 0)
+logging.warning("a real absl warning")
+seqio.SentencePieceVocabulary(sys.argv[1]).vocab_size
+"""
+
+
+def test_tensorflow_noise_is_dropped_and_real_warnings_kept():
+  out = subprocess.run([sys.executable, "-c", _TF_IMPORT, TOKENIZER], env=_user_env(), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stderr.splitlines()
+  # TensorFlow's own start-up lines (oneDNN, CUDA drivers, cuInit, absl::InitializeLog) and seqio's pad-id warning
+  # are gone; a line written straight to fd 2 after the import and a real warning still show.
+  assert lines == ["I0000 00:00:1.2 77 port.cc:153] oneDNN custom operations are on.",
+                   "W0000 00:00:1.3 77 x.cc:1] a real TF warning", "WARNING:absl:a real absl warning"], lines
+
+
+def test_filtered_stderr_keeps_what_is_not_noise(capfd):
+  def run():
+    os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+    os.write(2, b"I0000 00:00:1796027264.209694   10990 cudart_stub.cc:31] Could not find cuda drivers\n")
+    os.write(2, b"E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n")
+    os.write(2, b"E0000 00:00:1.0 1 other.cc:1] a real error\n")
+    sys.stderr.write("a Python warning\n")
+    return 7
+  assert host._filtered_stderr(run) == 7
+  # (pytest's capture takes Python's sys.stderr apart from fd 2, so only the set of lines is compared)
+  assert sorted(capfd.readouterr().err.splitlines()) == ["E0000 00:00:1.0 1 other.cc:1] a real error",
+                                                         "a Python warning"]
