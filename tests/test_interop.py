@@ -18,8 +18,8 @@ TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
 # Special strings, leading / repeated / trailing whitespace, newlines and tabs, digits (split_digits), byte fallback
 # (CJK, emoji, combining marks), the GritLM format tokens.
 TEXTS = ["hello world", "<s><|embed|>\nhello  world", " leading", "trailing ", "a</s>b<s> c", "<s></s><s>",
-         "héllo 日本語 🙂 e\u0301", "x\n\ny\t z", "1234567 3.14", "   z", "a \n b", "<|user|>\nq\n<|assistant|>\nA.</s>",
-         "<s>", "</s>", "<unk> <pad>", "ünïcödé — “quotes”", ""]
+         "héllo 日本語 🙂 e\u0301", "x\n\ny\t z", "1234567 3.14", "   z", "a \n b", "<s>", "</s>", "<unk> <pad>",
+         "<|user|>\nq\n<|assistant|>\nA.</s>", "ünïcödé — “quotes”", ""]
 HEAVY = ("tensorflow", "seqio", "tensorflow_datasets")
 
 
@@ -28,8 +28,8 @@ HEAVY = ("tensorflow", "seqio", "tensorflow_datasets")
 
 
 def _seqio_ids(text: str, continuation: bool) -> list[int]:
-  """Expected ids from seqio's vocabularies: each segment between <s>/</s> through SentencePieceVocabulary (with the
-  dummy prefix dropped for a continued segment), <s>/</s> as ids 1/2."""
+  """Expected ids from seqio's vocabularies: each segment between <s>/</s>/<unk> through SentencePieceVocabulary
+  (with the dummy prefix dropped for a continued segment), <s>/</s>/<unk> as ids 1/2/0 (as HF's tokenizer)."""
   import re
 
   import seqio
@@ -38,9 +38,9 @@ def _seqio_ids(text: str, continuation: bool) -> list[int]:
   cont = seqio.SentencePieceVocabulary(
       TOKENIZER, normalizer_spec_overrides=sentencepiece_model_pb2.NormalizerSpec(add_dummy_prefix=False))
   ids, after_text = [], continuation
-  for part in re.split(r"(<s>|</s>)", text):
-    if part in ("<s>", "</s>"):
-      ids.append(1 if part == "<s>" else 2)
+  for part in re.split(r"(<s>|</s>|<unk>)", text):
+    if part in ("<s>", "</s>", "<unk>"):
+      ids.append({"<s>": 1, "</s>": 2, "<unk>": 0}[part])
       after_text = False
     elif part:
       ids += list(map(int, (cont if after_text else plain).encode(part)))
@@ -140,7 +140,8 @@ import os, sys
 from grit_jax.perf import host
 host.quiet_library_logs()
 import tensorflow, seqio, tensorflow_datasets
-os.write(2, b"I0000 00:00:1.2 77 port.cc:153] oneDNN custom operations are on.\nW0000 00:00:1.3 77 x.cc:1] a real TF warning\n")
+os.write(2, b"I0000 00:00:1.2 77 port.cc:153] oneDNN custom operations are on.\n")
+os.write(2, b"W0000 00:00:1.3 77 x.cc:1] a real TF warning\n")
 from absl import logging
 logging.warning("T5 library uses PAD_ID=%d, which is different", 0)
 logging.warning("a real absl warning")
@@ -171,3 +172,73 @@ def test_filtered_stderr_keeps_what_is_not_noise(capfd):
   # (pytest's capture takes Python's sys.stderr apart from fd 2, so only the set of lines is compared)
   assert sorted(capfd.readouterr().err.splitlines()) == ["E0000 00:00:1.0 1 other.cc:1] a real error",
                                                          "a Python warning"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exports every tool reads the same way: tokenizer.json / tokenizer_config.json, sentence-transformers modules
+
+
+def test_export_tokenizer_gives_grit_jax_ids_in_transformers(model_dir):
+  import transformers
+
+  from grit_jax.data import templates
+  ours = Tokenizer(TOKENIZER)
+  theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
+  assert (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id, theirs.padding_side) == (1, 2, 0, "right")
+  for text in TEXTS:
+    assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    assert theirs(text)["input_ids"] == [1] + ours.encode(text), text  # BOS added, no EOS
+  # The embedding template as gritlm builds it: BOS from the tokenizer, then the instruction prefix and the text.
+  text = "<|user|>\nRetrieve a doc\n<|embed|>\nThe text"
+  assert theirs(text)["input_ids"] == ours.encode(templates.embed_text("Retrieve a doc", "The text"))
+  # The chat template renders grit_jax's chat prompt and training text.
+  chat = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello! "},
+          {"role": "user", "content": "And 2+2?"}]
+  prompt = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+  assert prompt == templates.chat_prompt([m["content"] for m in chat])
+  ids = theirs.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+  assert ids == ours.encode(prompt)
+  assert theirs.apply_chat_template(chat[:2], tokenize=False) == templates.chat_text(["Hi there", " Hello! "])
+  assert theirs.batch_decode([ours.encode("<s>héllo world</s>")], skip_special_tokens=True) == ["héllo world"]
+
+
+def test_model_with_only_tokenizer_json(model_dir, tmp_path):
+  import shutil
+
+  from grit_jax.inference.encode import encode
+  from grit_jax.inference.gritlm import GritLM
+  d = tmp_path / "json_only"
+  shutil.copytree(model_dir, d)
+  os.remove(d / "tokenizer.model")
+  json_only, full = GritLM.from_pretrained(str(d)), GritLM.from_pretrained(model_dir)
+  assert json_only.tokenizer.kind == "tokenizers" and full.tokenizer.kind == "sentencepiece"
+  for text in TEXTS:
+    for continuation in (False, True):
+      assert json_only.tokenizer.encode(text, continuation) == full.tokenizer.encode(text, continuation), text
+  texts = ["a first text", "naïve  spaces\there"]
+  np.testing.assert_array_equal(encode(json_only, texts, instruction="Find"),
+                                encode(full, texts, instruction="Find"))
+  # ... and it exports again (tokenizer.json carried, no tokenizer.model invented)
+  out = tmp_path / "again"
+  json_only.save_pretrained(str(out))
+  assert {"tokenizer.json", "tokenizer_config.json", "modules.json"} <= set(os.listdir(out))
+  assert "tokenizer.model" not in os.listdir(out)
+  assert Tokenizer(str(out / "tokenizer.json")).encode(TEXTS[1]) == full.tokenizer.encode(TEXTS[1])
+
+
+def test_sentence_transformers_equals_gritlm_encode(model_dir):
+  import sentence_transformers
+
+  from grit_jax.inference.encode import encode
+  from grit_jax.inference.gritlm import GritLM
+  model = GritLM.from_pretrained(model_dir)
+  st = sentence_transformers.SentenceTransformer(model_dir, device="cpu")
+  texts = ["The capital of France is Paris.", "short", "Photosynthesis turns light into sugar, slowly. " * 3]
+  instruction = "Given a question, retrieve the passage that answers it"
+  got = st.encode(texts, prompt=f"<|user|>\n{instruction}\n<|embed|>\n", convert_to_numpy=True)
+  want = encode(model, texts, instruction=instruction)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # No prompt: the model's default prompt, i.e. GritLM.encode without an instruction.
+  np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), encode(model, texts), atol=1e-5)
+  # The causal embedding would be far off (the export really runs bidirectionally).
+  assert np.abs(encode(model, texts, attn="cccc") - want).max() > 1e-2

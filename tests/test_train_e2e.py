@@ -279,3 +279,34 @@ def test_init_from_hf_and_ckpt(full_run, monkeypatch):
       np.testing.assert_allclose(np.asarray(leaf), flat_want[path], rtol=0, atol=0, err_msg=f"{spec} {path}")
   with pytest.raises(GritJaxError, match="expected hf:DIR or ckpt:DIR"):
     trainer._init_from(run, state, "gs://nope")
+
+
+@pytest.mark.slow
+def test_intermediate_checkpoint_exports_to_hf(full_run, tmp_path, capsys):
+  import shutil
+
+  from safetensors.numpy import load_file
+
+  from grit_jax import GritLM
+  hf = os.path.join(full_run, "hf")
+  last = tmp_path / "step6"
+  assert cli.main(["convert", "ckpt-to-hf", str(full_run / "checkpoints" / "6"), str(last)]) == 0
+  # The last step's checkpoint exports exactly what the run itself exported at the end.
+  ours, run_export = load_file(str(last / "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
+  assert sorted(ours) == sorted(run_export)
+  for name in ours:
+    np.testing.assert_array_equal(ours[name], run_export[name])
+  for fname in ("tokenizer.json", "tokenizer_config.json", "modules.json", "config.json"):
+    with open(last / fname) as a, open(os.path.join(hf, fname)) as b:
+      assert a.read() == b.read(), fname
+  # An intermediate step has other weights, and loads.
+  mid = tmp_path / "step4"
+  assert cli.main(["convert", "ckpt-to-hf", str(full_run / "checkpoints" / "4"), str(mid)]) == 0
+  step4 = load_file(str(mid / "model.safetensors"))
+  assert any(not np.array_equal(step4[n], ours[n]) for n in ours)
+  assert GritLM.from_pretrained(str(mid)).logits(np.ones((1, 4), np.int32)).shape == (1, 4, 1024)
+  # A checkpoint copied away from its run: the missing run config is named.
+  shutil.copytree(full_run / "checkpoints" / "4", tmp_path / "lone" / "4")
+  capsys.readouterr()
+  assert cli.main(["convert", "ckpt-to-hf", str(tmp_path / "lone" / "4"), str(tmp_path / "x")]) == 2
+  assert "no run config.json" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,11 +1,11 @@
 """The tokenizer: a SentencePiece model (`tokenizer.model`) or a Hugging Face `tokenizer.json`, with the HF Mistral
 treatment of `<s>` / `</s>`.
 
-The reference tokenizes with `add_special_tokens=False`, so the literal strings "<s>" and "</s>" inside a text map to
-BOS (1) and EOS (2) and everything between them is plain SentencePiece text. As in the HF Mistral tokenizer, every
-text segment between special tokens gets SentencePiece's dummy "▁" prefix (so "<s><|embed|>\\n" is
-[1, "▁<", "|", "embed", "|", ">", "\\n"]). `<|user|>`, `<|embed|>`, `<|assistant|>` are NOT special: they split into
-ordinary pieces.
+The reference tokenizes with `add_special_tokens=False`, so the literal strings "<s>", "</s>" and "<unk>" inside a
+text map to BOS (1), EOS (2) and UNK (0) and everything between them is plain SentencePiece text. As in the HF
+Mistral tokenizer, every text segment between special tokens gets SentencePiece's dummy "▁" prefix (so
+"<s><|embed|>\n" is [1, "▁<", "|", "embed", "|", ">", "\n"]). `<|user|>`, `<|embed|>`, `<|assistant|>` are NOT
+special: they split into ordinary pieces.
 
 Imports neither TensorFlow nor seqio (inference must not pay 10 s and 1 GB for them): the SentencePiece model is
 loaded with `sentencepiece` exactly as seqio.SentencePieceVocabulary loads it (same proto, same ids; tested), and
@@ -23,7 +23,8 @@ from grit_jax.errors import GritJaxError
 
 BOS_STR = "<s>"
 EOS_STR = "</s>"
-_SPECIAL_RE = re.compile(r"(<s>|</s>)")
+UNK_STR = "<unk>"
+_SPECIAL_RE = re.compile(r"(<s>|</s>|<unk>)")
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
 
@@ -49,7 +50,7 @@ class _SentencePiece:
     proto.normalizer_spec.MergeFrom(no_prefix)
     proto.denormalizer_spec.MergeFrom(no_prefix)
     self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    self.bos_id, self.eos_id = int(self.sp.bos_id()), int(self.sp.eos_id())
+    self.bos_id, self.eos_id, self.unk_id = int(self.sp.bos_id()), int(self.sp.eos_id()), int(self.sp.unk_id())
     self.vocab_size = int(self.sp.get_piece_size())
 
   def encode(self, text: str, prefix: bool) -> list[int]:
@@ -83,6 +84,7 @@ class _HFTokenizers:
     self.tok_cont = HFTokenizer.from_str(json.dumps(_without_dummy_prefix(spec)))
     self.bos_id = _token_id(self.tok, BOS_STR, path)
     self.eos_id = _token_id(self.tok, EOS_STR, path)
+    self.unk_id = _token_id(self.tok, UNK_STR, path)
     self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
 
   def encode(self, text: str, prefix: bool) -> list[int]:
@@ -101,7 +103,7 @@ class _HFTokenizers:
 def _token_id(tok, token: str, path: str) -> int:
   i = tok.token_to_id(token)
   if i is None:
-    raise GritJaxError(f"tokenizer: {path!r} has no {token!r} token (GritLM's templates need <s> and </s>)")
+    raise GritJaxError(f"tokenizer: {path!r} has no {token!r} token (GritLM's templates need <s>, </s>, <unk>)")
   return int(i)
 
 
@@ -128,7 +130,7 @@ def _without_dummy_prefix(spec: dict) -> dict:
 
 
 class Tokenizer:
-  """encode(text) -> ids without added BOS/EOS; literal "<s>"/"</s>" -> bos_id/eos_id.
+  """encode(text) -> ids without added BOS/EOS; literal "<s>"/"</s>"/"<unk>" -> bos_id/eos_id/unk_id.
 
   `path`: a SentencePiece model (tokenizer.model) or a Hugging Face tokenizer.json; both give the same ids for the
   same vocabulary (tests/test_interop.py)."""
@@ -140,7 +142,7 @@ class Tokenizer:
     self.path = path
     self.kind = "tokenizers" if path.endswith(".json") else "sentencepiece"
     self._impl = _HFTokenizers(path) if self.kind == "tokenizers" else _SentencePiece(path)
-    self.bos_id, self.eos_id = self._impl.bos_id, self._impl.eos_id
+    self.bos_id, self.eos_id, self.unk_id = self._impl.bos_id, self._impl.eos_id, self._impl.unk_id
     self.pad_id = 0  # = unk in Mistral's model; padding is masked everywhere, its id never matters
     self.vocab_size = self._impl.vocab_size
     if self.bos_id < 0 or self.eos_id < 0:
@@ -171,12 +173,10 @@ class Tokenizer:
     """
     ids: list[int] = []
     after_text = continuation
+    special = {BOS_STR: self.bos_id, EOS_STR: self.eos_id, UNK_STR: self.unk_id}
     for part in _SPECIAL_RE.split(text):
-      if part == BOS_STR:
-        ids.append(self.bos_id)
-        after_text = False
-      elif part == EOS_STR:
-        ids.append(self.eos_id)
+      if part in special:
+        ids.append(special[part])
         after_text = False
       elif part:
         ids.extend(self._impl.encode(part, prefix=not after_text))

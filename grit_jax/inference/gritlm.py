@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import flax.linen as nn
 import jax
@@ -73,12 +72,10 @@ class GritLM:
     return self._run(input_ids, attention_mask, causal, True)
 
   def save_pretrained(self, path: str, dtype: str | None = None, max_shard_size="5GB") -> str:
-    """Write a Hugging Face directory (config.json, safetensors, tokenizer.model) atomically; replaces `path`."""
-    from grit_jax.convert import hf
-    import shutil
+    """Write a Hugging Face directory (config.json, safetensors, the tokenizer files and sentence-transformers
+    modules of convert.hf_files) atomically; replaces `path`."""
+    from grit_jax.convert import hf, hf_files
     with hf.atomic_dir(path, overwrite=True) as tmp:
       hf.save_hf(self.params, self.config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-      tok = getattr(self.tokenizer, "path", None)
-      if tok and os.path.isfile(tok):
-        shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
+      hf_files.write_export_files(self.tokenizer, tmp, self.config, attn=self.attn)
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 
@@ -155,8 +154,8 @@ def evaluate(run: Run, params, config) -> dict:
 # Export
 
 def export_hf(params, config, out_dir: str) -> str:
-  """Writes a Hugging Face directory (config.json + safetensors + tokenizer.model) that GritLM.from_pretrained and
-  transformers load. Collective (every process gathers the params); process 0 writes, atomically."""
+  """Writes a Hugging Face directory (config.json + safetensors + tokenizer and sentence-transformers files) that
+  GritLM.from_pretrained, transformers and sentence-transformers load. Collective (every process gathers the params); process 0 writes, atomically."""
   from grit_jax.convert import hf as hf_lib
 
   host = _to_host(params)
@@ -166,8 +165,16 @@ def export_hf(params, config, out_dir: str) -> str:
       if kind == "hf":
         hf_lib.copy_tokenizer_files(src, tmp)  # tokenizer.json etc. of the base model, when there
       hf_lib.save_hf(jax.tree.map(np.asarray, host), model_config_from(config), tmp)
-      shutil.copyfile(config.data.tokenizer, os.path.join(tmp, "tokenizer.model"))
+      write_export_files(config, tmp)
   return out_dir
+
+
+def write_export_files(config, out_dir: str) -> list[str]:
+  """The run's tokenizer files and sentence-transformers modules (convert.hf_files) into an HF directory."""
+  from grit_jax.convert import hf_files
+
+  return hf_files.write_export_files(_tokenizer(config), out_dir, model_config_from(config), attn=config.attn,
+                                     pooling=config.loss.pooling, normalize=config.loss.normalize)
 
 
 def _to_host(tree):
