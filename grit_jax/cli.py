@@ -17,6 +17,7 @@ COMMANDS = {
     "embed": ("grit_jax.inference.cli", "embed_main", "embed a JSONL of texts into a .npy matrix"),
     "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
     "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
+    "eval": ("grit_jax.inference.retrieval_eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
     "convert": ("grit_jax.convert.cli", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
     "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
 }

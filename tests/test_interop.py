@@ -242,3 +242,56 @@ def test_sentence_transformers_equals_gritlm_encode(model_dir):
   np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), encode(model, texts), atol=1e-5)
   # The causal embedding would be far off (the export really runs bidirectionally).
   assert np.abs(encode(model, texts, attn="cccc") - want).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grit-jax eval: retrieval metrics on the user's own rows
+
+
+def test_retrieval_metrics_hand_worked():
+  from grit_jax.inference.retrieval_eval import retrieval_metrics
+  scores = np.array([[0.9, 0.8, 0.1, 0.5],    # query 0: ranking 0, 1, 3, 2; relevant {1, 2} at ranks 2 and 4
+                     [0.2, 0.1, 0.3, 0.9]])   # query 1: relevant {3} at rank 1
+  m = retrieval_metrics(scores, [{1, 2}, {3}])
+  ndcg0 = (1 / np.log2(3) + 1 / np.log2(5)) / (1 / np.log2(2) + 1 / np.log2(3))  # = 0.650920
+  assert abs(ndcg0 - 0.650920) < 1e-6
+  np.testing.assert_allclose([m["ndcg@10"], m["recall@1"], m["recall@5"], m["recall@10"], m["mrr@10"]],
+                             [(ndcg0 + 1) / 2, 0.5, 1.0, 1.0, 0.75], atol=1e-9)
+  # A relevant passage below rank 10 counts for nothing at 10; ties keep corpus order.
+  far = np.concatenate([np.linspace(1, 0.5, 11), [0.0]])[None]  # doc 11 is last (rank 12)
+  assert retrieval_metrics(far, [{11}]) == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@1": 0.0, "recall@5": 0.0,
+                                            "recall@10": 0.0}
+  assert retrieval_metrics(np.zeros((1, 3)), [{1}])["mrr@10"] == 0.5
+
+
+def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
+  from grit_jax import cli
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.inference.retrieval_eval import embed_pairs, retrieval_metrics
+  rows = [{"query": ["Find the fact", "capital of France"], "pos": ["Paris is the capital of France."],
+           "neg": ["Berlin is in Germany."]},
+          {"query": "highest mountain", "pos": [["", "Everest is the highest mountain."]],
+           "neg": ["Berlin is in Germany.", "Plants make sugar from light."]}]
+  data = tmp_path / "rows.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = tmp_path / "metrics.json"
+  assert cli.main(["eval", "--model", model_dir, "--data", str(data), "--output", str(out)]) == 0
+  metrics = json.loads(out.read_text())
+  assert metrics["queries"] == 2 and metrics["corpus"] == 4  # the shared negative counted once
+  # The same metrics from the embeddings computed here: corpus = distinct passages in first-seen order.
+  model = GritLM.from_pretrained(model_dir)
+  corpus = [("", "Paris is the capital of France."), ("", "Berlin is in Germany."),
+            ("", "Everest is the highest mountain."), ("", "Plants make sugar from light.")]
+  q = embed_pairs(model, [("Find the fact", "capital of France"), ("", "highest mountain")], normalize=True)
+  want = retrieval_metrics(q @ embed_pairs(model, corpus, normalize=True).T, [{0}, {2}])
+  for name, value in want.items():
+    assert abs(metrics[name] - value) < 1e-6, name
+  assert "ndcg@10" in capsys.readouterr().out
+  # A bad row is named by file and line, before the model is loaded; nothing is written.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "neg": ["x"]}) + "\n")
+  assert cli.main(["eval", "--model", model_dir, "--data", str(bad), "--output", str(tmp_path / "m2.json")]) == 2
+  assert f"{bad}:2: missing key 'pos'" in capsys.readouterr().err
+  assert not (tmp_path / "m2.json").exists()
+  assert cli.main(["eval", "--model", model_dir, "--data", str(tmp_path / "nope")]) == 2
+  assert "no such file or folder" in capsys.readouterr().err
