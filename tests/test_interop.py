@@ -295,3 +295,49 @@ def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
   assert not (tmp_path / "m2.json").exists()
   assert cli.main(["eval", "--model", model_dir, "--data", str(tmp_path / "nope")]) == 2
   assert "no such file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mteb: results of different models never collide in mteb's cache
+
+
+def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
+  import shutil
+  import socket
+  import warnings
+
+  import mteb
+  from mteb.cache import ResultCache
+  from mteb.mocks.mock_tasks import MockRetrievalTask
+
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.inference.mteb_adapter import MtebEncoder
+  from grit_jax.modeling import get_config, init_params
+  monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  # Two models in folders of the same name, different weights.
+  a_dir, b_dir = tmp_path / "a" / "model", tmp_path / "b" / "model"
+  shutil.copytree(model_dir, a_dir)
+  cfg = get_config("tiny_mistral", dtype="float32")
+  GritLM(cfg, init_params(cfg, jax.random.PRNGKey(1)), Tokenizer(TOKENIZER)).save_pretrained(str(b_dir))
+  a, b = MtebEncoder.from_pretrained(str(a_dir)), MtebEncoder.from_pretrained(str(b_dir))
+  assert a.mteb_model_meta.name == b.mteb_model_meta.name == "grit_jax/model"
+  assert a.mteb_model_meta.revision != b.mteb_model_meta.revision
+  assert MtebEncoder.from_pretrained(model_dir).mteb_model_meta.revision == a.mteb_model_meta.revision  # a copy
+
+  def score(encoder, cache):
+    res = mteb.evaluate(encoder, [MockRetrievalTask()], cache=cache, show_progress_bar=False)
+    assert not res.exceptions
+    return res.task_results[0].get_score()
+
+  cache = ResultCache(str(tmp_path / "cache"))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got_a, got_b = score(a, cache), score(b, cache)
+  assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+  assert (got_a, got_b) == (score(a, None), score(b, None))  # b's own score, not a's from the cache
+  assert got_a != got_b, (got_a, got_b)  # (so a shared cache entry would have shown)
+  # mteb's loader reloads the model from its directory, with the same revision.
+  reloaded = b.mteb_model_meta.load_model()
+  assert reloaded.mteb_model_meta.revision == b.mteb_model_meta.revision
