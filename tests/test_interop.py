@@ -341,3 +341,27 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
   # mteb's loader reloads the model from its directory, with the same revision.
   reloaded = b.mteb_model_meta.load_model()
   assert reloaded.mteb_model_meta.revision == b.mteb_model_meta.revision
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode over every local device, with a progress bar on large inputs
+
+
+def test_encode_splits_batches_over_devices_and_shows_progress(model_dir, capsys):
+  from grit_jax.inference.encode import PROGRESS_MIN_TEXTS, encode
+  from grit_jax.inference.gritlm import GritLM
+  assert jax.local_device_count() == 8  # tests/conftest.py
+  model = GritLM.from_pretrained(model_dir)
+  texts = [f"text number {i} " + "word " * (i % 7) for i in range(PROGRESS_MIN_TEXTS)]
+  one = encode(model, texts[:20], devices=jax.local_devices()[:1], batch_size=16)
+  capsys.readouterr()
+  all_devices = encode(model, texts[:20], batch_size=16)
+  np.testing.assert_allclose(all_devices, one, atol=1e-5)
+  assert "Batches" not in capsys.readouterr().err  # small input: no bar
+  sharding = model._data_parallel[3]
+  assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec("data")
+  many = encode(model, texts, batch_size=128)
+  assert "Batches: 100%" in capsys.readouterr().err and many.shape == (len(texts), 64)
+  np.testing.assert_allclose(many[:20], one, atol=1e-5)
+  encode(model, texts, batch_size=128, show_progress_bar=False)
+  assert "Batches" not in capsys.readouterr().err

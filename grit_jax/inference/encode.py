@@ -66,13 +66,14 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
   return out
 
 
-def batches(tokens, batch_size: int, max_length: int) -> Iterator[tuple[np.ndarray, ...]]:
-  """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets."""
+def batches(tokens, batch_size: int, max_length: int, row_multiple: int = 1) -> Iterator[tuple[np.ndarray, ...]]:
+  """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets (rows a multiple
+  of `row_multiple`, the number of devices the batch is split over)."""
   order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i][0]))
   for s in range(0, len(order), batch_size):
     idx = order[s:s + batch_size]
     T = bucket(len(tokens[idx[0]][0]), cap=max_length)
-    rows = bucket(len(idx), cap=batch_size, minimum=1)
+    rows = -(-bucket(len(idx), cap=batch_size, minimum=1) // row_multiple) * row_multiple
     ids = np.zeros((rows, T), np.int32)   # [B, T]
     mask = np.zeros((rows, T), np.int32)
     pool = np.zeros((rows, T), np.int32)
@@ -84,19 +85,50 @@ def batches(tokens, batch_size: int, max_length: int) -> Iterator[tuple[np.ndarr
     yield np.asarray(idx), ids, mask, pool
 
 
+PROGRESS_MIN_TEXTS = 256  # as gritlm: a progress bar for inputs of at least this many texts
+
+
+def _data_parallel(model, devices):
+  """(params replicated over `devices`, sharding that splits a batch's rows over them); one mesh per device set and
+  one replicated copy of the params per model, reused across calls."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  key = tuple(d.id for d in devices)
+  cached = getattr(model, "_data_parallel", None)
+  if cached is None or cached[0] != key or cached[1] is not model.params:
+    mesh = Mesh(np.asarray(devices), ("data",))
+    params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
+    cached = (key, model.params, params, NamedSharding(mesh, PartitionSpec("data")))
+    model._data_parallel = cached
+  return cached[2], cached[3]
+
+
 def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",
-                  normalize: bool = True, causal: bool = False, with_cache: bool = False):
+                  normalize: bool = True, causal: bool = False, with_cache: bool = False,
+                  show_progress_bar: bool | None = None, devices=None):
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
-  (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy)."""
+  (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
+
+  Each batch's rows are split over `devices` (default: every local device; params replicated on them); the
+  with_cache (RAG) pass stays on one device. show_progress_bar: None = a bar from PROGRESS_MIN_TEXTS texts on."""
   if pooling not in POOLINGS:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
   if batch_size < 1 or max_length < 1:
     raise GritJaxError(f"batch_size={batch_size}, max_length={max_length}: must be >= 1")
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
+  devices = list(devices if devices is not None else jax.local_devices())
+  if with_cache or len(devices) == 1:
+    params, put = model.params, jnp.asarray
+  else:
+    params, rows = _data_parallel(model, devices)
+    put = lambda x: jax.device_put(x, rows)
   emb = np.zeros((len(tokens), model.config.hidden_size), np.float32)
   caches = [None] * len(tokens)
-  for idx, ids, mask, pool in batches(tokens, batch_size, max_length):
-    e, cache = fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pool))
+  if show_progress_bar is None:
+    show_progress_bar = len(tokens) >= PROGRESS_MIN_TEXTS
+  from tqdm import tqdm
+  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, 1 if put is jnp.asarray else len(devices)),
+                                   total=-(-len(tokens) // batch_size), desc="Batches", disable=not show_progress_bar):
+    e, cache = fn(params, put(ids), put(mask), put(pool))
     emb[idx] = np.asarray(e)[:len(idx)]
     if with_cache:
       from grit_jax.inference.generate import unstack_cache
@@ -106,18 +138,22 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
 
 
 def encode(model, texts: Sequence[str], instruction: str = "", batch_size: int = 64, max_length: int = 512,
-           pooling: str = "mean", normalize: bool = True, attn: str | None = None) -> np.ndarray:
+           pooling: str = "mean", normalize: bool = True, attn: str | None = None,
+           show_progress_bar: bool | None = None, devices=None) -> np.ndarray:
   """Embed `texts` with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
   `<s><|embed|>\\n{text}` without instruction). BOS, instruction and format tokens are not pooled but are
   attended to. Bidirectional attention unless the model's `attn` is `cccc`/`cc`.
 
   Compilation: batches are sorted by length and padded to power-of-two length buckets (>= 16, capped at
   max_length) and power-of-two row buckets (capped at batch_size), so a corpus of any size compiles only a few
-  programs. Returns np.float32 [N, D] in input order (L2-normalised when `normalize`)."""
+  programs. Batches are split over every local device (or `devices`); a progress bar shows for inputs of
+  PROGRESS_MIN_TEXTS texts or more unless show_progress_bar=False. Returns np.float32 [N, D] in input order
+  (L2-normalised when `normalize`)."""
   if isinstance(texts, str):
     texts = [texts]
   texts = list(texts)
   if not texts:
     return np.zeros((0, model.config.hidden_size), np.float32)
   tokens = tokenize(model, texts, instruction, max_length)
-  return encode_tokens(model, tokens, batch_size, max_length, pooling, normalize, embedding_is_causal(model, attn))
+  return encode_tokens(model, tokens, batch_size, max_length, pooling, normalize, embedding_is_causal(model, attn),
+                       show_progress_bar=show_progress_bar, devices=devices)
