@@ -365,3 +365,19 @@ def test_encode_splits_batches_over_devices_and_shows_progress(model_dir, capsys
   np.testing.assert_allclose(many[:20], one, atol=1e-5)
   encode(model, texts, batch_size=128, show_progress_bar=False)
   assert "Batches" not in capsys.readouterr().err
+
+
+def test_convert_accepts_a_model_with_only_tokenizer_json(model_dir, tmp_path):
+  import shutil
+
+  from grit_jax import cli
+  src = tmp_path / "hf_json_only"
+  shutil.copytree(model_dir, src)
+  os.remove(src / "tokenizer.model")
+  assert cli.main(["convert", "hf-to-jax", str(src), str(tmp_path / "jax")]) == 0
+  assert cli.main(["convert", "jax-to-hf", str(tmp_path / "jax"), str(tmp_path / "hf")]) == 0
+  files = set(os.listdir(tmp_path / "hf"))
+  assert {"tokenizer.json", "tokenizer_config.json", "modules.json"} <= files and "tokenizer.model" not in files
+  back = Tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
+  for text in TEXTS:
+    assert back.encode(text) == Tokenizer(TOKENIZER).encode(text), text
