@@ -22,7 +22,7 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       train_dir="data/train",            # one JSONL per dataset; embedding vs generative told apart by keys
-      eval_dir="data/eval",
+      eval_dir="data/eval",               # "" = no held-out evaluation
       tokenizer="data/tokenizer.model",  # SentencePiece model (Mistral's tokenizer.model for real runs)
       mode="unified",                    # unified | embedding | generative
       query_max_len=256,
@@ -34,6 +34,7 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       pack_generative=False,
       single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
       bad_input="skip",                  # skip (counted, reported) | error
+      cache_dir="",                      # tfds builds of the JSONL folders; "" = $GRIT_JAX_CACHE/tfds or ~/.cache/grit_jax/tfds
       seed=0,
   ))
 

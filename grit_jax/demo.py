@@ -64,6 +64,19 @@ def _short(s: str, n: int = 90) -> str:
   return s if len(s) <= n else s[:n - 3] + "..."
 
 
+def untrained_model(config):
+  """The GritLM the run started from (same seed, same init), for the before/after comparison."""
+  import jax
+
+  from grit_jax.data.tokenizer import Tokenizer
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.training import run as run_lib
+
+  run = run_lib.Run(config)
+  params = jax.tree.map(np.asarray, run_lib.to_host(run_lib.params(run.init_state())))
+  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer))
+
+
 def main(argv: list[str] | None = None) -> int:
   host.prepare_cpu_host()  # before jax starts: the platform, and glibc keeps XLA's step buffers
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
   from grit_jax import GritLM
 
   trained = GritLM.from_pretrained(os.path.join(args.workdir, "hf"))
-  untrained = trainer.untrained_model(config)
+  untrained = untrained_model(config)
   rows, corpus, chats = load_eval(config.data.eval_dir)
 
   print(f"\n== 2. retrieval: {len(rows)} held-out queries against {len(corpus)} held-out documents ==")

@@ -48,3 +48,25 @@ def torch_logits(model, ids, mask=None):
     out = model(input_ids=torch.as_tensor(ids, dtype=torch.long),
                 attention_mask=None if mask is None else torch.as_tensor(mask, dtype=torch.long))
   return out.logits.float().numpy()
+
+
+def save_matching_tokenizer(sp_model: str, path) -> None:
+  """tokenizer.json + tokenizer_config.json that tokenize like grit_jax's Tokenizer on `sp_model` (a SentencePiece
+  BPE model with byte fallback): HF's legacy-Llama layout, where every text segment between special tokens gets
+  the "▁" dummy prefix and BOS is added. For tests that feed a directory to AutoTokenizer-based tools (the gritlm
+  package); the exporter's own tokenizer.json is tested on its own."""
+  import transformers
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+  from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+  spm = SentencePieceExtractor(sp_model).extract(models.BPE)
+  tok = Tokenizer(models.BPE(vocab=spm["vocab"], merges=spm["merges"], unk_token="<unk>", fuse_unk=True,
+                             byte_fallback=True))
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+  tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+  tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                     special_tokens=[("<s>", spm["vocab"]["<s>"])])
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>").save_pretrained(str(path))

@@ -371,3 +371,127 @@ def test_eval_batches(tok, cache):
   shards = [D.make_eval_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache) for s in range(2)]
   assert len(shards[0]) == len(shards[1])
   assert sum(int(b["query_weight"].sum()) for s in shards for b in s) == 25
+
+
+def test_skip_counts_are_reported_from_a_cached_build(tmp_path, tok, monkeypatch, caplog):
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB, "{not json", GOOD_EMB, GOOD_EMB])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=2)
+  cache = str(tmp_path / "cache")
+  D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  want = f"{tmp_path / 'emb.jsonl'}: 1 skipped"
+  assert want in caplog.text
+  # A later run (a new process: nothing reported yet) served from the cache, which it must not rebuild.
+  caplog.clear()
+  monkeypatch.setattr(tfds_builders, "_REPORTED", set())
+  monkeypatch.setattr(tfds_builders.GritJsonl, "_generate_examples", lambda self: pytest.fail("rebuilt"))
+  D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  assert "bad input: skipped 1 line(s)" in caplog.text and want in caplog.text
+  assert f"{tmp_path / 'emb.jsonl'}:2: malformed JSON" in caplog.text
+
+
+def test_entries_that_are_not_jsonl_are_named(tmp_path, caplog):
+  write_jsonl(tmp_path / "a.jsonl", [GOOD_EMB])
+  write_jsonl(tmp_path / "README.md", ["# my data"])
+  write_jsonl(tmp_path / "more.jsonl.gz", ["x"])
+  assert jsonl.list_jsonl(str(tmp_path)) == [str(tmp_path / "a.jsonl")]
+  assert "ignoring 2 entries that are not *.jsonl: README.md, more.jsonl.gz" in caplog.text
+  only = tmp_path / "only_readme"
+  only.mkdir()
+  write_jsonl(only / "README.md", ["# my data"])
+  with pytest.raises(GritJaxError, match=r"has no \*.jsonl files \(it has: README.md\)"):
+    jsonl.list_jsonl(str(only))
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_line_with_both_kinds_of_keys_is_an_error(tmp_path, tok, cache, first):
+  both = dict(GOOD_EMB, text=["q", "a"])
+  write_jsonl(tmp_path / "d.jsonl", [both, GOOD_EMB, GOOD_EMB] if first else [GOOD_EMB, GOOD_EMB, both])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=1, bad_input="skip")
+  line = 1 if first else 3
+  with pytest.raises(GritJaxError, match=f'{tmp_path / "d.jsonl"}:{line}: has both "query" .* and "text"'):
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+
+
+def test_truncated_flag_is_exact(tok):
+  text = "Return the square root of x, rounded down."
+  n = len(tok.encode(templates.embed_text("Find it", text)))
+  assert not templates.encode_embedding(tok, "Find it", text, n).truncated  # fits exactly
+  cut = templates.encode_embedding(tok, "Find it", text, n - 1)
+  assert cut.truncated and len(cut[0]) == n - 1
+  turns = ["What is x?", "It is y.", "And z?", "It is w."]
+  one_turn = templates.encode_chat(tok, turns[:2], 512)
+  assert not one_turn.truncated
+  m = len(one_turn[0])
+  assert not templates.encode_chat(tok, turns[:2], m).truncated
+  dropped = templates.encode_chat(tok, turns, m)  # the first turn fills max_len exactly; the second is dropped
+  assert dropped.truncated and dropped == one_turn
+  assert templates.encode_chat(tok, turns[:2], m - 1).truncated
+  k = len(templates.encode_plain(tok, text, 512)[0])
+  assert not templates.encode_plain(tok, text, k).truncated and templates.encode_plain(tok, text, k - 1).truncated
+
+
+def test_truncated_texts_are_counted_per_pass(tmp_path, tok, cache):
+  long = "word " * 100  # > 64 tokens
+  emb = [{"query": ["Find it", long if i < 2 else f"query {i}"], "pos": [["", long]], "neg": [["", f"neg {i}"]]}
+         for i in range(4)]
+  gen = [{"text": long if i == 0 else f"short text {i}"} for i in range(4)]
+  write_jsonl(tmp_path / "emb.jsonl", emb)
+  write_jsonl(tmp_path / "gen.jsonl", gen)
+  cfg = make_cfg(train_dir=str(tmp_path), embedding_batch_size=4, generative_batch_size=4, train_group_size=2,
+                 single_dataset_batches=False)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  next(it)  # one epoch of each: every row once
+  assert it.truncation_counts() == {"truncated_query": 2, "truncated_passage": 4, "truncated_gen": 1}
+  assert it.texts == {"truncated_query": 4, "truncated_passage": 8, "truncated_gen": 4}
+  assert iterator.truncation_report(it.truncated, it.texts) == (
+      "truncated to the max length: 2 of 4 queries (50.0%), 4 of 8 passages (50.0%), 1 of 4 generative sequences "
+      "(25.0%)")
+  # Packed: a cut sequence fills a whole row (the short ones are a few tokens), so count full-length segments.
+  it = D.make_train_iterator(make_cfg(train_dir=str(tmp_path), mode="generative", pack_generative=True,
+                                      generative_batch_size=4), tokenizer=tok, cache_dir=cache)
+  full = sum(int(np.sum(b["gen_segment_ids"] == 1, axis=1).tolist().count(48)) for b in [next(it), next(it)])
+  assert full > 0 and it.truncation_counts()["truncated_gen"] == full
+
+
+def test_cache_is_keyed_by_content(tmp_path, tok, monkeypatch):
+  folder = tmp_path / "data"
+  folder.mkdir()
+  write_jsonl(folder / "a.jsonl", [{"text": "first version"}])
+  kw = dict(tokenizer=TOK_PATH, query_max_len=32, passage_max_len=64, generative_max_len=48, group_size=2,
+            bad_input="skip")
+  files = [str(folder / "a.jsonl")]
+  hashed = []
+  sha256 = tfds_builders._sha256_file
+  monkeypatch.setattr(tfds_builders, "_sha256_file", lambda p: hashed.append(os.path.basename(p)) or sha256(p))
+  old = tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw)
+  assert tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw).builder.data_dir == \
+      old.builder.data_dir
+  assert hashed.count("a.jsonl") == 1  # its digest is remembered while the file is unchanged
+  stat = os.stat(folder / "a.jsonl")
+  write_jsonl(folder / "a.jsonl", [{"text": "other version"}])  # same size, same mtime: only the bytes differ
+  os.utime(folder / "a.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  new = tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw)
+  assert new.records([0])[0]["turns"] == ["other version"] and old.builder.data_dir != new.builder.data_dir
+  assert hashed.count("a.jsonl") == 2
+  # Every input of the build enters its key: lengths, group size, policy.
+  names = {tfds_builders.make_config("generative", files, **dict(kw, **change)).name
+           for change in ({}, {"generative_max_len": 49}, {"group_size": 3}, {"bad_input": "error"})}
+  assert len(names) == 4
+  # The same bytes elsewhere keep the content fingerprint (the resumable data state carries over).
+  other = tmp_path / "copy"
+  other.mkdir()
+  (other / "a.jsonl").write_bytes((folder / "a.jsonl").read_bytes())
+  fp = lambda f: tfds_builders.make_config("generative", [str(f)], **kw).content_fingerprint
+  assert fp(folder / "a.jsonl") == fp(other / "a.jsonl")
+
+
+def test_cache_dir_from_config_or_environment(tmp_path, tok, monkeypatch):
+  monkeypatch.setenv("GRIT_JAX_CACHE", str(tmp_path / "root"))
+  assert tfds_builders.default_cache_dir() == str(tmp_path / "root" / "tfds")
+  monkeypatch.delenv("GRIT_JAX_CACHE")
+  assert tfds_builders.default_cache_dir() == os.path.expanduser("~/.cache/grit_jax/tfds")
+  write_jsonl(tmp_path / "gen.jsonl", [{"text": f"text {i}"} for i in range(2)])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="generative", generative_batch_size=2,
+                 cache_dir=str(tmp_path / "mine"))
+  it = D.make_train_iterator(cfg, tokenizer=tok)
+  assert it.datasets["generative"].builder.data_dir.startswith(str(tmp_path / "mine" / "grit_jsonl"))

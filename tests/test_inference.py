@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from grit_jax.errors import GritJaxError
-from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
 from grit_jax.inference import rag as rag_lib
 
@@ -28,8 +27,7 @@ QUERIES = ["What is the capital of France?", "highest mountain", "How do plants 
 
 @pytest.fixture(scope="module")
 def tok():
-  if not os.path.exists(TOKENIZER):
-    pytest.skip("data/tokenizer.model not built yet")
+  assert os.path.exists(TOKENIZER), "data/tokenizer.model is shipped with the repository"
   from grit_jax.data.tokenizer import Tokenizer
   return Tokenizer(TOKENIZER)
 
@@ -61,7 +59,7 @@ def test_encode_equals_numpy_mean_pool_in_input_order(model, tok):
   from grit_jax.data import templates
   texts = ["one two three four five six seven eight nine ten eleven", "short", "a middle sized sentence here"]
   instr = "Retrieve a passage"
-  emb = encode_lib.encode(model, texts, instruction=instr, batch_size=2, max_length=64)
+  emb = model.encode(texts, instruction=instr, batch_size=2, max_length=64)
   assert emb.dtype == np.float32 and emb.shape == (3, model.config.hidden_size)
   for i, t in enumerate(texts):
     ids, pool = templates.encode_embedding(tok, instr, t, 64)
@@ -69,22 +67,20 @@ def test_encode_equals_numpy_mean_pool_in_input_order(model, tok):
     h = np.asarray(model.hidden_states(np.asarray([ids]), np.ones((1, len(ids)), np.int32), causal=False))[0]
     ref = (h * np.asarray(pool)[:, None]).sum(0) / sum(pool)
     np.testing.assert_allclose(emb[i], ref / np.linalg.norm(ref), atol=1e-5, rtol=1e-5)
-  raw = encode_lib.encode(model, texts, instruction=instr, batch_size=2, max_length=64, normalize=False)
+  raw = model.encode(texts, instruction=instr, batch_size=2, max_length=64, normalize=False)
   np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), emb, atol=1e-5)
-  if hasattr(model, "encode"):  # the GritLM method form
-    np.testing.assert_allclose(model.encode(texts, instruction=instr, batch_size=2, max_length=64), emb, atol=1e-6)
   # the instruction changes the embedding although the same positions are pooled
-  assert np.abs(encode_lib.encode(model, texts[:1], instruction="Other task")[0] - emb[0]).max() > 1e-4
+  assert np.abs(model.encode(texts[:1], instruction="Other task")[0] - emb[0]).max() > 1e-4
 
 
 def test_encode_causal_attn_differs_and_matches_causal_hidden(model, tok):
   from grit_jax.data import templates
   text = "causal embedding of this sentence"
-  emb = encode_lib.encode(model, [text], attn="cccc", normalize=False)[0]
+  emb = model.encode([text], attn="cccc", normalize=False)[0]
   ids, pool = templates.encode_embedding(tok, "", text, 512)
   h = np.asarray(model.hidden_states(np.asarray([ids]), np.ones((1, len(ids)), np.int32), causal=True))[0]
   np.testing.assert_allclose(emb, (h * np.asarray(pool)[:, None]).sum(0) / sum(pool), atol=1e-5, rtol=1e-5)
-  assert np.abs(emb - encode_lib.encode(model, [text], normalize=False)[0]).max() > 1e-4
+  assert np.abs(emb - model.encode([text], normalize=False)[0]).max() > 1e-4
 
 
 def test_encode_bucketing_bounds_compiles(model):
@@ -92,12 +88,12 @@ def test_encode_bucketing_bounds_compiles(model):
   words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
   make = lambda n: [" ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for _ in range(n)]
   before = gen.TRACE_COUNTS.get("embed", 0)
-  encode_lib.encode(model, make(37), batch_size=8, max_length=64)
+  model.encode(make(37), batch_size=8, max_length=64)
   first = gen.TRACE_COUNTS.get("embed", 0) - before
   # length buckets 16/32/64 x row buckets {8, last batch's power of two}: at most 6 programs for 37 texts
   assert 1 <= first <= 6
-  encode_lib.encode(model, make(37), batch_size=8, max_length=64)
-  encode_lib.encode(model, make(29), batch_size=8, max_length=64)
+  model.encode(make(37), batch_size=8, max_length=64)
+  model.encode(make(29), batch_size=8, max_length=64)
   assert gen.TRACE_COUNTS.get("embed", 0) - before <= 9  # new inputs reuse the programs (only row buckets differ)
 
 
@@ -163,14 +159,13 @@ def test_top_p_keeps_the_nucleus():
 
 
 def test_generate_text_api(model, tok, prompts):
-  out = gen.generate(model, ["Hi", ["Hi", "Hello!", "Why is the sky blue?"], "Why is the sky blue?"],
+  out = model.generate(["Hi", ["Hi", "Hello!", "Why is the sky blue?"], "Why is the sky blue?"],
                      max_new_tokens=6)
   assert len(out) == 3 and all(isinstance(o, str) for o in out)
   ids = gen.generate_ids(model, prompts, max_new_tokens=6)
   assert out[0] == tok.decode([i for i in ids[0] if i != model.config.eos_token_id])
   assert out[2] == tok.decode([i for i in ids[2] if i != model.config.eos_token_id])
-  if hasattr(model, "generate"):
-    assert model.generate(["Hi"], max_new_tokens=6) == out[:1]
+  assert model.generate("Hi", max_new_tokens=6) == out[:1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,7 +189,7 @@ def test_causal_cache_reproduces_plain_rag_logits(model, mode):
 def test_causal_doc_caching_end_to_end_equals_plain_generation(model):
   index = rag_lib.build_index(model, DOCS, attn="cccc")
   res = rag_lib.rag(model, QUERIES[0], index, cache="doc", max_new_tokens=4, attn="cccc")
-  q_emb = encode_lib.encode(model, [QUERIES[0]], attn="cccc")
+  q_emb = model.encode([QUERIES[0]], attn="cccc")
   assert res.doc_index == int(np.argmax(index.embeddings @ q_emb[0]))
   prep = rag_lib.prepare(model, [QUERIES[0]], [res.document], "doc", causal=True)
   plain = gen.generate_ids(model, [prep.prefix_ids[0] + prep.continuation[0]], max_new_tokens=4)[0]
@@ -229,8 +224,7 @@ def test_batched_rag_equals_one_by_one(model, index):
   one = [rag_lib.rag(model, q, index, cache="doc", max_new_tokens=4) for q in QUERIES]
   assert [r.answer for r in batch] == [r.answer for r in one]
   assert [r.doc_index for r in batch] == [r.doc_index for r in one]
-  if hasattr(model, "rag"):  # the GritLM method form
-    assert str(model.rag(QUERIES[0], index, cache="doc", max_new_tokens=4)) == one[0].answer
+  assert str(model.rag(QUERIES[0], index, cache="doc", max_new_tokens=4)) == one[0].answer
 
 
 def test_concatenated_caches_keep_segment_positions(model, index):
@@ -262,7 +256,7 @@ def test_index_save_load_roundtrip(model, tmp_path):
       np.testing.assert_array_equal(a, b)
   n0 = len(model.tokenizer.encode("<s><|embed|>\n" + index.documents[0]))
   assert loaded.doc_cache(0)[0].shape[1] == n0
-  q = encode_lib.encode(model, QUERIES)
+  q = model.encode(QUERIES)
   top, scores = loaded.search(q, k=2)
   full = q @ index.embeddings.T
   np.testing.assert_array_equal(top[:, 0], full.argmax(1))
@@ -284,7 +278,7 @@ def no_network(monkeypatch):
 
 
 def test_mteb_mock_tasks_offline(model, no_network):
-  mteb = pytest.importorskip("mteb")
+  import mteb
   from mteb.mocks.mock_tasks import MockRerankingTask, MockRetrievalTask, MockSTSTask
 
   from grit_jax.inference.mteb_adapter import MtebEncoder
@@ -315,7 +309,7 @@ def test_mteb_mock_tasks_offline(model, no_network):
   # reranking: the paper's evaluation gives documents the same instruction as queries
   assert by_kind[("Reranking", "query")][0] == by_kind[("Reranking", "document")][0] == "Rerank"
   instr, texts, out = by_kind[("Retrieval", "query")]
-  np.testing.assert_allclose(out, encode_lib.encode(model, texts, instruction=instr, normalize=False), atol=1e-5)
+  np.testing.assert_allclose(out, model.encode(texts, instruction=instr, normalize=False), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,8 +318,6 @@ def test_mteb_mock_tasks_offline(model, no_network):
 
 @pytest.fixture(scope="module")
 def model_dir(model, tmp_path_factory):
-  if not hasattr(model, "save_pretrained"):
-    pytest.skip("GritLM.save_pretrained not available")
   d = str(tmp_path_factory.mktemp("model"))
   model.save_pretrained(d)
   return d
@@ -338,7 +330,7 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
   out = tmp_path / "emb.npy"
   assert cli.embed_main(["--model", model_dir, "--input", str(src), "--output", str(out),
                          "--instruction", "Find"]) == 0
-  np.testing.assert_allclose(np.load(out), encode_lib.encode(model, ["first text", "second"], instruction="Find"),
+  np.testing.assert_allclose(np.load(out), model.encode(["first text", "second"], instruction="Find"),
                              atol=1e-5)
   bad = tmp_path / "bad.jsonl"
   bad.write_text('"ok"\n{"txt": 1}\n')
@@ -351,7 +343,7 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
 def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
   from grit_jax.inference import cli
   assert cli.generate_main(["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "6"]) == 0
-  assert capsys.readouterr().out.strip() == gen.generate(model, ["Hi"], max_new_tokens=6)[0].strip()
+  assert capsys.readouterr().out.strip() == model.generate(["Hi"], max_new_tokens=6)[0].strip()
   corpus = tmp_path / "docs.jsonl"
   corpus.write_text("".join(json.dumps({"title": "", "text": d}) + "\n" for d in DOCS))
   idx = tmp_path / "index"

@@ -98,14 +98,11 @@ def _user_env():
 _INFERENCE = r"""
 import json, sys
 from grit_jax import GritLM, cli
-from grit_jax.inference.encode import encode
-from grit_jax.inference.generate import generate
-from grit_jax.inference.rag import rag
 d, tmp = sys.argv[1], sys.argv[2]
 m = GritLM.from_pretrained(d)
-assert encode(m, ["one text", "another"]).shape == (2, 64)
-generate(m, ["Hi"], max_new_tokens=2)
-rag(m, "a question", ["doc one", "doc two"], max_new_tokens=2)
+assert m.encode(["one text", "another"]).shape == (2, 64)
+m.generate(["Hi"], max_new_tokens=2)
+m.rag("a question", ["doc one", "doc two"], max_new_tokens=2)
 open(tmp + "/t.jsonl", "w").write('"first"\n"second"\n')
 for argv in (["embed", "--model", d, "--input", tmp + "/t.jsonl", "--output", tmp + "/e.npy"],
              ["generate", "--model", d, "--prompt", "Hi", "--max-new-tokens", "2"],
@@ -205,7 +202,6 @@ def test_export_tokenizer_gives_grit_jax_ids_in_transformers(model_dir):
 def test_model_with_only_tokenizer_json(model_dir, tmp_path):
   import shutil
 
-  from grit_jax.inference.encode import encode
   from grit_jax.inference.gritlm import GritLM
   d = tmp_path / "json_only"
   shutil.copytree(model_dir, d)
@@ -216,8 +212,7 @@ def test_model_with_only_tokenizer_json(model_dir, tmp_path):
     for continuation in (False, True):
       assert json_only.tokenizer.encode(text, continuation) == full.tokenizer.encode(text, continuation), text
   texts = ["a first text", "naïve  spaces\there"]
-  np.testing.assert_array_equal(encode(json_only, texts, instruction="Find"),
-                                encode(full, texts, instruction="Find"))
+  np.testing.assert_array_equal(json_only.encode(texts, instruction="Find"), full.encode(texts, instruction="Find"))
   # ... and it exports again (tokenizer.json carried, no tokenizer.model invented)
   out = tmp_path / "again"
   json_only.save_pretrained(str(out))
@@ -229,19 +224,18 @@ def test_model_with_only_tokenizer_json(model_dir, tmp_path):
 def test_sentence_transformers_equals_gritlm_encode(model_dir):
   import sentence_transformers
 
-  from grit_jax.inference.encode import encode
   from grit_jax.inference.gritlm import GritLM
   model = GritLM.from_pretrained(model_dir)
   st = sentence_transformers.SentenceTransformer(model_dir, device="cpu")
   texts = ["The capital of France is Paris.", "short", "Photosynthesis turns light into sugar, slowly. " * 3]
   instruction = "Given a question, retrieve the passage that answers it"
   got = st.encode(texts, prompt=f"<|user|>\n{instruction}\n<|embed|>\n", convert_to_numpy=True)
-  want = encode(model, texts, instruction=instruction)
+  want = model.encode(texts, instruction=instruction)
   np.testing.assert_allclose(got, want, atol=1e-5)
   # No prompt: the model's default prompt, i.e. GritLM.encode without an instruction.
-  np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), encode(model, texts), atol=1e-5)
+  np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), model.encode(texts), atol=1e-5)
   # The causal embedding would be far off (the export really runs bidirectionally).
-  assert np.abs(encode(model, texts, attn="cccc") - want).max() > 1e-2
+  assert np.abs(model.encode(texts, instruction=instruction, attn="cccc") - want).max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,22 +342,23 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
 
 
 def test_encode_splits_batches_over_devices_and_shows_progress(model_dir, capsys):
-  from grit_jax.inference.encode import PROGRESS_MIN_TEXTS, encode
+  from grit_jax.inference.encode import PROGRESS_MIN_TEXTS, encode_tokens, tokenize
   from grit_jax.inference.gritlm import GritLM
   assert jax.local_device_count() == 8  # tests/conftest.py
   model = GritLM.from_pretrained(model_dir)
   texts = [f"text number {i} " + "word " * (i % 7) for i in range(PROGRESS_MIN_TEXTS)]
-  one = encode(model, texts[:20], devices=jax.local_devices()[:1], batch_size=16)
+  tokens = tokenize(model, texts, "", 64)
+  one = encode_tokens(model, tokens[:20], batch_size=16, devices=jax.local_devices()[:1])
   capsys.readouterr()
-  all_devices = encode(model, texts[:20], batch_size=16)
+  all_devices = encode_tokens(model, tokens[:20], batch_size=16)
   np.testing.assert_allclose(all_devices, one, atol=1e-5)
   assert "Batches" not in capsys.readouterr().err  # small input: no bar
   sharding = model._data_parallel[3]
   assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec("data")
-  many = encode(model, texts, batch_size=128)
+  many = model.encode(texts, batch_size=128, max_length=64)  # GritLM.encode: every device, a bar for 256 texts
   assert "Batches: 100%" in capsys.readouterr().err and many.shape == (len(texts), 64)
   np.testing.assert_allclose(many[:20], one, atol=1e-5)
-  encode(model, texts, batch_size=128, show_progress_bar=False)
+  encode_tokens(model, tokens, batch_size=128, show_progress_bar=False)
   assert "Batches" not in capsys.readouterr().err
 
 

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import jax
+import torch
+import transformers
 import jax.numpy as jnp  # noqa: E402
 
 from helpers_hf import make_hf_model, random_batch, torch_logits  # noqa: E402

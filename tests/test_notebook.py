@@ -9,8 +9,8 @@ NOTEBOOK = os.path.join(ROOT, "notebooks", "grit_jax_demo.ipynb")
 
 @pytest.mark.slow
 def test_notebook_executes_on_cpu(tmp_path):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
+  import nbclient
+  import nbformat
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith("# Parameters")]

@@ -55,12 +55,12 @@ def ckpt_steps(workdir):
 
 # --- configs ---------------------------------------------------------------------------------------------------
 
-def test_overrides_apply(monkeypatch):
+def test_overrides_apply(monkeypatch, tmp_path):
   monkeypatch.chdir(ROOT)
   config, fv = train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", "w", "--config.optimizer.lr=1e-5",
-                                     "--config.mesh.fsdp=-1", "--config.init_from=hf:/models/x",
+                                     "--config.mesh.fsdp=-1", f"--config.init_from=ckpt:{tmp_path}",
                                      "--config.data.pack_generative=True"])
-  assert config.optimizer.lr == 1e-5 and config.mesh.fsdp == -1 and config.init_from == "hf:/models/x"
+  assert config.optimizer.lr == 1e-5 and config.mesh.fsdp == -1 and config.init_from == f"ckpt:{tmp_path}"
   assert config.data.pack_generative is True and fv.workdir == "w"
 
 
@@ -187,12 +187,15 @@ def test_stop_and_rerun_equals_uninterrupted(full_run, tmp_path, env):
 
 @pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(full_run, tmp_path, env):
-  killed = train(tmp_path, env=dict(env, GRIT_JAX_TEST_KILL_DURING_SAVE="4"), check=False)
+  # The driver SIGKILLs the run while step 4's checksums are computed: every shard written, nothing committed.
+  killed = subprocess.run([sys.executable, "tests/kill_during_save.py", "4", *TINY, "--workdir", str(tmp_path),
+                           "--noprogress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
   assert killed.returncode == -9, killed.stderr[-3000:]
   names = os.listdir(tmp_path / "checkpoints")
   assert any(n.startswith("4.") and "tmp" in n for n in names), names  # the save of step 4 was cut short
   assert ckpt_steps(tmp_path) == [2]
-  train(tmp_path, env=env)
+  rerun = train(tmp_path, env=env)
+  assert "did not finish cleanly" in rerun.stderr  # the dead run's lock is taken over
   assert ckpt_steps(tmp_path) == [4, 6]
   assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
   resumed, full = train_losses(tmp_path), train_losses(full_run)
@@ -263,22 +266,273 @@ def test_init_from_hf_and_ckpt(full_run, monkeypatch):
   import jax
 
   from grit_jax.convert import hf as hf_lib
-  from grit_jax.training import trainer
+  from grit_jax.training import run as run_lib
 
   monkeypatch.chdir(ROOT)
   config, _ = train_cli.parse_args([*TINY, "--workdir", "unused"])
-  run = trainer.Run(config)
+  run = run_lib.Run(config)
   state = run.init_state()
   want = hf_lib.load_hf(os.path.join(full_run, "hf"), run.model_config)  # the trained weights, numpy
   for spec in (f"hf:{full_run}/hf", f"ckpt:{full_run}"):
-    got = trainer._init_from(run, state, spec).params
+    got = run_lib.load_init_params(spec, run.model_config, state.params)
     flat_got, flat_want = jax.tree.leaves_with_path(got), dict(jax.tree.leaves_with_path(want))
     assert len(flat_got) == len(flat_want)
     for path, leaf in flat_got:
       assert leaf.sharding == dict(jax.tree.leaves_with_path(state.params))[path].sharding  # sharded as the init
       np.testing.assert_allclose(np.asarray(leaf), flat_want[path], rtol=0, atol=0, err_msg=f"{spec} {path}")
   with pytest.raises(GritJaxError, match="expected hf:DIR or ckpt:DIR"):
-    trainer._init_from(run, state, "gs://nope")
+    run_lib.load_init_params("gs://nope", run.model_config, state.params)
+
+
+# --- damaged checkpoints: named, set aside, the newest intact one resumes ---------------------------------------
+
+def _copy_run(full_run, dest):
+  import shutil
+
+  shutil.copytree(full_run, dest)
+  return dest
+
+
+def _state_file(workdir, step):
+  d = os.path.join(workdir, "checkpoints", str(step), "state", "ocdbt.process_0", "d")
+  return os.path.join(d, sorted(os.listdir(d))[0])
+
+
+def _flip_bytes(path, n=400):
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    for i in range(0, min(n, len(data))):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(data)
+
+
+def _truncate(path):
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_run_config():
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    config, _ = train_cli.parse_args([*TINY, "--workdir", "unused"])
+  finally:
+    os.chdir(cwd)
+  from grit_jax.training import run as run_lib
+
+  return config, run_lib.Run(config)
+
+
+DAMAGE = {  # how the newest step (6) is damaged -> what the run must say about it
+    "flipped": (lambda w: _flip_bytes(_state_file(w, 6)), "does not match its sha256"),
+    "truncated": (lambda w: _truncate(_state_file(w, 6)), "bytes, "),
+    "missing": (lambda w: os.remove(_state_file(w, 6)), "is missing"),
+    "missing_meta": (lambda w: os.remove(os.path.join(w, "checkpoints", "6", "meta", "metadata")), "is missing"),
+    "stray_folder": (lambda w: os.mkdir(os.path.join(w, "checkpoints", "8")), "incomplete step folder"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_latest_checkpoint_is_named_and_the_newest_intact_restores(full_run, tmp_path, tiny_run_config,
+                                                                          damage, capsys):
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  workdir = _copy_run(full_run, tmp_path / "w")
+  damage_fn, why = DAMAGE[damage]
+  damage_fn(str(workdir))
+  bad = 8 if damage == "stray_folder" else 6
+  good = 6 if damage == "stray_folder" else 4
+  _, run = tiny_run_config
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2)
+  try:
+    step, state, data_state, meta = ckpt.restore_latest(run.abstract_state())
+  finally:
+    ckpt.close()
+  err = capsys.readouterr().err
+  assert step == good and meta["step"] == good and data_state["step"] == good
+  assert f"checkpoint step {bad} in {workdir}/checkpoints is damaged: " in err and why in err, err
+  assert "Traceback" not in err
+  assert os.path.isdir(workdir / "damaged_checkpoints" / str(bad)) and ckpt_steps(workdir) == sorted({4, 6} - {bad})
+  if damage == "flipped":  # init_from=ckpt: verifies the same checksums
+    with pytest.raises(GritJaxError, match="init_from=ckpt:.* the checkpoint is damaged: .* sha256"):
+      ckpt_lib.restore_params(str(workdir / "damaged_checkpoints" / "6"), state.params)
+  # The restored state is the saved one, bit for bit.
+  import orbax.checkpoint as ocp
+
+  saved = ocp.StandardCheckpointer().restore(os.path.join(full_run, "checkpoints", str(good), "state"))
+  for a, b in zip(jax_leaves(saved["params"]), jax_leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def jax_leaves(tree):
+  import jax
+
+  return jax.tree.leaves(tree)
+
+
+@pytest.mark.slow
+def test_shape_mismatch_is_named(full_run, tmp_path, tiny_run_config, capsys):
+  """A newest step written for another model shape falls back; a config that matches no step is an error listing
+  every step, never a silent fresh start."""
+  import jax
+
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import run as run_lib
+
+  workdir = _copy_run(full_run, tmp_path / "w")
+  config, run = tiny_run_config
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=3)
+  _, state, data_state, meta = ckpt.restore_latest(run.abstract_state())
+  wider = jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype) if x.ndim == 2 else x,
+                       jax.device_get(state))
+  ckpt.save(8, wider, data_state, meta)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=3)
+  step, *_ = ckpt.restore_latest(run.abstract_state())
+  ckpt.close()
+  err = capsys.readouterr().err
+  assert step == 6
+  assert "checkpoint step 8" in err and "was saved with shape" in err and "this config needs" in err, err
+  other = config.copy_and_resolve_references()
+  with other.unlocked():
+    other.model.intermediate_size = config.model.intermediate_size * 2
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=3)
+  with pytest.raises(GritJaxError, match=r"no checkpoint in .* can be restored \(step 6: .*mlp.*step 4: "):
+    ckpt.restore_latest(run_lib.Run(other).abstract_state())
+  ckpt.close()
+  assert ckpt_steps(workdir) == [4, 6]  # nothing moved when no step restores
+
+
+@pytest.mark.slow
+def test_checkpoint_without_checksums_restores_with_a_warning(full_run, tmp_path, tiny_run_config, capsys):
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  workdir = _copy_run(full_run, tmp_path / "w")
+  os.remove(workdir / "checkpoints" / "6" / ckpt_lib.MANIFEST)  # as written by an older grit_jax
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2)
+  step, *_ = ckpt.restore_latest(tiny_run_config[1].abstract_state())
+  ckpt.close()
+  assert step == 6 and "has no grit_checksums.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_past_a_damaged_checkpoint_equals_uninterrupted(full_run, tmp_path, env):
+  workdir = _copy_run(full_run, tmp_path / "w")
+  _flip_bytes(_state_file(str(workdir), 6))
+  out = train(workdir, env=env)
+  assert "checkpoint step 6" in out.stderr and "does not match its sha256" in out.stderr
+  assert "resuming from step 4" in out.stderr
+  resumed, full = train_losses(workdir), train_losses(full_run)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in range(1, STEPS + 1)], [full[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-6, atol=1e-6)
+  assert ckpt_steps(workdir) == [4, 6] and os.path.isdir(workdir / "damaged_checkpoints" / "6")
+
+
+def test_checksums_commit_with_the_step_and_a_failed_save_is_named(tmp_path, monkeypatch):
+  """Fast (no training): the manifest is inside every committed step and catches a flipped byte; a save whose
+  background work fails commits nothing and surfaces as one named error."""
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.arange(64, dtype=np.float32).reshape(8, 8)}, "step": np.int32(1)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {"note": "x"})
+  step_dir = os.path.join(ckpt.directory, "1")
+  manifest = json.load(open(os.path.join(step_dir, ckpt_lib.MANIFEST)))["files"]
+  assert {"state/_METADATA", "meta/metadata", "data/metadata"} <= set(manifest)
+  assert ckpt_lib.verify_manifest(step_dir) is None
+  victim = sorted(k for k in manifest if "/d/" in k)[0]
+  with open(os.path.join(step_dir, victim), "r+b") as f:
+    b = f.read(1)
+    f.seek(0)
+    f.write(bytes([b[0] ^ 1]))
+  assert ckpt_lib.verify_manifest(step_dir) == f"{victim} does not match its sha256 (corrupted bytes)"
+
+  def disk_full(step_dir):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt_lib, "write_manifest", disk_full)
+  with pytest.raises(GritJaxError, match=r"saving checkpoint step 2 in .* failed: OSError: \[Errno 28\] No space"):
+    ckpt.save(2, state, {"pos": 2}, {"note": "y"})
+  assert ckpt.all_steps() == [1]
+  ckpt.manager.close()
+
+
+# --- the run's folders -----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_second_run_on_a_workdir_is_refused(tmp_path, env):
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  workdir = tmp_path / "w"
+  with ckpt_lib.claim_run(str(workdir)):  # a run in progress (this process)
+    out = train(workdir, env=env, check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    msg = out.stderr.strip().splitlines()[-1]
+    assert msg.startswith("grit-jax train: error: ") and "is in use by another run" in msg
+    assert f"pid {os.getpid()} on {socket.gethostname()}, started " in msg
+    assert sorted(os.listdir(workdir)) == [".grit_jax.lock"]  # refused before any work
+  # Released: a new claim succeeds without a warning.
+  ckpt_lib.claim_run(str(workdir)).release()
+
+
+def test_stale_lock_is_taken_over_and_a_live_holder_is_not(tmp_path, capsys):
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  # A holder killed with SIGKILL: the OS dropped its flock, its pid is gone.
+  code = "import os, sys; from grit_jax.training import checkpoint as c; c.claim_run(sys.argv[1]); os.kill(os.getpid(), 9)"
+  dead = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=ROOT))
+  assert dead.returncode == -9, dead.stderr[-2000:]
+  holder = json.load(open(tmp_path / ckpt_lib.LOCK_FILE))
+  claim = ckpt_lib.claim_run(str(tmp_path))
+  assert f"pid {holder['pid']} is no longer running" in capsys.readouterr().err
+  claim.release()
+  # A lock file naming a live process of this host (a filesystem where flock is not shared): refused.
+  with open(tmp_path / ckpt_lib.LOCK_FILE, "w") as f:
+    json.dump({"pid": os.getppid(), "host": socket.gethostname()}, f)
+  with pytest.raises(GritJaxError, match="in use by another run"):
+    ckpt_lib.claim_run(str(tmp_path))
+
+
+# Root writes anywhere: this launcher drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set, then execs
+# `grit-jax`, so the permission bits apply to the run as to any user.
+AS_A_USER = """import ctypes, os, sys
+if os.geteuid() == 0:
+  libc = ctypes.CDLL(None, use_errno=True)
+  for cap in (1, 2):
+    if libc.prctl(24, cap, 0, 0, 0) != 0:
+      raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+os.execv(sys.executable, [sys.executable, "-m", "grit_jax.cli", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["workdir", "checkpoint_dir"])
+def test_read_only_folder_is_a_one_line_error_before_training(env, which):
+  import shutil
+  import tempfile
+
+  base = tempfile.mkdtemp()
+  try:
+    os.chmod(base, 0o777)
+    ro = os.path.join(base, "ro")
+    os.mkdir(ro, 0o555)
+    os.chmod(ro, 0o555)
+    workdir = ro if which == "workdir" else os.path.join(base, "w")
+    extra = [] if which == "workdir" else [f"--config.train.checkpoint_dir={ro}"]
+    out = subprocess.run([sys.executable, "-c", AS_A_USER, "train", *TINY, "--workdir", workdir, "--noprogress",
+                          *extra], cwd=ROOT, env=dict(env, HOME=base, GRIT_JAX_CACHE=base), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f"grit-jax train: error: {which} {ro} is not writable (Permission denied); choose another " \
+                   "folder or fix its permissions", out.stderr[-2000:]
+    assert os.listdir(ro) == []
+  finally:
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ tiny model learns synthetic retrieval pairs and a repeating LM pattern."""
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
+import jax
 import ml_collections  # noqa: E402
 import optax  # noqa: E402
 

@@ -4,9 +4,10 @@ hf-to-jax: an HF Mistral/Mixtral directory (config.json + safetensors, sharded o
 (config.json + params.safetensors). jax-to-hf: the reverse, in the HF layout transformers loads (per-expert Mixtral
 names, shards + index when larger than --max-shard-size). ckpt-to-hf: the weights of a training checkpoint
 (RUN/checkpoints/<step>, or RUN for its latest step) -> an HF directory, using the run's config.json. Tokenizer
-files are copied along (a tokenizer.model or a tokenizer.json); HF outputs also get the tokenizer.json /
-tokenizer_config.json and sentence-transformers files of convert.hf_files. DST is written through a temporary
-directory and renamed, so a failed conversion leaves nothing behind.
+files and grit_settings.json (the settings the model is served with) are copied along (a tokenizer.model or a
+tokenizer.json); HF outputs also get the tokenizer.json / tokenizer_config.json and sentence-transformers files of
+convert.hf_files. DST is written through a temporary directory and renamed, so a failed conversion leaves nothing
+behind.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf
+  from grit_jax.convert import hf, settings
   from grit_jax.modeling.config import ModelConfig
   config = ModelConfig.from_hf(hf._require_dir(src), param_dtype=param_dtype)
   source_dtype = hf.hf_dtype_of(src)
@@ -52,18 +53,20 @@ def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool 
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_jax(params, config, tmp, hf_dtype=source_dtype)
     hf.copy_tokenizer_files(src, tmp)
+    settings.copy(src, tmp)
   return dst
 
 
 def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf, hf_files
+  from grit_jax.convert import hf, hf_files, settings
   if not hf.is_jax_dir(hf._require_dir(src)):
     raise GritJaxError(f"{src}: not a grit_jax directory (config.json with format={hf.JAX_FORMAT!r})")
   config, params, meta = hf.load_jax(src)
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_hf(params, config, tmp, max_shard_size=max_shard_size, dtype=dtype or meta.get("hf_dtype"))
     hf.copy_tokenizer_files(src, tmp)
-    hf_files.write_export_files(Tokenizer.from_dir(src), tmp, config)
+    settings.copy(src, tmp)
+    hf_files.write_export_files(Tokenizer.from_dir(src), tmp, config, settings.read(src))
   return dst
 
 
@@ -87,10 +90,11 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   import ml_collections
   import numpy as np
 
+  from grit_jax import contract
   from grit_jax.convert import hf
   from grit_jax.modeling.model import init_params
   from grit_jax.training import checkpoint as ckpt_lib
-  from grit_jax.training import trainer
+  from grit_jax.training import export
 
   if not os.path.isdir(src):
     raise GritJaxError(f"{src}: no such checkpoint directory")
@@ -98,7 +102,7 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   try:
     with open(run_config) as f:
       config = ml_collections.ConfigDict(json.load(f))
-    model_config = trainer.model_config_from(config)
+    model_config = contract.model_config(config, log=None)
     tok_path = tokenizer or config.data.tokenizer
   except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
     raise GritJaxError(f"{run_config}: not a grit_jax run config ({e})") from e
@@ -112,7 +116,7 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract))
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-    trainer.write_export_files(config, tmp)
+    export.write_export_files(config, model_config, tmp)
   return dst
 
 

@@ -198,8 +198,17 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
       if tuple(tensor.shape) != want:
         raise GritJaxError(f"{fname}: tensor {e.name!r} has shape {tuple(tensor.shape)}, the config "
                            f"({config.num_layers} layers, hidden {config.hidden_size}) expects {want}")
+      _require_finite(tensor, f"{fname}: tensor {e.name!r}")
       leaf[idx] = to_flax(e, tensor, flax_shape).astype(dtype)
   return params
+
+
+def _require_finite(tensor: np.ndarray, what: str) -> None:
+  """Weights with NaN or inf would train into NaN losses or serve NaN embeddings: refuse them by name."""
+  if np.issubdtype(tensor.dtype, np.floating) or tensor.dtype.name == "bfloat16":
+    bad = int(np.count_nonzero(~np.isfinite(tensor.astype(np.float32, copy=False))))
+    if bad:
+      raise GritJaxError(f"{what} has {bad} NaN/inf value(s) of {tensor.size}: the weights are damaged")
 
 
 def _np_dtype(name: str):
@@ -297,6 +306,7 @@ def atomic_dir(dst: str, overwrite: bool = False):
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the result gets the user's umask like any new folder
   try:
     yield tmp
     old = None
@@ -309,6 +319,12 @@ def atomic_dir(dst: str, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -382,7 +398,10 @@ def load_jax(path: str, **overrides) -> tuple[ModelConfig, dict, dict]:
   if not os.path.isfile(pfile):
     raise GritJaxError(f"{path}: missing {JAX_PARAMS_FILE}")
   with safe_open(pfile, framework="np") as f:
-    params = unflatten({k: f.get_tensor(k) for k in f.keys()})
+    flat = {k: f.get_tensor(k) for k in f.keys()}
+  for k, v in flat.items():
+    _require_finite(v, f"{pfile}: param {k!r}")
+  params = unflatten(flat)
   params = params_for(params, config)
   _check_shapes(params, config, pfile)
   dtype = np.dtype(_np_dtype(config.param_dtype))

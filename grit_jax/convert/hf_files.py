@@ -15,14 +15,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 
+log = logging.getLogger(__name__)
 PAD_TOKEN = "<unk>"  # id 0 = grit_jax's Tokenizer.pad_id
-ST_MAX_SEQ_LENGTH = 512  # = encode()'s max_length default
+ST_MAX_SEQ_LENGTH = 512  # = the default passage_max_len of convert.settings
 
 # The GritLM chat format of data/templates.py: `<s><|user|>\n{u}\n<|assistant|>\n{a}</s>` turns joined by "\n";
 # with add_generation_prompt the prompt ends in the assistant header, as templates.chat_prompt.
@@ -145,15 +147,20 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
   return written
 
 
-def write_export_files(tokenizer, out_dir: str, model_config, attn: str = "bbcc", pooling: str = "mean",
-                       normalize: bool = True) -> list[str]:
-  """Everything above for an HF directory holding `model_config`'s weights and config.json (the sentence-transformers
-  modules only with a tokenizer: they cannot embed without one)."""
+def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[str]:
+  """Everything above for an HF directory holding `model_config`'s weights and config.json, served with `settings`
+  (convert.settings.Settings: attention, pooling, normalisation, passage_max_len as the sentence-transformers
+  max_seq_length). The sentence-transformers modules need a tokenizer and a pooling they have (not cls)."""
   if tokenizer is None:
     return []
-  return (write_tokenizer_files(tokenizer, out_dir, model_config.max_position_embeddings)
-          + write_sentence_transformers_files(out_dir, model_config.hidden_size, bidirectional=attn[:2] == "bb",
-                                              pooling=pooling, normalize=normalize))
+  written = write_tokenizer_files(tokenizer, out_dir, model_config.max_position_embeddings)
+  if settings.pooling not in POOLING_MODES:
+    log.warning("%s: no sentence-transformers modules: pooling=%r has no sentence-transformers equivalent that "
+                "excludes the prompt", out_dir, settings.pooling)
+    return written
+  return written + write_sentence_transformers_files(
+      out_dir, model_config.hidden_size, bidirectional=settings.attn[:2] == "bb", pooling=settings.pooling,
+      normalize=settings.normalize, max_seq_length=settings.passage_max_len)
 
 
 def _write_json(path: str, obj) -> None:

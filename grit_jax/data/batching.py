@@ -43,33 +43,39 @@ def sample_passages(rec: dict, group_size: int, rng: np.random.Generator | None)
 
 def embedding_features(tokenizer, rec: dict, *, query_max_len: int, passage_max_len: int, group_size: int,
                        rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-  """query_{ids,mask,pool_mask} [Lq] and passage_{ids,mask,pool_mask} [g, Lp] of one record."""
-  q_ids, q_pool = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
+  """query_{ids,mask,pool_mask} [Lq] and passage_{ids,mask,pool_mask} [g, Lp] of one record, and how many of its
+  texts were cut to the max length (query_truncated 0/1, passages_truncated 0..g; not batch keys)."""
+  q = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
+  q_ids, q_pool = q
   out = {"query_ids": pad_row(q_ids, query_max_len, tokenizer.pad_id),
          "query_mask": pad_row([1] * len(q_ids), query_max_len),
-         "query_pool_mask": pad_row(q_pool, query_max_len)}
-  p_ids, p_mask, p_pool = [], [], []
+         "query_pool_mask": pad_row(q_pool, query_max_len), "query_truncated": int(q.truncated)}
+  p_ids, p_mask, p_pool, p_cut = [], [], [], 0
   for instr, text in sample_passages(rec, group_size, rng):
-    ids, pool = templates.encode_embedding(tokenizer, instr, text, passage_max_len)
+    p = templates.encode_embedding(tokenizer, instr, text, passage_max_len)
+    ids, pool = p
     p_ids.append(pad_row(ids, passage_max_len, tokenizer.pad_id))
     p_mask.append(pad_row([1] * len(ids), passage_max_len))
     p_pool.append(pad_row(pool, passage_max_len))
-  out.update(passage_ids=np.stack(p_ids), passage_mask=np.stack(p_mask), passage_pool_mask=np.stack(p_pool))
+    p_cut += p.truncated
+  out.update(passage_ids=np.stack(p_ids), passage_mask=np.stack(p_mask), passage_pool_mask=np.stack(p_pool),
+             passages_truncated=p_cut)
   return out
 
 
-def generative_tokens(tokenizer, rec: dict, max_len: int) -> tuple[list[int], list[int]]:
-  """(ids, labels) of one generative record, unpadded, at most max_len long."""
+def generative_tokens(tokenizer, rec: dict, max_len: int) -> templates.Encoded:
+  """(ids, labels) of one generative record, unpadded, at most max_len long (`.truncated`: it was cut)."""
   if rec["chat"]:
     return templates.encode_chat(tokenizer, rec["turns"], max_len)
   return templates.encode_plain(tokenizer, rec["turns"][0], max_len)
 
 
 def generative_features(tokenizer, rec: dict, *, generative_max_len: int) -> dict[str, np.ndarray]:
-  ids, labels = generative_tokens(tokenizer, rec, generative_max_len)
+  toks = generative_tokens(tokenizer, rec, generative_max_len)
+  ids, labels = toks
   return {"gen_ids": pad_row(ids, generative_max_len, tokenizer.pad_id),
           "gen_mask": pad_row([1] * len(ids), generative_max_len),
-          "gen_labels": pad_row(labels, generative_max_len, IGNORE)}
+          "gen_labels": pad_row(labels, generative_max_len, IGNORE), "gen_truncated": int(toks.truncated)}
 
 
 def stack_embedding(features: list[dict]) -> dict[str, np.ndarray]:

@@ -27,11 +27,7 @@ STATE_VERSION = 1
 _EMB, _GEN = 0, 1  # stream ids in the seeds
 
 
-def _cfg(data_cfg, key, default=None):
-  try:
-    return data_cfg[key]
-  except (KeyError, AttributeError):
-    return default
+_cfg = tfds_builders.cfg_value
 
 
 def _epoch_batches(counts: np.ndarray, offsets: np.ndarray, batch: int, rng: np.random.Generator,
@@ -120,42 +116,15 @@ class _PackedStream:
 
 
 def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
-  mode = _cfg(data_cfg, "mode", "unified")
-  if mode not in ("unified", "embedding", "generative"):
-    raise GritJaxError(f"config.data.mode={mode!r}: expected unified | embedding | generative")
+  """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
+  from grit_jax import contract
+
+  emb, gen = contract.passes(data_cfg)
   if not 0 <= shard_index < num_shards:
     raise GritJaxError(f"shard_index={shard_index} is not in [0, {num_shards})")
-  for key in ("query_max_len", "passage_max_len", "generative_max_len", "train_group_size",
-              "embedding_batch_size", "generative_batch_size"):
-    if int(_cfg(data_cfg, key, 1)) < 1:
-      raise GritJaxError(f"config.data.{key}={_cfg(data_cfg, key)}: must be >= 1")
-  for key in ("embedding_batch_size", "generative_batch_size"):
-    if int(data_cfg[key]) % num_shards:
+  for key, used in (("embedding_batch_size", emb), ("generative_batch_size", gen)):
+    if used and int(data_cfg[key]) % num_shards:
       raise GritJaxError(f"config.data.{key}={data_cfg[key]} (global) is not divisible by {num_shards} processes")
-
-
-def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | None,
-                  kinds: tuple[str, ...]) -> dict[str, tfds_builders.JsonlDataset]:
-  """{kind: built dataset} for the requested kinds of `folder` (missing kind = GritJaxError)."""
-  files = jsonl.split_files(folder)
-  out = {}
-  for kind in kinds:
-    if not files[kind]:
-      key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
-      raise GritJaxError(f"config.data.mode={_cfg(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no file "
-                         f"in {folder!r} has {key} lines")
-    out[kind] = tfds_builders.build(
-        files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
-        passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
-        group_size=int(data_cfg.train_group_size), bad_input=_cfg(data_cfg, "bad_input", "skip"),
-        cache_dir=cache_dir)
-  return out
-
-
-def mode_kinds(data_cfg) -> tuple[str, ...]:
-  mode = _cfg(data_cfg, "mode", "unified")
-  return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
-          "generative": (jsonl.GENERATIVE,)}[mode]
 
 
 class TrainIterator:
@@ -168,21 +137,24 @@ class TrainIterator:
     _check_cfg(data_cfg, num_shards, shard_index)
     self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
     self.shard_index, self.num_shards = int(shard_index), int(num_shards)
-    self.seed = int(_cfg(data_cfg, "seed", 0))
+    self.seed = int(data_cfg.seed)
     self.q_len, self.p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
     self.g_len, self.group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
-    self.pack = bool(_cfg(data_cfg, "pack_generative", False))
+    self.pack = bool(data_cfg.pack_generative)
     cache_dir = cache_dir or _cfg(data_cfg, "cache_dir")
-    self.datasets = load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
-                                  mode_kinds(data_cfg))
+    self.datasets = tfds_builders.load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
+                                                tfds_builders.mode_kinds(data_cfg))
     self.stats = jsonl.BadInputStats()
     for ds in self.datasets.values():
       self.stats.merge(ds.stats)
+    # Texts cut to their max length, this process's rows, since this iterator was made.
+    self.truncated = {"truncated_query": 0, "truncated_passage": 0, "truncated_gen": 0}
+    self.texts = {"truncated_query": 0, "truncated_passage": 0, "truncated_gen": 0}
     self.emb = self.gen = None
     if jsonl.EMBEDDING in self.datasets:
       self.emb_batch = int(data_cfg.embedding_batch_size)
       self.emb = _Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
-                         bool(_cfg(data_cfg, "single_dataset_batches", True)), "embedding data")
+                         bool(data_cfg.single_dataset_batches), "embedding data")
     if jsonl.GENERATIVE in self.datasets:
       self.gen_batch = int(data_cfg.generative_batch_size)
       ds = self.datasets[jsonl.GENERATIVE]
@@ -211,21 +183,35 @@ class TrainIterator:
       rng = np.random.default_rng([self.seed, _EMB, epoch, int(i)])
       feats.append(batching.embedding_features(self.tokenizer, rec, query_max_len=self.q_len,
                                                passage_max_len=self.p_len, group_size=self.group, rng=rng))
+    self._count("truncated_query", sum(f["query_truncated"] for f in feats), len(feats))
+    self._count("truncated_passage", sum(f["passages_truncated"] for f in feats), len(feats) * self.group)
     return batching.stack_embedding(feats)
 
   def _generative_batch(self) -> dict[str, np.ndarray]:
     if not self.pack:
       _, indices = self.gen.next()
       local = self._local(indices, self.gen_batch)
-      return batching.stack_generative([batching.generative_features(self.tokenizer, rec,
-                                                                     generative_max_len=self.g_len)
-                                        for rec in self.gen.ds.records(local)])
+      feats = [batching.generative_features(self.tokenizer, rec, generative_max_len=self.g_len)
+               for rec in self.gen.ds.records(local)]
+      self._count("truncated_gen", sum(f["gen_truncated"] for f in feats), len(feats))
+      return batching.stack_generative(feats)
     packer = batching.Packer(self.gen_batch // self.num_shards, self.g_len, self.tokenizer.pad_id)
     while True:
       rec = self.gen.ds.records([self.gen.peek()])[0]
-      if not packer.add(*batching.generative_tokens(self.tokenizer, rec, self.g_len)):
+      toks = batching.generative_tokens(self.tokenizer, rec, self.g_len)
+      if not packer.add(*toks):
         return packer.batch()
+      self._count("truncated_gen", int(toks.truncated), 1)
       self.gen.advance()
+
+  def _count(self, key: str, truncated: int, texts: int) -> None:
+    self.truncated[key] += int(truncated)
+    self.texts[key] += int(texts)
+
+  def truncation_counts(self) -> dict[str, int]:
+    """{truncated_query, truncated_passage, truncated_gen}: this process's texts cut to their max length so far
+    (training logs them with the metrics)."""
+    return dict(self.truncated)
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = {}
@@ -259,6 +245,14 @@ class TrainIterator:
   @property
   def examples_per_epoch(self) -> dict[str, int]:
     return {k: len(ds) for k, ds in self.datasets.items()}
+
+
+def truncation_report(truncated: dict[str, int], texts: dict[str, int]) -> str:
+  """One line: how many texts of each pass were cut to the max length (empty when none was)."""
+  names = {"truncated_query": "queries", "truncated_passage": "passages", "truncated_gen": "generative sequences"}
+  parts = [f"{truncated[k]} of {texts[k]} {name} ({truncated[k] / texts[k]:.1%})" for k, name in names.items()
+           if texts.get(k) and truncated.get(k)]
+  return f"truncated to the max length: {', '.join(parts)}" if parts else ""
 
 
 def make_train_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,

@@ -1,7 +1,9 @@
 """Reading and validating the GritLM JSONL formats, with the bad-input policy.
 
-A folder holds one JSONL file per dataset (sorted by name; `*.jsonl`). Embedding files have a "query" key, generative
-files a "text" key; a file's kind is decided by its first line that parses as an object with one of them.
+A folder holds one JSONL file per dataset (sorted by name; `*.jsonl`); anything else in it is named in a warning
+(a README is common; a `data.jsonl.gz` is not read). Embedding files have a "query" key, generative files a "text"
+key; a file's kind is decided by its first line that parses as an object with one of them. A line with both keys
+is an error whatever the policy: which kind it is cannot be guessed.
 
 - Embedding: `{"query": [instr, text] | text, "pos": [[instr, text] | text, ...], "neg": [...]}`
 - Generative: `{"text": [user, assistant, user, assistant, ...] | text}`
@@ -70,24 +72,35 @@ class BadInputStats:
     return "\n".join(lines)
 
 
+_WARNED: set[str] = set()  # folders whose extra entries this process has named (evaluation lists them again)
+
+
 def list_jsonl(folder: str) -> list[str]:
+  """The folder's *.jsonl files, sorted; other entries are named in a warning (an error when no *.jsonl is left)."""
   if not os.path.isdir(folder):
     raise GritJaxError(f"data folder {folder!r} does not exist")
   files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  others = sorted(set(os.listdir(folder)) - {os.path.basename(f) for f in files})
   if not files:
-    raise GritJaxError(f"data folder {folder!r} has no *.jsonl files")
+    found = f" (it has: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''})" if others else ""
+    raise GritJaxError(f"data folder {folder!r} has no *.jsonl files{found}")
+  if others and folder not in _WARNED:
+    _WARNED.add(folder)
+    logging.warning("data folder %s: ignoring %d entr%s that %s not *.jsonl: %s", folder, len(others),
+                    "y" if len(others) == 1 else "ies", "is" if len(others) == 1 else "are", ", ".join(others))
   return files
 
 
 def file_kind(path: str) -> str | None:
   """EMBEDDING, GENERATIVE, or None when no line is an object with "query" or "text"."""
   with open(path, encoding="utf-8", errors="replace") as f:
-    for line in f:
+    for lineno, line in enumerate(f, 1):
       try:
         obj = json.loads(line)
       except ValueError:
         continue
       if isinstance(obj, dict):
+        _check_one_kind(obj, path, lineno)
         if "query" in obj:
           return EMBEDDING
         if "text" in obj:
@@ -104,6 +117,12 @@ def split_files(folder: str) -> dict[str, list[str]]:
       raise GritJaxError(f"{path}: no line has a \"query\" (embedding) or \"text\" (generative) key")
     out[kind].append(path)
   return out
+
+
+def _check_one_kind(obj: dict, path: str, lineno: int) -> None:
+  if "query" in obj and "text" in obj:
+    raise GritJaxError(f'{path}:{lineno}: has both "query" (embedding) and "text" (generative) keys; a line is one '
+                       "or the other")
 
 
 def _pair(value: Any, key: str) -> tuple[str, str]:
@@ -184,6 +203,8 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
       except ValueError as e:
         _bad(path, lineno, f"malformed JSON ({getattr(e, 'msg', e)})", policy, stats)
         continue
+      if isinstance(obj, dict):
+        _check_one_kind(obj, path, lineno)
       try:
         record = parse_embedding(obj, group_size) if kind == EMBEDDING else parse_generative(obj)
         if check is not None:

@@ -16,7 +16,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from grit_jax.data import batching, iterator, jsonl
+from grit_jax.data import batching, jsonl, tfds_builders
 
 _EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
 _GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
@@ -94,11 +94,11 @@ def register_tasks(data_cfg, split: str = "train", tokenizer=None, cache_dir: st
     raise ValueError(f"split must be train or eval, got {split!r}")
   tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
   folder = data_cfg.train_dir if split == "train" else data_cfg.eval_dir
-  kinds = iterator.mode_kinds(data_cfg)
+  kinds = tfds_builders.mode_kinds(data_cfg)
   if split == "eval":  # held-out data may cover only one side of a unified run
     present = jsonl.split_files(folder)
     kinds = tuple(k for k in kinds if present[k]) or kinds
-  datasets = iterator.load_datasets(data_cfg, folder, tokenizer.path, cache_dir, kinds)
+  datasets = tfds_builders.load_datasets(data_cfg, folder, tokenizer.path, cache_dir, kinds)
   names = {}
   for kind, ds in datasets.items():
     keys = _EMB_KEYS if kind == jsonl.EMBEDDING else _GEN_KEYS

@@ -20,7 +20,9 @@ from grit_jax.errors import GritJaxError
 
 BASE_BOS = "<s>"
 USER_BOS = "<|user|>\n"
-EMBED_BOS = "\n<|embed|>\n"
+EMBED_BOS = "\n<|embed|>\n"     # closes an instruction
+EMBED_ONLY = "<|embed|>\n"      # the whole format when there is no instruction
+FORMAT_TOKENS = ("<|user|>", "<|embed|>", "<|assistant|>")
 ASSISTANT_BOS = "\n<|assistant|>\n"
 ASSISTANT_EOS = "</s>"
 TURN_SEP = "\n"
@@ -29,38 +31,71 @@ INSTRUCTION_STRIP = "\t\n :"
 CHARS_PER_TOKEN_CAP = 10  # the reference cuts strings to 10 x max_len characters before tokenizing
 
 
+class Encoded(tuple):
+  """What the encoders return: the pair `(ids, pool_mask)` or `(ids, labels)` (unpacks as before), plus
+  `truncated`: the text did not fit in max_len and was cut (training and `embed` count these)."""
+
+  truncated: bool
+
+  def __new__(cls, ids: list[int], other: list[int], truncated: bool):
+    self = super().__new__(cls, (ids, other))
+    self.truncated = bool(truncated)
+    return self
+
+
 def clean_instruction(instruction: str | None) -> str:
   return (instruction or "").strip(INSTRUCTION_STRIP)
 
 
+def wrapped_instruction(instruction: str | None) -> bool:
+  """True for an instruction already in gritlm's wrapped form, `gritlm_instruction(x)` = "<|user|>\\n{x}\\n<|embed|>\\n"
+  (or "<|embed|>\\n" for no instruction): it is used verbatim, never wrapped twice. Format tokens anywhere else in
+  an instruction are an error (a half-wrapped instruction would silently embed differently)."""
+  instruction = instruction or ""
+  if instruction == EMBED_ONLY or (instruction.startswith(USER_BOS) and instruction.endswith(EMBED_BOS)
+                                   and not any(t in instruction[len(USER_BOS):-len(EMBED_BOS)]
+                                               for t in FORMAT_TOKENS)):
+    return True
+  found = [t for t in FORMAT_TOKENS if t in instruction]
+  if found:
+    raise GritJaxError(f"instruction {instruction[:60]!r} contains {found[0]} but is not gritlm's wrapped form "
+                       f"'<|user|>\\n...\\n<|embed|>\\n': pass the plain instruction")
+  return False
+
+
 def embed_prefix(instruction: str | None) -> str:
-  """Everything before the text: BOS, format tokens and the (stripped) instruction. Never pooled."""
+  """Everything before the text: BOS, format tokens and the (stripped) instruction. Never pooled. An instruction
+  in gritlm's wrapped form is kept as it is (same tokens as its plain form when that is already stripped)."""
+  if wrapped_instruction(instruction):
+    return BASE_BOS + instruction
   instruction = clean_instruction(instruction)
   if instruction:
     return BASE_BOS + USER_BOS + instruction + EMBED_BOS
-  return BASE_BOS + "<|embed|>\n"
+  return BASE_BOS + EMBED_ONLY
 
 
 def embed_text(instruction: str | None, text: str) -> str:
   return embed_prefix(instruction) + text
 
 
-def encode_embedding(tokenizer, instruction: str | None, text: str, max_len: int) -> tuple[list[int], list[int]]:
-  """(ids, pool_mask), both of length <= max_len (right-truncated, unpadded).
+def encode_embedding(tokenizer, instruction: str | None, text: str, max_len: int) -> Encoded:
+  """(ids, pool_mask), both of length <= max_len (right-truncated, unpadded; `.truncated` says if it was cut).
 
   pool_mask is 0 over BOS, format and instruction tokens and 1 over the text tokens. Raises GritJaxError when the
   text is empty or the prefix alone leaves no room for text (the reference drops such rows).
   """
   if not text:
     raise GritJaxError("empty text")
+  cut = len(text) > CHARS_PER_TOKEN_CAP * max_len
   text = text[:CHARS_PER_TOKEN_CAP * max_len]
   prefix = embed_prefix(instruction)
   n_prefix = len(tokenizer.encode(prefix))  # the reference's instruction length
   if n_prefix >= max_len:
     raise GritJaxError(f"instruction too long: its prefix is {n_prefix} tokens, max_len is {max_len}")
-  ids = tokenizer.encode(prefix + text)[:max_len]
+  full = tokenizer.encode(prefix + text)
+  ids = full[:max_len]
   pool_mask = [0] * n_prefix + [1] * (len(ids) - n_prefix)
-  return ids, pool_mask
+  return Encoded(ids, pool_mask, cut or len(full) > max_len)
 
 
 def _user_piece(i: int, user: str) -> str:
@@ -93,8 +128,9 @@ def chat_prompt(messages: str | Sequence[str]) -> str:
   return history + TURN_SEP + USER_BOS + messages[-1] + ASSISTANT_BOS
 
 
-def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> tuple[list[int], list[int]]:
-  """(ids, labels) of a chat, right-truncated to max_len (truncation can drop the final `</s>`, as in the reference).
+def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> Encoded:
+  """(ids, labels) of a chat, right-truncated to max_len (truncation can drop the final `</s>`, as in the reference;
+  `.truncated` says if anything was cut).
 
   labels: -100 over BOS, user turns and format tokens; the assistant text and its `</s>` carry their ids.
   """
@@ -104,7 +140,9 @@ def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> tuple[list[int
   cap = CHARS_PER_TOKEN_CAP * max_len
   ids: list[int] = []
   labels: list[int] = []
+  cut = False
   for i, (user, answer) in enumerate(zip(turns[::2], turns[1::2])):
+    cut = cut or len(user) > cap or len(answer.strip()) > cap
     answer = answer.strip()
     if not answer:
       raise GritJaxError(f"empty assistant turn {i}")
@@ -116,19 +154,22 @@ def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> tuple[list[int
     ids += user_ids + answer_ids
     labels += [IGNORE] * len(user_ids) + answer_ids
     if len(ids) >= max_len:
+      cut = cut or 2 * (i + 1) < len(turns)  # later turns dropped
       break
-  return ids[:max_len], labels[:max_len]
+  return Encoded(ids[:max_len], labels[:max_len], cut or len(ids) > max_len)
 
 
-def encode_plain(tokenizer, text: str, max_len: int) -> tuple[list[int], list[int]]:
+def encode_plain(tokenizer, text: str, max_len: int) -> Encoded:
   """(ids, labels) of a plain-string generative row: `<s>{text}</s>` (BOS/EOS added when missing), trained on
   every token but the first."""
   if not text.strip():
     raise GritJaxError("empty text")
+  cut = len(text) > CHARS_PER_TOKEN_CAP * max_len
   text = text[:CHARS_PER_TOKEN_CAP * max_len]
   if not text.startswith(BASE_BOS):
     text = BASE_BOS + text
   if not text.endswith(ASSISTANT_EOS):
     text = text + ASSISTANT_EOS
-  ids = tokenizer.encode(text)[:max_len]
-  return ids, [IGNORE] + ids[1:]
+  full = tokenizer.encode(text)
+  ids = full[:max_len]
+  return Encoded(ids, [IGNORE] + ids[1:], cut or len(full) > max_len)

@@ -6,8 +6,11 @@ policy at build time; the per-file skip counts and messages are stored in the da
 that reuses the build still reports them. The array_record format gives random access (`as_data_source`), which the
 numpy sampler in grit_jax.data.iterator uses for deterministic, resumable, shardable sampling.
 
-The build is cached under `cache_dir/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
-size, content hash), the tokenizer, the max lengths, the group size and the policy, so any change triggers a rebuild.
+The build is cached under `<cache>/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
+size, sha256 of all their bytes), the tokenizer, the max lengths, the group size and the policy, so any change
+triggers a rebuild. A file's digest is remembered with its stat (`<cache>/file_sha256.json`) and recomputed when
+the file changes.
+`<cache>` is config.data.cache_dir, else `$GRIT_JAX_CACHE/tfds`, else `~/.cache/grit_jax/tfds`.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -23,14 +27,24 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 
 FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "grit_jax", "tfds")
+CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
 tfds.disable_progress_bar()
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("GRIT_JAX_DATA_CACHE", DEFAULT_CACHE_DIR)
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "grit_jax")
+  return os.path.join(root, "tfds")
+
+
+def cfg_value(data_cfg, key, default=None):
+  """data_cfg[key], or `default` for a config (or dict) without that key."""
+  try:
+    return data_cfg[key]
+  except (KeyError, AttributeError):
+    return default
 
 
 @dataclasses.dataclass
@@ -55,32 +69,47 @@ def _sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
-_FULL_HASH_LIMIT = 1 << 30
+HASH_MEMO = "file_sha256.json"  # in the cache folder: {path: [[size, mtime_ns, ctime_ns, inode], sha256]}
 
 
-def _file_fingerprint(path: str) -> list:
-  """Content-based (a copied or touched file keeps its resumable state): full sha256 up to 1 GiB,
-  beyond that size + sha256 of the first and last 16 MiB (hashing a multi-GB corpus at every start is too slow)."""
-  size = os.path.getsize(path)
-  if size <= _FULL_HASH_LIMIT:
-    return [os.path.basename(path), size, _sha256_file(path)]
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    h.update(f.read(16 << 20))
-    f.seek(size - (16 << 20))
-    h.update(f.read())
-  return [os.path.basename(path), size, h.hexdigest()]
+def _file_fingerprint(path: str, memo: dict | None = None) -> list:
+  """[name, size, sha256 of the whole file]: content-based, so a copied or touched file keeps its resumable state.
+  `memo` keeps each file's digest with its (size, mtime, ctime, inode): a file is read again only after it changed
+  (any write moves ctime), so a multi-GB corpus is hashed once, not at every start."""
+  memo = {} if memo is None else memo
+  st = os.stat(path)
+  key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+  if memo.get(path, [None])[0] != key:
+    memo[path] = [key, _sha256_file(path)]
+  return [os.path.basename(path), st.st_size, memo[path][1]]
+
+
+def _read_memo(cache_dir: str | None) -> dict:
+  try:
+    with open(os.path.join(cache_dir, HASH_MEMO)) as f:
+      memo = json.load(f)
+    return memo if isinstance(memo, dict) else {}
+  except (OSError, TypeError, ValueError):  # none yet, or unreadable: hash again
+    return {}
 
 
 def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: int, passage_max_len: int,
-                generative_max_len: int, group_size: int, bad_input: str) -> GritJsonlConfig:
+                generative_max_len: int, group_size: int, bad_input: str,
+                cache_dir: str | None = None) -> GritJsonlConfig:
+  """The build's config; its name keys the cache. cache_dir: where the files' digests are remembered (None: the
+  files are hashed every time)."""
   files = tuple(os.path.abspath(f) for f in files)
-  content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f) for f in files],
+  memo = _read_memo(cache_dir)
+  before = dict(memo)
+  content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f, memo) for f in files],
                  tokenizer=_sha256_file(tokenizer), q=query_max_len, p=passage_max_len, g=generative_max_len,
                  group=group_size, bad=bad_input)
   content_fp = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
   # The build also keys on the paths, so its bad-input messages name the files this run reads.
   fingerprint = hashlib.sha256(json.dumps([content_fp, files]).encode()).hexdigest()[:16]
+  if cache_dir is not None and memo != before:
+    os.makedirs(cache_dir, exist_ok=True)
+    atomic_write(os.path.join(cache_dir, HASH_MEMO), lambda f: json.dump(memo, f))
   return GritJsonlConfig(name=f"{kind}_{fingerprint}", version=tfds.core.Version("1.0.0"), kind=kind, files=files,
                          tokenizer=os.path.abspath(tokenizer), query_max_len=query_max_len,
                          passage_max_len=passage_max_len, generative_max_len=generative_max_len,
@@ -215,10 +244,10 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
 
   With bad_input="error" the first bad line raises GritJaxError naming file and line (and nothing is cached).
   """
+  cache_dir = cache_dir or default_cache_dir()
   config = make_config(kind, folder_files, tokenizer=tokenizer, query_max_len=query_max_len,
                        passage_max_len=passage_max_len, generative_max_len=generative_max_len,
-                       group_size=group_size, bad_input=bad_input)
-  cache_dir = cache_dir or default_cache_dir()
+                       group_size=group_size, bad_input=bad_input, cache_dir=cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
@@ -227,3 +256,35 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
     builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
     builder.download_and_prepare()
   return JsonlDataset(builder)
+
+
+def mode_kinds(data_cfg) -> tuple[str, ...]:
+  """The kinds of data config.data.mode trains on."""
+  mode = cfg_value(data_cfg, "mode", "unified")
+  return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
+          "generative": (jsonl.GENERATIVE,)}[mode]
+
+
+_REPORTED: set[str] = set()  # builds whose skipped lines this process has reported (evaluation reopens them)
+
+
+def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | None,
+                  kinds: tuple[str, ...]) -> dict[str, JsonlDataset]:
+  """{kind: built dataset} for the requested kinds of `folder` (missing kind = GritJaxError). Lines skipped by the
+  bad-input policy are reported (per file, once per process), also when the build comes from the cache."""
+  files = jsonl.split_files(folder)
+  out = {}
+  for kind in kinds:
+    if not files[kind]:
+      key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
+      raise GritJaxError(f"config.data.mode={cfg_value(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no "
+                         f"file in {folder!r} has {key} lines")
+    out[kind] = ds = build(
+        files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
+        passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
+        group_size=int(data_cfg.train_group_size), bad_input=cfg_value(data_cfg, "bad_input", "skip"),
+        cache_dir=cache_dir)
+    if ds.stats.total and ds.builder.builder_config.name not in _REPORTED:
+      _REPORTED.add(ds.builder.builder_config.name)
+      logging.warning("%s", ds.stats.report())
+  return out

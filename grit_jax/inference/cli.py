@@ -5,12 +5,15 @@
   grit-jax rag      --model DIR --corpus docs.jsonl --query "..." --cache doc [--index DIR]
 
 JSONL rows are a JSON string or an object with "text" (and optionally "title"). Bad input raises GritJaxError
-naming the file and line; outputs are written to a temporary name and renamed, so nothing half-written remains.
+naming the file and line, before the model is loaded; outputs are checked first and written to a temporary name
+and renamed, so nothing half-written remains. Attention, pooling, normalisation and max length default to the
+model's grit_settings.json; a flag given explicitly overrides it (logged).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 import numpy as np
@@ -18,16 +21,23 @@ import numpy as np
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
 
+log = logging.getLogger(__name__)
+ATTN_CHOICES = ("bbcc", "cccc", "bb", "cc")
+
 
 def read_texts(path: str, allow_title: bool = False) -> list:
   """Rows of a JSONL file: strings, or {"text": ..., "title": ...} (title joined only when `allow_title`)."""
   try:
-    f = open(path, encoding="utf-8")
+    f = open(path, "rb")
   except OSError as e:
     raise GritJaxError(f"{path}: cannot open ({e.strerror})") from e
   rows = []
   with f:
-    for n, line in enumerate(f, 1):
+    for n, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise GritJaxError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from e
       if not line.strip():
         continue
       try:
@@ -51,54 +61,129 @@ def read_texts(path: str, allow_title: bool = False) -> list:
   return rows
 
 
-def save_npy_atomic(path: str, array: np.ndarray) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
+def check_output_file(path: str, flag: str, suffix: str = "") -> None:
+  """A file we may (re)write: not a directory, in an existing writable folder; checked before any work."""
+  if os.path.isdir(path):
+    raise GritJaxError(f"{flag} {path}: is a directory")
+  if suffix and not path.endswith(suffix):
+    raise GritJaxError(f"{flag} {path}: expected a {suffix} path")
+  check_writable_folder(os.path.dirname(os.path.abspath(path)), flag, path)
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise GritJaxError(f"{flag} {path}: exists and is not writable")
+
+
+def check_writable_folder(folder: str, flag: str, path: str) -> None:
   if not os.path.isdir(folder):
-    raise GritJaxError(f"--output {path}: folder {folder} does not exist")
+    raise GritJaxError(f"{flag} {path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise GritJaxError(f"{flag} {path}: folder {folder} is not writable")
+
+
+def save_npy_atomic(path: str, array: np.ndarray) -> None:
+  check_output_file(path, "--output", ".npy")
   atomic_write(path, lambda f: np.save(f, array), "wb")
 
 
-def _load(path: str):
-  from grit_jax.inference.gritlm import GritLM
+def model_config(path: str):
+  """The model's config (config.json only, no weights): for checks before loading."""
+  from grit_jax.convert import hf
+  from grit_jax.modeling.config import ModelConfig
   if not os.path.isdir(path):
     raise GritJaxError(f"--model {path}: not a directory")
-  return GritLM.from_pretrained(path)
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise GritJaxError(f"--model {path}: no config.json")
+  if hf.is_jax_dir(path):
+    with open(os.path.join(path, "config.json")) as f:
+      return ModelConfig.from_dict(json.load(f)["model"], source=os.path.join(path, "config.json"))
+  return ModelConfig.from_hf(path)
+
+
+def _load(path: str, attn: str | None = None):
+  from grit_jax.inference.gritlm import GritLM
+  model_config(path)
+  kwargs = {} if attn is None else {"attn": attn}
+  return GritLM.from_pretrained(path, **kwargs)
+
+
+class _Help(argparse.HelpFormatter):
+  """Every option's help ends with its default (or says it is required / where its default comes from)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.required:
+      return text + " (required)"
+    if action.default in (None, argparse.SUPPRESS) or "default" in text:
+      return text
+    return f"{text} (default: {action.default!r})"
+
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_Help)
+  p.add_argument("--model", required=True, help="model directory (Hugging Face or grit_jax format)")
+  return p
+
+
+def _add_attn(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--attn", default=None, choices=ATTN_CHOICES,
+                 help="attention of the embedding passes (chars 1-2: b bidirectional, c causal); "
+                      "default: the model's grit_settings.json, else bbcc")
+
+
+def _positive(name: str):
+  def parse(s: str) -> int:
+    try:
+      v = int(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}")
+    if v < 1:
+      raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+    return v
+  return parse
+
+
+def _check_new_tokens(model_dir: str, max_new_tokens: int) -> None:
+  limit = model_config(model_dir).max_position_embeddings
+  if max_new_tokens >= limit:
+    raise GritJaxError(f"--max-new-tokens {max_new_tokens}: the model has {limit} positions (prompt included)")
 
 
 def embed_main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="grit-jax embed", description="Embed a JSONL of texts into a .npy matrix.")
-  p.add_argument("--model", required=True)
+  p = _parser("grit-jax embed", "Embed a JSONL of texts into a .npy matrix.")
   p.add_argument("--input", required=True, help="JSONL: one string or {'text': ...} per line")
-  p.add_argument("--output", required=True, help=".npy file, float32 [N, D]")
-  p.add_argument("--instruction", default="")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--max-length", type=int, default=512)
-  p.add_argument("--pooling", default="mean", choices=("mean", "weightedmean", "lasttoken"))
-  p.add_argument("--no-normalize", action="store_true")
+  p.add_argument("--output", required=True, help=".npy file, float32 [N, D] (written atomically)")
+  p.add_argument("--instruction", default="", help="task instruction (plain, or gritlm's wrapped form)")
+  p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="texts per forward pass")
+  p.add_argument("--max-length", type=_positive("--max-length"), default=None,
+                 help="max tokens per text (template included); default: the model's trained passage length, "
+                      "else 512")
+  p.add_argument("--pooling", default=None, choices=("mean", "weightedmean", "lasttoken", "cls"),
+                 help="default: the model's grit_settings.json, else mean")
+  p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
+                 help="L2-normalise the embeddings; default: the model's grit_settings.json, else yes")
+  _add_attn(p)
   a = p.parse_args(argv)
+  check_output_file(a.output, "--output", ".npy")
   texts = read_texts(a.input)
-  if not a.output.endswith(".npy"):
-    raise GritJaxError(f"--output {a.output}: expected a .npy path")
-  from grit_jax.inference.encode import encode
-  emb = encode(_load(a.model), texts, instruction=a.instruction, batch_size=a.batch_size,
-               max_length=a.max_length, pooling=a.pooling, normalize=not a.no_normalize)
+  model = _load(a.model, a.attn)
+  emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
+                     pooling=a.pooling, normalize=a.normalize)
   save_npy_atomic(a.output, emb)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0
 
 
 def generate_main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="grit-jax generate", description="Generate chat replies.")
-  p.add_argument("--model", required=True)
+  p = _parser("grit-jax generate", "Generate chat replies.")
   p.add_argument("--prompt", required=True, action="append", help="a user message (repeat for a batch)")
-  p.add_argument("--max-new-tokens", type=int, default=256)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=256,
+                 help="stop after this many tokens (or at </s>)")
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
   a = p.parse_args(argv)
-  from grit_jax.inference.generate import generate
-  outs = generate(_load(a.model), a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                  top_p=a.top_p, seed=a.seed)
+  _check_new_tokens(a.model, a.max_new_tokens)
+  outs = _load(a.model).generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                 top_p=a.top_p, seed=a.seed)
   for prompt, out in zip(a.prompt, outs):
     print(out if len(outs) == 1 else f"### {prompt}\n{out}\n")
   return 0
@@ -106,27 +191,52 @@ def generate_main(argv: list[str]) -> int:
 
 def rag_main(argv: list[str]) -> int:
   from grit_jax.inference import rag as rag_lib
-  p = argparse.ArgumentParser(prog="grit-jax rag", description="Retrieve from a corpus and answer (KV caching).")
-  p.add_argument("--model", required=True)
+  from grit_jax.inference.encode import embedding_is_causal
+  p = _parser("grit-jax rag", "Retrieve from a corpus and answer (KV caching).")
   p.add_argument("--corpus", help="JSONL of documents (string or {'title', 'text'}); not needed with an --index")
-  p.add_argument("--query", required=True, action="append")
-  p.add_argument("--cache", default="doc", choices=rag_lib.MODES)
-  p.add_argument("--index", help="index folder: loaded when it exists, else built from --corpus and saved there")
+  p.add_argument("--query", required=True, action="append", help="a question (repeat for a batch)")
+  p.add_argument("--cache", default="doc", choices=rag_lib.MODES, help="caching mode (GritLM paper section 4)")
+  p.add_argument("--index", help="index folder: reused when it was built by this model from this --corpus, "
+                                 "rebuilt when --corpus or the model changed, else built and saved there")
   p.add_argument("--prompt", default="query", choices=tuple(rag_lib.FULL_FORMATS),
                  help="plain-RAG prompt format (--cache none)")
-  p.add_argument("--max-new-tokens", type=int, default=16)
-  p.add_argument("--max-length", type=int, default=4096)
+  p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=16, help="answer length limit")
+  p.add_argument("--max-length", type=_positive("--max-length"), default=4096,
+                 help="max tokens per document / query embedding pass")
+  _add_attn(p)
   a = p.parse_args(argv)
-  model = _load(a.model)
-  if a.index and os.path.exists(os.path.join(a.index, "index.json")):
-    index = rag_lib.RagIndex.load(a.index)
-  elif a.corpus:
-    index = rag_lib.build_index(model, read_texts(a.corpus, allow_title=True), max_length=a.max_length,
+  if a.index and os.path.exists(a.index) and not os.path.isdir(a.index):
+    raise GritJaxError(f"--index {a.index}: exists and is not a directory")
+  if a.index and not os.path.exists(a.index):
+    check_writable_folder(os.path.dirname(os.path.abspath(a.index)), "--index", a.index)
+  have_index = bool(a.index) and rag_lib.RagIndex.exists(a.index)
+  if not a.corpus and not have_index:
+    raise GritJaxError("--corpus is required unless --index names an existing index")
+  docs = read_texts(a.corpus, allow_title=True) if a.corpus else None
+  _check_new_tokens(a.model, a.max_new_tokens)
+  index = rag_lib.RagIndex.load(a.index) if have_index else None  # damaged files: named errors before loading
+  model = _load(a.model, a.attn)
+  if index is not None:
+    stale = None
+    if docs is not None and index.corpus != rag_lib.corpus_fingerprint(docs):
+      stale = f"--corpus {a.corpus} differs from the corpus it was built from"
+    elif docs is not None and index.causal != embedding_is_causal(model.attn):
+      stale = f"it was built with causal={index.causal} embedding passes, --attn {model.attn} differs"
+    else:
+      try:
+        index.check_model(model, f"--index {a.index}")
+      except GritJaxError as e:
+        if docs is None:
+          raise
+        stale = str(e)
+    if stale:
+      log.warning("--index %s: %s; rebuilding it", a.index, stale)
+      index = None
+  if index is None:
+    index = rag_lib.build_index(model, docs, max_length=a.max_length,
                                 with_cache=a.cache in ("doc", "doc_query") or bool(a.index))
     if a.index:
       index.save(a.index)
-  else:
-    raise GritJaxError("--corpus is required unless --index names an existing index")
   results = rag_lib.rag(model, a.query, index, cache=a.cache, max_new_tokens=a.max_new_tokens, prompt=a.prompt,
                         max_length=a.max_length)
   for q, r in zip(a.query, results):

@@ -14,20 +14,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import objectives
+from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.modeling.model import KVCache, Transformer
 
-POOLINGS = ("mean", "weightedmean", "lasttoken")
+POOLINGS = objectives.POOLINGS + ("cls",)  # cls: the first token's state (BOS), as gritlm's
 
 
-def embedding_is_causal(model, attn: str | None = None) -> bool:
-  """GritLM's `attn` string: the first two letters are the embedding passes; only `bb` is bidirectional."""
-  attn = attn or getattr(model, "attn", None) or "bbcc"
-  if attn not in ("bbcc", "cccc", "bb", "cc"):
-    raise GritJaxError(f"attn={attn!r}: expected one of bbcc, cccc, bb, cc")
-  return attn[:2] != "bb"
+def embedding_is_causal(attn: str | None) -> bool:
+  """GritLM's `attn` string (grit_jax.contract.parse_attn): chars 1-2 the embedding passes; None is gritlm's
+  "leave the model causal". Queries and passages are embedded alike here, so the mixed cb/bc training ablations
+  are not served (as in gritlm)."""
+  if attn is None:
+    return True
+  mode = contract.parse_attn(attn, key="attn")
+  if mode.query_causal != mode.passage_causal:
+    raise GritJaxError(f"attn={attn!r}: mixed query/passage attention is not served (as in gritlm); "
+                       "expected bbcc, cccc, bb, cc or None")
+  return mode.query_causal
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +48,10 @@ def embed_fn(config, causal: bool, pooling: str, normalize: bool, with_cache: bo
     B, T = ids_BT.shape
     cache = KVCache.init(config, B, T, jnp.dtype(config.dtype)) if with_cache else None
     out = module.apply({"params": params}, ids_BT, mask_BT, causal=causal, cache=cache, return_logits=False)
-    emb_BD = objectives.pool(out.hidden, pool_BT, method=pooling, normalize=normalize)  # float32
+    if pooling == "cls":
+      emb_BD = objectives.l2_normalize(out.hidden[:, 0]) if normalize else out.hidden[:, 0].astype(jnp.float32)
+    else:
+      emb_BD = objectives.pool(out.hidden, pool_BT, method=pooling, normalize=normalize)  # float32
     return emb_BD, out.cache
 
   return jax.jit(fn)
@@ -66,7 +74,8 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
   return out
 
 
-def batches(tokens, batch_size: int, max_length: int, row_multiple: int = 1) -> Iterator[tuple[np.ndarray, ...]]:
+def batches(tokens, batch_size: int, max_length: int, bos_id: int,
+            row_multiple: int = 1) -> Iterator[tuple[np.ndarray, ...]]:
   """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets (rows a multiple
   of `row_multiple`, the number of devices the batch is split over)."""
   order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i][0]))
@@ -81,7 +90,7 @@ def batches(tokens, batch_size: int, max_length: int, row_multiple: int = 1) -> 
       t, p = tokens[i]
       ids[b, :len(t)], mask[b, :len(t)], pool[b, :len(t)] = t, 1, p
     for b in range(len(idx), rows):  # filler rows: one BOS token, dropped afterwards
-      ids[b, 0], mask[b, 0], pool[b, 0] = 1, 1, 1
+      ids[b, 0], mask[b, 0], pool[b, 0] = bos_id, 1, 1
     yield np.asarray(idx), ids, mask, pool
 
 
@@ -117,16 +126,16 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
   devices = list(devices if devices is not None else jax.local_devices())
   if with_cache or len(devices) == 1:
-    params, put = model.params, jnp.asarray
+    params, put, row_multiple = model.params, jnp.asarray, 1
   else:
     params, rows = _data_parallel(model, devices)
-    put = lambda x: jax.device_put(x, rows)
+    put, row_multiple = (lambda x: jax.device_put(x, rows)), len(devices)
   emb = np.zeros((len(tokens), model.config.hidden_size), np.float32)
   caches = [None] * len(tokens)
   if show_progress_bar is None:
     show_progress_bar = len(tokens) >= PROGRESS_MIN_TEXTS
   from tqdm import tqdm
-  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, 1 if put is jnp.asarray else len(devices)),
+  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, row_multiple),
                                    total=-(-len(tokens) // batch_size), desc="Batches", disable=not show_progress_bar):
     e, cache = fn(params, put(ids), put(mask), put(pool))
     emb[idx] = np.asarray(e)[:len(idx)]
@@ -136,24 +145,3 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
         caches[i] = kv
   return (emb, caches) if with_cache else emb
 
-
-def encode(model, texts: Sequence[str], instruction: str = "", batch_size: int = 64, max_length: int = 512,
-           pooling: str = "mean", normalize: bool = True, attn: str | None = None,
-           show_progress_bar: bool | None = None, devices=None) -> np.ndarray:
-  """Embed `texts` with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
-  `<s><|embed|>\\n{text}` without instruction). BOS, instruction and format tokens are not pooled but are
-  attended to. Bidirectional attention unless the model's `attn` is `cccc`/`cc`.
-
-  Compilation: batches are sorted by length and padded to power-of-two length buckets (>= 16, capped at
-  max_length) and power-of-two row buckets (capped at batch_size), so a corpus of any size compiles only a few
-  programs. Batches are split over every local device (or `devices`); a progress bar shows for inputs of
-  PROGRESS_MIN_TEXTS texts or more unless show_progress_bar=False. Returns np.float32 [N, D] in input order
-  (L2-normalised when `normalize`)."""
-  if isinstance(texts, str):
-    texts = [texts]
-  texts = list(texts)
-  if not texts:
-    return np.zeros((0, model.config.hidden_size), np.float32)
-  tokens = tokenize(model, texts, instruction, max_length)
-  return encode_tokens(model, tokens, batch_size, max_length, pooling, normalize, embedding_is_causal(model, attn),
-                       show_progress_bar=show_progress_bar, devices=devices)

@@ -206,6 +206,11 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   n = len(seqs)
   if any(len(s) == 0 for s in seqs):
     raise GritJaxError("empty prompt: every row needs at least one token")
+  prefix = 0 if cache is None else int(np.asarray(cache.valid).sum(-1).max())
+  need = (prefix if start is None else int(np.max(start))) + max(len(s) for s in seqs) + max_new_tokens
+  if need > model.config.max_position_embeddings:  # before the cache is allocated: a named error, not an OOM
+    raise GritJaxError(f"prompt + max_new_tokens={max_new_tokens} reaches position {need} > the model's "
+                       f"max_position_embeddings={model.config.max_position_embeddings}")
   rows = n if cache is not None else bucket(n, minimum=1)
   T = bucket(max(len(s) for s in seqs))
   ids, mask = pad_rows(seqs, T, rows, model.config.bos_token_id)
@@ -218,10 +223,6 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   if start is None:
     start = np.asarray(cache.valid).sum(-1)
   start = np.asarray(start, np.int32)
-  limit = int((start + mask.sum(-1)).max()) + max_new_tokens
-  if limit > model.config.max_position_embeddings:
-    raise GritJaxError(f"prompt + max_new_tokens reaches position {limit} > max_position_embeddings="
-                       f"{model.config.max_position_embeddings}")
   greedy = temperature == 0.0
   fn = generate_fn(model.config, int(max_new_tokens), greedy, stop_at_eos)
   tokens = np.asarray(fn(model.params, cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
@@ -233,12 +234,33 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   return result
 
 
-def _chat_text(item) -> str:
-  """A user message, or a list of messages alternating user/assistant and ending with the user's."""
-  from grit_jax.data import templates
-  if isinstance(item, str) or (isinstance(item, (list, tuple)) and all(isinstance(m, str) for m in item)):
-    return templates.chat_prompt(item)
-  raise GritJaxError(f"prompt {str(item)[:60]!r}: expected a string or a list of message strings")
+def _turns(item, where: str) -> list[str]:
+  """One prompt as alternating user/assistant strings: a user message, a list of strings, or chat messages
+  [{"role": "user" | "assistant", "content": str}, ...] (the GritLM chat format has no system turn)."""
+  if isinstance(item, str):
+    return [item]
+  if isinstance(item, (list, tuple)) and item and all(isinstance(m, str) for m in item):
+    return list(item)
+  if isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) for m in item):
+    turns = []
+    for i, m in enumerate(item):
+      want = "user" if i % 2 == 0 else "assistant"
+      if m.get("role") != want or not isinstance(m.get("content"), str):
+        raise GritJaxError(f"{where}[{i}]: expected {{'role': {want!r}, 'content': str}} (roles alternate user/"
+                           f"assistant, starting with user), got {str(m)[:60]}")
+      turns.append(m["content"])
+    return turns
+  raise GritJaxError(f"{where} {str(item)[:60]!r}: expected a string, a list of message strings or a list of "
+                     "{'role', 'content'} messages")
+
+
+def as_prompts(prompts_or_messages) -> list[list[str]]:
+  """A batch of prompts as turn lists. A single string, or a single conversation of chat messages (a list of
+  dicts), is a batch of one."""
+  x = prompts_or_messages
+  if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and all(isinstance(m, dict) for m in x)):
+    x = [x]
+  return [_turns(item, f"prompts[{i}]") for i, item in enumerate(x)]
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.0,
@@ -254,19 +276,3 @@ def decode_new(tokenizer, ids: Sequence[int], eos_id: int) -> str:
     ids = ids[:ids.index(eos_id)]
   return tokenizer.decode(ids)
 
-
-def generate(model, prompts_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0) -> list[str]:
-  """Chat generation: each prompt (a user message, or a list of messages) goes through the GritLM chat template
-  `<s><|user|>\\n{msg}\\n<|assistant|>\\n`; the batch is prefilled once (right padding, per-row positions) and
-  decoded with a preallocated KV cache until every row emits `</s>`. Greedy when temperature == 0; otherwise
-  temperature + top-p sampling, reproducible for a given seed. Returns the replies without `</s>`."""
-  if isinstance(prompts_or_messages, str):
-    prompts_or_messages = [prompts_or_messages]
-  if model.tokenizer is None:
-    raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
-  if len(prompts_or_messages) == 0:
-    return []
-  seqs = [model.tokenizer.encode(_chat_text(p)) for p in prompts_or_messages]
-  out = generate_ids(model, seqs, max_new_tokens, temperature, top_p, seed)
-  return [decode_new(model.tokenizer, o, model.config.eos_token_id) for o in out]

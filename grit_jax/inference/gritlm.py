@@ -1,15 +1,38 @@
-"""GritLM: a loaded model (config + params + tokenizer) with numpy-in, numpy-out forward passes."""
+"""GritLM: a loaded model (config + params + tokenizer + the settings it was trained with) and its inference API.
+
+Two ways in, one object:
+- grit_jax's: `GritLM.from_pretrained(path, dtype=...)`, or `GritLM(config, params, tokenizer)`;
+- gritlm 1.0.2's: `GritLM(path, mode=..., pooling_method=..., normalized=..., attn=..., torch_dtype=...)`, with
+  `encode` / `encode_queries` / `encode_corpus` / `generate` taking gritlm's arguments (docs/gritlm_compat.md).
+The methods run the shared jitted programs of encode.py / generate.py (one compiled program per config and shape
+bucket, whatever the instance).
+"""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import logging
+import os
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax import contract
+from grit_jax.convert import settings as settings_lib
+from grit_jax.errors import GritJaxError
 from grit_jax.modeling.config import ModelConfig
 from grit_jax.modeling.model import Transformer, params_for
+
+log = logging.getLogger(__name__)
+
+_UNSET = object()  # "not given": the model's stored setting applies (None is a value: gritlm's attn=None)
+MODES = ("unified", "embedding", "generative")
+TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16"}
+FINGERPRINT_STRIDE_SAMPLES = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,36 +48,129 @@ def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
   return jax.jit(fn)
 
 
+def dtype_name(torch_dtype) -> str:
+  """A compute dtype from gritlm's torch_dtype: a name ("bfloat16", "torch.bfloat16", "auto") or a torch dtype."""
+  name = str(torch_dtype).removeprefix("torch.")
+  if name in TORCH_DTYPES or name == "auto":
+    return TORCH_DTYPES.get(name, name)
+  raise GritJaxError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(TORCH_DTYPES)} or 'auto' "
+                     "(float16 is not a grit_jax compute dtype)")
+
+
+def load_tokenizer(path: str):
+  """`tokenizer.model` (SentencePiece), else `tokenizer.json`, from a model directory; None when it has neither."""
+  from grit_jax.data.tokenizer import Tokenizer
+  return Tokenizer.from_dir(path)
+
+
 class GritLM:
-  """`GritLM(config, params, tokenizer=None, attn="bbcc")`; `GritLM.from_pretrained(dir)` for HF or grit_jax dirs.
+  """See the module docstring. `attn` is the reference's attention string (chars 1-2 embedding passes, 3-4
+  generative; b = bidirectional, c = causal; gritlm's None = causal): GritLM models use "bbcc"; a causal
+  embedder ("cccc") makes query/doc RAG caching exact. Unset arguments take the model's grit_settings.json."""
 
-  `attn` is the reference's attention string (chars 1-2 embedding passes, 3-4 generative; b = bidirectional,
-  c = causal): GritLM models use "bbcc"; a causal embedder ("cccc") makes query/doc RAG caching exact.
-  """
-
-  # encode / generate / rag live in their own modules (each a function of the model); bound here as methods.
-  from grit_jax.inference.encode import encode
-  from grit_jax.inference.generate import generate
-  from grit_jax.inference.rag import rag
-
-  def __init__(self, config: ModelConfig, params, tokenizer=None, attn: str = "bbcc"):
-    if len(attn) != 4 or set(attn) - {"b", "c"}:
-      raise ValueError(f"attn must be 4 characters of b/c like 'bbcc', got {attn!r}")
+  def __init__(self, model_name_or_path=None, params=None, tokenizer=None, attn=_UNSET, *, mode: str = "unified",
+               pooling_method=_UNSET, normalized=_UNSET, projection=None, is_inference: bool = True,
+               embed_eos: str = "", device=None, torch_dtype=None, settings: settings_lib.Settings | None = None,
+               **kwargs):
+    if mode not in MODES:
+      raise GritJaxError(f"mode={mode!r}: expected one of {MODES}")
+    if projection is not None:
+      raise GritJaxError(f"projection={projection!r}: gritlm creates this linear layer with random weights at load "
+                         "time (it is not stored with the model); grit_jax has no projection head")
+    if not is_inference:
+      raise GritJaxError("is_inference=False: train with `grit-jax train`")
+    given = {"attn": attn, "pooling": pooling_method, "normalize": normalized}
+    given = {k: v for k, v in given.items() if v is not _UNSET}
+    if isinstance(model_name_or_path, ModelConfig):
+      if torch_dtype is not None or kwargs:
+        raise GritJaxError(f"GritLM(config, params, ...): unexpected {sorted(kwargs) or ['torch_dtype']} (those "
+                           "are for GritLM(path, ...))")
+      config, path = model_name_or_path, None
+      self.settings = self._override(settings or settings_lib.Settings(), given)
+      self._gritlm_style = False
+    elif isinstance(model_name_or_path, (str, os.PathLike)):  # gritlm.GritLM(model_name_or_path, ...)
+      if params is not None or tokenizer is not None:
+        raise GritJaxError("GritLM(path, ...): params / tokenizer come from the directory")
+      for key in ("device_map", "load_in_4bit", "load_in_8bit", "quantization_config"):
+        if kwargs.pop(key, None):
+          raise GritJaxError(f"GritLM({key}=...): not supported by grit_jax (shard with a mesh instead)")
+      if kwargs.pop("attn_implementation", None) is not None:
+        log.warning("attn_implementation is ignored: grit_jax picks its attention kernel from config "
+                    "attention_impl")
+      if device is not None:
+        log.warning("device=%r is ignored: JAX places arrays on its default backend (%s)", device,
+                    jax.default_backend())
+      torch_dtype = torch_dtype or kwargs.pop("dtype", None)  # transformers 5 renamed torch_dtype to dtype
+      unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)})
+      if unknown:
+        raise GritJaxError(f"GritLM(path, ...): unknown keyword(s) {unknown} (neither gritlm's nor ModelConfig "
+                           "fields)")
+      path = os.fspath(model_name_or_path)
+      dtype = dtype_name(torch_dtype or "float32")
+      if dtype == "auto":
+        from grit_jax.convert import hf
+        dtype = "float32" if hf.is_jax_dir(path) else TORCH_DTYPES.get(hf.hf_dtype_of(path), "float32")
+      self.settings = self._override(settings_lib.read(path), given)  # bad values: errors before the weights
+      # torch_dtype sets the weights' dtype too (as in torch); other keywords are ModelConfig fields
+      params, config, tokenizer = self._load(path, dtype=dtype, param_dtype=dtype, **kwargs)
+      self._gritlm_style = True
+    else:
+      raise GritJaxError(f"GritLM: first argument must be a ModelConfig or a model directory, got "
+                         f"{type(model_name_or_path).__name__}")
+    if tokenizer is not None:
+      contract.check_vocab(tokenizer.vocab_size, config.vocab_size,
+                           key=f"tokenizer {getattr(tokenizer, 'path', '')}".strip())
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
     self.tokenizer = tokenizer
-    self.attn = attn
+    self.mode = mode
+    self.name_or_path = path
+    self.embed_eos = embed_eos
+    self._logged: set = set()
+    self._fingerprint = None
 
-  @classmethod
-  def from_pretrained(cls, path: str, dtype: str = "float32", attn: str = "bbcc", **overrides) -> "GritLM":
-    """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
-    hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
-    ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model`, else `tokenizer.json`, from the same
-    directory when present."""
+  @staticmethod
+  def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
+    """The stored settings with explicit arguments applied; each one that differs from a stored file is logged."""
+    for key, value in given.items():
+      if value != getattr(stored, key) and stored.source != "defaults":
+        log.warning("%s=%r overrides the model's trained %s=%r (%s)", key, value, key, getattr(stored, key),
+                    stored.source)
+    out = dataclasses.replace(stored, **given)
+    if out.attn is not None:
+      settings_lib.check(out, "GritLM")
+    from grit_jax.inference.encode import embedding_is_causal
+    embedding_is_causal(out.attn)  # a servable attention, checked now rather than at the first encode
+    return out
+
+  @staticmethod
+  def _load(path: str, dtype: str = "float32", **overrides):
     from grit_jax.convert import hf
     config, params = hf.load_pretrained(path, dtype=dtype, **overrides)
-    from grit_jax.data.tokenizer import Tokenizer
-    return cls(config, params, Tokenizer.from_dir(path), attn=attn)
+    return params, config, load_tokenizer(path)
+
+  @classmethod
+  def from_pretrained(cls, path: str, dtype: str = "float32", attn=_UNSET, *, pooling=_UNSET, normalize=_UNSET,
+                      **overrides) -> "GritLM":
+    """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
+    hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
+    ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present, and
+    the model's grit_settings.json (attn, pooling, normalize, max lengths) as the defaults; `attn`, `pooling`,
+    `normalize` given here override them (logged)."""
+    path = os.fspath(path)
+    stored = settings_lib.read(path)  # a damaged file: an error before the weights are read
+    params, config, tokenizer = cls._load(path, dtype=dtype, **overrides)
+    out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored)
+    out.name_or_path = path
+    return out
+
+  # the settings, under grit_jax's and gritlm's names
+  attn = property(lambda self: self.settings.attn)
+  pooling = pooling_method = property(lambda self: self.settings.pooling)
+  normalize = normalized = property(lambda self: self.settings.normalize)
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # forward passes
 
   def _run(self, input_ids, attention_mask, causal: bool, return_logits: bool) -> np.ndarray:
     ids = jnp.asarray(np.asarray(input_ids, np.int32))
@@ -71,11 +187,139 @@ class GritLM:
     """LM logits [B, T, V] float32 (causal by default)."""
     return self._run(input_ids, attention_mask, causal, True)
 
+  # ---------------------------------------------------------------------------------------------------------------
+  # embeddings
+
+  def _setting(self, key: str, value):
+    """A per-call argument, or the instance's setting; a per-call value that differs is logged once."""
+    if value is None or value is _UNSET:
+      return getattr(self.settings, key)
+    if value != getattr(self.settings, key) and (key, value) not in self._logged:
+      self._logged.add((key, value))
+      log.warning("%s=%r overrides the model's %s=%r", key, value, key, getattr(self.settings, key))
+    return value
+
+  def encode(self, sentences, instruction: str = "", batch_size: int = 256, max_length: int | None = None,
+             pooling: str | None = None, normalize: bool | None = None, *, attn=_UNSET,
+             embed_instruction: bool = False, get_cache: bool = False, convert_to_tensor: bool = False,
+             recast: bool = False, add_special_tokens: bool = True):
+    """Embed texts with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
+    `<s><|embed|>\\n{text}` without instruction; an instruction already in gritlm's wrapped form is used as it
+    is). BOS, instruction and format tokens are attended to but not pooled (`embed_instruction=True` pools them,
+    as gritlm). Attention, pooling, normalisation and max_length default to the model's settings.
+
+    Batches are sorted by length and padded to power-of-two length / row buckets, so a corpus of any size
+    compiles only a few programs. Returns np.float32 [N, D] in input order, or [D] for a single string."""
+    from grit_jax.inference import encode as encode_lib
+    if isinstance(instruction, (int, np.integer)) and not isinstance(instruction, bool):
+      raise GritJaxError(f"encode(texts, {instruction}): grit_jax's second positional argument is the instruction; "
+                         f"pass batch_size={instruction} by name")
+    if get_cache:
+      raise GritJaxError("encode(get_cache=True) is not supported: use model.rag(..., cache=...) for KV caching")
+    single = isinstance(sentences, str)
+    texts = [sentences] if single else list(sentences)
+    attn = self.attn if attn is _UNSET else self._setting("attn", attn)
+    pooling = self._setting("pooling", pooling)
+    normalize = self._setting("normalize", normalize)
+    max_length = max_length or self.settings.passage_max_len
+    if self._gritlm_style and not instruction and "empty_instruction" not in self._logged:
+      self._logged.add("empty_instruction")
+      log.warning("instruction='' embeds '<|embed|>\\n{text}' (gritlm_instruction('')); gritlm 1.0.2 would embed "
+                  "the bare text")
+    if self.embed_eos:
+      texts = [t + self.embed_eos if isinstance(t, str) else t for t in texts]
+    if not texts:
+      return np.zeros((0, self.config.hidden_size), np.float32)
+    tokens = encode_lib.tokenize(self, texts, instruction, max_length)
+    if embed_instruction:
+      tokens = [(ids, np.ones_like(pool)) for ids, pool in tokens]
+    if not add_special_tokens:
+      tokens = [(ids[1:], pool[1:]) for ids, pool in tokens]
+    emb = encode_lib.encode_tokens(self, tokens, batch_size, max_length, pooling, normalize,
+                                   encode_lib.embedding_is_causal(attn))
+    if recast:
+      emb = emb.astype(jnp.dtype(self.config.dtype))
+    if convert_to_tensor:
+      emb = jnp.asarray(emb)
+    return emb[0] if single else emb
+
+  def encode_queries(self, queries, **kwargs):
+    """`encode` for queries (max_length defaults to the model's trained query length)."""
+    kwargs.setdefault("max_length", self.settings.query_max_len)
+    return self.encode(queries, **kwargs)
+
+  def encode_corpus(self, corpus, **kwargs):
+    """`encode` for documents: strings, or {"title", "text"} dicts joined as gritlm does ("title text")."""
+    if isinstance(corpus, dict):
+      corpus = [corpus]
+    if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
+      for i, doc in enumerate(corpus):
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+          raise GritJaxError(f"corpus[{i}]: expected a dict with a string 'text'")
+      corpus = [doc["title"] + " " + doc["text"] if "title" in doc else doc["text"] for doc in corpus]
+    kwargs.setdefault("max_length", self.settings.passage_max_len)
+    return self.encode(corpus, **kwargs)
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # generation and RAG
+
+  def generate(self, prompts_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0, *, do_sample: bool | None = None) -> list[str]:
+    """Chat generation. Each prompt is a user message, a list of messages alternating user/assistant (strings,
+    or chat messages {"role", "content"}), ending with the user's; a single string or a single list of chat
+    messages is one prompt. Each goes through the GritLM chat template `<s><|user|>\\n{msg}\\n<|assistant|>\\n`;
+    the batch is prefilled once and decoded with a KV cache until every row emits `</s>`. Greedy when temperature
+    == 0 (or do_sample=False); otherwise temperature + top-p sampling, reproducible for a given seed. Returns the
+    replies without `</s>`."""
+    from grit_jax.inference import generate as gen
+    if self.mode == "embedding":
+      raise GritJaxError("generate: this GritLM was loaded with mode='embedding'")
+    if do_sample is not None:
+      temperature = (temperature or 1.0) if do_sample else 0.0
+    if self.tokenizer is None:
+      raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
+    items = gen.as_prompts(prompts_or_messages)
+    if not items:
+      return []
+    from grit_jax.data import templates
+    seqs = [self.tokenizer.encode(templates.chat_prompt(turns)) for turns in items]
+    out = gen.generate_ids(self, seqs, max_new_tokens, temperature, top_p, seed)
+    return [gen.decode_new(self.tokenizer, o, self.config.eos_token_id) for o in out]
+
+  def build_index(self, documents: Sequence, **kwargs):
+    """A RagIndex of `documents` (see inference.rag.build_index)."""
+    from grit_jax.inference import rag
+    return rag.build_index(self, documents, **kwargs)
+
+  def rag(self, query, documents, cache: str = "doc", max_new_tokens: int = 16, **kwargs):
+    """Retrieve and answer with caching mode `cache` (see inference.rag.rag)."""
+    from grit_jax.inference import rag
+    return rag.rag(self, query, documents, cache=cache, max_new_tokens=max_new_tokens, **kwargs)
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # identity and saving
+
+  def weights_fingerprint(self) -> str:
+    """A sha256 over every tensor's name, shape, dtype and a strided sample of its values (at most
+    FINGERPRINT_STRIDE_SAMPLES per axis, sliced on device: no full copy of a sharded weight): two different
+    models, or a model before and after fine-tuning, never share it. What a RAG index records."""
+    if self._fingerprint is None:
+      h = hashlib.sha256()
+      for path, x in jax.tree_util.tree_leaves_with_path(self.params):
+        sample = x[tuple(slice(None, None, max(1, d // FINGERPRINT_STRIDE_SAMPLES)) for d in x.shape)]
+        h.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}{x.dtype}".encode())
+        h.update(np.asarray(sample.astype(jnp.float32)).tobytes())
+      self._fingerprint = h.hexdigest()[:16]
+    return self._fingerprint
+
   def save_pretrained(self, path: str, dtype: str | None = None, max_shard_size="5GB") -> str:
-    """Write a Hugging Face directory (config.json, safetensors, the tokenizer files and sentence-transformers
-    modules of convert.hf_files) atomically; replaces `path`."""
+    """Write a Hugging Face directory (config.json, safetensors, grit_settings.json, and the tokenizer files and
+    sentence-transformers modules of convert.hf_files) atomically; replaces `path`."""
     from grit_jax.convert import hf, hf_files
+    # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
+    stored = dataclasses.replace(self.settings, attn=self.attn or "cccc")
     with hf.atomic_dir(path, overwrite=True) as tmp:
       hf.save_hf(self.params, self.config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-      hf_files.write_export_files(self.tokenizer, tmp, self.config, attn=self.attn)
+      hf_files.write_export_files(self.tokenizer, tmp, self.config, stored)
+      settings_lib.write(tmp, stored)
     return path

@@ -1,10 +1,10 @@
 """An mteb (2.x) encoder for a GritLM: `mteb.evaluate(MtebEncoder.from_pretrained(dir), tasks)`.
 
 Its ModelMeta names the model after its directory (`grit_jax/<dir name>`) and sets the revision to a hash of its
-weights, so mteb's result cache keeps the results of different models (or of two checkpoints of one run) apart;
-`meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load it: mteb 2.x resolves `-m` only
-through its own registry or the Hugging Face Hub. The command for a local directory is
-`grit-jax mteb --model DIR --tasks TASK [TASK ...]` (main below).
+weights (GritLM.weights_fingerprint), so mteb's result cache keeps the results of different models (or of two
+checkpoints of one run) apart; `meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load
+it: mteb 2.x resolves `-m` only through its own registry or the Hugging Face Hub. The command for a local
+directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (main below).
 
 Follows mteb's EncoderProtocol: `encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)`.
 Instructions as in the paper's MTEB evaluation: queries (and symmetric tasks, which have no prompt type) get the
@@ -15,7 +15,6 @@ default (the reference's MTEB script uses normalized=False; cosine scoring is un
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import re
 from typing import Any
@@ -24,8 +23,6 @@ import numpy as np
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
-
-from grit_jax.inference.encode import encode
 
 INSTRUCTION_STRIP = ": \n"
 BOTH_SIDES_TASK_TYPES = ("Reranking",)
@@ -37,7 +34,7 @@ class MtebEncoder(AbsEncoder):
   def __init__(self, model, name: str = "grit_jax/gritlm", *, revision: str | None = None, batch_size: int = 64,
                max_length: int = 512, normalize: bool = False, instructions: dict[str, str] | None = None,
                both_sides_task_types=BOTH_SIDES_TASK_TYPES, model_dir: str | None = None):
-    """`revision` defaults to weights_hash(model.params); `model_dir` (set by from_pretrained) makes the meta's
+    """`revision` defaults to model.weights_fingerprint(); `model_dir` (set by from_pretrained) makes the meta's
     loader reload the model."""
     self.model = model
     self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
@@ -46,7 +43,7 @@ class MtebEncoder(AbsEncoder):
     settings = dict(batch_size=batch_size, max_length=max_length, normalize=normalize, instructions=instructions)
     self.mteb_model_meta = ModelMeta(
         loader=load if model_dir else None, loader_kwargs=dict(settings, model_dir=model_dir) if model_dir else {},
-        name=name, revision=revision or weights_hash(model.params), release_date=None, languages=None,
+        name=name, revision=revision or model.weights_fingerprint(), release_date=None, languages=None,
         n_parameters=int(sum(np.size(x) for x in _leaves(model.params))), memory_usage_mb=None,
         max_tokens=max_length, embed_dim=model.config.hidden_size, license=None, open_weights=None,
         public_training_code="https://github.com/ContextualAI/gritlm", public_training_data=None,
@@ -70,8 +67,8 @@ class MtebEncoder(AbsEncoder):
     texts = [t for batch in inputs for t in batch["text"]]
     # The reference embeds an empty string as just the template; our template code rejects empty text.
     texts = [t if t else " " for t in texts]
-    return encode(self.model, texts, instruction=self.instruction_for(task_metadata, prompt_type),
-                  batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
+    return self.model.encode(texts, instruction=self.instruction_for(task_metadata, prompt_type),
+                             batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
 
 
 def _leaves(tree):
@@ -85,26 +82,15 @@ def model_name(model_dir: str) -> str:
   return "grit_jax/" + (re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model")
 
 
-def weights_hash(params) -> str:
-  """SHA-256 (first 20 hex digits) of every param's path, dtype, shape and bytes: equal only for equal weights."""
-  import jax
-  h = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
-    value = np.ascontiguousarray(np.asarray(leaf))
-    h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
-    h.update(value.tobytes())
-  return h.hexdigest()[:20]
-
-
 def load(name: str, revision: str | None = None, *, model_dir: str, device: str | None = None,
          **settings) -> MtebEncoder:
   """mteb's loader signature (`ModelMeta.load_model`): the model of `model_dir`; a `revision` that is not its weights'
-  hash is an error (the directory changed since the results were made)."""
+  fingerprint is an error (the directory changed since the results were made)."""
   from grit_jax.errors import GritJaxError
   encoder = MtebEncoder.from_pretrained(model_dir, **settings)
   got = encoder.mteb_model_meta.revision
   if revision is not None and revision != got:
-    raise GritJaxError(f"{model_dir}: weights hash {got} is not the requested revision {revision}")
+    raise GritJaxError(f"{model_dir}: weights fingerprint {got} is not the requested revision {revision}")
   return encoder
 
 

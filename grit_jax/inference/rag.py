@@ -17,13 +17,16 @@ plain RAG on the same token sequence exactly; with bidirectional passes (`bbcc`)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import zipfile
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
 from grit_jax.inference import encode as encode_lib
@@ -31,7 +34,6 @@ from grit_jax.inference import generate as gen
 
 MODES = ("none", "query", "doc", "query_doc", "doc_query")
 
-EMBED_BOS = "<|embed|>\n"
 # Plain-RAG prompt formats (reference FULL_FORMAT*); `prompt` picks one for mode "none".
 FULL_FORMATS = {
     "query": "<s><|user|>\n{query}\n\n{doc}\n\nOptionally using the prior context answer the query prior to it"
@@ -51,7 +53,8 @@ CACHE_FORMATS = {
     "query_doc": "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
 }
 ANSWER_PREFIX = "The answer is"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: records the model and corpus it was built from
+INDEX_FILES = ("index.json", "documents.jsonl", "embeddings.npy")
 
 
 def doc_text(doc) -> str:
@@ -67,20 +70,45 @@ def doc_text(doc) -> str:
 # index
 
 
+def corpus_fingerprint(documents: Sequence[str]) -> str:
+  """sha256 of the document texts, in order: what an index was built from."""
+  h = hashlib.sha256()
+  for d in documents:
+    h.update(hashlib.sha256(d.encode("utf-8")).digest())
+  return h.hexdigest()[:16]
+
+
+def model_identity(model) -> dict:
+  """What an index records of the model that built it: its directory (informative) and weights fingerprint."""
+  return {"name": getattr(model, "name_or_path", None), "weights": model.weights_fingerprint()}
+
+
 @dataclasses.dataclass
 class RagIndex:
   """Document embeddings [N, D] (float32, top-k by dot product) and, optionally, each document's KV cache from the
-  same embedding pass, stored flat: k/v [L, total_tokens, KVH, Dh] with offsets [N+1] into the token axis."""
+  same embedding pass, stored flat: k/v [L, total_tokens, KVH, Dh] with offsets [N+1] into the token axis.
+  `model` and `corpus` say what it was built from (model_identity, corpus_fingerprint)."""
   documents: list[str]
   embeddings: np.ndarray
   causal: bool                      # attention of the embedding passes (caches are only valid for that mode)
   cache_k: np.ndarray | None = None
   cache_v: np.ndarray | None = None
   cache_offsets: np.ndarray | None = None
+  model: dict | None = None
+  corpus: str | None = None
 
   @property
   def has_cache(self) -> bool:
     return self.cache_k is not None
+
+  def check_model(self, model, where: str = "index") -> None:
+    """A GritJaxError unless this index was built by `model` (same weights fingerprint)."""
+    if self.model is None:
+      raise GritJaxError(f"{where}: records no model; rebuild it")
+    if self.model.get("weights") != model.weights_fingerprint():
+      raise GritJaxError(f"{where}: built with model {self.model.get('name')} (weights {self.model.get('weights')}), "
+                         f"not with this model {getattr(model, 'name_or_path', None)} (weights "
+                         f"{model.weights_fingerprint()}): rebuild it from the corpus")
 
   def search(self, query_emb: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(indices [Q, k], scores [Q, k]) by dot product, best first."""
@@ -97,13 +125,16 @@ class RagIndex:
     return self.cache_k[:, a:b], self.cache_v[:, a:b]
 
   def save(self, path: str) -> None:
-    """Write `path/` (embeddings.npy, documents.jsonl, kv_cache.npz, index.json); each file atomically."""
+    """Write `path/` (embeddings.npy, documents.jsonl, kv_cache.npz, index.json); each file atomically, index.json
+    last (an index without it is not one)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise GritJaxError(f"{path}: exists and is not a directory")
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, "embeddings.npy"), lambda f: np.save(f, self.embeddings), "wb")
     atomic_write(os.path.join(path, "documents.jsonl"),
                  lambda f: f.writelines(json.dumps({"text": d}) + "\n" for d in self.documents))
     meta = {"version": INDEX_VERSION, "causal": self.causal, "num_documents": len(self.documents),
-            "cache": self.has_cache}
+            "cache": self.has_cache, "model": self.model, "corpus": self.corpus}
     if self.has_cache:
       dtype = str(self.cache_k.dtype)
       view = (lambda a: a.view(np.uint16)) if dtype == "bfloat16" else (lambda a: a)  # npz has no bfloat16
@@ -112,28 +143,62 @@ class RagIndex:
                    lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets), "wb")
     atomic_write(os.path.join(path, "index.json"), lambda f: json.dump(meta, f, indent=1))
 
+  @staticmethod
+  def exists(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "index.json"))
+
   @classmethod
   def load(cls, path: str) -> "RagIndex":
+    """Every damaged or missing file is a GritJaxError naming it."""
     meta_path = os.path.join(path, "index.json")
     try:
-      with open(meta_path) as f:
+      with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
       raise GritJaxError(f"{meta_path}: cannot read index metadata ({e})") from e
-    if meta.get("version") != INDEX_VERSION:
-      raise GritJaxError(f"{meta_path}: index version {meta.get('version')}, expected {INDEX_VERSION}")
-    with open(os.path.join(path, "documents.jsonl")) as f:
-      docs = [json.loads(line)["text"] for line in f if line.strip()]
-    emb = np.load(os.path.join(path, "embeddings.npy"))
-    index = cls(docs, emb, bool(meta["causal"]))
-    if meta.get("cache"):
-      with np.load(os.path.join(path, "kv_cache.npz")) as z:
-        k, v, offsets = z["k"], z["v"], z["offsets"]
-      if meta["cache_dtype"] == "bfloat16":
+    if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
+      raise GritJaxError(f"{meta_path}: index version {meta.get('version') if isinstance(meta, dict) else None}, "
+                         f"expected {INDEX_VERSION}: rebuild the index")
+    for key in ("causal", "num_documents", "cache", "model", "corpus"):
+      if key not in meta:
+        raise GritJaxError(f"{meta_path}: missing key {key!r}")
+    docs_path = os.path.join(path, "documents.jsonl")
+    docs = []
+    try:
+      with open(docs_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              docs.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+              raise GritJaxError(f"{docs_path}:{n}: not an index document row ({e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+      raise GritJaxError(f"{docs_path}: cannot read ({e})") from e
+    emb_path = os.path.join(path, "embeddings.npy")
+    try:
+      emb = np.load(emb_path)
+    except (OSError, ValueError, EOFError) as e:
+      raise GritJaxError(f"{emb_path}: cannot read ({e})") from e
+    if emb.ndim != 2 or emb.dtype != np.float32:
+      raise GritJaxError(f"{emb_path}: expected float32 [N, D], got {emb.dtype} {emb.shape}")
+    index = cls(docs, emb, bool(meta["causal"]), model=meta["model"], corpus=meta["corpus"])
+    if meta["cache"]:
+      kv_path = os.path.join(path, "kv_cache.npz")
+      try:
+        with np.load(kv_path) as z:
+          k, v, offsets = z["k"], z["v"], z["offsets"]
+      except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise GritJaxError(f"{kv_path}: cannot read the KV caches ({e})") from e
+      if meta.get("cache_dtype") == "bfloat16":
         k, v = k.view(jnp.bfloat16), v.view(jnp.bfloat16)
+      if k.shape != v.shape or k.ndim != 4 or offsets[-1] != k.shape[1]:
+        raise GritJaxError(f"{kv_path}: caches disagree in shape (k {k.shape}, v {v.shape}, offsets end "
+                           f"{offsets[-1]})")
       index.cache_k, index.cache_v, index.cache_offsets = k, v, offsets
-    if len(docs) != emb.shape[0] or (index.has_cache and len(index.cache_offsets) != len(docs) + 1):
-      raise GritJaxError(f"{path}: documents, embeddings and caches disagree in count")
+    if not len(docs) == emb.shape[0] == meta["num_documents"] or (
+        index.has_cache and len(index.cache_offsets) != len(docs) + 1):
+      raise GritJaxError(f"{path}: documents ({len(docs)}), embeddings ({emb.shape[0]}), caches and index.json "
+                         f"({meta['num_documents']}) disagree in count")
     return index
 
 
@@ -150,14 +215,16 @@ def build_index(model, documents: Sequence, with_cache: bool = True, batch_size:
   docs = [doc_text(d) for d in documents]
   if not docs:
     raise GritJaxError("empty corpus")
-  causal = encode_lib.embedding_is_causal(model, attn)
+  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
   tokens = _embed_tokens(model, docs, max_length)
+  built = dict(model=model_identity(model), corpus=corpus_fingerprint(docs))
   if not with_cache:
-    return RagIndex(docs, encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal), causal)
+    return RagIndex(docs, encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal), causal,
+                    **built)
   emb, caches = encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal, with_cache=True)
   offsets = np.cumsum([0] + [k.shape[1] for k, _ in caches]).astype(np.int64)
   return RagIndex(docs, emb, causal, np.concatenate([k for k, _ in caches], axis=1),
-                  np.concatenate([v for _, v in caches], axis=1), offsets)
+                  np.concatenate([v for _, v in caches], axis=1), offsets, **built)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +277,7 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
     doc_ids = doc_ids or embed_ids(docs)
     doc_caches = _segment_cache(model, doc_ids, causal)
   if mode == "query_doc":  # the doc segment follows the query: "\n<|embed|>\n{doc}" without BOS
-    doc_ids = [enc("\n" + EMBED_BOS + d) for d in docs]
+    doc_ids = [enc(templates.EMBED_BOS + d) for d in docs]
     doc_caches = _segment_cache(model, doc_ids, causal)
 
   if mode == "query":
@@ -275,11 +342,13 @@ def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *
     raise GritJaxError(f"cache={cache!r}: expected one of {MODES}")
   single = isinstance(query, str)
   queries = [query] if single else list(query)
-  causal = encode_lib.embedding_is_causal(model, attn)
+  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
   if isinstance(documents, RagIndex):
     index = documents
-    if index.causal != causal and cache in ("doc", "doc_query"):
-      raise GritJaxError(f"index caches were built with causal={index.causal}, model embeds with causal={causal}")
+    index.check_model(model)
+    if index.causal != causal:  # its embeddings (and caches) come from another attention than the queries'
+      raise GritJaxError(f"index was built with causal={index.causal} embedding passes, the queries are embedded "
+                         f"with causal={causal}: rebuild it with the same attn")
   else:
     index = build_index(model, documents, with_cache=cache in ("doc", "doc_query"), max_length=max_length,
                         attn=attn)

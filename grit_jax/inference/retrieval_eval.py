@@ -67,13 +67,12 @@ def retrieval_metrics(scores_QD: np.ndarray, relevant: list[set[int]]) -> dict[s
 
 def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndarray:
   """Embeddings [N, D] of (instruction, text) pairs, one encode call per distinct instruction, in input order."""
-  from grit_jax.inference.encode import encode
   out = np.zeros((len(pairs), model.config.hidden_size), np.float32)
   by_instruction: dict[str, list[int]] = {}
   for i, (instruction, _) in enumerate(pairs):
     by_instruction.setdefault(instruction, []).append(i)
   for instruction, idx in by_instruction.items():
-    out[idx] = encode(model, [pairs[i][1] for i in idx], instruction=instruction, **encode_kwargs)
+    out[idx] = model.encode([pairs[i][1] for i in idx], instruction=instruction, **encode_kwargs)
   return out
 
 

@@ -15,6 +15,7 @@ from grit_jax.errors import GritJaxError
 DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "flat")
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp")
+MOE_IMPLS = ("ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ModelConfig:
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
   attention_impl: str = "xla"             # see grit_jax.modeling.attention.attend
   matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
+  moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)
 
   def __post_init__(self):
     def bad(key, why):
@@ -67,6 +69,8 @@ class ModelConfig:
       bad("remat_policy", f"expected one of {REMAT_POLICIES}")
     if self.matmul_impl not in MATMUL_IMPLS:
       bad("matmul_impl", f"expected one of {MATMUL_IMPLS}")
+    if self.moe_impl not in MOE_IMPLS:
+      bad("moe_impl", f"expected one of {MOE_IMPLS}")
 
   @property
   def is_moe(self) -> bool:

@@ -40,39 +40,30 @@ _REMAT_RECOMPUTE = {"none": 0.0, "full": 1.0, "minimal": 0.6, "save_dots_except_
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
-def parse_args(argv: list[str]):
-  """(config, topology name, num_slices, write_hlo path) from argv; bad input raises GritJaxError."""
+def _define_flags(fv) -> None:
   from absl import flags
-  from ml_collections import config_flags
 
-  argv = ["grit-jax aot", *argv]
-  config_path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
-  config_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), config_path)
-  if config_path is None:
-    raise GritJaxError(f"--config is required\n{USAGE}")
-  file = config_path.split(":")[0]
-  if not os.path.exists(file):
-    raise GritJaxError(f"--config {config_path}: no such file")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(file)))  # recipes import `configs.<sibling>`
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "recipe file", flag_values=fv, lock_config=True, sys_argv=argv)
   flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5e-16 (grit_jax.perf.topologies)", flag_values=fv)
   flags.DEFINE_integer("num_slices", 1, "slices joined over the data-center network (multislice)", flag_values=fv)
   flags.DEFINE_string("write_hlo", None, "write the compiled HLO text to this file", flag_values=fv)
-  try:
-    rest = fv(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as e:
-    msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)).strip()
-    raise GritJaxError(f"{msg}\n{USAGE}") from None
-  if len(rest) > 1:
-    raise GritJaxError(f"unexpected argument {rest[1]!r}\n{USAGE}")
+
+
+def parse_args(argv: list[str]):
+  """(config, topology name, num_slices, write_hlo path) from argv, or None after --help; bad input raises
+  GritJaxError. The config is validated against the topology's chip count (no data or weights are read)."""
+  from grit_jax import contract, recipe_flags
+
+  parsed = recipe_flags.parse("aot", USAGE, argv, _define_flags)
+  if parsed is None:
+    return None
+  config, fv = parsed
   if not fv.topology:
     raise GritJaxError(f"--topology is required (e.g. v5p-64)\n{USAGE}")
   if fv.num_slices < 1:
     raise GritJaxError(f"--num_slices={fv.num_slices}: must be >= 1")
-  return fv.config, fv.topology, fv.num_slices, fv.write_hlo
+  num_chips = topologies.get_topology(fv.topology).num_chips * fv.num_slices
+  contract.validate(config, num_devices=num_chips, check_files=False, log=None)
+  return config, fv.topology, fv.num_slices, fv.write_hlo
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,7 +263,10 @@ def format_report(config, res: AotResult) -> str:
 def main(argv: list[str]) -> int:
   topologies.quiet_libtpu_env()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; it never runs TPU code
-  config, topology, num_slices, hlo_path = parse_args(argv)
+  parsed = parse_args(argv)
+  if parsed is None:  # --help
+    return 0
+  config, topology, num_slices, hlo_path = parsed
   topologies.get_topology(topology)  # fail fast on a bad name
   res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path)
   print(format_report(config, res))

@@ -1,32 +1,52 @@
 """Orbax checkpoints of a training run: sharded train state + data-iterator position + metadata, per step.
 
-Layout: `<workdir>/checkpoints/<step>/{state, data, meta}`.
+Layout: `<workdir>/checkpoints/<step>/{state, data, meta, grit_checksums.json}`.
 - state: the train state pytree (params, optimizer state, step), written by every process for its own shards.
 - data:  {"process_<i>": iterator state} for every process, so each host resumes its own shard of the stream.
 - meta:  {"step", "config", "process_count", ...} (JSON).
+- grit_checksums.json: size and sha256 of every file of the step (orbax's own commit markers aside).
 
 Saves are asynchronous (the step loop continues while the arrays are written) and atomic: orbax writes to
-`<step>.orbax-checkpoint-tmp*` and renames only when every item is complete, so a process killed mid-save leaves
+`<step>.orbax-checkpoint-tmp` and renames only when every item is complete, so a process killed mid-save leaves
 the previous steps intact and the temporary folder is removed at the next start (`cleanup_tmp_directories`).
-Restoring takes an abstract target whose leaves carry the shardings of the current mesh, so a checkpoint can be
-restored onto a different mesh shape than it was saved from.
+The checksums are computed by process 0 in orbax's background thread after every process has written its shards
+and before that rename (`post_finalization_callback`), so every committed step carries them.
+
+Restoring (`Checkpointer.restore_latest`) walks the steps newest first and takes the first one that is complete,
+matches its checksums and the shapes of this config, and restores; each newer step is named with the reason it
+failed and moved to `<workdir>/damaged_checkpoints/` (never deleted). The target's leaves carry the shardings of
+the current mesh, so a checkpoint restores onto a different mesh shape than it was saved from.
+
+`claim_run` guards the run's folders: they must be writable (checked before any work) and one run at a time holds
+them (a lock file naming pid and host; a crashed holder's lock is taken over).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
-import signal
+import socket
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write
 
-# Test hook: kill this process with SIGKILL right after the async save of this step has started (the temporary
-# folder exists, nothing is committed). Used by tests/test_train_e2e.py to prove a killed save is harmless.
-KILL_DURING_SAVE_ENV = "GRIT_JAX_TEST_KILL_DURING_SAVE"
+MANIFEST = "grit_checksums.json"
+# Written by orbax at the commit, after the checksums: not covered.
+_UNCOVERED = ("_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST)
+_ITEMS = ("state", "data", "meta")
+_TMP = ".orbax-checkpoint-tmp"
+LOCK_FILE = ".grit_jax.lock"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
 def _allgather_json(obj: Any) -> list[Any]:
@@ -44,20 +64,275 @@ def _allgather_json(obj: Any) -> list[Any]:
   return [json.loads(bytes(r[:k]).decode()) for r, k in zip(rows, lens)]
 
 
+def _first_error(error: str | None) -> str | None:
+  """The first process's error (collective), so every process takes the same decision."""
+  errors = _allgather_json(error)
+  for i, e in enumerate(errors):
+    if e is not None:
+      return e if len(errors) == 1 else f"(process {i}) {e}"
+  return None
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+  """The cause of a library exception in one line (its type and first line, not the traceback)."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _is_local(path: str) -> bool:
+  return "://" not in path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's folders: writable, one run at a time
+
+def _check_writable(path: str, what: str) -> None:
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise GritJaxError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder or fix its "
+                       "permissions") from None
+
+
+class RunLock:
+  """`<dir>/.grit_jax.lock`, held (flock) for the life of a run; it records pid, host and start time so a refused
+  run can say who holds it. The OS drops the flock when its holder dies; the file content then shows a run that did
+  not finish cleanly, whose lock is taken over when its pid is gone from this host."""
+
+  def __init__(self, folder: str):
+    self.path = os.path.join(folder, LOCK_FILE)
+    self._file = None
+
+  def acquire(self) -> str | None:
+    """None, or why the folder is in use."""
+    folder = os.path.dirname(self.path)
+    f = open(self.path, "a+")  # pylint: disable=consider-using-with  (held until release)
+    f.seek(0)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = _holder(f.read())[2]
+      f.close()
+      return f"{folder} is in use by another run ({holder}); wait for it to finish or use another --workdir"
+    text = f.read().strip()
+    if text:  # the previous run did not release it: crashed, killed, or (network filesystem) still running
+      pid, host, holder = _holder(text)
+      if host != socket.gethostname() or (pid != os.getpid() and _pid_alive(pid)):
+        f.close()
+        return f"{folder} is in use by another run ({holder}); if that run has ended, delete {self.path}"
+      _warn(f"{self.path}: taking over the lock of a run that did not finish cleanly ({holder}; pid {pid} is no "
+            "longer running)")
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+    f.flush()
+    self._file = f
+    return None
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.seek(0)
+      self._file.truncate()  # empty = released cleanly; the file stays (unlinking would race with a new holder)
+      self._file.close()  # drops the flock
+      self._file = None
+
+
+def _holder(text: str) -> tuple[int, str, str]:
+  """(pid, host, a description) of the run a lock file names; pid -1 when unreadable."""
+  try:
+    info = json.loads(text)
+    pid, host = int(info["pid"]), str(info["host"])
+  except (ValueError, KeyError, TypeError):
+    return -1, "", text.strip()[:200] or "starting"
+  return pid, host, f"pid {pid} on {host}, started {info.get('started', '?')}"
+
+
+def _pid_alive(pid: int) -> bool:
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class RunClaim:
+  """The claim of `claim_run`: a context manager that releases the locks."""
+
+  def __init__(self, locks: list[RunLock]):
+    self.locks = locks
+
+  def release(self) -> None:
+    for lock in self.locks:
+      lock.release()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def claim_run(workdir: str, checkpoint_dir: str = "") -> RunClaim:
+  """Checks that the run's local folders are writable and locks them against a second run; raises GritJaxError
+  (on every process) otherwise. Collective. Call before any expensive work; release when the run ends."""
+  root = checkpoint_dir or workdir
+  folders = [(workdir, "workdir")]
+  if root != workdir:
+    folders.append((root, "checkpoint_dir"))
+  error, locks = None, []
+  try:
+    for path, what in folders:
+      if _is_local(path):
+        _check_writable(path, what)
+        ckpts = os.path.join(path, "checkpoints")
+        if root == path and os.path.isdir(ckpts):
+          _check_writable(ckpts, "checkpoint folder")
+    if jax.process_index() == 0:  # the processes of one run share the folders: one lock per run
+      for path, _ in folders:
+        if _is_local(path) and error is None:
+          lock = RunLock(path)
+          error = lock.acquire()
+          if error is None:
+            locks.append(lock)
+  except GritJaxError as e:
+    error = str(e)
+  error = _first_error(error)
+  claim = RunClaim(locks)
+  if error is not None:
+    claim.release()
+    raise GritJaxError(error)
+  return claim
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checksums
+
+def _covered_files(step_dir: epath.Path) -> list[str]:
+  """Relative paths of the files a manifest covers, sorted."""
+  out, todo = [], [step_dir]
+  while todo:  # (epath has no recursive glob on object stores)
+    for p in todo.pop().iterdir():
+      if p.is_dir():
+        todo.append(p)
+      elif p.name not in _UNCOVERED:
+        out.append(str(p.relative_to(step_dir)))
+  return sorted(out)
+
+
+def _sha256(path: epath.Path) -> tuple[int, str]:
+  h, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+      size += len(chunk)
+  return size, h.hexdigest()
+
+
+def write_manifest(step_dir: str) -> None:
+  """Writes `<step_dir>/grit_checksums.json`: {relative path: [size, sha256]} of every covered file."""
+  d = epath.Path(step_dir)
+  manifest = {"format": 1, "files": {rel: list(_sha256(d / rel)) for rel in _covered_files(d)}}
+  if _is_local(step_dir):
+    atomic_write(os.path.join(step_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1))
+  else:  # object stores write an object atomically
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_manifest(step_dir: str, shard: int = 0, num_shards: int = 1) -> str | None:
+  """None when this shard (files [shard::num_shards]) of the step's files matches its manifest, else what differs
+  (the first problem). A step without a manifest is reported by the caller."""
+  d = epath.Path(step_dir)
+  try:
+    files = json.loads((d / MANIFEST).read_text())["files"]
+  except (ValueError, KeyError, TypeError) as e:
+    return f"{MANIFEST} is unreadable ({_one_line(e)})"
+  for rel in sorted(files)[shard::num_shards]:
+    size, digest = files[rel]
+    p = d / rel
+    if not p.exists():
+      return f"{rel} is missing"
+    got_size, got_digest = _sha256(p)
+    if got_size != size:
+      return f"{rel} has {got_size} bytes, {size} were written (truncated or overwritten)"
+    if got_digest != digest:
+      return f"{rel} does not match its sha256 (corrupted bytes)"
+  return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes against the config
+
+def _key_name(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  return {"/".join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree.leaves_with_path(tree) if hasattr(leaf, "shape")}
+
+
+def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
+  """None when the saved arrays have the shapes of `abstract_state`, else the first difference."""
+  meta = ocp.StandardCheckpointer().metadata(state_dir)
+  saved = _flat_shapes(getattr(meta, "item_metadata", meta))
+  want = _flat_shapes(abstract_state)
+  for name, shape in want.items():
+    if name not in saved:
+      return f"the config has {name} {shape}, the checkpoint does not (a different model config)"
+    if saved[name] != shape:
+      return f"{name} was saved with shape {saved[name]}, this config needs {shape} (a different model config)"
+  extra = sorted(set(saved) - set(want))
+  if extra:
+    return f"the checkpoint has {extra[0]} {saved[extra[0]]}, this config does not (a different model config)"
+  return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkpointer
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
     path = os.path.join(workdir, "checkpoints")
     self.directory = path if "://" in path else os.path.abspath(path)  # gs:// etc. go to orbax as they are
+    self.root = os.path.dirname(self.directory)
+    self.async_save = async_save
+    self._sealing: int | None = None  # the step whose save is in flight (orbax runs one at a time)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None,
         cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save,
+        # Always orbax's async path (it runs the checksum callback); a synchronous save waits for it.
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._seal),
         create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
-    self._kill_step = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _seal(self) -> None:
+    """orbax's post-finalization callback (process 0, background thread): every process has written its shards,
+    the step is not yet committed. Writes the checksums into the temporary folder, so they commit with it."""
+    final = self._step_dir(self._sealing)
+    tmp = final + _TMP
+    write_manifest(tmp if epath.Path(tmp).exists() else final)  # object stores commit in place
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -70,17 +345,20 @@ class Checkpointer:
     states = _allgather_json(data_state)
     data = {f"process_{i}": s for i, s in enumerate(states)}
     meta = dict(meta, step=int(step), process_count=jax.process_count())
+    self.wait()  # orbax would wait too; _sealing must not change under a running callback
+    self._sealing = int(step)
     self.manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
                                 meta=ocp.args.JsonSave(meta)),
         force=True,
     )
-    if step == self._kill_step:
-      os.kill(os.getpid(), signal.SIGKILL)
+    if not self.async_save:
+      self.wait()
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict | None, dict]:
-    """(state on the current mesh, this process's data-iterator state, meta) of checkpoint `step`.
+    """(state on the current mesh, this process's data-iterator state, meta) of checkpoint `step`, unchecked
+    (`restore_latest` checks first).
 
     abstract_state: pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)` (e.g. from `jax.eval_shape`).
     """
@@ -100,14 +378,81 @@ class Checkpointer:
           f"--config.init_from=ckpt:{self.directory}/{step} to keep the weights.")
     return restored.state, data.get(f"process_{jax.process_index()}"), meta
 
+  def check(self, step: int, abstract_state: Any) -> str | None:
+    """Why step `step` cannot be restored for `abstract_state` (None = it can, as far as checks tell): incomplete
+    folder, files that differ from their checksums (each process checks its share), shapes of another config.
+    Collective; every process gets the same answer."""
+    d = self._step_dir(step)
+    error = None
+    try:
+      missing = [item for item in _ITEMS if not epath.Path(d, item).exists()]
+      if missing:
+        error = f"incomplete step folder (no {', '.join(missing)}): not written by a finished save"
+      elif epath.Path(d, MANIFEST).exists():
+        error = verify_manifest(d, jax.process_index(), jax.process_count())
+      if error is None and not missing:
+        error = _shape_mismatch(os.path.join(d, "state"), abstract_state)
+    except Exception as e:  # noqa: BLE001 - a damaged step fails in the library in many ways; name the cause
+      error = _one_line(e)
+    return _first_error(error)
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict | None, dict] | None:
+    """(step, state, data-iterator state, meta) of the newest step that checks and restores, or None when there
+    is no checkpoint. Each newer step is named with why it failed and moved to <root>/damaged_checkpoints/ (the
+    run then saves those steps afresh). Raises GritJaxError when checkpoints exist and none restores."""
+    damaged = []
+    for step in sorted(self.all_steps(), reverse=True):
+      why = self.check(step, abstract_state)
+      if why is None:
+        if not epath.Path(self._step_dir(step), MANIFEST).exists():
+          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (written by an older grit_jax): "
+                "restoring it unverified")
+        try:
+          restored = self.restore(step, abstract_state)
+        except GritJaxError:
+          raise
+        except Exception as e:  # noqa: BLE001 - see check()
+          why = _one_line(e)
+        why = _first_error(why)
+      if why is None:
+        if damaged:
+          self._set_aside([s for s, _ in damaged])
+          _warn(f"resuming from step {step}, the newest intact checkpoint")
+        return (step, *restored)
+      damaged.append((step, why))
+      _warn(f"checkpoint step {step} in {self.directory} is damaged: {why}")
+    if damaged:
+      steps = "; ".join(f"step {s}: {why}" for s, why in damaged)
+      raise GritJaxError(f"no checkpoint in {self.directory} can be restored ({steps}). Fix the config if it "
+                         "changed, or move the folder away to start afresh")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged steps out of orbax's folder (kept for inspection), so the run can save those steps again."""
+    if jax.process_index() == 0:
+      dest = epath.Path(self.root, DAMAGED_DIR)
+      dest.mkdir(parents=True, exist_ok=True)
+      for step in steps:
+        target, n = dest / str(step), 1
+        while target.exists():
+          target, n = dest / f"{step}.{n}", n + 1
+        epath.Path(self._step_dir(step)).rename(target)
+        _warn(f"moved damaged checkpoint step {step} to {target}")
+    _allgather_json(None)  # every process waits for the moves
+    self.manager.reload()
+
   def delete(self, step: int) -> None:
     self.manager.delete(int(step))
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is committed; a failed save (disk full, permissions) is a GritJaxError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - orbax re-raises its background thread's error; name it in one line
+      raise GritJaxError(f"saving checkpoint step {self._sealing} in {self.directory} failed: {_one_line(e)}") from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
@@ -122,6 +467,10 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     if not steps:
       raise GritJaxError(f"init_from=ckpt:{path}: no grit_jax checkpoint there (expected <step>/state)")
     path = os.path.join(path, str(max(steps)))
+  if os.path.exists(os.path.join(path, MANIFEST)):
+    why = _first_error(verify_manifest(path, jax.process_index(), jax.process_count()))
+    if why is not None:
+      raise GritJaxError(f"init_from=ckpt:{path}: the checkpoint is damaged: {why}")
   # Restore only the params subtree (the optimizer state stays on disk), onto the current shardings.
   target = {"params": abstract_params}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), target)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grit_jax import objectives
+from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
 from grit_jax.training import gradcache as gc
 from grit_jax.training import mesh as mesh_lib
@@ -41,16 +41,6 @@ from grit_jax.training import optimizer as opt_lib
 EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
 GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
 GEN_OPTIONAL = ("gen_segment_ids", "gen_positions")
-
-
-def parse_attn(attn: str) -> tuple[bool, bool]:
-  """config.attn -> (query pass causal, passage pass causal). 2 or 4 chars of b/c; the generative chars must be c."""
-  if len(attn) not in (2, 4) or set(attn) - {"b", "c"}:
-    raise GritJaxError(f"config.attn={attn!r}: expected 2 or 4 characters of b (bidirectional) / c (causal), "
-                       "e.g. bbcc")
-  if attn[2:] and attn[2:] != "cc":
-    raise GritJaxError(f"config.attn={attn!r}: the generative pass (chars 3-4) must be causal (cc)")
-  return attn[0] == "c", attn[1] == "c"
 
 
 def _split_config(loss_cfg, attn, grad_accum, gradcache_chunk):
@@ -62,7 +52,8 @@ def _split_config(loss_cfg, attn, grad_accum, gradcache_chunk):
     attn = full.attn if attn is None else attn
     grad_accum = full.train.grad_accum if grad_accum is None else grad_accum
     gradcache_chunk = full.train.gradcache_chunk if gradcache_chunk is None else gradcache_chunk
-  return loss_cfg, attn or "bbcc", grad_accum or 1, gradcache_chunk or 0
+  return loss_cfg, "bbcc" if attn is None else attn, 1 if grad_accum is None else grad_accum, \
+      0 if gradcache_chunk is None else gradcache_chunk
 
 
 class GritObjective:
@@ -73,15 +64,8 @@ class GritObjective:
 
     self.config, self.loss_cfg, self.mesh, self.rules = model_config, loss_cfg, mesh, rules
     self.model = Transformer(model_config)
-    self.causal_q, self.causal_p = parse_attn(attn)
-    if loss_cfg.contrastive_grad not in objectives.CONTRASTIVE_GRADS:
-      raise GritJaxError(f"config.loss.contrastive_grad={loss_cfg.contrastive_grad!r}: expected one of "
-                         f"{objectives.CONTRASTIVE_GRADS}")
-    if loss_cfg.pooling not in objectives.POOLINGS:
-      raise GritJaxError(f"config.loss.pooling={loss_cfg.pooling!r}: expected one of {objectives.POOLINGS}")
-    if loss_cfg.lm_loss_mode not in objectives.LM_MODES:
-      raise GritJaxError(f"config.loss.lm_loss_mode={loss_cfg.lm_loss_mode!r}: expected one of "
-                         f"{objectives.LM_MODES}")
+    self.causal_q, self.causal_p = contract.parse_attn(attn)
+    contract.check_loss(loss_cfg)
     self.batch_axes = mesh_lib.batch_axes(mesh, rules)
     self.shards = mesh_lib.num_batch_shards(mesh, rules)
 
@@ -223,27 +207,27 @@ def batch_tokens(batch: dict):
   return sum((jnp.sum(batch[k].astype(jnp.int32)) for k in keys), jnp.zeros((), jnp.int32))
 
 
-class _MeshFn:
+class MeshFn:
   """A jitted function called (and lowered) under the mesh and the logical-axis rules, so the model's
-  `with_logical_constraint`s resolve to mesh axes at trace time. Built on first call when it needs the state's
-  shardings."""
+  `with_logical_constraint`s resolve to mesh axes at trace time. `build(first_arg)` makes the jitted function on
+  the first call (when it needs the state's shardings)."""
 
   def __init__(self, mesh, rules, build):
     self.mesh, self.rules, self._build, self.jitted = mesh, rules, build, None
 
-  def _get(self, state):
+  def _get(self, first):
     if self.jitted is None:
-      self.jitted = self._build(state)
+      self.jitted = self._build(first)
     return self.jitted
 
-  def __call__(self, state, batch):
+  def __call__(self, *args):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._get(state)(state, batch)
+      return self._get(args[0])(*args)
 
-  def lower(self, state, batch):
+  def lower(self, *args):
     """AOT lowering (abstract ShapeDtypeStruct args with shardings work): `.lower(...).compile()`."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self._get(state).lower(state, batch)
+      return self._get(args[0]).lower(*args)
 
 
 def _shardings_of(tree):
@@ -285,7 +269,7 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                    donate_argnums=(0,) if donate else ())
 
-  return _MeshFn(mesh, rules, build)
+  return MeshFn(mesh, rules, build)
 
 
 def make_grad_fn(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,
@@ -296,7 +280,7 @@ def make_grad_fn(model_config, loss_cfg, mesh, rules, *, attn: str | None = None
   obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
   fn = lambda params, batch: obj.value_and_grad(params, batch, grad_accum, gradcache_chunk)
   batch_sharding = input_batch_sharding(mesh)
-  return _MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding)))
+  return MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding)))
 
 
 def make_eval_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None):
@@ -310,5 +294,5 @@ def make_eval_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = No
     return dict(metrics, tokens=batch_tokens(batch))
 
   batch_sharding = input_batch_sharding(mesh)
-  return _MeshFn(mesh, rules, lambda params: jax.jit(eval_step, in_shardings=(_shardings_of(params),
+  return MeshFn(mesh, rules, lambda params: jax.jit(eval_step, in_shardings=(_shardings_of(params),
                                                                               batch_sharding)))

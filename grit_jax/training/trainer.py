@@ -14,176 +14,26 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax import contract
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
 from grit_jax.perf import mfu as mfu_lib
 from grit_jax.training import checkpoint as ckpt_lib
+from grit_jax.training import evaluate as eval_lib
+from grit_jax.training import export as export_lib
 from grit_jax.training import metrics_log
+from grit_jax.training import run as run_lib
 
 
 class TrainingDiverged(GritJaxError):
   """The loss (or the parameters) became NaN or infinite."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Throughput accounting
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building blocks (the only place that knows the other modules' entry points)
-
-def model_config_from(config):
-  from grit_jax.modeling import ModelConfig
-
-  return ModelConfig.from_dict(config.model.to_dict(), source="config.model")
-
-
-def _tokenizer(config):
-  from grit_jax.data.tokenizer import Tokenizer
-
-  return Tokenizer(config.data.tokenizer)
-
-
-class Run:
-  """Everything the loop needs, built once from the config."""
-
-  def __init__(self, config):
-    from grit_jax.training import mesh as mesh_lib
-    from grit_jax.training import optimizer as opt_lib
-    from grit_jax.training import state as state_lib
-    from grit_jax.training import step as step_lib
-
-    self.config = config
-    self.model_config = model_config_from(config)
-    self.mesh, self.rules = mesh_lib.make_mesh(config.mesh)
-    self.tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
-    rng = jax.random.PRNGKey(config.train.seed)
-    self._create = lambda: state_lib.create_train_state(self.model_config, self.tx, self.mesh, self.rules, rng)
-    self.train_step = step_lib.make_train_step(self.model_config, config, self.mesh, self.rules)
-    self.eval_fns = None
-
-  def abstract_state(self):
-    """The state's shapes, dtypes and shardings on this mesh, without allocating it (the restore target)."""
-    from grit_jax.training import state as state_lib
-
-    shapes, shardings = state_lib.state_shardings(self.model_config, self.tx, self.mesh, self.rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-  def init_state(self):
-    return self._create()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-def make_eval_fns(model_config, config, mesh, rules):
-  """Jitted (embed_queries, embed_passages, lm_sums) over global (sharded) batches, each called under the mesh and
-  the logical-axis rules (as the train step), so the model's sharding constraints resolve to mesh axes. The passes
-  are the train step's own (grit_jax.training.step.GritObjective)."""
-  import flax.linen as nn
-
-  from grit_jax import objectives
-  from grit_jax.training import step as step_lib
-
-  obj = step_lib.GritObjective(model_config, config.loss, mesh, rules, config.attn)
-  finish = objectives.l2_normalize if config.loss.normalize else (lambda e: e)
-
-  def lm_sums(params, ids, mask, labels):
-    """(sum of next-token CE over supervised tokens, their count): an exact token mean over the whole eval set."""
-    logits = obj.model.apply({"params": params}, ids, mask, causal=True).logits  # [B, T, V]
-    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != objectives.IGNORE)
-
-  def under_mesh(fn):
-    jitted = jax.jit(fn)
-
-    def call(*args):
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted(*args)
-    return call
-
-  return (under_mesh(lambda p, i, m, pm: finish(obj.embed_query(p, i, m, pm))),
-          under_mesh(lambda p, i, m, pm: finish(obj.embed_passage(p, i, m, pm))),
-          under_mesh(lm_sums))
-
-
-def evaluate(run: Run, params, config) -> dict:
-  """Held-out retrieval accuracy (each eval query against every eval passage: positives and hard negatives of all
-  queries) and the generative LM loss (token mean over the eval chats)."""
-  from grit_jax import data as data_lib
-
-  if run.eval_fns is None:
-    run.eval_fns = make_eval_fns(run.model_config, config, run.mesh, run.rules)
-  embed_q, embed_p, lm_sums = run.eval_fns
-  qs, ps, lm_sum, lm_tokens = [], [], 0.0, 0.0
-  for batch_np in data_lib.make_eval_iterator(config.data, shard_index=jax.process_index(),
-                                              num_shards=jax.process_count()):
-    batch = data_lib.to_global_batch(batch_np, run.mesh)
-    if "query_ids" in batch:
-      # Filler rows (weight 0) complete the last batch; drop them (and their passages).
-      keep = np.asarray(_to_host(batch["query_weight"])) > 0  # [Bq]
-      q = np.asarray(_to_host(embed_q(params, batch["query_ids"], batch["query_mask"], batch["query_pool_mask"])))
-      p = np.asarray(_to_host(embed_p(params, batch["passage_ids"], batch["passage_mask"],
-                                      batch["passage_pool_mask"])))
-      g = p.shape[0] // q.shape[0]
-      qs.append(q[keep])
-      ps.append(p.reshape(q.shape[0], g, -1)[keep].reshape(-1, p.shape[-1]))
-    if "gen_ids" in batch:
-      s, n = _to_host(lm_sums(params, batch["gen_ids"], batch["gen_mask"], batch["gen_labels"]))
-      lm_sum, lm_tokens = lm_sum + float(s), lm_tokens + float(n)
-  out = {}
-  if qs:
-    q = np.concatenate(qs)  # [Q, D]
-    p = np.concatenate(ps)  # [Q * g, D]
-    g = p.shape[0] // q.shape[0]
-    ranked = np.argsort(-(q @ p.T), axis=1)  # [Q, Q * g]
-    gold = np.arange(q.shape[0]) * g  # each query's positive comes first in its group
-    out["retrieval_top1"] = float(np.mean(ranked[:, 0] == gold))
-    out["retrieval_top5"] = float(np.mean((ranked[:, :5] == gold[:, None]).any(axis=1)))
-  if lm_tokens:
-    out["lm_loss"] = lm_sum / lm_tokens
-  return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Export
-
-def export_hf(params, config, out_dir: str) -> str:
-  """Writes a Hugging Face directory (config.json + safetensors + tokenizer and sentence-transformers files) that
-  GritLM.from_pretrained, transformers and sentence-transformers load. Collective (every process gathers the params); process 0 writes, atomically."""
-  from grit_jax.convert import hf as hf_lib
-
-  host = _to_host(params)
-  if jax.process_index() == 0:
-    with hf_lib.atomic_dir(out_dir, overwrite=True) as tmp:
-      kind, _, src = config.init_from.partition(":")
-      if kind == "hf":
-        hf_lib.copy_tokenizer_files(src, tmp)  # tokenizer.json etc. of the base model, when there
-      hf_lib.save_hf(jax.tree.map(np.asarray, host), model_config_from(config), tmp)
-      write_export_files(config, tmp)
-  return out_dir
-
-
-def write_export_files(config, out_dir: str) -> list[str]:
-  """The run's tokenizer files and sentence-transformers modules (convert.hf_files) into an HF directory."""
-  from grit_jax.convert import hf_files
-
-  return hf_files.write_export_files(_tokenizer(config), out_dir, model_config_from(config), attn=config.attn,
-                                     pooling=config.loss.pooling, normalize=config.loss.normalize)
-
-
-def _to_host(tree):
-  """Fully-addressable numpy copies of (possibly multi-host sharded) arrays."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils
-
-  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,35 +51,41 @@ def _config_json(config) -> dict:
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
+  model_config = contract.validate(config, num_devices=jax.device_count(),
+                                   log=print if jax.process_index() == 0 else None)  # before any mesh/data/weights
+  config = contract.with_model(config, model_config)  # what is saved and logged is the model really trained
+  with ckpt_lib.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
+    return _train(config, model_config, workdir, progress=progress)
+
+
+def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   from grit_jax import data as data_lib
 
   t = config.train
   primary = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   config_json = _config_json(config)
   if primary:
     atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
 
-  run = Run(config)
+  run = run_lib.Run(config, model_config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  start = ckpt.latest_step()
+  restored = ckpt.restore_latest(run.abstract_state())  # the newest intact step; damaged newer ones named
   data_state = None
-  if start is not None:
-    state, data_state, meta = ckpt.restore(start, run.abstract_state())
+  if restored is not None:
+    start, state, data_state, meta = restored
     _warn_config_changes(meta.get("config", {}), config_json)
   else:
     start = 0
     state = run.init_state()
-    if config.init_from:
-      state = _init_from(run, state, config.init_from)
 
   it = data_lib.make_train_iterator(config.data, shard_index=jax.process_index(), num_shards=jax.process_count())
   if data_state is not None:
     it.set_state(data_state)
 
+  evaluate = eval_lib.Evaluator(run, config)
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
-  flops = _step_flops(config)
+  flops = mfu_lib.grit_step_flops_from_config(config).total
   peak = mfu_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
@@ -237,7 +93,6 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
 
     bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
 
-  last_saved = start if start else None
   last_metrics: dict = dict(meta.get("metrics", {})) if start else {}
   pending = None  # (step, device metrics) of the step whose loss has not been read yet
   window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
@@ -250,11 +105,11 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
     window["steps"] += 1
     window["tokens"] += m.get("tokens", 0.0)
     if not math.isfinite(m["loss"]):
-      _diverged(step, m["loss"], ckpt, last_saved, log, bar)
+      _diverged(step, m["loss"], ckpt, log, bar)
     last_metrics = m
     if step % t.log_every == 0 or step == stop:
       dt = time.perf_counter() - window["t"]
-      m = dict(m)
+      m = dict(m, **_sum_over_processes({k: m[k] for k in it.truncated}))  # texts cut to max length, so far
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
       m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
@@ -272,6 +127,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
       step_data_state = it.get_state()
       batch = data_lib.to_global_batch(batch_np, run.mesh)
       state, metrics = run.train_step(state, batch)
+      metrics = dict(metrics, **it.truncation_counts())  # host-side counts through this batch
       if pending is not None:
         settle(pending)
       pending = (step, metrics)
@@ -280,28 +136,30 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
       if (t.save_every and step % t.save_every == 0) or is_last:
         settle(pending)
         pending = None
-        if not bool(_all_finite(_params(state))):
-          _diverged(step, "parameters", ckpt, last_saved, log, bar)
+        if not bool(_all_finite(run_lib.params(state))):
+          _diverged(step, "parameters", ckpt, log, bar)
         ckpt.save(step, state, step_data_state, {"config": config_json, "metrics": last_metrics})
-        last_saved = step
       if preempted:
         stop = step
         if primary:
           print(f"\npreempted (SIGTERM): saved step {step}; rerun the same command to resume", flush=True)
         break
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+      if config.data.eval_dir and ((t.eval_every and step % t.eval_every == 0) or step == t.steps):
         if pending is not None:
           settle(pending)
           pending = None
-        ev = evaluate(run, _params(state), config)
+        ev = evaluate(run_lib.params(state))
         log.write(step, ev, prefix="eval")
         last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
         if bar is not None:
           bar.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     final = max(stop, start)
     summary = {"step": final, "resumed_from": start, **last_metrics}
+    cut = data_lib.iterator.truncation_report(_sum_over_processes(it.truncated), _sum_over_processes(it.texts))
+    if cut and primary:
+      print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
     if final == t.steps and t.export_hf:
-      summary["hf"] = export_hf(_params(state), config, os.path.join(workdir, "hf"))
+      summary["hf"] = export_lib.export_hf(run_lib.params(state), config, model_config, os.path.join(workdir, "hf"))
   finally:
     preemption.restore()
     if bar is not None:
@@ -341,8 +199,10 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _params(state):
-  return state.params if hasattr(state, "params") else state["params"]
+def _sum_over_processes(counts: dict) -> dict:
+  """Host-side counts of this process -> the run's (collective)."""
+  per_process = ckpt_lib._allgather_json({k: int(v) for k, v in counts.items()})  # pylint: disable=protected-access
+  return {k: sum(c[k] for c in per_process) for k in counts}
 
 
 def _postfix(m: dict) -> str:
@@ -356,14 +216,7 @@ def _postfix(m: dict) -> str:
   return " ".join(parts)
 
 
-def _step_flops(config) -> float:
-  try:
-    return mfu_lib.grit_step_flops_from_config(config).total
-  except Exception:  # noqa: BLE001 - throughput reporting must never stop a run
-    return 0.0
-
-
-def _diverged(step, value, ckpt, last_saved, log, bar):
+def _diverged(step, value, ckpt, log, bar):
   ckpt.wait()
   log.flush()
   if bar is not None:
@@ -394,28 +247,3 @@ def _warn_config_changes(saved: dict, now: dict) -> None:
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "train.stop_after")
   if changed and jax.process_index() == 0:
     print(f"warning: resuming with a changed config: {', '.join(changed)}", flush=True)
-
-
-def _init_from(run: Run, state, spec: str):
-  """init_from = hf:DIR (convert Hugging Face weights) or ckpt:DIR (grit_jax checkpoint weights)."""
-  kind, _, path = spec.partition(":")
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _params(state))
-  if kind == "hf":
-    from grit_jax.convert import hf as hf_lib
-
-    params = hf_lib.load_hf(path, run.model_config)
-    params = jax.tree.map(lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract, params)
-  elif kind == "ckpt":
-    params = ckpt_lib.restore_params(path, abstract)
-  else:
-    raise GritJaxError(f"config.init_from={spec!r}: expected hf:DIR or ckpt:DIR")
-  return state.replace(params=params) if hasattr(state, "replace") else dict(state, params=params)
-
-
-def untrained_model(config):
-  """The GritLM the run started from (same seed, same init), for before/after comparisons."""
-  from grit_jax.inference.gritlm import GritLM
-
-  run = Run(config)
-  params = jax.tree.map(np.asarray, _to_host(_params(run.init_state())))
-  return GritLM(run.model_config, params, _tokenizer(config))

@@ -1,0 +1,272 @@
+"""The GritLM API: parity with the gritlm package (1.0.2) on the same tiny weights, gritlm's argument forms
+(wrapped instructions, chat messages, encode_queries / encode_corpus, constructor keywords), the settings a model
+carries (grit_settings.json through export and convert), and the inference CLI's early, named errors."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from grit_jax.errors import GritJaxError
+
+import helpers_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
+TEXTS = ["The capital of France is Paris.", "short one", "a somewhat longer sentence about mountains and rivers"]
+
+
+def gritlm_instruction(instruction):  # as in gritlm's README
+  return "<|user|>\n" + instruction + "\n<|embed|>\n" if instruction else "<|embed|>\n"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  """A random tiny HF Mistral with grit_jax's tokenizer, and tokenizer files AutoTokenizer reads the same way."""
+  from grit_jax.data.tokenizer import Tokenizer
+  d = tmp_path_factory.mktemp("tiny_hf")
+  helpers_hf.make_hf_model("mistral", d, vocab_size=Tokenizer(TOKENIZER).vocab_size)
+  shutil.copyfile(TOKENIZER, d / "tokenizer.model")
+  helpers_hf.save_matching_tokenizer(TOKENIZER, d)
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+  from grit_jax import GritLM
+  return GritLM(hf_dir)
+
+
+def theirs(hf_dir, **kw):
+  import gritlm  # test-only dependency (requirements-test.txt)
+  import torch
+  return gritlm.GritLM(hf_dir, torch_dtype=torch.float32, device="cpu", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parity with the gritlm package
+
+
+def test_tokenizer_files_tokenize_like_grit_jax(hf_dir, ours):
+  import transformers
+  hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  for s in [gritlm_instruction("Find it") + TEXTS[0], gritlm_instruction("") + TEXTS[2], "a</s>b"]:
+    assert hf(s)["input_ids"] == ours.tokenizer.encode("<s>" + s)
+
+
+@pytest.mark.parametrize("attn,pooling", [("bbcc", "mean"), ("cccc", "mean"), ("bbcc", "weightedmean"),
+                                          ("bbcc", "lasttoken"), ("bbcc", "cls")])
+def test_embeddings_equal_gritlm_package(hf_dir, attn, pooling):
+  from grit_jax import GritLM
+  ref = theirs(hf_dir, attn=attn, pooling_method=pooling)
+  model = GritLM(hf_dir, attn=attn, pooling_method=pooling)
+  for instr in ("", "Retrieve a passage that answers the question"):
+    want = ref.encode(TEXTS, instruction=gritlm_instruction(instr), batch_size=2)  # gritlm pads its batches
+    got_plain = model.encode(TEXTS, instruction=instr)
+    got_wrapped = model.encode(TEXTS, instruction=gritlm_instruction(instr))
+    np.testing.assert_allclose(got_plain, want, atol=1e-5)
+    np.testing.assert_array_equal(got_wrapped, got_plain)  # recognised, not wrapped twice
+  assert np.abs(got_plain - model.encode(TEXTS, instruction="Other task")).max() > 1e-4  # instructions matter
+
+
+def test_encode_queries_corpus_and_single_string_equal_gritlm_package(hf_dir, ours):
+  ref = theirs(hf_dir)
+  corpus = [{"title": "Paris", "text": TEXTS[0]}, {"text": TEXTS[1]}, {"title": "", "text": TEXTS[2]}]
+  q = gritlm_instruction("Find the passage")
+  np.testing.assert_allclose(ours.encode_corpus(corpus, instruction=q), ref.encode_corpus(corpus, instruction=q),
+                             atol=1e-5)
+  np.testing.assert_allclose(ours.encode_queries(TEXTS, instruction=q), ref.encode_queries(TEXTS, instruction=q),
+                             atol=1e-5)
+  one, one_ref = ours.encode(TEXTS[0], instruction=q), ref.encode(TEXTS[0], instruction=q)
+  assert one.shape == one_ref.shape == (ours.config.hidden_size,)
+  np.testing.assert_allclose(one, one_ref, atol=1e-5)
+  unnorm = theirs(hf_dir, normalized=False).encode(TEXTS, instruction=q, embed_instruction=True)
+  np.testing.assert_allclose(ours.encode(TEXTS, instruction=q, normalize=False, embed_instruction=True), unnorm,
+                             atol=1e-5)
+  from grit_jax import GritLM
+  np.testing.assert_allclose(GritLM(hf_dir, embed_eos="</s>").encode(TEXTS, instruction=q),
+                             theirs(hf_dir, embed_eos="</s>").encode(TEXTS, instruction=q), atol=1e-5)
+
+
+def test_generate_equals_gritlm_package_greedy(hf_dir, ours):
+  import torch
+  ref = theirs(hf_dir)
+  messages = [{"role": "user", "content": "Why is the sky blue?"}]
+  ids = ref.tokenizer("<|user|>\nWhy is the sky blue?\n<|assistant|>\n", return_tensors="pt")["input_ids"]
+  assert ids[0].tolist() == ours.tokenizer.encode("<s><|user|>\nWhy is the sky blue?\n<|assistant|>\n")
+  with torch.no_grad():
+    out = ref.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+  eos = ours.config.eos_token_id
+  want = ours.tokenizer.decode(out[:out.index(eos)] if eos in out else out)
+  assert ours.generate(messages, max_new_tokens=8) == [want]
+  assert ours.generate("Why is the sky blue?", max_new_tokens=8, do_sample=False) == [want]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gritlm's argument forms, without the package
+
+
+def test_argument_forms_and_their_errors(hf_dir, ours):
+  from grit_jax import GritLM
+  with pytest.raises(GritJaxError, match="not gritlm's wrapped form"):
+    ours.encode(TEXTS[0], instruction="<|user|>\nhalf wrapped")
+  with pytest.raises(GritJaxError, match="batch_size=32"):
+    ours.encode(TEXTS, 32)
+  with pytest.raises(GritJaxError, match="projection"):
+    GritLM(hf_dir, projection=8)
+  with pytest.raises(GritJaxError, match="mode='embedding'"):
+    GritLM(hf_dir, mode="embedding").generate("Hi", max_new_tokens=2)
+  with pytest.raises(GritJaxError, match="pooling"):
+    GritLM(hf_dir, pooling_method="max")
+  with pytest.raises(GritJaxError, match="role"):
+    ours.generate([{"role": "system", "content": "x"}], max_new_tokens=2)
+  with pytest.raises(GritJaxError, match="unknown keyword"):
+    GritLM(hf_dir, trust_remote_code_typo=True)
+  assert GritLM(hf_dir, torch_dtype="torch.bfloat16").config.dtype == "bfloat16"
+  chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+          {"role": "user", "content": "Why?"}]
+  assert ours.generate([chat, "Why?"], max_new_tokens=4) == ours.generate([["Hi", "Hello!", "Why?"], "Why?"],
+                                                                          max_new_tokens=4)
+  none = GritLM(hf_dir, attn=None)  # gritlm's attn=None: the model stays causal
+  np.testing.assert_allclose(none.encode(TEXTS), ours.encode(TEXTS, attn="cccc"), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a trained model carries its settings (grit_settings.json) through export and convert
+
+
+def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, caplog):
+  import jax
+  from grit_jax import GritLM, cli
+  from grit_jax.data import templates
+  from grit_jax.modeling import init_params
+  from grit_jax import contract
+  from grit_jax.training import cli as train_cli
+  from grit_jax.training import export as export_lib
+
+  monkeypatch.chdir(ROOT)
+  config, _ = train_cli.parse_args(["--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"),
+                                    "--config.attn=cccc", "--config.loss.pooling=weightedmean",
+                                    "--config.loss.normalize=False"])
+  model_config = contract.model_config(config, log=None)
+  params = init_params(model_config, jax.random.PRNGKey(0))
+  old = os.umask(0o022)
+  try:
+    hf = export_lib.export_hf(params, config, model_config, str(tmp_path / "hf"))
+  finally:
+    os.umask(old)
+  assert os.stat(hf).st_mode & 0o777 == 0o755  # the user's umask, not mkdtemp's 0700
+  assert os.stat(os.path.join(hf, "grit_settings.json")).st_mode & 0o777 == 0o644
+  with open(os.path.join(hf, "grit_settings.json")) as f:
+    stored = json.load(f)
+  assert (stored["attn"], stored["pooling"], stored["normalize"]) == ("cccc", "weightedmean", False)
+  assert (stored["query_max_len"], stored["passage_max_len"]) == (config.data.query_max_len,
+                                                                 config.data.passage_max_len)
+  train_files = sorted(n for n in os.listdir(config.data.train_dir) if n.endswith(".jsonl"))
+  assert [f[0] for f in stored["train_data"]["files"]] == train_files and len(stored["train_data"]["fingerprint"]) == 64
+
+  jx, hf2 = str(tmp_path / "jax"), str(tmp_path / "hf2")
+  assert cli.main(["convert", "hf-to-jax", hf, jx]) == 0
+  assert cli.main(["convert", "jax-to-hf", jx, hf2]) == 0
+  text = "served the way it was trained"
+  ids, pool = templates.encode_embedding(GritLM.from_pretrained(hf).tokenizer, "", text, 64)
+  for d in (hf, jx, hf2):
+    model = GritLM.from_pretrained(d)
+    assert (model.attn, model.pooling, model.normalize) == ("cccc", "weightedmean", False)
+    h = model.hidden_states(np.asarray([ids]), causal=True)[0]  # causal, weighted mean over the text, no norm
+    w = np.asarray(pool) * np.cumsum(pool)
+    np.testing.assert_allclose(model.encode(text), (h * w[:, None]).sum(0) / w.sum(), atol=1e-5, rtol=1e-5)
+  src = tmp_path / "t.jsonl"
+  src.write_text(json.dumps(text) + "\n")
+  assert cli.main(["embed", "--model", hf, "--input", str(src), "--output", str(tmp_path / "e.npy")]) == 0
+  np.testing.assert_allclose(np.load(tmp_path / "e.npy")[0], model.encode(text), atol=1e-6)  # the CLI too
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    over = GritLM.from_pretrained(hf2, attn="bbcc")
+  assert over.attn == "bbcc" and over.pooling == "weightedmean"
+  assert [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()] == [
+      f"attn='bbcc' overrides the model's trained attn='cccc' ({os.path.join(hf2, 'grit_settings.json')})"]
+  assert np.abs(over.encode(text) - model.encode(text)).max() > 1e-4
+
+  with open(os.path.join(hf2, "grit_settings.json"), "w") as f:
+    json.dump({**stored, "pooling": "sum"}, f)
+  with pytest.raises(GritJaxError, match=r"grit_settings.json: pooling='sum'"):
+    GritLM.from_pretrained(hf2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inference CLI: named errors before any work; a RAG index is never silently reused
+
+
+def test_cli_named_errors_before_work(hf_dir, tmp_path, capsys):
+  from grit_jax import cli
+  bad = tmp_path / "latin1.jsonl"
+  bad.write_bytes(b'"fine"\n"caf\xe9"\n')
+  out = tmp_path / "emb.npy"
+  assert cli.main(["embed", "--model", hf_dir, "--input", str(bad), "--output", str(out)]) != 0
+  assert "latin1.jsonl:2: not UTF-8" in capsys.readouterr().err
+  good = tmp_path / "good.jsonl"
+  good.write_text('"fine"\n')
+  # the output is checked first: the (missing) model is never looked at
+  (tmp_path / "dir.npy").mkdir()
+  for output, why in ((tmp_path / "dir.npy", "is a directory"), (tmp_path / "no" / "e.npy", "does not exist")):
+    assert cli.main(["embed", "--model", str(tmp_path / "nomodel"), "--input", str(good), "--output",
+                     str(output)]) != 0
+    assert why in capsys.readouterr().err
+  assert cli.main(["generate", "--model", hf_dir, "--prompt", "Hi", "--max-new-tokens", "100000"]) != 0
+  assert "--max-new-tokens 100000: the model has 256 positions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["embed", "generate", "rag"])
+def test_cli_help_documents_every_option(verb, capsys):
+  from grit_jax import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main([verb, "--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  options = [w.rstrip(",") for w in text.split() if w.startswith("--") and w != "--help"]
+  assert len(options) >= 3
+  blocks = text.split("\n  --")[1:]
+  assert all(len(b.split()) > 2 for b in blocks), text  # every option has a description
+
+
+def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, capsys, caplog):
+  from grit_jax import cli
+  from grit_jax.inference import rag as rag_lib
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text("".join(json.dumps(t) + "\n" for t in ["Paris is the capital of France.", "Rivers flow."]))
+  b.write_text("".join(json.dumps(t) + "\n" for t in ["Mount Everest is high.", "Bread needs yeast."]))
+  idx = tmp_path / "idx"
+  run = lambda corpus, model=hf_dir: cli.main(["rag", "--model", model, "--query", "capital?", "--index", str(idx),
+                                               "--max-new-tokens", "2"] + (["--corpus", str(corpus)] if corpus else []))
+  assert run(a) == 0
+  assert "retrieved" in capsys.readouterr().out
+  with caplog.at_level(logging.WARNING):
+    assert run(b) == 0  # a new corpus: rebuilt, answers from it
+  assert any("rebuilding" in r.getMessage() for r in caplog.records)
+  assert rag_lib.RagIndex.load(str(idx)).documents == ["Mount Everest is high.", "Bread needs yeast."]
+  retrieved = capsys.readouterr().out.split("retrieved ")[1]
+  assert "Everest" in retrieved or "Bread" in retrieved
+  other = tmp_path / "other"
+  helpers_hf.make_hf_model("mistral", other, seed=1, vocab_size=1000)
+  shutil.copyfile(TOKENIZER, other / "tokenizer.model")
+  assert run(None, str(other)) != 0  # another model, no corpus to rebuild from: an error
+  assert "built with model" in capsys.readouterr().err
+  damage = {  # file -> (new bytes or an edit, the message's start)
+      "embeddings.npy": (b"garbage", "embeddings.npy: cannot read"),
+      "kv_cache.npz": (lambda b: b[:len(b) // 2], "kv_cache.npz: cannot read the KV caches"),
+      "documents.jsonl": (lambda b: b + b"{not json\n", "documents.jsonl:3: not an index document row"),
+      "index.json": (lambda b: b[:-3], "index.json: cannot read index metadata"),
+  }
+  for name, (edit, message) in damage.items():
+    copy = tmp_path / f"damaged_{name}"
+    shutil.copytree(idx, copy)
+    old = (copy / name).read_bytes()
+    (copy / name).write_bytes(edit(old) if callable(edit) else edit)
+    with pytest.raises(GritJaxError, match=message):
+      rag_lib.RagIndex.load(str(copy))
+  (idx / "embeddings.npy").write_bytes(b"garbage")
+  assert run(None) != 0  # the CLI says so in one line, before loading the model
+  assert "embeddings.npy: cannot read" in capsys.readouterr().err
