@@ -40,7 +40,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
-  attention_impl: str = "xla"             # see grit_jax.modeling.attention.attend
+  attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
 
   def __post_init__(self):
