@@ -127,12 +127,6 @@ def make_mesh(mesh_cfg, devices=None) -> tuple[Mesh, Rules]:
   return mesh, make_rules(tensor=sizes["tensor"] > 1, expert=sizes["expert"] > 1)
 
 
-def slice_of_device(mesh: Mesh) -> list[int]:
-  """slice_index of each device in the mesh's flat order (= the logical device ids of a program compiled over
-  it, which its HLO replica groups name)."""
-  return [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
-
-
 def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
   """Mesh axes the `batch` logical axis maps to under `rules`."""
   axes = dict(rules).get("batch")

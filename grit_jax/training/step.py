@@ -240,6 +240,11 @@ class _MeshFn:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._get(state)(state, batch)
 
+  def trace(self, state, batch):
+    """jax's Traced program (`.jaxpr`, `.lower()`) under the mesh and rules; call `.lower()` under them too."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._get(state).trace(state, batch)
+
   def lower(self, state, batch):
     """AOT lowering (abstract ShapeDtypeStruct args with shardings work): `.lower(...).compile()`."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

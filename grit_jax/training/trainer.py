@@ -23,7 +23,7 @@ import numpy as np
 
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
-from grit_jax.perf import mfu as mfu_lib
+from grit_jax import flops as flops_lib
 from grit_jax.training import checkpoint as ckpt_lib
 from grit_jax.training import metrics_log
 
@@ -223,7 +223,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
   flops = _step_flops(config)
-  peak = mfu_lib.peak_flops(jax.devices())
+  peak = flops_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
     from tqdm import tqdm
@@ -250,7 +250,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
       m = dict(m)
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
-      m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
+      m["mfu"] = flops_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
       log.write(step, m)
       window.update(t=time.perf_counter(), steps=0, tokens=0)
       if bar is not None:
@@ -351,7 +351,7 @@ def _postfix(m: dict) -> str:
 
 def _step_flops(config) -> float:
   try:
-    return mfu_lib.grit_step_flops_from_config(config).total
+    return flops_lib.grit_step_flops_from_config(config).total
   except Exception:  # noqa: BLE001 - throughput reporting must never stop a run
     return 0.0
 
