@@ -297,7 +297,20 @@ def format_report(config, res: AotResult) -> str:
   return "\n".join(lines)
 
 
+HELP = f"""{USAGE}
+
+Compiles the recipe's train step for a TPU slice on this host (needs libtpu, no TPU) and prints per-chip memory,
+model and executed FLOPs, the collectives' bytes per chip, and a roofline step time; exit status 1 if it does not fit.
+  --config FILE         recipe (configs/*.py); --config.KEY=VALUE overrides any key of configs/base.py
+  --topology NAME       TPU slice as Cloud TPU names it: v5p-64, v5e-16, v4-128, v6e-8, ...
+  --num_slices N        slices joined over the data-center network (default 1); config.mesh.dcn_* split them
+  --write_hlo FILE      also write the compiled program's HLO text"""
+
+
 def main(argv: list[str]) -> int:
+  if any(a in ("-h", "--help") for a in argv):
+    print(HELP)
+    return 0
   topologies.quiet_libtpu_env()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; it never runs TPU code
   config, topology, num_slices, hlo_path = parse_args(argv)

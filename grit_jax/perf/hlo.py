@@ -80,11 +80,19 @@ def _groups(line: str, num_devices: int) -> list[list[int]] | None:
     if iota.group(3):
       ids = ids.transpose([int(x) for x in iota.group(3).split(",")])
     return ids.reshape(shape[0], -1).tolist()
-  mesh = re.match(r"mesh\[([^\]]*)\]\s*\{([^}]*)\}", spec)
-  if mesh:  # mesh['axis_0'=a,'axis_1'=b] {'axis_1'}: device ids row-major over the axes; a group varies the listed
+  mesh = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", spec)
+  if mesh:  # mesh['axis_0'=a,'axis_1'=b][, device_ids=([b,a]T(1,0))] {'axis_1'}: a group varies the listed axes
     names, sizes = zip(*((n.strip("'"), int(s)) for n, s in (p.split("=") for p in mesh.group(1).split(","))))
-    inner = [n.strip().strip("'") for n in mesh.group(2).split(",")]
-    ids = np.arange(math.prod(sizes)).reshape(sizes)
+    inner = [n.strip().strip("'") for n in mesh.group(3).split(",")]
+    ids = np.arange(math.prod(sizes))
+    order = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", mesh.group(2) or "")
+    if order:  # the devices in mesh order, as an iota reshaped and transposed
+      ids = ids.reshape([int(x) for x in order.group(1).split(",")])
+      if order.group(2):
+        ids = ids.transpose([int(x) for x in order.group(2).split(",")])
+    elif mesh.group(2):
+      ids = np.asarray([int(x) for x in mesh.group(2).split(",")])
+    ids = ids.reshape(sizes)
     order = [i for i, n in enumerate(names) if n not in inner] + [names.index(n) for n in inner]
     group = math.prod(sizes[names.index(n)] for n in inner)
     return ids.transpose(order).reshape(-1, group).tolist()

@@ -91,8 +91,7 @@ def hybrid_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[tuple
   if num_devices % num_slices:
     raise GritJaxError(f"{num_devices} devices do not split into {num_slices} slices")
   ici = _resolve(mesh_cfg, AXES, num_devices // num_slices, "within-slice")
-  dcn = _resolve(mesh_cfg, DCN_KEYS, num_slices, "across-slice") if num_slices > 1 else (1,) * len(AXES)
-  return ici, dcn
+  return ici, _resolve(mesh_cfg, DCN_KEYS, num_slices, "across-slice")
 
 
 def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
