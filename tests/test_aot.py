@@ -330,7 +330,7 @@ def test_executed_flops_counts_the_program():
   per layer (same total as unrolled); full remat adds the recomputed forward."""
   from configs import tiny
   from grit_jax.modeling import ModelConfig
-  from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib, step as step_lib
+  from grit_jax.training import mesh as mesh_lib
 
   config = tiny.get_config()
   d = config.data
@@ -338,12 +338,7 @@ def test_executed_flops_counts_the_program():
   mesh, rules = mesh_lib.make_mesh(dict(fsdp=1), jax.devices()[:1])
 
   def executed(**model):
-    mc = ModelConfig(**dict(config.model.to_dict(), **model))
-    tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
-    abstract, shardings = state_lib.state_shardings(mc, tx, mesh, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch = aot.abstract_batch(d, step_lib.input_batch_sharding(mesh))
-    step = step_lib.make_train_step(mc, config, mesh, rules, state_shardings=shardings)
+    step, state, batch = aot.abstract_step(config, ModelConfig(**dict(config.model.to_dict(), **model)), mesh, rules)
     return flops.executed_flops(step.trace(state, batch).jaxpr)
 
   model = flops.grit_step_flops_from_config(config).total

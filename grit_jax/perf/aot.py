@@ -154,31 +154,39 @@ def _model_config(config):
   return ModelConfig(**config.model.to_dict())
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
-  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
-  topo = topologies.get_topology(topology)
-  devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
+def abstract_step(config, model_config, mesh, rules):
+  """(the recipe's jitted train step, its abstract sharded TrainState, an abstract global batch) over `mesh`:
+  everything `.trace(state, batch)` / `.lower(...)` needs, nothing allocated."""
   import jax
 
-  import flax.linen as nn
-
-  from grit_jax import flops as flops_lib
-  from grit_jax.modeling import kernels
-  from grit_jax.training import mesh as mesh_lib
   from grit_jax.training import optimizer as opt_lib
   from grit_jax.training import state as state_lib
   from grit_jax.training import step as step_lib
 
-  model_config = _model_config(config)
-  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
   tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
   abstract, shardings = state_lib.state_shardings(model_config, tx, mesh, rules)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = abstract_batch(config.data, step_lib.input_batch_sharding(mesh))
-  train_step = step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings)
+  return step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings), state, batch
+
+
+def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
+  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
+  topo = topologies.get_topology(topology)
+  devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
+  import flax.linen as nn
+  import jax
+
+  from grit_jax import flops as flops_lib
+  from grit_jax.modeling import kernels
+  from grit_jax.training import mesh as mesh_lib
+
+  model_config = _model_config(config)
+  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
+  train_step, state, batch = abstract_step(config, model_config, mesh, rules)
 
   flops = flops_lib.grit_step_flops_from_config(config)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
                   model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices)
