@@ -1,9 +1,10 @@
 """The collectives of a compiled program, read from its HLO text: what each moves per chip, how often it runs, and
-whether its device groups span more than one slice (the data-center network).
+whether it crosses slices (the data-center network).
 
-- How often: a collective inside a while loop (a scanned layer stack) runs once per iteration. The trip count is the
-  bound the loop's condition compares its counter with (jax's scan counts from 0); the call graph multiplies it
-  through nested loops and fusions.
+- How often: a collective inside a while loop (a scanned layer stack, a collective-matmul loop) runs once per
+  iteration. The trip count is the bound the loop's condition compares its counter with, over the step the body
+  adds to it (counters start at 0); the call graph multiplies it through nested loops and fusions. A loop whose
+  count cannot be read is counted once and reported.
 - Bytes received per chip per run, for a group of n devices and a result of R bytes (ring algorithms, the usual
   estimate): all-gather R(n-1)/n, reduce-scatter R(n-1), all-reduce 2R(n-1)/n, all-to-all R(n-1)/n,
   collective-permute R.
