@@ -41,7 +41,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
-  attention_impl: str = "xla"             # see grit_jax.modeling.attention.attend
+  attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
   moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from grit_jax.modeling.attention import target_platform
+from grit_jax.modeling.platform import target_platform
 
 IMPLS = ("auto", "xla", "splash", "cudnn")
 # Mesh axes that shard the batch and the heads (grit_jax.training.mesh logical rules): the Pallas kernel cannot be
