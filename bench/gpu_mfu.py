@@ -4,8 +4,8 @@
 
 Model: Mistral layout, d=2048, 16 layers, 16 heads / 8 kv heads, head_dim 128, MLP 5632, vocab 32000 (~1.1B
 params); bf16 compute, float32 master weights and Adam. Batch: 8 queries x 256 + 16 passages x 2048 (bidirectional)
-+ 8 generative x 2048 (causal). MFU = model FLOPs (grit_jax.perf.mfu: no remat recompute) / (time x peak);
---peak defaults to the device's dense bf16 peak from grit_jax.perf.mfu (H100 SXM: 989 TFLOP/s). Target: >= 35%.
++ 8 generative x 2048 (causal). MFU = model FLOPs (grit_jax.flops: no remat recompute) / (time x peak);
+--peak defaults to the device's dense bf16 peak from grit_jax.flops (H100 SXM: 989 TFLOP/s). Target: >= 35%.
 Runs anywhere jax sees a GPU (the image needs jax with CUDA, flax, optax, ml_collections).
 """
 import argparse
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
-from grit_jax.perf import mfu  # noqa: E402
+from grit_jax import flops as mfu  # noqa: E402
 
 c = base.get_config("mistral_7b")
 m = c.model

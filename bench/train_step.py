@@ -6,7 +6,7 @@ measured in the same run (the practical ceiling of this machine).
 
 Default shape: a ~100M-parameter Mistral (d 768, 12 layers, 12 heads / 4 kv heads, mlp 2048, vocab 32000) at
 sequence 512; one step = the query and passage passes (bidirectional, group size 2) + the causal generative pass,
-backward, AdamW update. FLOPs are model FLOPs (grit_jax.training.flops: 6 * N * tokens + attention, LM head only on
+backward, AdamW update. FLOPs are model FLOPs (grit_jax.flops: 6 * N * tokens + attention, LM head only on
 the generative pass; remat recomputation not counted). Compilation is excluded (one warm-up step). The batch uses
 every device jax sees (pure FSDP mesh); set XLA_FLAGS=--xla_force_host_platform_device_count=N to split a CPU.
 """
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
   from configs import base
   from grit_jax.modeling import get_config
-  from grit_jax.training import flops as flops_lib
+  from grit_jax import flops as flops_lib
 
   mc = get_config("tiny_mistral", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.mlp,
                   num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,

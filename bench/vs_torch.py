@@ -32,7 +32,7 @@ from torch_reference import make_torch_step  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
-from grit_jax.perf import mfu  # noqa: E402
+from grit_jax import flops as mfu  # noqa: E402
 
 torch.set_num_threads(args.threads)
 

@@ -70,8 +70,11 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       grad_clip=1.0,                     # global-norm clipping
   ))
 
-  # Mesh axes (data, fsdp, tensor, expert); -1 = all remaining devices. Pure FSDP by default.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  # Mesh axes (data, fsdp, tensor, expert) within one slice (ICI); -1 = all remaining chips. Pure FSDP by default.
+  # dcn_*: the same axes across slices joined over the data-center network (multislice); -1 = all remaining
+  # slices. Data parallel across slices by default: only the gradient reduction crosses the slower network.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1,
+                                          dcn_data=-1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1))
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1253,

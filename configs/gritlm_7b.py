@@ -17,6 +17,7 @@ def get_config():
   c.model.dtype = "bfloat16"            # bf16 compute, float32 params and optimizer state (paper: bf16 mixed)
   c.model.scan_layers = True
   c.model.remat_policy = "full"         # the paper uses (non-reentrant) gradient checkpointing
+  c.model.attention_impl = "auto"       # the target's fused kernel: splash on TPU, cuDNN on GPU (xla on CPU)
   c.init_from = ""                      # set hf:DIR (Mistral-7B-v0.1 safetensors); "" trains from scratch
   c.attn = "bbcc"
 

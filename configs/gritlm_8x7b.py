@@ -19,6 +19,7 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.scan_layers = True
   c.model.remat_policy = "full"
+  c.model.attention_impl = "auto"       # the target's fused kernel: splash on TPU, cuDNN on GPU (xla on CPU)
   c.model.router_aux_loss_coef = 0.02
 
   c.data.embedding_batch_size = 256

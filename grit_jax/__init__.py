@@ -1,6 +1,13 @@
 """grit_jax: GRIT (Generative Representational Instruction Tuning) in JAX/Flax."""
 import importlib
 
+from grit_jax.perf import host as _host
+
+# A library user gets what the CLI's process set-up gives: jax on the CPU when the host has no accelerator (libtpu
+# is installed for ahead-of-time compilation and would otherwise probe for a TPU, printing worker-hostname
+# errors), and TensorFlow's start-up noise filtered. Both are cheap and import nothing heavy.
+_host.default_platform()
+_host.quiet_library_logs()
 __all__ = ["GritLM", "objectives"]
 
 

@@ -17,7 +17,9 @@ COMMANDS = {
     "embed": ("grit_jax.inference.cli", "embed_main", "embed a JSONL of texts into a .npy matrix"),
     "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
     "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
-    "convert": ("grit_jax.convert.cli", "main", "hf-to-jax SRC DST | jax-to-hf SRC DST"),
+    "eval": ("grit_jax.inference.retrieval_eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
+    "mteb": ("grit_jax.inference.mteb_adapter", "main", "MTEB tasks on a model directory (results cached per weights)"),
+    "convert": ("grit_jax.convert.cli", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
     "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
 }
 

@@ -186,16 +186,16 @@ def _check_train(c) -> None:
     raise GritJaxError(f"config.train.grad_accum={accum}: must divide data.generative_batch_size={g}")
 
 
-def _check_mesh(c, num_devices: int | None) -> None:
+def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
   from grit_jax.training import mesh as mesh_lib  # the mesh shape rule is stated there
 
   if num_devices is None:
-    for name in mesh_lib.AXES:
-      v = c.mesh[name]
+    for name in mesh_lib.AXES + mesh_lib.DCN_KEYS:
+      v = c.mesh[name] if name in c.mesh else 1
       if not _is_int(v) or (v < 1 and v != -1):
         raise GritJaxError(f"config.mesh.{name}={v!r}: expected a positive integer or -1")
     return
-  sizes = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(c.mesh, num_devices)))
+  sizes = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(c.mesh, num_devices, num_slices)))
   # The batch is split over data x fsdp (x expert); every pass's rows must split evenly.
   ways = sizes["data"] * sizes["fsdp"] * (sizes["expert"] if sizes["expert"] > 1 else 1)
   emb, gen = passes(c.data)
@@ -286,10 +286,10 @@ def check_vocab(num_pieces: int, vocab_size: int, key: str = "tokenizer") -> Non
                        f"{vocab_size}: ids >= {vocab_size} have no embedding")
 
 
-def validate(config, *, num_devices: int | None = None, check_files: bool = True, log=print):
+def validate(config, *, num_devices: int | None = None, num_slices: int = 1, check_files: bool = True, log=print):
   """Checks every section of a run config; returns the run's ModelConfig (see `model_config`).
 
-  num_devices: when given, the mesh and the batch sizes are checked against it. check_files: data folders,
+  num_devices (over num_slices slices): when given, the mesh and the batch sizes are checked against it. check_files: data folders,
   tokenizer (against the vocabulary) and init_from paths exist; off for aot, which compiles without data."""
   for section in ("model", "data", "loss", "optimizer", "mesh", "train"):
     if section not in config:
@@ -299,7 +299,7 @@ def validate(config, *, num_devices: int | None = None, check_files: bool = True
   _check_loss(config)
   _check_optimizer(config)
   _check_train(config)
-  _check_mesh(config, num_devices)
+  _check_mesh(config, num_devices, num_slices)
   kind, path = _split_init_from(config.init_from)
   if kind and not os.path.isdir(path):
     raise GritJaxError(f"config.init_from={config.init_from!r}: no such folder")

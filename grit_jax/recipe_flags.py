@@ -83,8 +83,8 @@ def _explain(argv: list[str], file: str, usage: str, err: Exception) -> GritJaxE
   return GritJaxError(msg.splitlines()[0] if msg else repr(err))
 
 
-def _help(verb: str, usage: str, fv) -> str:
-  lines = [usage, "", "flags:"]
+def _help(verb: str, usage: str, fv, description: str) -> str:
+  lines = [usage, ""] + ([description, ""] if description else []) + ["flags:"]
   for flag in sorted((fv[name] for name in set(fv) if name == fv[name].name), key=lambda f: f.name):
     default = "" if flag.default is None else f" (default: {flag.default})"
     lines.append(f"  --{flag.name}: {flag.help}{default}")
@@ -94,7 +94,7 @@ def _help(verb: str, usage: str, fv) -> str:
   return "\n".join(lines)
 
 
-def parse(verb: str, usage: str, argv: list[str], define_flags):
+def parse(verb: str, usage: str, argv: list[str], define_flags, description: str = ""):
   """(config, flag values) for `grit-jax <verb> argv`. define_flags(fv) adds the verb's own flags to the
   FlagValues. Returns None after printing the help for -h/--help. Bad flags/keys raise GritJaxError."""
   from absl import flags
@@ -111,7 +111,7 @@ def parse(verb: str, usage: str, argv: list[str], define_flags):
                                   "config", flag_values=fv, lock_config=True, sys_argv=argv)
   define_flags(fv)
   if want_help:
-    print(_help(verb, usage, fv))
+    print(_help(verb, usage, fv, description))
     return None
   try:
     rest = fv(argv)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from grit_jax.errors import GritJaxError
-from grit_jax.perf import aot, mfu, topologies
+from grit_jax import flops
+from grit_jax.perf import aot, hlo, topologies
 
 def needs_libtpu(fn):
   """libtpu is a test requirement (requirements-test.txt): without it these tests fail, they are never skipped."""
@@ -26,16 +27,20 @@ def _tiny(*overrides):
 # Compiling for TPU slices
 
 @pytest.fixture(scope="module")
-def compiled_tiny():
-  """The tiny recipe (scanned layers, full remat) compiled for a v5e and a v5p slice of 4 chips each."""
+def compiled_tiny(tmp_path_factory):
+  """The tiny recipe (scanned layers, full remat, attention_impl=auto) compiled for a v5e and a v5p slice of 4 chips
+  each; the v5p program's HLO text kept."""
   config = _tiny("--config.model.scan_layers=True", "--config.model.remat_policy=full")
-  return config, {t: aot.compile_for_topology(config, t) for t in ("v5e-4", "v5p-8")}
+  path = tmp_path_factory.mktemp("aot") / "v5p-8.hlo"
+  results = {t: aot.compile_for_topology(config, t, hlo_path=str(path) if t == "v5p-8" else None)
+             for t in ("v5e-4", "v5p-8")}
+  return config, results, path.read_text()
 
 
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e-4", "v5p-8"])
 def test_tiny_recipe_compiles_and_shards_state(compiled_tiny, topology):
-  config, results = compiled_tiny
+  config, results, _ = compiled_tiny
   res = results[topology]
   assert res.fits and res.num_chips == 4
   # FSDP over 4 chips: each holds a quarter of params + Adam moments (3 x float32 per param) and of the batch.
@@ -50,10 +55,19 @@ def test_tiny_recipe_compiles_and_shards_state(compiled_tiny, topology):
   assert unsharded / 4 <= res.argument_bytes < unsharded / 2, (res.argument_bytes, unsharded)
   assert res.alias_bytes > 0.9 * state_bytes / 4  # the state is donated: updated in place
   assert 0 < res.total_bytes < res.hbm_bytes
-  # FSDP: weights all-gathered, gradients reduce-scattered (or all-reduced then sliced) across the 4 chips
-  assert res.collectives["all-gather"] > 0
-  assert res.collectives["reduce-scatter"] + res.collectives["all-reduce"] > 0
-  assert res.model_flops == pytest.approx(mfu.grit_step_flops_from_config(config).total)
+  # FSDP over 4 chips: per step each chip receives 3/4 of the weights for the forward, again for the remat'd
+  # backward, and 3/4 of their gradients (gathers as all-gathers or collective-matmul permutes, reductions as
+  # reduce-scatters, permutes or all-reduces, as the compiler chooses per weight).
+  weight_bytes = 4 * res.param_count  # float32 compute
+  assert sum(r["bytes"] for r in res.traffic.values()) >= 3 * 0.75 * weight_bytes
+  assert res.traffic["all-gather"]["bytes"] > 0
+  # the layer stack's gathers run once per layer and pass: more runs than static ops
+  assert res.traffic["all-gather"]["runs"] > res.traffic["all-gather"]["ops"] > 0
+  assert res.model_flops == pytest.approx(flops.grit_step_flops_from_config(config).total)
+  # executed: remat recomputes the forward (> 4/3 x), and the splash kernels run the tiny lengths (64, 96) padded
+  # to 128 with every key block counted, which at d=64 is most of the step (test_executed_flops_counts_the_program
+  # checks the count itself)
+  assert 1.3 * res.model_flops < res.executed_flops < 3 * res.model_flops
   assert 0 < res.est_mfu <= 1
 
 
@@ -85,12 +99,73 @@ def test_compiled_but_over_hbm_does_not_fit():
 
 
 @needs_libtpu
+def test_auto_attention_compiles_splash_for_tpu(compiled_tiny):
+  """attention_impl=auto under the abstract TPU mesh resolves to splash, and the compiled program runs the Pallas
+  (Mosaic) kernels: forward and both backward kernels."""
+  config, results, text = compiled_tiny
+  assert config.model.attention_impl == "auto" and results["v5p-8"].attention_kernel == "splash"
+  assert 'custom_call_target="tpu_custom_call"' in text
+  for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
+    assert kernel in text, kernel
+  assert results["v5p-8"].kernel_flops > 0
+
+
+@needs_libtpu
+def test_target_platform_of_a_tpu_topology_mesh():
+  from grit_jax.modeling import kernels
+  from grit_jax.modeling.platform import target_platform
+  from grit_jax.training import mesh as mesh_lib
+
+  mesh, _ = mesh_lib.make_mesh(dict(fsdp=-1), topologies.get_topology("v5p-8").devices())
+  assert target_platform() == "cpu"
+  with jax.set_mesh(mesh):
+    assert target_platform() == "tpu" and kernels.select_impl("auto") == "splash"
+
+
+@needs_libtpu
 def test_report_names_every_number(compiled_tiny):
-  config, results = compiled_tiny
+  config, results, _ = compiled_tiny
   out = aot.format_report(config, results["v5p-8"])
-  for needle in ("memory per chip", "model FLOPs per step", "collectives", "all-gather", "estimated step time",
-                 "MFU at most", "RESULT: FITS"):
+  for needle in ("memory per chip", "model FLOPs per step", "executed FLOPs per chip", "attention kernel splash",
+                 "collectives per chip per step", "all-gather", "estimated step time", "MFU at most", "RESULT: FITS"):
     assert needle in out
+
+
+@needs_libtpu
+def test_multislice_only_the_gradient_reduction_crosses_slices():
+  """2 x v5p-8, data parallel across slices (config.mesh.dcn_data=-1): FSDP gathers stay inside a slice; what
+  crosses the data-center network is the all-reduce of each chip's gradient shard (float32 here: the tiny recipe
+  computes in float32; 2 slices: 2 x (2-1)/2 = the shard's bytes, in TPU tiles, which pad the tiny norms), plus the
+  loss's batch statistics (the LM token weights of the global batch: a few KiB)."""
+  config = _tiny("--config.data.mode=generative", "--config.data.embedding_batch_size=0",
+                 "--config.model.hidden_size=128", "--config.model.intermediate_size=256",
+                 "--config.model.head_dim=32", "--config.model.vocab_size=1024")
+  res = aot.compile_for_topology(config, "v5p-8", num_slices=2)
+  assert res.fits and res.num_chips == 8 and res.num_slices == 2
+  for kind in ("all-gather", "reduce-scatter"):  # the FSDP traffic
+    assert res.traffic[kind]["bytes"] > res.traffic[kind]["cross_slice_bytes"]
+  shard_bytes = 4 * res.param_count / 4  # float32 gradient, FSDP over the 4 chips of a slice
+  grads = sum(c.bytes_per_chip for c in res.cross_slice if c.kind == "all-reduce")
+  other = sum(c.bytes_per_chip for c in res.cross_slice if c.kind != "all-reduce")
+  assert shard_bytes <= grads < 2 * shard_bytes, (grads, shard_bytes)
+  assert other < 0.05 * grads, [c for c in res.cross_slice if c.kind != "all-reduce"]
+  assert "across the 2 slices" in aot.format_report(config, res)
+
+
+def test_hybrid_mesh_shape():
+  from grit_jax.training import mesh as mesh_lib
+
+  cfg = dict(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1)
+  assert mesh_lib.hybrid_shape(cfg, 64, 2) == ((1, 32, 1, 1), (2, 1, 1, 1))
+  assert mesh_lib.mesh_shape(cfg, 64, 2) == (2, 32, 1, 1)
+  assert mesh_lib.hybrid_shape(dict(cfg, dcn_data=1, dcn_fsdp=-1), 64, 2) == ((1, 32, 1, 1), (1, 2, 1, 1))
+  assert mesh_lib.hybrid_shape(cfg, 8, 1) == ((1, 8, 1, 1), (1, 1, 1, 1))  # one slice: dcn_data=-1 -> 1
+  with pytest.raises(GritJaxError, match="dcn_data=0"):
+    mesh_lib.hybrid_shape(dict(cfg, dcn_data=0), 8, 1)
+  with pytest.raises(GritJaxError, match="across-slice"):
+    mesh_lib.hybrid_shape(dict(cfg, dcn_data=3), 64, 2)
+  with pytest.raises(GritJaxError, match="across-slice"):
+    mesh_lib.hybrid_shape(dict(cfg, dcn_data=-1, dcn_fsdp=-1), 64, 2)
 
 
 def test_bad_arguments_name_the_flag():
@@ -118,17 +193,61 @@ def test_topology_devices():
   assert len(devs) == 64 and devs[0].platform == "tpu"
 
 
-def test_count_collectives():
-  hlo = """
-  %all-gather-start.1 = (f32[4]{0}, f32[16]{0}) all-gather-start(f32[4]{0} %p), replica_groups={}
-  %all-gather-done.1 = f32[16]{0} all-gather-done(%all-gather-start.1)
-  %rs = f32[4]{0} reduce-scatter(f32[16]{0} %g), dimensions={0}
-  %ar.2 = f32[] all-reduce(f32[] %x), to_apply=%add
-  %cp = f32[4]{0} collective-permute(f32[4]{0} %y), source_target_pairs={{0,1}}
-  %fusion = f32[4]{0} fusion(f32[4]{0} %all-gather.9), kind=kLoop
-  """
-  assert aot.count_collectives(hlo) == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1, "all-to-all": 0,
-                                        "collective-permute": 1}
+def test_collectives_bytes_per_chip():
+  """Hand-worked: a scanned loop of 3 iterations runs its ops 3 times; the TPU's reduce-scatter fusion (an
+  all-reduce inside `all-reduce-scatter`) counts as a reduce-scatter; a megascale send is a cross-slice collective."""
+  hlo_text = """HloModule m, num_partitions=4
+
+%all-reduce-scatter (input: f32[16]) -> f32[4] {
+  %ar = f32[16]{0} all-reduce(f32[16]{0} %input), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %ds = f32[4]{0} dynamic-slice(%ar, %i), dynamic_slice_sizes={4}
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %ag = bf16[16]{0} all-gather(bf16[4]{0} %x), replica_groups=[1,4]<=[4], dimensions={0}
+  %cp-start = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%y), source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (s32[], f32[4]) tuple(%next, %ds)
+}
+
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+ENTRY %main (a: f32[16]) -> f32[4] {
+  %w = (s32[], f32[4]) while(%t), condition=%cond, body=%body
+  %f = f32[4]{0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter
+  %rs = f32[2]{0} reduce-scatter(f32[8]{0} %g), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, dimensions={0}
+  %ar2 = f32[]{:T(128)} all-reduce(%l), replica_groups={}, to_apply=%add
+  %send = (f32[64]{0}, u32[], token[]) send(%z, %tok), frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}
+}
+"""
+  colls, unknown = hlo.collectives(hlo_text, num_slices=2)
+  assert unknown == 0
+  got = {(c.kind, c.result): (c.group_size, c.runs, c.bytes_per_chip, c.cross_slice) for c in colls}
+  assert got == {
+      ("reduce-scatter", "f32[16]"): (4, 1.0, 64 * 3 / 4, False),            # 64 bytes in, 3/4 from the others
+      ("all-gather", "bf16[16]"): (4, 3.0, 3 * 32 * 3 / 4, False),           # in the loop: 3 runs
+      ("collective-permute", "(f32[8], f32[8], u32[], u32[])"): (2, 3.0, 3 * 32.0, False),
+      ("reduce-scatter", "f32[2]"): (2, 1.0, 8.0, False),                     # native: result x (n - 1)
+      ("all-reduce", "f32[]"): (4, 1.0, 4 * 2 * 3 / 4, False),               # {} = all 4 devices
+      ("all-reduce", "(f32[64], u32[], token[])"): (2, 1.0, 256.0, True),    # 2 slices: 2 x 1/2 x 256 bytes
+  }
+  table = hlo.summarize(colls)
+  assert table["all-reduce"]["cross_slice_bytes"] == 256.0 and table["reduce-scatter"]["ops"] == 2
+  # a loop XLA unrolled by 2 (counter + 2, bound 16): 8 runs
+  cond = ["%i = u32[] get-tuple-element(%p), index=4", "%c = u32[]{:T(128)} constant(16)",
+          "ROOT %lt = pred[] compare(%i, %c), direction=LT"]
+  body = ["%i = u32[] get-tuple-element(%p), index=4", "%two = u32[] constant(2)", "%n = u32[] add(%i, %two)",
+          "ROOT %t = (f32[4], u32[]) tuple(%a, %b, %c, %d, %n)"]
+  assert hlo._trip_count(cond, body) == 8
+  # groups over a mesh whose devices are listed in transposed order (a [2, 2] mesh of ids 0 2 / 1 3)
+  line = "x all-reduce(%a), replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0)) {'axis_1'}, to_apply"
+  assert hlo._groups(line, 4) == [[0, 2], [1, 3]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,32 +257,32 @@ def test_flops_hand_worked():
   cfg = dict(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4,
              vocab_size=10, num_experts=0, sliding_window=None)
   # per layer: q 8*8 + k,v 2*8*4 + o 8*8 = 192; mlp 3*8*16 = 384 -> 576 params
-  assert mfu.matmul_params_per_layer(cfg) == 576
+  assert flops.matmul_params_per_layer(cfg) == 576
   # bidirectional [1, 4]: dense 2*4*2*576 = 9216; attention 4 * 4 tokens * 2 layers * 4 keys * 2 heads * 4 = 1024
-  assert mfu.forward_flops(cfg, 1, 4, causal=False, lm_head=False) == 9216 + 1024
+  assert flops.forward_flops(cfg, 1, 4, causal=False, lm_head=False) == 9216 + 1024
   # causal: mean visible keys (1+2+3+4)/4 = 2.5 -> attention 640; LM head 2*4*8*10 = 640
-  assert mfu.forward_flops(cfg, 1, 4, causal=True, lm_head=True) == 9216 + 640 + 640
+  assert flops.forward_flops(cfg, 1, 4, causal=True, lm_head=True) == 9216 + 640 + 640
   # sliding window 2: keys seen 1,2,2,2 -> mean 1.75 -> attention 448
-  assert mfu.forward_flops(dict(cfg, sliding_window=2), 1, 4, causal=True, lm_head=False) == 9216 + 448
-  f = mfu.grit_step_flops(cfg, query_batch=1, query_len=4, passage_batch=2, passage_len=4, gen_batch=1, gen_len=4)
+  assert flops.forward_flops(dict(cfg, sliding_window=2), 1, 4, causal=True, lm_head=False) == 9216 + 448
+  f = flops.grit_step_flops(cfg, query_batch=1, query_len=4, passage_batch=2, passage_len=4, gen_batch=1, gen_len=4)
   assert f.query == 3 * (9216 + 1024) and f.passage == 2 * f.query
   assert f.generative == 3 * (9216 + 640 + 640) and f.total == f.embedding + f.generative
   # "cccc": causal embedding passes are cheaper by the masked half of attention
-  assert mfu.grit_step_flops(cfg, query_batch=1, query_len=4, attn="cccc").query == 3 * (9216 + 640)
+  assert flops.grit_step_flops(cfg, query_batch=1, query_len=4, attn="cccc").query == 3 * (9216 + 640)
   # MoE: router 8*4 + top-2 of 4 experts' MLPs
   moe = dict(cfg, num_experts=4, num_experts_per_tok=2)
-  assert mfu.matmul_params_per_layer(moe) == 192 + 2 * 384 + 32
-  assert mfu.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
+  assert flops.matmul_params_per_layer(moe) == 192 + 2 * 384 + 32
+  assert flops.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
 
 
 def test_flops_7b_recipe_is_about_6ND():
   """Sanity at scale: 7B dense weights dominate, 6 * N * tokens within the attention/LM-head share."""
   config = aot.parse_args(["--config", "configs/gritlm_7b.py", "--topology", "v5p-64"])[0]
-  f = mfu.grit_step_flops_from_config(config)
+  f = flops.grit_step_flops_from_config(config)
   d = config.data
   emb_tokens = d.embedding_batch_size * (d.query_max_len + d.train_group_size * d.passage_max_len)
   gen_tokens = d.generative_batch_size * d.generative_max_len
-  n_layers = 32 * mfu.matmul_params_per_layer(config.model)  # ~6.98e9 without embeddings
+  n_layers = 32 * flops.matmul_params_per_layer(config.model)  # ~6.98e9 without embeddings
   assert 6.9e9 < n_layers < 7.0e9
   assert f.embedding == pytest.approx(6 * n_layers * emb_tokens, rel=0.15)
   assert f.generative == pytest.approx(6 * (n_layers + 4096 * 32000) * gen_tokens, rel=0.15)
@@ -205,3 +324,37 @@ def test_remat_full_saves_activation_memory(remat_runs):
   assert temp["full"] < temp["none"], temp
   assert temp["full"] <= temp["save_dots_except_mlp"] <= temp["none"], temp
   assert math.isfinite(temp["minimal"])
+
+
+def test_executed_flops_counts_the_program():
+  """Executed FLOPs from the traced step: without remat, a bidirectional embedding step executes the model FLOPs
+  plus the contrastive score matmul and the pooling einsum (hand-counted); a scan over layers counts its body once
+  per layer (same total as unrolled); full remat adds the recomputed forward."""
+  from configs import tiny
+  from grit_jax.modeling import ModelConfig
+  from grit_jax.training import mesh as mesh_lib
+
+  config = tiny.get_config()
+  d = config.data
+  d.mode, d.generative_batch_size, d.embedding_batch_size = "embedding", 0, 4
+  mesh, rules = mesh_lib.make_mesh(dict(fsdp=1), jax.devices()[:1])
+
+  def executed(**model):
+    step, state, batch = aot.abstract_step(config, ModelConfig(**dict(config.model.to_dict(), **model)), mesh, rules)
+    return flops.executed_flops(step.trace(state, batch).jaxpr)
+
+  model = flops.grit_step_flops_from_config(config).total
+  q, p, D = d.embedding_batch_size, d.embedding_batch_size * d.train_group_size, config.model.hidden_size
+  scores = 3 * 2 * q * p * D  # forward + its two gradient matmuls
+  pooling = 2 * 2 * (q * d.query_max_len + p * d.passage_max_len) * D  # mean pooling's einsum and its gradient
+  plain = executed(remat_policy="none", scan_layers=False)
+  assert plain.total == pytest.approx(model + scores + pooling, rel=1e-9) and plain.unknown_loops == 0
+  scanned = executed(remat_policy="none", scan_layers=True)
+  assert scanned.total == pytest.approx(plain.total, rel=1e-9)
+  # Full remat recomputes each layer's forward in the backward, except down_proj: the backward needs its input and
+  # the incoming gradient, never its output (jax drops it from the recomputation).
+  remat = executed(remat_policy="full", scan_layers=True)
+  layers_forward = flops.grit_step_flops_from_config(config).embedding / 3  # no LM head on embedding passes
+  tokens = q * d.query_max_len + p * d.passage_max_len
+  down_proj = 2 * tokens * config.model.num_layers * D * config.model.intermediate_size
+  assert remat.total == pytest.approx(plain.total + layers_forward - down_proj, rel=1e-9)

@@ -43,13 +43,13 @@ def assert_same_tensors(a_dir, b_dir):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-  """kind -> (transformers model, directory); the mistral one also holds the shipped tokenizer.model."""
+  """kind -> (transformers model, directory); the mistral one also holds the shipped tokenizer.model (1000 pieces,
+  so its vocabulary has 1024 rows: a model must hold every id its tokenizer makes)."""
   out = {}
-  for kind, kw in (("mistral", dict(sliding_window=6)), ("mixtral", {})):
+  for kind, kw in (("mistral", dict(sliding_window=6, vocab_size=1024)), ("mixtral", {})):
     path = tmp_path_factory.mktemp(f"src_{kind}")
     out[kind] = (make_hf_model(kind, path, seed=1, **kw), str(path))
-  if os.path.exists(TOKENIZER):
-    shutil.copy(TOKENIZER, os.path.join(out["mistral"][1], "tokenizer.model"))
+  shutil.copy(TOKENIZER, os.path.join(out["mistral"][1], "tokenizer.model"))
   return out
 
 
@@ -133,8 +133,7 @@ def test_cli_convert_round_trip(hf_dirs, tmp_path, batch, capsys):
     assert m.config.sliding_window == 6
     got = m.logits(ids, mask)
     assert np.abs(got[mask.astype(bool)] - ref[mask.astype(bool)]).max() <= 1e-4
-    if os.path.exists(TOKENIZER):
-      assert m.tokenizer is not None and os.path.isfile(os.path.join(d, "tokenizer.model"))
+    assert m.tokenizer is not None and os.path.isfile(os.path.join(d, "tokenizer.model"))
   # an existing destination is refused unless --overwrite
   assert cli.main(["convert", "jax-to-hf", jax_dir, hf_dir]) == 2
   assert "already exists" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def test_tokenizer_specials_and_ids(tok):
   # Literal <s>/</s> become BOS/EOS; the text after a special token starts a new segment (dummy "▁" prefix).
   assert tok.encode("a b<s>c</s>") == a + [1] + b + [2]
   assert tok.encode("<s><|embed|>\n") == [1] + tok.encode("<|embed|>\n")
-  assert tok.encode("<s><|embed|>\n")[-1] == tok._sp.piece_to_id("<0x0A>")
+  assert tok.encode("<s><|embed|>\n")[-1] == tok.piece_to_id("<0x0A>")
   # Markers are plain text: several pieces each, none of them special.
   assert len(tok.encode("<|embed|>")) > 1 and 1 not in tok.encode("<|embed|>")
   text = "Zürich 😀 naïve  spaces\ttabs"

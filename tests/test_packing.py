@@ -189,7 +189,8 @@ def test_pack_plan_fits_or_says_no():
 def test_aot_batch_of_a_packed_recipe():
   """`grit-jax aot` builds the packed batch the train iterator would yield (rows derived from the recipe's data) and
   counts the FLOPs of the packed rows."""
-  from grit_jax.perf import aot, mfu
+  from grit_jax import flops as mfu
+  from grit_jax.perf import aot
   from grit_jax.training import mesh as mesh_lib
 
   c = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--config.data.pack_embedding=True",

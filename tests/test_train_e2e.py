@@ -109,8 +109,21 @@ def test_paper_recipes(monkeypatch):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("full")
-  train(workdir, env=env)
+  FULL_RUN_OUTPUT["out"] = train(workdir, env=env)
   return workdir
+
+
+FULL_RUN_OUTPUT = {}
+# Third-party lines a user must never see (TensorFlow/CUDA/oneDNN/absl start-up, seqio, tfds, libtpu).
+NOISE = ("oneDNN", "cuda", "CUDA", "cuInit", "absl::InitializeLog", "T5 library uses PAD_ID",
+         "Using custom data configuration", "Downloading and preparing", "downloaded and prepared", "TPU", "libtpu")
+
+
+@pytest.mark.slow
+def test_train_prints_no_library_noise(full_run):
+  out = FULL_RUN_OUTPUT["out"]
+  noisy = [line for line in (out.stdout + out.stderr).splitlines() if any(n in line for n in NOISE)]
+  assert noisy == [], noisy
 
 
 @pytest.mark.slow
@@ -535,3 +548,34 @@ def test_read_only_folder_is_a_one_line_error_before_training(env, which):
     assert os.listdir(ro) == []
   finally:
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_intermediate_checkpoint_exports_to_hf(full_run, tmp_path, capsys):
+  import shutil
+
+  from safetensors.numpy import load_file
+
+  from grit_jax import GritLM
+  hf = os.path.join(full_run, "hf")
+  last = tmp_path / "step6"
+  assert cli.main(["convert", "ckpt-to-hf", str(full_run / "checkpoints" / "6"), str(last)]) == 0
+  # The last step's checkpoint exports exactly what the run itself exported at the end.
+  ours, run_export = load_file(str(last / "model.safetensors")), load_file(os.path.join(hf, "model.safetensors"))
+  assert sorted(ours) == sorted(run_export)
+  for name in ours:
+    np.testing.assert_array_equal(ours[name], run_export[name])
+  for fname in ("tokenizer.json", "tokenizer_config.json", "modules.json", "config.json"):
+    with open(last / fname) as a, open(os.path.join(hf, fname)) as b:
+      assert a.read() == b.read(), fname
+  # An intermediate step has other weights, and loads.
+  mid = tmp_path / "step4"
+  assert cli.main(["convert", "ckpt-to-hf", str(full_run / "checkpoints" / "4"), str(mid)]) == 0
+  step4 = load_file(str(mid / "model.safetensors"))
+  assert any(not np.array_equal(step4[n], ours[n]) for n in ours)
+  assert GritLM.from_pretrained(str(mid)).logits(np.ones((1, 4), np.int32)).shape == (1, 4, 1024)
+  # A checkpoint copied away from its run: the missing run config is named.
+  shutil.copytree(full_run / "checkpoints" / "4", tmp_path / "lone" / "4")
+  capsys.readouterr()
+  assert cli.main(["convert", "ckpt-to-hf", str(tmp_path / "lone" / "4"), str(tmp_path / "x")]) == 2
+  assert "no run config.json" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -1,15 +1,19 @@
-"""`grit-jax convert hf-to-jax SRC DST` and `grit-jax convert jax-to-hf SRC DST`.
+"""`grit-jax convert hf-to-jax SRC DST`, `grit-jax convert jax-to-hf SRC DST`, `grit-jax convert ckpt-to-hf CKPT DST`.
 
 hf-to-jax: an HF Mistral/Mixtral directory (config.json + safetensors, sharded or not) -> a grit_jax directory
 (config.json + params.safetensors). jax-to-hf: the reverse, in the HF layout transformers loads (per-expert Mixtral
-names, shards + index when larger than --max-shard-size). Tokenizer files and grit_settings.json (the settings the
-model is served with) are copied along. DST is written through a temporary directory and renamed, so a failed
-conversion leaves nothing behind.
+names, shards + index when larger than --max-shard-size). ckpt-to-hf: the weights of a training checkpoint
+(RUN/checkpoints/<step>, or RUN for its latest step) -> an HF directory, using the run's config.json. Tokenizer
+files and grit_settings.json (the settings the model is served with) are copied along (a tokenizer.model or a
+tokenizer.json); HF outputs also get the tokenizer.json / tokenizer_config.json and sentence-transformers files of
+convert.hf_files. DST is written through a temporary directory and renamed, so a failed conversion leaves nothing
+behind.
 """
 from __future__ import annotations
 
 import argparse
 
+from grit_jax.data.tokenizer import Tokenizer
 from grit_jax.errors import GritJaxError
 
 
@@ -24,10 +28,18 @@ def _parser() -> argparse.ArgumentParser:
   b = sub.add_parser("jax-to-hf", help="grit_jax directory -> Hugging Face directory")
   b.add_argument("src")
   b.add_argument("dst")
-  b.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                 help="dtype of the written tensors (default: the dtype of the original HF checkpoint)")
-  b.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
-  for sp in (a, b):
+  c = sub.add_parser("ckpt-to-hf", help="training checkpoint (RUN/checkpoints/<step>, RUN) -> Hugging Face directory")
+  c.add_argument("src", help="RUN/checkpoints/<step>, RUN/checkpoints or RUN (latest step)")
+  c.add_argument("dst")
+  c.add_argument("--run-config", default=None,
+                 help="the run's config.json (default: found in SRC or its parent folders, as train writes it)")
+  c.add_argument("--tokenizer", default=None,
+                 help="tokenizer.model or tokenizer.json (default: the run's data.tokenizer)")
+  for sp in (b, c):
+    sp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the written tensors (default: the dtype of the original HF checkpoint / the params)")
+    sp.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
+  for sp in (a, b, c):
     sp.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   return p
 
@@ -46,7 +58,7 @@ def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool 
 
 
 def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf, settings
+  from grit_jax.convert import hf, hf_files, settings
   if not hf.is_jax_dir(hf._require_dir(src)):
     raise GritJaxError(f"{src}: not a grit_jax directory (config.json with format={hf.JAX_FORMAT!r})")
   config, params, meta = hf.load_jax(src)
@@ -54,6 +66,57 @@ def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB"
     hf.save_hf(params, config, tmp, max_shard_size=max_shard_size, dtype=dtype or meta.get("hf_dtype"))
     hf.copy_tokenizer_files(src, tmp)
     settings.copy(src, tmp)
+    hf_files.write_export_files(Tokenizer.from_dir(src), tmp, config, settings.read(src))
+  return dst
+
+
+def find_run_config(src: str) -> str:
+  """The run's config.json for a checkpoint path: in SRC or the nearest parent folder that has one."""
+  import os
+  path = os.path.abspath(src)
+  for _ in range(4):  # RUN/checkpoints/<step>/ -> RUN/
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+      return os.path.join(path, "config.json")
+    path = os.path.dirname(path)
+  raise GritJaxError(f"{src}: no run config.json in it or its parent folders (pass --run-config RUN/config.json)")
+
+
+def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str | None = None,
+               dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
+  import json
+  import os
+
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from grit_jax import contract
+  from grit_jax.convert import hf
+  from grit_jax.modeling.model import init_params
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import export
+
+  if not os.path.isdir(src):
+    raise GritJaxError(f"{src}: no such checkpoint directory")
+  run_config = run_config or find_run_config(src)
+  try:
+    with open(run_config) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    model_config = contract.model_config(config, log=None)
+    tok_path = tokenizer or config.data.tokenizer
+  except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+    raise GritJaxError(f"{run_config}: not a grit_jax run config ({e})") from e
+  if not os.path.isfile(tok_path):
+    raise GritJaxError(f"{run_config}: data.tokenizer={tok_path!r} does not exist here (pass --tokenizer PATH)")
+  config.data.tokenizer = tok_path
+  # Restore the params only, unsharded on one device, in the layout the run saved them (its model config).
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          jax.eval_shape(lambda: init_params(model_config)))
+  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract))
+  with hf.atomic_dir(dst, overwrite) as tmp:
+    hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
+    export.write_export_files(config, model_config, tmp)
   return dst
 
 
@@ -61,7 +124,10 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.direction == "hf-to-jax":
     out = hf_to_jax(args.src, args.dst, args.param_dtype, args.overwrite)
-  else:
+  elif args.direction == "jax-to-hf":
     out = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
+  else:
+    out = ckpt_to_hf(args.src, args.dst, args.run_config, args.tokenizer, args.dtype, args.max_shard_size,
+                     args.overwrite)
   print(f"wrote {out}")
   return 0

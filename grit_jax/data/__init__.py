@@ -1,7 +1,16 @@
 """GritLM data pipeline: tokenizer, templates, JSONL -> tfds builds -> seqio tasks, numpy batching, resumable
-sharded training iterator. See docs/DESIGN.md ("Training batch") for the batch contract."""
-from grit_jax.data.batching import to_global_batch
-from grit_jax.data.iterator import TrainIterator, make_eval_iterator, make_train_iterator
-from grit_jax.data.tokenizer import Tokenizer
+sharded training iterator. See docs/DESIGN.md ("Training batch") for the batch contract.
 
-__all__ = ["Tokenizer", "TrainIterator", "make_train_iterator", "make_eval_iterator", "to_global_batch"]
+Names are imported on first use: inference imports `grit_jax.data.tokenizer` / `templates` and must not pay for
+the training pipeline's TensorFlow, seqio and tfds."""
+import importlib
+
+_EXPORTS = {"Tokenizer": "tokenizer", "TrainIterator": "iterator", "make_train_iterator": "iterator",
+            "make_eval_iterator": "iterator", "to_global_batch": "batching"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"grit_jax.data.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'grit_jax.data' has no attribute {name!r}")

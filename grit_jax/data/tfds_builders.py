@@ -136,6 +136,14 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
                                  disable_shuffling=True,
                                  description=f"GritLM {self.builder_config.kind} JSONL from local files")
 
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared" to stdout
+  # for every build; nothing is downloaded here, and the build is a local cache of the user's files.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _split_generators(self, dl_manager):
     return {"train": self._generate_examples()}
 

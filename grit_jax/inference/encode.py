@@ -74,13 +74,15 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
   return out
 
 
-def batches(tokens, batch_size: int, max_length: int, bos_id: int) -> Iterator[tuple[np.ndarray, ...]]:
-  """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets."""
+def batches(tokens, batch_size: int, max_length: int, bos_id: int,
+            row_multiple: int = 1) -> Iterator[tuple[np.ndarray, ...]]:
+  """Longest-first batches: (row indices, ids, mask, pool_mask) padded to the length/row buckets (rows a multiple
+  of `row_multiple`, the number of devices the batch is split over)."""
   order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i][0]))
   for s in range(0, len(order), batch_size):
     idx = order[s:s + batch_size]
     T = bucket(len(tokens[idx[0]][0]), cap=max_length)
-    rows = bucket(len(idx), cap=batch_size, minimum=1)
+    rows = -(-bucket(len(idx), cap=batch_size, minimum=1) // row_multiple) * row_multiple
     ids = np.zeros((rows, T), np.int32)   # [B, T]
     mask = np.zeros((rows, T), np.int32)
     pool = np.zeros((rows, T), np.int32)
@@ -92,19 +94,50 @@ def batches(tokens, batch_size: int, max_length: int, bos_id: int) -> Iterator[t
     yield np.asarray(idx), ids, mask, pool
 
 
+PROGRESS_MIN_TEXTS = 256  # as gritlm: a progress bar for inputs of at least this many texts
+
+
+def _data_parallel(model, devices):
+  """(params replicated over `devices`, sharding that splits a batch's rows over them); one mesh per device set and
+  one replicated copy of the params per model, reused across calls."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  key = tuple(d.id for d in devices)
+  cached = getattr(model, "_data_parallel", None)
+  if cached is None or cached[0] != key or cached[1] is not model.params:
+    mesh = Mesh(np.asarray(devices), ("data",))
+    params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
+    cached = (key, model.params, params, NamedSharding(mesh, PartitionSpec("data")))
+    model._data_parallel = cached
+  return cached[2], cached[3]
+
+
 def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",
-                  normalize: bool = True, causal: bool = False, with_cache: bool = False):
+                  normalize: bool = True, causal: bool = False, with_cache: bool = False,
+                  show_progress_bar: bool | None = None, devices=None):
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
-  (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy)."""
+  (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
+
+  Each batch's rows are split over `devices` (default: every local device; params replicated on them); the
+  with_cache (RAG) pass stays on one device. show_progress_bar: None = a bar from PROGRESS_MIN_TEXTS texts on."""
   if pooling not in POOLINGS:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
   if batch_size < 1 or max_length < 1:
     raise GritJaxError(f"batch_size={batch_size}, max_length={max_length}: must be >= 1")
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
+  devices = list(devices if devices is not None else jax.local_devices())
+  if with_cache or len(devices) == 1:
+    params, put, row_multiple = model.params, jnp.asarray, 1
+  else:
+    params, rows = _data_parallel(model, devices)
+    put, row_multiple = (lambda x: jax.device_put(x, rows)), len(devices)
   emb = np.zeros((len(tokens), model.config.hidden_size), np.float32)
   caches = [None] * len(tokens)
-  for idx, ids, mask, pool in batches(tokens, batch_size, max_length, model.config.bos_token_id):
-    e, cache = fn(model.params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pool))
+  if show_progress_bar is None:
+    show_progress_bar = len(tokens) >= PROGRESS_MIN_TEXTS
+  from tqdm import tqdm
+  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, row_multiple),
+                                   total=-(-len(tokens) // batch_size), desc="Batches", disable=not show_progress_bar):
+    e, cache = fn(params, put(ids), put(mask), put(pool))
     emb[idx] = np.asarray(e)[:len(idx)]
     if with_cache:
       from grit_jax.inference.generate import unstack_cache

@@ -58,12 +58,9 @@ def dtype_name(torch_dtype) -> str:
 
 
 def load_tokenizer(path: str):
-  """`tokenizer.model` (SentencePiece) from a model directory, or None when it has none."""
-  tok_path = os.path.join(path, "tokenizer.model")
-  if not os.path.isfile(tok_path):
-    return None
+  """`tokenizer.model` (SentencePiece), else `tokenizer.json`, from a model directory; None when it has neither."""
   from grit_jax.data.tokenizer import Tokenizer
-  return Tokenizer(tok_path)
+  return Tokenizer.from_dir(path)
 
 
 class GritLM:
@@ -316,15 +313,13 @@ class GritLM:
     return self._fingerprint
 
   def save_pretrained(self, path: str, dtype: str | None = None, max_shard_size="5GB") -> str:
-    """Write a Hugging Face directory (config.json, safetensors, tokenizer.model, grit_settings.json) atomically;
-    replaces `path`."""
-    from grit_jax.convert import hf
-    import shutil
+    """Write a Hugging Face directory (config.json, safetensors, grit_settings.json, and the tokenizer files and
+    sentence-transformers modules of convert.hf_files) atomically; replaces `path`."""
+    from grit_jax.convert import hf, hf_files
+    # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
+    stored = dataclasses.replace(self.settings, attn=self.attn or "cccc")
     with hf.atomic_dir(path, overwrite=True) as tmp:
       hf.save_hf(self.params, self.config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-      tok = getattr(self.tokenizer, "path", None)
-      if tok and os.path.isfile(tok):
-        shutil.copyfile(tok, os.path.join(tmp, "tokenizer.model"))
-      # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
-      settings_lib.write(tmp, dataclasses.replace(self.settings, attn=self.attn or "cccc"))
+      hf_files.write_export_files(self.tokenizer, tmp, self.config, stored)
+      settings_lib.write(tmp, stored)
     return path

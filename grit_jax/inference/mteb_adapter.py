@@ -1,4 +1,10 @@
-"""An mteb (2.x) encoder for a GritLM: `mteb.evaluate(MtebEncoder(model), tasks)`.
+"""An mteb (2.x) encoder for a GritLM: `mteb.evaluate(MtebEncoder.from_pretrained(dir), tasks)`.
+
+Its ModelMeta names the model after its directory (`grit_jax/<dir name>`) and sets the revision to a hash of its
+weights (GritLM.weights_fingerprint), so mteb's result cache keeps the results of different models (or of two
+checkpoints of one run) apart; `meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load
+it: mteb 2.x resolves `-m` only through its own registry or the Hugging Face Hub. The command for a local
+directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (main below).
 
 Follows mteb's EncoderProtocol: `encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)`.
 Instructions as in the paper's MTEB evaluation: queries (and symmetric tasks, which have no prompt type) get the
@@ -8,6 +14,9 @@ default (the reference's MTEB script uses normalized=False; cosine scoring is un
 """
 from __future__ import annotations
 
+import argparse
+import os
+import re
 from typing import Any
 
 import numpy as np
@@ -22,20 +31,31 @@ BOTH_SIDES_TASK_TYPES = ("Reranking",)
 class MtebEncoder(AbsEncoder):
   """Wraps a grit_jax GritLM (anything with config/params/tokenizer) for mteb."""
 
-  def __init__(self, model, name: str = "grit_jax/gritlm", *, batch_size: int = 64, max_length: int = 512,
-               normalize: bool = False, instructions: dict[str, str] | None = None,
-               both_sides_task_types=BOTH_SIDES_TASK_TYPES):
+  def __init__(self, model, name: str = "grit_jax/gritlm", *, revision: str | None = None, batch_size: int = 64,
+               max_length: int = 512, normalize: bool = False, instructions: dict[str, str] | None = None,
+               both_sides_task_types=BOTH_SIDES_TASK_TYPES, model_dir: str | None = None):
+    """`revision` defaults to model.weights_fingerprint(); `model_dir` (set by from_pretrained) makes the meta's
+    loader reload the model."""
     self.model = model
     self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
     self.prompts_dict = instructions  # task name / task type -> instruction (mteb's prompt priority applies)
     self.both_sides_task_types = tuple(both_sides_task_types)
+    settings = dict(batch_size=batch_size, max_length=max_length, normalize=normalize, instructions=instructions)
     self.mteb_model_meta = ModelMeta(
-        loader=None, name=name, revision=None, release_date=None, languages=None,
+        loader=load if model_dir else None, loader_kwargs=dict(settings, model_dir=model_dir) if model_dir else {},
+        name=name, revision=revision or model.weights_fingerprint(), release_date=None, languages=None,
         n_parameters=int(sum(np.size(x) for x in _leaves(model.params))), memory_usage_mb=None,
         max_tokens=max_length, embed_dim=model.config.hidden_size, license=None, open_weights=None,
         public_training_code="https://github.com/ContextualAI/gritlm", public_training_data=None,
         framework=["JAX"], similarity_fn_name=ScoringFunction.COSINE, use_instructions=True,
         training_datasets=None)
+
+  @classmethod
+  def from_pretrained(cls, model_dir: str, **kwargs) -> "MtebEncoder":
+    """The model of `model_dir` (GritLM.from_pretrained), named `grit_jax/<dir name>`."""
+    from grit_jax.inference.gritlm import GritLM
+    return cls(GritLM.from_pretrained(model_dir), model_name(model_dir), model_dir=os.path.abspath(model_dir),
+               **kwargs)
 
   def instruction_for(self, task_metadata, prompt_type: PromptType | None) -> str:
     if prompt_type == PromptType.document and task_metadata.type not in self.both_sides_task_types:
@@ -54,3 +74,42 @@ class MtebEncoder(AbsEncoder):
 def _leaves(tree):
   import jax
   return jax.tree_util.tree_leaves(tree)
+
+
+def model_name(model_dir: str) -> str:
+  """`grit_jax/<dir name>` (mteb wants organisation/name; characters outside [A-Za-z0-9._-] become '-')."""
+  base = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
+  return "grit_jax/" + (re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model")
+
+
+def load(name: str, revision: str | None = None, *, model_dir: str, device: str | None = None,
+         **settings) -> MtebEncoder:
+  """mteb's loader signature (`ModelMeta.load_model`): the model of `model_dir`; a `revision` that is not its weights'
+  fingerprint is an error (the directory changed since the results were made)."""
+  from grit_jax.errors import GritJaxError
+  encoder = MtebEncoder.from_pretrained(model_dir, **settings)
+  got = encoder.mteb_model_meta.revision
+  if revision is not None and revision != got:
+    raise GritJaxError(f"{model_dir}: weights fingerprint {got} is not the requested revision {revision}")
+  return encoder
+
+
+def main(argv: list[str]) -> int:
+  """`grit-jax mteb --model DIR --tasks T [T ...]`: mteb.evaluate with results cached per model and weights hash."""
+  p = argparse.ArgumentParser(prog="grit-jax mteb", description="Evaluate a model directory on MTEB tasks.")
+  p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
+  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
+  p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--max-length", type=int, default=512)
+  a = p.parse_args(argv)
+  import mteb
+  from mteb.cache import ResultCache
+  tasks = mteb.get_tasks(tasks=a.tasks)
+  encoder = MtebEncoder.from_pretrained(a.model, batch_size=a.batch_size, max_length=a.max_length)
+  cache = ResultCache(a.cache) if a.cache else ResultCache()
+  results = mteb.evaluate(encoder, tasks, cache=cache)
+  meta = encoder.mteb_model_meta
+  for r in results.task_results:
+    print(f"{r.task_name:<30} {r.get_score():.4f}  ({meta.name}, revision {meta.revision})")
+  return 0

@@ -34,14 +34,6 @@ def make_attention_mask(q_pos_BT, k_pos_BS, k_valid_BS, *, causal: bool, sliding
   return mask[:, None]  # [B, 1, T, S]
 
 
-def target_platform() -> str:
-  """Platform the current trace compiles for: the context mesh's (set by `jax.set_mesh`; a TPU topology mesh on a
-  CPU host says "tpu"), else the default backend."""
-  mesh = jax.sharding.get_abstract_mesh()
-  platform = getattr(mesh, "platform", None) if not mesh.empty else None
-  return platform or jax.default_backend()
-
-
 def xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS):
   """Plain dot-product attention with GQA (query head h reads kv head h // (H // KVH), as HF's repeat_kv).
   Scores and softmax in float32. Rows whose mask is all False get a uniform average instead of NaN."""

@@ -14,6 +14,7 @@ from grit_jax.errors import GritJaxError
 
 DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "flat")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # grit_jax.modeling.kernels dispatches on these
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp")
 MOE_IMPLS = ("ragged", "dense")
 
@@ -41,7 +42,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
-  attention_impl: str = "xla"             # see grit_jax.modeling.attention.attend
+  attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
   moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)
 
@@ -67,6 +68,8 @@ class ModelConfig:
       bad("param_dtype", f"expected one of {DTYPES}")
     if self.remat_policy not in REMAT_POLICIES:
       bad("remat_policy", f"expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      bad("attention_impl", f"expected one of {ATTENTION_IMPLS}")
     if self.matmul_impl not in MATMUL_IMPLS:
       bad("matmul_impl", f"expected one of {MATMUL_IMPLS}")
     if self.moe_impl not in MOE_IMPLS:

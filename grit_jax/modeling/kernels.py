@@ -20,9 +20,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
-from grit_jax.modeling.attention import target_platform
+from grit_jax.modeling.config import ATTENTION_IMPLS
+from grit_jax.modeling.platform import target_platform
 
-IMPLS = ("auto", "xla", "splash", "cudnn")
 # Mesh axes that shard the batch and the heads (grit_jax.training.mesh logical rules): the Pallas kernel cannot be
 # partitioned by XLA, so under a mesh it runs inside a shard_map over these.
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -33,8 +33,8 @@ _LANES = 128  # splash tiles the sequence in multiples of the TPU lane width
 def select_impl(config_impl: str, platform: str | None = None, *, decode: bool = False) -> str:
   """Kernel for one attention call. `config_impl` is ModelConfig.attention_impl; `decode` = the call has a KV cache
   or T != S (the fused kernels only cover self-attention over the same positions)."""
-  if config_impl not in IMPLS:
-    raise ValueError(f"attention_impl={config_impl!r}: expected one of {IMPLS}")
+  if config_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={config_impl!r}: expected one of {ATTENTION_IMPLS}")
   if decode or config_impl == "xla":
     return "xla"
   platform = platform or target_platform()

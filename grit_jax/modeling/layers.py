@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from grit_jax.modeling.attention import attend, target_platform
+from grit_jax.modeling.attention import attend
+from grit_jax.modeling.platform import target_platform
 from grit_jax.modeling.config import ModelConfig
 
 INIT_STD = 0.02  # HF initializer_range

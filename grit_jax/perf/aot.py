@@ -12,29 +12,31 @@ reported as "does not fit" (exit status 1).
 What the numbers mean:
 - memory: bytes per chip of arguments (state + batch shard), outputs, temporaries (activations, gathered weights,
   gradients) -- total = arguments + outputs - aliased (donated state) + temporaries; compared with the chip's HBM.
-- model FLOPs: grit_jax.perf.mfu (embedding passes and generative pass counted separately; no remat recompute).
-  XLA's cost_analysis FLOPs are printed too, but they count a scanned layer stack's loop body ONCE (not once per
-  layer) and do not see Pallas kernels (splash attention), so they undercount scanned models.
-- estimated step time: a roofline lower bound: max(compute at peak bf16 FLOP/s including remat recompute, FSDP
-  weight/gradient traffic over ICI); the MFU printed is model FLOPs over chips x peak x that time (an upper bound).
+- model FLOPs: grit_jax.flops (embedding passes and generative pass counted separately; no remat recompute): what
+  MFU divides by.
+- executed FLOPs per chip: the matmuls the traced step really runs (grit_jax.flops.executed_flops: scanned layers
+  x num_layers, remat's recomputed forward, all experts of a dense MoE, Pallas attention kernels over every key
+  block), over the chips. XLA's cost_analysis is printed beside it, as MaxText prints it: it counts a scanned
+  layer stack's loop body once and Pallas kernels not at all.
+- collectives: per kind, the static ops of the compiled program, how often they run (loops multiplied out) and the
+  bytes each chip receives per step (grit_jax.perf.hlo); with several slices, which of them cross the data-center
+  network and their bytes, largest first.
+- estimated step time: a roofline lower bound: max(executed FLOPs at peak bf16 FLOP/s, collective bytes received
+  per chip over ICI); the MFU printed is model FLOPs over chips x peak x that time (an upper bound). Cross-slice
+  bytes are printed, not timed.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import time
 
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
-from grit_jax.perf import topologies
+from grit_jax.perf import hlo, topologies
 
 USAGE = "usage: grit-jax aot --config configs/RECIPE.py --topology v5p-64 [--num_slices N] [--config.KEY=VALUE ...]"
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-_COLLECTIVE_RE = re.compile(r"=\s*\S.*?\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
-# extra forward passes per training step a remat policy recomputes (fraction of one forward), for the time estimate
-_REMAT_RECOMPUTE = {"none": 0.0, "full": 1.0, "minimal": 0.6, "save_dots_except_mlp": 0.7}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -43,9 +45,11 @@ _REMAT_RECOMPUTE = {"none": 0.0, "full": 1.0, "minimal": 0.6, "save_dots_except_
 def _define_flags(fv) -> None:
   from absl import flags
 
-  flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-64, v5e-16 (grit_jax.perf.topologies)", flag_values=fv)
-  flags.DEFINE_integer("num_slices", 1, "slices joined over the data-center network (multislice)", flag_values=fv)
-  flags.DEFINE_string("write_hlo", None, "write the compiled HLO text to this file", flag_values=fv)
+  flags.DEFINE_string("topology", None, "TPU slice as Cloud TPU names it: v5p-64, v5e-16, v4-128, v6e-8, ...",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_slices", 1, "slices joined over the data-center network (multislice); "
+                       "config.mesh.dcn_* split them", flag_values=fv)
+  flags.DEFINE_string("write_hlo", None, "also write the compiled program's HLO text to this file", flag_values=fv)
 
 
 def parse_args(argv: list[str]):
@@ -53,7 +57,7 @@ def parse_args(argv: list[str]):
   GritJaxError. The config is validated against the topology's chip count (no data or weights are read)."""
   from grit_jax import contract, recipe_flags
 
-  parsed = recipe_flags.parse("aot", USAGE, argv, _define_flags)
+  parsed = recipe_flags.parse("aot", USAGE, argv, _define_flags, description=DESCRIPTION)
   if parsed is None:
     return None
   config, fv = parsed
@@ -62,7 +66,7 @@ def parse_args(argv: list[str]):
   if fv.num_slices < 1:
     raise GritJaxError(f"--num_slices={fv.num_slices}: must be >= 1")
   num_chips = topologies.get_topology(fv.topology).num_chips * fv.num_slices
-  contract.validate(config, num_devices=num_chips, check_files=False, log=None)
+  contract.validate(config, num_devices=num_chips, num_slices=fv.num_slices, check_files=False, log=None)
   return config, fv.topology, fv.num_slices, fv.write_hlo
 
 
@@ -82,10 +86,17 @@ class AotResult:
   code_bytes: int = 0
   hbm_bytes: int = 0
   xla_flops_per_chip: float = 0.0         # cost_analysis (loop bodies once; no Pallas kernels)
-  model_flops: float = 0.0                # per step, all chips (grit_jax.perf.mfu)
+  executed_flops: float = 0.0             # per step, all chips (grit_jax.flops.executed_flops)
+  kernel_flops: float = 0.0               # part of executed_flops in Pallas attention kernels
+  model_flops: float = 0.0                # per step, all chips (grit_jax.flops)
   model_flops_embedding: float = 0.0
   model_flops_generative: float = 0.0
-  collectives: dict = dataclasses.field(default_factory=dict)
+  collectives: dict = dataclasses.field(default_factory=dict)   # kind -> static op count
+  traffic: dict = dataclasses.field(default_factory=dict)       # kind -> hlo.summarize row (bytes per chip)
+  cross_slice: list = dataclasses.field(default_factory=list)   # hlo.Collective crossing slices, largest first
+  num_slices: int = 1
+  unknown_loops: int = 0                  # while loops of unknown trip count (counted once)
+  attention_kernel: str = ""              # the kernel `attention_impl` resolved to for this target
   param_count: int = 0
   compile_seconds: float = 0.0
   est_compute_s: float = 0.0
@@ -108,14 +119,6 @@ class AotResult:
   @property
   def _chip(self):
     return topologies.get_topology(self.topology).chip
-
-
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Static count of collective ops in compiled HLO text (async pairs counted once, by their -start)."""
-  counts = dict.fromkeys(COLLECTIVES, 0)
-  for m in _COLLECTIVE_RE.finditer(hlo_text):
-    counts[m.group(1)] += 1
-  return counts
 
 
 def abstract_batch(data_cfg, sharding, layouts: dict | None = None) -> dict:
@@ -171,36 +174,54 @@ def _model_config(config):
   return ModelConfig(**config.model.to_dict())
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
-  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
-  topo = topologies.get_topology(topology)
-  devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
+def abstract_step(config, model_config, mesh, rules, layouts: dict | None = None):
+  """(the recipe's jitted train step, its abstract sharded TrainState, an abstract global batch) over `mesh`:
+  everything `.trace(state, batch)` / `.lower(...)` needs, nothing allocated. `layouts`: the packed passes'
+  shapes (`packed_layouts`)."""
   import jax
 
-  from grit_jax.perf import mfu as mfu_lib
-  from grit_jax.training import mesh as mesh_lib
   from grit_jax.training import optimizer as opt_lib
   from grit_jax.training import state as state_lib
   from grit_jax.training import step as step_lib
 
-  model_config = _model_config(config)
-  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
   tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
   abstract, shardings = state_lib.state_shardings(model_config, tx, mesh, rules)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  layouts = packed_layouts(config, mesh)
   batch = abstract_batch(config.data, step_lib.input_batch_sharding(mesh), layouts)
-  train_step = step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings)
+  return step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings), state, batch
 
-  flops = mfu_lib.grit_step_flops_from_config(config, layouts)
-  n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+
+def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
+  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
+  topo = topologies.get_topology(topology)
+  devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
+  import flax.linen as nn
+  import jax
+
+  from grit_jax import flops as flops_lib
+  from grit_jax.modeling import kernels
+  from grit_jax.training import mesh as mesh_lib
+
+  model_config = _model_config(config)
+  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
+  layouts = packed_layouts(config, mesh)
+  train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
+
+  flops = flops_lib.grit_step_flops_from_config(config, layouts)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
-                  model_flops_generative=flops.generative, param_count=n_params,
+                  model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices,
                   packing=[lay.describe() for lay in layouts.values()])
   t0 = time.perf_counter()
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    res.attention_kernel = kernels.select_impl(model_config.attention_impl)
+    traced = train_step.trace(state, batch)
+    lowered = traced.lower()
+  executed = flops_lib.executed_flops(traced.jaxpr)
+  res.executed_flops, res.kernel_flops = executed.total, executed.kernels
   try:
-    compiled = train_step.lower(state, batch).compile()
+    compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only the out-of-memory case is an answer
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -218,20 +239,24 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   res.xla_flops_per_chip = float(cost.get("flops", 0.0))
   text = compiled.as_text()
-  res.collectives = count_collectives(text)
   if hlo_path:
     atomic_write(hlo_path, lambda f: f.write(text))
+  analyze_collectives(res, text)
 
-  # Roofline: compute at peak (with remat's recomputed forward), FSDP traffic over ICI (all-gather of the
-  # weights for the forward and again for the backward, reduce-scatter of the gradients: 3 x weight bytes in the
-  # compute dtype, of which each chip moves (n-1)/n).
+  # Roofline: executed FLOPs at peak; every byte a chip receives over ICI at its link bandwidth.
   chip = topo.chip
-  recompute = _REMAT_RECOMPUTE.get(model_config.remat_policy, 1.0) / mfu_lib.TRAIN_MULTIPLIER
-  res.est_compute_s = flops.total * (1 + recompute) / (res.num_chips * chip.peak_bf16_flops)
-  fsdp = mesh.shape.get("fsdp", 1)
-  wbytes = 2 if model_config.dtype == "bfloat16" else 4
-  res.est_comm_s = (3 * n_params * wbytes * (fsdp - 1) / fsdp / chip.ici_bytes_per_s) if fsdp > 1 else 0.0
+  res.est_compute_s = res.executed_flops / (res.num_chips * chip.peak_bf16_flops)
+  ici_bytes = sum(r["bytes"] - r["cross_slice_bytes"] for r in res.traffic.values())
+  res.est_comm_s = ici_bytes / chip.ici_bytes_per_s
   return res
+
+
+def analyze_collectives(res: AotResult, hlo_text: str) -> None:
+  """Fills res.collectives / traffic / cross_slice / unknown_loops from the compiled HLO text."""
+  colls, res.unknown_loops = hlo.collectives(hlo_text, res.num_slices)
+  res.traffic = hlo.summarize(colls)
+  res.collectives = {k: row["ops"] for k, row in res.traffic.items()}
+  res.cross_slice = sorted((c for c in colls if c.cross_slice), key=lambda c: -c.bytes_per_chip)
 
 
 def judge_memory(res: AotResult) -> None:
@@ -266,7 +291,7 @@ def format_report(config, res: AotResult) -> str:
       f"{d.embedding_batch_size * d.train_group_size} passages x {d.passage_max_len}, generative {d.generative_batch_size} x {d.generative_max_len}; "
       f"gradcache_chunk {config.train.gradcache_chunk}, grad_accum {config.train.grad_accum}; mesh "
       f"{dict(config.mesh)}",
-      f"topology: {res.topology} ({res.num_chips} chips, {_gib(res.hbm_bytes)} HBM each); "
+      f"topology: {res.num_slices} x {res.topology} ({res.num_chips} chips, {_gib(res.hbm_bytes)} HBM each); "
       f"compile {res.compile_seconds:.1f} s",
   ]
   lines += [f"packed {line}" for line in res.packing]  # token slots per pass and expected efficiency on the data
@@ -279,15 +304,34 @@ def format_report(config, res: AotResult) -> str:
       f"of {_gib(res.hbm_bytes)} ({res.total_bytes / res.hbm_bytes:.0%})",
       f"model FLOPs per step: {res.model_flops:.4g} (embedding {res.model_flops_embedding:.4g}, generative "
       f"{res.model_flops_generative:.4g}); per chip {res.model_flops / res.num_chips:.4g}",
-      f"XLA cost_analysis FLOPs per chip: {res.xla_flops_per_chip:.4g} (scanned layer loop counted once)",
-      "collectives (static ops in the compiled program): "
-      + ", ".join(f"{k} {v}" for k, v in res.collectives.items()),
+      f"executed FLOPs per chip: {res.executed_flops / res.num_chips:.4g} = {res.executed_flops / max(res.model_flops, 1):.2f}"
+      f" x model FLOPs (remat recompute, all computed positions and experts; attention kernel {res.attention_kernel}"
+      + (f", whose {res.kernel_flops / res.num_chips:.3g} count every key block" if res.kernel_flops else "") + ")",
+      f"XLA cost_analysis FLOPs per chip: {res.xla_flops_per_chip:.4g} (as MaxText prints it: a scanned layer "
+      "loop counted once, Pallas kernels not at all)",
+      "collectives per chip per step (static ops, runs with loops multiplied out, bytes received):",
+      *(f"  {k:<18} {r['ops']:>4} ops {r['runs']:>7.0f} runs {_gib(r['bytes']):>12}" for k, r in res.traffic.items()),
+  ]
+  if res.num_slices > 1:
+    cross = sum(r["cross_slice_bytes"] for r in res.traffic.values())
+    lines.append(f"across the {res.num_slices} slices (data-center network): {len(res.cross_slice)} ops, "
+                 f"{_gib(cross)} per chip per step; largest:")
+    lines += [f"  {c.kind} {c.result[:60]} x{c.runs:.0f}: {_gib(c.bytes_per_chip)}" for c in res.cross_slice[:6]]
+  if res.unknown_loops:
+    lines.append(f"note: {res.unknown_loops} while loop(s) of unknown trip count: their collectives counted once")
+  lines += [
       f"estimated step time (roofline at peak {res._chip.peak_bf16_flops / 1e12:.0f} TFLOP/s/chip): "
-      f"{_secs(res.est_step_s)} (compute {_secs(res.est_compute_s)}, FSDP ICI traffic {_secs(res.est_comm_s)}) "
-      f"-> MFU at most {res.est_mfu:.1%}",
+      f"{_secs(res.est_step_s)} (compute {_secs(res.est_compute_s)}, ICI traffic {_secs(res.est_comm_s)}"
+      + (", cross-slice traffic not timed" if res.num_slices > 1 else "")
+      + f") -> MFU at most {res.est_mfu:.1%}",
       "RESULT: FITS" if res.fits else f"RESULT: DOES NOT FIT ({res.error})",
   ]
   return "\n".join(lines)
+
+
+DESCRIPTION = """Compiles the recipe's train step for a TPU slice on this host (needs libtpu, no TPU) and prints per-chip
+memory, model and executed FLOPs, the collectives' bytes per chip, and a roofline step time; exit status 1 if it
+does not fit."""
 
 
 def main(argv: list[str]) -> int:

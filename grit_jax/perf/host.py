@@ -1,5 +1,6 @@
-"""Process set-up for a CPU host, done before jax starts its backend: pick the platform, and stop glibc from
-handing XLA's step buffers back to the kernel after every step.
+"""Process set-up, done before jax starts its backend: pick the platform, keep third-party start-up noise away from
+the user (quiet_library_logs), and on a CPU host stop glibc from handing XLA's step buffers back to the kernel
+after every step.
 
 Why the allocator: XLA:CPU allocates each execution's temporaries (one buffer of tens of MB to GBs) with
 posix_memalign from its worker threads. glibc serves a block that large with a fresh mmap (a worker thread's arena
@@ -17,8 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.abc
+import importlib.machinery
+import logging
 import os
 import platform
+import re
+import sys
+import tempfile
 
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -57,6 +64,101 @@ def keep_heap_for_xla_cpu() -> bool:
 
 
 def prepare_cpu_host() -> bool:
-  """default_platform(), then keep_heap_for_xla_cpu() when jax will run on the CPU. For entry points (the CLI, the
-  demo, the bench scripts, the test set-up); returns whether the allocator was tuned."""
+  """default_platform() and quiet_library_logs(), then keep_heap_for_xla_cpu() when jax will run on the CPU. For
+  entry points (the CLI, the demo, the bench scripts, the test set-up); returns whether the allocator was tuned."""
+  quiet_library_logs()
   return default_platform() == "cpu" and keep_heap_for_xla_cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Third-party noise. TensorFlow (used only by the training data pipeline) writes its start-up lines from C++ before
+# absl's logging is initialised, so TF_CPP_MIN_LOG_LEVEL does not reach them; seqio and tfds log warnings about
+# settings that are ours on purpose. Each known line is dropped by pattern; everything else is still shown.
+
+NOISE_LINES = tuple(re.compile(p) for p in (
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
+    r"I\d{4} [\d:. ]+\d+ \S+\] ",  # C++ INFO lines (oneDNN custom operations, cudart stub, ...)
+    r"E\d{4} [\d:. ]+\d+ cuda_(platform|executor|diagnostics)\.cc:\d+\] .*(cuInit|CUDA|kernel driver)",
+    r"W\d{4} [\d:. ]+\d+ \S+\] .*(TensorRT|cuda|CUDA)",
+))
+NOISE_RECORDS = (
+    "Using custom data configuration",  # tfds: our builder configs are custom by design
+    "T5 library uses PAD_ID=0",  # seqio: our pad id is 0 on purpose (Tokenizer.pad_id)
+)
+
+
+QUIET_PACKAGES = ("tensorflow", "tensorflow_datasets", "seqio")
+
+
+def is_noise(line: str) -> bool:
+  return any(p.match(line) for p in NOISE_LINES)
+
+
+class _DropNoiseRecords(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(NOISE_RECORDS)
+
+
+def _filtered_stderr(run):
+  """run() with file descriptor 2 (C++ and Python writes alike) captured; the lines that are not noise are then
+  written to stderr in their order."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      return run()
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      kept = [l for l in capture.read().decode("utf-8", "replace").splitlines(keepends=True) if not is_noise(l)]
+      if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
+
+
+
+
+def _exec_quietly(exec_module):
+  """Wraps a package loader's exec_module: TensorFlow runs under _filtered_stderr (and, on a host without an
+  accelerator, so does its CUDA probe); afterwards the absl logger (each of QUIET_PACKAGES imports absl.logging)
+  drops the known records."""
+
+  def run(module):
+    if module.__name__ == "tensorflow":
+      def body():
+        exec_module(module)
+        if not has_accelerator():
+          module.config.list_physical_devices("GPU")  # the "failed call to cuInit" line comes out here
+      _filtered_stderr(body)
+    else:
+      exec_module(module)
+    from absl import logging as absl_logging
+    logger = absl_logging.get_absl_logger()
+    if not any(isinstance(f, _DropNoiseRecords) for f in logger.filters):
+      logger.addFilter(_DropNoiseRecords())
+
+  return run
+
+
+class _QuietFinder(importlib.abc.MetaPathFinder):
+  """Finds QUIET_PACKAGES as Python would, with only the loader's exec_module wrapped (the loader itself, which
+  serves the package's resources, stays the real one)."""
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname not in QUIET_PACKAGES:
+      return None
+    spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+    if spec is not None and hasattr(spec.loader, "exec_module"):
+      spec.loader.exec_module = _exec_quietly(spec.loader.exec_module)
+    return spec
+
+
+def quiet_library_logs() -> None:
+  """Whenever something imports TensorFlow, tfds or seqio, their known noise is filtered (NOISE_LINES,
+  NOISE_RECORDS). Call before they are imported; idempotent; imports nothing."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if not any(isinstance(f, _QuietFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _QuietFinder())

@@ -10,6 +10,7 @@ import dataclasses
 import os
 
 from grit_jax.errors import GritJaxError
+from grit_jax.flops import TPU_PEAK_BF16_FLOPS
 
 # libtpu asks the GCE metadata server for the slice it runs on and warns without these; on a CPU host that compiles
 # for a described topology none of them matter, so set harmless values (only if the user set none). Several
@@ -36,10 +37,10 @@ class Chip:
 
 GiB = 1024**3
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * GiB, 1228e9, 300e9),
-    "v5e": Chip("v5e", 197e12, 16 * GiB, 819e9, 200e9),
-    "v5p": Chip("v5p", 459e12, 95 * GiB, 2765e9, 600e9),
-    "v6e": Chip("v6e", 918e12, 32 * GiB, 1640e9, 448e9),
+    "v4": Chip("v4", TPU_PEAK_BF16_FLOPS["v4"], 32 * GiB, 1228e9, 300e9),
+    "v5e": Chip("v5e", TPU_PEAK_BF16_FLOPS["v5e"], 16 * GiB, 819e9, 200e9),
+    "v5p": Chip("v5p", TPU_PEAK_BF16_FLOPS["v5p"], 95 * GiB, 2765e9, 600e9),
+    "v6e": Chip("v6e", TPU_PEAK_BF16_FLOPS["v6e"], 32 * GiB, 1640e9, 448e9),
 }
 
 

@@ -8,6 +8,9 @@ length, layers); which mesh axes shard them is decided here, per mesh shape, nev
 - tensor parallelism (config.mesh.tensor > 1): heads, kv_heads, mlp and vocab also split over `tensor`.
 - expert parallelism (config.mesh.expert > 1): the MoE experts (`exp`) split over `expert`; the batch is split over
   it too, so expert devices do data-parallel work outside the MoE blocks.
+- several slices (multislice): each axis is the product of a within-slice part (config.mesh.data, ...: ICI) and
+  an across-slice part (config.mesh.dcn_data, ...: the data-center network), arranged as jax's hybrid device mesh;
+  by default the slices only split the batch (dcn_data), so weights are gathered within a slice.
 Rules are ordered by priority (flax assigns a mesh axis to at most one dimension per array): `batch` comes first,
 so an activation [batch, length, embed] is split on the batch and not also on embed.
 """
@@ -17,11 +20,14 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from grit_jax.errors import GritJaxError
 
 AXES = ("data", "fsdp", "tensor", "expert")
+# config.mesh keys of the across-slice (DCN) part of each axis; the plain keys are the within-slice (ICI) part.
+DCN_KEYS = tuple(f"dcn_{a}" for a in AXES)
 # Mesh axes that split the batch of activations (W = the product of their sizes; see grit_jax.objectives).
 BATCH_AXES = ("data", "fsdp", "expert")
 # Axes the input batch arrives sharded over (grit_jax.data.to_global_batch).
@@ -57,38 +63,66 @@ def make_rules(tensor: bool = False, expert: bool = False) -> Rules:
   return tuple((name, table[name]) for name in order)
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor, expert) from config.mesh; one axis may be -1 (all remaining devices)."""
+def _resolve(mesh_cfg, keys: tuple[str, ...], num_devices: int, what: str) -> tuple[int, ...]:
+  """Sizes of the mesh axes `keys` of config.mesh (a missing key = 1); one may be -1 (all remaining devices)."""
   sizes = []
-  for name in AXES:
-    v = mesh_cfg[name] if name in mesh_cfg else 1
+  for key in keys:
+    v = mesh_cfg[key] if key in mesh_cfg else 1
     if not isinstance(v, int) or (v < 1 and v != -1):
-      raise GritJaxError(f"config.mesh.{name}={v!r}: expected a positive integer or -1")
+      raise GritJaxError(f"config.mesh.{key}={v!r}: expected a positive integer or -1")
     sizes.append(v)
+  named = dict(zip(keys, sizes))
   if sizes.count(-1) > 1:
-    raise GritJaxError(f"config.mesh: only one axis may be -1, got {dict(zip(AXES, sizes))}")
+    raise GritJaxError(f"config.mesh: only one {what} axis may be -1, got {named}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise GritJaxError(f"config.mesh: {num_devices} devices do not split into {dict(zip(AXES, sizes))}")
+      raise GritJaxError(f"config.mesh: {num_devices} {what} devices do not split into {named}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise GritJaxError(f"config.mesh: {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                       f"there are {num_devices}")
+    raise GritJaxError(f"config.mesh: {named} needs {math.prod(sizes)} {what} devices, there are {num_devices}")
   return tuple(sizes)
+
+
+def hybrid_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(within-slice sizes, across-slice sizes) of (data, fsdp, tensor, expert): config.mesh.{data,...} split the
+  chips of one slice (ICI), config.mesh.dcn_{data,...} split the slices (DCN; data parallel by default, so only
+  the gradient reduction crosses the slower network). The mesh axis sizes are their products."""
+  if num_devices % num_slices:
+    raise GritJaxError(f"{num_devices} devices do not split into {num_slices} slices")
+  ici = _resolve(mesh_cfg, AXES, num_devices // num_slices, "within-slice")
+  return ici, _resolve(mesh_cfg, DCN_KEYS, num_slices, "across-slice")
+
+
+def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, tensor, expert) from config.mesh (see hybrid_shape)."""
+  ici, dcn = hybrid_shape(mesh_cfg, num_devices, num_slices)
+  return tuple(i * d for i, d in zip(ici, dcn))
+
+
+def num_slices(devices) -> int:
+  """Slices the devices span (TPU devices carry slice_index; other platforms are one slice)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(mesh_cfg, devices) -> np.ndarray:
+  """The devices arranged as the mesh, in the physical order mesh_utils picks: within a slice, mesh axes follow
+  the torus (an axis over devices in id order is no ring: the TPU compiler then gathers weights as a write into a
+  zero buffer plus an all-reduce, twice the bytes of an all-gather); slices are blocks of the across-slice axes."""
+  slices = num_slices(devices)
+  ici, dcn = hybrid_shape(mesh_cfg, len(devices), slices)
+  if slices > 1:
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
 
 
 def make_mesh(mesh_cfg, devices=None) -> tuple[Mesh, Rules]:
   """(Mesh with axes AXES and Auto axis types, logical rules for its shape) from config.mesh (a ConfigDict or a
-  dict with keys data/fsdp/tensor/expert)."""
+  dict with keys data/fsdp/tensor/expert and, across slices, dcn_data/...)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, len(devices))
-  auto = (AxisType.Auto,) * len(AXES)
-  if len(devices) == len(jax.devices()):
-    mesh = jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)  # topology-aware device order
-  else:
-    mesh = Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
-  sizes = dict(zip(AXES, shape))
+  grid = device_grid(mesh_cfg, devices)
+  mesh = Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  sizes = dict(zip(AXES, grid.shape))
   return mesh, make_rules(tensor=sizes["tensor"] > 1, expert=sizes["expert"] > 1)
 
 

@@ -298,6 +298,11 @@ class MeshFn:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._get(args[0])(*args)
 
+  def trace(self, *args):
+    """jax's Traced program (`.jaxpr`, `.lower()`) under the mesh and rules; call `.lower()` under them too."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self._get(args[0]).trace(*args)
+
   def lower(self, *args):
     """AOT lowering (abstract ShapeDtypeStruct args with shardings work): `.lower(...).compile()`."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from grit_jax import contract
+from grit_jax import flops as flops_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
-from grit_jax.perf import mfu as mfu_lib
 from grit_jax.training import checkpoint as ckpt_lib
 from grit_jax.training import evaluate as eval_lib
 from grit_jax.training import export as export_lib
@@ -51,8 +51,11 @@ def _config_json(config) -> dict:
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
-  model_config = contract.validate(config, num_devices=jax.device_count(),
-                                   log=print if jax.process_index() == 0 else None)  # before any mesh/data/weights
+  from grit_jax.training import mesh as mesh_lib
+
+  model_config = contract.validate(config, num_devices=jax.device_count(),  # before any mesh, data or weights
+                                   num_slices=mesh_lib.num_slices(jax.devices()),
+                                   log=print if jax.process_index() == 0 else None)
   config = contract.with_model(config, model_config)  # what is saved and logged is the model really trained
   with ckpt_lib.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
     return _train(config, model_config, workdir, progress=progress)
@@ -91,8 +94,8 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
   # the packed rows are what a packed step computes
-  flops = mfu_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
-  peak = mfu_lib.peak_flops(jax.devices())
+  flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
+  peak = flops_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
     from tqdm import tqdm
@@ -118,7 +121,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
       m = dict(m, **_sum_over_processes({k: m[k] for k in it.truncated}))  # texts cut to max length, so far
       m["tokens_per_s"] = window["tokens"] / dt if dt > 0 else float("nan")
       m["step_s"] = dt / max(window["steps"], 1)
-      m["mfu"] = mfu_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
+      m["mfu"] = flops_lib.mfu(flops, m["step_s"], 1, peak) if flops else float("nan")
       log.write(step, m)
       window.update(t=time.perf_counter(), steps=0, tokens=0)
       if bar is not None:

@@ -1,0 +1,169 @@
+"""The files of a Hugging Face export besides the weights, so that every tool reads the model the way grit_jax does.
+
+- `tokenizer.json` + `tokenizer_config.json`: the SentencePiece model converted by transformers' LlamaConverter
+  (legacy mode: every text segment between special tokens gets the dummy "▁" prefix, as grit_jax and the reference
+  tokenize), a post-processor that adds BOS, `<unk>` (id 0, grit_jax's pad id) as the pad token, right padding (the
+  embedding pass reads positions from the left) and the GritLM chat template. transformers' AutoTokenizer on the
+  export gives grit_jax's ids (tests/test_interop.py).
+- sentence-transformers modules: the model, mean pooling over the text only (`include_prompt=False`: the BOS +
+  instruction prompt is attended to but not pooled, as in grit_jax), L2 normalisation. GritLM embeds
+  bidirectionally, so config.json says `is_causal: true` (what transformers does anyway: generation stays causal)
+  and the sentence-transformers module overrides it with `is_causal: false` (transformers >= 5.2). So
+  `SentenceTransformer(dir).encode(texts, prompt=gritlm_instruction(instruction))` equals
+  `GritLM.encode(texts, instruction=...)`; without a prompt the model's default prompt (`<|embed|>\\n`) applies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+from grit_jax.data import templates
+from grit_jax.errors import GritJaxError
+
+log = logging.getLogger(__name__)
+PAD_TOKEN = "<unk>"  # id 0 = grit_jax's Tokenizer.pad_id
+ST_MAX_SEQ_LENGTH = 512  # = the default passage_max_len of convert.settings
+
+# The GritLM chat format of data/templates.py: `<s><|user|>\n{u}\n<|assistant|>\n{a}</s>` turns joined by "\n";
+# with add_generation_prompt the prompt ends in the assistant header, as templates.chat_prompt.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if not loop.first %}{{ " + json.dumps(templates.TURN_SEP) + " }}{% endif %}"
+    "{{ " + json.dumps(templates.USER_BOS) + " + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ " + json.dumps(templates.ASSISTANT_BOS) + " + message['content'] | trim + eos_token }}"
+    "{% else %}{{ raise_exception('GritLM chats have user and assistant messages only') }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ " + json.dumps(templates.ASSISTANT_BOS) + " }}{% endif %}")
+
+
+def _converted_sentencepiece(model_path: str):
+  """tokenizers.Tokenizer of a SentencePiece BPE model, by transformers' LlamaConverter (legacy: Prepend("▁") +
+  Replace(" ", "▁") normalizer, byte fallback). transformers 5.x's SentencePieceExtractor.extract takes the model
+  class where LlamaConverter still passes the vocabulary, hence the adapter."""
+  import sentencepiece as spm
+  from tokenizers.models import BPE
+  from transformers.convert_slow_tokenizer import LlamaConverter, SentencePieceExtractor
+
+  class _Extractor(SentencePieceExtractor):
+    def extract(self, *_):
+      out = super().extract(BPE)
+      return out["vocab"], out["merges"]
+
+  class _Converter(LlamaConverter):
+    SpmExtractor = _Extractor
+
+  sp = spm.SentencePieceProcessor(model_file=model_path)
+  if sp.get_piece_size() < 3 or [sp.id_to_piece(i) for i in (1, 2)] != ["<s>", "</s>"]:
+    raise GritJaxError(f"{model_path}: expected <unk>, <s>, </s> as ids 0, 1, 2 (a Llama/Mistral-style model)")
+
+  class _Original:  # what LlamaConverter reads of a slow tokenizer
+    vocab_file, legacy, add_prefix_space = model_path, True, True
+
+    @staticmethod
+    def convert_ids_to_tokens(i):
+      return sp.id_to_piece(i)
+
+  return _Converter(_Original()).converted()
+
+
+def write_tokenizer_files(tokenizer, out_dir: str, model_max_length: int) -> list[str]:
+  """Writes tokenizer.json + tokenizer_config.json for grit_jax's `tokenizer` (data.tokenizer.Tokenizer) into
+  `out_dir`, and copies its tokenizer.model when it has one. Returns the names written."""
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import processors
+
+  if tokenizer.kind == "sentencepiece":
+    backend = _converted_sentencepiece(tokenizer.path)
+    shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
+    written = ["tokenizer.model"]
+  else:
+    backend = HFTokenizer.from_file(tokenizer.path)
+    written = []
+  bos = templates.BASE_BOS
+  backend.add_special_tokens([PAD_TOKEN])  # "<unk>" in a text is the unk id, as grit_jax and transformers read it
+  backend.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_id)])
+  backend.save(os.path.join(out_dir, "tokenizer.json"))
+  config = {
+      # PreTrainedTokenizerFast reads tokenizer.json as it is (transformers 4 and 5); a Llama class would rebuild
+      # the pipeline (transformers 5 replaces the normalizer with a Metaspace that drops the dummy prefix of a
+      # text starting with a space).
+      "tokenizer_class": "PreTrainedTokenizerFast",
+      "bos_token": bos, "eos_token": templates.ASSISTANT_EOS, "unk_token": PAD_TOKEN, "pad_token": PAD_TOKEN,
+      "add_bos_token": True, "add_eos_token": False, "padding_side": "right", "clean_up_tokenization_spaces": False,
+      "model_max_length": int(model_max_length), "chat_template": CHAT_TEMPLATE,
+  }
+  _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+  _write_json(os.path.join(out_dir, "special_tokens_map.json"),
+              {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+  return written + ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+
+
+POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
+                 "lasttoken": "pooling_mode_lasttoken"}  # grit_jax pooling -> sentence-transformers Pooling flag
+
+
+def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectional: bool = True,
+                                      pooling: str = "mean", normalize: bool = True,
+                                      max_seq_length: int = ST_MAX_SEQ_LENGTH) -> list[str]:
+  """modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ (and 2_Normalize/ when
+  `normalize`) into an HF directory that already has config.json; `bidirectional`: the embedding passes'
+  attention (attn "bb..")."""
+  if pooling not in POOLING_MODES:
+    raise GritJaxError(f"pooling={pooling!r}: expected one of {tuple(POOLING_MODES)}")
+  cfg_path = os.path.join(out_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise GritJaxError(f"{out_dir}: write the model's config.json before the sentence-transformers files")
+  with open(cfg_path) as f:
+    model_config = json.load(f)
+  model_config["is_causal"] = True  # declared, so that sentence_bert_config's config_args can switch it off
+  _write_json(cfg_path, model_config)
+  modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+  if normalize:
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+  _write_json(os.path.join(out_dir, "modules.json"), modules)
+  _write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+              {"max_seq_length": int(max_seq_length), "do_lower_case": False,
+               "config_args": {"is_causal": not bidirectional}})
+  _write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
+              {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
+               # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}`
+               "prompts": {"document": templates.embed_prefix("")[len(templates.BASE_BOS):]},
+               "default_prompt_name": "document"})
+  os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+  _write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
+              {"word_embedding_dimension": int(hidden_size), "pooling_mode_cls_token": False,
+               "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+               **{flag: name == pooling for name, flag in POOLING_MODES.items()}, "include_prompt": False})
+  written = ["modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling"]
+  if normalize:
+    os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
+    written.append("2_Normalize")
+  return written
+
+
+def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[str]:
+  """Everything above for an HF directory holding `model_config`'s weights and config.json, served with `settings`
+  (convert.settings.Settings: attention, pooling, normalisation, passage_max_len as the sentence-transformers
+  max_seq_length). The sentence-transformers modules need a tokenizer and a pooling they have (not cls)."""
+  if tokenizer is None:
+    return []
+  written = write_tokenizer_files(tokenizer, out_dir, model_config.max_position_embeddings)
+  if settings.pooling not in POOLING_MODES:
+    log.warning("%s: no sentence-transformers modules: pooling=%r has no sentence-transformers equivalent that "
+                "excludes the prompt", out_dir, settings.pooling)
+    return written
+  return written + write_sentence_transformers_files(
+      out_dir, model_config.hidden_size, bidirectional=settings.attn[:2] == "bb", pooling=settings.pooling,
+      normalize=settings.normalize, max_seq_length=settings.passage_max_len)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, ensure_ascii=False)
+    f.write("\n")

@@ -1,0 +1,258 @@
+"""FLOP accounting, below training/ (the train log's MFU) and perf/ (`grit-jax aot`), which both use it.
+
+Two counts, for two questions:
+- Model FLOPs (`grit_step_flops`, `step_flops`): what MFU divides by. Counted as the usual convention does (PaLM
+  appendix B, MaxText): matmul FLOPs only (2 per multiply-add), a training step = 3x the forward (backward = 2x),
+  recomputation (remat, GradCache's extra no-grad forward) NOT counted -- it is overhead that MFU is meant to
+  expose. Attention score/value products count only the key positions a query may see: all T for bidirectional
+  passes, (T + 1) / 2 on average for causal ones (fewer with a sliding window). Padded shapes are counted (the
+  accelerator computes them). Embedding passes skip the LM head; the generative pass pays it. MoE layers count the
+  router and `num_experts_per_tok` experts per token.
+- Executed FLOPs (`executed_flops`): what the program really computes, counted from the traced step's matmuls
+  (dot_general, ragged_dot) with every loop and recomputation multiplied out: scanned layers x num_layers, remat's
+  recomputed forward, GradCache's extra forward, all E experts of a dense MoE, the masked half of a causal score
+  matrix. What the roofline needs; XLA's cost_analysis cannot say it (it counts a loop body once and a Pallas
+  kernel not at all).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Mapping
+
+TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
+
+
+def _get(cfg, name, default=None):
+  return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name, default)
+
+
+def _mean_visible_keys(length: int, causal: bool, sliding_window: int | None) -> float:
+  """Average number of key positions one query attends to in a length-`length` self-attention."""
+  if not causal:
+    return float(length)
+  w = sliding_window or length
+  w = min(w, length)
+  # query i sees min(i + 1, w) keys
+  total = w * (w + 1) / 2 + (length - w) * w
+  return total / length
+
+
+def matmul_params_per_layer(cfg) -> int:
+  """Parameters of one decoder layer that take part in a per-token matmul (norms excluded)."""
+  d, h, kvh, dh = (_get(cfg, n) for n in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"))
+  attn = d * h * dh + 2 * d * kvh * dh + h * dh * d
+  inter = _get(cfg, "intermediate_size")
+  experts = _get(cfg, "num_experts", 0) or 0
+  if experts:
+    mlp = _get(cfg, "num_experts_per_tok") * 3 * d * inter + d * experts  # chosen experts + router
+  else:
+    mlp = 3 * d * inter
+  return attn + mlp
+
+
+def forward_flops(cfg, batch: int, length: int, *, causal: bool, lm_head: bool) -> float:
+  """FLOPs of one forward pass over [batch, length] tokens."""
+  tokens = batch * length
+  layers = _get(cfg, "num_layers")
+  dense = 2 * tokens * layers * matmul_params_per_layer(cfg)
+  window = None if not causal else _get(cfg, "sliding_window", None)
+  keys = _mean_visible_keys(length, causal, window)
+  # QK^T and PV: 2 products x 2 FLOPs x keys x heads x head_dim per query token and layer
+  attention = 2 * 2 * tokens * layers * keys * _get(cfg, "num_heads") * _get(cfg, "head_dim")
+  head = 2 * tokens * _get(cfg, "hidden_size") * _get(cfg, "vocab_size") if lm_head else 0
+  return float(dense + attention + head)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Model FLOPs of one training step, by pass."""
+  query: float        # bidirectional embedding pass over the queries
+  passage: float      # bidirectional embedding pass over positives + hard negatives
+  generative: float   # causal pass with the LM head
+
+  @property
+  def embedding(self) -> float:
+    return self.query + self.passage
+
+  @property
+  def total(self) -> float:
+    return self.query + self.passage + self.generative
+
+
+def grit_step_flops(model_cfg, *, query_batch: int = 0, query_len: int = 0, passage_batch: int = 0,
+                    passage_len: int = 0, gen_batch: int = 0, gen_len: int = 0,
+                    attn: str = "bbcc") -> StepFlops:
+  """Training FLOPs of one GRIT step (global batch). `attn` as config.attn: chars 1-2 = query/passage pass
+  (b = bidirectional, c = causal), chars 3-4 generative (GritLM: "bbcc")."""
+  m = TRAIN_MULTIPLIER
+  return StepFlops(
+      query=m * forward_flops(model_cfg, query_batch, query_len, causal=attn[0] == "c", lm_head=False)
+      if query_batch else 0.0,
+      passage=m * forward_flops(model_cfg, passage_batch, passage_len, causal=attn[1] == "c", lm_head=False)
+      if passage_batch else 0.0,
+      generative=m * forward_flops(model_cfg, gen_batch, gen_len, causal=attn[2] == "c", lm_head=True)
+      if gen_batch else 0.0,
+  )
+
+
+def grit_step_flops_from_config(config, layouts: dict | None = None) -> StepFlops:
+  """Same, for a full recipe ConfigDict (config.model, config.data, config.attn). `layouts`: the packed passes'
+  shapes ({pass: grit_jax.data.packing.PassLayout}): a packed pass computes its rows (U * R rows of L tokens,
+  attention over the whole row) instead of one padded row per sequence."""
+  d = config.data
+  emb = d.mode in ("unified", "embedding")
+  gen = d.mode in ("unified", "generative")
+  shape = {"query": (d.embedding_batch_size if emb else 0, d.query_max_len),
+           "passage": (d.embedding_batch_size * d.train_group_size if emb else 0, d.passage_max_len),
+           "gen": (d.generative_batch_size if gen else 0, d.generative_max_len)}
+  for name, lay in (layouts or {}).items():
+    shape[name] = (lay.units * lay.rows, lay.row_len)
+  return grit_step_flops(
+      config.model, query_batch=shape["query"][0], query_len=shape["query"][1], passage_batch=shape["passage"][0],
+      passage_len=shape["passage"][1], gen_batch=shape["gen"][0], gen_len=shape["gen"][1], attn=config.attn)
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_chips: int, peak_flops_per_chip: float) -> float:
+  """Model FLOPs utilisation: achieved model FLOP/s over the peak of all chips."""
+  return flops_per_step / (step_seconds * num_chips * peak_flops_per_chip)
+
+
+# Dense bf16 peak FLOP/s per chip of each TPU generation (Cloud TPU system-architecture pages; grit_jax.perf.topologies
+# builds its chip table from it). v4/v5p chips are whole (megacore) chips, as their jax devices are.
+TPU_PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12}
+# The same per jax device, by device_kind prefix.
+_DEVICE_PEAKS = (
+    ("TPU v5p", TPU_PEAK_BF16_FLOPS["v5p"]), ("TPU v5 lite", TPU_PEAK_BF16_FLOPS["v5e"]),
+    ("TPU v5e", TPU_PEAK_BF16_FLOPS["v5e"]), ("TPU v6", TPU_PEAK_BF16_FLOPS["v6e"]),
+    ("TPU v4", TPU_PEAK_BF16_FLOPS["v4"]),
+    ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
+)
+# A CPU host has no datasheet number; ~100 GFLOP/s per core (AVX-512 float32, measured ~50% of theoretical FMA peak
+# on the reference machine) makes MFU on a laptop comparable between runs, not between machines.
+_CPU_FLOPS_PER_CORE = 100e9
+
+
+def peak_flops(devices) -> float:
+  """Summed peak FLOP/s of `devices` (jax devices of this process; for the train log's MFU); NaN if unknown."""
+  if devices[0].platform == "cpu":
+    import jax
+
+    return _CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+  for prefix, flops in _DEVICE_PEAKS:
+    if devices[0].device_kind.startswith(prefix):
+      return flops * len(devices)
+  return float("nan")
+
+
+def step_flops(model_config, batch_shapes: Mapping[str, tuple], attn: str = "bbcc") -> StepFlops:
+  """StepFlops(query, passage, generative; .embedding, .total) of one step on a global batch whose arrays have
+  these shapes (a batch dict of arrays works too: anything with .shape, or plain shape tuples)."""
+  shape = lambda k: tuple(getattr(batch_shapes[k], "shape", batch_shapes[k])) if k in batch_shapes else (0, 0)
+  (qb, ql), (pb, pl), (gb, gl) = shape("query_ids"), shape("passage_ids"), shape("gen_ids")
+  return grit_step_flops(model_config, query_batch=qb, query_len=ql, passage_batch=pb, passage_len=pl,
+                         gen_batch=gb, gen_len=gl, attn=attn)
+
+
+def num_params(params) -> int:
+  """Number of parameters in a param pytree (arrays or ShapeDtypeStructs)."""
+  import jax
+
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Executed FLOPs of a traced program
+
+# Pallas attention kernels carry no cost of their own: FLOPs per (query x key x head_dim) element of each kernel,
+# counted as its matmuls (forward: QK^T, PV; dq: QK^T again, dO V^T, dS K; dkv: QK^T, P^T dO, dO V^T, dS^T Q). The
+# kernels skip key blocks their mask hides, which this count does not see: a causal pass is counted over all T x S.
+_ATTENTION_KERNEL_PRODUCTS = (("_dkv", 4), ("_dq", 3), ("_fwd", 2))
+
+
+@dataclasses.dataclass
+class ExecutedFlops:
+  """Matmul FLOPs one call of a program executes (all devices together)."""
+  total: float = 0.0
+  kernels: float = 0.0          # part of total in Pallas attention kernels (counted over every key block)
+  unknown_loops: int = 0        # while loops of unknown trip count, counted once (0 for the train step)
+  uncounted_kernels: int = 0    # Pallas kernels with neither a cost estimate nor an attention signature
+
+  def per_chip(self, num_chips: int) -> float:
+    return self.total / num_chips
+
+
+def _dot_general_flops(eqn) -> float:
+  lhs = eqn.invars[0].aval.shape
+  (contract, _), _ = eqn.params["dimension_numbers"]
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+
+
+def _ragged_dot_flops(eqn) -> float:
+  """lhs [M, K] x group weights [G, K, N] -> [M, N]: each row meets one group's weights."""
+  lhs = eqn.invars[0].aval.shape
+  numbers = eqn.params.get("ragged_dot_dimension_numbers")
+  contract = numbers.dot_dimension_numbers[0][0] if numbers is not None else (len(lhs) - 1,)
+  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+
+
+def _pallas_flops(eqn, acc: ExecutedFlops) -> float:
+  estimate = eqn.params.get("cost_estimate")
+  if estimate is not None and getattr(estimate, "flops", 0):
+    return float(estimate.flops)
+  name = str(eqn.params.get("name") or getattr(eqn.params.get("name_and_src_info"), "name", ""))
+  arrays = [v.aval for v in eqn.invars if getattr(v.aval, "ndim", 0) >= 3 and "float" in str(v.aval.dtype)]
+  for tag, products in _ATTENTION_KERNEL_PRODUCTS:
+    if tag in name and len(arrays) >= 2:
+      q, k = arrays[0].shape, arrays[1].shape  # [..., H, T, Dh], [..., KVH, S, Dh]
+      flops = 2.0 * products * math.prod(q) * k[-2]
+      acc.kernels += flops
+      return flops
+  acc.uncounted_kernels += 1
+  return 0.0
+
+
+def _count(jaxpr, acc: ExecutedFlops, mult: float) -> None:
+  from jax._src import core
+
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      acc.total += mult * _dot_general_flops(eqn)
+    elif name in ("ragged_dot", "ragged_dot_general"):
+      acc.total += mult * _ragged_dot_flops(eqn)
+    elif name == "pallas_call":
+      before = acc.kernels
+      flops = _pallas_flops(eqn, acc)
+      acc.kernels = before + mult * (acc.kernels - before)
+      acc.total += mult * flops
+    elif name == "scan":
+      _count(eqn.params["jaxpr"].jaxpr, acc, mult * eqn.params["length"])
+    elif name == "while":
+      acc.unknown_loops += 1
+      _count(eqn.params["body_jaxpr"].jaxpr, acc, mult)
+    elif name == "cond":  # the most expensive branch
+      costs = []
+      for branch in eqn.params["branches"]:
+        sub = ExecutedFlops()
+        _count(branch.jaxpr, sub, mult)
+        costs.append(sub)
+      worst = max(costs, key=lambda c: c.total)
+      acc.total += worst.total
+      acc.kernels += worst.kernels
+    elif name == "shard_map":  # the body sees one shard: it runs once per device of the manual axes
+      mesh = eqn.params["mesh"]
+      shards = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
+      _count(eqn.params["jaxpr"], acc, mult * shards)
+    else:
+      for sub in core.jaxprs_in_params(eqn.params):
+        _count(sub, acc, mult)
+
+
+def executed_flops(closed_jaxpr) -> ExecutedFlops:
+  """Matmul FLOPs of one call of a traced program (`jax.make_jaxpr(f)(...)`, or `jitted.trace(...).jaxpr`),
+  global: divide by the chips for a per-chip number (FSDP and data parallelism split every matmul evenly)."""
+  acc = ExecutedFlops()
+  _count(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), acc, 1.0)
+  return acc

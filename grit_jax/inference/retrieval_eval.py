@@ -1,0 +1,107 @@
+"""`grit-jax eval --model DIR --data DIR_OR_JSONL`: retrieval metrics of a model on the user's own rows.
+
+The rows are in the training data's embedding format (`{"query": [instr, text] | text, "pos": [...], "neg": [...]}`,
+data/jsonl.py; any bad row is an error naming file:line, before the model is loaded). The corpus is every distinct
+passage (instruction, text) of the rows, positives and hard negatives alike; each query is relevant to its own
+positives. Queries and passages are embedded with their own instructions (GritLM template), scored by cosine, and
+ranked; the metrics are the usual binary-relevance ones (as pytrec_eval / MTEB): nDCG@10, recall@1/5/10 and
+MRR@10, averaged over queries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from grit_jax.errors import GritJaxError
+
+KS = (1, 5, 10)
+NDCG_K = MRR_K = 10
+
+
+def read_rows(path: str) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]], list[tuple[str, str]]]:
+  """(queries [(instr, text)], positives per query, corpus [(instr, text)] = every distinct pos/neg passage) of a
+  JSONL file or of the embedding files of a folder."""
+  from grit_jax.data import jsonl
+  if os.path.isdir(path):
+    files = jsonl.split_files(path)[jsonl.EMBEDDING]
+    if not files:
+      raise GritJaxError(f"--data {path}: no embedding JSONL (rows with \"query\", \"pos\", \"neg\") in the folder")
+  elif os.path.isfile(path):
+    files = [path]
+  else:
+    raise GritJaxError(f"--data {path}: no such file or folder")
+  queries, positives, corpus, index = [], [], [], {}
+  for f in files:
+    stats = jsonl.BadInputStats()
+    for _, row in jsonl.read_file(f, jsonl.EMBEDDING, policy="error", stats=stats, group_size=1):
+      queries.append(row["query"])
+      positives.append(row["pos"])
+      for passage in row["pos"] + row["neg"]:
+        if passage not in index:
+          index[passage] = len(corpus)
+          corpus.append(passage)
+  if not queries:
+    raise GritJaxError(f"--data {path}: no rows")
+  return queries, positives, corpus
+
+
+def retrieval_metrics(scores_QD: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
+  """Mean nDCG@10, recall@k (k in KS) and MRR@10 of `scores_QD` (higher = better; ties keep corpus order) against
+  binary relevance sets."""
+  order_QD = np.argsort(-scores_QD, axis=1, kind="stable")
+  discount = 1.0 / np.log2(np.arange(2, NDCG_K + 2))  # rank r (1-based) -> 1 / log2(r + 1)
+  totals = {"ndcg@10": 0.0, "mrr@10": 0.0, **{f"recall@{k}": 0.0 for k in KS}}
+  for order_D, rel in zip(order_QD, relevant):
+    hit_D = np.isin(order_D, list(rel))
+    top = hit_D[:NDCG_K]
+    totals["ndcg@10"] += float(discount[:len(top)][top].sum() / discount[:min(len(rel), NDCG_K)].sum())
+    first = np.flatnonzero(hit_D[:MRR_K])
+    totals["mrr@10"] += 1.0 / (first[0] + 1) if first.size else 0.0
+    for k in KS:
+      totals[f"recall@{k}"] += float(hit_D[:k].sum() / len(rel))
+  return {name: value / len(relevant) for name, value in totals.items()}
+
+
+def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndarray:
+  """Embeddings [N, D] of (instruction, text) pairs, one encode call per distinct instruction, in input order."""
+  out = np.zeros((len(pairs), model.config.hidden_size), np.float32)
+  by_instruction: dict[str, list[int]] = {}
+  for i, (instruction, _) in enumerate(pairs):
+    by_instruction.setdefault(instruction, []).append(i)
+  for instruction, idx in by_instruction.items():
+    out[idx] = model.encode([pairs[i][1] for i in idx], instruction=instruction, **encode_kwargs)
+  return out
+
+
+def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
+  index = {p: i for i, p in enumerate(corpus)}
+  kw = dict(batch_size=batch_size, max_length=max_length, normalize=True)
+  q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
+  metrics = retrieval_metrics(q_QD @ d_ND.T, [{index[p] for p in pos} for pos in positives])
+  return dict(metrics, queries=len(queries), corpus=len(corpus))
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="grit-jax eval", description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
+  p.add_argument("--data", required=True, help="embedding JSONL, or a folder of them (the training data format)")
+  p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--max-length", type=int, default=512, help="tokens per query / passage (template included)")
+  p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+  a = p.parse_args(argv)
+  if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+    raise GritJaxError(f"--output {a.output}: folder {os.path.dirname(os.path.abspath(a.output))} does not exist")
+  if not os.path.isdir(a.model):
+    raise GritJaxError(f"--model {a.model}: not a directory")
+  queries, positives, corpus = read_rows(a.data)  # every row checked before the model is loaded
+  from grit_jax.inference.gritlm import GritLM
+  metrics = evaluate(GritLM.from_pretrained(a.model), queries, positives, corpus, a.batch_size, a.max_length)
+  for name, value in metrics.items():
+    print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")
+  if a.output:
+    from grit_jax.fileio import atomic_write
+    atomic_write(a.output, lambda f: json.dump(metrics, f, indent=2))
+  return 0
