@@ -27,8 +27,8 @@ from _common import matmul_flops, ready_train_step, time_train_steps, wall_times
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
+from torch_reference import make_torch_step  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
@@ -84,41 +84,9 @@ def time_ours(c, batch):
 
 
 def time_torch(c, batch):
-  m = c.model
-  hf = transformers.MistralConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-      head_dim=m.head_dim, rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, sliding_window=None,
-      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=False)
-  torch.manual_seed(0)
-  model = transformers.MistralForCausalLM(hf).float().train()
-  opt = torch.optim.AdamW(model.parameters(), lr=c.optimizer.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in batch.items()}
-
-  def embed(ids, mask, pool):
-    keep = mask.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)  # bidirectional, padding-only mask
-    h = model.model(input_ids=ids, attention_mask=keep).last_hidden_state
-    pool = pool.float()[..., None]
-    return F.normalize((h * pool).sum(1) / pool.sum(1), dim=-1)
-
-  def step():
-    q = embed(tb["query_ids"], tb["query_mask"], tb["query_pool_mask"])
-    p = embed(tb["passage_ids"], tb["passage_mask"], tb["passage_pool_mask"])
-    scores = q @ p.T / c.loss.temperature
-    target = torch.arange(q.shape[0]) * GROUP
-    loss_rep = F.cross_entropy(scores, target)
-    logits = model(input_ids=tb["gen_ids"], attention_mask=tb["gen_mask"]).logits
-    loss_gen = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tb["gen_labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
-    loss = loss_rep + loss_gen
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return float(loss.detach())
-
+  step = make_torch_step(c, GROUP)
   losses = []
-  times = wall_times(lambda: losses.append(step()), args.steps)
+  times = wall_times(lambda: losses.append(step(batch)), args.steps)
   return statistics.median(times), losses[-1]
 
 

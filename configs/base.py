@@ -31,7 +31,17 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       train_group_size=2,                # 1 positive + (g-1) hard negatives per query
       embedding_batch_size=8,            # global queries per step
       generative_batch_size=4,           # global generative sequences per step
-      pack_generative=False,
+      # Packing (grit_jax.data.packing, docs/DESIGN.md "Packing"): whole sequences share fixed-shape rows, so a step
+      # computes text, not padding; same examples, loss and gradients as the padded step.
+      pack_embedding=False,              # pack the query and passage passes
+      pack_generative=False,             # pack the generative pass (exactly generative_batch_size samples per step)
+      query_pack_len=0,                  # tokens per packed row; 0 = query_max_len (must be >= it)
+      passage_pack_len=0,                # 0 = passage_max_len
+      generative_pack_len=0,             # 0 = generative_max_len
+      query_pack_rows=0,                 # rows per device (packing unit); 0 = derived from the data's lengths
+      passage_pack_rows=0,
+      generative_pack_rows=0,
+      pack_headroom=0.05,                # derived rows = most rows a unit needed in 32 sampled batches x (1 + this)
       single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
       bad_input="skip",                  # skip (counted, reported) | error
       cache_dir="",                      # tfds builds of the JSONL folders; "" = $GRIT_JAX_CACHE/tfds or ~/.cache/grit_jax/tfds

@@ -100,6 +100,14 @@ def _check_data(c) -> None:
     if used and v < 1:  # the unused one may be anything (0 in the ablation recipes): mode says it is unused
       raise GritJaxError(f"config.data.{name}={v}: must be >= 1 with data.mode={d.mode!r}")
   _bool(d, "pack_generative", "data")
+  _bool(d, "pack_embedding", "data")
+  for name in ("query", "passage", "generative"):  # grit_jax.data.packing
+    length = _int(d, f"{name}_pack_len", 0, "data")
+    if length and length < d[f"{name}_max_len"]:
+      raise GritJaxError(f"config.data.{name}_pack_len={length}: below {name}_max_len={d[f'{name}_max_len']} "
+                         "(a sequence of max length must fit a packed row); 0 = the max length")
+    _int(d, f"{name}_pack_rows", 0, "data")
+  _num(d, "pack_headroom", "data", lo=0.0)
   _bool(d, "single_dataset_batches", "data")
   from grit_jax.data import jsonl
 
@@ -193,11 +201,15 @@ def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
   emb, gen = passes(c.data)
   chunk = c.train.gradcache_chunk or (c.data.embedding_batch_size // c.train.grad_accum)
   checks = []
+  # Packed passes (grit_jax.data.packing) split their sequences over the shards and chunk rows, not sequences.
   if emb:
     checks.append(("data.embedding_batch_size", c.data.embedding_batch_size))
-    checks.append(("queries per GradCache chunk (train.gradcache_chunk or embedding_batch_size / grad_accum)",
-                   chunk))
-  if gen and not c.data.pack_generative:
+    if not c.data.pack_embedding:
+      checks.append(("queries per GradCache chunk (train.gradcache_chunk or embedding_batch_size / grad_accum)",
+                     chunk))
+  if gen and c.data.pack_generative:
+    checks.append(("data.generative_batch_size", c.data.generative_batch_size))
+  elif gen:
     checks.append(("data.generative_batch_size / train.grad_accum",
                    c.data.generative_batch_size // c.train.grad_accum))
   for what, rows in checks:

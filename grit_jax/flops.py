@@ -97,17 +97,21 @@ def grit_step_flops(model_cfg, *, query_batch: int = 0, query_len: int = 0, pass
   )
 
 
-def grit_step_flops_from_config(config) -> StepFlops:
-  """Same, for a full recipe ConfigDict (config.model, config.data, config.attn)."""
+def grit_step_flops_from_config(config, layouts: dict | None = None) -> StepFlops:
+  """Same, for a full recipe ConfigDict (config.model, config.data, config.attn). `layouts`: the packed passes'
+  shapes ({pass: grit_jax.data.packing.PassLayout}): a packed pass computes its rows (U * R rows of L tokens,
+  attention over the whole row) instead of one padded row per sequence."""
   d = config.data
   emb = d.mode in ("unified", "embedding")
   gen = d.mode in ("unified", "generative")
+  shape = {"query": (d.embedding_batch_size if emb else 0, d.query_max_len),
+           "passage": (d.embedding_batch_size * d.train_group_size if emb else 0, d.passage_max_len),
+           "gen": (d.generative_batch_size if gen else 0, d.generative_max_len)}
+  for name, lay in (layouts or {}).items():
+    shape[name] = (lay.units * lay.rows, lay.row_len)
   return grit_step_flops(
-      config.model,
-      query_batch=d.embedding_batch_size if emb else 0, query_len=d.query_max_len,
-      passage_batch=d.embedding_batch_size * d.train_group_size if emb else 0, passage_len=d.passage_max_len,
-      gen_batch=d.generative_batch_size if gen else 0, gen_len=d.generative_max_len,
-      attn=config.attn)
+      config.model, query_batch=shape["query"][0], query_len=shape["query"][1], passage_batch=shape["passage"][0],
+      passage_len=shape["passage"][1], gen_batch=shape["gen"][0], gen_len=shape["gen"][1], attn=config.attn)
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_chips: int, peak_flops_per_chip: float) -> float:

@@ -40,28 +40,50 @@ def l2_normalize(x, eps: float = 1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def pool_weights(pool_mask, method: str = "mean"):
+  """Token weights of each pooled vector, over the last axis of pool_mask [..., T] (1 = pooled token) -> float32
+  [..., T]. mean: m. weightedmean: m * cumsum(m) (1, 2, 3, ... from the first pooled token). lasttoken: one-hot at
+  the last position where m = 1 (position 0 if none). The one rule for padded and packed pooling."""
+  m = pool_mask.astype(jnp.float32)
+  if method == "mean":
+    return m
+  if method == "weightedmean":
+    return m * jnp.cumsum(m, axis=-1)
+  if method == "lasttoken":
+    T = m.shape[-1]
+    last = jnp.max(jnp.where(m > 0, jnp.arange(T), 0), axis=-1)  # [...]
+    return jax.nn.one_hot(last, T, dtype=jnp.float32)
+  raise ValueError(f"pooling method {method!r}: expected one of {POOLINGS}")
+
+
+def _weighted_mean(w, h, spec: str):
+  out = jnp.einsum(spec, w, h.astype(jnp.float32))
+  return out / jnp.maximum(w.sum(axis=-1)[..., None], 1e-9)
+
+
 def pool(hidden, pool_mask, method: str = "mean", normalize: bool = False):
   """hidden [B, T, D], pool_mask [B, T] (1 = pooled token: the text, not BOS / instruction / format tokens, not
-  padding) -> [B, D] float32.
-
-  mean: sum_t m_t h_t / sum_t m_t.  weightedmean: weights w = m * cumsum(m) (1, 2, 3, ... from the first pooled
-  token).  lasttoken: h at the last position where m = 1 (position 0 if none).  Rows with an empty mask give 0
-  (mean / weightedmean) instead of NaN.
-  """
-  h_BTD = hidden.astype(jnp.float32)
-  m_BT = pool_mask.astype(jnp.float32)
-  if method == "mean":
-    w_BT = m_BT
-  elif method == "weightedmean":
-    w_BT = m_BT * jnp.cumsum(m_BT, axis=1)
-  elif method == "lasttoken":
-    T = m_BT.shape[1]
-    last_B = jnp.max(jnp.where(m_BT > 0, jnp.arange(T), 0), axis=1)  # [B]
-    w_BT = jax.nn.one_hot(last_B, T, dtype=jnp.float32)
-  else:
-    raise ValueError(f"pooling method {method!r}: expected one of {POOLINGS}")
-  out_BD = jnp.einsum("bt,btd->bd", w_BT, h_BTD) / jnp.maximum(w_BT.sum(axis=1, keepdims=True), 1e-9)
+  padding) -> [B, D] float32, weighted by `pool_weights`. Rows with an empty mask give 0 (mean / weightedmean)
+  instead of NaN."""
+  out_BD = _weighted_mean(pool_weights(pool_mask, method), hidden, "bt,btd->bd")
   return l2_normalize(out_BD) if normalize else out_BD
+
+
+def pool_packed(hidden_UTD, pool_mask_UT, sequence_UT, num_per_unit: int, method: str = "mean"):
+  """Pooling of packed rows: hidden [U, T, D] (the T tokens of each packing unit's rows, concatenated),
+  pool_mask [U, T], sequence [U, T] (the token's sequence index in the whole pass, -1 = padding; unit u holds
+  sequences [u*n, (u+1)*n), n = num_per_unit) -> [U, n, D] float32, sequence u*n+i at [u, i].
+
+  Each sequence's weights are `pool_weights` of the pool mask restricted to its own tokens, so every pooling equals
+  the padded one of that sequence (lasttoken of an empty mask gives 0 here, not position 0). The pooled vectors are
+  computed inside their unit: a unit is one device's rows, so nothing crosses devices.
+  """
+  U = hidden_UTD.shape[0]
+  local_UT = sequence_UT - (jnp.arange(U) * num_per_unit)[:, None]  # -1 - u*n for padding: out of range
+  own_UNT = (local_UT[:, None, :] == jnp.arange(num_per_unit)[None, :, None])  # [U, n, T]
+  m_UNT = jnp.where(own_UNT, pool_mask_UT[:, None, :].astype(jnp.float32), 0.0)
+  w_UNT = pool_weights(m_UNT, method) * (m_UNT.sum(-1, keepdims=True) > 0)
+  return _weighted_mean(w_UNT, hidden_UTD, "unt,utd->und")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,26 +159,33 @@ def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature
 # ---------------------------------------------------------------------------------------------------------------
 # Language-model loss (L_gen)
 
-def lm_token_weights(labels, mode: str = "mixed", num_sub_batches: int = 1, token_factor: float = 1.0):
-  """Per-target weights w [B, T-1] float32 such that lm_loss = sum(w * CE) over the shifted targets.
+def lm_token_weights(labels, mode: str = "mixed", num_sub_batches: int = 1, token_factor: float = 1.0, *,
+                     target_samples=None, num_samples: int | None = None):
+  """Per-target weights w [..., T-1] float32 such that lm_loss = sum(w * CE) over the shifted targets.
 
   Weights depend only on the labels, so a loss split into micro-batches (gradient accumulation) with weights taken
   from the full batch adds up exactly to the full-batch loss.
-  - mixed: rows are split into `num_sub_batches` equal contiguous sub-batches; token mean inside each, then mean
-    over sub-batches (an empty sub-batch contributes 0).
-  - token: sum over tokens / number of rows, times `token_factor`.
+  - mixed: the samples are split into `num_sub_batches` equal contiguous sub-batches; token mean inside each, then
+    mean over sub-batches (an empty sub-batch contributes 0).
+  - token: sum over tokens / number of samples, times `token_factor`.
+  Padded rows (labels [B, T]): one sample per row. Packed rows (labels [..., T]): `target_samples` [..., T-1] is the
+  sample index (0..num_samples-1, in batch order) of each target token, so sub-batches are groups of samples,
+  never of rows, and both modes mean exactly what they mean unpadded.
   """
-  valid_BT = (labels[:, 1:] != IGNORE).astype(jnp.float32)  # [B, T-1]
-  B = labels.shape[0]
+  valid = (labels[..., 1:] != IGNORE).astype(jnp.float32)  # [..., T-1]
+  if target_samples is None:
+    num_samples = labels.shape[0]
+    target_samples = jnp.broadcast_to(jnp.arange(num_samples)[:, None], valid.shape)
   if mode == "token":
-    return valid_BT * (token_factor / B)
+    return valid * (token_factor / num_samples)
   if mode != "mixed":
     raise ValueError(f"lm loss mode {mode!r}: expected one of {LM_MODES}")
-  if B % num_sub_batches:
-    raise ValueError(f"lm loss: {B} generative rows do not split into {num_sub_batches} sub-batches")
-  valid_SRT = valid_BT.reshape(num_sub_batches, B // num_sub_batches, -1)
-  count_S = valid_SRT.sum(axis=(1, 2), keepdims=True)  # [S, 1, 1]
-  return (valid_SRT / (jnp.maximum(count_S, 1.0) * num_sub_batches)).reshape(valid_BT.shape)
+  if num_samples % num_sub_batches:
+    raise ValueError(f"lm loss: {num_samples} generative samples do not split into {num_sub_batches} sub-batches")
+  sub = jnp.clip(target_samples, 0) // (num_samples // num_sub_batches)  # [..., T-1] (padding: valid = 0)
+  one_hot = jax.nn.one_hot(sub, num_sub_batches, dtype=jnp.float32)  # [..., T-1, S]
+  count_S = jnp.sum(one_hot * valid[..., None], axis=tuple(range(valid.ndim)))  # [S] (exact in float32)
+  return valid * (1.0 / (jnp.maximum(count_S, 1.0) * num_sub_batches))[sub]
 
 
 def token_cross_entropy(logits, labels):

@@ -41,6 +41,9 @@ def parse(*overrides):
     ("--config.data.generative_batch_size=0", "config.data.generative_batch_size=0"),
     ("--config.data.generative_max_len=4096", "config.data.generative_max_len=4096: longer than the model's "
                                               "max_position_embeddings=2048"),
+    ("--config.data.passage_pack_len=32", "config.data.passage_pack_len=32: below passage_max_len"),
+    ("--config.data.query_pack_rows=-1", "config.data.query_pack_rows=-1"),
+    ("--config.data.pack_headroom=-0.5", "config.data.pack_headroom=-0.5"),
     ("--config.loss.pooling=max", "config.loss.pooling='max'"),
     ("--config.loss.lm_loss_mode=sum", "config.loss.lm_loss_mode='sum'"),
     ("--config.loss.contrastive_grad=sum", "config.loss.contrastive_grad='sum'"),

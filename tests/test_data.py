@@ -225,7 +225,7 @@ def test_single_dataset_batches():
 
 
 def test_resume_equals_uninterrupted_and_determinism(unified):
-  for kw in ({}, {"pack_generative": True, "embedding_batch_size": 64}):  # the second crosses an epoch (307 // 64)
+  for kw in ({}, {"pack_generative": True, "pack_embedding": True, "embedding_batch_size": 64}):  # crosses an epoch
     ref = unified(**kw)
     base = [next(ref) for _ in range(7)]
     it = unified(**kw)
@@ -263,13 +263,15 @@ def test_two_process_sharding(tmp_path, tok, cache):
       assert p["query_ids"].shape == (2, 32)
       seen += [tok.decode(q * m) for q, m in zip(p["query_ids"], p["query_pool_mask"])]
   assert sorted(seen) == sorted([f"query a {i}" for i in range(10)] + [f"query b {i}" for i in range(14)])
-  # Packed generative streams: each process packs its own strided share; together they cover the epoch once.
-  cfg = make_cfg(mode="generative", pack_generative=True, generative_batch_size=4)
-  shard_its = [D.make_train_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache)
-               for s in range(2)]
-  n_gen = shard_its[0].examples_per_epoch["generative"]
-  orders = [t.gen.order(0) for t in shard_its]
-  assert sorted(np.concatenate(orders).tolist()) == list(range(n_gen))
+  # Packed: each process keeps its own units of the same packing (4 units over 2 processes).
+  cfg = make_cfg(pack_generative=True, pack_embedding=True, generative_batch_size=4)
+  one = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache, batch_shards=4)
+  two = [D.make_train_iterator(cfg, tokenizer=tok, shard_index=s, num_shards=2, cache_dir=cache, batch_shards=4)
+         for s in range(2)]
+  for _ in range(2):
+    full, parts = next(one), [next(t) for t in two]
+    for k in full:
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), full[k], err_msg=k)
 
 
 def test_to_global_batch(unified):
@@ -287,29 +289,45 @@ def test_to_global_batch(unified):
   assert len(g["passage_ids"].addressable_shards) == 8 and g["passage_ids"].addressable_shards[0].data.shape[0] == 3
 
 
-def test_packing_segments(unified, tok):
-  it = unified(mode="generative", pack_generative=True, generative_batch_size=4, generative_max_len=128)
-  packed_segments = 0
-  for _ in range(3):
-    b = next(it)
-    seg, pos, lab, ids = b["gen_segment_ids"], b["gen_positions"], b["gen_labels"], b["gen_ids"]
-    assert np.array_equal(b["gen_mask"], (seg > 0).astype(np.int32))
-    for r in range(seg.shape[0]):
-      s = seg[r]
-      n = int((s > 0).sum())
-      assert np.all(s[n:] == 0) and np.all(lab[r][n:] == -100)  # padding only at the end
-      assert s[0] == 1 and np.all(np.diff(s[:n]) >= 0) and np.all(np.diff(s[:n]) <= 1)
-      starts = np.flatnonzero(np.diff(np.concatenate([[0], s[:n]])))
-      packed_segments += len(starts) - 1
-      for a, e in zip(starts, list(starts[1:]) + [n]):
-        assert np.array_equal(pos[r][a:e], np.arange(e - a))  # positions restart per segment
-        assert ids[r][a] == 1 and lab[r][a] == -100  # each segment starts with BOS, never a target
-        for st, en in runs(lab[r][a:e]):  # labelled spans = answers + </s>, inside the segment
-          assert lab[r][a + en - 1] == 2
-      # No target crosses a segment boundary: labels[t+1] is a target only within the same segment.
-      nxt = np.flatnonzero(lab[r][1:n] != -100)
-      assert np.all(s[nxt] == s[nxt + 1])
-  assert packed_segments > 0  # some rows really hold several sequences
+def _unpack(b, name, key):
+  """{sequence index: tokens of `key`} of a packed pass, read back through the segment ids."""
+  seg, vals = b[f"{name}_segment_ids"], b[f"{name}_{key}"]
+  return {int(i) - 1: vals[seg == i] for i in np.unique(seg[seg > 0])}
+
+
+def test_packed_batches_hold_the_padded_examples(unified):
+  """Same examples, same order (via the sequence index), whole sequences; fixed shapes; positions restart."""
+  kw = dict(generative_batch_size=4, generative_max_len=128, embedding_batch_size=8)
+  padded, packed = unified(**kw), unified(pack_embedding=True, pack_generative=True, query_pack_len=64,
+                                         passage_pack_len=256, generative_pack_len=256, **kw)
+  shapes = set()
+  for _ in range(4):
+    want, got = next(padded), next(packed)
+    shapes.add(tuple(sorted((k, v.shape) for k, v in got.items())))
+    for name, key in (("query", "pool_mask"), ("passage", "pool_mask"), ("gen", "labels")):
+      ids, vals = _unpack(got, name, "ids"), _unpack(got, name, key)
+      assert sorted(ids) == list(range(want[f"{name}_ids"].shape[0]))  # every sequence, once
+      for i, row in enumerate(want[f"{name}_ids"]):
+        n = int(want[f"{name}_mask"][i].sum())
+        np.testing.assert_array_equal(ids[i], row[:n])
+        ref = want[f"{name}_{key}"][i][:n].copy()
+        if key == "labels":
+          ref[0] = -100  # the first token is never a target
+        np.testing.assert_array_equal(vals[i], ref)
+      seg, pos = got[f"{name}_segment_ids"], got[f"{name}_positions"]
+      for i in ids:
+        np.testing.assert_array_equal(pos[seg == i + 1], np.arange(len(ids[i])))
+      assert got[f"{name}_ids"].shape[1] < want[f"{name}_ids"].shape[0]  # several sequences per row
+  assert len(shapes) == 1  # the derived rows held every batch: one compiled shape
+  assert packed.packer.fallbacks == 0 and "packed passage: 1 units" in packed.packer.report()
+
+
+def test_packing_fallback_keeps_every_example(unified):
+  """Rows set too small: the step takes the fallback shape (one sequence per row), nothing lost."""
+  it = unified(mode="embedding", pack_embedding=True, passage_pack_rows=1, query_pack_rows=1)
+  b = next(it)
+  assert it.packer.fallbacks == 1
+  assert b["passage_ids"].shape[:2] == (1, 8 * 3) and len(_unpack(b, "passage", "ids")) == 24
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
@@ -446,11 +464,11 @@ def test_truncated_texts_are_counted_per_pass(tmp_path, tok, cache):
   assert iterator.truncation_report(it.truncated, it.texts) == (
       "truncated to the max length: 2 of 4 queries (50.0%), 4 of 8 passages (50.0%), 1 of 4 generative sequences "
       "(25.0%)")
-  # Packed: a cut sequence fills a whole row (the short ones are a few tokens), so count full-length segments.
+  # Packed: the same counts (a cut sequence is one of max length; the short ones are a few tokens).
   it = D.make_train_iterator(make_cfg(train_dir=str(tmp_path), mode="generative", pack_generative=True,
                                       generative_batch_size=4), tokenizer=tok, cache_dir=cache)
-  full = sum(int(np.sum(b["gen_segment_ids"] == 1, axis=1).tolist().count(48)) for b in [next(it), next(it)])
-  assert full > 0 and it.truncation_counts()["truncated_gen"] == full
+  full = sum(int(np.sum(b["gen_lengths"] == 48)) for b in [next(it), next(it)])
+  assert full == 2 and it.truncation_counts()["truncated_gen"] == full and it.texts["truncated_gen"] == 8
 
 
 def test_cache_is_keyed_by_content(tmp_path, tok, monkeypatch):

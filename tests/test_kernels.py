@@ -60,6 +60,7 @@ CASES = {
     "causal_padding": (True, _padding_ids, None),
     "bidirectional_padding": (False, _padding_ids, None),
     "causal_packed": (True, _packed_ids, None),
+    "bidirectional_packed": (False, _packed_ids, None),  # packed embedding passes
     "causal_sliding_window": (True, _padding_ids, 48),
 }
 

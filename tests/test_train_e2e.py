@@ -258,6 +258,21 @@ def test_two_processes_match_one(full_run, tmp_path, env):
   assert meta["process_count"] == 2
 
 
+@pytest.mark.slow
+def test_packed_run_equals_padded(full_run, tmp_path, env):
+  """Packing changes where sequences sit, not what is trained: the 8-device run's losses and eval equal the padded
+  run's."""
+  out = train(tmp_path, "--config.data.pack_embedding=True", "--config.data.pack_generative=True", env=env)
+  assert "packed passage: 8 units" in out.stdout
+  packed, padded = train_losses(tmp_path), train_losses(full_run)
+  np.testing.assert_allclose([packed[s] for s in range(1, STEPS + 1)], [padded[s] for s in range(1, STEPS + 1)],
+                             rtol=1e-5, atol=1e-6)
+  rec = {r["split"]: r for r in metrics_log.read_metrics(str(tmp_path))}
+  ref = {r["split"]: r for r in metrics_log.read_metrics(str(full_run))}
+  np.testing.assert_allclose(rec["eval"]["lm_loss"], ref["eval"]["lm_loss"], rtol=1e-5)
+  assert 0 < rec["train"]["efficiency_passage"] <= 1
+
+
 # --- init_from -------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

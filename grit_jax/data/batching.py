@@ -1,4 +1,4 @@
-"""Examples -> fixed-shape numpy features, batches, packing, and global jax arrays.
+"""Examples -> fixed-shape numpy features, batches, and global jax arrays (packing: grit_jax.data.packing).
 
 Every array is int32 and right-padded to the configured max length (fixed shapes: the jitted step compiles once).
 Shared by the seqio tasks (grit_jax.data.tasks) and the numpy sampler (grit_jax.data.iterator), so both produce
@@ -39,6 +39,14 @@ def sample_passages(rec: dict, group_size: int, rng: np.random.Generator | None)
       pool = neg * math.ceil(n_neg / len(neg))
       chosen += [pool[int(i)] for i in rng.choice(len(pool), n_neg, replace=False)]
   return chosen
+
+
+def embedding_sequences(tokenizer, rec: dict, *, query_max_len: int, passage_max_len: int, group_size: int,
+                        rng: np.random.Generator | None) -> tuple[tuple, list[tuple]]:
+  """Unpadded ((query ids, pool mask), [(passage ids, pool mask)] * g) of one record (passages: `sample_passages`)."""
+  query = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
+  return query, [templates.encode_embedding(tokenizer, instr, text, passage_max_len)
+                 for instr, text in sample_passages(rec, group_size, rng)]
 
 
 def embedding_features(tokenizer, rec: dict, *, query_max_len: int, passage_max_len: int, group_size: int,
@@ -90,46 +98,6 @@ def stack_generative(features: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([f[k] for f in features]) for k in ("gen_ids", "gen_mask", "gen_labels")}
 
 
-class Packer:
-  """Greedy in-order packing of (ids, labels) sequences into `rows` rows of `length` tokens.
-
-  A sequence goes into the current row if it fits, else into the next row; when no row is left, `add` returns
-  False and the caller offers the same sequence again in the next batch. Each sequence's first label is -100
-  (BOS, or forced), so with unshifted labels no target crosses a segment boundary: the last token of a segment
-  never predicts the first token of the next one.
-  """
-
-  def __init__(self, rows: int, length: int, pad_id: int):
-    self.rows, self.length = rows, length
-    self.ids = np.full([rows, length], pad_id, np.int32)  # [Bg, Lg]
-    self.labels = np.full([rows, length], IGNORE, np.int32)  # [Bg, Lg]
-    self.segment_ids = np.zeros([rows, length], np.int32)  # [Bg, Lg] 0 = padding
-    self.positions = np.zeros([rows, length], np.int32)  # [Bg, Lg] restart at 0 per segment
-    self.row, self.col, self.segment = 0, 0, 0
-
-  def add(self, ids: Sequence[int], labels: Sequence[int]) -> bool:
-    n = len(ids)
-    if n == 0 or n > self.length:
-      raise GritJaxError(f"packing: sequence of {n} tokens does not fit rows of {self.length}")
-    if self.col + n > self.length:
-      self.row, self.col, self.segment = self.row + 1, 0, 0
-    if self.row >= self.rows:
-      return False
-    self.segment += 1
-    sl = slice(self.col, self.col + n)
-    self.ids[self.row, sl] = ids
-    self.labels[self.row, sl] = labels
-    self.labels[self.row, self.col] = IGNORE
-    self.segment_ids[self.row, sl] = self.segment
-    self.positions[self.row, sl] = np.arange(n)
-    self.col += n
-    return True
-
-  def batch(self) -> dict[str, np.ndarray]:
-    return {"gen_ids": self.ids, "gen_mask": (self.segment_ids > 0).astype(np.int32), "gen_labels": self.labels,
-            "gen_segment_ids": self.segment_ids, "gen_positions": self.positions}
-
-
 def to_global_batch(batch_np: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
   """Per-process numpy batches -> global jax.Arrays sharded over `batch_axes` on the leading dim.
 
@@ -151,3 +119,4 @@ def to_global_batch(batch_np: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
                          f"{axes}; change config.data.embedding_batch_size / generative_batch_size")
     out[k] = jax.make_array_from_process_local_data(sharding, v)
   return out
+

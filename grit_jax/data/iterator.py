@@ -9,9 +9,10 @@ Every process computes the same global batch of indices and reads, tokenizes and
 Embedding stream: with `single_dataset_batches` (the reference's CustomRandomSampler) each dataset's permutation
 is cut into full global batches, the leftovers of all datasets are shuffled together into mixed batches, the final
 partial batch is dropped (the reference's dataloader_drop_last), and the batch order is shuffled.
-Generative stream: one permutation per epoch cut into global batches; with packing, every process packs its own
-strided share of the permutation (order[p::P]) into its rows, and the state records the position in that share.
+Generative stream: one permutation per epoch cut into global batches.
 The two streams run their epochs independently (the smaller one wraps around first, like the reference's refill).
+Packing (config.data.pack_embedding / pack_generative; grit_jax.data.packing) changes only where the sequences of
+these same batches sit: whole sequences packed into fixed-shape rows per device share.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from grit_jax.data import batching, jsonl, tfds_builders
+from grit_jax.data import batching, jsonl, packing, tfds_builders
 from grit_jax.errors import GritJaxError
 
 STATE_VERSION = 1
@@ -84,37 +85,6 @@ class _Stream:
     self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
-class _PackedStream:
-  """This shard's share of each epoch's permutation (order[p::P]). State: {"epoch", "pos"}."""
-
-  def __init__(self, ds: tfds_builders.JsonlDataset, seed: int, shard_index: int, num_shards: int):
-    self.ds, self.seed, self.shard_index, self.num_shards = ds, seed, shard_index, num_shards
-    self.epoch, self.pos = 0, 0
-    self._cache: tuple[int, np.ndarray] | None = None
-    if len(ds) < num_shards:
-      raise GritJaxError(f"generative data: {len(ds)} examples cannot be split over {num_shards} processes")
-
-  def order(self, epoch: int) -> np.ndarray:
-    if self._cache is None or self._cache[0] != epoch:
-      rng = np.random.default_rng([self.seed, _GEN, epoch])
-      self._cache = (epoch, rng.permutation(len(self.ds))[self.shard_index::self.num_shards])
-    return self._cache[1]
-
-  def peek(self) -> int:
-    if self.pos >= len(self.order(self.epoch)):
-      self.epoch, self.pos = self.epoch + 1, 0
-    return int(self.order(self.epoch)[self.pos])
-
-  def advance(self) -> None:
-    self.pos += 1
-
-  def get_state(self) -> dict:
-    return {"epoch": self.epoch, "pos": self.pos}
-
-  def set_state(self, state: dict) -> None:
-    self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-
-
 def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
   """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
   from grit_jax import contract
@@ -131,7 +101,9 @@ class TrainIterator:
   """Infinite iterator of this process's share of each global training batch (see the module docstring)."""
 
   def __init__(self, data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
-               cache_dir: str | None = None):
+               cache_dir: str | None = None, *, batch_shards: int = 1, chunks: tuple[int, int] = (1, 1)):
+    """batch_shards: the devices the global batch is split over (packing units; a multiple of num_shards);
+    chunks: (GradCache chunks of the embedding batch, generative micro-batches): packed rows divide into them."""
     from grit_jax.data.tokenizer import Tokenizer
 
     _check_cfg(data_cfg, num_shards, shard_index)
@@ -140,7 +112,8 @@ class TrainIterator:
     self.seed = int(data_cfg.seed)
     self.q_len, self.p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
     self.g_len, self.group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
-    self.pack = bool(data_cfg.pack_generative)
+    self.pack = {"emb": bool(_cfg(data_cfg, "pack_embedding", False)),
+                 "gen": bool(_cfg(data_cfg, "pack_generative", False))}
     cache_dir = cache_dir or _cfg(data_cfg, "cache_dir")
     self.datasets = tfds_builders.load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
                                                 tfds_builders.mode_kinds(data_cfg))
@@ -158,11 +131,11 @@ class TrainIterator:
     if jsonl.GENERATIVE in self.datasets:
       self.gen_batch = int(data_cfg.generative_batch_size)
       ds = self.datasets[jsonl.GENERATIVE]
-      self.gen = (_PackedStream(ds, self.seed, self.shard_index, self.num_shards) if self.pack else
-                  _Stream(ds, self.gen_batch, self.seed, _GEN, False, "generative data"))
+      self.gen = _Stream(ds, self.gen_batch, self.seed, _GEN, False, "generative data")
     self.step = 0
+    self.packer = self._make_packer(data_cfg, batch_shards, chunks)
     self._fingerprint = {
-        "seed": self.seed, "num_shards": self.num_shards, "shard_index": self.shard_index, "pack": self.pack,
+        "seed": self.seed, "num_shards": self.num_shards, "shard_index": self.shard_index,
         "datasets": {k: ds.builder.builder_config.content_fingerprint for k, ds in self.datasets.items()},
         "batch": [int(data_cfg.embedding_batch_size), int(data_cfg.generative_batch_size)],
     }
@@ -173,6 +146,15 @@ class TrainIterator:
   def _local(self, indices: np.ndarray, global_batch: int) -> np.ndarray:
     b = global_batch // self.num_shards
     return indices[self.shard_index * b:(self.shard_index + 1) * b]
+
+  def _emb_sequences(self, epoch: int, indices) -> list[tuple]:
+    out = []
+    for i, rec in zip(indices, self.emb.ds.records(indices)):
+      # Per-example sampling seed: independent of the shard layout, so the global batch is the same for any P.
+      rng = np.random.default_rng([self.seed, _EMB, epoch, int(i)])
+      out.append(batching.embedding_sequences(self.tokenizer, rec, query_max_len=self.q_len,
+                                              passage_max_len=self.p_len, group_size=self.group, rng=rng))
+    return out
 
   def _embedding_batch(self) -> dict[str, np.ndarray]:
     epoch, indices = self.emb.next()
@@ -188,21 +170,91 @@ class TrainIterator:
     return batching.stack_embedding(feats)
 
   def _generative_batch(self) -> dict[str, np.ndarray]:
-    if not self.pack:
-      _, indices = self.gen.next()
-      local = self._local(indices, self.gen_batch)
-      feats = [batching.generative_features(self.tokenizer, rec, generative_max_len=self.g_len)
-               for rec in self.gen.ds.records(local)]
-      self._count("truncated_gen", sum(f["gen_truncated"] for f in feats), len(feats))
-      return batching.stack_generative(feats)
-    packer = batching.Packer(self.gen_batch // self.num_shards, self.g_len, self.tokenizer.pad_id)
-    while True:
-      rec = self.gen.ds.records([self.gen.peek()])[0]
+    _, indices = self.gen.next()
+    local = self._local(indices, self.gen_batch)
+    feats = [batching.generative_features(self.tokenizer, rec, generative_max_len=self.g_len)
+             for rec in self.gen.ds.records(local)]
+    self._count("truncated_gen", sum(f["gen_truncated"] for f in feats), len(feats))
+    return batching.stack_generative(feats)
+
+  # -- packing (grit_jax.data.packing) -----------------------------------------------------------------------------
+
+  def _pass_sequences(self, kind: str, epoch: int, indices) -> dict[str, list[dict]]:
+    """{pass: unpadded sequences (dicts of 1-D lists) in batch order} of the given examples."""
+    if kind == "emb":
+      q, p = [], []
+      for query, passages in self._emb_sequences(epoch, indices):
+        q.append({"ids": query[0], "pool_mask": query[1], "truncated": query.truncated})
+        p += [{"ids": e[0], "pool_mask": e[1], "truncated": e.truncated} for e in passages]
+      return {"query": q, "passage": p}
+    gen = []
+    for rec in self.gen.ds.records(indices):
       toks = batching.generative_tokens(self.tokenizer, rec, self.g_len)
-      if not packer.add(*toks):
-        return packer.batch()
-      self._count("truncated_gen", int(toks.truncated), 1)
-      self.gen.advance()
+      ids, labels = toks
+      # The first token is never a target; -100 there also keeps the row's previous sequence from predicting it.
+      gen.append({"ids": ids, "labels": [batching.IGNORE] + list(labels[1:]), "truncated": toks.truncated})
+    return {"gen": gen}
+
+  def _make_packer(self, data_cfg, batch_shards: int, chunks: tuple[int, int]):
+    kinds = [k for k in ("emb", "gen") if self.pack[k] and {"emb": self.emb, "gen": self.gen}[k] is not None]
+    if not kinds:
+      return None
+    if batch_shards % self.num_shards:
+      raise GritJaxError(f"packing: {batch_shards} batch shards do not split over {self.num_shards} processes")
+    return packing.StepPacker(self.pack_layouts(data_cfg, kinds, batch_shards, chunks), self.shard_index,
+                              self.num_shards)
+
+  def sample_lengths(self, kind: str, limit: int = packing.STAT_EXAMPLES) -> dict[str, list[np.ndarray]]:
+    """{pass: [token lengths of each batch pool]} of up to `limit` examples in the sampler's first-epoch order
+    (passages sampled as in training). Pools: one per dataset when batches are drawn from one dataset each
+    (single_dataset_batches: their lengths go together), else one."""
+    stream = self.emb if kind == "emb" else self.gen
+    order = np.random.default_rng([self.seed, _EMB if kind == "emb" else _GEN, 0]).permutation(len(stream.ds))
+    order = order[:limit]
+    seqs = self._pass_sequences(kind, 0, order)
+    per_pool = (stream.ds.dataset_of(order) if stream.single_dataset and len(stream.ds.counts) > 1
+                else np.zeros(len(order), np.int64))
+    out = {}
+    for name, v in seqs.items():
+      lengths = np.array([len(s["ids"]) for s in v])
+      owner = np.repeat(per_pool, len(v) // len(order))  # g passages per example
+      out[name] = [lengths[owner == d] for d in np.unique(owner)]
+    return out
+
+  def pack_layouts(self, data_cfg, kinds, batch_shards: int, chunks: tuple[int, int]) -> dict:
+    """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: rows from config or
+    derived from this iterator's data (`grit-jax aot` asks with the recipe's batch sizes)."""
+    headroom = float(_cfg(data_cfg, "pack_headroom", 0.05))
+    batch = {"query": int(data_cfg.embedding_batch_size), "gen": int(data_cfg.generative_batch_size),
+             "passage": int(data_cfg.embedding_batch_size) * self.group}
+    layouts = {}
+    for kind in kinds:
+      for name, lengths in self.sample_lengths(kind).items():
+        key = {"gen": "generative"}.get(name, name)
+        max_len = {"query": self.q_len, "passage": self.p_len, "gen": self.g_len}[name]
+        layouts[name] = packing.make_layout(
+            name, num_sequences=batch[name], units=batch_shards,
+            row_len=int(_cfg(data_cfg, f"{key}_pack_len", 0)) or max_len, max_len=max_len,
+            rows=int(_cfg(data_cfg, f"{key}_pack_rows", 0)), chunks=chunks[0 if kind == "emb" else 1],
+            headroom=headroom, length_pools=lengths, seed=self.seed)
+    return layouts
+
+  def _packed_batch(self) -> dict[str, np.ndarray]:
+    """Every process reads the whole global batch of the packed kinds (the shape choice needs every unit's
+    lengths) and keeps its own units."""
+    seqs = {}
+    for kind, stream in (("gen", self.gen), ("emb", self.emb)):
+      if stream is not None and self.pack[kind]:
+        epoch, indices = stream.next()
+        seqs.update(self._pass_sequences(kind, epoch, indices))
+    for name, v in seqs.items():  # count this process's share, as the padded batches do
+      n = len(v) // self.num_shards
+      local = v[self.shard_index * n:(self.shard_index + 1) * n]
+      self._count(f"truncated_{name}", sum(bool(x["truncated"]) for x in local), len(local))
+    pad = self.tokenizer.pad_id
+    pads = {name: {"ids": pad, "labels": batching.IGNORE} if name == "gen" else {"ids": pad, "pool_mask": 0}
+            for name in seqs}
+    return self.packer.pack(seqs, pads)
 
   def _count(self, key: str, truncated: int, texts: int) -> None:
     self.truncated[key] += int(truncated)
@@ -215,9 +267,11 @@ class TrainIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     batch = {}
-    if self.gen is not None:
+    if self.packer is not None:
+      batch.update(self._packed_batch())
+    if self.gen is not None and not self.pack["gen"]:
       batch.update(self._generative_batch())
-    if self.emb is not None:
+    if self.emb is not None and not self.pack["emb"]:
       batch.update(self._embedding_batch())
     self.step += 1
     return batch
@@ -240,7 +294,7 @@ class TrainIterator:
       self.gen.set_state(state["gen"])
 
   def report(self) -> str:
-    return self.stats.report()
+    return self.stats.report() + ("\n" + self.packer.report() if self.packer is not None else "")
 
   @property
   def examples_per_epoch(self) -> dict[str, int]:
@@ -256,9 +310,9 @@ def truncation_report(truncated: dict[str, int], texts: dict[str, int]) -> str:
 
 
 def make_train_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
-                        cache_dir: str | None = None) -> TrainIterator:
-  """The training iterator of `config.data` (see TrainIterator)."""
-  return TrainIterator(data_cfg, tokenizer, shard_index, num_shards, cache_dir)
+                        cache_dir: str | None = None, **packing_kw) -> TrainIterator:
+  """The training iterator of `config.data` (see TrainIterator; packing_kw: batch_shards, chunks)."""
+  return TrainIterator(data_cfg, tokenizer, shard_index, num_shards, cache_dir, **packing_kw)
 
 
 def _filler(kind: str, data_cfg, tokenizer) -> dict[str, np.ndarray]:

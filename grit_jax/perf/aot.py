@@ -101,6 +101,7 @@ class AotResult:
   compile_seconds: float = 0.0
   est_compute_s: float = 0.0
   est_comm_s: float = 0.0
+  packing: list = dataclasses.field(default_factory=list)  # per packed pass: token slots, expected efficiency
 
   @property
   def total_bytes(self) -> int:
@@ -120,25 +121,51 @@ class AotResult:
     return topologies.get_topology(self.topology).chip
 
 
-def abstract_batch(data_cfg, sharding) -> dict:
-  """ShapeDtypeStructs of one global batch of the recipe (docs/DESIGN.md batch keys), sharded like the loader's."""
+def abstract_batch(data_cfg, sharding, layouts: dict | None = None) -> dict:
+  """ShapeDtypeStructs of one global batch of the recipe (docs/DESIGN.md batch keys), sharded like the loader's;
+  packed passes ({pass: PassLayout}, `packed_layouts`) as [U, R, L] rows + [U, n] lengths."""
   import jax
   import jax.numpy as jnp
 
-  spec = lambda rows, length: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+  spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+  layouts = layouts or {}
   batch = {}
+  passes = []
   if data_cfg.mode in ("unified", "embedding"):
     bq, g = data_cfg.embedding_batch_size, data_cfg.train_group_size
-    for k in ("query_ids", "query_mask", "query_pool_mask"):
-      batch[k] = spec(bq, data_cfg.query_max_len)
-    for k in ("passage_ids", "passage_mask", "passage_pool_mask"):
-      batch[k] = spec(bq * g, data_cfg.passage_max_len)
+    passes += [("query", bq, data_cfg.query_max_len, "pool_mask"),
+               ("passage", bq * g, data_cfg.passage_max_len, "pool_mask")]
   if data_cfg.mode in ("unified", "generative"):
-    keys = ["gen_ids", "gen_mask", "gen_labels"] + (["gen_segment_ids", "gen_positions"]
-                                                    if data_cfg.pack_generative else [])
-    for k in keys:
-      batch[k] = spec(data_cfg.generative_batch_size, data_cfg.generative_max_len)
+    passes.append(("gen", data_cfg.generative_batch_size, data_cfg.generative_max_len, "labels"))
+  for name, rows, length, per_token in passes:
+    if name in layouts:
+      lay = layouts[name]
+      for k in ("ids", "segment_ids", "positions", per_token):
+        batch[f"{name}_{k}"] = spec(lay.units, lay.rows, lay.row_len)
+      batch[f"{name}_lengths"] = spec(lay.units, lay.per_unit)
+    else:
+      for k in ("ids", "mask", per_token):
+        batch[f"{name}_{k}"] = spec(rows, length)
   return batch
+
+
+def packed_layouts(config, mesh) -> dict:
+  """{pass: PassLayout} of the recipe's packed passes on `mesh`, rows derived from the recipe's train data as the
+  train iterator derives them (or set in config); {} when nothing is packed."""
+  d = config.data
+  kinds = [k for k, on, modes in (("emb", d.pack_embedding, ("unified", "embedding")),
+                                  ("gen", d.pack_generative, ("unified", "generative"))) if on and d.mode in modes]
+  if not kinds:
+    return {}
+  from grit_jax.data import iterator as iterator_lib
+  from grit_jax.training import step as step_lib
+
+  small = d.copy_and_resolve_references()  # the lengths only: any batch the data holds
+  with small.unlocked():
+    small.pack_embedding = small.pack_generative = False
+    small.embedding_batch_size = small.generative_batch_size = 1
+  it = iterator_lib.TrainIterator(small)
+  return it.pack_layouts(d, kinds, **step_lib.packing_layout(config, mesh))
 
 
 def _model_config(config):
@@ -147,9 +174,10 @@ def _model_config(config):
   return ModelConfig(**config.model.to_dict())
 
 
-def abstract_step(config, model_config, mesh, rules):
+def abstract_step(config, model_config, mesh, rules, layouts: dict | None = None):
   """(the recipe's jitted train step, its abstract sharded TrainState, an abstract global batch) over `mesh`:
-  everything `.trace(state, batch)` / `.lower(...)` needs, nothing allocated."""
+  everything `.trace(state, batch)` / `.lower(...)` needs, nothing allocated. `layouts`: the packed passes'
+  shapes (`packed_layouts`)."""
   import jax
 
   from grit_jax.training import optimizer as opt_lib
@@ -159,7 +187,7 @@ def abstract_step(config, model_config, mesh, rules):
   tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
   abstract, shardings = state_lib.state_shardings(model_config, tx, mesh, rules)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch = abstract_batch(config.data, step_lib.input_batch_sharding(mesh))
+  batch = abstract_batch(config.data, step_lib.input_batch_sharding(mesh), layouts)
   return step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings), state, batch
 
 
@@ -176,13 +204,15 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
 
   model_config = _model_config(config)
   mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
-  train_step, state, batch = abstract_step(config, model_config, mesh, rules)
+  layouts = packed_layouts(config, mesh)
+  train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
 
-  flops = flops_lib.grit_step_flops_from_config(config)
+  flops = flops_lib.grit_step_flops_from_config(config, layouts)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
-                  model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices)
+                  model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices,
+                  packing=[lay.describe() for lay in layouts.values()])
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     res.attention_kernel = kernels.select_impl(model_config.attention_impl)
@@ -264,6 +294,7 @@ def format_report(config, res: AotResult) -> str:
       f"topology: {res.num_slices} x {res.topology} ({res.num_chips} chips, {_gib(res.hbm_bytes)} HBM each); "
       f"compile {res.compile_seconds:.1f} s",
   ]
+  lines += [f"packed {line}" for line in res.packing]  # token slots per pass and expected efficiency on the data
   if not res.fits and not res.temp_bytes:
     lines += ["RESULT: DOES NOT FIT (RESOURCE_EXHAUSTED at compile time)", res.error]
     return "\n".join(lines)

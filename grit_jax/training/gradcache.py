@@ -35,6 +35,15 @@ def merge_chunks(x, shards: int = 1):
   return x.reshape(n, shards, c // shards, *rest).swapaxes(0, 1).reshape(n * c, *rest)
 
 
+def split_rows(x, num_chunks: int):
+  """Packed [U, R, ...] -> [num_chunks, U, R / num_chunks, ...]: chunk k = rows [k*r, (k+1)*r) of every packing
+  unit (r = R / num_chunks). The unit axis stays where it is, so each chunk stays spread over all devices."""
+  U, R, rest = x.shape[0], x.shape[1], x.shape[2:]
+  if R % num_chunks:
+    raise ValueError(f"{R} packed rows per unit do not split into {num_chunks} chunks")
+  return x.reshape(U, num_chunks, R // num_chunks, *rest).swapaxes(0, 1)
+
+
 def chunk_shards(batch_rows: Sequence[int], num_chunks: int, shards: int) -> int:
   """`shards` when every batch splits into num_chunks x shards, else 1 (contiguous chunks: still exact, the chunks
   are then just not spread over all devices)."""
@@ -50,7 +59,7 @@ def _add(a, b):
 
 
 def gradcache(rep_fns: Sequence[Callable], params, inputs: Sequence[tuple], loss_fn: Callable, num_chunks: int, *,
-              shards: int = 1, constrain: Callable = lambda x: x):
+              shards: int = 1, constrain: Callable = lambda x: x, packed: Sequence[bool] | None = None):
   """Loss and parameter gradients of loss_fn(rep_fns[0](params, *inputs[0]), rep_fns[1](params, *inputs[1]), ...)
   computed GradCache-style.
 
@@ -59,26 +68,39 @@ def gradcache(rep_fns: Sequence[Callable], params, inputs: Sequence[tuple], loss
   loss_fn(*reps) -> (scalar objective, aux);  num_chunks: chunks per input (B_i / num_chunks rows each);
   shards: W, how many devices split the batch dim; constrain: applied to every chunked array [n, c, ...] (a sharding
   constraint keeping dim 1 on the batch axes).
+  packed[i]: input i is packed rows [U, R, ...] (grit_jax.data.packing.pack_sequences): chunks are row chunks of
+  every unit (`split_rows`), rep_fns[i] returns the representations of ALL the pass's sequences with 0 for those
+  outside the chunk's rows, so the representations are the sum over chunks and every chunk pulls back the full
+  representation gradient (a sequence's rows lie in one chunk: the other chunks' contributions to it are 0).
   Returns ((objective, aux), grads) equal to jax.value_and_grad(..., has_aux=True) of the unchunked computation.
   """
-  chunked = [tuple(constrain(split_chunks(a, num_chunks, shards)) for a in arrays) for arrays in inputs]
+  packed = tuple(packed or (False,) * len(inputs))
+  split = lambda a, p: split_rows(a, num_chunks) if p else split_chunks(a, num_chunks, shards)
+  chunked = [tuple(constrain(split(a, p)) for a in arrays) for arrays, p in zip(inputs, packed)]
 
   # Pass 1: representations without gradient, one chunk at a time.
   frozen = jax.lax.stop_gradient(params)
-  reps = [merge_chunks(jax.lax.map(lambda ch, f=f: f(frozen, *ch), xs), shards) for f, xs in zip(rep_fns, chunked)]
+  reps = []
+  for f, xs, p in zip(rep_fns, chunked, packed):
+    if p:
+      first = f(frozen, *(x[0] for x in xs))
+      rest = jax.tree.map(lambda x: x[1:], xs)
+      total, _ = jax.lax.scan(lambda acc, ch, f=f: (acc + f(frozen, *ch), None), first, rest)
+      reps.append(total)
+    else:
+      reps.append(merge_chunks(jax.lax.map(lambda ch, f=f: f(frozen, *ch), xs), shards))
 
   # Pass 2: the loss on the full batch and its gradient w.r.t. the representations.
   (objective, aux), rep_grads = jax.value_and_grad(loss_fn, argnums=tuple(range(len(reps))), has_aux=True)(*reps)
 
   # Pass 3: per chunk, pull the cached representation gradient back through the (recomputed) forward.
   grads = jax.tree.map(jnp.zeros_like, params)
-  for f, xs, g in zip(rep_fns, chunked, rep_grads):
-    g_chunks = constrain(split_chunks(g, num_chunks, shards))
-
-    def body(acc, chunk, f=f):
+  for f, xs, g, p in zip(rep_fns, chunked, rep_grads, packed):
+    def body(acc, chunk, f=f, g=g, p=p):
       arrays, g_chunk = chunk
-      _, pullback = jax.vjp(lambda p: f(p, *arrays), params)
-      return _add(acc, pullback(g_chunk.astype(jnp.float32))[0]), None
+      _, pullback = jax.vjp(lambda prm: f(prm, *arrays), params)
+      return _add(acc, pullback((g if p else g_chunk).astype(jnp.float32))[0]), None
 
+    g_chunks = None if p else constrain(split_chunks(g, num_chunks, shards))
     grads, _ = jax.lax.scan(body, grads, (xs, g_chunks))
   return (objective, aux), grads

@@ -24,6 +24,7 @@ Metrics: loss, loss_rep, accuracy (contrastive top-1 within the global batch), l
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +41,14 @@ from grit_jax.training import optimizer as opt_lib
 
 EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
 GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
-GEN_OPTIONAL = ("gen_segment_ids", "gen_positions")
+# Packed passes (grit_jax.data.packing.pack_sequences): [U, R, L] arrays (U packing units = device shares, R rows of
+# L tokens) and {pass}_lengths [U, n] (n sequences per unit). A batch is packed per pass when it has segment ids.
+PACKED_ROW_KEYS = ("ids", "segment_ids", "positions")
+PASSES = ("query", "passage", "gen")
+
+
+def is_packed(batch: dict, name: str) -> bool:
+  return f"{name}_segment_ids" in batch
 
 
 def _split_config(loss_cfg, attn, grad_accum, gradcache_chunk):
@@ -82,6 +90,32 @@ class GritObjective:
   def embed_passage(self, params, ids, mask, pool_mask):
     return self.embed(params, ids, mask, pool_mask, causal=self.causal_p)
 
+  def embed_packed(self, params, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL, *, num_per_unit: int,
+                   causal: bool):
+    """Packed rows [U, R, L] x4 -> pooled representations [U * n, D] float32 in batch order. Tokens attend only
+    inside their own sequence (segment ids), positions restart per sequence, each sequence pooled on its own text
+    tokens (grit_jax.objectives.pool_packed). With a subset of each unit's rows (GradCache chunks), the sequences
+    of the other rows come out as 0: a sum over row chunks gives the full result."""
+    U, R, L = ids_URL.shape
+    flat = lambda x: x.reshape(U * R, L)
+    out = self.model.apply({"params": params}, flat(ids_URL), None, causal=causal,
+                           positions=flat(positions_URL), segment_ids=flat(segment_ids_URL), return_logits=False)
+    hidden_UTD = out.hidden.reshape(U, R * L, -1)
+    pooled_UND = objectives.pool_packed(hidden_UTD, pool_mask_URL.reshape(U, R * L),
+                                        segment_ids_URL.reshape(U, R * L) - 1, num_per_unit,
+                                        self.loss_cfg.pooling)
+    return pooled_UND.reshape(U * num_per_unit, -1)
+
+  def pass_inputs(self, batch: dict, name: str):
+    """(representation fn(params, *arrays), arrays, packed) of the query or passage pass of a batch."""
+    causal = self.causal_q if name == "query" else self.causal_p
+    if is_packed(batch, name):
+      fn = functools.partial(self.embed_packed, num_per_unit=batch[f"{name}_lengths"].shape[1], causal=causal)
+      keys = ("ids", "segment_ids", "positions", "pool_mask")
+      return (lambda p, *a: fn(p, *a)), tuple(batch[f"{name}_{k}"] for k in keys), True
+    fn = self.embed_query if name == "query" else self.embed_passage
+    return fn, tuple(batch[f"{name}_{k}"] for k in ("ids", "mask", "pool_mask")), False
+
   def rep_loss(self, q_BD, p_PD):
     """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics."""
     l = self.loss_cfg
@@ -93,15 +127,26 @@ class GritObjective:
 
   # -- generative side ------------------------------------------------------------------------------------------
 
-  def lm_weights(self, labels_BT):
+  def lm_weights(self, gen: dict):
+    """Per-target weights [..., L-1] of the whole generative batch (padded rows [B, L] or packed [U, R, L])."""
     l = self.loss_cfg
-    return objectives.lm_token_weights(labels_BT, l.lm_loss_mode, l.lm_loss_sub_batches, l.lm_token_factor)
+    kw = {}
+    if is_packed(gen, "gen"):  # the sample of each target token; samples, not rows, are what the modes count
+      kw = dict(target_samples=gen["gen_segment_ids"][..., 1:] - 1, num_samples=gen["gen_lengths"].size)
+    return objectives.lm_token_weights(gen["gen_labels"], l.lm_loss_mode, l.lm_loss_sub_batches,
+                                       l.lm_token_factor, **kw)
 
-  def gen_terms(self, params, gen: dict, weights_BT):
-    """(sum of weighted next-token CE, MoE aux loss) of a (micro-)batch of generative rows."""
-    out = self.model.apply({"params": params}, gen["gen_ids"], gen["gen_mask"], causal=True,
-                           positions=gen.get("gen_positions"), segment_ids=gen.get("gen_segment_ids"))
-    return objectives.lm_loss(out.logits, gen["gen_labels"], weights=weights_BT), out.aux_loss
+  def gen_terms(self, params, gen: dict, weights):
+    """(sum of weighted next-token CE, MoE aux loss) of a (micro-)batch of generative rows ([B, L], or packed
+    [U, R, L] with segment ids and positions)."""
+    L = gen["gen_ids"].shape[-1]
+    flat = lambda x: None if x is None else x.reshape(-1, L)
+    packed = is_packed(gen, "gen")
+    out = self.model.apply({"params": params}, flat(gen["gen_ids"]), None if packed else gen["gen_mask"],
+                           causal=True, positions=flat(gen.get("gen_positions")),
+                           segment_ids=flat(gen.get("gen_segment_ids")))
+    return (objectives.lm_loss(out.logits, flat(gen["gen_labels"]), weights=weights.reshape(-1, L - 1)),
+            out.aux_loss)
 
   def total(self, loss_rep=None, loss_gen=None, aux=None):
     l = self.loss_cfg
@@ -115,12 +160,11 @@ class GritObjective:
     metrics = {}
     loss_rep = loss_gen = aux = None
     if "gen_ids" in batch:
-      loss_gen, aux = self.gen_terms(params, batch, self.lm_weights(batch["gen_labels"]))
+      loss_gen, aux = self.gen_terms(params, batch, self.lm_weights(batch))
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
     if "query_ids" in batch:
-      q_BD = self.embed_query(params, batch["query_ids"], batch["query_mask"], batch["query_pool_mask"])
-      p_PD = self.embed_passage(params, batch["passage_ids"], batch["passage_mask"], batch["passage_pool_mask"])
-      loss_rep, acc = self.rep_loss(q_BD, p_PD)
+      (q_fn, q_in, _), (p_fn, p_in, _) = self.pass_inputs(batch, "query"), self.pass_inputs(batch, "passage")
+      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in))
       metrics.update(loss_rep=loss_rep, accuracy=acc)
     total = self.total(loss_rep, loss_gen, aux)
     metrics["loss"] = total
@@ -134,14 +178,17 @@ class GritObjective:
     metrics = {}
     loss_rep = loss_gen = aux = None
     if "gen_ids" in batch:
-      gen = {k: batch[k] for k in GEN_KEYS + GEN_OPTIONAL if k in batch}
-      weights = self.lm_weights(gen["gen_labels"])
-      gen["weights"] = jnp.pad(weights, ((0, 0), (0, 1)))  # [B, T]: same row layout as the other arrays
-      shards = gc.chunk_shards([gen["gen_ids"].shape[0]], grad_accum, self.shards)
-      micro = {k: self._chunk_constraint(gc.split_chunks(v, grad_accum, shards), shards) for k, v in gen.items()}
+      packed = is_packed(batch, "gen")
+      gen = {k: v for k, v in batch.items() if k.startswith("gen_") and k != "gen_lengths"}
+      gen["weights"] = jnp.pad(self.lm_weights(batch), [(0, 0)] * (gen["gen_ids"].ndim - 1) + [(0, 1)])
+      if packed:  # micro-batches = row chunks of every unit (the units stay on their devices)
+        micro = {k: self._chunk_constraint(gc.split_rows(v, grad_accum), self.shards) for k, v in gen.items()}
+      else:
+        shards = gc.chunk_shards([gen["gen_ids"].shape[0]], grad_accum, self.shards)
+        micro = {k: self._chunk_constraint(gc.split_chunks(v, grad_accum, shards), shards) for k, v in gen.items()}
 
       def micro_objective(p, mb):
-        ce_sum, mb_aux = self.gen_terms(p, mb, mb["weights"][:, :-1])
+        ce_sum, mb_aux = self.gen_terms(p, mb, mb["weights"][..., :-1])
         return self.total(None, ce_sum, mb_aux / grad_accum), (ce_sum, mb_aux)
 
       def body(acc, mb):
@@ -152,16 +199,17 @@ class GritObjective:
       loss_gen, aux = ce_parts.sum(), aux_parts.mean()
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
     if "query_ids" in batch:
-      q_in = tuple(batch[k] for k in EMB_KEYS[:3])
-      p_in = tuple(batch[k] for k in EMB_KEYS[3:])
-      shards = gc.chunk_shards([q_in[0].shape[0], p_in[0].shape[0]], emb_chunks, self.shards)
+      (q_fn, q_in, q_packed), (p_fn, p_in, p_packed) = (self.pass_inputs(batch, "query"),
+                                                        self.pass_inputs(batch, "passage"))
+      padded_rows = [x[0].shape[0] for x, packed in ((q_in, q_packed), (p_in, p_packed)) if not packed]
+      shards = gc.chunk_shards(padded_rows, emb_chunks, self.shards) if padded_rows else self.shards
 
       def rep_objective(q_BD, p_PD):
         loss, acc = self.rep_loss(q_BD, p_PD)
         return l.lambda_rep * loss, (loss, acc)
 
-      (_, (loss_rep, acc)), g_rep = gc.gradcache((self.embed_query, self.embed_passage), params, (q_in, p_in),
-                                                 rep_objective, emb_chunks, shards=shards,
+      (_, (loss_rep, acc)), g_rep = gc.gradcache((q_fn, p_fn), params, (q_in, p_in), rep_objective, emb_chunks,
+                                                 shards=shards, packed=(q_packed, p_packed),
                                                  constrain=functools.partial(self._chunk_constraint, shards=shards))
       grads = jax.tree.map(jnp.add, grads, g_rep)
       metrics.update(loss_rep=loss_rep, accuracy=acc)
@@ -176,35 +224,61 @@ class GritObjective:
                          "grad_accum >= 1 and gradcache_chunk >= 0")
     emb_chunks = 1
     if "query_ids" in batch:
-      num_q = batch["query_ids"].shape[0]
+      num_q = (batch["query_lengths"].size if is_packed(batch, "query") else batch["query_ids"].shape[0])
       if gradcache_chunk and num_q % gradcache_chunk:
         raise GritJaxError(f"config.train.gradcache_chunk={gradcache_chunk} does not divide the {num_q} queries "
                            "of the batch")
       emb_chunks = num_q // gradcache_chunk if gradcache_chunk else grad_accum
       if num_q % emb_chunks:
         raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {num_q} queries of the batch")
+      for name in ("query", "passage"):
+        rows = batch[f"{name}_ids"].shape[1] if is_packed(batch, name) else 0
+        if rows % emb_chunks:
+          raise GritJaxError(f"packed {name} pass: {rows} rows per unit do not split into the {emb_chunks} "
+                             "GradCache chunks (the data iterator rounds rows up to a multiple of them)")
     if "gen_ids" in batch:
-      rows = batch["gen_ids"].shape[0]
-      if rows % grad_accum:
-        raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} generative rows")
+      if is_packed(batch, "gen"):
+        rows, samples = batch["gen_ids"].shape[1], batch["gen_lengths"].size
+        if rows % grad_accum:
+          raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} packed generative "
+                             "rows per unit")
+      else:
+        rows = samples = batch["gen_ids"].shape[0]
+        if rows % grad_accum:
+          raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} generative rows")
       sub = self.loss_cfg.lm_loss_sub_batches
-      if self.loss_cfg.lm_loss_mode == "mixed" and (sub < 1 or rows % sub):
-        raise GritJaxError(f"config.loss.lm_loss_sub_batches={sub}: must divide the {rows} generative rows")
+      if self.loss_cfg.lm_loss_mode == "mixed" and (sub < 1 or samples % sub):
+        raise GritJaxError(f"config.loss.lm_loss_sub_batches={sub}: must divide the {samples} generative samples")
     if grad_accum == 1 and emb_chunks == 1:
       return jax.value_and_grad(self.loss, has_aux=True)(params, batch)
     return self.chunked_grads(params, batch, grad_accum, emb_chunks)
 
   def _chunk_constraint(self, x_NC, shards: int):
     """Chunked arrays [n, c, ...]: chunk rows stay split over the batch axes (when chunks span every shard)."""
-    if not self.batch_axes or shards != self.shards:
+    if not self.batch_axes or shards != self.shards or x_NC.shape[1] % shards:
       return x_NC
     return jax.lax.with_sharding_constraint(x_NC, NamedSharding(self.mesh, P(None, self.batch_axes)))
 
 
+def _pass_tokens(batch: dict, name: str):
+  """(text tokens, token slots) of one pass: what the pass holds vs what the accelerator computes."""
+  real = batch[f"{name}_segment_ids"] > 0 if is_packed(batch, name) else batch[f"{name}_mask"] > 0
+  return jnp.sum(real.astype(jnp.int32)), real.size
+
+
 def batch_tokens(batch: dict):
   """Non-padding tokens of every pass in the batch."""
-  keys = [k for k in ("query_mask", "passage_mask", "gen_mask") if k in batch]
-  return sum((jnp.sum(batch[k].astype(jnp.int32)) for k in keys), jnp.zeros((), jnp.int32))
+  return sum((_pass_tokens(batch, n)[0] for n in PASSES if f"{n}_ids" in batch), jnp.zeros((), jnp.int32))
+
+
+def packing_efficiency(batch: dict) -> dict:
+  """efficiency_{query,passage,gen}: text tokens / token slots of each pass (padded or packed)."""
+  out = {}
+  for name in PASSES:
+    if f"{name}_ids" in batch:
+      tokens, slots = _pass_tokens(batch, name)
+      out[f"efficiency_{name}"] = tokens.astype(jnp.float32) / slots
+  return out
 
 
 class MeshFn:
@@ -244,6 +318,15 @@ def input_batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(tuple(a for a in mesh_lib.INPUT_BATCH_AXES if a in mesh.axis_names)))
 
 
+def packing_layout(config, mesh) -> dict:
+  """What the data iterator packs for (make_train_iterator's packing_kw): one unit per input batch shard of `mesh`,
+  and rows that split into the step's embedding chunks and generative micro-batches."""
+  t, d = config.train, config.data
+  shards = math.prod(mesh.shape[a] for a in mesh_lib.INPUT_BATCH_AXES if a in mesh.axis_names)
+  emb_chunks = d.embedding_batch_size // t.gradcache_chunk if t.gradcache_chunk else t.grad_accum
+  return {"batch_shards": shards, "chunks": (max(emb_chunks, 1), t.grad_accum)}
+
+
 def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,
                     gradcache_chunk: int | None = None, state_shardings: Any = None, donate: bool = True):
   """Returns step(state, batch) -> (new state, metrics): one jitted GRIT update.
@@ -260,7 +343,8 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
   def step(state, batch):
     (loss, metrics), grads = obj.value_and_grad(state.params, batch, grad_accum, gradcache_chunk)
     new_state = state.apply_gradients(grads)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), tokens=batch_tokens(batch))
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), tokens=batch_tokens(batch),
+                   **packing_efficiency(batch))
     try:
       metrics["lr"] = opt_lib.current_lr(new_state.opt_state)
     except ValueError:  # an optimizer not built by make_optimizer: no lr to report

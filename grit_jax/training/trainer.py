@@ -81,14 +81,20 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     start = 0
     state = run.init_state()
 
-  it = data_lib.make_train_iterator(config.data, shard_index=jax.process_index(), num_shards=jax.process_count())
+  from grit_jax.training import step as step_lib
+
+  it = data_lib.make_train_iterator(config.data, shard_index=jax.process_index(), num_shards=jax.process_count(),
+                                    **step_lib.packing_layout(config, run.mesh))
+  if it.packer is not None and primary:
+    print(it.packer.describe(), flush=True)
   if data_state is not None:
     it.set_state(data_state)
 
   evaluate = eval_lib.Evaluator(run, config)
   log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
   stop = min(t.stop_after or t.steps, t.steps)
-  flops = flops_lib.grit_step_flops_from_config(config).total
+  # the packed rows are what a packed step computes
+  flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
   peak = flops_lib.peak_flops(jax.devices())
   bar = None
   if progress and primary and stop > start:
@@ -158,6 +164,8 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
           bar.write(f"step {step} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
     final = max(stop, start)
     summary = {"step": final, "resumed_from": start, **last_metrics}
+    if it.packer is not None:
+      summary["pack_fallback_steps"] = it.packer.fallbacks
     cut = data_lib.iterator.truncation_report(_sum_over_processes(it.truncated), _sum_over_processes(it.texts))
     if cut and primary:
       print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
