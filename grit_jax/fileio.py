@@ -1,8 +1,21 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader, or a crash, sees the old file or the new one, never half of one) and JSON reads
+whose failures name the file."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Callable, IO
+from typing import Any, Callable, IO
+
+from grit_jax.errors import GritJaxError
+
+
+def read_json(path: str, what: str = "JSON") -> Any:
+  """The parsed file; a missing, unreadable, non-UTF-8 or malformed one is a GritJaxError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise GritJaxError(f"{path}: cannot read {what} ({e})") from e
 
 
 def atomic_write(path: str, write: Callable[[IO], object], mode: str = "w") -> None:

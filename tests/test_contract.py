@@ -252,3 +252,16 @@ def test_serving_a_model_with_a_larger_tokenizer_is_an_error(tmp_path):
   with pytest.raises(GritJaxError, match=r"tokenizer .*tokenizer.model: the tokenizer has \d+ pieces but the "
                                          r"model's vocab_size is 512"):
     GritLM(config, init_params(config), Tokenizer(os.path.join(ROOT, "data", "tokenizer.model")))
+
+
+def test_damaged_json_files_are_named(tmp_path):
+  """A model's config.json or grit_settings.json that is not UTF-8 JSON: one error naming the file."""
+  from grit_jax.convert import settings as settings_lib
+  from grit_jax.modeling import ModelConfig
+
+  (tmp_path / "config.json").write_bytes(b"\xff\xfe{not json")
+  with pytest.raises(GritJaxError, match=rf"{tmp_path}/config.json: cannot read the Hugging Face config"):
+    ModelConfig.from_hf(str(tmp_path))
+  (tmp_path / settings_lib.SETTINGS_FILE).write_text('{"version": ')
+  with pytest.raises(GritJaxError, match=rf"{settings_lib.SETTINGS_FILE}: cannot read the model's settings"):
+    settings_lib.read(str(tmp_path))

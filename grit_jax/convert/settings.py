@@ -24,6 +24,7 @@ import shutil
 
 from grit_jax import contract
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import read_json
 
 SETTINGS_FILE = "grit_settings.json"
 VERSION = 1
@@ -72,11 +73,7 @@ def read(model_dir: str) -> Settings:
   path = os.path.join(model_dir, SETTINGS_FILE)
   if not os.path.isfile(path):
     return Settings()
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise GritJaxError(f"{path}: unreadable ({e})") from e
+  raw = read_json(path, "the model's settings")
   if not isinstance(raw, dict) or raw.get("version") != VERSION:
     raise GritJaxError(f"{path}: expected a JSON object with version={VERSION}")
   fields = {f.name for f in dataclasses.fields(Settings)} - {"source"}

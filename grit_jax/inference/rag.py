@@ -28,7 +28,7 @@ import numpy as np
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, read_json
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
 
@@ -151,11 +151,7 @@ class RagIndex:
   def load(cls, path: str) -> "RagIndex":
     """Every damaged or missing file is a GritJaxError naming it."""
     meta_path = os.path.join(path, "index.json")
-    try:
-      with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise GritJaxError(f"{meta_path}: cannot read index metadata ({e})") from e
+    meta = read_json(meta_path, "index metadata")
     if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
       raise GritJaxError(f"{meta_path}: index version {meta.get('version') if isinstance(meta, dict) else None}, "
                          f"expected {INDEX_VERSION}: rebuild the index")

@@ -6,11 +6,11 @@ demos). `from_hf` reads a Hugging Face config.json; `to_hf_dict` writes one that
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import read_json
 
 DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "flat")
@@ -110,11 +110,7 @@ class ModelConfig:
       source = path
       if not os.path.isfile(path):
         raise GritJaxError(f"{path}: no Hugging Face config.json")
-      try:
-        with open(path) as f:
-          hf = json.load(f)
-      except json.JSONDecodeError as e:
-        raise GritJaxError(f"{path}: not valid JSON ({e})") from e
+      hf = read_json(path, "the Hugging Face config")
 
     model_type = hf.get("model_type")
     if model_type not in ("mistral", "mixtral"):
