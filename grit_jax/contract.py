@@ -270,9 +270,9 @@ def with_model(config, model):
 def _check_files(c, model) -> None:
   emb, gen = passes(c.data)
   if not os.path.isdir(c.data.train_dir):
-    raise GritJaxError(f"config.data.train_dir={c.data.train_dir!r}: no such folder")
+    raise GritJaxError(f"config.data.train_dir={c.data.train_dir!r}: not a folder")
   if c.data.eval_dir and not os.path.isdir(c.data.eval_dir):
-    raise GritJaxError(f"config.data.eval_dir={c.data.eval_dir!r}: no such folder (set it to '' for no eval)")
+    raise GritJaxError(f"config.data.eval_dir={c.data.eval_dir!r}: not a folder (set it to '' for no eval)")
   from grit_jax.data.tokenizer import Tokenizer
 
   check_vocab(Tokenizer(c.data.tokenizer).vocab_size, model.vocab_size, key=f"config.data.tokenizer={c.data.tokenizer!r}")
