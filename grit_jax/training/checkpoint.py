@@ -49,7 +49,7 @@ LOCK_FILE = ".grit_jax.lock"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
-def _allgather_json(obj: Any) -> list[Any]:
+def allgather_json(obj: Any) -> list[Any]:
   """Every process's `obj` (JSON-serialisable), in process order, on every process."""
   if jax.process_count() == 1:
     return [obj]
@@ -66,7 +66,7 @@ def _allgather_json(obj: Any) -> list[Any]:
 
 def _first_error(error: str | None) -> str | None:
   """The first process's error (collective), so every process takes the same decision."""
-  errors = _allgather_json(error)
+  errors = allgather_json(error)
   for i, e in enumerate(errors):
     if e is not None:
       return e if len(errors) == 1 else f"(process {i}) {e}"
@@ -342,7 +342,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict) -> None:
     """Starts an async save of `state` at `step`. Collective: every process calls it with its own data_state."""
-    states = _allgather_json(data_state)
+    states = allgather_json(data_state)
     data = {f"process_{i}": s for i, s in enumerate(states)}
     meta = dict(meta, step=int(step), process_count=jax.process_count())
     self.wait()  # orbax would wait too; _sealing must not change under a running callback
@@ -438,7 +438,7 @@ class Checkpointer:
           target, n = dest / f"{step}.{n}", n + 1
         epath.Path(self._step_dir(step)).rename(target)
         _warn(f"moved damaged checkpoint step {step} to {target}")
-    _allgather_json(None)  # every process waits for the moves
+    allgather_json(None)  # every process waits for the moves
     self.manager.reload()
 
   def delete(self, step: int) -> None:

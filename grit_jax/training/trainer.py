@@ -212,7 +212,7 @@ class _Preemption:
 
 def _sum_over_processes(counts: dict) -> dict:
   """Host-side counts of this process -> the run's (collective)."""
-  per_process = ckpt_lib._allgather_json({k: int(v) for k, v in counts.items()})  # pylint: disable=protected-access
+  per_process = ckpt_lib.allgather_json({k: int(v) for k, v in counts.items()})
   return {k: sum(c[k] for c in per_process) for k in counts}
 
 
