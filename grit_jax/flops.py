@@ -190,11 +190,16 @@ def _dot_general_flops(eqn) -> float:
 
 
 def _ragged_dot_flops(eqn) -> float:
-  """lhs [M, K] x group weights [G, K, N] -> [M, N]: each row meets one group's weights."""
-  lhs = eqn.invars[0].aval.shape
+  """Each lhs element meets one group's weights, whichever dimension is ragged: 2 x |lhs| x the rhs dims that are
+  neither contracted, batch nor group. (The product of the output and contracted sizes would count the ragged-
+  contracting dot of the weight gradient, lhs [M, K] x dy [M, N] -> dw [G, K, N], G times over.)"""
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
   numbers = eqn.params.get("ragged_dot_dimension_numbers")
-  contract = numbers.dot_dimension_numbers[0][0] if numbers is not None else (len(lhs) - 1,)
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+  if numbers is None:  # ragged_dot: lhs [M, K] x rhs [G, K, N]
+    return 2.0 * math.prod(lhs) * rhs[-1]
+  (_, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
+  bound = set(rhs_contract) | set(rhs_batch) | set(numbers.rhs_group_dimensions)
+  return 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in bound)
 
 
 def _pallas_flops(eqn, acc: ExecutedFlops) -> float:

@@ -110,6 +110,42 @@ def test_auto_attention_compiles_splash_for_tpu(compiled_tiny):
   assert results["v5p-8"].kernel_flops > 0
 
 
+def _traced_executed_flops(config, topology: str):
+  """Executed FLOPs of the recipe's step traced (not compiled) over the topology's abstract mesh, as aot counts them."""
+  import flax.linen as nn
+  from grit_jax.training import mesh as mesh_lib
+
+  mesh, rules = mesh_lib.make_mesh(config.mesh, topologies.get_topology(topology).devices())
+  step, state, batch = aot.abstract_step(config, aot._model_config(config), mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return flops.executed_flops(step.trace(state, batch).jaxpr)
+
+
+@needs_libtpu
+def test_routed_moe_compiles_xla_ragged_dot_for_tpu(tmp_path):
+  """moe_impl=ragged (the default) in the real step compiled for a v5p slice: the routed path picks
+  jax.lax.ragged_dot under the abstract TPU mesh, which XLA:TPU compiles to its ragged-dot kernel, and the CPU
+  path's tile loop (a while loop inside the MoE layer) is absent. Each token runs its k=2 of E=4 experts, so the
+  executed FLOPs are the model FLOPs plus the remat recompute, well under the dense path's (every expert)."""
+  moe = ["--config.model.num_experts=4", "--config.model.num_experts_per_tok=2",
+         "--config.model.router_aux_loss_coef=0.02", "--config.model.scan_layers=True",
+         "--config.model.remat_policy=full",
+         "--config.model.intermediate_size=2048"]  # experts dominate the step, as in Mixtral
+  config = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5p-8", *moe])[0]
+  assert config.model.moe_impl == "ragged"
+  path = tmp_path / "moe.hlo"
+  res = aot.compile_for_topology(config, "v5p-8", hlo_path=str(path))
+  text = path.read_text()
+  assert res.fits
+  assert "ragged-dot" in text and 'custom_call_target="tpu_custom_call"' in text
+  assert "block_sparse_moe/shard_map/while" not in text  # the tiled gmm's fori_loop
+  # full remat: forward + recomputed forward + 2 x backward = 4/3 x model FLOPs, plus attention's padded blocks
+  assert 1.3 * res.model_flops < res.executed_flops < 1.5 * res.model_flops, res.executed_flops / res.model_flops
+  dense = _traced_executed_flops(aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5p-8", *moe,
+                                                 "--config.model.moe_impl=dense"])[0], "v5p-8")
+  assert dense.total > 1.6 * res.executed_flops  # the expert matmuls alone: E/k = 2x
+
+
 @needs_libtpu
 def test_target_platform_of_a_tpu_topology_mesh():
   from grit_jax.modeling import kernels
@@ -273,6 +309,17 @@ def test_flops_hand_worked():
   moe = dict(cfg, num_experts=4, num_experts_per_tok=2)
   assert flops.matmul_params_per_layer(moe) == 192 + 2 * 384 + 32
   assert flops.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
+
+
+def test_executed_flops_of_ragged_dot_and_its_gradients():
+  """A routed matmul x [M, K] by groups of w [G, K, N]: each row meets one group, forward 2MKN; its gradients (dx a
+  ragged dot with w^T, dw a ragged-contracting dot into [G, K, N]) 2MKN each, not G times that."""
+  M, K, N, G = 16, 8, 32, 4
+  sizes = jnp.array([5, 0, 3, 8], jnp.int32)
+  f = lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes))
+  args = (jnp.ones((M, K)), jnp.ones((G, K, N)))
+  assert flops.executed_flops(jax.make_jaxpr(f)(*args)).total == 2 * M * K * N
+  assert flops.executed_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args)).total == 3 * 2 * M * K * N
 
 
 def test_flops_7b_recipe_is_about_6ND():
