@@ -176,6 +176,8 @@ class ExecutedFlops:
   """Matmul FLOPs one call of a program executes (all devices together)."""
   total: float = 0.0
   kernels: float = 0.0          # part of total in Pallas attention kernels (counted over every key block)
+  loops_once: float = 0.0       # total with every loop body counted once: XLA cost_analysis's convention, which
+                                # MaxText prints (compares programs whose layer loop is one scan, kernels included)
   unknown_loops: int = 0        # while loops of unknown trip count, counted once (0 for the train step)
   uncounted_kernels: int = 0    # Pallas kernels with neither a cost estimate nor an attention signature
 
@@ -218,46 +220,51 @@ def _pallas_flops(eqn, acc: ExecutedFlops) -> float:
   return 0.0
 
 
-def _count(jaxpr, acc: ExecutedFlops, mult: float) -> None:
+def _count(jaxpr, acc: ExecutedFlops, mult: float, once: float) -> None:
+  """Adds `jaxpr`'s FLOPs run `mult` times to acc.total, and run `once` times (loop trip counts left out) to
+  acc.loops_once."""
   from jax._src import core
 
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    flops = 0.0
     if name == "dot_general":
-      acc.total += mult * _dot_general_flops(eqn)
+      flops = _dot_general_flops(eqn)
     elif name in ("ragged_dot", "ragged_dot_general"):
-      acc.total += mult * _ragged_dot_flops(eqn)
+      flops = _ragged_dot_flops(eqn)
     elif name == "pallas_call":
       before = acc.kernels
       flops = _pallas_flops(eqn, acc)
       acc.kernels = before + mult * (acc.kernels - before)
-      acc.total += mult * flops
     elif name == "scan":
-      _count(eqn.params["jaxpr"].jaxpr, acc, mult * eqn.params["length"])
+      _count(eqn.params["jaxpr"].jaxpr, acc, mult * eqn.params["length"], once)
     elif name == "while":
       acc.unknown_loops += 1
-      _count(eqn.params["body_jaxpr"].jaxpr, acc, mult)
+      _count(eqn.params["body_jaxpr"].jaxpr, acc, mult, once)
     elif name == "cond":  # the most expensive branch
       costs = []
       for branch in eqn.params["branches"]:
         sub = ExecutedFlops()
-        _count(branch.jaxpr, sub, mult)
+        _count(branch.jaxpr, sub, mult, once)
         costs.append(sub)
       worst = max(costs, key=lambda c: c.total)
       acc.total += worst.total
       acc.kernels += worst.kernels
+      acc.loops_once += worst.loops_once
     elif name == "shard_map":  # the body sees one shard: it runs once per device of the manual axes
       mesh = eqn.params["mesh"]
       shards = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
-      _count(eqn.params["jaxpr"], acc, mult * shards)
+      _count(eqn.params["jaxpr"], acc, mult * shards, once * shards)
     else:
       for sub in core.jaxprs_in_params(eqn.params):
-        _count(sub, acc, mult)
+        _count(sub, acc, mult, once)
+    acc.total += mult * flops
+    acc.loops_once += once * flops
 
 
 def executed_flops(closed_jaxpr) -> ExecutedFlops:
   """Matmul FLOPs of one call of a traced program (`jax.make_jaxpr(f)(...)`, or `jitted.trace(...).jaxpr`),
   global: divide by the chips for a per-chip number (FSDP and data parallelism split every matmul evenly)."""
   acc = ExecutedFlops()
-  _count(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), acc, 1.0)
+  _count(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), acc, 1.0, 1.0)
   return acc

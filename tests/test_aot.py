@@ -398,6 +398,9 @@ def test_executed_flops_counts_the_program():
   assert plain.total == pytest.approx(model + scores + pooling, rel=1e-9) and plain.unknown_loops == 0
   scanned = executed(remat_policy="none", scan_layers=True)
   assert scanned.total == pytest.approx(plain.total, rel=1e-9)
+  # cost_analysis's convention (a loop body once): unrolled it is the total; the 2-layer scan drops one layer
+  assert plain.loops_once == plain.total and config.model.num_layers == 2
+  assert scanned.loops_once == pytest.approx(plain.total - model / 2, rel=1e-9)
   # Full remat recomputes each layer's forward in the backward, except down_proj: the backward needs its input and
   # the incoming gradient, never its output (jax drops it from the recomputation).
   remat = executed(remat_policy="full", scan_layers=True)
