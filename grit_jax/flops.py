@@ -192,16 +192,21 @@ def _dot_general_flops(eqn) -> float:
 
 
 def _ragged_dot_flops(eqn) -> float:
-  """Each lhs element meets one group's weights, whichever dimension is ragged: 2 x |lhs| x the rhs dims that are
-  neither contracted, batch nor group. (The product of the output and contracted sizes would count the ragged-
-  contracting dot of the weight gradient, lhs [M, K] x dy [M, N] -> dw [G, K, N], G times over.)"""
+  """A ragged dot with ragged rows (forward lhs [M, K] x groups [G, K, N] -> [M, N], and dx): each row meets one
+  group, 2 x |lhs| x the rhs dims neither contracted, batch nor group. With the ragged dimension contracted (the
+  weight gradient, x [M, K] x dy [M, N] -> dw [G, K, N]) XLA:TPU (libtpu 0.0.42.1) does not group the rows: it
+  compiles a product of [G, M, K] and [G, M, N] copies masked to each group's rows (a convolution over G), every
+  group over all M rows, so it executes 2 x G x M x K x N, G times what the grouping needs; counted as executed."""
   lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
   numbers = eqn.params.get("ragged_dot_dimension_numbers")
   if numbers is None:  # ragged_dot: lhs [M, K] x rhs [G, K, N]
     return 2.0 * math.prod(lhs) * rhs[-1]
-  (_, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
+  (lhs_contract, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
   bound = set(rhs_contract) | set(rhs_batch) | set(numbers.rhs_group_dimensions)
-  return 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in bound)
+  flops = 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in bound)
+  if set(numbers.lhs_ragged_dimensions) & set(lhs_contract):
+    flops *= eqn.invars[2].aval.shape[0]  # group_sizes [G]: the masked product over every group
+  return flops
 
 
 def _pallas_flops(eqn, acc: ExecutedFlops) -> float:
