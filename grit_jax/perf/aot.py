@@ -15,9 +15,10 @@ What the numbers mean:
 - model FLOPs: grit_jax.flops (embedding passes and generative pass counted separately; no remat recompute): what
   MFU divides by.
 - executed FLOPs per chip: the matmuls the traced step really runs (grit_jax.flops.executed_flops: scanned layers
-  x num_layers, remat's recomputed forward, all experts of a dense MoE, Pallas attention kernels over every key
-  block), over the chips. XLA's cost_analysis is printed beside it, as MaxText prints it: it counts a scanned
-  layer stack's loop body once and Pallas kernels not at all.
+  x num_layers, remat's recomputed forward, all experts of a dense MoE, the routed MoE's weight gradient over all
+  experts as XLA:TPU compiles it, Pallas attention kernels over every key block), over the chips. XLA's
+  cost_analysis is printed beside it, as MaxText prints it: it counts a scanned layer stack's loop body once and
+  Pallas kernels not at all; so does the "executed with each loop once" number printed next to it.
 - collectives: per kind, the static ops of the compiled program, how often they run (loops multiplied out) and the
   bytes each chip receives per step (grit_jax.perf.hlo); with several slices, which of them cross the data-center
   network and their bytes, largest first.
