@@ -176,6 +176,8 @@ class ExecutedFlops:
   """Matmul FLOPs one call of a program executes (all devices together)."""
   total: float = 0.0
   kernels: float = 0.0          # part of total in Pallas attention kernels (counted over every key block)
+  loops_once: float = 0.0       # total with every loop body counted once: XLA cost_analysis's convention, which
+                                # MaxText prints (compares programs whose layer loop is one scan, kernels included)
   unknown_loops: int = 0        # while loops of unknown trip count, counted once (0 for the train step)
   uncounted_kernels: int = 0    # Pallas kernels with neither a cost estimate nor an attention signature
 
@@ -190,11 +192,21 @@ def _dot_general_flops(eqn) -> float:
 
 
 def _ragged_dot_flops(eqn) -> float:
-  """lhs [M, K] x group weights [G, K, N] -> [M, N]: each row meets one group's weights."""
-  lhs = eqn.invars[0].aval.shape
+  """A ragged dot with ragged rows (forward lhs [M, K] x groups [G, K, N] -> [M, N], and dx): each row meets one
+  group, 2 x |lhs| x the rhs dims neither contracted, batch nor group. With the ragged dimension contracted (the
+  weight gradient, x [M, K] x dy [M, N] -> dw [G, K, N]) XLA:TPU (libtpu 0.0.42.1) does not group the rows: it
+  compiles a product of [G, M, K] and [G, M, N] copies masked to each group's rows (a convolution over G), every
+  group over all M rows, so it executes 2 x G x M x K x N, G times what the grouping needs; counted as executed."""
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
   numbers = eqn.params.get("ragged_dot_dimension_numbers")
-  contract = numbers.dot_dimension_numbers[0][0] if numbers is not None else (len(lhs) - 1,)
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+  if numbers is None:  # ragged_dot: lhs [M, K] x rhs [G, K, N]
+    return 2.0 * math.prod(lhs) * rhs[-1]
+  (lhs_contract, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
+  bound = set(rhs_contract) | set(rhs_batch) | set(numbers.rhs_group_dimensions)
+  flops = 2.0 * math.prod(lhs) * math.prod(n for d, n in enumerate(rhs) if d not in bound)
+  if set(numbers.lhs_ragged_dimensions) & set(lhs_contract):
+    flops *= eqn.invars[2].aval.shape[0]  # group_sizes [G]: the masked product over every group
+  return flops
 
 
 def _pallas_flops(eqn, acc: ExecutedFlops) -> float:
@@ -213,46 +225,51 @@ def _pallas_flops(eqn, acc: ExecutedFlops) -> float:
   return 0.0
 
 
-def _count(jaxpr, acc: ExecutedFlops, mult: float) -> None:
+def _count(jaxpr, acc: ExecutedFlops, mult: float, once: float) -> None:
+  """Adds `jaxpr`'s FLOPs run `mult` times to acc.total, and run `once` times (loop trip counts left out) to
+  acc.loops_once."""
   from jax._src import core
 
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
+    flops = 0.0
     if name == "dot_general":
-      acc.total += mult * _dot_general_flops(eqn)
+      flops = _dot_general_flops(eqn)
     elif name in ("ragged_dot", "ragged_dot_general"):
-      acc.total += mult * _ragged_dot_flops(eqn)
+      flops = _ragged_dot_flops(eqn)
     elif name == "pallas_call":
       before = acc.kernels
       flops = _pallas_flops(eqn, acc)
       acc.kernels = before + mult * (acc.kernels - before)
-      acc.total += mult * flops
     elif name == "scan":
-      _count(eqn.params["jaxpr"].jaxpr, acc, mult * eqn.params["length"])
+      _count(eqn.params["jaxpr"].jaxpr, acc, mult * eqn.params["length"], once)
     elif name == "while":
       acc.unknown_loops += 1
-      _count(eqn.params["body_jaxpr"].jaxpr, acc, mult)
+      _count(eqn.params["body_jaxpr"].jaxpr, acc, mult, once)
     elif name == "cond":  # the most expensive branch
       costs = []
       for branch in eqn.params["branches"]:
         sub = ExecutedFlops()
-        _count(branch.jaxpr, sub, mult)
+        _count(branch.jaxpr, sub, mult, once)
         costs.append(sub)
       worst = max(costs, key=lambda c: c.total)
       acc.total += worst.total
       acc.kernels += worst.kernels
+      acc.loops_once += worst.loops_once
     elif name == "shard_map":  # the body sees one shard: it runs once per device of the manual axes
       mesh = eqn.params["mesh"]
       shards = math.prod(mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names))
-      _count(eqn.params["jaxpr"], acc, mult * shards)
+      _count(eqn.params["jaxpr"], acc, mult * shards, once * shards)
     else:
       for sub in core.jaxprs_in_params(eqn.params):
-        _count(sub, acc, mult)
+        _count(sub, acc, mult, once)
+    acc.total += mult * flops
+    acc.loops_once += once * flops
 
 
 def executed_flops(closed_jaxpr) -> ExecutedFlops:
   """Matmul FLOPs of one call of a traced program (`jax.make_jaxpr(f)(...)`, or `jitted.trace(...).jaxpr`),
   global: divide by the chips for a per-chip number (FSDP and data parallelism split every matmul evenly)."""
   acc = ExecutedFlops()
-  _count(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), acc, 1.0)
+  _count(getattr(closed_jaxpr, "jaxpr", closed_jaxpr), acc, 1.0, 1.0)
   return acc

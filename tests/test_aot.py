@@ -110,6 +110,43 @@ def test_auto_attention_compiles_splash_for_tpu(compiled_tiny):
   assert results["v5p-8"].kernel_flops > 0
 
 
+def _traced_executed_flops(config, topology: str):
+  """Executed FLOPs of the recipe's step traced (not compiled) over the topology's abstract mesh, as aot counts them."""
+  import flax.linen as nn
+  from grit_jax.training import mesh as mesh_lib
+
+  mesh, rules = mesh_lib.make_mesh(config.mesh, topologies.get_topology(topology).devices())
+  step, state, batch = aot.abstract_step(config, aot._model_config(config), mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return flops.executed_flops(step.trace(state, batch).jaxpr)
+
+
+@needs_libtpu
+def test_routed_moe_compiles_xla_ragged_dot_for_tpu(tmp_path):
+  """moe_impl=ragged (the default) in the real step compiled for a v5p slice: the routed path picks
+  jax.lax.ragged_dot under the abstract TPU mesh, which XLA:TPU compiles to its ragged-dot kernel, and the CPU
+  path's tile loop (a while loop inside the MoE layer) is absent. Forward, recompute and dx run each token's k=2
+  of E=4 experts; the weight gradient XLA:TPU computes masked over every expert (grit_jax.flops counts it so), so
+  the step executes fewer FLOPs than the dense path, by less than E/k."""
+  moe = ["--config.model.num_experts=4", "--config.model.num_experts_per_tok=2",
+         "--config.model.router_aux_loss_coef=0.02", "--config.model.scan_layers=True",
+         "--config.model.remat_policy=full",
+         "--config.model.intermediate_size=2048"]  # experts dominate the step, as in Mixtral
+  config = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5p-8", *moe])[0]
+  assert config.model.moe_impl == "ragged"
+  path = tmp_path / "moe.hlo"
+  res = aot.compile_for_topology(config, "v5p-8", hlo_path=str(path))
+  text = path.read_text()
+  assert res.fits
+  assert "ragged-dot" in text and 'custom_call_target="tpu_custom_call"' in text
+  assert "block_sparse_moe/shard_map/while" not in text  # the tiled gmm's fori_loop
+  # routed experts: forward + recompute + dx = 3/4 of 4/3 x model FLOPs, dw masked over E=4 experts: 4 x 1/4 of it
+  assert 2.2 * res.model_flops < res.executed_flops < 2.5 * res.model_flops, res.executed_flops / res.model_flops
+  dense = _traced_executed_flops(aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5p-8", *moe,
+                                                 "--config.model.moe_impl=dense"])[0], "v5p-8")
+  assert dense.total > 1.04 * res.executed_flops  # dense: every expert in all four (8 units vs routed 3 + 4)
+
+
 @needs_libtpu
 def test_target_platform_of_a_tpu_topology_mesh():
   from grit_jax.modeling import kernels
@@ -275,6 +312,19 @@ def test_flops_hand_worked():
   assert flops.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
 
 
+def test_executed_flops_of_ragged_dot_and_its_gradients():
+  """A routed matmul x [M, K] by groups of w [G, K, N]: each row meets one group, forward 2MKN, and dx (a ragged
+  dot with w^T) the same; dw (a ragged-contracting dot into [G, K, N]) XLA:TPU computes as a product masked per
+  group over all M rows: 2GMKN (the compiled 8x7B step's cost_analysis agrees, docs/performance.md)."""
+  M, K, N, G = 16, 8, 32, 4
+  sizes = jnp.array([5, 0, 3, 8], jnp.int32)
+  f = lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes))
+  args = (jnp.ones((M, K)), jnp.ones((G, K, N)))
+  assert flops.executed_flops(jax.make_jaxpr(f)(*args)).total == 2 * M * K * N
+  assert flops.executed_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args)).total == (2 + G) * 2 * M * K * N
+  assert flops.executed_flops(jax.make_jaxpr(jax.grad(f, argnums=0))(*args)).total == 2 * 2 * M * K * N
+
+
 def test_flops_7b_recipe_is_about_6ND():
   """Sanity at scale: 7B dense weights dominate, 6 * N * tokens within the attention/LM-head share."""
   config = aot.parse_args(["--config", "configs/gritlm_7b.py", "--topology", "v5p-64"])[0]
@@ -351,6 +401,9 @@ def test_executed_flops_counts_the_program():
   assert plain.total == pytest.approx(model + scores + pooling, rel=1e-9) and plain.unknown_loops == 0
   scanned = executed(remat_policy="none", scan_layers=True)
   assert scanned.total == pytest.approx(plain.total, rel=1e-9)
+  # cost_analysis's convention (a loop body once): unrolled it is the total; the 2-layer scan drops one layer
+  assert plain.loops_once == plain.total and config.model.num_layers == 2
+  assert scanned.loops_once == pytest.approx(plain.total - model / 2, rel=1e-9)
   # Full remat recomputes each layer's forward in the backward, except down_proj: the backward needs its input and
   # the incoming gradient, never its output (jax drops it from the recomputation).
   remat = executed(remat_policy="full", scan_layers=True)

@@ -15,9 +15,10 @@ What the numbers mean:
 - model FLOPs: grit_jax.flops (embedding passes and generative pass counted separately; no remat recompute): what
   MFU divides by.
 - executed FLOPs per chip: the matmuls the traced step really runs (grit_jax.flops.executed_flops: scanned layers
-  x num_layers, remat's recomputed forward, all experts of a dense MoE, Pallas attention kernels over every key
-  block), over the chips. XLA's cost_analysis is printed beside it, as MaxText prints it: it counts a scanned
-  layer stack's loop body once and Pallas kernels not at all.
+  x num_layers, remat's recomputed forward, all experts of a dense MoE, the routed MoE's weight gradient over all
+  experts as XLA:TPU compiles it, Pallas attention kernels over every key block), over the chips. XLA's
+  cost_analysis is printed beside it, as MaxText prints it: it counts a scanned layer stack's loop body once and
+  Pallas kernels not at all; so does the "executed with each loop once" number printed next to it.
 - collectives: per kind, the static ops of the compiled program, how often they run (loops multiplied out) and the
   bytes each chip receives per step (grit_jax.perf.hlo); with several slices, which of them cross the data-center
   network and their bytes, largest first.
@@ -88,6 +89,7 @@ class AotResult:
   xla_flops_per_chip: float = 0.0         # cost_analysis (loop bodies once; no Pallas kernels)
   executed_flops: float = 0.0             # per step, all chips (grit_jax.flops.executed_flops)
   kernel_flops: float = 0.0               # part of executed_flops in Pallas attention kernels
+  executed_loops_once: float = 0.0        # executed_flops with each loop body counted once (cost_analysis's way)
   model_flops: float = 0.0                # per step, all chips (grit_jax.flops)
   model_flops_embedding: float = 0.0
   model_flops_generative: float = 0.0
@@ -220,6 +222,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
     lowered = traced.lower()
   executed = flops_lib.executed_flops(traced.jaxpr)
   res.executed_flops, res.kernel_flops = executed.total, executed.kernels
+  res.executed_loops_once = executed.loops_once
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only the out-of-memory case is an answer
@@ -308,7 +311,8 @@ def format_report(config, res: AotResult) -> str:
       f" x model FLOPs (remat recompute, all computed positions and experts; attention kernel {res.attention_kernel}"
       + (f", whose {res.kernel_flops / res.num_chips:.3g} count every key block" if res.kernel_flops else "") + ")",
       f"XLA cost_analysis FLOPs per chip: {res.xla_flops_per_chip:.4g} (as MaxText prints it: a scanned layer "
-      "loop counted once, Pallas kernels not at all)",
+      "loop counted once, Pallas kernels not at all); executed with each loop once, the same convention: "
+      f"{res.executed_loops_once / res.num_chips:.4g}",
       "collectives per chip per step (static ops, runs with loops multiplied out, bytes received):",
       *(f"  {k:<18} {r['ops']:>4} ops {r['runs']:>7.0f} runs {_gib(r['bytes']):>12}" for k, r in res.traffic.items()),
   ]
