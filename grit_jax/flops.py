@@ -86,13 +86,16 @@ def grit_step_flops(model_cfg, *, query_batch: int = 0, query_len: int = 0, pass
                     attn: str = "bbcc") -> StepFlops:
   """Training FLOPs of one GRIT step (global batch). `attn` as config.attn: chars 1-2 = query/passage pass
   (b = bidirectional, c = causal), chars 3-4 generative (GritLM: "bbcc")."""
+  from grit_jax import contract
+
   m = TRAIN_MULTIPLIER
+  mode = contract.parse_attn(attn)
   return StepFlops(
-      query=m * forward_flops(model_cfg, query_batch, query_len, causal=attn[0] == "c", lm_head=False)
+      query=m * forward_flops(model_cfg, query_batch, query_len, causal=mode.query_causal, lm_head=False)
       if query_batch else 0.0,
-      passage=m * forward_flops(model_cfg, passage_batch, passage_len, causal=attn[1] == "c", lm_head=False)
+      passage=m * forward_flops(model_cfg, passage_batch, passage_len, causal=mode.passage_causal, lm_head=False)
       if passage_batch else 0.0,
-      generative=m * forward_flops(model_cfg, gen_batch, gen_len, causal=attn[2] == "c", lm_head=True)
+      generative=m * forward_flops(model_cfg, gen_batch, gen_len, causal=True, lm_head=True)
       if gen_batch else 0.0,
   )
 

@@ -265,3 +265,14 @@ def test_damaged_json_files_are_named(tmp_path):
   (tmp_path / settings_lib.SETTINGS_FILE).write_text('{"version": ')
   with pytest.raises(GritJaxError, match=rf"{settings_lib.SETTINGS_FILE}: cannot read the model's settings"):
     settings_lib.read(str(tmp_path))
+
+
+def test_flop_accounting_reads_attn_by_the_same_rule():
+  """A 2-letter attn (generation implied causal) is a valid run config, so the FLOP count takes it too."""
+  from grit_jax import flops
+  from grit_jax.modeling import get_config
+
+  shapes = dict(query_batch=2, query_len=8, passage_batch=4, passage_len=8, gen_batch=2, gen_len=8)
+  model = get_config("tiny_mistral")
+  assert flops.grit_step_flops(model, attn="bb", **shapes) == flops.grit_step_flops(model, attn="bbcc", **shapes)
+  assert flops.grit_step_flops(model, attn="cc", **shapes).query < flops.grit_step_flops(model, **shapes).query

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 
+from grit_jax import contract
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 
@@ -159,7 +160,7 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
                 "excludes the prompt", out_dir, settings.pooling)
     return written
   return written + write_sentence_transformers_files(
-      out_dir, model_config.hidden_size, bidirectional=settings.attn[:2] == "bb", pooling=settings.pooling,
+      out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False), pooling=settings.pooling,
       normalize=settings.normalize, max_seq_length=settings.passage_max_len)
 
 
