@@ -26,7 +26,11 @@ def cache(tmp_path_factory):
 
 
 def make_cfg(**kw):
-  c = dict(train_dir=os.path.join(ROOT, "data", "train"), eval_dir=os.path.join(ROOT, "data", "eval"),
+  """config.data of configs/base.py (every key, its defaults stated there only) with the tests' sizes."""
+  from configs import base
+
+  c = base.get_config().data.to_dict()
+  c.update(train_dir=os.path.join(ROOT, "data", "train"), eval_dir=os.path.join(ROOT, "data", "eval"),
            tokenizer=TOK_PATH, mode="unified", query_max_len=32, passage_max_len=64, generative_max_len=48,
            train_group_size=3, embedding_batch_size=8, generative_batch_size=4, pack_generative=False,
            single_dataset_batches=True, bad_input="skip", seed=0)

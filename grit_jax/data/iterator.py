@@ -28,7 +28,6 @@ STATE_VERSION = 1
 _EMB, _GEN = 0, 1  # stream ids in the seeds
 
 
-_cfg = tfds_builders.cfg_value
 
 
 def _epoch_batches(counts: np.ndarray, offsets: np.ndarray, batch: int, rng: np.random.Generator,
@@ -112,9 +111,9 @@ class TrainIterator:
     self.seed = int(data_cfg.seed)
     self.q_len, self.p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
     self.g_len, self.group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
-    self.pack = {"emb": bool(_cfg(data_cfg, "pack_embedding", False)),
-                 "gen": bool(_cfg(data_cfg, "pack_generative", False))}
-    cache_dir = cache_dir or _cfg(data_cfg, "cache_dir")
+    self.pack = {"emb": bool(data_cfg.pack_embedding),
+                 "gen": bool(data_cfg.pack_generative)}
+    cache_dir = cache_dir or data_cfg.cache_dir
     self.datasets = tfds_builders.load_datasets(data_cfg, data_cfg.train_dir, self.tokenizer.path, cache_dir,
                                                 tfds_builders.mode_kinds(data_cfg))
     self.stats = jsonl.BadInputStats()
@@ -224,7 +223,7 @@ class TrainIterator:
   def pack_layouts(self, data_cfg, kinds, batch_shards: int, chunks: tuple[int, int]) -> dict:
     """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: rows from config or
     derived from this iterator's data (`grit-jax aot` asks with the recipe's batch sizes)."""
-    headroom = float(_cfg(data_cfg, "pack_headroom", 0.05))
+    headroom = float(data_cfg.pack_headroom)
     batch = {"query": int(data_cfg.embedding_batch_size), "gen": int(data_cfg.generative_batch_size),
              "passage": int(data_cfg.embedding_batch_size) * self.group}
     layouts = {}
@@ -234,8 +233,8 @@ class TrainIterator:
         max_len = {"query": self.q_len, "passage": self.p_len, "gen": self.g_len}[name]
         layouts[name] = packing.make_layout(
             name, num_sequences=batch[name], units=batch_shards,
-            row_len=int(_cfg(data_cfg, f"{key}_pack_len", 0)) or max_len, max_len=max_len,
-            rows=int(_cfg(data_cfg, f"{key}_pack_rows", 0)), chunks=chunks[0 if kind == "emb" else 1],
+            row_len=int(data_cfg[f"{key}_pack_len"]) or max_len, max_len=max_len,
+            rows=int(data_cfg[f"{key}_pack_rows"]), chunks=chunks[0 if kind == "emb" else 1],
             headroom=headroom, length_pools=lengths, seed=self.seed)
     return layouts
 
@@ -351,7 +350,7 @@ def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shard
   _check_cfg(data_cfg, num_shards, shard_index)
   tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
   names = tasks.register_tasks(data_cfg, split="eval", tokenizer=tokenizer,
-                               cache_dir=cache_dir or _cfg(data_cfg, "cache_dir"))
+                               cache_dir=cache_dir or data_cfg.cache_dir)
   sizes = {jsonl.EMBEDDING: int(embedding_batch_size or data_cfg.embedding_batch_size) // num_shards,
            jsonl.GENERATIVE: int(generative_batch_size or data_cfg.generative_batch_size) // num_shards}
   per_kind, num_batches = {}, 0

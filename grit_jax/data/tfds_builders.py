@@ -39,14 +39,6 @@ def default_cache_dir() -> str:
   return os.path.join(root, "tfds")
 
 
-def cfg_value(data_cfg, key, default=None):
-  """data_cfg[key], or `default` for a config (or dict) without that key."""
-  try:
-    return data_cfg[key]
-  except (KeyError, AttributeError):
-    return default
-
-
 @dataclasses.dataclass
 class GritJsonlConfig(tfds.core.BuilderConfig):
   """What one build reads and how it validates (every field enters the fingerprint)."""
@@ -260,7 +252,7 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
 
 def mode_kinds(data_cfg) -> tuple[str, ...]:
   """The kinds of data config.data.mode trains on."""
-  mode = cfg_value(data_cfg, "mode", "unified")
+  mode = data_cfg.mode
   return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
           "generative": (jsonl.GENERATIVE,)}[mode]
 
@@ -277,12 +269,12 @@ def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | N
   for kind in kinds:
     if not files[kind]:
       key = '"query"' if kind == jsonl.EMBEDDING else '"text"'
-      raise GritJaxError(f"config.data.mode={cfg_value(data_cfg, 'mode', 'unified')!r} needs {kind} data, but no "
+      raise GritJaxError(f"config.data.mode={data_cfg.mode!r} needs {kind} data, but no "
                          f"file in {folder!r} has {key} lines")
     out[kind] = ds = build(
         files[kind], kind, tokenizer=tokenizer_path, query_max_len=int(data_cfg.query_max_len),
         passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
-        group_size=int(data_cfg.train_group_size), bad_input=cfg_value(data_cfg, "bad_input", "skip"),
+        group_size=int(data_cfg.train_group_size), bad_input=data_cfg.bad_input,
         cache_dir=cache_dir)
     if ds.stats.total and ds.builder.builder_config.name not in _REPORTED:
       _REPORTED.add(ds.builder.builder_config.name)
