@@ -104,6 +104,25 @@ def test_generate_equals_gritlm_package_greedy(hf_dir, ours):
   assert ours.generate("Why is the sky blue?", max_new_tokens=8, do_sample=False) == [want]
 
 
+def test_gritlm_readme_generation_flow_gives_the_same_ids_and_text(hf_dir, ours):
+  """gritlm's README: encoded = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+  return_tensors="pt"); gen = model.generate(encoded, max_new_tokens=..., do_sample=False);
+  model.tokenizer.batch_decode(gen). The same lines on grit_jax give the package's ids and text."""
+  import torch
+  ref = theirs(hf_dir)
+  messages = [{"role": "user", "content": "Why is the sky blue?"}]
+  encoded = ours.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+  assert encoded.tolist() == [ref.tokenizer("<|user|>\nWhy is the sky blue?\n<|assistant|>\n")["input_ids"]]
+  with torch.no_grad():
+    want = ref.generate(encoded, max_new_tokens=8, do_sample=False)
+  got = ours.generate(encoded, max_new_tokens=8, do_sample=False)
+  np.testing.assert_array_equal(got, want.numpy())
+  assert ours.tokenizer.batch_decode(got) == ref.tokenizer.batch_decode(want)
+  np.testing.assert_array_equal(ours.generate(encoded.tolist(), max_new_tokens=8), got)  # lists of ids too
+  with pytest.raises(GritJaxError, match="integer"):
+    ours.generate(np.zeros([1, 3], np.float32))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gritlm's argument forms, without the package
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from grit_jax.data.tokenizer import Tokenizer
+from grit_jax.errors import GritJaxError
 from grit_jax.perf import host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,6 @@ def test_tokenizer_ids_equal_seqio_vocabulary():
 
 
 def test_tokenizer_errors_name_the_file(tmp_path):
-  from grit_jax.errors import GritJaxError
   with pytest.raises(GritJaxError, match="no SentencePiece model or tokenizer.json"):
     Tokenizer(tmp_path / "missing.model")
   bad = tmp_path / "bad.model"
@@ -197,6 +197,32 @@ def test_export_tokenizer_gives_grit_jax_ids_in_transformers(model_dir):
   assert ids == ours.encode(prompt)
   assert theirs.apply_chat_template(chat[:2], tokenize=False) == templates.chat_text(["Hi there", " Hello! "])
   assert theirs.batch_decode([ours.encode("<s>héllo world</s>")], skip_special_tokens=True) == ["héllo world"]
+
+
+def test_our_tokenizer_answers_gritlms_chat_calls_as_transformers_does(model_dir):
+  """gritlm scripts call model.tokenizer.apply_chat_template(...) and .batch_decode(...): ours give transformers'
+  answers on the exported tokenizer, for every flag combination and a multi-turn chat."""
+  import transformers
+
+  ours = Tokenizer(TOKENIZER)
+  theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
+  chats = [[{"role": "user", "content": "Hi there"}],
+           [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello! "},
+            {"role": "user", "content": "And 2+2?"}],
+           [{"role": "user", "content": "naïve\tq"}, {"role": "assistant", "content": "4"}]]
+  for chat in chats:
+    for gen in (False, True):
+      want = theirs.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
+      assert ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False) == want
+      want_ids = theirs.apply_chat_template(chat, add_generation_prompt=gen, return_dict=True)["input_ids"]
+      assert ours.apply_chat_template(chat, add_generation_prompt=gen) == want_ids
+      np.testing.assert_array_equal(ours.apply_chat_template(chat, add_generation_prompt=gen, return_tensors="np"),
+                                    [want_ids])
+  with pytest.raises(GritJaxError, match="conversation\\[0\\]"):
+    ours.apply_chat_template([{"role": "system", "content": "x"}])
+  rows = [ours.encode("<s><|user|>\nhéllo world\n<|assistant|>\nyes</s>"), ours.encode("<s>two</s>") + [0, 0]]
+  for skip in (False, True):
+    assert ours.batch_decode(rows, skip_special_tokens=skip) == theirs.batch_decode(rows, skip_special_tokens=skip)
 
 
 def test_model_with_only_tokenizer_json(model_dir, tmp_path):

@@ -108,11 +108,23 @@ def normalize_turns(turns: Sequence[str]) -> list[str]:
   return turns[:len(turns) // 2 * 2]
 
 
+def render_chat(turns: Sequence[str], add_generation_prompt: bool) -> str:
+  """The chat string of alternating [user, assistant, ...] turns: `<s>` + `<|user|>\\n{u}` per user turn (after a
+  "\\n" from the second on) + `\\n<|assistant|>\\n{a.strip()}</s>` per assistant turn, + `\\n<|assistant|>\\n`
+  when add_generation_prompt. The one statement of the chat format; the exported chat template renders the same
+  (convert/hf_files.CHAT_TEMPLATE, tested)."""
+  out = [BASE_BOS]
+  for i, turn in enumerate(turns):
+    if i % 2 == 0:
+      out.append((TURN_SEP if i else "") + USER_BOS + turn)
+    else:
+      out.append(ASSISTANT_BOS + turn.strip() + ASSISTANT_EOS)
+  return "".join(out) + (ASSISTANT_BOS if add_generation_prompt else "")
+
+
 def chat_text(turns: Sequence[str]) -> str:
   """The full training string of complete (user, assistant) turns."""
-  turns = normalize_turns(turns)
-  return BASE_BOS + TURN_SEP.join(
-      USER_BOS + u + ASSISTANT_BOS + a.strip() + ASSISTANT_EOS for u, a in zip(turns[::2], turns[1::2]))
+  return render_chat(normalize_turns(turns), add_generation_prompt=False)
 
 
 def chat_prompt(messages: str | Sequence[str]) -> str:
@@ -122,10 +134,27 @@ def chat_prompt(messages: str | Sequence[str]) -> str:
   messages = list(messages)
   if not messages or len(messages) % 2 == 0:
     raise GritJaxError("chat_prompt: messages must alternate user/assistant and end with a user turn")
-  history = chat_text(messages[:-1])
-  if len(messages) == 1:
-    return BASE_BOS + USER_BOS + messages[-1] + ASSISTANT_BOS
-  return history + TURN_SEP + USER_BOS + messages[-1] + ASSISTANT_BOS
+  return render_chat(messages, add_generation_prompt=True)
+
+
+def turns_of(item, where: str) -> list[str]:
+  """One conversation as alternating user/assistant strings: a user message, a list of strings, or chat messages
+  [{"role": "user" | "assistant", "content": str}, ...] (the GritLM chat format has no system turn)."""
+  if isinstance(item, str):
+    return [item]
+  if isinstance(item, (list, tuple)) and item and all(isinstance(m, str) for m in item):
+    return list(item)
+  if isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) for m in item):
+    turns = []
+    for i, m in enumerate(item):
+      want = "user" if i % 2 == 0 else "assistant"
+      if m.get("role") != want or not isinstance(m.get("content"), str):
+        raise GritJaxError(f"{where}[{i}]: expected {{'role': {want!r}, 'content': str}} (roles alternate user/"
+                           f"assistant, starting with user), got {str(m)[:60]}")
+      turns.append(m["content"])
+    return turns
+  raise GritJaxError(f"{where} {str(item)[:60]!r}: expected a string, a list of message strings or a list of "
+                     "{'role', 'content'} messages")
 
 
 def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> Encoded:

@@ -191,6 +191,56 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._impl.id_to_piece(int(i))
 
+  # The two calls of transformers' tokenizer API that gritlm scripts make on `model.tokenizer`.
+  def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
+                          return_tensors: str | None = None):
+    """The GritLM chat string of `conversation` ({"role", "content"} messages alternating user/assistant, or plain
+    strings), as transformers renders the exported chat template; tokenize=True: its ids (a list, or an int32
+    [1, T] array with return_tensors="np"/"jax"/"pt")."""
+    from grit_jax.data import templates
+    text = templates.render_chat(templates.turns_of(conversation, "conversation"), add_generation_prompt)
+    if not tokenize:
+      return text
+    ids = self.encode(text)
+    if return_tensors is None:
+      return ids
+    if return_tensors not in ("np", "jax", "pt"):
+      raise GritJaxError(f"apply_chat_template: return_tensors={return_tensors!r}; use None, 'np', 'jax' or 'pt'")
+    import numpy as np
+    out = np.asarray([ids], np.int32)
+    if return_tensors == "jax":
+      import jax.numpy as jnp
+      return jnp.asarray(out)
+    if return_tensors == "pt":
+      import torch
+      return torch.as_tensor(out, dtype=torch.long)
+    return out
+
+  def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+    """Texts of a batch of id rows (lists or a [B, T] array), as transformers decodes them with the exported
+    tokenizer: `<s>`, `</s>` and `<unk>` (also the padding, id 0) spelled out and the "▁" after them kept as a space,
+    unless skip_special_tokens (then dropped, as `decode` does)."""
+    return [self.decode(row) if skip_special_tokens else self._decode_with_specials(row) for row in sequences]
+
+  def _decode_with_specials(self, ids) -> str:
+    spelled = {self.bos_id: BOS_STR, self.eos_id: EOS_STR, self.unk_id: UNK_STR}
+    parts, run = [], []
+
+    def flush():
+      if run:  # a segment's leading "▁" is a space except at the very start (the decoders strip only that one)
+        lead = " " if parts and self._impl.id_to_piece(run[0]).startswith("▁") else ""
+        parts.append(lead + self._impl.decode(run))
+        run.clear()
+
+    for i in (int(i) for i in ids):
+      if i in spelled:
+        flush()
+        parts.append(spelled[i])
+      elif 0 <= i < self.vocab_size:
+        run.append(i)
+    flush()
+    return "".join(parts)
+
   def piece_to_id(self, piece: str) -> int | None:
     """The id of a vocabulary piece (e.g. "<0x0A>"); None when the vocabulary has no such piece."""
     return self._impl.piece_to_id(piece)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling.model import KVCache, Transformer
 
@@ -234,33 +235,13 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   return result
 
 
-def _turns(item, where: str) -> list[str]:
-  """One prompt as alternating user/assistant strings: a user message, a list of strings, or chat messages
-  [{"role": "user" | "assistant", "content": str}, ...] (the GritLM chat format has no system turn)."""
-  if isinstance(item, str):
-    return [item]
-  if isinstance(item, (list, tuple)) and item and all(isinstance(m, str) for m in item):
-    return list(item)
-  if isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) for m in item):
-    turns = []
-    for i, m in enumerate(item):
-      want = "user" if i % 2 == 0 else "assistant"
-      if m.get("role") != want or not isinstance(m.get("content"), str):
-        raise GritJaxError(f"{where}[{i}]: expected {{'role': {want!r}, 'content': str}} (roles alternate user/"
-                           f"assistant, starting with user), got {str(m)[:60]}")
-      turns.append(m["content"])
-    return turns
-  raise GritJaxError(f"{where} {str(item)[:60]!r}: expected a string, a list of message strings or a list of "
-                     "{'role', 'content'} messages")
-
-
 def as_prompts(prompts_or_messages) -> list[list[str]]:
   """A batch of prompts as turn lists. A single string, or a single conversation of chat messages (a list of
   dicts), is a batch of one."""
   x = prompts_or_messages
   if isinstance(x, str) or (isinstance(x, (list, tuple)) and x and all(isinstance(m, dict) for m in x)):
     x = [x]
-  return [_turns(item, f"prompts[{i}]") for i, item in enumerate(x)]
+  return [templates.turns_of(item, f"prompts[{i}]") for i, item in enumerate(x)]
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.0,

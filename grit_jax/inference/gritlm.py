@@ -57,6 +57,20 @@ def dtype_name(torch_dtype) -> str:
                      "(float16 is not a grit_jax compute dtype)")
 
 
+def _token_rows(x) -> list[list[int]] | None:
+  """Prompts given as token ids (an integer [B, T] array / tensor or lists of ints) as lists; None for text."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy, jax or torch
+    arr = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+      raise GritJaxError(f"generate: token ids must be an integer [batch, length] array, got {arr.dtype} "
+                         f"{list(arr.shape)}")
+    return arr.tolist()
+  if isinstance(x, (list, tuple)) and x and all(isinstance(r, (list, tuple)) and r and
+                                                all(isinstance(i, (int, np.integer)) for i in r) for r in x):
+    return [list(map(int, r)) for r in x]
+  return None
+
+
 def load_tokenizer(path: str):
   """`tokenizer.model` (SentencePiece), else `tokenizer.json`, from a model directory; None when it has neither."""
   from grit_jax.data.tokenizer import Tokenizer
@@ -264,18 +278,30 @@ class GritLM:
   # generation and RAG
 
   def generate(self, prompts_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0, *, do_sample: bool | None = None) -> list[str]:
+               seed: int = 0, *, do_sample: bool | None = None) -> list[str] | np.ndarray:
     """Chat generation. Each prompt is a user message, a list of messages alternating user/assistant (strings,
     or chat messages {"role", "content"}), ending with the user's; a single string or a single list of chat
     messages is one prompt. Each goes through the GritLM chat template `<s><|user|>\\n{msg}\\n<|assistant|>\\n`;
     the batch is prefilled once and decoded with a KV cache until every row emits `</s>`. Greedy when temperature
     == 0 (or do_sample=False); otherwise temperature + top-p sampling, reproducible for a given seed. Returns the
-    replies without `</s>`."""
+    replies without `</s>`.
+
+    Token ids in (an integer [B, T] array or tensor, e.g. from `tokenizer.apply_chat_template(...,
+    return_tensors="pt")`, or lists of ids), as gritlm scripts pass them to transformers' generate: returns an int32
+    [B, T + new] array of prompt + generated ids up to `</s>`, rows right-padded with the pad id (0)."""
     from grit_jax.inference import generate as gen
     if self.mode == "embedding":
       raise GritJaxError("generate: this GritLM was loaded with mode='embedding'")
     if do_sample is not None:
       temperature = (temperature or 1.0) if do_sample else 0.0
+    token_rows = _token_rows(prompts_or_messages)
+    if token_rows is not None:
+      out = gen.generate_ids(self, token_rows, max_new_tokens, temperature, top_p, seed)
+      full = [list(p) + list(o) for p, o in zip(token_rows, out)]
+      arr = np.zeros([len(full), max(map(len, full))], np.int32)
+      for i, row in enumerate(full):
+        arr[i, :len(row)] = row
+      return arr
     if self.tokenizer is None:
       raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
     items = gen.as_prompts(prompts_or_messages)
