@@ -142,6 +142,9 @@ def test_outputs(full_run):
   tb = metrics_log.read_tb_scalars(str(full_run))
   assert [s for s, _ in tb["train/loss"]] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in tb["train/loss"]], [losses[s] for s in range(1, STEPS + 1)], rtol=1e-6)
+  (hp,) = metrics_log.read_tb_hparams(str(full_run))  # the run's config on TensorBoard's HParams dashboard
+  assert hp == pytest.approx(metrics_log.flat_hparams(json.load(open(os.path.join(full_run, "config.json")))))
+  assert hp["optimizer.lr"] == pytest.approx(3e-3) and hp["attn"] == "bbcc" and hp["data.pack_embedding"] is False
   assert ckpt_steps(full_run) == [4, 6]  # keep_checkpoints=2
   hf = os.path.join(full_run, "hf")
   assert {"config.json", "tokenizer.model"} <= set(os.listdir(hf))

@@ -1,8 +1,9 @@
 """Training metrics as JSONL (one object per logged step) and TensorBoard event files.
 
 Only the primary process writes. The TensorBoard events go through TensorFlow's core summary op with the
-"scalars" plugin metadata (what `tensorboard.summary.scalar` writes), so the `tensorboard` package is not needed
-to write them, only to view them.
+"scalars" plugin metadata (what `tensorboard.summary.scalar` writes). The run's resolved config goes to the
+HParams dashboard once per (re)start, one hparam per dotted key (`optimizer.lr`, `data.pack_embedding`, ...; lists
+and None as their JSON text), built by the `tensorboard` package's hparams summary.
 
 After a resume, `MetricsLog(..., resume_step=s)` drops the JSONL records past step s (they belong to steps the run
 is about to redo), so the file of an interrupted-and-resumed run reads like the uninterrupted one.
@@ -35,10 +36,25 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def flat_hparams(tree: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:
+  """A nested config (dict or ConfigDict) as {dotted key: bool | number | str}, the types TensorBoard's HParams take."""
+  out = {}
+  for k, v in (tree.items() if hasattr(tree, "items") else []):
+    key = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      out.update(flat_hparams(v, key + "."))
+    elif isinstance(v, (bool, int, float, str)):
+      out[key] = v
+    else:  # None, lists, tuples
+      out[key] = json.dumps(v, default=str)
+  return out
+
+
 class MetricsLog:
   """`write(step, metrics, prefix)` appends one JSONL record and one TensorBoard scalar per metric."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None,
+               hparams: Mapping | None = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, METRICS_FILE)
     self._tb = None
@@ -55,6 +71,11 @@ class MetricsLog:
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, TB_DIR))
     self._meta = tf.compat.v1.SummaryMetadata(
         plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+    if hparams is not None:
+      from tensorboard.plugins.hparams import summary_v2
+      pb = summary_v2.hparams_pb(flat_hparams(hparams))
+      with self._tb.as_default():
+        tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=int(resume_step or 0))
 
   def write(self, step: int, metrics: Mapping[str, object], prefix: str = "train") -> dict:
     record = {"step": int(step), "split": prefix}
@@ -95,5 +116,22 @@ def read_tb_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]:
     for raw in tf.data.TFRecordDataset(os.path.join(tb, name)):
       event = tf.compat.v1.Event.FromString(raw.numpy())
       for v in event.summary.value:
-        out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+        if v.metadata.plugin_data.plugin_name != "hparams":
+          out.setdefault(v.tag, []).append((event.step, float(tf.make_ndarray(v.tensor))))
+  return out
+
+
+def read_tb_hparams(workdir: str) -> list[dict[str, bool | float | str]]:
+  """The hparams of each (re)start of the run under workdir/tb, in file order."""
+  import tensorflow as tf
+  from tensorboard.plugins.hparams import metadata
+
+  out = []
+  tb = os.path.join(workdir, TB_DIR)
+  for name in sorted(os.listdir(tb)):
+    for raw in tf.data.TFRecordDataset(os.path.join(tb, name)):
+      for v in tf.compat.v1.Event.FromString(raw.numpy()).summary.value:
+        if v.tag == metadata.SESSION_START_INFO_TAG:
+          info = metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content)
+          out.append({k: getattr(h, h.WhichOneof("kind")) for k, h in info.hparams.items()})
   return out

@@ -91,7 +91,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     it.set_state(data_state)
 
   evaluate = eval_lib.Evaluator(run, config)
-  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start)
+  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start, hparams=config_json)
   stop = min(t.stop_after or t.steps, t.steps)
   # the packed rows are what a packed step computes
   flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
