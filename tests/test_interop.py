@@ -353,8 +353,8 @@ def test_encode_splits_batches_over_devices_and_shows_progress(model_dir, capsys
   all_devices = encode_tokens(model, tokens[:20], batch_size=16)
   np.testing.assert_allclose(all_devices, one, atol=1e-5)
   assert "Batches" not in capsys.readouterr().err  # small input: no bar
-  sharding = model._data_parallel[3]
-  assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec("data")
+  sharding = model._placement[3]
+  assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   many = model.encode(texts, batch_size=128, max_length=64)  # GritLM.encode: every device, a bar for 256 texts
   assert "Batches: 100%" in capsys.readouterr().err and many.shape == (len(texts), 64)
   np.testing.assert_allclose(many[:20], one, atol=1e-5)

@@ -1,12 +1,23 @@
 """Embeddings: GritLM template, one bidirectional (or causal, for `cc` models) pass, pooling over the text tokens.
 
-Texts are sorted by token length and cut into batches; each batch is padded to a length bucket (a power of two,
-at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
-compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs. Output order is the
-input order.
+Two layouts of the same computation (equal to 1e-5 in float32; `packing=` chooses, default: packed where it pays):
+- packed (grit_jax.data.packing, as in training): whole texts packed first-fit-decreasing into rows of a fixed length,
+  with segment ids (attention only inside a text) and positions restarting at 0 per text, each text pooled on its
+  own tokens (objectives.pool_packed). A call is U packing units of R rows of L tokens holding at most n texts each;
+  (U, R, L, n) are fixed for a corpus (L from the longest text, n from the mean length), the last call is padded
+  with empty units, so a corpus compiles one program. Chosen by default when padding would waste more than
+  PACK_IF_EFFICIENCY_BELOW of the token slots (variable-length corpora), and never with KV caches (RAG doc caches
+  need one sequence per row).
+- padded: texts sorted by token length and cut into batches; each batch is padded to a length bucket (a power of
+  two, at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
+  compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs.
+Output order is the input order. Both split the rows over every local device (`placement`), with the weights
+replicated, or sharded (FSDP, the training mesh rules) when they do not fit one device.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 from typing import Iterator, Sequence
 
@@ -15,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grit_jax import contract, objectives
+from grit_jax.data import packing as packing_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.modeling.model import KVCache, Transformer
@@ -95,47 +107,228 @@ def batches(tokens, batch_size: int, max_length: int, bos_id: int,
 
 
 PROGRESS_MIN_TEXTS = 256  # as gritlm: a progress bar for inputs of at least this many texts
+PACK_IF_EFFICIENCY_BELOW = 0.8  # packing="auto": pack when the padded layout fills fewer token slots than this
+PACK_MIN_ROW_LEN = 256  # packed rows hold several texts: at least this long (capped at max_length)
+PACK_UNIT_ROWS = 8      # rows per packing unit (first-fit-decreasing inside a unit; pooling cost grows with it)
+WEIGHTS_FIT_FRACTION = 0.5  # shard_weights=None: shard when the params exceed this share of one device's memory
 
 
-def _data_parallel(model, devices):
-  """(params replicated over `devices`, sharding that splits a batch's rows over them); one mesh per device set and
-  one replicated copy of the params per model, reused across calls."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  key = tuple(d.id for d in devices)
-  cached = getattr(model, "_data_parallel", None)
+@functools.lru_cache(maxsize=None)
+def packed_embed_fn(config, causal: bool, pooling: str, normalize: bool, num_per_unit: int):
+  """jit(params, ids, segment_ids, positions, pool_mask: [U, R, L] each) -> emb [U, n, D] float32: text u*n+i of
+  the call (segment id u*n+i+1) at [u, i]; empty slots give 0. The packed pass of training
+  (training.step.GritObjective.embed_packed), plus cls (the first token of each text) and normalisation."""
+  module = Transformer(config)
+
+  def fn(params, ids_URL, seg_URL, pos_URL, pool_URL):
+    _count_trace("embed_packed")
+    U, R, L = ids_URL.shape
+    flat = lambda x: x.reshape(U * R, L)
+    out = module.apply({"params": params}, flat(ids_URL), None, causal=causal, positions=flat(pos_URL),
+                       segment_ids=flat(seg_URL), return_logits=False)
+    if pooling == "cls":  # the mean over one token: each text's first (BOS)
+      pool_URL, method = (pos_URL == 0) & (seg_URL > 0), "mean"
+    else:
+      method = pooling
+    emb_UND = objectives.pool_packed(out.hidden.reshape(U, R * L, -1), pool_URL.reshape(U, R * L),
+                                     seg_URL.reshape(U, R * L) - 1, num_per_unit, method)
+    return objectives.l2_normalize(emb_UND) if normalize else emb_UND
+
+  return jax.jit(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """The fixed shape of every packed call of a corpus: `units` x `rows` x `row_len` tokens, <= `per_unit` texts
+  per unit (units a multiple of the devices the rows are split over)."""
+  units: int
+  rows: int
+  row_len: int
+  per_unit: int
+
+  @property
+  def slots(self) -> int:
+    return self.units * self.rows * self.row_len
+
+
+def padded_efficiency(lengths: Sequence[int], batch_size: int, max_length: int, row_multiple: int = 1) -> float:
+  """Text tokens / token slots of the padded layout (`batches`) for these lengths."""
+  desc = sorted(lengths, reverse=True)
+  slots = 0
+  for s in range(0, len(desc), batch_size):
+    n = len(desc[s:s + batch_size])
+    rows = -(-bucket(n, cap=batch_size, minimum=1) // row_multiple) * row_multiple
+    slots += rows * bucket(desc[s], cap=max_length)
+  return sum(desc) / max(slots, 1)
+
+
+def packed_layout(lengths: Sequence[int], batch_size: int, max_length: int, num_devices: int = 1) -> PackedLayout:
+  """Rows of L = the longest text's length bucket (at least PACK_MIN_ROW_LEN, capped at max_length); a call holds
+  about batch_size rows (the padded layout's largest batch in slots: the same memory), fewer for a small corpus;
+  units of up to PACK_UNIT_ROWS rows, a multiple of `num_devices`; n = twice the texts of mean length a unit holds
+  (a power of two), so rows fill up without a large pooling matrix [U, n, R*L]."""
+  lengths = np.asarray(lengths, np.int64)
+  L = max(bucket(int(lengths.max()), cap=max_length), min(PACK_MIN_ROW_LEN, max_length))
+  want_rows = min(batch_size, -(-int(lengths.sum() * 1.1) // L) + 1)  # ~10% headroom for first-fit losses
+  rows = max(1, min(PACK_UNIT_ROWS, -(-want_rows // num_devices)))
+  units = -(-(-(-want_rows // rows)) // num_devices) * num_devices
+  per_unit = bucket(-(-2 * rows * L // max(1, int(lengths.mean()))), cap=rows * L, minimum=1)
+  return PackedLayout(units, rows, L, per_unit)
+
+
+def packed_units(lengths: Sequence[int], layout: PackedLayout) -> list[list[int]]:
+  """The texts (indices) of each unit, in order: a unit takes the longest remaining text that still fits its free
+  tokens, until it has n texts or nothing fits (largest first, gaps filled by the longest text that fits them), and
+  hands back its last texts while packing.pack_plan cannot place them all in its rows. Every text lands in exactly
+  one unit."""
+  by_length = [collections.deque() for _ in range(layout.row_len + 1)]
+  for i, n in enumerate(lengths):
+    by_length[n].append(i)
+  count = np.array([len(q) for q in by_length])
+  capacity, units = layout.rows * layout.row_len, []
+  while count.any():
+    unit, free = [], capacity
+    while len(unit) < layout.per_unit:
+      fits = np.flatnonzero(count[:min(free, layout.row_len) + 1])
+      if not fits.size:
+        break
+      n = int(fits[-1])
+      unit.append(by_length[n].popleft())
+      count[n] -= 1
+      free -= n
+    while packing_lib.pack_plan([lengths[i] for i in unit], 1, layout.rows, layout.row_len) is None:
+      i = unit.pop()
+      by_length[lengths[i]].appendleft(i)
+      count[lengths[i]] += 1
+    units.append(unit)
+  return units
+
+
+def packed_calls(tokens, layout: PackedLayout,
+                 units: list[list[int]]) -> Iterator[tuple[list[list[int]], dict[str, np.ndarray]]]:
+  """(texts of each unit, arrays ids / pool_mask / segment_ids / positions [U, R, L]) per call of `layout.units` of
+  the `units` (packed_units); the last call's missing units are empty (segment 0: never attended, never pooled)."""
+  lengths = [len(ids) for ids, _ in tokens]
+  for c in range(0, len(units), layout.units):
+    call = units[c:c + layout.units]
+    parts = []
+    for u in range(layout.units):
+      idx = call[u] if u < len(call) else []
+      seqs = [{"ids": tokens[i][0], "pool_mask": tokens[i][1]} for i in idx]
+      plan = packing_lib.pack_plan([lengths[i] for i in idx], 1, layout.rows, layout.row_len)
+      parts.append(packing_lib.pack_sequences(seqs, plan, 1, layout.rows, layout.row_len, {"ids": 0, "pool_mask": 0},
+                                          prefix="", first_index=u * layout.per_unit))
+    yield call, {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "pool_mask", "segment_ids", "positions")}
+
+
+def param_bytes(params) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def device_memory(device) -> int | None:
+  """Bytes one device can hold (memory_stats' bytes_limit), None where the platform does not say (CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # platforms without memory stats raise instead of returning None
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
+def should_shard(params, devices, shard_weights: bool | None) -> bool:
+  """shard_weights, or (None) whether the params exceed WEIGHTS_FIT_FRACTION of one device's memory (the rest is
+  for activations / caches); never on one device."""
+  if len(devices) == 1:
+    return False
+  if shard_weights is not None:
+    return bool(shard_weights)
+  limit = device_memory(devices[0])
+  return limit is not None and param_bytes(params) > WEIGHTS_FIT_FRACTION * limit
+
+
+def placement(model, devices=None):
+  """(params on `devices`, sharding that splits a batch's leading axis over them, or None on one device).
+  Replicated params, or when `should_shard(model.shard_weights)` FSDP-sharded with the training mesh's rules
+  (training.mesh.make_mesh with fsdp = every device, training.state.state_shardings): each device holds 1/N of every
+  weight and XLA gathers them layer by layer. One placement per model and device set, reused across calls (and by
+  generate)."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  if len(devices) == 1:
+    return model.params, None
+  shard = should_shard(model.params, devices, getattr(model, "shard_weights", None))
+  key = (tuple(d.id for d in devices), shard)
+  cached = getattr(model, "_placement", None)
   if cached is None or cached[0] != key or cached[1] is not model.params:
-    mesh = Mesh(np.asarray(devices), ("data",))
-    params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
-    cached = (key, model.params, params, NamedSharding(mesh, PartitionSpec("data")))
-    model._data_parallel = cached
+    from jax.sharding import NamedSharding, PartitionSpec
+    from grit_jax.training import mesh as mesh_lib
+    mesh, rules = mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devices)
+    if shard:
+      import optax
+      from grit_jax.training import state as state_lib
+      shardings = state_lib.state_shardings(model.config, optax.identity(), mesh, rules)[1].params
+    else:
+      shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), model.params)
+    params = jax.device_put(model.params, shardings)
+    rows = NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(mesh, rules)))
+    cached = (key, model.params, params, rows)
+    model._placement = cached
   return cached[2], cached[3]
+
+
+def generation_params(model):
+  """The params generation runs with: `model.params`, or sharded over the local devices (`placement`) when they do
+  not fit one device (the batch is then replicated; XLA gathers each layer's weights)."""
+  devices = jax.local_devices()
+  if should_shard(model.params, devices, getattr(model, "shard_weights", None)):
+    return placement(model, devices)[0]
+  return model.params
 
 
 def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",
                   normalize: bool = True, causal: bool = False, with_cache: bool = False,
-                  show_progress_bar: bool | None = None, devices=None):
+                  show_progress_bar: bool | None = None, devices=None, packing: bool | None = None):
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
   (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
 
-  Each batch's rows are split over `devices` (default: every local device; params replicated on them); the
-  with_cache (RAG) pass stays on one device. show_progress_bar: None = a bar from PROGRESS_MIN_TEXTS texts on."""
+  packing: True = packed rows, False = padded batches, None = packed when padding would fill fewer than
+  PACK_IF_EFFICIENCY_BELOW of the slots (module docstring); with_cache is always padded. Rows are split over
+  `devices` (default: every local device), params placed by `placement` (sharded when they do not fit one
+  device); the with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
+  PROGRESS_MIN_TEXTS texts on."""
   if pooling not in POOLINGS:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
   if batch_size < 1 or max_length < 1:
     raise GritJaxError(f"batch_size={batch_size}, max_length={max_length}: must be >= 1")
-  fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
+  if with_cache and packing:
+    raise GritJaxError("packing=True with KV caches: a cached document needs its own row (use packing=None/False)")
   devices = list(devices if devices is not None else jax.local_devices())
-  if with_cache or len(devices) == 1:
-    params, put, row_multiple = model.params, jnp.asarray, 1
+  if with_cache:  # one device for the rows (the caches are per row); the weights sharded if they must be
+    devices, (params, rows) = devices[:1], (generation_params(model), None)
   else:
-    params, rows = _data_parallel(model, devices)
-    put, row_multiple = (lambda x: jax.device_put(x, rows)), len(devices)
+    params, rows = placement(model, devices)
+  put = jnp.asarray if rows is None else (lambda x: jax.device_put(x, rows))
   emb = np.zeros((len(tokens), model.config.hidden_size), np.float32)
-  caches = [None] * len(tokens)
   if show_progress_bar is None:
     show_progress_bar = len(tokens) >= PROGRESS_MIN_TEXTS
   from tqdm import tqdm
-  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, row_multiple),
+  if not tokens:
+    return (emb, []) if with_cache else emb
+  lengths = [len(ids) for ids, _ in tokens]
+  if packing is None:
+    packing = not with_cache and padded_efficiency(lengths, batch_size, max_length, len(devices)) < \
+        PACK_IF_EFFICIENCY_BELOW
+  if packing:
+    layout = packed_layout(lengths, batch_size, max_length, len(devices))
+    fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit)
+    units = packed_units(lengths, layout)
+    for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
+                             desc="Batches", disable=not show_progress_bar):
+      e_UND = np.asarray(fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask"))))
+      for u, idx in enumerate(call):
+        emb[idx] = e_UND[u, :len(idx)]
+    return emb
+  fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
+  caches = [None] * len(tokens)
+  for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, len(devices)),
                                    total=-(-len(tokens) // batch_size), desc="Batches", disable=not show_progress_bar):
     e, cache = fn(params, put(ids), put(mask), put(pool))
     emb[idx] = np.asarray(e)[:len(idx)]
@@ -144,4 +337,3 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
       for i, kv in zip(idx, unstack_cache(cache)):
         caches[i] = kv
   return (emb, caches) if with_cache else emb
-
