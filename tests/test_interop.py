@@ -281,6 +281,9 @@ def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
   for name, value in want.items():
     assert abs(metrics[name] - value) < 1e-6, name
   assert "ndcg@10" in capsys.readouterr().out
+  for flag in ("--packing", "--no-packing"):  # packed rows and padded batches: the same metrics
+    assert cli.main(["eval", "--model", model_dir, "--data", str(data), "--output", str(out), flag]) == 0
+    assert all(abs(json.loads(out.read_text())[k] - v) < 1e-6 for k, v in want.items()), flag
   # A bad row is named by file and line, before the model is loaded; nothing is written.
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "neg": ["x"]}) + "\n")
