@@ -138,7 +138,7 @@ def add_shard_weights(p: argparse.ArgumentParser) -> None:
 def add_packing(p: argparse.ArgumentParser) -> None:
   p.add_argument("--packing", default=None, action=argparse.BooleanOptionalAction,
                  help="pack whole texts into fixed-length rows (same embeddings as padded batches); default: packed "
-                      "when padding would waste over a fifth of the token slots")
+                      "when that costs fewer FLOPs than padding (inference.encode.packing_pays)")
 
 
 def _positive(name: str):
@@ -197,8 +197,9 @@ def generate_main(argv: list[str]) -> int:
   add_shard_weights(p)
   a = p.parse_args(argv)
   _check_new_tokens(a.model, a.max_new_tokens)
-  outs = _load(a.model, shard_weights=a.shard_weights).generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                 top_p=a.top_p, seed=a.seed)
+  model = _load(a.model, shard_weights=a.shard_weights)
+  outs = model.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                        seed=a.seed)
   for prompt, out in zip(a.prompt, outs):
     print(out if len(outs) == 1 else f"### {prompt}\n{out}\n")
   return 0

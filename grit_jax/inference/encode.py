@@ -1,13 +1,14 @@
 """Embeddings: GritLM template, one bidirectional (or causal, for `cc` models) pass, pooling over the text tokens.
 
 Two layouts of the same computation (equal to 1e-5 in float32; `packing=` chooses, default: packed where it pays):
-- packed (grit_jax.data.packing, as in training): whole texts packed first-fit-decreasing into rows of a fixed length,
-  with segment ids (attention only inside a text) and positions restarting at 0 per text, each text pooled on its
-  own tokens (objectives.pool_packed). A call is U packing units of R rows of L tokens holding at most n texts each;
-  (U, R, L, n) are fixed for a corpus (L from the longest text, n from the mean length), the last call is padded
-  with empty units, so a corpus compiles one program. Chosen by default when padding would waste more than
-  PACK_IF_EFFICIENCY_BELOW of the token slots (variable-length corpora), and never with KV caches (RAG doc caches
-  need one sequence per row).
+- packed (the training layout, grit_jax.data.packing): whole texts packed best-fit-decreasing into rows of a fixed
+  length L, with segment ids (attention only inside a text) and positions restarting at 0 per text, each text pooled
+  on its own tokens (objectives.pool_packed). A call is U rows (packing units of one row) of L tokens holding at
+  most n texts each; L and n are fixed for a corpus (from its longest and its short texts), U is cut so the calls
+  are nearly equal (in eighths of batch_size: at most 8 shapes), the last call padded with empty rows. Chosen by
+  default when it costs fewer FLOPs than padding (`packing_pays`: variable-length corpora on real models; not
+  where attention over whole rows dominates, as for a tiny model), never with KV caches (a RAG document cache is
+  one sequence's row).
 - padded: texts sorted by token length and cut into batches; each batch is padded to a length bucket (a power of
   two, at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
   compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs.
@@ -107,9 +108,8 @@ def batches(tokens, batch_size: int, max_length: int, bos_id: int,
 
 
 PROGRESS_MIN_TEXTS = 256  # as gritlm: a progress bar for inputs of at least this many texts
-PACK_IF_EFFICIENCY_BELOW = 0.8  # packing="auto": pack when the padded layout fills fewer token slots than this
+PACK_IF_CHEAPER = 0.9  # packing=None: pack when that costs under this share of the padded layout's FLOPs
 PACK_MIN_ROW_LEN = 256  # packed rows hold several texts: at least this long (capped at max_length)
-PACK_UNIT_ROWS = 8      # rows per packing unit (first-fit-decreasing inside a unit; pooling cost grows with it)
 WEIGHTS_FIT_FRACTION = 0.5  # shard_weights=None: shard when the params exceed this share of one device's memory
 
 
@@ -151,36 +151,69 @@ class PackedLayout:
     return self.units * self.rows * self.row_len
 
 
-def padded_efficiency(lengths: Sequence[int], batch_size: int, max_length: int, row_multiple: int = 1) -> float:
-  """Text tokens / token slots of the padded layout (`batches`) for these lengths."""
+def padded_shapes(lengths: Sequence[int], batch_size: int, max_length: int,
+                  row_multiple: int = 1) -> list[tuple[int, int]]:
+  """(rows, length) of each batch of the padded layout (`batches`) for these lengths."""
   desc = sorted(lengths, reverse=True)
-  slots = 0
-  for s in range(0, len(desc), batch_size):
-    n = len(desc[s:s + batch_size])
-    rows = -(-bucket(n, cap=batch_size, minimum=1) // row_multiple) * row_multiple
-    slots += rows * bucket(desc[s], cap=max_length)
-  return sum(desc) / max(slots, 1)
+  return [(-(-bucket(len(desc[s:s + batch_size]), cap=batch_size, minimum=1) // row_multiple) * row_multiple,
+           bucket(desc[s], cap=max_length)) for s in range(0, len(desc), batch_size)]
+
+
+def padded_efficiency(lengths: Sequence[int], batch_size: int, max_length: int, row_multiple: int = 1) -> float:
+  """Text tokens / token slots of the padded layout."""
+  return sum(lengths) / max(1, sum(r * t for r, t in padded_shapes(lengths, batch_size, max_length, row_multiple)))
+
+
+def plan_packed(lengths: Sequence[int], batch_size: int, max_length: int,
+                num_devices: int = 1) -> tuple[PackedLayout, list[list[int]]]:
+  """(the call layout, the texts of each unit) of the packed layout."""
+  layout = packed_layout(lengths, batch_size, max_length, num_devices)
+  units = packed_units(lengths, layout)
+  return balanced_calls(layout, len(units), num_devices), units
+
+
+def layout_flops(config, shapes: Sequence[tuple[int, int]]) -> float:
+  """Model FLOPs of forward passes over these (rows, length) shapes, with every key of a row computed (the XLA
+  attention of both layouts), grit_jax.flops.forward_flops."""
+  from grit_jax import flops
+  return sum(flops.forward_flops(config, rows, length, causal=False, lm_head=False) for rows, length in shapes)
+
+
+def packing_pays(config, lengths: Sequence[int], batch_size: int, max_length: int, num_devices: int = 1) -> bool:
+  """packing=None: whether the packed layout costs under PACK_IF_CHEAPER of the padded one's FLOPs. Packing saves
+  the padding's matmuls but computes attention over whole rows: it pays for real models on variable-length texts,
+  not where attention dominates (a tiny model's head_dim 16 on 512-token rows)."""
+  layout, units = plan_packed(lengths, batch_size, max_length, num_devices)
+  packed = layout_flops(config, [(layout.units, layout.row_len)] * -(-len(units) // layout.units))
+  return packed < PACK_IF_CHEAPER * layout_flops(config, padded_shapes(lengths, batch_size, max_length, num_devices))
 
 
 def packed_layout(lengths: Sequence[int], batch_size: int, max_length: int, num_devices: int = 1) -> PackedLayout:
-  """Rows of L = the longest text's length bucket (at least PACK_MIN_ROW_LEN, capped at max_length); a call holds
-  about batch_size rows (the padded layout's largest batch in slots: the same memory), fewer for a small corpus;
-  units of up to PACK_UNIT_ROWS rows, a multiple of `num_devices`; n = twice the texts of mean length a unit holds
-  (a power of two), so rows fill up without a large pooling matrix [U, n, R*L]."""
+  """Rows of L = the longest text's length bucket (at least PACK_MIN_ROW_LEN, capped at max_length), one packing
+  unit per row (so a unit's pooling matrix [n, L] stays small and filling a unit is filling a row); a call holds up
+  to batch_size rows (the padded layout's largest batch in slots: the same memory), a multiple of `num_devices`;
+  n = the texts of the 5th-percentile length a row holds (a power of two)."""
   lengths = np.asarray(lengths, np.int64)
   L = max(bucket(int(lengths.max()), cap=max_length), min(PACK_MIN_ROW_LEN, max_length))
-  want_rows = min(batch_size, -(-int(lengths.sum() * 1.1) // L) + 1)  # ~10% headroom for first-fit losses
-  rows = max(1, min(PACK_UNIT_ROWS, -(-want_rows // num_devices)))
-  units = -(-(-(-want_rows // rows)) // num_devices) * num_devices
-  per_unit = bucket(-(-2 * rows * L // max(1, int(lengths.mean()))), cap=rows * L, minimum=1)
-  return PackedLayout(units, rows, L, per_unit)
+  units = -(-batch_size // num_devices) * num_devices
+  per_unit = bucket(-(-L // max(1, int(np.percentile(lengths, 5)))), cap=L, minimum=1)
+  return PackedLayout(units, 1, L, per_unit)
+
+
+def balanced_calls(layout: PackedLayout, num_units: int, num_devices: int = 1) -> PackedLayout:
+  """The layout with `units` per call cut so that `num_units` units split into the fewest calls of nearly equal
+  size (the last call no longer mostly empty), rounded up to an eighth of the largest call (and to the devices):
+  at most 8 call shapes per row layout, whatever the corpus size."""
+  calls = max(1, -(-num_units // layout.units))
+  step = -(-max(1, layout.units // 8) // num_devices) * num_devices
+  return dataclasses.replace(layout, units=min(layout.units, -(-(-(-num_units // calls)) // step) * step))
 
 
 def packed_units(lengths: Sequence[int], layout: PackedLayout) -> list[list[int]]:
   """The texts (indices) of each unit, in order: a unit takes the longest remaining text that still fits its free
-  tokens, until it has n texts or nothing fits (largest first, gaps filled by the longest text that fits them), and
-  hands back its last texts while packing.pack_plan cannot place them all in its rows. Every text lands in exactly
-  one unit."""
+  tokens, until it has n texts or nothing fits (largest first, gaps filled by the longest text that fits them: best
+  fit decreasing), and hands back its last texts while packing.pack_plan cannot place them in its rows (never with
+  one row per unit). Every text lands in exactly one unit."""
   by_length = [collections.deque() for _ in range(layout.row_len + 1)]
   for i, n in enumerate(lengths):
     by_length[n].append(i)
@@ -289,9 +322,8 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
   (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
 
-  packing: True = packed rows, False = padded batches, None = packed when padding would fill fewer than
-  PACK_IF_EFFICIENCY_BELOW of the slots (module docstring); with_cache is always padded. Rows are split over
-  `devices` (default: every local device), params placed by `placement` (sharded when they do not fit one
+  packing: True = packed rows, False = padded batches, None = packed where it costs fewer FLOPs
+  (`packing_pays`); with_cache is always padded. Rows are split over `devices` (default: every local device), params placed by `placement` (sharded when they do not fit one
   device); the with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
   PROGRESS_MIN_TEXTS texts on."""
   if pooling not in POOLINGS:
@@ -314,12 +346,10 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     return (emb, []) if with_cache else emb
   lengths = [len(ids) for ids, _ in tokens]
   if packing is None:
-    packing = not with_cache and padded_efficiency(lengths, batch_size, max_length, len(devices)) < \
-        PACK_IF_EFFICIENCY_BELOW
+    packing = not with_cache and packing_pays(model.config, lengths, batch_size, max_length, len(devices))
   if packing:
-    layout = packed_layout(lengths, batch_size, max_length, len(devices))
+    layout, units = plan_packed(lengths, batch_size, max_length, len(devices))
     fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit)
-    units = packed_units(lengths, layout)
     for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
                              desc="Batches", disable=not show_progress_bar):
       e_UND = np.asarray(fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask"))))

@@ -213,8 +213,8 @@ class GritLM:
     as gritlm). Attention, pooling, normalisation and max_length default to the model's settings.
 
     packing: True = whole texts packed into fixed-length rows (segment ids, positions restarting per text), False =
-    batches sorted by length and padded to power-of-two length / row buckets, None (default) = packed when padding
-    would waste over a fifth of the token slots (inference.encode); the same embeddings either way (1e-5), and a
+    batches sorted by length and padded to power-of-two length / row buckets, None (default) = packed when that
+    costs fewer FLOPs (inference.encode.packing_pays); the same embeddings either way (1e-5), and a
     corpus of any size compiles only a few programs. Returns np.float32 [N, D] in input order, or [D] for a single
     string."""
     from grit_jax.inference import encode as encode_lib

@@ -78,7 +78,7 @@ def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndar
 
 def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int = 512,
              packing: bool | None = None) -> dict[str, float]:
-  """packing: as GritLM.encode (None = packed rows where padding would waste slots; same metrics either way)."""
+  """packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way)."""
   index = {p: i for i, p in enumerate(corpus)}
   kw = dict(batch_size=batch_size, max_length=max_length, normalize=True, packing=packing)
   q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)

@@ -1,0 +1,69 @@
+"""Corpus encoding, packed rows vs padded batches (grit_jax.inference.encode), on the shipped data's passages: every
+distinct passage of data/train's embedding rows (with its instruction, as `grit-jax eval` embeds them), tokenized
+with data/tokenizer.model, the tiny model (random weights: the work, not the values, matters here), one CPU
+device. Prints token-slot efficiency and passages/s of each layout, their ratio, and the largest difference between
+the two layouts' embeddings (they must agree to 1e-5).
+
+  .venv/bin/python bench/encode_packing.py [--max-length 512] [--batch-size 64] [--runs 3] [--width 1]
+
+--width w scales the tiny model's hidden and intermediate sizes by w, --head-dim sets the head size (heads = hidden /
+head_dim). Packed rows save the padding's matmuls but attend over whole rows: on the tiny model (head_dim 16) the
+attention, slow per FLOP on a CPU, outweighs the saving at 512-token rows; wider models with 7B-like heads gain.
+"""
+import argparse
+import os
+
+p = argparse.ArgumentParser()
+p.add_argument("--max-length", type=int, default=512)
+p.add_argument("--batch-size", type=int, default=64)
+p.add_argument("--runs", type=int, default=3)
+p.add_argument("--model", default="tiny_mistral", help="a grit_jax.modeling preset")
+p.add_argument("--width", type=int, default=1, help="hidden / intermediate size times this")
+p.add_argument("--head-dim", type=int, default=16, help="heads = hidden / head_dim (GritLM-7B: 128)")
+args = p.parse_args()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import _common  # noqa: E402  (puts the repository on sys.path)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from grit_jax.data.tokenizer import Tokenizer  # noqa: E402
+from grit_jax.inference import encode as enc  # noqa: E402
+from grit_jax.inference.gritlm import GritLM  # noqa: E402
+from grit_jax.inference.retrieval_eval import read_rows  # noqa: E402
+from grit_jax.modeling import get_config, init_params  # noqa: E402
+
+_, _, passages = read_rows("data/train")
+base = get_config(args.model)
+heads = base.hidden_size * args.width // args.head_dim
+cfg = get_config(args.model, dtype="float32", hidden_size=base.hidden_size * args.width,
+                 intermediate_size=base.intermediate_size * args.width, num_heads=heads,
+                 num_kv_heads=max(1, heads // 2), head_dim=args.head_dim)
+model = GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), Tokenizer("data/tokenizer.model"))
+tokens = []
+for instruction in sorted({i for i, _ in passages}):
+  tokens += enc.tokenize(model, [t for i, t in passages if i == instruction], instruction, args.max_length)
+lengths = np.array([len(ids) for ids, _ in tokens])
+devices = jax.devices()[:1]
+print(f"{len(tokens)} passages, tokens mean {lengths.mean():.0f} median {np.median(lengths):.0f} "
+      f"max {lengths.max()} (max_length {args.max_length}), batch_size {args.batch_size}, {cfg.num_layers} layers "
+      f"x {cfg.hidden_size} ({cfg.num_heads} heads x {cfg.head_dim}), {jax.default_backend()} x{len(devices)}")
+
+layout = enc.packed_layout(lengths, args.batch_size, args.max_length, len(devices))
+units = enc.packed_units(lengths, layout)
+layout = enc.balanced_calls(layout, len(units), len(devices))
+calls = -(-len(units) // layout.units)
+effs = {"padded": enc.padded_efficiency(lengths, args.batch_size, args.max_length),
+        "packed": lengths.sum() / (calls * layout.slots)}
+out, rate = {}, {}
+for name, packing in (("padded", False), ("packed", True)):
+  run = lambda: enc.encode_tokens(model, tokens, args.batch_size, args.max_length, devices=devices, packing=packing,
+                                  show_progress_bar=False)
+  out[name] = run()
+  rate[name] = len(tokens) / _common.median_seconds(run, args.runs)
+  print(f"{name}: token-slot efficiency {effs[name]:.1%}, {rate[name]:.1f} passages/s")
+print(f"packed layout: {calls} calls of {layout.units} units x {layout.rows} rows x {layout.row_len} tokens, "
+      f"<= {layout.per_unit} texts per unit")
+print(f"packed / padded throughput: {rate['packed'] / rate['padded']:.2f}x; "
+      f"max |packed - padded| = {np.abs(out['packed'] - out['padded']).max():.1e}; "
+      f"packing=None picks {'packed' if enc.packing_pays(cfg, lengths, args.batch_size, args.max_length) else 'padded'}")
