@@ -110,8 +110,8 @@ def test_packed_encode_equals_padded_in_input_order(model, pooling):
   tokens = enc.tokenize(model, texts, "Retrieve a passage", 96)
   lengths = [len(ids) for ids, _ in tokens]
   assert max(lengths) == 96 and enc.padded_efficiency(lengths, 8, 96, 8) < 0.8
-  layout = enc.packed_layout(lengths, 8, 96, 8)
-  calls = list(enc.packed_calls(tokens, layout, enc.packed_units(lengths, layout)))
+  layout, units = enc.plan_packed(lengths, 8, enc.packed_row_len(lengths, 96), 8)
+  calls = list(enc.packed_calls(tokens, layout, units))
   seg = np.concatenate([a["segment_ids"] for _, a in calls])
   assert sorted(i for units, _ in calls for u in units for i in u) == list(range(len(texts)))
   assert max(len(set(row[row > 0].tolist())) for row in seg.reshape(-1, layout.row_len)) >= 3  # rows hold texts
@@ -134,6 +134,18 @@ def test_packed_encode_causal_and_bounded_compiles(model):
   assert gen.TRACE_COUNTS.get("embed_packed", 0) - before == 1
   with pytest.raises(GritJaxError, match="packing=True with KV caches"):
     enc.encode_tokens(model, enc.tokenize(model, texts[:2], "", 64), with_cache=True, packing=True)
+
+
+def test_default_packs_short_texts_and_pads_long_ones(model):
+  from grit_jax.inference import encode as enc
+  texts = corpus(30, seed=3, longest=30) + ["kappa " * 150, "theta " * 180]  # two texts longer than 256 tokens
+  tokens = enc.tokenize(model, texts, "", 512)
+  lengths = [len(ids) for ids, _ in tokens]
+  # rows of 256 for the short texts, the two long ones padded: fewer FLOPs than 512-token rows or all padded
+  assert enc.choose_row_len(model.config, lengths, 16, 512) == 256 < enc.packed_row_len(lengths, 512)
+  one = jax.devices()[:1]
+  np.testing.assert_allclose(enc.encode_tokens(model, tokens, 16, 512, devices=one, packing=None),
+                             enc.encode_tokens(model, tokens, 16, 512, devices=one, packing=False), atol=1e-5)
 
 
 def test_sharded_weights_equal_replicated(tok):

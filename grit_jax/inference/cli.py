@@ -138,7 +138,7 @@ def add_shard_weights(p: argparse.ArgumentParser) -> None:
 def add_packing(p: argparse.ArgumentParser) -> None:
   p.add_argument("--packing", default=None, action=argparse.BooleanOptionalAction,
                  help="pack whole texts into fixed-length rows (same embeddings as padded batches); default: packed "
-                      "when that costs fewer FLOPs than padding (inference.encode.packing_pays)")
+                      "the texts and row length that cost fewer FLOPs than padding (inference.encode.choose_row_len)")
 
 
 def _positive(name: str):

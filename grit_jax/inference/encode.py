@@ -5,10 +5,10 @@ Two layouts of the same computation (equal to 1e-5 in float32; `packing=` choose
   length L, with segment ids (attention only inside a text) and positions restarting at 0 per text, each text pooled
   on its own tokens (objectives.pool_packed). A call is U rows (packing units of one row) of L tokens holding at
   most n texts each; L and n are fixed for a corpus (from its longest and its short texts), U is cut so the calls
-  are nearly equal (in eighths of batch_size: at most 8 shapes), the last call padded with empty rows. Chosen by
-  default when it costs fewer FLOPs than padding (`packing_pays`: variable-length corpora on real models; not
-  where attention over whole rows dominates, as for a tiny model), never with KV caches (a RAG document cache is
-  one sequence's row).
+  are nearly equal (in eighths of batch_size: at most 8 shapes), the last call padded with empty rows. By default
+  (`choose_row_len`) the texts up to a row length L are packed and longer ones padded, with the L (or all padded)
+  that costs the fewest model FLOPs: packing saves the padding's matmuls but attends over whole rows. Never with KV
+  caches (a RAG document cache is one sequence's row).
 - padded: texts sorted by token length and cut into batches; each batch is padded to a length bucket (a power of
   two, at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
   compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs.
@@ -164,12 +164,18 @@ def padded_efficiency(lengths: Sequence[int], batch_size: int, max_length: int, 
   return sum(lengths) / max(1, sum(r * t for r, t in padded_shapes(lengths, batch_size, max_length, row_multiple)))
 
 
-def plan_packed(lengths: Sequence[int], batch_size: int, max_length: int,
+def plan_packed(lengths: Sequence[int], batch_size: int, row_len: int,
                 num_devices: int = 1) -> tuple[PackedLayout, list[list[int]]]:
-  """(the call layout, the texts of each unit) of the packed layout."""
-  layout = packed_layout(lengths, batch_size, max_length, num_devices)
+  """(the call layout, the texts of each unit) of the packed layout with rows of `row_len` tokens."""
+  layout = packed_layout(lengths, batch_size, row_len, num_devices)
   units = packed_units(lengths, layout)
   return balanced_calls(layout, len(units), num_devices), units
+
+
+def packed_row_len(lengths: Sequence[int], max_length: int) -> int:
+  """The row length that holds every text: the longest one's bucket, at least PACK_MIN_ROW_LEN (capped at
+  max_length)."""
+  return max(bucket(int(max(lengths)), cap=max_length), min(PACK_MIN_ROW_LEN, max_length))
 
 
 def layout_flops(config, shapes: Sequence[tuple[int, int]]) -> float:
@@ -179,22 +185,36 @@ def layout_flops(config, shapes: Sequence[tuple[int, int]]) -> float:
   return sum(flops.forward_flops(config, rows, length, causal=False, lm_head=False) for rows, length in shapes)
 
 
-def packing_pays(config, lengths: Sequence[int], batch_size: int, max_length: int, num_devices: int = 1) -> bool:
-  """packing=None: whether the packed layout costs under PACK_IF_CHEAPER of the padded one's FLOPs. Packing saves
-  the padding's matmuls but computes attention over whole rows: it pays for real models on variable-length texts,
-  not where attention dominates (a tiny model's head_dim 16 on 512-token rows)."""
-  layout, units = plan_packed(lengths, batch_size, max_length, num_devices)
-  packed = layout_flops(config, [(layout.units, layout.row_len)] * -(-len(units) // layout.units))
-  return packed < PACK_IF_CHEAPER * layout_flops(config, padded_shapes(lengths, batch_size, max_length, num_devices))
-
-
-def packed_layout(lengths: Sequence[int], batch_size: int, max_length: int, num_devices: int = 1) -> PackedLayout:
-  """Rows of L = the longest text's length bucket (at least PACK_MIN_ROW_LEN, capped at max_length), one packing
-  unit per row (so a unit's pooling matrix [n, L] stays small and filling a unit is filling a row); a call holds up
-  to batch_size rows (the padded layout's largest batch in slots: the same memory), a multiple of `num_devices`;
-  n = the texts of the 5th-percentile length a row holds (a power of two)."""
+def choose_row_len(config, lengths: Sequence[int], batch_size: int, max_length: int,
+                   num_devices: int = 1) -> int | None:
+  """packing=None: the row length L (PACK_MIN_ROW_LEN, doubling up to `packed_row_len`) whose layout (texts of up
+  to L tokens packed in rows of L, longer ones in padded batches) costs the fewest model FLOPs, or None (all padded)
+  unless that is under PACK_IF_CHEAPER of the all-padded FLOPs. Packing saves the padding's matmuls but attends
+  over whole rows, so long rows pay only where the matmuls dominate (real models, not a tiny one)."""
   lengths = np.asarray(lengths, np.int64)
-  L = max(bucket(int(lengths.max()), cap=max_length), min(PACK_MIN_ROW_LEN, max_length))
+  padded = lambda ls: layout_flops(config, padded_shapes(ls, batch_size, max_length, num_devices))
+  best, best_cost = None, PACK_IF_CHEAPER * padded(lengths)
+  top, row_len = packed_row_len(lengths, max_length), min(PACK_MIN_ROW_LEN, max_length)
+  while True:
+    short = lengths[lengths <= row_len]
+    if short.size:
+      layout, units = plan_packed(short, batch_size, row_len, num_devices)
+      cost = layout_flops(config, [(layout.units, row_len)] * -(-len(units) // layout.units)) + \
+          padded(lengths[lengths > row_len])
+      if cost < best_cost:
+        best, best_cost = row_len, cost
+    if row_len >= top:
+      return best
+    row_len = min(2 * row_len, top)
+
+
+def packed_layout(lengths: Sequence[int], batch_size: int, row_len: int, num_devices: int = 1) -> PackedLayout:
+  """Rows of L = row_len tokens, one packing unit per row (so a unit's pooling matrix [n, L] stays small and filling
+  a unit is filling a row); a call holds up to batch_size rows (the padded layout's largest batch in slots at
+  length L: the same memory), a multiple of `num_devices`; n = the texts of the 5th-percentile length a row holds
+  (a power of two)."""
+  lengths = np.asarray(lengths, np.int64)
+  L = row_len
   units = -(-batch_size // num_devices) * num_devices
   per_unit = bucket(-(-L // max(1, int(np.percentile(lengths, 5)))), cap=L, minimum=1)
   return PackedLayout(units, 1, L, per_unit)
@@ -322,9 +342,10 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
   (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
 
-  packing: True = packed rows, False = padded batches, None = packed where it costs fewer FLOPs
-  (`packing_pays`); with_cache is always padded. Rows are split over `devices` (default: every local device), params placed by `placement` (sharded when they do not fit one
-  device); the with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
+  packing: True = every text in packed rows, False = padded batches, None = `choose_row_len` (texts up to its row
+  length packed, longer ones padded; or all padded); with_cache is always padded. Rows are split over `devices`
+  (default: every local device), params placed by `placement` (sharded when they do not fit one device); the
+  with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
   PROGRESS_MIN_TEXTS texts on."""
   if pooling not in POOLINGS:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
@@ -346,15 +367,23 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     return (emb, []) if with_cache else emb
   lengths = [len(ids) for ids, _ in tokens]
   if packing is None:
-    packing = not with_cache and packing_pays(model.config, lengths, batch_size, max_length, len(devices))
-  if packing:
-    layout, units = plan_packed(lengths, batch_size, max_length, len(devices))
+    row_len = None if with_cache else choose_row_len(model.config, lengths, batch_size, max_length, len(devices))
+  else:
+    row_len = packed_row_len(lengths, max_length) if packing else None
+  if row_len is not None:
+    short = [i for i, n in enumerate(lengths) if n <= row_len]
+    rest = [i for i, n in enumerate(lengths) if n > row_len]
+    if rest:  # longer than the rows (packing=None only): padded batches
+      emb[rest] = encode_tokens(model, [tokens[i] for i in rest], batch_size, max_length, pooling, normalize, causal,
+                                show_progress_bar=show_progress_bar, devices=devices, packing=False)
+    tokens = [tokens[i] for i in short]
+    layout, units = plan_packed([len(ids) for ids, _ in tokens], batch_size, row_len, len(devices))
     fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit)
     for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
                              desc="Batches", disable=not show_progress_bar):
       e_UND = np.asarray(fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask"))))
       for u, idx in enumerate(call):
-        emb[idx] = e_UND[u, :len(idx)]
+        emb[[short[i] for i in idx]] = e_UND[u, :len(idx)]
     return emb
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
   caches = [None] * len(tokens)

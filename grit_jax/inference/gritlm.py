@@ -213,9 +213,10 @@ class GritLM:
     as gritlm). Attention, pooling, normalisation and max_length default to the model's settings.
 
     packing: True = whole texts packed into fixed-length rows (segment ids, positions restarting per text), False =
-    batches sorted by length and padded to power-of-two length / row buckets, None (default) = packed when that
-    costs fewer FLOPs (inference.encode.packing_pays); the same embeddings either way (1e-5), and a
-    corpus of any size compiles only a few programs. Returns np.float32 [N, D] in input order, or [D] for a single
+    batches sorted by length and padded to power-of-two length / row buckets, None (default) = the texts up to a
+    row length packed and longer ones padded, with the row length (or all padded) that costs the fewest model FLOPs
+    (inference.encode.choose_row_len); the same embeddings either way (1e-5), and a corpus of any size compiles only
+    a few programs. Returns np.float32 [N, D] in input order, or [D] for a single
     string."""
     from grit_jax.inference import encode as encode_lib
     if isinstance(instruction, (int, np.integer)) and not isinstance(instruction, bool):
