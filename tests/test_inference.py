@@ -132,8 +132,17 @@ def test_packed_encode_causal_and_bounded_compiles(model):
                              atol=1e-5)
   model.encode(texts[::-1], batch_size=8, max_length=64, attn="cccc", packing=True)  # same layout: no recompile
   assert gen.TRACE_COUNTS.get("embed_packed", 0) - before == 1
-  with pytest.raises(GritJaxError, match="packing=True with KV caches"):
-    enc.encode_tokens(model, enc.tokenize(model, texts[:2], "", 64), with_cache=True, packing=True)
+  # the RAG index's pass: each packed document's KV cache equals its padded row's
+  tokens = enc.tokenize(model, DOCS + texts[:6], "", 64)
+  one = jax.devices()[:1]
+  (e1, c1), (e2, c2) = (enc.encode_tokens(model, tokens, 8, 64, with_cache=True, devices=one, packing=p)
+                        for p in (True, False))
+  np.testing.assert_allclose(e1, e2, atol=1e-5)
+  for (k1, v1), (k2, v2), (ids, _) in zip(c1, c2, tokens):
+    assert k1.shape == k2.shape == (model.config.num_layers, len(ids), model.config.num_kv_heads,
+                                    model.config.head_dim)
+    np.testing.assert_allclose(k1, k2, atol=1e-5)
+    np.testing.assert_allclose(v1, v2, atol=1e-5)
 
 
 def test_default_packs_short_texts_and_pads_long_ones(model):

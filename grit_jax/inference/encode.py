@@ -7,8 +7,8 @@ Two layouts of the same computation (equal to 1e-5 in float32; `packing=` choose
   most n texts each; L and n are fixed for a corpus (from its longest and its short texts), U is cut so the calls
   are nearly equal (in eighths of batch_size: at most 8 shapes), the last call padded with empty rows. By default
   (`choose_row_len`) the texts up to a row length L are packed and longer ones padded, with the L (or all padded)
-  that costs the fewest model FLOPs: packing saves the padding's matmuls but attends over whole rows. Never with KV
-  caches (a RAG document cache is one sequence's row).
+  that costs the fewest model FLOPs: packing saves the padding's matmuls but attends over whole rows. With KV
+  caches (the RAG index), each text's keys/values are the slots of its row it fills.
 - padded: texts sorted by token length and cut into batches; each batch is padded to a length bucket (a power of
   two, at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
   compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs.
@@ -114,25 +114,27 @@ WEIGHTS_FIT_FRACTION = 0.5  # shard_weights=None: shard when the params exceed t
 
 
 @functools.lru_cache(maxsize=None)
-def packed_embed_fn(config, causal: bool, pooling: str, normalize: bool, num_per_unit: int):
-  """jit(params, ids, segment_ids, positions, pool_mask: [U, R, L] each) -> emb [U, n, D] float32: text u*n+i of
-  the call (segment id u*n+i+1) at [u, i]; empty slots give 0. The packed pass of training
+def packed_embed_fn(config, causal: bool, pooling: str, normalize: bool, num_per_unit: int, with_cache: bool = False):
+  """jit(params, ids, segment_ids, positions, pool_mask: [U, R, L] each) -> (emb [U, n, D] float32: text u*n+i of
+  the call (segment id u*n+i+1) at [u, i], empty slots 0; with `with_cache` the KVCache [U*R rows, L slots] of the
+  same pass, each text's keys/values where its tokens sit). The packed pass of training
   (training.step.GritObjective.embed_packed), plus cls (the first token of each text) and normalisation."""
   module = Transformer(config)
 
   def fn(params, ids_URL, seg_URL, pos_URL, pool_URL):
-    _count_trace("embed_packed")
+    _count_trace("embed_packed_cache" if with_cache else "embed_packed")
     U, R, L = ids_URL.shape
     flat = lambda x: x.reshape(U * R, L)
+    cache = KVCache.init(config, U * R, L, jnp.dtype(config.dtype)) if with_cache else None
     out = module.apply({"params": params}, flat(ids_URL), None, causal=causal, positions=flat(pos_URL),
-                       segment_ids=flat(seg_URL), return_logits=False)
+                       segment_ids=flat(seg_URL), cache=cache, return_logits=False)
     if pooling == "cls":  # the mean over one token: each text's first (BOS)
       pool_URL, method = (pos_URL == 0) & (seg_URL > 0), "mean"
     else:
       method = pooling
     emb_UND = objectives.pool_packed(out.hidden.reshape(U, R * L, -1), pool_URL.reshape(U, R * L),
                                      seg_URL.reshape(U, R * L) - 1, num_per_unit, method)
-    return objectives.l2_normalize(emb_UND) if normalize else emb_UND
+    return (objectives.l2_normalize(emb_UND) if normalize else emb_UND), out.cache
 
   return jax.jit(fn)
 
@@ -343,7 +345,7 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
 
   packing: True = every text in packed rows, False = padded batches, None = `choose_row_len` (texts up to its row
-  length packed, longer ones padded; or all padded); with_cache is always padded. Rows are split over `devices`
+  length packed, longer ones padded; or all padded). Rows are split over `devices`
   (default: every local device), params placed by `placement` (sharded when they do not fit one device); the
   with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
   PROGRESS_MIN_TEXTS texts on."""
@@ -351,8 +353,6 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
   if batch_size < 1 or max_length < 1:
     raise GritJaxError(f"batch_size={batch_size}, max_length={max_length}: must be >= 1")
-  if with_cache and packing:
-    raise GritJaxError("packing=True with KV caches: a cached document needs its own row (use packing=None/False)")
   devices = list(devices if devices is not None else jax.local_devices())
   if with_cache:  # one device for the rows (the caches are per row); the weights sharded if they must be
     devices, (params, rows) = devices[:1], (generation_params(model), None)
@@ -367,24 +367,34 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     return (emb, []) if with_cache else emb
   lengths = [len(ids) for ids, _ in tokens]
   if packing is None:
-    row_len = None if with_cache else choose_row_len(model.config, lengths, batch_size, max_length, len(devices))
+    row_len = choose_row_len(model.config, lengths, batch_size, max_length, len(devices))
   else:
     row_len = packed_row_len(lengths, max_length) if packing else None
   if row_len is not None:
     short = [i for i, n in enumerate(lengths) if n <= row_len]
     rest = [i for i, n in enumerate(lengths) if n > row_len]
+    caches = [None] * len(tokens)
     if rest:  # longer than the rows (packing=None only): padded batches
-      emb[rest] = encode_tokens(model, [tokens[i] for i in rest], batch_size, max_length, pooling, normalize, causal,
-                                show_progress_bar=show_progress_bar, devices=devices, packing=False)
+      out = encode_tokens(model, [tokens[i] for i in rest], batch_size, max_length, pooling, normalize, causal,
+                          with_cache, show_progress_bar, devices, packing=False)
+      emb[rest] = out[0] if with_cache else out
+      for i, kv in zip(rest, out[1] if with_cache else ()):
+        caches[i] = kv
     tokens = [tokens[i] for i in short]
     layout, units = plan_packed([len(ids) for ids, _ in tokens], batch_size, row_len, len(devices))
-    fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit)
+    fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit, bool(with_cache))
     for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
                              desc="Batches", disable=not show_progress_bar):
-      e_UND = np.asarray(fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask"))))
+      e_UND, cache = fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask")))
+      e_UND = np.asarray(e_UND)
+      if with_cache:  # each text's slots of its row (one row per unit)
+        k, v, seg = np.asarray(cache.k), np.asarray(cache.v), arrays["segment_ids"][:, 0]
       for u, idx in enumerate(call):
         emb[[short[i] for i in idx]] = e_UND[u, :len(idx)]
-    return emb
+        for j, i in enumerate(idx if with_cache else ()):
+          slots = seg[u] == u * layout.per_unit + j + 1
+          caches[short[i]] = (k[:, u, slots], v[:, u, slots])
+    return (emb, caches) if with_cache else emb
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
   caches = [None] * len(tokens)
   for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, len(devices)),
