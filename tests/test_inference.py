@@ -135,7 +135,7 @@ def test_packed_encode_causal_and_bounded_compiles(model):
   # the RAG index's pass: each packed document's KV cache equals its padded row's
   tokens = enc.tokenize(model, DOCS + texts[:6], "", 64)
   one = jax.devices()[:1]
-  (e1, c1), (e2, c2) = (enc.encode_tokens(model, tokens, 8, 64, with_cache=True, devices=one, packing=p)
+  (e1, c1), (e2, c2) = (enc.encode_tokens(model, tokens, 16, 64, with_cache=True, devices=one, packing=p)
                         for p in (True, False))
   np.testing.assert_allclose(e1, e2, atol=1e-5)
   for (k1, v1), (k2, v2), (ids, _) in zip(c1, c2, tokens):
