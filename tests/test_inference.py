@@ -97,6 +97,101 @@ def test_encode_bucketing_bounds_compiles(model):
   assert gen.TRACE_COUNTS.get("embed", 0) - before <= 9  # new inputs reuse the programs (only row buckets differ)
 
 
+def corpus(n, seed=0, longest=60):
+  rng = np.random.default_rng(seed)
+  words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+  return [" ".join(rng.choice(words, size=int(rng.integers(1, longest)))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weightedmean", "lasttoken", "cls"])
+def test_packed_encode_equals_padded_in_input_order(model, pooling):
+  from grit_jax.inference import encode as enc
+  texts = corpus(40, longest=25) + ["iota " * 200]  # the last one is cut at max_length: a row of one text
+  tokens = enc.tokenize(model, texts, "Retrieve a passage", 96)
+  lengths = [len(ids) for ids, _ in tokens]
+  assert max(lengths) == 96 and enc.padded_efficiency(lengths, 8, 96, 8) < 0.8
+  layout, units = enc.plan_packed(lengths, 8, enc.packed_row_len(lengths, 96), 8)
+  calls = list(enc.packed_calls(tokens, layout, units))
+  seg = np.concatenate([a["segment_ids"] for _, a in calls])
+  assert sorted(i for units, _ in calls for u in units for i in u) == list(range(len(texts)))
+  assert max(len(set(row[row > 0].tolist())) for row in seg.reshape(-1, layout.row_len)) >= 3  # rows hold texts
+  for devices in (jax.devices()[:1], jax.devices()):  # 1 device; rows split over the 8-device mesh
+    padded = enc.encode_tokens(model, tokens, 8, 96, pooling, normalize=False, devices=devices, packing=False)
+    packed = enc.encode_tokens(model, tokens, 8, 96, pooling, normalize=False, devices=devices, packing=True)
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=1e-5)
+  auto = model.encode(texts, instruction="Retrieve a passage", batch_size=8, max_length=96, pooling=pooling)
+  np.testing.assert_allclose(auto, padded / np.linalg.norm(padded, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_packed_encode_causal_and_bounded_compiles(model):
+  from grit_jax.inference import encode as enc
+  texts = corpus(50, seed=1)
+  want = model.encode(texts, batch_size=8, max_length=64, attn="cccc", packing=False)
+  before = gen.TRACE_COUNTS.get("embed_packed", 0)
+  np.testing.assert_allclose(model.encode(texts, batch_size=8, max_length=64, attn="cccc", packing=True), want,
+                             atol=1e-5)
+  model.encode(texts[::-1], batch_size=8, max_length=64, attn="cccc", packing=True)  # same layout: no recompile
+  assert gen.TRACE_COUNTS.get("embed_packed", 0) - before == 1
+  # the RAG index's pass: each packed document's KV cache equals its padded row's
+  tokens = enc.tokenize(model, DOCS + texts[:6], "", 64)
+  one = jax.devices()[:1]
+  (e1, c1), (e2, c2) = (enc.encode_tokens(model, tokens, 16, 64, with_cache=True, devices=one, packing=p)
+                        for p in (True, False))
+  np.testing.assert_allclose(e1, e2, atol=1e-5)
+  for (k1, v1), (k2, v2), (ids, _) in zip(c1, c2, tokens):
+    assert k1.shape == k2.shape == (model.config.num_layers, len(ids), model.config.num_kv_heads,
+                                    model.config.head_dim)
+    np.testing.assert_allclose(k1, k2, atol=1e-5)
+    np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
+def test_default_packs_short_texts_and_pads_long_ones(model):
+  from grit_jax.inference import encode as enc
+  texts = corpus(30, seed=3, longest=30) + ["kappa " * 150, "theta " * 180]  # two texts longer than 256 tokens
+  tokens = enc.tokenize(model, texts, "", 512)
+  lengths = [len(ids) for ids, _ in tokens]
+  # rows of 256 for the short texts, the two long ones padded: fewer FLOPs than 512-token rows or all padded
+  assert enc.choose_row_len(model.config, lengths, 16, 512) == 256 < enc.packed_row_len(lengths, 512)
+  one = jax.devices()[:1]
+  np.testing.assert_allclose(enc.encode_tokens(model, tokens, 16, 512, devices=one, packing=None),
+                             enc.encode_tokens(model, tokens, 16, 512, devices=one, packing=False), atol=1e-5)
+
+
+def test_sharded_weights_equal_replicated(tok):
+  from grit_jax.inference import encode as enc
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.modeling import get_config, init_params
+  cfg = get_config("tiny_mistral", dtype="float32")
+  params = init_params(cfg, jax.random.PRNGKey(1))
+  replicated, sharded = GritLM(cfg, params, tok, shard_weights=False), GritLM(cfg, params, tok, shard_weights=True)
+  texts = corpus(12, seed=2)
+  np.testing.assert_allclose(sharded.encode(texts, max_length=64), replicated.encode(texts, max_length=64),
+                             atol=1e-5)
+  placed, _ = enc.placement(sharded)
+  embed = placed["embed_tokens"]["embedding"]  # [vocab, embed]: embed split over fsdp = the 8 devices
+  assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape == (1024, 64 // 8)
+  assert enc.generation_params(sharded) is placed and enc.generation_params(replicated) is replicated.params
+  assert replicated.generate("Hi", max_new_tokens=4) == sharded.generate("Hi", max_new_tokens=4)
+
+
+def test_weights_shard_when_they_do_not_fit_one_device(model):
+  from grit_jax.inference import encode as enc
+
+  class Device:
+    def __init__(self, limit):
+      self.limit = limit
+
+    def memory_stats(self):
+      return None if self.limit is None else {"bytes_limit": self.limit}
+
+  size = enc.param_bytes(model.params)
+  assert enc.should_shard(model.params, [Device(size), Device(size)], None)  # params > half a device
+  assert not enc.should_shard(model.params, [Device(4 * size)] * 2, None)
+  assert not enc.should_shard(model.params, [Device(None)] * 2, None)  # unknown memory (CPU): replicate
+  assert enc.should_shard(model.params, [Device(None)] * 2, True)
+  assert not enc.should_shard(model.params, [Device(size)], True)  # one device: nothing to shard over
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # generation
 

@@ -307,6 +307,9 @@ def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
   for name, value in want.items():
     assert abs(metrics[name] - value) < 1e-6, name
   assert "ndcg@10" in capsys.readouterr().out
+  for flag in ("--packing", "--no-packing"):  # packed rows and padded batches: the same metrics
+    assert cli.main(["eval", "--model", model_dir, "--data", str(data), "--output", str(out), flag]) == 0
+    assert all(abs(json.loads(out.read_text())[k] - v) < 1e-6 for k, v in want.items()), flag
   # A bad row is named by file and line, before the model is loaded; nothing is written.
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"query": "q", "neg": ["x"]}) + "\n")
@@ -379,8 +382,8 @@ def test_encode_splits_batches_over_devices_and_shows_progress(model_dir, capsys
   all_devices = encode_tokens(model, tokens[:20], batch_size=16)
   np.testing.assert_allclose(all_devices, one, atol=1e-5)
   assert "Batches" not in capsys.readouterr().err  # small input: no bar
-  sharding = model._data_parallel[3]
-  assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec("data")
+  sharding = model._placement[3]
+  assert len(sharding.device_set) == 8 and sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
   many = model.encode(texts, batch_size=128, max_length=64)  # GritLM.encode: every device, a bar for 256 texts
   assert "Batches: 100%" in capsys.readouterr().err and many.shape == (len(texts), 64)
   np.testing.assert_allclose(many[:20], one, atol=1e-5)

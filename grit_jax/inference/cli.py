@@ -98,11 +98,11 @@ def model_config(path: str):
   return ModelConfig.from_hf(path)
 
 
-def _load(path: str, attn: str | None = None):
+def _load(path: str, attn: str | None = None, shard_weights: bool | None = None):
   from grit_jax.inference.gritlm import GritLM
   model_config(path)
   kwargs = {} if attn is None else {"attn": attn}
-  return GritLM.from_pretrained(path, **kwargs)
+  return GritLM.from_pretrained(path, shard_weights=shard_weights, **kwargs)
 
 
 class _Help(argparse.HelpFormatter):
@@ -127,6 +127,18 @@ def _add_attn(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attn", default=None, choices=ATTN_CHOICES,
                  help="attention of the embedding passes (chars 1-2: b bidirectional, c causal); "
                       "default: the model's grit_settings.json, else bbcc")
+
+
+def add_shard_weights(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--shard-weights", default=None, action=argparse.BooleanOptionalAction,
+                 help="shard the weights over the local devices (FSDP) or replicate them; default: shard when they "
+                      "exceed half of one device's memory")
+
+
+def add_packing(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--packing", default=None, action=argparse.BooleanOptionalAction,
+                 help="pack whole texts into fixed-length rows (same embeddings as padded batches); default: packed "
+                      "the texts and row length that cost fewer FLOPs than padding (inference.encode.choose_row_len)")
 
 
 def _positive(name: str):
@@ -161,12 +173,14 @@ def embed_main(argv: list[str]) -> int:
   p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                  help="L2-normalise the embeddings; default: the model's grit_settings.json, else yes")
   _add_attn(p)
+  add_packing(p)
+  add_shard_weights(p)
   a = p.parse_args(argv)
   check_output_file(a.output, "--output", ".npy")
   texts = read_texts(a.input)
-  model = _load(a.model, a.attn)
+  model = _load(a.model, a.attn, a.shard_weights)
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
-                     pooling=a.pooling, normalize=a.normalize)
+                     pooling=a.pooling, normalize=a.normalize, packing=a.packing)
   save_npy_atomic(a.output, emb)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0
@@ -180,10 +194,12 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  add_shard_weights(p)
   a = p.parse_args(argv)
   _check_new_tokens(a.model, a.max_new_tokens)
-  outs = _load(a.model).generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                 top_p=a.top_p, seed=a.seed)
+  model = _load(a.model, shard_weights=a.shard_weights)
+  outs = model.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                        seed=a.seed)
   for prompt, out in zip(a.prompt, outs):
     print(out if len(outs) == 1 else f"### {prompt}\n{out}\n")
   return 0
@@ -204,6 +220,7 @@ def rag_main(argv: list[str]) -> int:
   p.add_argument("--max-length", type=_positive("--max-length"), default=4096,
                  help="max tokens per document / query embedding pass")
   _add_attn(p)
+  add_shard_weights(p)
   a = p.parse_args(argv)
   if a.index and os.path.exists(a.index) and not os.path.isdir(a.index):
     raise GritJaxError(f"--index {a.index}: exists and is not a directory")
@@ -215,7 +232,7 @@ def rag_main(argv: list[str]) -> int:
   docs = read_texts(a.corpus, allow_title=True) if a.corpus else None
   _check_new_tokens(a.model, a.max_new_tokens)
   index = rag_lib.RagIndex.load(a.index) if have_index else None  # damaged files: named errors before loading
-  model = _load(a.model, a.attn)
+  model = _load(a.model, a.attn, a.shard_weights)
   if index is not None:
     stale = None
     if docs is not None and index.corpus != rag_lib.corpus_fingerprint(docs):

@@ -226,7 +226,8 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   start = np.asarray(start, np.int32)
   greedy = temperature == 0.0
   fn = generate_fn(model.config, int(max_new_tokens), greedy, stop_at_eos)
-  tokens = np.asarray(fn(model.params, cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
+  from grit_jax.inference.encode import generation_params  # (encode imports this module)
+  tokens = np.asarray(fn(generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
                          jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0), jnp.float32(top_p)))
   eos = model.config.eos_token_id
   result = []

@@ -85,7 +85,7 @@ class GritLM:
   def __init__(self, model_name_or_path=None, params=None, tokenizer=None, attn=_UNSET, *, mode: str = "unified",
                pooling_method=_UNSET, normalized=_UNSET, projection=None, is_inference: bool = True,
                embed_eos: str = "", device=None, torch_dtype=None, settings: settings_lib.Settings | None = None,
-               **kwargs):
+               shard_weights: bool | None = None, **kwargs):
     if mode not in MODES:
       raise GritJaxError(f"mode={mode!r}: expected one of {MODES}")
     if projection is not None:
@@ -140,6 +140,8 @@ class GritLM:
     self.mode = mode
     self.name_or_path = path
     self.embed_eos = embed_eos
+    # None: shard the weights over the local devices (FSDP) when they exceed half a device's memory (encode.placement)
+    self.shard_weights = shard_weights
     self._logged: set = set()
     self._fingerprint = None
 
@@ -165,16 +167,18 @@ class GritLM:
 
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", attn=_UNSET, *, pooling=_UNSET, normalize=_UNSET,
-                      **overrides) -> "GritLM":
+                      shard_weights: bool | None = None, **overrides) -> "GritLM":
     """An HF directory (config.json + *.safetensors, sharded index too) or a grit_jax directory (convert
     hf-to-jax). `dtype` is the compute dtype (params stay in their param_dtype); `overrides` replace other
     ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present, and
     the model's grit_settings.json (attn, pooling, normalize, max lengths) as the defaults; `attn`, `pooling`,
-    `normalize` given here override them (logged)."""
+    `normalize` given here override them (logged). `shard_weights`: True / False = shard the weights over the local
+    devices (FSDP) or replicate them; None = shard when they exceed half of one device's memory."""
     path = os.fspath(path)
     stored = settings_lib.read(path)  # a damaged file: an error before the weights are read
     params, config, tokenizer = cls._load(path, dtype=dtype, **overrides)
-    out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored)
+    out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored,
+              shard_weights=shard_weights)
     out.name_or_path = path
     return out
 
@@ -216,14 +220,18 @@ class GritLM:
   def encode(self, sentences, instruction: str = "", batch_size: int = 256, max_length: int | None = None,
              pooling: str | None = None, normalize: bool | None = None, *, attn=_UNSET,
              embed_instruction: bool = False, get_cache: bool = False, convert_to_tensor: bool = False,
-             recast: bool = False, add_special_tokens: bool = True):
+             recast: bool = False, add_special_tokens: bool = True, packing: bool | None = None):
     """Embed texts with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
     `<s><|embed|>\\n{text}` without instruction; an instruction already in gritlm's wrapped form is used as it
     is). BOS, instruction and format tokens are attended to but not pooled (`embed_instruction=True` pools them,
     as gritlm). Attention, pooling, normalisation and max_length default to the model's settings.
 
-    Batches are sorted by length and padded to power-of-two length / row buckets, so a corpus of any size
-    compiles only a few programs. Returns np.float32 [N, D] in input order, or [D] for a single string."""
+    packing: True = whole texts packed into fixed-length rows (segment ids, positions restarting per text), False =
+    batches sorted by length and padded to power-of-two length / row buckets, None (default) = the texts up to a
+    row length packed and longer ones padded, with the row length (or all padded) that costs the fewest model FLOPs
+    (inference.encode.choose_row_len); the same embeddings either way (1e-5), and a corpus of any size compiles only
+    a few programs. Returns np.float32 [N, D] in input order, or [D] for a single
+    string."""
     from grit_jax.inference import encode as encode_lib
     if isinstance(instruction, (int, np.integer)) and not isinstance(instruction, bool):
       raise GritJaxError(f"encode(texts, {instruction}): grit_jax's second positional argument is the instruction; "
@@ -250,7 +258,7 @@ class GritLM:
     if not add_special_tokens:
       tokens = [(ids[1:], pool[1:]) for ids, pool in tokens]
     emb = encode_lib.encode_tokens(self, tokens, batch_size, max_length, pooling, normalize,
-                                   encode_lib.embedding_is_causal(attn))
+                                   encode_lib.embedding_is_causal(attn), packing=packing)
     if recast:
       emb = emb.astype(jnp.dtype(self.config.dtype))
     if convert_to_tensor:

@@ -304,8 +304,8 @@ def continuation_logits(model, prepared: Prepared) -> list[np.ndarray]:
   else:
     cache = gen.pad_cache(prepared.cache, gen.bucket_slots(int(prepared.cache.index) + T))
   start = np.asarray(cache.valid).sum(-1).astype(np.int32)
-  logits, _ = gen.continuation_logits_fn(model.config)(model.params, cache, jnp.asarray(ids), jnp.asarray(mask),
-                                                      jnp.asarray(start))
+  fn = gen.continuation_logits_fn(model.config)
+  logits, _ = fn(encode_lib.generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start))
   logits = np.asarray(logits)
   return [logits[b, :len(s)] for b, s in enumerate(seqs)]
 

@@ -76,9 +76,11 @@ def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndar
   return out
 
 
-def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int = 512) -> dict[str, float]:
+def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int = 512,
+             packing: bool | None = None) -> dict[str, float]:
+  """packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way)."""
   index = {p: i for i, p in enumerate(corpus)}
-  kw = dict(batch_size=batch_size, max_length=max_length, normalize=True)
+  kw = dict(batch_size=batch_size, max_length=max_length, normalize=True, packing=packing)
   q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
   metrics = retrieval_metrics(q_QD @ d_ND.T, [{index[p] for p in pos} for pos in positives])
   return dict(metrics, queries=len(queries), corpus=len(corpus))
@@ -91,6 +93,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--max-length", type=int, default=512, help="tokens per query / passage (template included)")
   p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
+  from grit_jax.inference import cli as inference_cli
+  inference_cli.add_packing(p)
+  inference_cli.add_shard_weights(p)
   a = p.parse_args(argv)
   if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
     raise GritJaxError(f"--output {a.output}: folder {os.path.dirname(os.path.abspath(a.output))} does not exist")
@@ -98,7 +103,8 @@ def main(argv: list[str]) -> int:
     raise GritJaxError(f"--model {a.model}: not a directory")
   queries, positives, corpus = read_rows(a.data)  # every row checked before the model is loaded
   from grit_jax.inference.gritlm import GritLM
-  metrics = evaluate(GritLM.from_pretrained(a.model), queries, positives, corpus, a.batch_size, a.max_length)
+  metrics = evaluate(GritLM.from_pretrained(a.model, shard_weights=a.shard_weights), queries, positives, corpus,
+                     a.batch_size, a.max_length, a.packing)
   for name, value in metrics.items():
     print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")
   if a.output:

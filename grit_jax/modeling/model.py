@@ -78,8 +78,8 @@ class Transformer(nn.Module):
   def __call__(self, input_ids, attention_mask=None, *, causal: bool = True, positions=None, segment_ids=None,
                cache: KVCache | None = None, return_logits: bool = True) -> TransformerOutput:
     """input_ids [B, T] int32; attention_mask [B, T] (1 = token, 0 = padding); positions [B, T] int32 (default
-    arange(T), offset by cache.index when a cache is given); segment_ids [B, T] (packing, 0 = padding; not with
-    a cache). See docs/DESIGN.md."""
+    arange(T), offset by cache.index when a cache is given); segment_ids [B, T] (packing, 0 = padding; with a
+    cache only a fresh one of T slots, which then holds each packed sequence's keys/values). See docs/DESIGN.md."""
     c = self.config
     B, T = input_ids.shape
     valid_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -99,12 +99,13 @@ class Transformer(nn.Module):
                                     sliding_window=window)
       kv, index, k_pos_BS, k_valid_BS = None, None, None, None
     else:
-      if segment_ids is not None:
-        raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
+      if segment_ids is not None and cache.max_len != T:  # packed rows fill a fresh cache (packed RAG documents)
+        raise ValueError("segment_ids (packing) with a KV cache: only for a fresh cache of the call's length")
       index = cache.index
       k_pos_BS = jax.lax.dynamic_update_slice(cache.positions, positions_BT, (0, index))
       k_valid_BS = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, index))
-      mask_B1TS = make_attention_mask(positions_BT, k_pos_BS, k_valid_BS, causal=causal, sliding_window=window)
+      mask_B1TS = make_attention_mask(positions_BT, k_pos_BS, k_valid_BS, causal=causal, sliding_window=window,
+                                      q_segment_BT=segment_ids, k_segment_BS=segment_ids)
       kv = (cache.k, cache.v)
 
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
