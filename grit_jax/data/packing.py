@@ -13,12 +13,14 @@ generative_batch_size samples), drawn by the same sampler; only where each seque
   its (R, L). Each step takes the cheapest level (fewest token slots over all its packed passes) at which every
   unit of every packed pass fits, so a run compiles at most `pack_levels` + 1 step shapes, each on first use:
   - the packed levels (config.data.pack_levels of them) are derived from the data: the sequences of up to
-    `STAT_EXAMPLES` examples (sampler order, tokenized as in training) are drawn with replacement into
-    `STAT_BATCHES` global batches of the step's size, and for each pass and row length L (its pack length, and the
-    shorter LANES * 2^i, which hold steps whose sequences all fit them) the rows R a batch needs (the most any unit
-    needs, rounded up to the GradCache chunks / micro-batches). The top level holds every sampled batch at the pack
-    lengths with headroom: the most rows needed times 1 + config.data.pack_headroom. The others are added greedily,
-    each the level that lowers the sampled batches' mean token slots most (levels that save nothing are left out).
+    `STAT_EXAMPLES` examples (sampler order, tokenized as in training) are drawn into `STAT_BATCHES` global batches
+    of the step's size, and for each pass and row length L (its pack length, and the shorter multiples of LANES up
+    to BLOCK and of BLOCK above, which hold steps whose sequences all fit them) the rows R a batch needs (the most
+    any unit needs, rounded up to the GradCache chunks / micro-batches). The top level holds every sampled batch
+    at the pack lengths: the most rows needed times 1 + config.data.pack_headroom (at most one sequence per row);
+    its full-length rows also hold a batch with a sequence longer than any sampled. The others are added greedily,
+    each the combination of the passes' (R, L) that lowers the sampled batches' mean token slots most, then each
+    re-chosen given the others, while a level saves at least MIN_SAVING of them.
     A pass whose rows are set (config.data.{query,passage,generative}_pack_rows) takes those rows at its pack
     length at every packed level.
   - the fallback: n rows per unit at the pack length (one sequence per row, which always fits), for a batch that
@@ -196,16 +198,17 @@ def sample_batches(pools: dict[str, Sequence[np.ndarray]], examples: int, seed: 
 def _options(spec: PassSpec, lengths_SN: np.ndarray, headroom: float):
   """A pass's candidate (rows, row length) per level, what they cost ([o] token slots) and which sampled batches
   they hold ([o, S]); option 0 is the top level's (the most rows needed at the pack length, with headroom)."""
-  longest_S = lengths_SN.max(1)
+  longest_S, per_unit = lengths_SN.max(1), spec.num_sequences // spec.units
   need = {}  # row length -> [S] rows per unit each sampled batch needs (inf: a sequence is longer)
   row_lens = [spec.pack_len] + ([n for n in range(LANES, spec.pack_len, LANES) if n <= BLOCK or n % BLOCK == 0]
                               if not spec.rows else [])
   for length in row_lens:
     fits = longest_S <= length
-    units_MN = np.minimum(lengths_SN, length).reshape(-1, spec.num_sequences // spec.units)
+    units_MN = np.minimum(lengths_SN, length).reshape(-1, per_unit)
     used = fit_decreasing(units_MN, length)[2].reshape(len(lengths_SN), spec.units).max(1)
     need[length] = np.where(fits, [_round_up(int(u), spec.chunks) for u in used], np.inf)
-  top = spec.rows or max(math.floor(need[spec.pack_len].max() * (1.0 + headroom)), int(need[spec.pack_len].max()))
+  most = int(need[spec.pack_len].max())
+  top = spec.rows or min(max(math.floor(most * (1.0 + headroom)), most), per_unit)  # never above one per row
   shapes = [(_round_up(top, spec.chunks), spec.pack_len)]
   if not spec.rows:
     shapes += [(int(r), length) for length in row_lens for r in np.unique(need[length][np.isfinite(need[length])])]
