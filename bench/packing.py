@@ -5,8 +5,9 @@ the same batches, at the tiny recipe's lengths and at the paper's (256 / 2048 / 
   .venv/bin/python bench/packing.py [--steps 40] [--units 1 8 32]
 
 --units: packing units (devices sharing the global batch; the 7B recipe on v5p-64 has 32): more units = fewer
-sequences per unit = more fragmentation and more headroom per unit. Rows are derived as in training (the sampled
-batches' most rows x (1 + pack_headroom)); fallbacks = steps that needed the one-sequence-per-row shape.
+sequences per unit = more fragmentation, and the unit that needs most rows sets every unit's rows. Shapes come from
+the ladder derived as in training (grit_jax.data.packing: config.data.pack_levels levels + the one-sequence-per-row
+fallback); the bracket counts the steps at each level.
 """
 import argparse
 import os

@@ -41,7 +41,9 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       query_pack_rows=0,                 # rows per device (packing unit); 0 = derived from the data's lengths
       passage_pack_rows=0,
       generative_pack_rows=0,
-      pack_headroom=0.05,                # derived rows = most rows a unit needed in 32 sampled batches x (1 + this)
+      pack_headroom=0.05,                # top level's rows = most rows a unit needed in the sampled batches x (1 + this)
+      pack_levels=3,                     # packed (rows, row length) levels derived from the data, shared by the passes;
+                                         # a run compiles at most this + 1 step shapes (+1: a one-sequence-per-row fallback)
       single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
       bad_input="skip",                  # skip (counted, reported) | error
       cache_dir="",                      # tfds builds of the JSONL folders; "" = $GRIT_JAX_CACHE/tfds or ~/.cache/grit_jax/tfds

@@ -108,6 +108,7 @@ def _check_data(c) -> None:
                          "(a sequence of max length must fit a packed row); 0 = the max length")
     _int(d, f"{name}_pack_rows", 0, "data")
   _num(d, "pack_headroom", "data", lo=0.0)
+  _int(d, "pack_levels", 1, "data")
   _bool(d, "single_dataset_batches", "data")
   from grit_jax.data import jsonl
 

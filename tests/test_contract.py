@@ -44,6 +44,7 @@ def parse(*overrides):
     ("--config.data.passage_pack_len=32", "config.data.passage_pack_len=32: below passage_max_len"),
     ("--config.data.query_pack_rows=-1", "config.data.query_pack_rows=-1"),
     ("--config.data.pack_headroom=-0.5", "config.data.pack_headroom=-0.5"),
+    ("--config.data.pack_levels=0", "config.data.pack_levels=0"),
     ("--config.loss.pooling=max", "config.loss.pooling='max'"),
     ("--config.loss.lm_loss_mode=sum", "config.loss.lm_loss_mode='sum'"),
     ("--config.loss.contrastive_grad=sum", "config.loss.contrastive_grad='sum'"),

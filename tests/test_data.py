@@ -304,10 +304,12 @@ def test_packed_batches_hold_the_padded_examples(unified):
   kw = dict(generative_batch_size=4, generative_max_len=128, embedding_batch_size=8)
   padded, packed = unified(**kw), unified(pack_embedding=True, pack_generative=True, query_pack_len=64,
                                          passage_pack_len=256, generative_pack_len=256, **kw)
-  shapes = set()
+  levels = set()
   for _ in range(4):
     want, got = next(padded), next(packed)
-    shapes.add(tuple(sorted((k, v.shape) for k, v in got.items())))
+    levels.add(packed.packer.level)
+    for name, lay in packed.packer.layouts.items():  # the shape of the level the packer reports
+      assert got[f"{name}_ids"].shape == (1, *lay.shapes[packed.packer.level])
     for name, key in (("query", "pool_mask"), ("passage", "pool_mask"), ("gen", "labels")):
       ids, vals = _unpack(got, name, "ids"), _unpack(got, name, key)
       assert sorted(ids) == list(range(want[f"{name}_ids"].shape[0]))  # every sequence, once
@@ -322,8 +324,9 @@ def test_packed_batches_hold_the_padded_examples(unified):
       for i in ids:
         np.testing.assert_array_equal(pos[seg == i + 1], np.arange(len(ids[i])))
       assert got[f"{name}_ids"].shape[1] < want[f"{name}_ids"].shape[0]  # several sequences per row
-  assert len(shapes) == 1  # the derived rows held every batch: one compiled shape
+  assert packed.packer.num_levels <= make_cfg().pack_levels + 1  # + the fallback: the shapes a run compiles
   assert packed.packer.fallbacks == 0 and "packed passage: 1 units" in packed.packer.report()
+  assert sum(packed.packer.level_steps) == 4 and len(levels) > 1  # this data takes more than one level
 
 
 def test_packing_fallback_keeps_every_example(unified):

@@ -205,3 +205,75 @@ def test_aot_batch_of_a_packed_recipe():
   assert "passage_mask" not in batch and 0 < p.expected_efficiency <= 1
   packed = mfu.grit_step_flops_from_config(c, layouts)  # the rows the step computes, not one row per sequence
   assert packed.passage == mfu.grit_step_flops(c.model, passage_batch=8 * p.rows, passage_len=256).passage
+
+
+def _ladder(levels=3, rows=0, chunks=1, headroom=0.05):
+  """Two packed passes of one stream (4 units; 3 'passages' per example) on skewed random lengths, and their ladder."""
+  rng = np.random.default_rng(0)
+  pool = {"query": [np.minimum(rng.geometric(1 / 30, [500, 1]), 256)],
+          "passage": [np.minimum(rng.geometric(1 / 150, [500, 3]), 1024)]}
+  lengths = packing.sample_batches(pool, examples=32, seed=0)
+  specs = {"query": packing.PassSpec(units=4, num_sequences=32, pack_len=256, rows=0, chunks=chunks),
+           "passage": packing.PassSpec(units=4, num_sequences=96, pack_len=1024, rows=rows, chunks=chunks)}
+  return pool, lengths, packing.make_layouts(specs, lengths, levels=levels, headroom=headroom)
+
+
+def _fits(lengths, lay, k):
+  rows, length = lay.shapes[k]
+  return max(lengths) <= length and packing.pack_plan(lengths, lay.units, rows, length) is not None
+
+
+def test_ladder_shapes_and_the_level_each_step_takes():
+  pool, sampled, layouts = _ladder()
+  levels = len(layouts["query"].shapes)
+  assert 2 < levels <= 3 + 1 and all(len(lay.shapes) == levels for lay in layouts.values())
+  for lay in layouts.values():
+    assert lay.shapes[-1] == (lay.per_unit, lay.shapes[-1][1])  # fallback: one sequence per row
+    assert all(length % packing.LANES == 0 or length == lay.shapes[-1][1] for _, length in lay.shapes)
+    assert abs(sum(lay.use) - 1) < 1e-9 and 0 < lay.expected_efficiency <= 1
+  # the top level (the pack lengths, the most rows needed x 1.05) holds every sampled batch
+  top = max(range(levels - 1), key=lambda k: layouts["passage"].shapes[k][::-1])  # longest rows, then most
+  for name, lay in layouts.items():
+    need = max(packing.rows_needed(b, 4, lay.shapes[-1][1]) for b in sampled[name])
+    assert lay.shapes[top] == (max(need, int(need * 1.05)), lay.shapes[-1][1])
+  # each step takes the cheapest level at which every pass fits: the packed arrays of fresh batches say which
+  packer = packing.StepPacker(layouts)
+  rng = np.random.default_rng(1)
+  pad = {"ids": 0, "pool_mask": 0}
+  for _ in range(12):
+    idx = rng.integers(0, 500, 32)
+    seqs = {"query": [{"ids": np.arange(n) + 1, "pool_mask": np.ones(n)} for n in pool["query"][0][idx, 0]],
+            "passage": [{"ids": np.arange(n) + 1, "pool_mask": np.ones(n)} for n in pool["passage"][0][idx].ravel()]}
+    out = packer.pack(seqs, {"query": pad, "passage": pad})
+    lens = {name: [len(s["ids"]) for s in v] for name, v in seqs.items()}
+    fits = [all(_fits(lens[name], lay, k) for name, lay in layouts.items()) for k in range(levels)]
+    assert fits[packer.level] and not any(fits[:packer.level])
+    for name, lay in layouts.items():
+      assert out[f"{name}_ids"].shape == (4, *lay.shapes[packer.level])
+      assert sorted(np.unique(out[f"{name}_segment_ids"]))[1:] == list(range(1, len(lens[name]) + 1))
+  assert packer.steps == 12 and len(packer.level_steps) == levels
+  assert "steps per level" in packer.report()
+
+
+def test_ladder_of_one_level_chunks_and_rows_set_in_config():
+  """pack_levels=1: the derived rows at the pack lengths (most needed x (1 + headroom)) and the fallback; rows
+  rounded up to the chunks at every level; rows set in config kept at every packed level."""
+  _, sampled, one = _ladder(levels=1, headroom=0.5)
+  need = max(packing.rows_needed(b, 4, 1024) for b in sampled["passage"])
+  assert one["passage"].shapes == [(int(need * 1.5), 1024), (24, 1024)]
+  _, _, chunked = _ladder(chunks=4)
+  assert all(r % 4 == 0 for lay in chunked.values() for r, _ in lay.shapes)
+  _, _, fixed = _ladder(rows=7)
+  assert all(shape == (7, 1024) for shape in fixed["passage"].shapes[:-1]) and not fixed["passage"].derived
+
+
+def test_fit_decreasing_sets_are_independent_and_tight():
+  rng = np.random.default_rng(2)
+  lengths = rng.integers(1, 100, [6, 20])
+  row, start, used = packing.fit_decreasing(lengths, 128)
+  for m in range(6):
+    assert used[m] == packing.rows_needed(lengths[m], 1, 128)
+    cover = np.zeros([used[m], 128], int)
+    for i in range(20):
+      cover[row[m, i], start[m, i]:start[m, i] + lengths[m, i]] += 1
+    assert cover.max() == 1 and cover.sum() == lengths[m].sum()

@@ -221,22 +221,28 @@ class TrainIterator:
     return out
 
   def pack_layouts(self, data_cfg, kinds, batch_shards: int, chunks: tuple[int, int]) -> dict:
-    """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: rows from config or
-    derived from this iterator's data (`grit-jax aot` asks with the recipe's batch sizes)."""
-    headroom = float(data_cfg.pack_headroom)
-    batch = {"query": int(data_cfg.embedding_batch_size), "gen": int(data_cfg.generative_batch_size),
-             "passage": int(data_cfg.embedding_batch_size) * self.group}
-    layouts = {}
+    """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: levels derived from
+    this iterator's data (rows set in config kept) (`grit-jax aot` asks with the recipe's batch sizes)."""
+    examples = {"emb": int(data_cfg.embedding_batch_size), "gen": int(data_cfg.generative_batch_size)}
+    per_example = {"query": 1, "passage": self.group, "gen": 1}
+    specs, lengths = {}, {}
     for kind in kinds:
-      for name, lengths in self.sample_lengths(kind).items():
+      pools = self.sample_lengths(kind)
+      lengths.update(packing.sample_batches(
+          {name: [p.reshape(-1, per_example[name]) for p in v] for name, v in pools.items()}, examples[kind],
+          self.seed))
+      for name in pools:
         key = {"gen": "generative"}.get(name, name)
         max_len = {"query": self.q_len, "passage": self.p_len, "gen": self.g_len}[name]
-        layouts[name] = packing.make_layout(
-            name, num_sequences=batch[name], units=batch_shards,
-            row_len=int(data_cfg[f"{key}_pack_len"]) or max_len, max_len=max_len,
-            rows=int(data_cfg[f"{key}_pack_rows"]), chunks=chunks[0 if kind == "emb" else 1],
-            headroom=headroom, length_pools=lengths, seed=self.seed)
-    return layouts
+        pack_len = int(data_cfg[f"{key}_pack_len"]) or max_len
+        if pack_len < max_len:
+          raise GritJaxError(f"config.data.{key}_pack_len={pack_len} is below {key}_max_len={max_len}: a sequence of "
+                             "max length would not fit a row")
+        specs[name] = packing.PassSpec(units=batch_shards, num_sequences=examples[kind] * per_example[name],
+                                       pack_len=pack_len, rows=int(data_cfg[f"{key}_pack_rows"]),
+                                       chunks=chunks[0 if kind == "emb" else 1])
+    return packing.make_layouts(specs, lengths, levels=int(data_cfg.pack_levels),
+                                headroom=float(data_cfg.pack_headroom))
 
   def _packed_batch(self) -> dict[str, np.ndarray]:
     """Every process reads the whole global batch of the packed kinds (the shape choice needs every unit's

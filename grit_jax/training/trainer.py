@@ -137,6 +137,8 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
       batch = data_lib.to_global_batch(batch_np, run.mesh)
       state, metrics = run.train_step(state, batch)
       metrics = dict(metrics, **it.truncation_counts())  # host-side counts through this batch
+      if it.packer is not None:
+        metrics["pack_level"] = it.packer.level  # the step shape this batch took (grit_jax.data.packing)
       if pending is not None:
         settle(pending)
       pending = (step, metrics)
@@ -166,6 +168,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     summary = {"step": final, "resumed_from": start, **last_metrics}
     if it.packer is not None:
       summary["pack_fallback_steps"] = it.packer.fallbacks
+      summary["pack_level_steps"] = list(it.packer.level_steps)  # this run (since a resume), per level
     cut = data_lib.iterator.truncation_report(_sum_over_processes(it.truncated), _sum_over_processes(it.texts))
     if cut and primary:
       print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
