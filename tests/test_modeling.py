@@ -278,7 +278,8 @@ def test_scan_equals_no_scan(pair, batch, unscanned_reference, remat):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("overrides,causal", [({}, True), ({}, False), (dict(scan_layers=True, remat_policy="minimal"), True),
+@pytest.mark.parametrize("overrides,causal", [({}, True), ({}, False),
+                                              (dict(scan_layers=True, remat_policy="minimal"), True),
                                               (dict(dtype="bfloat16"), True), (dict(dtype="bfloat16"), False)])
 def test_flat_matmul_equals_dot_general(pair, batch, overrides, causal):
   """matmul_impl="flat" (2-D matmuls with their own VJP, and attention.flat_attention for self-attention; what
