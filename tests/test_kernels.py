@@ -140,6 +140,36 @@ def test_cudnn_kernel_matches_reference(qkv):
   np.testing.assert_allclose(np.where(real, out.astype(np.float32), 0), np.where(real, ref, 0), atol=3e-2)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flat_attention_matches_xla_attention(qkv, case):
+  """The CPU layout (attention.flat_attention: heads-major dots, additive mask, softmax division after the PV
+  product) gives xla_attention's outputs on every row, padding query rows with no visible key included (both give
+  them the uniform average), and its gradients through the rows that see a key (a loss reads nothing else: the
+  masked select passes no gradient from a row that sees no key, the additive mask does); float32 and bfloat16."""
+  from grit_jax.modeling.attention import flat_attention, xla_attention
+  causal, ids_fn, window = CASES[case]
+  q, k, v = qkv
+  mask = _allowed(ids_fn(), causal, window)[:, None]  # [B, 1, T, S]
+  sees_key = np.asarray(mask).any(-1)[:, 0, :, None, None]  # [B, T, 1, 1]
+  assert not sees_key.all()
+
+  def loss(fn):
+    def f(q, k, v):
+      o = fn(q, k, v, mask)
+      w = jnp.cos(jnp.arange(o.size, dtype=jnp.float32).reshape(o.shape))  # non-uniform cotangent
+      return jnp.sum(jnp.where(sees_key, o.astype(jnp.float32) * w, 0.0)), o
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+  (_, out), grads = loss(flat_attention)(q, k, v)
+  (_, ref), ref_grads = loss(xla_attention)(q, k, v)
+  np.testing.assert_allclose(out, ref, atol=2e-6, rtol=2e-6)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5)
+  q16, k16, v16 = (x.astype(jnp.bfloat16) for x in qkv)
+  out16, ref16 = (jax.jit(f)(q16, k16, v16, mask).astype(jnp.float32) for f in (flat_attention, xla_attention))
+  np.testing.assert_allclose(out16, ref16, atol=2e-2)
+
+
 def test_select_impl():
   assert kernels.select_impl("auto", "tpu") == "splash"
   assert kernels.select_impl("auto", "gpu") == "cudnn"

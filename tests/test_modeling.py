@@ -278,24 +278,30 @@ def test_scan_equals_no_scan(pair, batch, unscanned_reference, remat):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(scan_layers=True, remat_policy="minimal"), dict(dtype="bfloat16")])
-def test_flat_matmul_equals_dot_general(pair, batch, overrides):
-  """matmul_impl="flat" (2-D matmuls with their own VJP; what "auto" picks on CPU) gives the logits and gradients
-  of the plain N-D dot_general that jax differentiates, o_proj's two contracted dims and the LM head included."""
+@pytest.mark.parametrize("overrides,causal", [({}, True), ({}, False),
+                                              (dict(scan_layers=True, remat_policy="minimal"), True),
+                                              (dict(dtype="bfloat16"), True), (dict(dtype="bfloat16"), False)])
+def test_flat_matmul_equals_dot_general(pair, batch, overrides, causal):
+  """matmul_impl="flat" (2-D matmuls with their own VJP, and attention.flat_attention for self-attention; what
+  "auto" picks on CPU) gives the logits and gradients of the plain N-D dot_general that jax differentiates, o_proj's
+  two contracted dims and the LM head included; causal and bidirectional, right-padded rows. In bfloat16 the two
+  round differently (each ~2% of the gradients' scale from float32): both are held to the float32 dot_general."""
   _, ours = pair("mistral")
   ids, mask = (jnp.asarray(x) for x in batch)
   params = scan_params(ours.params, ours.config.num_layers) if overrides.get("scan_layers") else ours.params
-  out = {impl: _loss_and_grad(ours.config.replace(matmul_impl=impl, **overrides), params, ids, mask, True)
-         for impl in ("xla", "flat")}
-  (logits0, _, g0), (logits1, _, g1) = out["xla"], out["flat"]
+  run = lambda impl, **o: _loss_and_grad(ours.config.replace(matmul_impl=impl, **o), params, ids, mask, causal)
+  out = {impl: run(impl, **overrides) for impl in ("xla", "flat")}
   bf16 = overrides.get("dtype") == "bfloat16"
+  logits0, _, g0 = run("xla", **{k: v for k, v in overrides.items() if k != "dtype"}) if bf16 else out["xla"]
   scale = lambda x: float(np.abs(np.asarray(x, np.float32)).max())
-  tol = (lambda x: 2e-2 * scale(x)) if bf16 else (lambda x: 1e-5 * max(scale(x), 1.0))
-  assert np.abs(np.asarray(logits1) - np.asarray(logits0)).max() <= tol(logits0)
-  assert jax.tree.structure(g1) == jax.tree.structure(g0)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32)).max() <= tol(a)
+  tol = (lambda x: 4e-2 * scale(x)) if bf16 else (lambda x: 1e-5 * max(scale(x), 1.0))
+  for impl in ("flat", "xla") if bf16 else ("flat",):
+    logits1, _, g1 = out[impl]
+    assert np.abs(np.asarray(logits1) - np.asarray(logits0)).max() <= tol(logits0)
+    assert jax.tree.structure(g1) == jax.tree.structure(g0)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+      assert a.dtype == b.dtype and a.shape == b.shape
+      assert np.abs(np.asarray(b, np.float32) - np.asarray(a, np.float32)).max() <= tol(a)
 
 
 def test_matmul_impl_auto_is_flat_on_cpu_only(pair, batch):

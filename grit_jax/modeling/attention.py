@@ -48,6 +48,30 @@ def xla_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS):
   return out_BTKRD.reshape(B, T, H, Dh)
 
 
+def flat_attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS):
+  """`xla_attention`'s values laid out for XLA:CPU (ModelConfig.matmul_impl "flat"; self-attention only, see
+  `attend`).
+
+  Heads-major batch matmuls ([B, H, T, Dh] x [B, H, S, Dh] -> [B, H, T, S], the softmax over the last axis; the kv
+  heads repeated to the query heads, as HF's repeat_kv), the mask as an additive bias, 1/sqrt(Dh) folded into q,
+  and the softmax's division applied after the PV product (out = exp(s - max) @ v / sum): so XLA:CPU compiles both
+  dots, the bias, the exponential and both reductions into one YNNPACK fusion, and the scores are never transposed
+  or written between passes. As written in `xla_attention` (embedding pass, tiny Mistral, 64 x 128 tokens, head_dim
+  16) the scores went through a dot, a transposing select, the softmax and another transposing copy: 60-70% of the
+  forward. Here only q/k/v and the output ([B, T, *, Dh]: Dh/S the size of the scores) are transposed. A masked
+  key's bias is float32's lowest value, so a row with no visible key gets the uniform average, as in
+  `xla_attention`."""
+  Dh, R = q_BTHD.shape[-1], q_BTHD.shape[2] // k_BSKD.shape[2]
+  q_BHTD = (q_BTHD * jnp.asarray(1.0 / math.sqrt(Dh), q_BTHD.dtype)).transpose(0, 2, 1, 3)
+  k_BHSD, v_BHSD = (jnp.repeat(x.transpose(0, 2, 1, 3), R, axis=1) for x in (k_BSKD, v_BSKD))
+  bias_B1TS = jnp.where(mask_B1TS, 0.0, jnp.finfo(jnp.float32).min)
+  scores_BHTS = jnp.einsum("bhtd,bhsd->bhts", q_BHTD, k_BHSD, preferred_element_type=jnp.float32) + bias_B1TS
+  # the max only keeps exp in range; the result does not depend on it (no gradient through it)
+  exp_BHTS = jnp.exp(scores_BHTS - jax.lax.stop_gradient(jnp.max(scores_BHTS, axis=-1, keepdims=True)))
+  out_BHTD = jnp.einsum("bhts,bhsd->bhtd", exp_BHTS.astype(v_BSKD.dtype), v_BHSD, preferred_element_type=jnp.float32)
+  return (out_BHTD / jnp.sum(exp_BHTS, axis=-1, keepdims=True)).transpose(0, 2, 1, 3)
+
+
 @flax.struct.dataclass
 class SelfAttentionMask:
   """A self-attention mask (no KV cache, T == S) together with its structure, which fused kernels use instead of
@@ -58,12 +82,15 @@ class SelfAttentionMask:
   sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
 
 
-def attend(q, k, v, mask, impl: str = "xla"):
+def attend(q, k, v, mask, impl: str = "xla", matmul: str = "xla"):
   """q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, 1, T, S] bool or a SelfAttentionMask -> [B, T, H, Dh] (q's
   dtype).
 
   impl (ModelConfig.attention_impl): "xla" | "splash" (TPU Pallas kernel) | "cudnn" (GPU) | "auto" (splash on TPU,
-  cudnn on GPU, xla on CPU). Calls with a dense mask (KV cache: decode, cached prefill) always take the xla path."""
+  cudnn on GPU, xla on CPU). Calls with a dense mask (KV cache: decode, cached prefill) always take the xla path.
+  matmul: ModelConfig.matmul_impl as resolved for the platform ("xla" | "flat", layers.select_matmul_impl); "flat"
+  lays the xla path's self-attention out for XLA:CPU (`flat_attention`). Cached calls keep `xla_attention`: there
+  the heads-major copy of the whole cache per step would cost more than it saves (decode, batch 1: +30%)."""
   from grit_jax.modeling import kernels  # the Pallas import is only paid by models that get here
 
   structured = isinstance(mask, SelfAttentionMask)
@@ -74,5 +101,7 @@ def attend(q, k, v, mask, impl: str = "xla"):
   if impl == "cudnn":
     return kernels.cudnn_attention(q, k, v, causal=mask.causal, mask=mask.dense,
                                    sliding_window=mask.sliding_window).astype(q.dtype)
+  if structured and matmul == "flat":
+    return flat_attention(q, k, v, mask.dense).astype(q.dtype)
   dense = mask.dense if structured else mask
   return xla_attention(q, k, v, dense).astype(q.dtype)

@@ -43,7 +43,7 @@ class ModelConfig:
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
   attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
-  matmul_impl: str = "auto"               # see grit_jax.modeling.layers.Linear: auto | xla | flat
+  matmul_impl: str = "auto"               # auto | xla | flat: layers.Linear, attention.attend (CPU layouts)
   moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)
 
   def __post_init__(self):

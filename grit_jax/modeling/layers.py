@@ -150,7 +150,8 @@ class Attention(nn.Module):
       cache_v = jax.lax.dynamic_update_slice(cache_v, v_BTKD.astype(cache_v.dtype), start)
       new_kv = (cache_k, cache_v)
       k_BTKD, v_BTKD = cache_k.astype(c.dtype), cache_v.astype(c.dtype)
-    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, impl=c.attention_impl)
+    out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, impl=c.attention_impl,
+                      matmul=select_matmul_impl(c.matmul_impl))
     out_BTHD = constrain(out_BTHD, ("batch", "length", "heads", "head_dim"))
     out_BTD = dense((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", in_dims=2)(out_BTHD)
     return checkpoint_name(out_BTD, "out_proj"), new_kv
