@@ -239,15 +239,16 @@ def test_routed_experts_bfloat16_close_to_dense(gmm):
   assert np.abs(g1 - g0).max() <= 3e-2 * np.abs(g0).max()
 
 
-def test_executed_flops_count_megablox_products_by_routed_rows():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_executed_flops_count_megablox_products_by_routed_rows(transposed):
   """grit_jax.flops counts the megablox kernels (which XLA's cost_analysis only sees through their estimate) from the
   routed shapes: forward, dx and dw each 2 x R x K x N, R = rows padded to the row tile, whatever the routing."""
   from grit_jax import flops
   from grit_jax.modeling.moe import _megablox_gmm
   R, K, N = 256, 32, 48
   sizes = jnp.array([100, 0, 56, 100], jnp.int32)
-  f = lambda x, w: jnp.sum(_megablox_gmm(x, w, sizes, 128))
-  args = (jnp.ones((R, K)), jnp.ones((E, K, N)))
+  f = lambda x, w: jnp.sum(_megablox_gmm(x, w, sizes, 128, transposed))
+  args = (jnp.ones((R, K)), jnp.ones((E, N, K) if transposed else (E, K, N)))
   got = flops.executed_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args))
   assert got.total == 3 * 2 * R * K * N and got.uncounted_kernels == 0
   assert flops.executed_flops(jax.make_jaxpr(f)(*args)).total == 2 * R * K * N

@@ -116,45 +116,52 @@ def _megablox_tiling(row_tile: int, contracted: int, out: int) -> tuple[int, int
   return row_tile, _megablox_dim_tile(contracted), _megablox_dim_tile(out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _megablox_gmm(x_RI, w_EIO, sizes_E, row_tile: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _megablox_gmm(x_RI, w_EIO, sizes_E, row_tile: int, transposed: bool):
   """y[r] = x[r] @ w[e] for the rows r of expert e's contiguous group (sizes_E [E] int32, summing to R: the kernels
-  leave rows outside every group unwritten). R a multiple of row_tile."""
-  return _megablox_gmm_fwd(x_RI, w_EIO, sizes_E, row_tile)[0]
+  leave rows outside every group unwritten). R a multiple of row_tile. `transposed`: w is given as w_EOI [E, O, I]
+  (the kernel reads it transposed)."""
+  return _megablox_gmm_fwd(x_RI, w_EIO, sizes_E, row_tile, transposed)[0]
 
 
 def _megablox_interpret() -> bool:
   return target_platform() != "tpu"  # Pallas interpret mode off TPU (the CPU tests)
 
 
-def _megablox_gmm_fwd(x_RI, w_EIO, sizes_E, row_tile):
-  I, O = w_EIO.shape[1:]
-  y_RO = megablox_gmm(x_RI, w_EIO, sizes_E, x_RI.dtype, _megablox_tiling(row_tile, I, O),
+def _megablox_gmm_fwd(x_RI, w, sizes_E, row_tile, transposed):
+  I = x_RI.shape[1]
+  O = w.shape[1] if transposed else w.shape[2]
+  y_RO = megablox_gmm(x_RI, w, sizes_E, x_RI.dtype, _megablox_tiling(row_tile, I, O), transpose_rhs=transposed,
                       interpret=_megablox_interpret())
-  return y_RO, (x_RI, w_EIO, sizes_E)
+  return y_RO, (x_RI, w, sizes_E)
 
 
-def _megablox_gmm_bwd(row_tile, residuals, dy_RO):
-  """dx = dy @ w[e]^T (gmm, rhs transposed in the kernel); dw[e] = x[group e]^T @ dy[group e] (tgmm: only the row
-  tiles of each group; an expert without rows gets zeros)."""
-  x_RI, w_EIO, sizes_E = residuals
-  I, O = w_EIO.shape[1:]
+def _megablox_gmm_bwd(row_tile, transposed, residuals, dy_RO):
+  """dx = dy @ w[e]^T (gmm, the kernel reading w the other way round); dw[e] = x[group e]^T @ dy[group e] (tgmm:
+  only the row tiles of each group; an expert without rows gets zeros), or its transpose dy^T @ x."""
+  x_RI, w, sizes_E = residuals
+  I, O = x_RI.shape[1], dy_RO.shape[1]
   dy_RO = dy_RO.astype(x_RI.dtype)
   interpret = _megablox_interpret()
-  dx_RI = megablox_gmm(dy_RO, w_EIO, sizes_E, x_RI.dtype, _megablox_tiling(row_tile, O, I), transpose_rhs=True,
+  dx_RI = megablox_gmm(dy_RO, w, sizes_E, x_RI.dtype, _megablox_tiling(row_tile, O, I), transpose_rhs=not transposed,
                        interpret=interpret)
-  dw_EIO = megablox_tgmm(x_RI.swapaxes(0, 1), dy_RO, sizes_E, w_EIO.dtype, _megablox_tiling(row_tile, I, O),
-                         interpret=interpret)
-  return dx_RI, dw_EIO, None
+  if transposed:
+    dw = megablox_tgmm(dy_RO.swapaxes(0, 1), x_RI, sizes_E, w.dtype, _megablox_tiling(row_tile, O, I),
+                       interpret=interpret)
+  else:
+    dw = megablox_tgmm(x_RI.swapaxes(0, 1), dy_RO, sizes_E, w.dtype, _megablox_tiling(row_tile, I, O),
+                       interpret=interpret)
+  return dx_RI, dw, None
 
 
 _megablox_gmm.defvjp(_megablox_gmm_fwd, _megablox_gmm_bwd)
 
 
-def _routed_local(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: str, psum_axes=()):
+def _routed_local(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2, *, gmm: str, psum_axes=(),
+                  w2_transposed: bool = False):
   """Routed experts over the tokens at hand (one shard's under a mesh). M = B*T*k (token, expert) assignments,
   R rows in the grouped layout (M for ragged_dot; rounded up to whole megablox row tiles, the zero padding rows at
-  the end; each expert's rows padded to whole tiles for tiled)."""
+  the end; each expert's rows padded to whole tiles for tiled). w2 [E, I, D], or [E, D, I] if `w2_transposed`."""
   B, T, D = x_BTD.shape
   k, E = top_i_BTk.shape[-1], w1_EDI.shape[0]
   M = B * T * k
@@ -182,13 +189,13 @@ def _routed_local(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: s
     mm = lambda a, w: jax.lax.ragged_dot(a, w, sizes_E)
   elif gmm == "megablox":
     padded_E = sizes_E.at[E - 1].add(R - M)  # the zero padding rows join the last group: 0 in, 0 out, 0 to dw
-    mm = lambda a, w: _megablox_gmm(a, w, padded_E, row_tile)
+    mm = lambda a, w, transposed=False: _megablox_gmm(a, w, padded_E, row_tile, transposed)
   else:
     tile_expert_G = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
     used_tiles = jnp.sum(tiles_E)
     mm = lambda a, w: _tiled_gmm(a, w, tile_expert_G.astype(jnp.int32), used_tiles, tile)
   h_RI = nn.silu(mm(xs_RD, w1_EDI)) * mm(xs_RD, w3_EDI)
-  ys_RD = mm(h_RI, w2_EID)
+  ys_RD = mm(h_RI, w2, transposed=True) if w2_transposed else mm(h_RI, w2)
   y_BTkD = ys_RD.at[row_M].get(unique_indices=True).reshape(B, T, k, D)
   y_BTD = jnp.einsum("btkd,btk->btd", y_BTkD, top_w_BTk.astype(y_BTkD.dtype))
   return jax.lax.psum(y_BTD, psum_axes) if psum_axes else y_BTD
@@ -208,14 +215,19 @@ def routed_experts(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: 
   gmm = gmm or select_gmm_impl()
   if gmm not in GMM_IMPLS:
     raise ValueError(f"gmm={gmm!r}: expected one of {GMM_IMPLS}")
-  body = functools.partial(_routed_local, gmm=gmm)
+  # megablox takes w2 as [E, D, I], the layout of w1/w3: its FSDP-sharded `embed` dim then is not the minor (lane)
+  # dim, so the gathered weight needs no relayout copy before the kernel (the transpose happens on the local shard)
+  transposed = gmm == "megablox"
+  w2 = jnp.swapaxes(w2_EID, 1, 2) if transposed else w2_EID
+  body = functools.partial(_routed_local, gmm=gmm, w2_transposed=transposed)
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.size > 1:
     tok_spec, w_in_spec, w_out_spec, psum_axes = _routed_specs(mesh, x_BTD.shape, w1_EDI.shape[2])
     body = jax.shard_map(functools.partial(body, psum_axes=psum_axes), mesh=mesh,
-                         in_specs=(tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec, w_out_spec),
+                         in_specs=(tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec,
+                                   w_in_spec if transposed else w_out_spec),
                          out_specs=tok_spec, check_vma=False)
-  return body(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID)
+  return body(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2)
 
 
 def _mesh_axes(entry) -> tuple[str, ...]:
