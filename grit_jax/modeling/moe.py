@@ -117,11 +117,11 @@ def _megablox_tiling(row_tile: int, contracted: int, out: int) -> tuple[int, int
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _megablox_gmm(x_RI, w_EIO, sizes_E, row_tile: int, transposed: bool):
+def _megablox_gmm(x_RI, w, sizes_E, row_tile: int, transposed: bool):
   """y[r] = x[r] @ w[e] for the rows r of expert e's contiguous group (sizes_E [E] int32, summing to R: the kernels
-  leave rows outside every group unwritten). R a multiple of row_tile. `transposed`: w is given as w_EOI [E, O, I]
+  leave rows outside every group unwritten). R a multiple of row_tile. w [E, I, O], or [E, O, I] if `transposed`
   (the kernel reads it transposed)."""
-  return _megablox_gmm_fwd(x_RI, w_EIO, sizes_E, row_tile, transposed)[0]
+  return _megablox_gmm_fwd(x_RI, w, sizes_E, row_tile, transposed)[0]
 
 
 def _megablox_interpret() -> bool:
