@@ -26,7 +26,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from grit_jax.modeling import get_config  # noqa: E402
-from grit_jax.modeling.layers import SparseMoe, select_gmm_impl  # noqa: E402
+from grit_jax.modeling.layers import SparseMoe  # noqa: E402
+from grit_jax.modeling.moe import select_gmm_impl  # noqa: E402
 
 B, T = 2, args.tokens // 2
 base = get_config("tiny_mixtral", hidden_size=args.hidden, intermediate_size=args.mlp, num_experts=args.experts,

@@ -9,10 +9,13 @@ Two counts, for two questions:
   accelerator computes them). Embedding passes skip the LM head; the generative pass pays it. MoE layers count the
   router and `num_experts_per_tok` experts per token.
 - Executed FLOPs (`executed_flops`): what the program really computes, counted from the traced step's matmuls
-  (dot_general, ragged_dot) with every loop and recomputation multiplied out: scanned layers x num_layers, remat's
-  recomputed forward, GradCache's extra forward, all E experts of a dense MoE, the masked half of a causal score
-  matrix. What the roofline needs; XLA's cost_analysis cannot say it (it counts a loop body once and a Pallas
-  kernel not at all).
+  (dot_general, ragged_dot, Pallas kernels) with every loop and recomputation multiplied out: scanned layers x
+  num_layers, remat's recomputed forward, GradCache's extra forward, all E experts of a dense MoE, the masked half
+  of a causal score matrix. The routed MoE's grouped matmuls on TPU (megablox gmm for the forward and dx, tgmm for
+  dw: grit_jax.modeling.moe) are counted from the routed shapes through the kernels' cost estimate, 2 x rows x in
+  x out per product, rows = the shard's B*T*k assignments rounded up to the kernel's row tile. What the roofline
+  needs; XLA's cost_analysis cannot say it (it counts a loop body once, and a Pallas kernel only by its cost
+  estimate: megablox's, not splash's, which has none).
 """
 from __future__ import annotations
 
@@ -199,7 +202,8 @@ def _ragged_dot_flops(eqn) -> float:
   group, 2 x |lhs| x the rhs dims neither contracted, batch nor group. With the ragged dimension contracted (the
   weight gradient, x [M, K] x dy [M, N] -> dw [G, K, N]) XLA:TPU (libtpu 0.0.42.1) does not group the rows: it
   compiles a product of [G, M, K] and [G, M, N] copies masked to each group's rows (a convolution over G), every
-  group over all M rows, so it executes 2 x G x M x K x N, G times what the grouping needs; counted as executed."""
+  group over all M rows, so it executes 2 x G x M x K x N, G times what the grouping needs; counted as executed
+  (the reason the routed MoE runs megablox's grouped kernels on TPU)."""
   lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
   numbers = eqn.params.get("ragged_dot_dimension_numbers")
   if numbers is None:  # ragged_dot: lhs [M, K] x rhs [G, K, N]

@@ -12,8 +12,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from grit_jax.errors import GritJaxError  # noqa: E402
 from grit_jax.modeling import ModelConfig, Transformer, get_config  # noqa: E402
-from grit_jax.modeling.layers import (SparseMoe, _row_tile, dense_experts, routed_experts,  # noqa: E402
-                                      select_gmm_impl)
+from grit_jax.modeling.layers import SparseMoe  # noqa: E402
+from grit_jax.modeling.moe import (_megablox_row_tile, _row_tile, dense_experts, routed_experts,  # noqa: E402
+                                   select_gmm_impl)
 from grit_jax.modeling.model import scan_params  # noqa: E402
 from grit_jax.training import mesh as mesh_lib  # noqa: E402
 
@@ -41,17 +42,19 @@ def _routing(case, B, T, rng):
   return np.asarray(top_i), np.asarray(top_w / top_w.sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("gmm", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("gmm", ["tiled", "ragged_dot", "megablox"])
 @pytest.mark.parametrize("case", ["random", "one_expert", "idle_expert"])
 def test_routed_experts_equal_dense(gmm, case):
   rng = np.random.RandomState(0)
-  B, T = 2, 48
+  B, T = 2, 80
   top_i, top_w = _routing(case, B, T, rng)
   counts = np.bincount(top_i.ravel(), minlength=E)
   if case == "idle_expert":
     assert counts[1] == 0 and counts.sum() == B * T * 2
-  if case == "one_expert":
-    assert counts[2] == B * T and _row_tile(B * T, E) < B * T  # the one expert spans several tiles
+  if case == "one_expert":  # the one expert spans several tiles
+    assert counts[2] == B * T and _row_tile(B * T, E) < B * T and _megablox_row_tile(B * T, E) < B * T
+  else:  # megablox: 2 * B * T = 320 rows in 3 tiles of 128: groups cross tile edges, 64 rows of padding
+    assert _megablox_row_tile(2 * B * T, E) == 128
   x = jnp.asarray(rng.randn(B, T, D), jnp.float32)
   w1, w3 = (jnp.asarray(0.2 * rng.randn(E, D, I), jnp.float32) for _ in range(2))
   w2 = jnp.asarray(0.2 * rng.randn(E, I, D), jnp.float32)
@@ -73,9 +76,10 @@ def test_routed_experts_equal_dense(gmm, case):
 
 
 def test_gmm_backend_follows_platform():
-  assert (select_gmm_impl("cpu"), select_gmm_impl("tpu"), select_gmm_impl("gpu")) == ("tiled", "ragged_dot",
+  assert (select_gmm_impl("cpu"), select_gmm_impl("tpu"), select_gmm_impl("gpu")) == ("tiled", "megablox",
                                                                                      "ragged_dot")
   assert _row_tile(2, 8) == 8 and _row_tile(8192, 8) == 128  # decode-sized tiles, full-width ones for training
+  assert _megablox_row_tile(2, 8) == 128 and _megablox_row_tile(16384, 8) == 512  # Mixtral on v5p-128: 512
 
 
 @pytest.fixture(scope="module")
@@ -174,15 +178,20 @@ def test_moe_impl_is_validated():
 
 
 @pytest.mark.slow
-def test_ragged_dot_backend_compiles_for_tpu_with_local_routing():
-  """The TPU backend (jax.lax.ragged_dot) compiled for a v5p-8 slice on this host, forward + backward under FSDP:
-  XLA's native ragged dot, no tiled loop, and fewer temporaries than the dense reference."""
+def test_megablox_backend_compiles_for_tpu_with_local_routing():
+  """The TPU backend compiled for a v5p-8 slice on this host, forward + backward under FSDP: the default picks
+  megablox under the TPU mesh, whose gmm / tgmm Mosaic kernels do every product (3 x 3: forward, dx, dw), with no
+  ragged dot and no convolution (XLA:TPU's masked weight gradient of lax.ragged_dot); the executed FLOPs are the
+  grouped ones (3 products x 3 matmuls x 2 M D I, M = B*T*k rows), the ragged dot's dw is E x its share; fewer
+  temporaries than the dense reference."""
+  from grit_jax import flops
   from grit_jax.perf import topologies
   devices = topologies.get_topology("v5p-8").devices(1)
   mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=-1, tensor=1, expert=1), devices)
   B, T, D_, I_, E_ = 8, 256, 256, 896, 8
   shard = lambda spec: jax.sharding.NamedSharding(mesh, spec)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert select_gmm_impl() == "megablox"
     tok = nn.logical_to_mesh_axes(("batch", "length", None))
     args = (jax.ShapeDtypeStruct((B, T, D_), jnp.bfloat16, sharding=shard(tok)),
             jax.ShapeDtypeStruct((B, T, 2), jnp.int32, sharding=shard(tok)),
@@ -194,16 +203,26 @@ def test_ragged_dot_backend_compiles_for_tpu_with_local_routing():
     def compiled(experts):
       def loss(x, top_i, top_w, *w):
         return jnp.sum(experts(x, top_i, top_w, *w).astype(jnp.float32) ** 2)
-      return jax.jit(jax.grad(loss, argnums=(0, 3, 4, 5))).lower(*args).compile()
+      step = jax.jit(jax.grad(loss, argnums=(0, 3, 4, 5)))
+      return step.lower(*args).compile(), flops.executed_flops(step.trace(*args).jaxpr)
 
-    ragged = compiled(lambda *a: routed_experts(*a, gmm="ragged_dot"))
-    dense = compiled(dense_experts)
-  text = ragged.as_text()
-  assert "ragged-dot" in text and " while(" not in text
-  assert ragged.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes
+    (routed, counted), (ragged, ragged_counted) = compiled(routed_experts), compiled(
+        lambda *a: routed_experts(*a, gmm="ragged_dot"))
+    dense, _ = compiled(dense_experts)
+  text = routed.as_text()
+  assert len(re.findall(r"%tgmm[.\d]* = bf16\[8,", text)) == 3 and len(re.findall(r"%gmm[.\d]* = bf16", text)) == 6
+  assert "ragged-dot" not in text and "convolution(" not in text
+  assert "convolution(" in ragged.as_text()  # what megablox replaces: the ragged dot's masked dw
+  grouped = 3 * 3 * 2 * (B * T * 2) * D_ * I_
+  assert grouped <= counted.total < 1.001 * grouped and counted.uncounted_kernels == 0
+  assert ragged_counted.total == pytest.approx(grouped * (2 + E_) / 3, rel=1e-3)
+  cost = routed.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert cost["flops"] * 4 == pytest.approx(counted.total, rel=0.01)  # XLA costs the kernels by their estimate
+  assert routed.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("gmm", ["tiled", "ragged_dot"])
+@pytest.mark.parametrize("gmm", ["tiled", "ragged_dot", "megablox"])
 def test_routed_experts_bfloat16_close_to_dense(gmm):
   """bf16 compute: the routed path (float32 accumulation in the tiled matmuls) stays within bf16 rounding of the
   dense one, for the output and the weight gradient."""
@@ -218,3 +237,18 @@ def test_routed_experts_bfloat16_close_to_dense(gmm):
   assert g1.dtype == jnp.bfloat16 and abs(float(l1) - float(l0)) <= 2e-2 * abs(float(l0))
   g0, g1 = np.asarray(g0, np.float32), np.asarray(g1, np.float32)
   assert np.abs(g1 - g0).max() <= 3e-2 * np.abs(g0).max()
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_executed_flops_count_megablox_products_by_routed_rows(transposed):
+  """grit_jax.flops counts the megablox kernels (which XLA's cost_analysis only sees through their estimate) from the
+  routed shapes: forward, dx and dw each 2 x R x K x N, R = rows padded to the row tile, whatever the routing."""
+  from grit_jax import flops
+  from grit_jax.modeling.moe import _megablox_gmm
+  R, K, N = 256, 32, 48
+  sizes = jnp.array([100, 0, 56, 100], jnp.int32)
+  f = lambda x, w: jnp.sum(_megablox_gmm(x, w, sizes, 128, transposed))
+  args = (jnp.ones((R, K)), jnp.ones((E, N, K) if transposed else (E, K, N)))
+  got = flops.executed_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args))
+  assert got.total == 3 * 2 * R * K * N and got.uncounted_kernels == 0
+  assert flops.executed_flops(jax.make_jaxpr(f)(*args)).total == 2 * R * K * N

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from grit_jax.modeling.attention import attend
+from grit_jax.modeling.moe import MOE_EXPERTS
 from grit_jax.modeling.platform import target_platform
 from grit_jax.modeling.config import ModelConfig
 
@@ -172,171 +173,10 @@ class Mlp(nn.Module):
     return dense((c.hidden_size,), ("mlp", "embed"), "down_proj")(h_BTI)
 
 
-def dense_experts(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID):
-  """moe_impl="dense", the reference: every expert runs on every token (einsums over the `exp` axis) and the router
-  weights, zero outside each token's top k, combine them. Exact and dropless; E / k times the active FLOPs."""
-  E = w1_EDI.shape[0]
-  combine_BTE = jnp.einsum("btk,btke->bte", top_w_BTk, jax.nn.one_hot(top_i_BTk, E, dtype=jnp.float32))
-  gate_BTEI = jnp.einsum("btd,edi->btei", x_BTD, w1_EDI)
-  up_BTEI = jnp.einsum("btd,edi->btei", x_BTD, w3_EDI)
-  h_BTEI = nn.silu(gate_BTEI) * up_BTEI
-  h_BTEI = h_BTEI * combine_BTE.astype(x_BTD.dtype)[..., None]
-  h_BTEI = constrain(h_BTEI, ("batch", "length", "exp", "mlp"))
-  return jnp.einsum("btei,eid->btd", h_BTEI, w2_EID)
-
-
-# -- routed experts: sort the (token, expert) assignments by expert, grouped matmuls, unsort -----------------------
-#
-# Grouped matmul backends (`select_gmm_impl`):
-# - "ragged_dot": jax.lax.ragged_dot, on TPU and GPU. jax lowers it to XLA's native ragged dot there, and its
-#   differentiation rules (dx a ragged dot with w^T, dw a ragged-contracting dot) come with the primitive, so remat
-#   and the aot compile see one ordinary op. Chosen over the megablox gmm Pallas kernel (tile sizes to tune, and a
-#   Mosaic kernel the CPU tests could only run in interpret mode) and over tokamax (one more dependency, whose TPU
-#   ragged dot is that same kernel family); either would slot in where `_routed_local` picks its matmul.
-# - "tiled": on CPU, where jax lowers ragged_dot to a dense masked product over all groups (E times the FLOPs of
-#   the dense path's matmuls). Each expert's rows are padded to a multiple of a row tile, and a loop runs one
-#   [tile, in] @ [in, out] matmul per used tile with that tile's expert weights; a custom VJP does the same for dx
-#   and accumulates dw per expert in place.
-GMM_IMPLS = ("ragged_dot", "tiled")
-
-
-def select_gmm_impl(platform: str | None = None) -> str:
-  return "tiled" if (platform or target_platform()) == "cpu" else "ragged_dot"
-
-
-def _row_tile(num_rows: int, num_experts: int) -> int:
-  """Rows per tile of the tiled gmm: 128 (a full-width CPU matmul), smaller when experts get few rows (decode),
-  since every used tile pads its expert's rows up to a multiple of it."""
-  per_expert = max(1, -(-num_rows // num_experts))
-  return min(128, max(8, 1 << (per_expert - 1).bit_length()))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _tiled_gmm(x_RI, w_EIO, tile_expert_G, num_tiles, tile: int):
-  """y[g-th tile] = x[g-th tile] @ w[tile_expert[g]] for the first `num_tiles` tiles of `tile` rows; 0 after."""
-  return _tiled_gmm_fwd(x_RI, w_EIO, tile_expert_G, num_tiles, tile)[0]
-
-
-def _tiled_gmm_fwd(x_RI, w_EIO, tile_expert_G, num_tiles, tile):
-  def body(g, y_RO):
-    x_tI = jax.lax.dynamic_slice_in_dim(x_RI, g * tile, tile)
-    y_tO = jnp.dot(x_tI, w_EIO[tile_expert_G[g]], preferred_element_type=jnp.float32)
-    return jax.lax.dynamic_update_slice_in_dim(y_RO, y_tO.astype(y_RO.dtype), g * tile, 0)
-
-  y_RO = jax.lax.fori_loop(0, num_tiles, body, jnp.zeros((x_RI.shape[0], w_EIO.shape[2]), x_RI.dtype))
-  return y_RO, (x_RI, w_EIO, tile_expert_G, num_tiles)
-
-
-def _tiled_gmm_bwd(tile, residuals, dy_RO):
-  x_RI, w_EIO, tile_expert_G, num_tiles = residuals
-
-  def body(g, carry):
-    dx_RI, dw_EIO = carry
-    e = tile_expert_G[g]
-    x_tI = jax.lax.dynamic_slice_in_dim(x_RI, g * tile, tile)
-    dy_tO = jax.lax.dynamic_slice_in_dim(dy_RO, g * tile, tile).astype(x_RI.dtype)
-    dx_tI = jax.lax.dot_general(dy_tO, w_EIO[e], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    dw_IO = jax.lax.dot_general(x_tI, dy_tO, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    dx_RI = jax.lax.dynamic_update_slice_in_dim(dx_RI, dx_tI.astype(dx_RI.dtype), g * tile, 0)
-    return dx_RI, dw_EIO.at[e].add(dw_IO)
-
-  init = (jnp.zeros_like(x_RI), jnp.zeros(w_EIO.shape, jnp.float32))
-  dx_RI, dw_EIO = jax.lax.fori_loop(0, num_tiles, body, init)  # dw accumulated per expert in place
-  return dx_RI, dw_EIO.astype(w_EIO.dtype), None, None
-
-
-_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
-
-
-def _routed_local(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: str, psum_axes=()):
-  """Routed experts over the tokens at hand (one shard's under a mesh). M = B*T*k (token, expert) assignments,
-  R rows in the grouped layout (M for ragged_dot; each expert's rows padded to whole tiles for tiled)."""
-  B, T, D = x_BTD.shape
-  k, E = top_i_BTk.shape[-1], w1_EDI.shape[0]
-  M = B * T * k
-  e_M = top_i_BTk.reshape(M)  # assignment j belongs to token j // k
-  sizes_E = jnp.bincount(e_M, length=E).astype(jnp.int32)
-  order_M = jnp.argsort(e_M, stable=True)  # sorted slot s holds assignment order[s]
-  tile = 1 if gmm == "ragged_dot" else _row_tile(M, E)
-  num_tiles = (M + E * (tile - 1)) // tile  # enough for any routing: sum_e ceil(size_e / tile)
-  tiles_E = -(-sizes_E // tile)
-  ends_E = jnp.cumsum(tiles_E * tile)
-  starts_E = ends_E - tiles_E * tile  # first layout row of each expert
-  sorted_starts_E = jnp.cumsum(sizes_E) - sizes_E  # first sorted slot of each expert
-  e_sorted_M = e_M[order_M]
-  row_sorted_M = jnp.arange(M, dtype=jnp.int32) - sorted_starts_E[e_sorted_M] + starts_E[e_sorted_M]
-  R = num_tiles * tile
-  row_M = jnp.zeros((M,), jnp.int32).at[order_M].set(row_sorted_M, unique_indices=True)  # assignment -> row
-  src_R = jnp.full((R,), M, jnp.int32).at[row_sorted_M].set(order_M, unique_indices=True)  # row -> assignment
-
-  x_MD = jnp.broadcast_to(x_BTD.reshape(B * T, 1, D), (B * T, k, D)).reshape(M, D)
-  xs_RD = x_MD.at[src_R].get(mode="fill", fill_value=0, unique_indices=True)  # padding rows (src M) are 0
-  if gmm == "ragged_dot":
-    mm = lambda a, w: jax.lax.ragged_dot(a, w, sizes_E)
-  else:
-    tile_expert_G = jnp.minimum(jnp.searchsorted(ends_E, jnp.arange(num_tiles) * tile, side="right"), E - 1)
-    used_tiles = jnp.sum(tiles_E)
-    mm = lambda a, w: _tiled_gmm(a, w, tile_expert_G.astype(jnp.int32), used_tiles, tile)
-  h_RI = nn.silu(mm(xs_RD, w1_EDI)) * mm(xs_RD, w3_EDI)
-  ys_RD = mm(h_RI, w2_EID)
-  y_BTkD = ys_RD.at[row_M].get(unique_indices=True).reshape(B, T, k, D)
-  y_BTD = jnp.einsum("btkd,btk->btd", y_BTkD, top_w_BTk.astype(y_BTkD.dtype))
-  return jax.lax.psum(y_BTD, psum_axes) if psum_axes else y_BTD
-
-
-def routed_experts(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: str | None = None):
-  """moe_impl="ragged": each token runs only its k experts. The (token, expert) assignments are sorted by expert,
-  each expert multiplies its contiguous group of rows (grouped matmuls, `select_gmm_impl`), and the rows go back
-  to their tokens, weighted by the router. Dropless: no capacity, every assignment is computed.
-
-  Under a context mesh the routing is local: a shard_map over the mesh axes that split the batch (and length)
-  of activations, by the current logical-axis rules, so tokens never move between devices; the expert weights
-  enter whole (XLA gathers the FSDP shards, as for any layer), split on `mlp` where the rules shard it (tensor
-  parallelism; the partial outputs are summed). Expert parallelism (experts split over `expert`, tokens exchanged
-  by all-to-all) is not implemented: with mesh.expert > 1 every device holds every expert inside this layer.
-  """
-  gmm = gmm or select_gmm_impl()
-  if gmm not in GMM_IMPLS:
-    raise ValueError(f"gmm={gmm!r}: expected one of {GMM_IMPLS}")
-  body = functools.partial(_routed_local, gmm=gmm)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.size > 1:
-    tok_spec, w_in_spec, w_out_spec, psum_axes = _routed_specs(mesh, x_BTD.shape, w1_EDI.shape[2])
-    body = jax.shard_map(functools.partial(body, psum_axes=psum_axes), mesh=mesh,
-                         in_specs=(tok_spec, tok_spec, tok_spec, w_in_spec, w_in_spec, w_out_spec),
-                         out_specs=tok_spec, check_vma=False)
-  return body(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID)
-
-
-def _mesh_axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _routed_specs(mesh, shape_BTD, I: int):
-  """shard_map specs of `routed_experts` from the logical-axis rules in effect: tokens [B, T, *] split like the
-  activations' batch and length (keeping only the mesh axes that divide them); w1/w3 [E, D, I] and w2 [E, I, D]
-  whole except `mlp`. Returns (token spec, w1/w3 spec, w2 spec, mesh axes to sum the output over)."""
-  rules_spec = nn.logical_to_mesh_axes(("batch", "length", "mlp"))
-
-  def dividing(entry, size):
-    kept, prod = [], 1
-    for a in _mesh_axes(entry):
-      if mesh.shape.get(a, 1) > 1 and size % (prod * mesh.shape[a]) == 0:
-        kept.append(a)
-        prod *= mesh.shape[a]
-    return tuple(kept) or None
-
-  b, t, mlp = (dividing(rules_spec[i], n) for i, n in enumerate((shape_BTD[0], shape_BTD[1], I)))
-  return jax.P(b, t, None), jax.P(None, None, mlp), jax.P(None, mlp, None), _mesh_axes(mlp)
-
-
-MOE_EXPERTS = {"dense": dense_experts, "ragged": routed_experts}  # ModelConfig.moe_impl -> expert computation
-
-
 class SparseMoe(nn.Module):
   """Mixtral's sparse MoE block (HF MixtralSparseMoeBlock): router softmax over all experts in float32, top-k,
   renormalise the k weights, y = sum_k w_k * SwiGLU_{e_k}(x). The experts run as ModelConfig.moe_impl says:
-  "ragged" (`routed_experts`, the default) or "dense" (`dense_experts`, the reference); both are dropless.
+  "ragged" (`moe.routed_experts`, the default) or "dense" (`moe.dense_experts`, the reference); both are dropless.
 
   Also returns the layer's load-balancing statistics over real tokens (token_mask): [2, E] = (top-k assignment
   counts, summed router probabilities), and the number of real tokens.

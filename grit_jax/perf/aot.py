@@ -15,10 +15,11 @@ What the numbers mean:
 - model FLOPs: grit_jax.flops (embedding passes and generative pass counted separately; no remat recompute): what
   MFU divides by.
 - executed FLOPs per chip: the matmuls the traced step really runs (grit_jax.flops.executed_flops: scanned layers
-  x num_layers, remat's recomputed forward, all experts of a dense MoE, the routed MoE's weight gradient over all
-  experts as XLA:TPU compiles it, Pallas attention kernels over every key block), over the chips. XLA's
-  cost_analysis is printed beside it, as MaxText prints it: it counts a scanned layer stack's loop body once and
-  Pallas kernels not at all; so does the "executed with each loop once" number printed next to it.
+  x num_layers, remat's recomputed forward, all experts of a dense MoE, the routed MoE's grouped matmuls (megablox
+  gmm / tgmm: forward, recompute, dx and dw over each expert's own rows), Pallas attention kernels over every key
+  block), over the chips. XLA's cost_analysis is printed beside it, as MaxText prints it: it counts a scanned layer
+  stack's loop body once, megablox kernels by their cost estimate and splash kernels not at all; the "executed with
+  each loop once" number printed next to it counts loops the same way.
 - collectives: per kind, the static ops of the compiled program, how often they run (loops multiplied out) and the
   bytes each chip receives per step (grit_jax.perf.hlo); with several slices, which of them cross the data-center
   network and their bytes, largest first.
@@ -86,7 +87,7 @@ class AotResult:
   temp_bytes: int = 0
   code_bytes: int = 0
   hbm_bytes: int = 0
-  xla_flops_per_chip: float = 0.0         # cost_analysis (loop bodies once; no Pallas kernels)
+  xla_flops_per_chip: float = 0.0         # cost_analysis (loop bodies once; Pallas kernels by their estimate)
   executed_flops: float = 0.0             # per step, all chips (grit_jax.flops.executed_flops)
   kernel_flops: float = 0.0               # part of executed_flops in Pallas attention kernels
   executed_loops_once: float = 0.0        # executed_flops with each loop body counted once (cost_analysis's way)
@@ -311,7 +312,7 @@ def format_report(config, res: AotResult) -> str:
       f" x model FLOPs (remat recompute, all computed positions and experts; attention kernel {res.attention_kernel}"
       + (f", whose {res.kernel_flops / res.num_chips:.3g} count every key block" if res.kernel_flops else "") + ")",
       f"XLA cost_analysis FLOPs per chip: {res.xla_flops_per_chip:.4g} (as MaxText prints it: a scanned layer "
-      "loop counted once, Pallas kernels not at all); executed with each loop once, the same convention: "
+      "loop counted once, splash kernels not at all); executed with each loop once, the same convention: "
       f"{res.executed_loops_once / res.num_chips:.4g}",
       "collectives per chip per step (static ops, runs with loops multiplied out, bytes received):",
       *(f"  {k:<18} {r['ops']:>4} ops {r['runs']:>7.0f} runs {_gib(r['bytes']):>12}" for k, r in res.traffic.items()),
