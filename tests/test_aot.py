@@ -419,3 +419,20 @@ def test_executed_flops_counts_the_program():
   tokens = q * d.query_max_len + p * d.passage_max_len
   down_proj = 2 * tokens * config.model.num_layers * D * config.model.intermediate_size
   assert remat.total == pytest.approx(plain.total + layers_forward - down_proj, rel=1e-9)
+
+
+def test_pack_level_picks_the_compiled_step_shape():
+  """A packed recipe compiles one of its step shapes: the most used (typical FLOPs) or the largest packed level
+  (the memory every packed step fits in); levels are shared by the passes; the fallback is never compiled."""
+  from grit_jax.data.packing import PassLayout
+  layouts = {"query": PassLayout("query", 2, 8, [(1, 256), (2, 256), (8, 256)], [0.7, 0.3, 0.0], True, 300.0),
+             "passage": PassLayout("passage", 2, 16, [(4, 512), (3, 1024), (16, 1024)], [0.7, 0.3, 0.0], True, 3e3)}
+  for level, k in (("primary", 0), ("top", 1), ("0", 0), ("1", 1)):
+    out, line = aot.at_pack_level(layouts, level)
+    assert {n: (lay.rows, lay.row_len) for n, lay in out.items()} == {n: lay.shapes[k] for n, lay in layouts.items()}
+    assert f"level {k} of 2" in line and "fallback" in line
+  assert "7168 token slots" in aot.at_pack_level(layouts, "top")[1]  # 2 units x (2 x 256 + 3 x 1024)
+  with pytest.raises(GritJaxError, match="levels 0..1"):
+    aot.at_pack_level(layouts, "2")
+  with pytest.raises(GritJaxError, match="--pack_level='big'"):
+    aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--pack_level", "big"])

@@ -52,10 +52,13 @@ def _define_flags(fv) -> None:
   flags.DEFINE_integer("num_slices", 1, "slices joined over the data-center network (multislice); "
                        "config.mesh.dcn_* split them", flag_values=fv)
   flags.DEFINE_string("write_hlo", None, "also write the compiled program's HLO text to this file", flag_values=fv)
+  flags.DEFINE_string("pack_level", "primary", "which step shape of a packed recipe to compile: 'primary' (the "
+                      "level most steps take: typical FLOPs and time), 'top' (the largest packed level: the memory "
+                      "every packed step fits in) or a level index 0..pack_levels-1", flag_values=fv)
 
 
 def parse_args(argv: list[str]):
-  """(config, topology name, num_slices, write_hlo path) from argv, or None after --help; bad input raises
+  """(config, topology name, num_slices, write_hlo path, pack_level) from argv, or None after --help; bad input raises
   GritJaxError. The config is validated against the topology's chip count (no data or weights are read)."""
   from grit_jax import contract, recipe_flags
 
@@ -67,9 +70,11 @@ def parse_args(argv: list[str]):
     raise GritJaxError(f"--topology is required (e.g. v5p-64)\n{USAGE}")
   if fv.num_slices < 1:
     raise GritJaxError(f"--num_slices={fv.num_slices}: must be >= 1")
+  if fv.pack_level not in ("primary", "top") and not fv.pack_level.isdigit():
+    raise GritJaxError(f"--pack_level={fv.pack_level!r}: use primary, top or a level index")
   num_chips = topologies.get_topology(fv.topology).num_chips * fv.num_slices
   contract.validate(config, num_devices=num_chips, num_slices=fv.num_slices, check_files=False, log=None)
-  return config, fv.topology, fv.num_slices, fv.write_hlo
+  return config, fv.topology, fv.num_slices, fv.write_hlo, fv.pack_level
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +199,34 @@ def abstract_step(config, model_config, mesh, rules, layouts: dict | None = None
   return step_lib.make_train_step(model_config, config, mesh, rules, state_shardings=shardings), state, batch
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None) -> AotResult:
-  """Lowers and compiles the recipe's train step for `topology`; never runs it."""
+def at_pack_level(layouts: dict, level: str) -> tuple[dict, str]:
+  """The packed passes' layouts with `level` ("primary", "top" or an index of a packed level) as the shape compiled,
+  and a line naming it. Levels are shared by the passes; "top" is the one with the most token slots."""
+  if not layouts:
+    return layouts, ""
+  any_lay = next(iter(layouts.values()))
+  packed = len(any_lay.shapes) - 1  # the last shape is the one-sequence-per-row fallback
+  slots = [sum(lay.units * r * length for lay in layouts.values() for r, length in [lay.shapes[k]])
+           for k in range(packed)]
+  import numpy as np
+
+  k = {"primary": any_lay.primary, "top": int(np.argmax(slots))}.get(level)
+  k = int(level) if k is None else k
+  if not 0 <= k < packed:
+    raise GritJaxError(f"--pack_level={level}: the recipe has packed levels 0..{packed - 1}")
+  share = any_lay.use[k]
+  out = {name: dataclasses.replace(lay, use=[float(i == k) for i in range(len(lay.use))])
+         for name, lay in layouts.items()}
+  return out, (f"compiled packed level {k} of {packed} ({level}; {share:.0%} of sampled steps): "
+               + ", ".join(f"{n} {lay.shapes[k][0]}x{lay.shapes[k][1]}" for n, lay in layouts.items())
+               + f"; {slots[k]} token slots (largest packed level {max(slots)}); the fallback "
+               "(one sequence per row) is not compiled")
+
+
+def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None,
+                         pack_level: str = "primary") -> AotResult:
+  """Lowers and compiles the recipe's train step for `topology`; never runs it. A packed recipe compiles one of its
+  step shapes (`at_pack_level`)."""
   topo = topologies.get_topology(topology)
   devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
   import flax.linen as nn
@@ -207,7 +238,9 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
 
   model_config = _model_config(config)
   mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
-  layouts = packed_layouts(config, mesh)
+  all_levels = packed_layouts(config, mesh)
+  packing_lines = [lay.describe() for lay in all_levels.values()]  # the levels and their shares on the data
+  layouts, compiled_level = at_pack_level(all_levels, pack_level)
   train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
 
   flops = flops_lib.grit_step_flops_from_config(config, layouts)
@@ -215,7 +248,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
                   model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices,
-                  packing=[lay.describe() for lay in layouts.values()])
+                  packing=packing_lines + ([compiled_level] if compiled_level else []))
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     res.attention_kernel = kernels.select_impl(model_config.attention_impl)
@@ -345,9 +378,9 @@ def main(argv: list[str]) -> int:
   parsed = parse_args(argv)
   if parsed is None:  # --help
     return 0
-  config, topology, num_slices, hlo_path = parsed
+  config, topology, num_slices, hlo_path, pack_level = parsed
   topologies.get_topology(topology)  # fail fast on a bad name
-  res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path)
+  res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path, pack_level=pack_level)
   print(format_report(config, res))
   return 0 if res.fits else 1
 
