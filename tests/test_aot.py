@@ -436,3 +436,22 @@ def test_pack_level_picks_the_compiled_step_shape():
     aot.at_pack_level(layouts, "2")
   with pytest.raises(GritJaxError, match="--pack_level='big'"):
     aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--pack_level", "big"])
+
+
+def test_pack_level_all_compiles_every_packed_level(monkeypatch, capsys):
+  """--pack_level all: one compile per packed level; the run fits only when every level does (memory is not
+  monotonic in token slots: the 8x7B recipe's most used level needs more temporaries than its largest)."""
+  seen = []
+
+  def fake_compile(config, topology, num_slices=1, *, hlo_path=None, pack_level="primary"):
+    seen.append(pack_level)
+    temp = {"0": 10, "1": 99, "2": 20}[pack_level] * 2**30
+    return aot.AotResult(topology=topology, num_chips=4, fits=temp < 95 * 2**30, hbm_bytes=95 * 2**30,
+                         temp_bytes=temp, pack_levels=3, error="" if temp < 95 * 2**30 else "too big")
+
+  monkeypatch.setattr(aot, "compile_for_topology", fake_compile)
+  monkeypatch.setattr(aot, "format_report", lambda config, res: f"level report {res.temp_bytes >> 30}")
+  assert aot.main(["--config", "configs/tiny.py", "--topology", "v5e-4", "--pack_level", "all"]) == 1
+  assert seen == ["0", "1", "2"]
+  out = capsys.readouterr().out
+  assert "RESULT over 3 step shape(s): DOES NOT FIT; largest total per chip 99.00 GiB" in out

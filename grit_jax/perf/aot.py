@@ -53,8 +53,9 @@ def _define_flags(fv) -> None:
                        "config.mesh.dcn_* split them", flag_values=fv)
   flags.DEFINE_string("write_hlo", None, "also write the compiled program's HLO text to this file", flag_values=fv)
   flags.DEFINE_string("pack_level", "primary", "which step shape of a packed recipe to compile: 'primary' (the "
-                      "level most steps take: typical FLOPs and time), 'top' (the largest packed level: the memory "
-                      "every packed step fits in) or a level index 0..pack_levels-1", flag_values=fv)
+                      "level most steps take: typical FLOPs and time), 'top' (the level with the most token slots), "
+                      "a level index 0..pack_levels-1, or 'all' (each packed level in turn: a run fits when every "
+                      "one does; memory is not monotonic in token slots)", flag_values=fv)
 
 
 def parse_args(argv: list[str]):
@@ -70,8 +71,8 @@ def parse_args(argv: list[str]):
     raise GritJaxError(f"--topology is required (e.g. v5p-64)\n{USAGE}")
   if fv.num_slices < 1:
     raise GritJaxError(f"--num_slices={fv.num_slices}: must be >= 1")
-  if fv.pack_level not in ("primary", "top") and not fv.pack_level.isdigit():
-    raise GritJaxError(f"--pack_level={fv.pack_level!r}: use primary, top or a level index")
+  if fv.pack_level not in ("primary", "top", "all") and not fv.pack_level.isdigit():
+    raise GritJaxError(f"--pack_level={fv.pack_level!r}: use primary, top, all or a level index")
   num_chips = topologies.get_topology(fv.topology).num_chips * fv.num_slices
   contract.validate(config, num_devices=num_chips, num_slices=fv.num_slices, check_files=False, log=None)
   return config, fv.topology, fv.num_slices, fv.write_hlo, fv.pack_level
@@ -110,6 +111,7 @@ class AotResult:
   est_compute_s: float = 0.0
   est_comm_s: float = 0.0
   packing: list = dataclasses.field(default_factory=list)  # per packed pass: token slots, expected efficiency
+  pack_levels: int = 0  # the recipe's packed step shapes (0: not packed)
 
   @property
   def total_bytes(self) -> int:
@@ -248,7 +250,8 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
                   model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices,
-                  packing=packing_lines + ([compiled_level] if compiled_level else []))
+                  packing=packing_lines + ([compiled_level] if compiled_level else []),
+                  pack_levels=len(next(iter(all_levels.values())).shapes) - 1 if all_levels else 0)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     res.attention_kernel = kernels.select_impl(model_config.attention_impl)
@@ -380,9 +383,19 @@ def main(argv: list[str]) -> int:
     return 0
   config, topology, num_slices, hlo_path, pack_level = parsed
   topologies.get_topology(topology)  # fail fast on a bad name
-  res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path, pack_level=pack_level)
-  print(format_report(config, res))
-  return 0 if res.fits else 1
+  if pack_level != "all":
+    res = compile_for_topology(config, topology, num_slices, hlo_path=hlo_path, pack_level=pack_level)
+    print(format_report(config, res))
+    return 0 if res.fits else 1
+  results = [compile_for_topology(config, topology, num_slices, hlo_path=hlo_path, pack_level="0")]
+  print(format_report(config, results[0]), flush=True)
+  for level in range(1, results[0].pack_levels):  # the other packed levels (an unpacked recipe has one shape)
+    results.append(compile_for_topology(config, topology, num_slices, pack_level=str(level)))
+    print(format_report(config, results[-1]), flush=True)
+  fits = all(r.fits for r in results)
+  print(f"RESULT over {len(results)} step shape(s): {'FITS' if fits else 'DOES NOT FIT'}; largest total per chip "
+        f"{_gib(max(r.total_bytes for r in results))}")
+  return 0 if fits else 1
 
 
 if __name__ == "__main__":
