@@ -434,6 +434,9 @@ def test_pack_level_picks_the_compiled_step_shape():
   assert "7168 token slots" in aot.at_pack_level(layouts, "top")[1]  # 2 units x (2 x 256 + 3 x 1024)
   with pytest.raises(GritJaxError, match="levels 0..1"):
     aot.at_pack_level(layouts, "2")
+  with pytest.raises(GritJaxError, match="packs no pass"):
+    aot.at_pack_level({}, "top")
+  assert aot.at_pack_level({}, "primary") == aot.at_pack_level({}, "0") == ({}, "")
   with pytest.raises(GritJaxError, match="--pack_level='big'"):
     aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--pack_level", "big"])
 

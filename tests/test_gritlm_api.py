@@ -121,6 +121,8 @@ def test_gritlm_readme_generation_flow_gives_the_same_ids_and_text(hf_dir, ours)
   np.testing.assert_array_equal(ours.generate(encoded.tolist(), max_new_tokens=8), got)  # lists of ids too
   with pytest.raises(GritJaxError, match="integer"):
     ours.generate(np.zeros([1, 3], np.float32))
+  with pytest.raises(GritJaxError, match="token id 99999 in row 0 is outside the vocabulary"):
+    ours.generate([[1, 99999]], max_new_tokens=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

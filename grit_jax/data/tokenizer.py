@@ -212,7 +212,10 @@ class Tokenizer:
       import jax.numpy as jnp
       return jnp.asarray(out)
     if return_tensors == "pt":
-      import torch
+      try:
+        import torch
+      except ImportError:
+        raise GritJaxError("apply_chat_template: return_tensors='pt' needs torch; 'np' needs nothing") from None
       return torch.as_tensor(out, dtype=torch.long)
     return out
 

@@ -304,6 +304,10 @@ class GritLM:
       temperature = (temperature or 1.0) if do_sample else 0.0
     token_rows = _token_rows(prompts_or_messages)
     if token_rows is not None:
+      bad = [(i, t) for i, row in enumerate(token_rows) for t in row if not 0 <= t < self.config.vocab_size]
+      if bad:
+        raise GritJaxError(f"generate: token id {bad[0][1]} in row {bad[0][0]} is outside the vocabulary "
+                           f"(0..{self.config.vocab_size - 1})")
       out = gen.generate_ids(self, token_rows, max_new_tokens, temperature, top_p, seed)
       full = [list(p) + list(o) for p, o in zip(token_rows, out)]
       arr = np.zeros([len(full), max(map(len, full))], np.int32)

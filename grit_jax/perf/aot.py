@@ -205,6 +205,9 @@ def at_pack_level(layouts: dict, level: str) -> tuple[dict, str]:
   """The packed passes' layouts with `level` ("primary", "top" or an index of a packed level) as the shape compiled,
   and a line naming it. Levels are shared by the passes; "top" is the one with the most token slots."""
   if not layouts:
+    if level not in ("primary", "0"):  # its one step shape is level 0
+      raise GritJaxError(f"--pack_level={level}: the recipe packs no pass (config.data.pack_embedding / "
+                         "pack_generative), so it has one step shape")
     return layouts, ""
   any_lay = next(iter(layouts.values()))
   packed = len(any_lay.shapes) - 1  # the last shape is the one-sequence-per-row fallback
