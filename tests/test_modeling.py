@@ -369,3 +369,16 @@ def test_presets():
     get_config("tiny_mistral", num_kv_heads=3)
   with pytest.raises(GritJaxError, match="nope"):
     get_config("tiny_mistral", nope=1)
+
+
+def test_rotary_table_equals_direct_angles_and_is_nan_outside():
+  """The CPU layout's RoPE gathers cos/sin from a table of positions: the same values bit for bit (float32 and
+  bf16), and a position past the table is NaN, not a clamped angle."""
+  from grit_jax.modeling.layers import apply_rotary
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 16), jnp.float32)
+  pos = jnp.array([[0, 1, 2, 3, 2047], [7, 0, 1, 500, 1000]], jnp.int32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    np.testing.assert_array_equal(apply_rotary(x.astype(dtype), pos, 1e4, table_len=2048),
+                                  apply_rotary(x.astype(dtype), pos, 1e4))
+  out = apply_rotary(x, pos.at[0, 4].set(2048), 1e4, table_len=2048)
+  assert np.isnan(out[0, 4]).all() and not np.isnan(out[0, :4]).any()

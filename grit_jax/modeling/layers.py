@@ -111,14 +111,26 @@ class RMSNorm(nn.Module):
     return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
 
 
-def apply_rotary(x_BTND, positions_BT, theta: float):
+def apply_rotary(x_BTND, positions_BT, theta: float, table_len: int | None = None):
   """RoPE with HF's rotate_half convention: the two halves of each head (not interleaved pairs) form the complex
-  pairs; inv_freq and angles in float32."""
+  pairs; inv_freq and angles in float32.
+
+  table_len (the CPU layout): cos/sin of positions 0..table_len-1 are computed once and gathered per token, the
+  same values bit for bit. XLA:CPU otherwise fuses the [B, T, Dh] cos/sin into every head's multiply and evaluates
+  them once per head (12% of the tiny model's embedding pass, BENCHMARKS.md); the gather stops that fusion. A
+  position outside the table gives NaN, never a clamped angle."""
   Dh = x_BTND.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))  # [Dh/2]
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-  cos, sin = jnp.cos(angles_BTD).astype(x_BTND.dtype), jnp.sin(angles_BTD).astype(x_BTND.dtype)
+  if table_len is None:
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+    angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles_BTD), jnp.sin(angles_BTD)
+  else:
+    angles_PF = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq  # [P, Dh/2]
+    angles_PD = jnp.concatenate([angles_PF, angles_PF], axis=-1)
+    gather = lambda t: jnp.take(t, positions_BT, axis=0, mode="fill", fill_value=jnp.nan)[:, :, None, :]
+    cos, sin = gather(jnp.cos(angles_PD)), gather(jnp.sin(angles_PD))
+  cos, sin = cos.astype(x_BTND.dtype), sin.astype(x_BTND.dtype)
   x1, x2 = jnp.split(x_BTND, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return x_BTND * cos + rotated * sin
@@ -137,8 +149,9 @@ class Attention(nn.Module):
     q_BTHD = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BTD)
     k_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTD)
     v_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTD)
-    q_BTHD = checkpoint_name(apply_rotary(q_BTHD, positions_BT, c.rope_theta), "query_proj")
-    k_BTKD = checkpoint_name(apply_rotary(k_BTKD, positions_BT, c.rope_theta), "key_proj")
+    table = c.max_position_embeddings if select_matmul_impl(c.matmul_impl) == "flat" else None
+    q_BTHD = checkpoint_name(apply_rotary(q_BTHD, positions_BT, c.rope_theta, table), "query_proj")
+    k_BTKD = checkpoint_name(apply_rotary(k_BTKD, positions_BT, c.rope_theta, table), "key_proj")
     v_BTKD = checkpoint_name(v_BTKD, "value_proj")
     q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
     k_BTKD = constrain(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
