@@ -300,6 +300,20 @@ def should_shard(params, devices, shard_weights: bool | None) -> bool:
   return limit is not None and param_bytes(params) > WEIGHTS_FIT_FRACTION * limit
 
 
+def weight_shardings(config, params, mesh, rules, shard: bool):
+  """(shardings of `params` (arrays or their shapes), sharding that splits a batch's rows) on `mesh`: the weights
+  FSDP-sharded with the training rules (training.state.state_shardings) when `shard`, else replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from grit_jax.training import mesh as mesh_lib
+  if shard:
+    import optax
+    from grit_jax.training import state as state_lib
+    shardings = state_lib.state_shardings(config, optax.identity(), mesh, rules)[1].params
+  else:
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
+  return shardings, NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(mesh, rules)))
+
+
 def placement(model, devices=None):
   """(params on `devices`, sharding that splits a batch's leading axis over them, or None on one device).
   Replicated params, or when `should_shard(model.shard_weights)` FSDP-sharded with the training mesh's rules
@@ -313,17 +327,10 @@ def placement(model, devices=None):
   key = (tuple(d.id for d in devices), shard)
   cached = getattr(model, "_placement", None)
   if cached is None or cached[0] != key or cached[1] is not model.params:
-    from jax.sharding import NamedSharding, PartitionSpec
     from grit_jax.training import mesh as mesh_lib
     mesh, rules = mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devices)
-    if shard:
-      import optax
-      from grit_jax.training import state as state_lib
-      shardings = state_lib.state_shardings(model.config, optax.identity(), mesh, rules)[1].params
-    else:
-      shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), model.params)
+    shardings, rows = weight_shardings(model.config, model.params, mesh, rules, shard)
     params = jax.device_put(model.params, shardings)
-    rows = NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(mesh, rules)))
     cached = (key, model.params, params, rows)
     model._placement = cached
   return cached[2], cached[3]
