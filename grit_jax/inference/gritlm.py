@@ -310,10 +310,7 @@ class GritLM:
                            f"(0..{self.config.vocab_size - 1})")
       out = gen.generate_ids(self, token_rows, max_new_tokens, temperature, top_p, seed)
       full = [list(p) + list(o) for p, o in zip(token_rows, out)]
-      arr = np.zeros([len(full), max(map(len, full))], np.int32)
-      for i, row in enumerate(full):
-        arr[i, :len(row)] = row
-      return arr
+      return gen.pad_rows(full, max(map(len, full)), len(full), filler=0)[0]
     if self.tokenizer is None:
       raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
     items = gen.as_prompts(prompts_or_messages)

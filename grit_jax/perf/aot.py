@@ -213,9 +213,7 @@ def at_pack_level(layouts: dict, level: str) -> tuple[dict, str]:
   packed = len(any_lay.shapes) - 1  # the last shape is the one-sequence-per-row fallback
   slots = [sum(lay.units * r * length for lay in layouts.values() for r, length in [lay.shapes[k]])
            for k in range(packed)]
-  import numpy as np
-
-  k = {"primary": any_lay.primary, "top": int(np.argmax(slots))}.get(level)
+  k = {"primary": any_lay.primary, "top": max(range(packed), key=slots.__getitem__)}.get(level)
   k = int(level) if k is None else k
   if not 0 <= k < packed:
     raise GritJaxError(f"--pack_level={level}: the recipe has packed levels 0..{packed - 1}")
