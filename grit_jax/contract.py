@@ -18,12 +18,14 @@ from grit_jax.errors import GritJaxError
 # Allowed values are stated by the module that acts on them (objectives.POOLINGS, jsonl.POLICIES, mesh.AXES,
 # ModelConfig's fields); the run-level ones are here.
 DATA_MODES = ("unified", "embedding", "generative")
-# Model fields that describe the network a checkpoint holds; with init_from=hf: they come from its config.json.
-# The rest (dtype, remat, kernels, ...) are how this run computes and stay the recipe's.
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-    "rope_theta", "rms_norm_eps", "sliding_window", "max_position_embeddings", "num_experts",
-    "num_experts_per_tok", "router_aux_loss_coef", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+
+
+def architecture_fields() -> tuple[str, ...]:
+  """Model fields that describe the network a checkpoint holds (ModelConfig's fields less its COMPUTE_FIELDS);
+  with init_from=hf: they come from its config.json. The rest (dtype, remat, kernels, ...) are how this run computes
+  and stay the recipe's."""
+  from grit_jax.modeling.config import COMPUTE_FIELDS, ModelConfig
+  return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in COMPUTE_FIELDS)
 
 
 class AttnMode(NamedTuple):
@@ -240,7 +242,7 @@ def _split_init_from(spec) -> tuple[str, str]:
 
 
 def model_config(config, *, log=print):
-  """The run's ModelConfig. With init_from=hf:DIR the network's hyperparameters (ARCHITECTURE_FIELDS) come from
+  """The run's ModelConfig. With init_from=hf:DIR the network's hyperparameters (`architecture_fields`) come from
   DIR/config.json, so a recipe's preset can never silently change the model being fine-tuned; the fields that
   differ from the recipe are named once through `log`."""
   from grit_jax.modeling import ModelConfig
@@ -250,7 +252,7 @@ def model_config(config, *, log=print):
   if kind != "hf":
     return recipe
   source = ModelConfig.from_hf(path)
-  taken = {f: getattr(source, f) for f in ARCHITECTURE_FIELDS}
+  taken = {f: getattr(source, f) for f in architecture_fields()}
   changed = [f"{f}={getattr(recipe, f)!r}->{v!r}" for f, v in taken.items() if getattr(recipe, f) != v]
   if changed and log is not None:
     log(f"init_from={config.init_from}: using the source model's {', '.join(changed)} (from its config.json, "

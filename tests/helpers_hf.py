@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face Mistral / Mixtral models saved to temporary directories (parity-test fixtures)."""
+"""Tiny random Hugging Face models of every family saved to temporary directories (parity-test fixtures)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,28 +8,50 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
             initializer_range=0.1, tie_word_embeddings=False)
 
 
+# Each family's tiny model sets what makes it differ, so that parity fails if any of it is ignored.
+FAMILY_TINY = {
+    "llama": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "qwen2": dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "qwen3": dict(head_dim=24),  # head_dim independent of hidden / heads
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, norm_topk_prob=False,
+                      mlp_only_layers=[1]),
+    "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                        query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+_CLASSES = {"mistral": "Mistral", "mixtral": "Mixtral", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3",
+            "qwen3_moe": "Qwen3Moe", "gemma3_text": "Gemma3"}
+
+
 def make_hf_model(kind: str, path, seed: int = 0, **overrides):
-  """A random MistralForCausalLM / MixtralForCausalLM (float32, eval mode) saved with save_pretrained to `path`.
-  Weights use std 0.1 and random RMSNorm scales so logits are O(1) and every tensor matters."""
+  """A random *ForCausalLM of `kind` (an HF model_type; float32, eval mode) saved with save_pretrained to `path`.
+  Weights use std 0.1; every norm scale and bias is random too, so logits are O(1) and every tensor matters."""
   import torch
   import transformers
 
-  kw = dict(TINY, **overrides)
+  kw = dict(TINY, **FAMILY_TINY.get(kind, {}))
+  kw.update(overrides)
   if kind == "mistral":
     kw.setdefault("sliding_window", None)
-    config, cls = transformers.MistralConfig(**kw), transformers.MistralForCausalLM
   elif kind == "mixtral":
     kw.setdefault("num_local_experts", 4)
     kw.setdefault("num_experts_per_tok", 2)
-    config, cls = transformers.MixtralConfig(**kw), transformers.MixtralForCausalLM
-  else:
+  elif kind not in _CLASSES:
     raise ValueError(kind)
+  name = _CLASSES[kind]
+  config = getattr(transformers, f"{name}TextConfig" if kind == "gemma3_text" else f"{name}Config")(**kw)
+  cls = getattr(transformers, f"{name}ForCausalLM")
   torch.manual_seed(seed)
   model = cls(config).eval()
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    for pname, p in model.named_parameters():
+      if "norm" in pname:  # Gemma's scale is 1 + w
+        p.copy_((0.0 if kind == "gemma3_text" else 1.0) + 0.2 * torch.randn_like(p))
+      elif pname.endswith("bias"):
+        p.copy_(0.1 * torch.randn_like(p))
   model.save_pretrained(str(path))
   return model
 

@@ -132,8 +132,8 @@ def test_init_from_hf_keeps_the_source_models_hyperparameters(tmp_path):
   # The resolved model is what the run saves.
   assert contract.with_model(c, model).model.rms_norm_eps == 1e-6
   # A source that is not a supported model is named.
-  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-  with pytest.raises(GritJaxError, match="model_type='llama'"):
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+  with pytest.raises(GritJaxError, match="model_type='phi3'"):
     contract.validate(c, check_files=False, log=None)
 
 
@@ -201,7 +201,7 @@ def shrunk(name: str):
   c, _ = train_cli.parse_args(["--config", os.path.join(ROOT, "configs", f"{name}.py"), "--workdir", "w"])
   tiny = get_config("tiny_mixtral" if c.model.num_experts else "tiny_mistral")
   with c.unlocked():
-    for f in contract.ARCHITECTURE_FIELDS:
+    for f in contract.architecture_fields():
       c.model[f] = getattr(tiny, f)
     c.init_from = ""
   d = c.data

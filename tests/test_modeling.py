@@ -136,9 +136,15 @@ def test_sliding_window_mask_hand_worked():
                    [0, 1, 1, 1, 0],
                    [0, 0, 1, 1, 1]], bool)  # HF: kv_idx <= q_idx and kv_idx > q_idx - 3
   np.testing.assert_array_equal(got, want)
-  bidir = np.asarray(make_attention_mask(pos, pos, jnp.array([[1, 1, 1, 0, 1]], bool), causal=False,
-                                         sliding_window=3))[0, 0]
-  np.testing.assert_array_equal(bidir, np.tile([1, 1, 1, 0, 1], (5, 1)).astype(bool))  # padding only, no window
+  bidir = np.asarray(make_attention_mask(pos, pos, jnp.array([[1, 1, 1, 0, 1]], bool), causal=False))[0, 0]
+  np.testing.assert_array_equal(bidir, np.tile([1, 1, 1, 0, 1], (5, 1)).astype(bool))  # padding only
+  sym = np.asarray(make_attention_mask(pos, pos, jnp.array([[1, 1, 1, 0, 1]], bool), causal=False,
+                                       sliding_window=1))[0, 0]
+  np.testing.assert_array_equal(sym, np.array([[1, 1, 0, 0, 0],
+                                               [1, 1, 1, 0, 0],
+                                               [0, 1, 1, 0, 0],
+                                               [0, 0, 1, 0, 1],
+                                               [0, 0, 0, 0, 1]], bool))  # Gemma 3: |q - k| <= 1, padding
   seg = jnp.array([[1, 1, 2, 2, 0]])
   packed = np.asarray(make_attention_mask(pos, pos, seg != 0, causal=True, q_segment_BT=seg, k_segment_BS=seg))
   np.testing.assert_array_equal(packed[0, 0], np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0],

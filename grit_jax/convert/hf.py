@@ -1,9 +1,9 @@
-"""Hugging Face Mistral / Mixtral safetensors <-> grit_jax param pytrees, tensor by tensor.
+"""Hugging Face safetensors of every family (modeling.config.FAMILIES) <-> grit_jax param pytrees, tensor by tensor.
 
 The rename table (`hf_entries`) is the whole conversion: each HF tensor maps to one param leaf (or one expert's
-slice of the stacked [E, ...] Mixtral weights, or one layer's slice of the scanned `layers/` stack). Linear weights
+slice of the stacked [E, ...] expert weights, or one layer's slice of the scanned `layers/` stack). Linear weights
 are transposed (HF [out, in] -> Flax [in, out]) and reshaped to the leaf's shape (q_proj [D, H, Dh], o_proj
-[H, Dh, D]); everything else is copied. Loading reads one tensor at a time from the memory-mapped safetensors files
+[H, Dh, D]); biases are reshaped (q_proj.bias [H * Dh] -> [H, Dh]); everything else is copied. Loading reads one tensor at a time from the memory-mapped safetensors files
 into preallocated leaves, so only one full copy of the weights is ever held; saving writes shard by shard.
 
 Also the grit_jax directory format: config.json ({"format": "grit_jax", "model": ModelConfig fields, "hf_dtype"})
@@ -47,24 +47,41 @@ class Entry:
   expert: int | None = None
   linear: bool = False
   in_dims: int = 1
+  bias: bool = False  # HF [prod(shape)] <-> the leaf's shape
+
+
+# Expert weights: (Mixtral's name, Qwen3-MoE's name) for each stacked leaf
+_EXPERT_NAMES = {"w1": ("w1", "gate_proj"), "w2": ("w2", "down_proj"), "w3": ("w3", "up_proj")}
 
 
 def hf_entries(config: ModelConfig) -> list[Entry]:
   """The rename table, in the order HF files list tensors."""
   out = [Entry("model.embed_tokens.weight", ("embed_tokens", "embedding"))]
+  norms = (("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+           if config.gemma_norms else ("input_layernorm", "post_attention_layernorm"))
   for i in range(config.num_layers):
     pre = f"model.layers.{i}."
     lin = lambda name, path, in_dims=1, expert=None: Entry(pre + name, path, i, expert, True, in_dims)
-    out += [lin(f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel")) for p in "qkv"]
-    out.append(lin("self_attn.o_proj.weight", ("self_attn", "o_proj", "kernel"), in_dims=2))
-    if config.is_moe:
-      out.append(lin("block_sparse_moe.gate.weight", ("block_sparse_moe", "gate", "kernel")))
+    bias = lambda name, path: Entry(pre + name, path, i, bias=True)
+    for p in "qkvo":
+      out.append(lin(f"self_attn.{p}_proj.weight", ("self_attn", f"{p}_proj", "kernel"), in_dims=2 if p == "o" else 1))
+      if config.o_bias if p == "o" else config.qkv_bias:
+        out.append(bias(f"self_attn.{p}_proj.bias", ("self_attn", f"{p}_proj", "bias")))
+    if config.qk_norm:
+      out += [Entry(pre + f"self_attn.{p}_norm.weight", ("self_attn", f"{p}_norm", "scale"), i) for p in "qk"]
+    if config.layer_is_moe(i):
+      mixtral = config.family == "mixtral"
+      block = "block_sparse_moe" if mixtral else "mlp"
+      out.append(lin(f"{block}.gate.weight", (block, "gate", "kernel")))
       for e in range(config.num_experts):
-        out += [lin(f"block_sparse_moe.experts.{e}.{w}.weight", ("block_sparse_moe", w), expert=e)
-                for w in ("w1", "w2", "w3")]
+        out += [lin(f"{block}.experts.{e}.{names[not mixtral]}.weight", (block, w), expert=e)
+                for w, names in _EXPERT_NAMES.items()]
     else:
-      out += [lin(f"mlp.{p}_proj.weight", ("mlp", f"{p}_proj", "kernel")) for p in ("gate", "up", "down")]
-    out += [Entry(pre + f"{n}.weight", (n, "scale"), i) for n in ("input_layernorm", "post_attention_layernorm")]
+      for p in ("gate", "up", "down"):
+        out.append(lin(f"mlp.{p}_proj.weight", ("mlp", f"{p}_proj", "kernel")))
+        if config.mlp_bias:
+          out.append(bias(f"mlp.{p}_proj.bias", ("mlp", f"{p}_proj", "bias")))
+    out += [Entry(pre + f"{n}.weight", (n, "scale"), i) for n in norms]
   out.append(Entry("model.norm.weight", ("norm", "scale")))
   if not config.tie_word_embeddings:
     out.append(Entry("lm_head.weight", ("lm_head", "kernel"), linear=True))
@@ -97,18 +114,20 @@ def _leaf_ref(params: dict, entry: Entry, scanned: bool):
 
 
 def _hf_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  if entry.bias:
+    return (math.prod(flax_shape),)
   if not entry.linear:
     return tuple(flax_shape)
   return (math.prod(flax_shape[entry.in_dims:]), math.prod(flax_shape[:entry.in_dims]))
 
 
 def to_flax(entry: Entry, tensor: np.ndarray, flax_shape) -> np.ndarray:
-  return tensor.T.reshape(flax_shape) if entry.linear else tensor
+  return tensor.T.reshape(flax_shape) if entry.linear else tensor.reshape(flax_shape)
 
 
 def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
   if not entry.linear:
-    return value
+    return value.reshape(_hf_shape(entry, value.shape))
   return value.reshape(_hf_shape(entry, value.shape)[::-1]).T
 
 
@@ -181,8 +200,8 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
   known = {e.name for e in entries}
   extra = sorted(n for n in files if n not in known and not _IGNORED.match(n))
   if extra:
-    raise GritJaxError(f"{path}: unexpected tensor(s) for a {config.num_layers}-layer "
-                       f"{'Mixtral' if config.is_moe else 'Mistral'} model: {extra[:5]}")
+    raise GritJaxError(f"{path}: unexpected tensor(s) for a {config.num_layers}-layer {config.family} model: "
+                       f"{extra[:5]}")
   with contextlib.ExitStack() as stack:
     handles = {}
     for e in entries:

@@ -19,17 +19,20 @@ def make_attention_mask(q_pos_BT, k_pos_BS, k_valid_BS, *, causal: bool, sliding
 
   Keys must be valid (real tokens, not padding or empty cache slots) and, with segment ids (packing), in the
   query's segment. Causal: k_pos <= q_pos and, with a sliding window W, q_pos - k_pos < W (HF Mistral's
-  `kv_idx > q_idx - sliding_window`). Bidirectional: no causality and no window. Positions, not slot indices, decide
+  `kv_idx > q_idx - sliding_window`). Bidirectional: no causality; with a window W, |q_pos - k_pos| <= W (HF
+  Gemma 3's bidirectional sliding layers, whose W is half the causal window). Positions, not slot indices, decide
   causality, so right-padded batches and caches whose rows have different lengths need no special casing.
   """
   mask = k_valid_BS.astype(bool)[:, None, :]  # [B, 1, S]
   if q_segment_BT is not None:
     mask = mask & (q_segment_BT[:, :, None] == k_segment_BS[:, None, :])  # [B, T, S]
+  diff = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]  # [B, T, S]
   if causal:
-    diff = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]  # [B, T, S]
     mask = mask & (diff >= 0)
     if sliding_window is not None:
       mask = mask & (diff < sliding_window)
+  elif sliding_window is not None:
+    mask = mask & (jnp.abs(diff) <= sliding_window)
   mask = jnp.broadcast_to(mask, (q_pos_BT.shape[0], q_pos_BT.shape[1], k_pos_BS.shape[1]))
   return mask[:, None]  # [B, 1, T, S]
 
@@ -79,7 +82,7 @@ class SelfAttentionMask:
   dense: jax.Array                # [B, 1, T, T] bool, from make_attention_mask
   segment_ids: jax.Array          # [B, T] int32: 0 = padding, else the packing segment (1 without packing)
   causal: bool = flax.struct.field(pytree_node=False)
-  sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)
+  sliding_window: int | None = flax.struct.field(pytree_node=False, default=None)  # as make_attention_mask
 
 
 def attend(q, k, v, mask, impl: str = "xla", matmul: str = "xla"):

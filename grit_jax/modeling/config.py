@@ -1,7 +1,12 @@
-"""ModelConfig: one frozen (hashable, usable as a static jit argument) description of a Mistral or Mixtral model.
+"""ModelConfig: one frozen (hashable, usable as a static jit argument) description of a decoder-only model.
+
+The families (`FAMILIES`: mistral, mixtral, llama, qwen2, qwen3, qwen3_moe, gemma3_text) are not separate model
+files: each is a short statement of how it differs (biases, q/k norm, norm form, MLP activation, RoPE, layer
+pattern, experts), stored as plain fields that the one Transformer reads. `from_hf` reads a Hugging Face config.json
+of any family once; `to_hf_dict` writes one that transformers loads as that family.
 
 Presets: `mistral_7b`, `mixtral_8x7b` (GritLM-7B / GritLM-8x7B shapes) and `tiny_mistral`, `tiny_mixtral` (tests and
-demos). `from_hf` reads a Hugging Face config.json; `to_hf_dict` writes one that transformers loads.
+demos).
 """
 from __future__ import annotations
 
@@ -17,10 +22,38 @@ MATMUL_IMPLS = ("auto", "xla", "flat")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # grit_jax.modeling.kernels dispatches on these
 REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp")
 MOE_IMPLS = ("ragged", "dense")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # gated MLP: SwiGLU (Llama, Qwen, Mistral) | GeGLU (Gemma)
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# How the run computes, not what the checkpoint holds: the recipe's own even when a run loads a model.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "matmul_impl", "moe_impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How a Hugging Face model_type differs from Mistral, as far as config.json does not say it itself."""
+  architecture: str                       # the transformers class its config.json names
+  bias: str | None = None                 # None | "attention_bias" (the config's flag: q, k, v, o) | "qkv" (always)
+  qk_norm: bool = False                   # per-head RMSNorm of q and k before RoPE
+  gemma: bool = False                     # (1 + w) norms, norms after attention and MLP, embeddings * sqrt(D)
+  moe: bool = False
+  default_theta: float = 1e4
+
+
+FAMILIES = {
+    "mistral": Family("MistralForCausalLM"),
+    "mixtral": Family("MixtralForCausalLM", moe=True, default_theta=1e6),
+    "llama": Family("LlamaForCausalLM", bias="attention_bias"),
+    "qwen2": Family("Qwen2ForCausalLM", bias="qkv"),
+    "qwen3": Family("Qwen3ForCausalLM", bias="attention_bias", qk_norm=True),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", bias="attention_bias", qk_norm=True, moe=True),
+    "gemma3_text": Family("Gemma3ForCausalLM", bias="attention_bias", qk_norm=True, gemma=True, default_theta=1e6),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  family: str = "mistral"                 # the HF model_type (FAMILIES) config.json and exports use
   vocab_size: int = 32000
   hidden_size: int = 4096
   intermediate_size: int = 14336
@@ -30,14 +63,36 @@ class ModelConfig:
   head_dim: int = 128
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-5
-  sliding_window: int | None = None       # None = full causal attention
+  sliding_window: int | None = None       # None = full attention; see layer_types
   max_position_embeddings: int = 32768
-  num_experts: int = 0                    # 0 = dense SwiGLU MLP (Mistral); > 0 = sparse MoE (Mixtral)
+  num_experts: int = 0                    # 0 = dense gated MLP; > 0 = sparse MoE (Mixtral, Qwen3-MoE)
   num_experts_per_tok: int = 2
   router_aux_loss_coef: float = 0.0       # weight of out.aux_loss in the training loss (HF router_aux_loss_coef)
   tie_word_embeddings: bool = False
   bos_token_id: int = 1
   eos_token_id: int = 2
+  # -- how the families differ (FAMILIES sets them from config.json) --
+  hidden_act: str = "silu"                # ACTIVATIONS: the gated MLP's activation
+  qkv_bias: bool = False                  # q/k/v projections have a bias (Qwen2; Llama/Qwen3 attention_bias)
+  o_bias: bool = False                    # o_proj has a bias (Llama/Qwen3 attention_bias)
+  mlp_bias: bool = False                  # gate/up/down have a bias (Llama mlp_bias)
+  qk_norm: bool = False                   # per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3)
+  gemma_norms: bool = False               # Gemma: (1 + w) RMSNorm, norms after attention / MLP, embeddings * sqrt(D)
+  query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5; None = head_dim (Gemma sets it)
+  final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) (Gemma)
+  rope_type: str = "default"              # ROPE_TYPES, for full-attention layers (and all layers without local_theta)
+  rope_factor: float = 1.0                # linear / llama3 scaling factor
+  rope_low_freq_factor: float = 1.0       # llama3
+  rope_high_freq_factor: float = 4.0      # llama3
+  rope_original_max_position: int = 8192  # llama3
+  rope_local_theta: float | None = None   # sliding layers' RoPE base, unscaled (Gemma 3); None = as full layers
+  layer_types: tuple[str, ...] = ()       # per layer, LAYER_TYPES; () = all sliding when sliding_window is set
+  bidirectional_window: bool = False      # bidirectional sliding layers see |q - k| <= sliding_window // 2
+                                          # (EmbeddingGemma); False: bidirectional passes see every token (GritLM)
+  moe_intermediate_size: int | None = None  # experts' MLP width; None = intermediate_size (Mixtral)
+  norm_topk_prob: bool = True             # renormalise the top-k router weights (Mixtral always; Qwen3-MoE flag)
+  dense_layers: tuple[int, ...] = ()      # MoE models: layers with a dense MLP (Qwen3-MoE mlp_only_layers, ...)
+  # -- how this run computes (COMPUTE_FIELDS) --
   dtype: str = "float32"                  # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
@@ -50,6 +105,14 @@ class ModelConfig:
     def bad(key, why):
       raise GritJaxError(f"model config: {key}={getattr(self, key)!r}: {why}")
 
+    # JSON and ml_collections hand tuples back as lists
+    for key in ("layer_types", "dense_layers"):
+      if isinstance(getattr(self, key), list):
+        object.__setattr__(self, key, tuple(getattr(self, key)))
+    if self.family not in FAMILIES:
+      bad("family", f"expected one of {tuple(FAMILIES)}")
+    if self.family == "mistral" and self.num_experts:  # Mixtral is Mistral with experts (configs before `family`)
+      object.__setattr__(self, "family", "mixtral")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "max_position_embeddings"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
@@ -58,26 +121,48 @@ class ModelConfig:
       bad("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       bad("head_dim", "must be even (rotary embeddings rotate pairs)")
+    for key in ("rope_theta", "rms_norm_eps", "rope_factor"):
+      if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
+        bad(key, "must be a positive number")
+    if self.rope_local_theta is not None and not self.rope_local_theta > 0:
+      bad("rope_local_theta", "must be None or a positive number")
     if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
       bad("sliding_window", "must be None or a positive integer")
+    if self.layer_types:
+      if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(LAYER_TYPES):
+        bad("layer_types", f"expected () or {self.num_layers} entries of {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        bad("layer_types", "has sliding_attention layers but sliding_window is None")
     if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
       bad("num_experts_per_tok", f"must be in [1, num_experts={self.num_experts}]")
-    if self.dtype not in DTYPES:
-      bad("dtype", f"expected one of {DTYPES}")
-    if self.param_dtype not in DTYPES:
-      bad("param_dtype", f"expected one of {DTYPES}")
-    if self.remat_policy not in REMAT_POLICIES:
-      bad("remat_policy", f"expected one of {REMAT_POLICIES}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      bad("attention_impl", f"expected one of {ATTENTION_IMPLS}")
-    if self.matmul_impl not in MATMUL_IMPLS:
-      bad("matmul_impl", f"expected one of {MATMUL_IMPLS}")
-    if self.moe_impl not in MOE_IMPLS:
-      bad("moe_impl", f"expected one of {MOE_IMPLS}")
+    if FAMILIES[self.family].moe != (self.num_experts > 0):
+      bad("num_experts", f"family {self.family!r} {'needs' if FAMILIES[self.family].moe else 'has no'} experts")
+    if any(not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.dense_layers):
+      bad("dense_layers", f"expected layer indices in [0, {self.num_layers})")
+    if self.scan_layers and (len(set(self.layer_types)) > 1 or self.dense_layers):
+      bad("scan_layers", "nn.scan needs identical layers: this model mixes layer types or dense and MoE layers")
+    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
+                         ("attention_impl", ATTENTION_IMPLS), ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
+                         ("hidden_act", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
+      if getattr(self, key) not in allowed:
+        bad(key, f"expected one of {allowed}")
 
   @property
   def is_moe(self) -> bool:
     return self.num_experts > 0
+
+  def layer_is_sliding(self, i: int) -> bool:
+    """Layer i attends within sliding_window (causally; bidirectionally too with bidirectional_window)."""
+    if self.layer_types:
+      return self.layer_types[i] == "sliding_attention"
+    return self.sliding_window is not None
+
+  def layer_is_moe(self, i: int) -> bool:
+    return self.is_moe and i not in self.dense_layers
+
+  @property
+  def expert_size(self) -> int:
+    return self.moe_intermediate_size or self.intermediate_size
 
   def replace(self, **overrides) -> "ModelConfig":
     return dataclasses.replace(self, **overrides)
@@ -98,8 +183,8 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, path_or_dict, **overrides) -> "ModelConfig":
-    """From a Hugging Face config (a dict, a config.json path or the directory holding it). `overrides` set
-    grit_jax-only fields (dtype, scan_layers, ...) or replace converted ones."""
+    """From a Hugging Face config (a dict, a config.json path or the directory holding it) of any FAMILIES
+    model_type. `overrides` set grit_jax-only fields (dtype, scan_layers, ...) or replace converted ones."""
     source = "config dict"
     if isinstance(path_or_dict, Mapping):
       hf = dict(path_or_dict)
@@ -111,56 +196,31 @@ class ModelConfig:
       if not os.path.isfile(path):
         raise GritJaxError(f"{path}: no Hugging Face config.json")
       hf = read_json(path, "the Hugging Face config")
-
-    model_type = hf.get("model_type")
-    if model_type not in ("mistral", "mixtral"):
-      raise GritJaxError(f"{source}: model_type={model_type!r}: only mistral and mixtral are supported")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-      raise GritJaxError(f"{source}: hidden_act={act!r}: only silu is supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      raise GritJaxError(f"{source}: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    theta = hf.get("rope_theta", rope.get("rope_theta", 1e6 if model_type == "mixtral" else 1e4))
-
-    def need(key):
-      if key not in hf:
-        raise GritJaxError(f"{source}: missing key {key!r}")
-      return hf[key]
-
-    heads = int(need("num_attention_heads"))
-    hidden = int(need("hidden_size"))
-    kw = dict(
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or hidden // heads),
-        rope_theta=float(theta),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        sliding_window=hf.get("sliding_window"),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=int(hf["bos_token_id"]) if hf.get("bos_token_id") is not None else 1,
-        eos_token_id=int(hf["eos_token_id"]) if isinstance(hf.get("eos_token_id"), int) else 2,
-    )
-    if model_type == "mixtral":
-      kw.update(num_experts=int(need("num_local_experts")), num_experts_per_tok=int(need("num_experts_per_tok")),
-                router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
-    kw.update(overrides)
     try:
+      kw = _from_hf(hf, source)
+      kw.update(overrides)
       return cls(**kw)
     except TypeError as e:
       raise GritJaxError(f"{source}: {e}") from e
 
   def to_hf_dict(self, torch_dtype: str | None = None) -> dict:
-    """A config.json transformers loads as MistralForCausalLM / MixtralForCausalLM."""
-    moe = self.is_moe
+    """A config.json transformers loads as this family's *ForCausalLM."""
+    fam = FAMILIES[self.family]
+    if fam.bias == "qkv" and (not self.qkv_bias or self.o_bias):
+      raise GritJaxError(f"model config: family {self.family!r} has q/k/v biases and no o_proj bias")
+    if fam.bias == "attention_bias" and self.qkv_bias != self.o_bias:
+      raise GritJaxError(f"model config: family {self.family!r} has one attention_bias flag for q, k, v and o")
+    if fam.bias is None and (self.qkv_bias or self.o_bias):
+      raise GritJaxError(f"model config: family {self.family!r} has no attention biases")
+    rope = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
+    if self.rope_type != "default":
+      rope["factor"] = self.rope_factor
+    if self.rope_type == "llama3":
+      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position)
     d = {
-        "architectures": ["MixtralForCausalLM" if moe else "MistralForCausalLM"],
-        "model_type": "mixtral" if moe else "mistral",
+        "architectures": [fam.architecture],
+        "model_type": self.family,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
@@ -168,10 +228,9 @@ class ModelConfig:
         "num_attention_heads": self.num_heads,
         "num_key_value_heads": self.num_kv_heads,
         "head_dim": self.head_dim,
-        "hidden_act": "silu",
         "max_position_embeddings": self.max_position_embeddings,
         "rms_norm_eps": self.rms_norm_eps,
-        "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
+        "rope_parameters": rope,
         "sliding_window": self.sliding_window,
         "tie_word_embeddings": self.tie_word_embeddings,
         "bos_token_id": self.bos_token_id,
@@ -181,10 +240,140 @@ class ModelConfig:
         "use_cache": True,
         "dtype": torch_dtype or self.param_dtype,
     }
-    if moe:
+    d["hidden_activation" if fam.gemma else "hidden_act"] = self.hidden_act
+    if fam.bias == "attention_bias":
+      d["attention_bias"] = self.qkv_bias
+    if self.family == "llama":
+      d["mlp_bias"] = self.mlp_bias
+    elif self.mlp_bias:
+      raise GritJaxError(f"model config: family {self.family!r} has no MLP biases")
+    if fam.gemma or self.family.startswith("qwen"):  # these configs default to a pattern of their own: spell it out
+      d["layer_types"] = [LAYER_TYPES[self.layer_is_sliding(i)] for i in range(self.num_layers)]
+    elif self.layer_types:
+      raise GritJaxError(f"model config: family {self.family!r} has no per-layer attention types")
+    if self.family.startswith("qwen"):
+      d["use_sliding_window"] = self.sliding_window is not None
+    if fam.gemma:
+      local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
+      d["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+      d.update(query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+               final_logit_softcapping=self.final_logit_softcapping, attn_logit_softcapping=None,
+               use_bidirectional_attention=False)
+    if self.family == "mixtral":
       d.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False, router_jitter_noise=0.0)
+    if self.family == "qwen3_moe":
+      d.update(num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
+               moe_intermediate_size=self.expert_size, norm_topk_prob=self.norm_topk_prob,
+               decoder_sparse_step=1, mlp_only_layers=list(self.dense_layers),
+               router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
     return d
+
+
+def _from_hf(hf: dict, source: str) -> dict:
+  """ModelConfig fields from a Hugging Face config dict; every unsupported setting is a one-line error."""
+  model_type = hf.get("model_type")
+  if model_type not in FAMILIES:
+    raise GritJaxError(f"{source}: model_type={model_type!r}: supported families are {', '.join(FAMILIES)}")
+  fam = FAMILIES[model_type]
+
+  def need(key):
+    if key not in hf:
+      raise GritJaxError(f"{source}: missing key {key!r}")
+    return hf[key]
+
+  act_key = "hidden_activation" if fam.gemma else "hidden_act"
+  act = hf.get(act_key) or ("gelu_pytorch_tanh" if fam.gemma else "silu")
+  if act not in ACTIVATIONS:
+    raise GritJaxError(f"{source}: {act_key}={act!r}: supported are {ACTIVATIONS}")
+  for key in ("attn_logit_softcapping", "partial_rotary_factor"):
+    if hf.get(key) not in (None, 1.0):
+      raise GritJaxError(f"{source}: {key}={hf[key]!r} is not supported")
+  heads = int(need("num_attention_heads"))
+  hidden = int(need("hidden_size"))
+  num_layers = int(need("num_hidden_layers"))
+  kw = dict(
+      family=model_type,
+      vocab_size=int(need("vocab_size")),
+      hidden_size=hidden,
+      intermediate_size=int(need("intermediate_size")),
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+      head_dim=int(hf.get("head_dim") or hidden // heads),
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6 if fam.gemma else 1e-5)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam.gemma)),
+      bos_token_id=int(hf["bos_token_id"]) if hf.get("bos_token_id") is not None else 1,
+      eos_token_id=_first_id(hf.get("eos_token_id"), 2),
+      hidden_act=act,
+      qk_norm=fam.qk_norm,
+      gemma_norms=fam.gemma,
+  )
+  if fam.bias == "qkv":
+    kw.update(qkv_bias=True)
+  elif fam.bias == "attention_bias":
+    kw.update(qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)))
+  kw.update(mlp_bias=bool(hf.get("mlp_bias", False)))
+
+  # RoPE: transformers >= 5 writes rope_parameters (per layer type for Gemma 3); older files rope_theta + rope_scaling
+  rope = hf.get("rope_parameters") or {}
+  local = None
+  if fam.gemma and "full_attention" in rope:
+    rope, local = rope["full_attention"], rope.get("sliding_attention")
+  if not rope or "rope_type" not in rope and "type" not in rope:
+    rope = {**(hf.get("rope_scaling") or {}), **rope}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type not in ROPE_TYPES:
+    raise GritJaxError(f"{source}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+  kw.update(rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", fam.default_theta))), rope_type=rope_type)
+  if rope_type != "default":
+    kw.update(rope_factor=float(rope["factor"]))
+  if rope_type == "llama3":
+    kw.update(rope_low_freq_factor=float(rope["low_freq_factor"]), rope_high_freq_factor=float(rope["high_freq_factor"]),
+              rope_original_max_position=int(rope["original_max_position_embeddings"]))
+
+  # Attention pattern
+  window = hf.get("sliding_window")
+  layer_types = tuple(hf.get("layer_types") or ())
+  if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
+    window, layer_types = None, ()  # these configs carry a sliding_window they do not use
+  if layer_types and len(set(layer_types)) == 1:  # uniform: the Mistral form, which nn.scan can stack
+    window = window if layer_types[0] == "sliding_attention" else None
+    layer_types = ()
+  if fam.gemma:
+    # use_bidirectional_attention (EmbeddingGemma) is not read: here the attention mode is an argument of each
+    # call, and bidirectional calls of a Gemma model always keep the symmetric window on sliding layers.
+    if not hf.get("layer_types") and window is not None:  # transformers' default pattern: every 6th layer full
+      pattern = int(hf.get("sliding_window_pattern", 6))
+      layer_types = tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers))
+    local_theta = (local or {}).get("rope_theta", hf.get("rope_local_base_freq", 1e4))
+    kw.update(rope_local_theta=float(local_theta), query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+              final_logit_softcapping=hf.get("final_logit_softcapping"), bidirectional_window=True)
+  kw.update(sliding_window=window, layer_types=layer_types)
+
+  if model_type == "mixtral":
+    kw.update(num_experts=int(need("num_local_experts")), num_experts_per_tok=int(need("num_experts_per_tok")),
+              router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+  if model_type == "qwen3_moe":
+    step = int(hf.get("decoder_sparse_step", 1))
+    only = set(int(i) for i in hf.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
+    experts = hf.get("num_experts", hf.get("num_local_experts"))  # the Hub's name, transformers 5's
+    if experts is None:
+      raise GritJaxError(f"{source}: missing key 'num_experts'")
+    kw.update(num_experts=int(experts), num_experts_per_tok=int(need("num_experts_per_tok")),
+              moe_intermediate_size=int(need("moe_intermediate_size")),
+              norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense,
+              router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+  return kw
+
+
+def _first_id(value, default: int) -> int:
+  """eos_token_id may be a list (Llama 3 Instruct): the first is the one generation stops on by default."""
+  if isinstance(value, list) and value:
+    value = value[0]
+  return int(value) if isinstance(value, int) else default
 
 
 _PRESETS = {
@@ -193,7 +382,7 @@ _PRESETS = {
                        max_position_embeddings=32768, dtype="bfloat16"),
     "mixtral_8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                          num_kv_heads=8, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
-                         max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, family="mixtral", num_experts=8, num_experts_per_tok=2,
                          router_aux_loss_coef=0.02, dtype="bfloat16"),
     # vocab 1024 holds the shipped ~1000-piece SentencePiece tokenizer (data/tokenizer.model).
     "tiny_mistral": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -201,7 +390,7 @@ _PRESETS = {
                          max_position_embeddings=2048, dtype="float32"),
     "tiny_mixtral": dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=16, rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None,
-                         max_position_embeddings=2048, num_experts=4, num_experts_per_tok=2,
+                         max_position_embeddings=2048, family="mixtral", num_experts=4, num_experts_per_tok=2,
                          router_aux_loss_coef=0.02, dtype="float32"),
 }
 PRESETS = tuple(_PRESETS)

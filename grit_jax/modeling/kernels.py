@@ -55,7 +55,10 @@ def _make_kernel(num_heads: int, length: int, causal: bool, sliding_window: int 
                  interpret: bool):
   """A splash kernel for one shape (jax caches the numpy block-sparsity tables per mask and block size)."""
   shape = (length, length)
-  if not causal:
+  if not causal and sliding_window:
+    # bidirectional sliding layer (Gemma 3): |i - j| <= sliding_window (attention.make_attention_mask)
+    head_mask = splash_mask.LocalMask(shape, window_size=(sliding_window, sliding_window), offset=0)
+  elif not causal:
     head_mask = splash_mask.FullMask(shape)
   elif sliding_window:
     # key j visible from query i iff 0 <= i - j < sliding_window (Mistral's convention).
@@ -140,7 +143,7 @@ def cudnn_attention(q, k, v, *, causal: bool, q_lengths=None, kv_lengths=None, m
   or any other pattern -> `mask` [B, 1, T, S] bool (turned into a bias by jax). `implementation="xla"` runs the
   same call through jax's XLA reference (the tests use it to check the argument plumbing on CPU).
   """
-  window = (sliding_window - 1, 0) if (causal and sliding_window) else None
+  window = None if not sliding_window else (sliding_window - 1, 0) if causal else (sliding_window, sliding_window)
   as_len = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
   return jax.nn.dot_product_attention(
       q, k, v, mask=mask, is_causal=causal, query_seq_lengths=as_len(q_lengths),

@@ -81,6 +81,7 @@ class Linear(nn.Module):
   param_dtype: str = "float32"
   out_dtype: str | None = None
   impl: str = "auto"
+  use_bias: bool = False  # a `bias` of shape features (Qwen2's q/k/v, Llama's attention_bias / mlp_bias)
 
   @nn.compact
   def __call__(self, x):
@@ -90,37 +91,73 @@ class Linear(nn.Module):
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     out_dtype = jnp.dtype(self.out_dtype or self.dtype)
     if select_matmul_impl(self.impl) == "flat":
-      return flat_dot(x, kernel, self.in_dims, out_dtype)
-    contract_x = tuple(range(x.ndim - self.in_dims, x.ndim))
-    return jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.in_dims))), ((), ())),
-                               preferred_element_type=out_dtype)
+      y = flat_dot(x, kernel, self.in_dims, out_dtype)
+    else:
+      contract_x = tuple(range(x.ndim - self.in_dims, x.ndim))
+      y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.in_dims))), ((), ())),
+                              preferred_element_type=out_dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
+                        tuple(self.features), jnp.dtype(self.param_dtype))
+      y = y + bias.astype(y.dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, normalised in float32 (as HF), returned in the compute dtype."""
+  """x / rms(x) * scale, normalised in float32 (as HF), returned in the compute dtype. plus_one (Gemma): the scale
+  is (1 + w), stored as w (zeros at init), and multiplied in float32 before the cast, as HF Gemma does."""
   eps: float = 1e-5
   dtype: str = "float32"
   param_dtype: str = "float32"
+  plus_one: bool = False
+  axis_name: str = "embed"
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (x.shape[-1],),
                        jnp.dtype(self.param_dtype))
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:
+      return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
     return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
 
 
-def apply_rotary(x_BTND, positions_BT, theta: float, table_len: int | None = None):
+def rope_inv_freq(config: ModelConfig, sliding: bool = False):
+  """[Dh/2] float32 inverse frequencies of a layer, as transformers' ROPE_INIT_FUNCTIONS compute them: default,
+  linear (/ factor) or llama3 (long wavelengths / factor, a smooth blend between). Gemma 3's sliding layers use
+  their own base, unscaled."""
+  Dh = config.head_dim
+  local = sliding and config.rope_local_theta is not None
+  theta = config.rope_local_theta if local else config.rope_theta
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))
+  if local or config.rope_type == "default":
+    return inv_freq
+  factor = config.rope_factor
+  if config.rope_type == "linear":
+    return inv_freq / factor
+  low, high, old_len = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_max_position
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rotary(x_BTND, positions_BT, rope, table_len: int | None = None):
   """RoPE with HF's rotate_half convention: the two halves of each head (not interleaved pairs) form the complex
-  pairs; inv_freq and angles in float32.
+  pairs; inv_freq and angles in float32. rope: the base theta (default RoPE) or the [Dh/2] inv_freq
+  (`rope_inv_freq`).
 
   table_len (the CPU layout): cos/sin of positions 0..table_len-1 are computed once and gathered per token, the
   same values bit for bit. XLA:CPU otherwise fuses the [B, T, Dh] cos/sin into every head's multiply and evaluates
   them once per head (12% of the tiny model's embedding pass, BENCHMARKS.md); the gather stops that fusion. A
   position outside the table gives NaN, never a clamped angle."""
   Dh = x_BTND.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh))  # [Dh/2]
+  inv_freq = (1.0 / (rope ** (jnp.arange(0, Dh, 2, dtype=jnp.float32) / Dh)) if isinstance(rope, (int, float))
+              else rope)  # [Dh/2]
   if table_len is None:
     angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
     angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
@@ -138,20 +175,28 @@ def apply_rotary(x_BTND, positions_BT, theta: float, table_len: int | None = Non
 
 class Attention(nn.Module):
   """Grouped-query self-attention. With `kv` (this layer's cache k, v [B, S, K, Dh]) the T new keys/values are
-  written at slots [cache_index, cache_index + T) and the queries attend over all S slots under `mask_B1TS`."""
+  written at slots [cache_index, cache_index + T) and the queries attend over all S slots under `mask_B1TS`.
+  `sliding` selects the layer's RoPE (Gemma 3's local base); the mask already carries its window."""
   config: ModelConfig
+  sliding: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, mask_B1TS, kv=None, cache_index=None):
     c = self.config
-    dense = lambda feats, axes, name, in_dims=1: Linear(feats, axes, in_dims, c.dtype, c.param_dtype,
-                                                           impl=c.matmul_impl, name=name)
-    q_BTHD = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BTD)
-    k_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTD)
-    v_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTD)
+    dense = lambda feats, axes, name, in_dims=1, bias=False: Linear(feats, axes, in_dims, c.dtype, c.param_dtype,
+                                                                    impl=c.matmul_impl, use_bias=bias, name=name)
+    q_BTHD = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=c.qkv_bias)(x_BTD)
+    k_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=c.qkv_bias)(x_BTD)
+    v_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=c.qkv_bias)(x_BTD)
+    if c.qk_norm:  # Qwen3 / Gemma 3: RMSNorm over each head's Dh, before RoPE
+      head_norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma_norms, "head_dim", name=name)
+      q_BTHD, k_BTKD = head_norm("q_norm")(q_BTHD), head_norm("k_norm")(k_BTKD)
+    if c.query_pre_attn_scalar is not None:  # attend() scales by Dh ** -0.5; Gemma wants scalar ** -0.5
+      q_BTHD = q_BTHD * jnp.asarray(math.sqrt(c.head_dim / c.query_pre_attn_scalar), q_BTHD.dtype)
     table = c.max_position_embeddings if select_matmul_impl(c.matmul_impl) == "flat" else None
-    q_BTHD = checkpoint_name(apply_rotary(q_BTHD, positions_BT, c.rope_theta, table), "query_proj")
-    k_BTKD = checkpoint_name(apply_rotary(k_BTKD, positions_BT, c.rope_theta, table), "key_proj")
+    inv_freq = rope_inv_freq(c, self.sliding)
+    q_BTHD = checkpoint_name(apply_rotary(q_BTHD, positions_BT, inv_freq, table), "query_proj")
+    k_BTKD = checkpoint_name(apply_rotary(k_BTKD, positions_BT, inv_freq, table), "key_proj")
     v_BTKD = checkpoint_name(v_BTKD, "value_proj")
     q_BTHD = constrain(q_BTHD, ("batch", "length", "heads", "head_dim"))
     k_BTKD = constrain(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
@@ -167,28 +212,32 @@ class Attention(nn.Module):
     out_BTHD = attend(q_BTHD, k_BTKD, v_BTKD, mask_B1TS, impl=c.attention_impl,
                       matmul=select_matmul_impl(c.matmul_impl))
     out_BTHD = constrain(out_BTHD, ("batch", "length", "heads", "head_dim"))
-    out_BTD = dense((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", in_dims=2)(out_BTHD)
+    out_BTD = dense((c.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", in_dims=2, bias=c.o_bias)(out_BTHD)
     return checkpoint_name(out_BTD, "out_proj"), new_kv
 
 
+ACTIVATIONS = {"silu": nn.silu, "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True)}
+
+
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)); act = silu (SwiGLU) or tanh-approximated gelu (Gemma's GeGLU)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x_BTD):
     c = self.config
     dense = lambda feats, axes, name: Linear(feats, axes, 1, c.dtype, c.param_dtype, impl=c.matmul_impl,
-                                            name=name)
+                                            use_bias=c.mlp_bias, name=name)
     gate_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "gate_proj")(x_BTD)
     up_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "up_proj")(x_BTD)
-    h_BTI = constrain(nn.silu(gate_BTI) * up_BTI, ("batch", "length", "mlp"))
+    h_BTI = constrain(ACTIVATIONS[c.hidden_act](gate_BTI) * up_BTI, ("batch", "length", "mlp"))
     return dense((c.hidden_size,), ("mlp", "embed"), "down_proj")(h_BTI)
 
 
 class SparseMoe(nn.Module):
-  """Mixtral's sparse MoE block (HF MixtralSparseMoeBlock): router softmax over all experts in float32, top-k,
-  renormalise the k weights, y = sum_k w_k * SwiGLU_{e_k}(x). The experts run as ModelConfig.moe_impl says:
+  """Mixtral's / Qwen3-MoE's sparse MoE block (HF MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock): router softmax
+  over all experts in float32, top-k, renormalise the k weights (Qwen3-MoE: only with norm_topk_prob),
+  y = sum_k w_k * SwiGLU_{e_k}(x). The experts run as ModelConfig.moe_impl says:
   "ragged" (`moe.routed_experts`, the default) or "dense" (`moe.dense_experts`, the reference); both are dropless.
 
   Also returns the layer's load-balancing statistics over real tokens (token_mask): [2, E] = (top-k assignment
@@ -199,11 +248,12 @@ class SparseMoe(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, token_mask_BT):
     c = self.config
-    E, D, I = c.num_experts, c.hidden_size, c.intermediate_size
+    E, D, I = c.num_experts, c.hidden_size, c.expert_size
     logits_BTE = Linear((E,), ("embed", "exp"), 1, c.dtype, c.param_dtype, out_dtype="float32", name="gate")(x_BTD)
     probs_BTE = jax.nn.softmax(logits_BTE.astype(jnp.float32), axis=-1)
     top_w_BTk, top_i_BTk = jax.lax.top_k(probs_BTE, c.num_experts_per_tok)
-    top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
+    if c.norm_topk_prob:
+      top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
 
     param = lambda name, shape, axes: self.param(name, _init(axes), shape, jnp.dtype(c.param_dtype)).astype(c.dtype)
     w1_EDI = param("w1", (E, D, I), ("exp", "embed", "mlp"))
@@ -218,20 +268,30 @@ class SparseMoe(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm decoder block. Signature suits nn.scan: (carry x, scanned kv, broadcast rest) -> (x, (kv, stats))."""
+  """Pre-norm decoder block (Gemma: with norms after attention and MLP too). Signature suits nn.scan: (carry x,
+  scanned kv, broadcast rest) -> (x, (kv, stats)). masks: (full-attention mask, sliding-window mask or None); the
+  layer reads the one of its kind. Parameter names are each family's HF names (the MoE block is Mixtral's
+  `block_sparse_moe` or Qwen3-MoE's `mlp`)."""
   config: ModelConfig
+  sliding: bool = False
+  moe: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, kv, mask_B1TS, positions_BT, cache_index, token_mask_BT):
+  def __call__(self, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT):
     c = self.config
-    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
-    attn_BTD, kv = Attention(c, name="self_attn")(norm("input_layernorm")(x_BTD), positions_BT, mask_B1TS, kv,
-                                                  cache_index)
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma_norms, name=name)
+    mask = masks[1] if self.sliding else masks[0]
+    attn_BTD, kv = Attention(c, self.sliding, name="self_attn")(norm("input_layernorm")(x_BTD), positions_BT, mask,
+                                                                kv, cache_index)
+    if c.gemma_norms:
+      attn_BTD = norm("post_attention_layernorm")(attn_BTD)
     x_BTD = x_BTD + attn_BTD
-    h_BTD = norm("post_attention_layernorm")(x_BTD)
-    if c.is_moe:
-      mlp_BTD, stats = SparseMoe(c, name="block_sparse_moe")(h_BTD, token_mask_BT)
+    h_BTD = norm("pre_feedforward_layernorm" if c.gemma_norms else "post_attention_layernorm")(x_BTD)
+    if self.moe:
+      mlp_BTD, stats = SparseMoe(c, name="block_sparse_moe" if c.family == "mixtral" else "mlp")(h_BTD, token_mask_BT)
     else:
       mlp_BTD, stats = Mlp(c, name="mlp")(h_BTD), None
+    if c.gemma_norms:
+      mlp_BTD = norm("post_feedforward_layernorm")(mlp_BTD)
     x_BTD = constrain((x_BTD + mlp_BTD).astype(c.dtype), ("batch", "length", "embed"))
     return x_BTD, (kv, stats)

@@ -89,14 +89,23 @@ class Transformer(nn.Module):
       start = 0 if cache is None else cache.index
       positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     positions_BT = positions.astype(jnp.int32)
-    window = c.sliding_window if causal else None
+    kinds = {c.layer_is_sliding(i) for i in range(c.num_layers)}
+    # sliding layers' window: causal (left) or, with bidirectional_window, symmetric (Gemma 3); bidirectional
+    # passes of other models see every token (GritLM)
+    window = c.sliding_window if causal else (c.sliding_window // 2 if c.bidirectional_window and c.sliding_window
+                                               else None)
+
+    def self_mask(w):
+      if cache is None:
+        dense = make_attention_mask(positions_BT, positions_BT, valid_BT, causal=causal, sliding_window=w,
+                                    q_segment_BT=segment_ids, k_segment_BS=segment_ids)
+        segments_BT = valid_BT.astype(jnp.int32) if segment_ids is None else jnp.where(valid_BT, segment_ids, 0)
+        return SelfAttentionMask(dense=dense, segment_ids=segments_BT.astype(jnp.int32), causal=causal,
+                                 sliding_window=w)
+      return make_attention_mask(positions_BT, k_pos_BS, k_valid_BS, causal=causal, sliding_window=w,
+                                 q_segment_BT=segment_ids, k_segment_BS=segment_ids)
 
     if cache is None:
-      mask_B1TS = make_attention_mask(positions_BT, positions_BT, valid_BT, causal=causal, sliding_window=window,
-                                      q_segment_BT=segment_ids, k_segment_BS=segment_ids)
-      segments_BT = valid_BT.astype(jnp.int32) if segment_ids is None else jnp.where(valid_BT, segment_ids, 0)
-      mask_B1TS = SelfAttentionMask(dense=mask_B1TS, segment_ids=segments_BT.astype(jnp.int32), causal=causal,
-                                    sliding_window=window)
       kv, index, k_pos_BS, k_valid_BS = None, None, None, None
     else:
       if segment_ids is not None and cache.max_len != T:  # packed rows fill a fresh cache (packed RAG documents)
@@ -104,36 +113,41 @@ class Transformer(nn.Module):
       index = cache.index
       k_pos_BS = jax.lax.dynamic_update_slice(cache.positions, positions_BT, (0, index))
       k_valid_BS = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, index))
-      mask_B1TS = make_attention_mask(positions_BT, k_pos_BS, k_valid_BS, causal=causal, sliding_window=window,
-                                      q_segment_BT=segment_ids, k_segment_BS=segment_ids)
       kv = (cache.k, cache.v)
+    # (full-attention mask, sliding-window mask): each built only when a layer reads it
+    masks = (self_mask(None) if False in kinds else None, self_mask(window) if True in kinds else None)
 
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD),
                                                                  ("vocab", "embed")),
                      name="embed_tokens")
-    x_BTD = nn.with_logical_constraint(embed(input_ids), ("batch", "length", "embed"))
+    x_BTD = embed(input_ids)
+    if c.gemma_norms:  # Gemma scales embeddings by sqrt(D), rounded to the compute dtype as HF does
+      x_BTD = x_BTD * jnp.asarray(c.hidden_size ** 0.5, jnp.dtype(c.dtype))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
     layer_cls = _layer_class(c)
-    if c.scan_layers:
+    if c.scan_layers:  # identical layers (ModelConfig refuses scan_layers otherwise)
       stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, (kv, stats) = stack(c, name="layers")(x_BTD, kv, mask_B1TS, positions_BT, index, valid_BT)
+      x_BTD, (kv, stats) = stack(c, c.layer_is_sliding(0), c.layer_is_moe(0), name="layers")(
+          x_BTD, kv, masks, positions_BT, index, valid_BT)
     else:
       new_k, new_v, all_stats = [], [], []
       for i in range(c.num_layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BTD, (layer_kv, s) = layer_cls(c, name=f"layers_{i}")(x_BTD, layer_kv, mask_B1TS, positions_BT, index,
-                                                                valid_BT)
+        layer = layer_cls(c, c.layer_is_sliding(i), c.layer_is_moe(i), name=f"layers_{i}")
+        x_BTD, (layer_kv, s) = layer(x_BTD, layer_kv, masks, positions_BT, index, valid_BT)
         if layer_kv is not None:
           new_k.append(layer_kv[0])
           new_v.append(layer_kv[1])
-        all_stats.append(s)
+        if s is not None:
+          all_stats.append(s)
       kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
-      stats = jnp.stack(all_stats) if c.is_moe else None
+      stats = jnp.stack(all_stats) if all_stats else None
 
-    hidden_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x_BTD)
+    hidden_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma_norms, name="norm")(x_BTD)
     aux = (load_balancing_loss(stats, valid_BT.sum().astype(jnp.float32), c.num_experts) if c.is_moe
            else jnp.zeros((), jnp.float32))
 
@@ -144,6 +158,9 @@ class Transformer(nn.Module):
       else:
         logits_BTV = Linear((c.vocab_size,), ("embed", "vocab"), 1, c.dtype, c.param_dtype, out_dtype="float32",
                             impl=c.matmul_impl, name="lm_head")(hidden_BTD)
+      if c.final_logit_softcapping is not None:
+        cap = c.final_logit_softcapping
+        logits_BTV = cap * jnp.tanh(logits_BTV / cap)
       logits_BTV = nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
 
     new_cache = None

@@ -1,0 +1,139 @@
+"""Every backbone family against transformers: tiny random models whose every weight is perturbed (helpers_hf
+FAMILY_TINY sets what makes each family differ), causal logits and bidirectional hidden states in float32, the
+hf -> jax -> hf round trip bit for bit, and the family's config read once from config.json."""
+import os
+
+import numpy as np
+import pytest
+
+import torch
+
+from helpers_hf import make_hf_model, random_batch, torch_logits
+
+from grit_jax import GritLM
+from grit_jax.convert import hf as hf_lib
+from grit_jax.errors import GritJaxError
+from grit_jax.modeling import ModelConfig
+
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "gemma3_text")
+TOL = 1e-5
+LENGTHS = [12, 7, 9]  # right-padded batch, T = 12 (longer than gemma's tiny window of 4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """family -> (transformers model, its directory, GritLM), built once per module."""
+  cache = {}
+
+  def get(family):
+    if family not in cache:
+      path = tmp_path_factory.mktemp(f"hf_{family}")
+      hf = make_hf_model(family, path, seed=3)
+      cache[family] = (hf, str(path), GritLM.from_pretrained(str(path)))
+    return cache[family]
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def batch():
+  return random_batch(np.random.RandomState(0), LENGTHS, 256)
+
+
+def _real(x, mask):
+  return x[np.asarray(mask, bool)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causal_logits_match_transformers(models, batch, family):
+  hf, _, model = models(family)
+  ids, mask = batch
+  want = torch_logits(hf, ids, mask)
+  got = model.logits(ids, mask)
+  assert np.abs(want).max() > 1.0  # O(1) logits: the tolerance is meaningful
+  np.testing.assert_allclose(_real(got, mask), _real(want, mask), atol=TOL, rtol=TOL)
+
+
+def _hf_bidirectional_hidden(hf, family, ids, mask):
+  """transformers' bidirectional pass: Gemma 3 through its own use_bidirectional_attention (EmbeddingGemma: full
+  layers see every token, sliding layers a symmetric window), the others through a padding-only 4D mask."""
+  ids_t, mask_t = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(mask, dtype=torch.long)
+  with torch.no_grad():
+    if family == "gemma3_text":
+      import copy
+      import transformers
+      cfg = copy.deepcopy(hf.config.to_dict())
+      cfg["use_bidirectional_attention"] = True
+      bi = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig.from_dict(cfg)).eval()
+      bi.load_state_dict(hf.state_dict())
+      out = bi.model(input_ids=ids_t, attention_mask=mask_t)
+    else:
+      keep = mask_t.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+      out = hf.model(input_ids=ids_t, attention_mask=keep)
+  return out.last_hidden_state.float().numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bidirectional_hidden_states_match_transformers(models, batch, family):
+  hf, _, model = models(family)
+  ids, mask = batch
+  want = _hf_bidirectional_hidden(hf, family, ids, mask)
+  got = model.hidden_states(ids, mask, causal=False)
+  np.testing.assert_allclose(_real(got, mask), _real(want, mask), atol=TOL, rtol=TOL)
+  causal = model.hidden_states(ids, mask, causal=True)
+  assert np.abs(_real(causal, mask) - _real(got, mask)).max() > 1e-2  # the mode really changes the pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_jax_to_hf_round_trip_is_bit_identical(models, tmp_path, family):
+  _, src, _ = models(family)
+  config, params = hf_lib.load_pretrained(src)
+  hf_lib.save_jax(params, config, str(tmp_path / "jax"))
+  config2, params2 = hf_lib.load_pretrained(str(tmp_path / "jax"))
+  assert config2 == config
+  hf_lib.save_hf(params2, config2, str(tmp_path / "hf"))
+  a, b = _tensors(src), _tensors(str(tmp_path / "hf"))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].tobytes() == b[k].tobytes(), k
+  # the written config.json reads back as the same model
+  assert ModelConfig.from_hf(str(tmp_path / "hf")) == config
+
+
+def _tensors(path):
+  from safetensors import safe_open
+  out = {}
+  for f in sorted(os.listdir(path)):
+    if f.endswith(".safetensors"):
+      with safe_open(os.path.join(path, f), framework="np") as h:
+        out.update({k: h.get_tensor(k) for k in h.keys()})
+  return out
+
+
+def test_family_statements_from_config_json(models):
+  llama = ModelConfig.from_hf(models("llama")[1])
+  assert (llama.family, llama.rope_type, llama.qkv_bias, llama.o_bias, llama.mlp_bias, llama.tie_word_embeddings) \
+      == ("llama", "llama3", True, True, True, True)
+  qwen2 = ModelConfig.from_hf(models("qwen2")[1])
+  assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.sliding_window) == (True, False, None)
+  qwen3 = ModelConfig.from_hf(models("qwen3")[1])
+  assert (qwen3.qk_norm, qwen3.head_dim, qwen3.hidden_size) == (True, 24, 64)
+  moe = ModelConfig.from_hf(models("qwen3_moe")[1])
+  assert (moe.num_experts, moe.expert_size, moe.norm_topk_prob, moe.dense_layers) == (4, 48, False, (1,))
+  gemma = ModelConfig.from_hf(models("gemma3_text")[1])
+  assert (gemma.gemma_norms, gemma.layer_types, gemma.rope_local_theta, gemma.rope_type, gemma.hidden_act) == \
+      (True, ("sliding_attention", "full_attention"), 1e4, "linear", "gelu_pytorch_tanh")
+
+
+def test_unsupported_settings_are_named(tmp_path):
+  base = dict(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+              num_attention_heads=2)
+  with pytest.raises(GritJaxError, match="model_type='phi3'.*llama"):
+    ModelConfig.from_hf(dict(base, model_type="phi3"))
+  with pytest.raises(GritJaxError, match="rope type 'yarn'"):
+    ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+  with pytest.raises(GritJaxError, match="hidden_act='gelu'"):
+    ModelConfig.from_hf(dict(base, hidden_act="gelu"))
+  with pytest.raises(GritJaxError, match="scan_layers"):
+    ModelConfig.from_hf(dict(base, model_type="gemma3_text", num_hidden_layers=2, sliding_window=4,
+                             layer_types=["sliding_attention", "full_attention"]), scan_layers=True)
