@@ -20,7 +20,8 @@ COMMANDS = {
     "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
     "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
     "eval": ("grit_jax.inference.retrieval_eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
-    "mteb": ("grit_jax.inference.mteb_adapter", "main", "MTEB tasks on a model directory (results cached per weights)"),
+    # mteb_cli parses the arguments before importing mteb (seconds), so `grit-jax mteb --help` is instant.
+    "mteb": ("grit_jax.inference.mteb_cli", "main", "MTEB tasks on a model directory (results cached per weights)"),
     "convert": ("grit_jax.convert.cli", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
     "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
 }
