@@ -6,6 +6,8 @@ Each one exposes `main(argv: list[str]) -> int`.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 from grit_jax.errors import GritJaxError
@@ -18,22 +20,37 @@ COMMANDS = {
     "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
     "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
     "eval": ("grit_jax.inference.retrieval_eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
-    "mteb": ("grit_jax.inference.mteb_adapter", "main", "MTEB tasks on a model directory (results cached per weights)"),
+    # mteb_cli parses the arguments before importing mteb (seconds), so `grit-jax mteb --help` is instant.
+    "mteb": ("grit_jax.inference.mteb_cli", "main", "MTEB tasks on a model directory (results cached per weights)"),
     "convert": ("grit_jax.convert.cli", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
     "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
 }
 
 
 def _usage() -> str:
-  lines = ["usage: grit-jax <command> [args...]", "", "commands:"]
+  lines = ["usage: grit-jax <command> [args...]    (grit-jax <command> --help for its options; grit-jax --version)",
+           "", "commands:"]
   lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help", "help"):
+def version() -> str:
+  from importlib import metadata
+  try:
+    return metadata.version("grit_jax")
+  except metadata.PackageNotFoundError:  # run from a checkout that was never pip-installed
+    return "unknown (not installed)"
+
+
+def _run(argv: list[str]) -> int:
+  if not argv:  # a bare `grit-jax` is a usage error, as in git or pip
+    print(_usage(), file=sys.stderr)
+    return 2
+  if argv[0] in ("-h", "--help", "help"):
     print(_usage())
+    return 0
+  if argv[0] in ("-V", "--version"):
+    print(f"grit-jax {version()}")
     return 0
   name, rest = argv[0], argv[1:]
   if name not in COMMANDS:
@@ -46,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
   except GritJaxError as e:
     print(f"grit-jax {name}: error: {e}", file=sys.stderr)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    code = _run(argv)
+    sys.stdout.flush()  # inside the try: a reader that went away (`| head`) fails here, not at interpreter exit
+    return code
+  except BrokenPipeError:
+    # The reader closed the pipe: stop quietly as `cat` does. SIGPIPE stays ignored (Python's default), so a broken
+    # socket inside a library is an exception, never a silent kill of a training run. Point stdout at devnull so
+    # the interpreter's final flush does not report the error again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ usage() {
 }
 
 parse_common "$@"
+if ((ACCELERATOR_DEFAULTED)); then
+  # A slice is billed per chip-hour: never pick a large one silently.
+  echo "note: no --accelerator (nor ACCELERATOR): creating the smallest v5p slice, $ACCELERATOR (4 chips, 1 host);" \
+    "pass --accelerator v5p-64 or another size for a 7B run (launch/README.md, Topologies)" >&2
+fi
 SPOT_FLAG=()
 if ((SPOT)); then
   SPOT_FLAG=(--spot)

@@ -10,7 +10,8 @@ set -euo pipefail
 TPU_NAME="${TPU_NAME:-grit-jax}"
 ZONE="${ZONE:-us-east5-a}"
 PROJECT="${PROJECT:-}"
-ACCELERATOR="${ACCELERATOR:-v5p-64}"
+ACCELERATOR="${ACCELERATOR:-}"  # empty: the smallest slice (DEFAULT_ACCELERATOR), which create.sh names
+DEFAULT_ACCELERATOR="v5p-8"
 RUNTIME_VERSION="${RUNTIME_VERSION:-}"
 QUEUED="${QUEUED:-0}"
 SPOT="${SPOT:-0}"
@@ -24,7 +25,8 @@ common options (or the environment variable in brackets):
   --name NAME              TPU VM / queued resource name [TPU_NAME, default grit-jax]
   --zone ZONE              [ZONE, default us-east5-a]
   --project PROJECT        [PROJECT, default: gcloud's configured project]
-  --accelerator TYPE       v5p-8 ... v5p-1024, v5litepod-8 ... v5litepod-256 [ACCELERATOR, default v5p-64]
+  --accelerator TYPE       v5p-8 ... v5p-1024, v5litepod-8 ... v5litepod-256 [ACCELERATOR, default v5p-8:
+                           the smallest v5p slice, 4 chips; GritLM-7B wants v5p-64, see launch/README.md]
   --version VERSION        TPU software version [RUNTIME_VERSION, default from the accelerator]
   --queued                 use a queued resource instead of an on-demand TPU VM [QUEUED=1]
   --spot                   spot capacity [SPOT=1]
@@ -50,6 +52,12 @@ parse_common() {
       *) EXTRA_ARGS+=("$1"); shift ;;
     esac
   done
+  ACCELERATOR_DEFAULTED=0  # create.sh says so when it is 1
+  if [[ -z "$ACCELERATOR" ]]; then
+    ACCELERATOR="$DEFAULT_ACCELERATOR"
+    # shellcheck disable=SC2034  # read by create.sh
+    ACCELERATOR_DEFAULTED=1
+  fi
   if [[ -z "$RUNTIME_VERSION" ]]; then
     case "$ACCELERATOR" in
       v5p-*) RUNTIME_VERSION="v2-alpha-tpuv5" ;;

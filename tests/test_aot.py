@@ -1,6 +1,8 @@
 """Ahead-of-time compilation of the real train step for TPU slices on this CPU host (needs libtpu: installed by
 requirements-test.txt, so a missing one fails here), the MFU accounting, and the remat policies."""
+import contextlib
 import importlib.util
+import io
 import math
 import re
 
@@ -30,18 +32,19 @@ def _tiny(*overrides):
 @pytest.fixture(scope="module")
 def compiled_tiny(tmp_path_factory):
   """The tiny recipe (scanned layers, full remat, attention_impl=auto) compiled for a v5e and a v5p slice of 4 chips
-  each; the v5p program's HLO text kept."""
+  each; the v5p program's HLO text kept, and what the compiles said on stderr."""
   config = _tiny("--config.model.scan_layers=True", "--config.model.remat_policy=full")
   path = tmp_path_factory.mktemp("aot") / "v5p-8.hlo"
-  results = {t: aot.compile_for_topology(config, t, hlo_path=str(path) if t == "v5p-8" else None)
-             for t in ("v5e-4", "v5p-8")}
-  return config, results, path.read_text()
+  with contextlib.redirect_stderr(io.StringIO()) as err:
+    results = {t: aot.compile_for_topology(config, t, hlo_path=str(path) if t == "v5p-8" else None)
+               for t in ("v5e-4", "v5p-8")}
+  return config, results, path.read_text(), err.getvalue()
 
 
 @needs_libtpu
 @pytest.mark.parametrize("topology", ["v5e-4", "v5p-8"])
 def test_tiny_recipe_compiles_and_shards_state(compiled_tiny, topology):
-  config, results, _ = compiled_tiny
+  config, results, *_ = compiled_tiny
   res = results[topology]
   assert res.fits and res.num_chips == 4
   # FSDP over 4 chips: each holds a quarter of params + Adam moments (3 x float32 per param) and of the batch.
@@ -103,7 +106,7 @@ def test_compiled_but_over_hbm_does_not_fit():
 def test_auto_attention_compiles_splash_for_tpu(compiled_tiny):
   """attention_impl=auto under the abstract TPU mesh resolves to splash, and the compiled program runs the Pallas
   (Mosaic) kernels: forward and both backward kernels."""
-  config, results, text = compiled_tiny
+  config, results, text, _ = compiled_tiny
   assert config.model.attention_impl == "auto" and results["v5p-8"].attention_kernel == "splash"
   assert 'custom_call_target="tpu_custom_call"' in text
   for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
@@ -169,11 +172,24 @@ def test_target_platform_of_a_tpu_topology_mesh():
 
 @needs_libtpu
 def test_report_names_every_number(compiled_tiny):
-  config, results, _ = compiled_tiny
+  config, results, *_ = compiled_tiny
   out = aot.format_report(config, results["v5p-8"])
   for needle in ("memory per chip", "model FLOPs per step", "executed FLOPs per chip", "attention kernel splash",
                  "collectives per chip per step", "all-gather", "estimated step time", "MFU at most", "RESULT: FITS"):
     assert needle in out
+
+
+@needs_libtpu
+def test_each_stage_is_reported_as_it_goes(compiled_tiny):
+  """`grit-jax aot` on a 7B recipe runs for minutes: every stage says when it starts and how long it took."""
+  *_, err = compiled_tiny
+  lines = [line for line in err.splitlines() if line.startswith("aot v5p-8: ")]
+  stages = ("building the abstract state and batch", "tracing and lowering the train step", "compiling for 4 chips",
+            "analysing memory, FLOPs and collectives")
+  assert len(lines) == 2 * len(stages), err
+  for i, stage in enumerate(stages):
+    assert lines[2 * i] == f"aot v5p-8: {stage} ..."
+    assert re.fullmatch(rf"aot v5p-8: {stage} done in \d+\.\d s \(elapsed \d+\.\d s\)", lines[2 * i + 1])
 
 
 @needs_libtpu

@@ -338,6 +338,21 @@ def test_concatenated_caches_keep_segment_positions(model, index):
     assert res.document == DOCS[res.doc_index] and isinstance(res.answer, str)
 
 
+def test_index_build_shows_progress_beyond_one_batch(model, monkeypatch):
+  from grit_jax.inference import encode as encode_lib
+  seen = []
+
+  def fake_encode(model_, tokens, *args, **kwargs):  # records the bar settings; nothing is compiled
+    seen.append((kwargs["show_progress_bar"], kwargs["desc"]))
+    return np.zeros((len(tokens), model.config.hidden_size), np.float32)
+
+  monkeypatch.setattr(encode_lib, "encode_tokens", fake_encode)
+  rag_lib.build_index(model, DOCS, with_cache=False, batch_size=4)
+  rag_lib.build_index(model, DOCS * 2, with_cache=False, batch_size=4)
+  rag_lib.build_index(model, DOCS, with_cache=False, show_progress_bar=True)
+  assert seen == [(False, "Indexing"), (True, "Indexing"), (True, "Indexing")]
+
+
 def test_index_save_load_roundtrip(model, tmp_path):
   index = rag_lib.build_index(model, [{"title": "Paris", "text": DOCS[0]}] + DOCS[1:])
   assert index.documents[0] == "Paris " + DOCS[0]
@@ -445,9 +460,11 @@ def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
   argv = ["--model", model_dir, "--corpus", str(corpus), "--query", QUERIES[0], "--cache", "doc",
           "--index", str(idx), "--max-new-tokens", "4"]
   assert cli.rag_main(argv) == 0
-  first = capsys.readouterr().out
+  first, err = capsys.readouterr()
+  assert "Indexing: 100%" in err  # building an index shows progress, however small the corpus
   assert (idx / "kv_cache.npz").exists()
   assert cli.rag_main(argv) == 0  # second run loads the saved index
-  assert capsys.readouterr().out == first
+  again, err = capsys.readouterr()
+  assert again == first and "Indexing" not in err
   expect = rag_lib.rag(model, QUERIES[0], DOCS, cache="doc", max_new_tokens=4)
   assert f"answer: {expect.answer}" in first

@@ -23,13 +23,16 @@ def fake_bin(tmp_path_factory):
   return str(d)
 
 
-def dry_run(script, *args, env=None):
-  """The commands a script would run, each split back into its argv (the printout is shell-quoted)."""
-  env = dict(os.environ, PATH=f"{FAKE_BIN}:/usr/bin:/bin", **(env or {}))
+def dry_run(script, *args, env=None, stderr=False):
+  """The commands a script would run, each split back into its argv (the printout is shell-quoted); with `stderr`,
+  also what it said there."""
+  base = {k: v for k, v in os.environ.items() if k not in ("ACCELERATOR", "TPU_NAME", "ZONE", "PROJECT")}
+  env = dict(base, PATH=f"{FAKE_BIN}:/usr/bin:/bin", **(env or {}))
   out = subprocess.run(["bash", os.path.join(LAUNCH, script), "--dry-run", *args], capture_output=True, text=True,
                        env=env, timeout=30)
   assert out.returncode == 0, out.stderr
-  return [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+  cmds = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+  return (cmds, out.stderr) if stderr else cmds
 
 
 @pytest.fixture(autouse=True)
@@ -91,11 +94,59 @@ def test_train_without_arguments_is_an_error():
   assert out.returncode == 2 and "no training arguments" in out.stderr
 
 
+def test_create_without_a_topology_is_the_smallest_slice_and_says_so():
+  (cmd,), err = dry_run("create.sh", *SCOPE, stderr=True)
+  assert cmd[cmd.index("--accelerator-type") + 1] == "v5p-8" and cmd[cmd.index("--version") + 1] == "v2-alpha-tpuv5"
+  assert "smallest v5p slice, v5p-8" in err
+  (cmd,), err = dry_run("create.sh", *SCOPE, env=dict(ACCELERATOR="v5p-64"), stderr=True)
+  assert cmd[cmd.index("--accelerator-type") + 1] == "v5p-64" and err == ""
+
+
+def test_train_home_is_the_workers_home():
+  """`hf:$HOME/x` unquoted reaches train.sh expanded to this machine's home: the workers get their own home back,
+  with a note; a quoted '$HOME' expands on the workers; a path that only starts like the home is left alone."""
+  args = ["--config.init_from=hf:$HOME/Mistral", "--config.data.tokenizer=/home/me/Mistral/tokenizer.model",
+          "--workdir", "/home/me", "--config.data.train_dir=/home/meta/data", "${HOME}/x y"]
+  (ssh,), err = dry_run("train.sh", *SCOPE, "--", *args, env=dict(HOME="/home/me"), stderr=True)
+  remote = ssh[ssh.index("--command") + 1]
+  words = remote.split("nohup ", 1)[1].split(" > ")[0]
+  # What the workers' shell makes of the command's words, with their home.
+  out = subprocess.run(["bash", "-c", f"printf '%s\\0' {words}"], capture_output=True, text=True, check=True,
+                       env=dict(PATH="/usr/bin:/bin", HOME="/home/worker"))
+  assert out.stdout.split("\0")[:-1] == [
+      ".venv/bin/grit-jax", "train", "--distributed=yes", "--config.init_from=hf:/home/worker/Mistral",
+      "--config.data.tokenizer=/home/worker/Mistral/tokenizer.model", "--workdir", "/home/worker",
+      "--config.data.train_dir=/home/meta/data", "/home/worker/x y"]
+  notes = err.splitlines()
+  assert len(notes) == 2 and all("this machine's home (/home/me)" in n for n in notes)
+  assert "the workers get --config.data.tokenizer=$HOME/Mistral/tokenizer.model" in notes[0]
+
+
+def test_copy_makes_to_the_copy_without_nesting(tmp_path):
+  new, empty, full = tmp_path / "new" / "hf", tmp_path / "empty", tmp_path / "full"
+  empty.mkdir()
+  full.mkdir()
+  (full / "config.json").write_text("{}")
+  # scp -r into a path that does not exist creates it as the copy; an existing (empty) folder would get DIR/hf.
+  mkdir, scp = dry_run("copy.sh", *SCOPE, "--from", "runs/7b/hf", "--to", str(new))
+  assert mkdir == ["mkdir", "-p", str(new.parent)] and scp[6:8] == ["grit-test:grit_jax/runs/7b/hf", str(new)]
+  _, rmdir, scp = dry_run("copy.sh", *SCOPE, "--from", "runs/7b/hf", "--to", str(empty))
+  assert rmdir == ["rmdir", str(empty)] and scp[7] == str(empty)
+  # a bucket prefix: rsync puts its objects at the same relative paths under --to
+  _, cp = dry_run("copy.sh", "--from", "gs://bucket/run", "--to", str(empty))
+  assert cp == ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/run", str(empty)]
+  for to in (full, full / "config.json"):
+    out = subprocess.run(["bash", os.path.join(LAUNCH, "copy.sh"), "--dry-run", "--from", "runs/7b/hf", "--to",
+                          str(to)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "" and str(to) in out.stderr
+
+
 def test_logs_and_copy():
   (ssh,) = dry_run("logs.sh", *SCOPE, "--worker", "3")
   assert "--worker=3" in ssh and ssh[-1].startswith("tail -n 100 -F ~/grit_jax/logs/train.log")
   mkdir, cp = dry_run("copy.sh", "--from", "gs://bucket/run", "--to", "out")
-  assert mkdir == ["mkdir", "-p", "out"] and cp == ["gcloud", "storage", "cp", "--recursive", "gs://bucket/run", "out"]
+  assert mkdir == ["mkdir", "-p", "out"]
+  assert cp == ["gcloud", "storage", "rsync", "--recursive", "gs://bucket/run", "out"]
   _, scp = dry_run("copy.sh", *SCOPE, "--from", "runs/7b/hf", "--to", "out")
   assert scp[5:8] == ["--recurse", "grit-test:grit_jax/runs/7b/hf", "out"] and "--worker=0" in scp
 

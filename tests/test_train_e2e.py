@@ -7,6 +7,7 @@ compiling the step.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -124,6 +125,14 @@ def test_train_prints_no_library_noise(full_run):
   out = FULL_RUN_OUTPUT["out"]
   noisy = [line for line in (out.stdout + out.stderr).splitlines() if any(n in line for n in NOISE)]
   assert noisy == [], noisy
+
+
+@pytest.mark.slow
+def test_first_step_says_it_is_compiling(full_run):
+  err = FULL_RUN_OUTPUT["out"].stderr.splitlines()
+  start = err.index("step 1: compiling the train step ...")
+  assert re.fullmatch(r"step 1: train step compiled in \d+\.\d s", err[start + 1]), err
+  assert sum("compiling the train step" in line for line in err) == 1  # one step shape: compiled once
 
 
 @pytest.mark.slow
@@ -267,6 +276,10 @@ def test_packed_run_equals_padded(full_run, tmp_path, env):
   run's."""
   out = train(tmp_path, "--config.data.pack_embedding=True", "--config.data.pack_generative=True", env=env)
   assert "packed passage: 8 units" in out.stdout
+  # Each step shape (pack level) a batch takes is compiled on its first step, and says so.
+  compiles = [line for line in out.stderr.splitlines() if "compiling the train step" in line]
+  assert compiles and compiles[0].startswith("step 1: compiling the train step (pack level ")
+  assert len(compiles) == len(set(compiles)) == len({line.split("(")[1] for line in compiles})
   packed, padded = train_losses(tmp_path), train_losses(full_run)
   np.testing.assert_allclose([packed[s] for s in range(1, STEPS + 1)], [padded[s] for s in range(1, STEPS + 1)],
                              rtol=1e-5, atol=1e-6)

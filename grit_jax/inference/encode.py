@@ -347,7 +347,8 @@ def generation_params(model):
 
 def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",
                   normalize: bool = True, causal: bool = False, with_cache: bool = False,
-                  show_progress_bar: bool | None = None, devices=None, packing: bool | None = None):
+                  show_progress_bar: bool | None = None, devices=None, packing: bool | None = None,
+                  desc: str = "Batches"):
   """Embed pre-tokenized (ids, pool_mask) pairs. Returns emb [N, D] float32 and, with `with_cache`, the per-row
   (k, v) [L, n_i, KVH, Dh] of each sequence's valid tokens (numpy).
 
@@ -355,7 +356,7 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   length packed, longer ones padded; or all padded). Rows are split over `devices`
   (default: every local device), params placed by `placement` (sharded when they do not fit one device); the
   with_cache (RAG) pass keeps its rows on one device. show_progress_bar: None = a bar from
-  PROGRESS_MIN_TEXTS texts on."""
+  PROGRESS_MIN_TEXTS texts on; `desc` is its label."""
   if pooling not in POOLINGS:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {POOLINGS}")
   if batch_size < 1 or max_length < 1:
@@ -383,7 +384,7 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     caches = [None] * len(tokens)
     if rest:  # longer than the rows (packing=None only): padded batches
       out = encode_tokens(model, [tokens[i] for i in rest], batch_size, max_length, pooling, normalize, causal,
-                          with_cache, show_progress_bar, devices, packing=False)
+                          with_cache, show_progress_bar, devices, packing=False, desc=desc)
       emb[rest] = out[0] if with_cache else out
       for i, kv in zip(rest, out[1] if with_cache else ()):
         caches[i] = kv
@@ -391,7 +392,7 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     layout, units = plan_packed([len(ids) for ids, _ in tokens], batch_size, row_len, len(devices))
     fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit, bool(with_cache))
     for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
-                             desc="Batches", disable=not show_progress_bar):
+                             desc=desc, disable=not show_progress_bar):
       e_UND, cache = fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask")))
       e_UND = np.asarray(e_UND)
       if with_cache:  # each text's slots of its row (one row per unit)
@@ -405,7 +406,7 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
   fn = embed_fn(model.config, bool(causal), pooling, bool(normalize), bool(with_cache))
   caches = [None] * len(tokens)
   for idx, ids, mask, pool in tqdm(batches(tokens, batch_size, max_length, model.config.bos_token_id, len(devices)),
-                                   total=-(-len(tokens) // batch_size), desc="Batches", disable=not show_progress_bar):
+                                   total=-(-len(tokens) // batch_size), desc=desc, disable=not show_progress_bar):
     e, cache = fn(params, put(ids), put(mask), put(pool))
     emb[idx] = np.asarray(e)[:len(idx)]
     if with_cache:

@@ -4,7 +4,7 @@ Its ModelMeta names the model after its directory (`grit_jax/<dir name>`) and se
 weights (GritLM.weights_fingerprint), so mteb's result cache keeps the results of different models (or of two
 checkpoints of one run) apart; `meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load
 it: mteb 2.x resolves `-m` only through its own registry or the Hugging Face Hub. The command for a local
-directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (main below).
+directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (mteb_cli.py).
 
 Follows mteb's EncoderProtocol: `encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)`.
 Instructions as in the paper's MTEB evaluation: queries (and symmetric tasks, which have no prompt type) get the
@@ -14,7 +14,6 @@ default (the reference's MTEB script uses normalized=False; cosine scoring is un
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from typing import Any
@@ -93,23 +92,3 @@ def load(name: str, revision: str | None = None, *, model_dir: str, device: str 
     raise GritJaxError(f"{model_dir}: weights fingerprint {got} is not the requested revision {revision}")
   return encoder
 
-
-def main(argv: list[str]) -> int:
-  """`grit-jax mteb --model DIR --tasks T [T ...]`: mteb.evaluate with results cached per model and weights hash."""
-  p = argparse.ArgumentParser(prog="grit-jax mteb", description="Evaluate a model directory on MTEB tasks.")
-  p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
-  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
-  p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--max-length", type=int, default=512)
-  a = p.parse_args(argv)
-  import mteb
-  from mteb.cache import ResultCache
-  tasks = mteb.get_tasks(tasks=a.tasks)
-  encoder = MtebEncoder.from_pretrained(a.model, batch_size=a.batch_size, max_length=a.max_length)
-  cache = ResultCache(a.cache) if a.cache else ResultCache()
-  results = mteb.evaluate(encoder, tasks, cache=cache)
-  meta = encoder.mteb_model_meta
-  for r in results.task_results:
-    print(f"{r.task_name:<30} {r.get_score():.4f}  ({meta.name}, revision {meta.revision})")
-  return 0

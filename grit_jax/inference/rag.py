@@ -205,19 +205,23 @@ def _embed_tokens(model, texts: Sequence[str], max_length: int):
 
 
 def build_index(model, documents: Sequence, with_cache: bool = True, batch_size: int = 16, max_length: int = 4096,
-                attn: str | None = None) -> RagIndex:
+                attn: str | None = None, show_progress_bar: bool | None = None) -> RagIndex:
   """Embed a corpus; with `with_cache`, keep each document's KV states from that same pass (Doc Caching costs no
-  extra compute at index time)."""
+  extra compute at index time). show_progress_bar: None = a bar ("Indexing") when the corpus takes more than one
+  batch (documents run to thousands of tokens, so a few hundred of them take long already)."""
   docs = [doc_text(d) for d in documents]
   if not docs:
     raise GritJaxError("empty corpus")
   causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
   tokens = _embed_tokens(model, docs, max_length)
   built = dict(model=model_identity(model), corpus=corpus_fingerprint(docs))
+  bar = dict(show_progress_bar=len(docs) > batch_size if show_progress_bar is None else show_progress_bar,
+             desc="Indexing")
   if not with_cache:
-    return RagIndex(docs, encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal), causal,
-                    **built)
-  emb, caches = encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal, with_cache=True)
+    return RagIndex(docs, encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal, **bar),
+                    causal, **built)
+  emb, caches = encode_lib.encode_tokens(model, tokens, batch_size, max_length, causal=causal, with_cache=True,
+                                         **bar)
   offsets = np.cumsum([0] + [k.shape[1] for k, _ in caches]).astype(np.int64)
   return RagIndex(docs, emb, causal, np.concatenate([k for k, _ in caches], axis=1),
                   np.concatenate([v for _, v in caches], axis=1), offsets, **built)

@@ -29,6 +29,7 @@ What the numbers mean:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -226,10 +227,37 @@ def at_pack_level(layouts: dict, level: str) -> tuple[dict, str]:
                "(one sequence per row) is not compiled")
 
 
+def _stderr(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+class Stages:
+  """Says when each stage of a compile starts and how long it took, as it goes: a 7B recipe compiles for minutes,
+  which must not look like a hang. `with stages("compiling"):` prints "<prefix>: compiling ..." and then
+  "<prefix>: compiling done in 12.3 s (elapsed 15.0 s)" (or "failed after")."""
+
+  def __init__(self, prefix: str, log=None):
+    self.prefix, self.log, self.t0 = prefix, log or _stderr, time.perf_counter()
+
+  @contextlib.contextmanager
+  def __call__(self, what: str):
+    self.log(f"{self.prefix}: {what} ...")
+    t, ok = time.perf_counter(), False
+    try:
+      yield
+      ok = True
+    finally:
+      now = time.perf_counter()
+      self.log(f"{self.prefix}: {what} {'done in' if ok else 'failed after'} {now - t:.1f} s "
+               f"(elapsed {now - self.t0:.1f} s)")
+
+
 def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path: str | None = None,
-                         pack_level: str = "primary") -> AotResult:
+                         pack_level: str = "primary", log=None) -> AotResult:
   """Lowers and compiles the recipe's train step for `topology`; never runs it. A packed recipe compiles one of its
-  step shapes (`at_pack_level`)."""
+  step shapes (`at_pack_level`). Each stage is reported as it starts and ends to `log` (default: stderr)."""
+  stages = Stages(f"aot {topology}" + (f" x{num_slices}" if num_slices > 1 else "")
+                  + (f" (pack level {pack_level})" if pack_level != "primary" else ""), log)
   topo = topologies.get_topology(topology)
   devices = topo.devices(num_slices)  # sets the libtpu env defaults before jax touches libtpu
   import flax.linen as nn
@@ -239,12 +267,13 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
   from grit_jax.modeling import kernels
   from grit_jax.training import mesh as mesh_lib
 
-  model_config = _model_config(config)
-  mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
-  all_levels = packed_layouts(config, mesh)
-  packing_lines = [lay.describe() for lay in all_levels.values()]  # the levels and their shares on the data
-  layouts, compiled_level = at_pack_level(all_levels, pack_level)
-  train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
+  with stages("building the abstract state and batch"):
+    model_config = _model_config(config)
+    mesh, rules = mesh_lib.make_mesh(config.mesh, devices)
+    all_levels = packed_layouts(config, mesh)
+    packing_lines = [lay.describe() for lay in all_levels.values()]  # the levels and their shares on the data
+    layouts, compiled_level = at_pack_level(all_levels, pack_level)
+    train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
 
   flops = flops_lib.grit_step_flops_from_config(config, layouts)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -254,15 +283,17 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
                   packing=packing_lines + ([compiled_level] if compiled_level else []),
                   pack_levels=len(next(iter(all_levels.values())).shapes) - 1 if all_levels else 0)
   t0 = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    res.attention_kernel = kernels.select_impl(model_config.attention_impl)
-    traced = train_step.trace(state, batch)
-    lowered = traced.lower()
-  executed = flops_lib.executed_flops(traced.jaxpr)
+  with stages("tracing and lowering the train step"):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      res.attention_kernel = kernels.select_impl(model_config.attention_impl)
+      traced = train_step.trace(state, batch)
+      lowered = traced.lower()
+    executed = flops_lib.executed_flops(traced.jaxpr)
   res.executed_flops, res.kernel_flops = executed.total, executed.kernels
   res.executed_loops_once = executed.loops_once
   try:
-    compiled = lowered.compile()
+    with stages(f"compiling for {len(devices)} chips"):
+      compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - XlaRuntimeError; only the out-of-memory case is an answer
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -271,18 +302,19 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
     return res
   res.compile_seconds = time.perf_counter() - t0
 
-  mem = compiled.memory_analysis()
-  res.argument_bytes, res.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
-  res.alias_bytes, res.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-  res.code_bytes = mem.generated_code_size_in_bytes
-  judge_memory(res)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  res.xla_flops_per_chip = float(cost.get("flops", 0.0))
-  text = compiled.as_text()
-  if hlo_path:
-    atomic_write(hlo_path, lambda f: f.write(text))
-  analyze_collectives(res, text)
+  with stages("analysing memory, FLOPs and collectives"):
+    mem = compiled.memory_analysis()
+    res.argument_bytes, res.output_bytes = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    res.alias_bytes, res.temp_bytes = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    res.code_bytes = mem.generated_code_size_in_bytes
+    judge_memory(res)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    res.xla_flops_per_chip = float(cost.get("flops", 0.0))
+    text = compiled.as_text()
+    if hlo_path:
+      atomic_write(hlo_path, lambda f: f.write(text))
+    analyze_collectives(res, text)
 
   # Roofline: executed FLOPs at peak; every byte a chip receives over ICI at its link bandwidth.
   chip = topo.chip

@@ -130,12 +130,22 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
       bar.update(step - bar.n)
 
   preemption = _Preemption()
+  compiled_shapes = set()  # pack levels (None: unpacked) whose step is compiled; a new one compiles in its first call
   try:
     for step in range(start + 1, stop + 1):
       batch_np = next(it)
       step_data_state = it.get_state()
       batch = data_lib.to_global_batch(batch_np, run.mesh)
+      shape = it.packer.level if it.packer is not None else None
+      compiling = primary and shape not in compiled_shapes
+      if compiling:  # the call blocks while XLA compiles (tens of seconds for the tiny recipe, minutes for 7B)
+        level = f" (pack level {shape})" if shape is not None else ""
+        _note(bar, f"step {step}: compiling the train step{level} ...")
+        t_compile = time.perf_counter()
       state, metrics = run.train_step(state, batch)
+      if compiling:
+        compiled_shapes.add(shape)
+        _note(bar, f"step {step}: train step{level} compiled in {time.perf_counter() - t_compile:.1f} s")
       metrics = dict(metrics, **it.truncation_counts())  # host-side counts through this batch
       if it.packer is not None:
         metrics["pack_level"] = it.packer.level  # the step shape this batch took (grit_jax.data.packing)
@@ -228,6 +238,14 @@ def _postfix(m: dict) -> str:
   if math.isfinite(m["mfu"]):
     parts.append(f"MFU {m['mfu']:.1%}")
   return " ".join(parts)
+
+
+def _note(bar, line: str) -> None:
+  """A line on stderr, above the progress bar when there is one."""
+  if bar is not None:
+    bar.write(line, file=sys.stderr)
+  else:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _diverged(step, value, ckpt, log, bar):
