@@ -41,10 +41,12 @@ def _permute(w, n_head, n_head_kv):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, *, arch="llama", tied=True, qtypes=None, meta=None, tokens_cut=0, raw=None, seed=0):
+def write_tiny_gguf(path, *, arch="llama", tied=True, qtypes=None, meta=None, tokenizer=None, tokens_cut=0, raw=None,
+                    seed=0):
   """A 2-layer Llama GGUF as llama.cpp writes one; returns the HF tensors it was made from. `qtypes`: GGUF name ->
   GGMLQuantizationType (default: embedding Q8_0, Q/K/gate Q4_1, down F16, rest F32); `meta`: metadata overrides
-  (None drops a key); `tokens_cut`: tokens dropped from the vocabulary metadata; `raw`: GGUF name -> stored array."""
+  (None drops a key); `tokenizer`: GGUFWriter method -> argument, replacing the defaults; `tokens_cut`: tokens
+  dropped from the vocabulary metadata; `raw`: GGUF name -> stored array."""
   import gguf
 
   tokens, merges = _byte_level_bpe()
@@ -63,18 +65,13 @@ def write_tiny_gguf(path, *, arch="llama", tied=True, qtypes=None, meta=None, to
   for k, v in kv.items():
     if v is not None:
       (w.add_float32 if isinstance(v, float) else w.add_uint32)(f"{arch}.{k}", v)
-  w.add_tokenizer_model("gpt2")
-  w.add_tokenizer_pre("smollm")
   kept = tokens[:len(tokens) - tokens_cut]
-  w.add_token_list(kept)
-  w.add_token_types([3 if t in SPECIALS else 1 for t in kept])
-  w.add_token_merges(merges)
-  w.add_bos_token_id(1)
-  w.add_eos_token_id(2)
-  w.add_unk_token_id(0)
-  w.add_pad_token_id(2)
-  w.add_add_bos_token(False)
-  w.add_chat_template(CHATML)
+  calls = {"add_tokenizer_model": "gpt2", "add_tokenizer_pre": "smollm", "add_token_list": kept,
+           "add_token_types": [3 if t in SPECIALS else 1 for t in kept], "add_token_merges": merges,
+           "add_bos_token_id": 1, "add_eos_token_id": 2, "add_unk_token_id": 0, "add_pad_token_id": 2,
+           "add_add_bos_token": False, "add_chat_template": CHATML, **(tokenizer or {})}
+  for method, arg in calls.items():
+    getattr(w, method)(arg)
   names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
   for hf_name, value in hf.items():
     name = names.get_name(hf_name[:-len(".weight")]) + ".weight"
@@ -187,6 +184,8 @@ def no_dequantize(monkeypatch):
     (dict(tokens_cut=4), r"tokenizer.ggml.tokens has 296 tokens but token_embd.weight has 300 rows"),
     (dict(meta={"attention.head_count_kv": 3}), r"llama.attention.head_count_kv=3"),
     (dict(meta={"block_count": None}), r"missing metadata field 'llama.block_count'"),
+    (dict(tokenizer={"add_eos_token_id": 300}), r"tokenizer.ggml.eos_token_id=300 is outside the vocabulary of 300"),
+    (dict(tokenizer={"add_tokenizer_model": "rwkv"}), r"tokenizer.ggml.model='rwkv': transformers converts .*gpt2"),
 ])
 def test_bad_input_is_one_line_naming_file_and_field(tmp_path, no_dequantize, kwargs, message):
   path = tmp_path / "bad.gguf"

@@ -143,23 +143,25 @@ def _check(reader, path: str) -> tuple[dict, dict]:
     raise GritJaxError(f"{path}: missing tensor 'token_embd.weight'")
   rows = int(tensors["token_embd.weight"].shape[-1])  # ggml lists dimensions fastest first: [hidden, vocab]
 
-  # the scalar tokenizer fields; the token list only counted (reading its strings takes seconds for 49k tokens)
-  tok = {name: _field(reader, path, f"tokenizer.{k}", None) for k, name in _tokenizer_names().items()
-         if name not in ("tokens", "scores", "token_type", "merges")}
-  n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else 0
+  from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_TYPES
+
+  if "tokenizer.ggml.tokens" not in reader.fields:
+    raise GritJaxError(f"{path}: missing metadata field 'tokenizer.ggml.tokens'")
+  n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)  # counted: reading 49k strings takes seconds
   meta_vocab = _int_field(reader, path, key("vocab_size"), None)
   if meta_vocab is not None and meta_vocab != rows:
     raise GritJaxError(f"{path}: {key('vocab_size')}={meta_vocab} but token_embd.weight has {rows} rows")
   if n_tokens != rows:
     raise GritJaxError(f"{path}: tokenizer.ggml.tokens has {n_tokens} tokens but token_embd.weight has {rows} rows")
-  from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_TYPES
-  if tok.get("tokenizer_type") not in GGUF_TOKENIZER_TYPES:
-    raise GritJaxError(f"{path}: tokenizer.ggml.model={tok.get('tokenizer_type')!r}: transformers converts "
+  model = _field(reader, path, "tokenizer.ggml.model", None)
+  if model not in GGUF_TOKENIZER_TYPES:
+    raise GritJaxError(f"{path}: tokenizer.ggml.model={model!r}: transformers converts "
                        f"{', '.join(sorted(GGUF_TOKENIZER_TYPES))}")
-  for name in ("bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id"):
-    if tok.get(name) is not None and not 0 <= tok[name] < rows:
-      raise GritJaxError(f"{path}: tokenizer.ggml.{name.replace('unk_', 'unknown_').replace('pad_', 'padding_')}="
-                         f"{tok[name]} is outside the vocabulary of {rows}")
+  ids = {name: (f"tokenizer.{k}", _int_field(reader, path, f"tokenizer.{k}", None))
+         for k, name in _tokenizer_names().items() if name.endswith("_token_id")}
+  for field, value in ids.values():
+    if value is not None and not 0 <= value < rows:
+      raise GritJaxError(f"{path}: {field}={value} is outside the vocabulary of {rows} tokens")
 
   config = {
       "architectures": ["LlamaForCausalLM"],
@@ -179,9 +181,9 @@ def _check(reader, path: str) -> tuple[dict, dict]:
       "mlp_bias": False,
       # llama.cpp writes output.weight only when it is not the embedding matrix
       "tie_word_embeddings": "output.weight" not in tensors,
-      "bos_token_id": tok.get("bos_token_id"),
-      "eos_token_id": tok.get("eos_token_id"),
-      "pad_token_id": tok.get("pad_token_id"),
+      "bos_token_id": ids["bos_token_id"][1],
+      "eos_token_id": ids["eos_token_id"][1],
+      "pad_token_id": ids["pad_token_id"][1],
       "dtype": "float32",
   }
 
