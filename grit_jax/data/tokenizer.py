@@ -229,11 +229,6 @@ class Tokenizer:
       return seqio.SentencePieceVocabulary(self.path)
     return seqio.PassThroughVocabulary(size=self.vocab_size, eos_id=self.eos_id)
 
-  def config_files(self) -> list[str]:
-    """The files besides the tokenizer that change its ids or templates (read_text_format reads them)."""
-    folder = os.path.dirname(os.path.abspath(self.path))
-    return [os.path.join(folder, n) for n in (CONFIG_FILE, TEMPLATE_FILE) if os.path.isfile(os.path.join(folder, n))]
-
   def encode(self, text: str, continuation: bool = False) -> list[int]:
     """Token ids of `text` (no BOS/EOS added).
 
