@@ -172,9 +172,9 @@ def render_chat(turns: Sequence[str], add_generation_prompt: bool, fmt: TextForm
   """The chat string of alternating [user, assistant, ...] turns (assistant turns stripped).
 
   With fmt.chat_template: that template, rendered as transformers renders it. Otherwise GRIT's format, stated here
-  once (the exported chat template renders the same, convert/hf_files.CHAT_TEMPLATE, tested): BOS + `<|user|>\n{u}`
-  per user turn (after a "\n" from the second on) + `\n<|assistant|>\n{a}</s>` per assistant turn, +
-  `\n<|assistant|>\n` when add_generation_prompt."""
+  once (the exported chat template renders the same, convert/hf_files.CHAT_TEMPLATE, tested): BOS + `<|user|>\\n{u}`
+  per user turn (after a "\\n" from the second on) + `\\n<|assistant|>\\n{a}</s>` per assistant turn, +
+  `\\n<|assistant|>\\n` when add_generation_prompt."""
   if fmt.chat_template is not None:
     return _compiled(fmt.chat_template).render(
         messages=_messages(turns), add_generation_prompt=add_generation_prompt, bos_token=fmt.bos_token or "",
@@ -195,7 +195,7 @@ def check_chat_template(fmt: TextFormat, where: str) -> None:
   """Labels and prompts need each generation prompt to be a prefix of the conversation that continues it
   (render(messages[:k], add_generation_prompt=True) of render(messages[:k+1])), and each conversation a prefix of
   its next prompt; a template that re-renders earlier turns is refused."""
-  for k in range(1, len(PROBE) + 1):
+  for k in range(2, len(PROBE) + 1):  # from one message on: templates may read messages[0]
     before = render_chat(PROBE[:k - 1], add_generation_prompt=k % 2 == 0, fmt=fmt)
     if not render_chat(PROBE[:k], add_generation_prompt=k % 2 == 1, fmt=fmt).startswith(before):
       raise GritJaxError(f"{where}: its chat template does not render a conversation as its prompts followed by the "
@@ -208,7 +208,7 @@ def chat_text(turns: Sequence[str], fmt: TextFormat = GRIT) -> str:
 
 
 def chat_prompt(messages: str | Sequence[str], fmt: TextFormat = GRIT) -> str:
-  """Generation prompt: `<s><|user|>\n{msg}\n<|assistant|>\n` (or the model's chat template); a list alternates
+  """Generation prompt: `<s><|user|>\\n{msg}\\n<|assistant|>\\n` (or the model's chat template); a list alternates
   user/assistant, ends with user. A single message already in the chat format (it starts with the format's BOS or
   its first special token, or with the user header that BOS precedes) is used as it is, never wrapped twice."""
   if isinstance(messages, str):
@@ -286,7 +286,7 @@ def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> Encoded:
 def _encode_templated_chat(tokenizer, fmt: TextFormat, turns: list[str], max_len: int) -> Encoded:
   """encode_chat in the model's chat template: the ids of the whole rendered string; each assistant turn is
   labelled from the end of its generation prompt through the template's first end-of-turn (EOS) token after it
-  (what follows that token, e.g. ChatML's "\n", is format the model never has to produce)."""
+  (what follows that token, e.g. ChatML's "\\n", is format the model never has to produce)."""
   cap = CHARS_PER_TOKEN_CAP * max_len
   cut = any(len(t if i % 2 == 0 else t.strip()) > cap for i, t in enumerate(turns))
   turns = [t[:cap] if i % 2 == 0 else t.strip()[:cap] for i, t in enumerate(turns)]
