@@ -119,6 +119,26 @@ def test_prompts_and_chat_calls_in_the_model_format(tok, hf):
   assert tok.batch_decode(rows, skip_special_tokens=True) == hf.batch_decode(rows, skip_special_tokens=True)
 
 
+def test_generate_prompts_in_the_model_format(tok, hf, monkeypatch):
+  """GritLM.generate's prompt ids (the decode loop itself is tested on GritLM's format in test_inference)."""
+  import jax
+  from grit_jax import GritLM
+  from grit_jax.inference import generate as gen
+  from grit_jax.modeling import get_config, init_params
+
+  cfg = get_config("tiny_mistral", dtype="float32", vocab_size=tok.vocab_size, bos_token_id=1, eos_token_id=2)
+  model = GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), tok)
+  seen = []
+  reply = tok.encode("Hello!<|im_end|>")
+  monkeypatch.setattr(gen, "generate_ids", lambda m, seqs, *a, **k: seen.extend(seqs) or [reply for _ in seqs])
+  rendered = hf.apply_chat_template(messages(["Hi"]), add_generation_prompt=True, tokenize=False)
+  assert model.generate(["Hi", rendered, messages(["Hi", "Hello!", "Bye"])], max_new_tokens=4) == ["Hello!"] * 3
+  want = hf.apply_chat_template(messages(["Hi"]), add_generation_prompt=True, tokenize=True, return_dict=False)
+  assert seen[0] == seen[1] == list(want)  # the rendered prompt is not wrapped twice
+  assert seen[2] == list(hf.apply_chat_template(messages(["Hi", "Hello!", "Bye"]), add_generation_prompt=True,
+                                                tokenize=True, return_dict=False))
+
+
 def test_a_template_without_the_prefix_property_is_refused(chatml_dir, tmp_path):
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copyfile(os.path.join(chatml_dir, name), tmp_path / name)

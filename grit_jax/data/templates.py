@@ -5,7 +5,9 @@ Generative: `<s>` + "\\n".join(`<|user|>\\n{u}\\n<|assistant|>\\n{a.strip()}</s>
 
 Pooling mask: the reference tokenizes the prefix (BOS + format + instruction) on its own and zeroes that many
 positions; we do exactly that. The prefix ends in "\\n", a byte-fallback piece that never merges with the text
-after it, so the pooled span is exactly the text (tests decode it back).
+after it, so the pooled span is exactly the text (tests decode it back). In a byte-level BPE (SmolLM2, Llama 3,
+Qwen) a text starting with two or more whitespace characters merges its first one into the prefix's "\\n" token;
+that whitespace is then not pooled, as in the reference and sentence-transformers (both mask the prefix's length).
 
 A model with its own chat template (tokenizer files, see TextFormat) keeps GRIT's embedding format (after its BOS
 only when its tokenizer adds one) and trains and generates in its own chat format: labels are each assistant turn up
