@@ -84,15 +84,16 @@ CHATML_CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello! How are
 
 def save_chatml_tokenizer(path):
   """A tiny byte-level BPE (SmolLM2-shaped: <|endoftext|>=0 unk, <|im_start|>=1 bos, <|im_end|>=2 eos and pad, no
-  BOS added, a ChatML chat template) saved as tokenizer.json + tokenizer_config.json (+ chat_template.jinja) by
-  transformers' save_pretrained. Trains in well under a second."""
+  BOS added, a ChatML chat template; <|begin_of_text|>=3 for Llama-3-shaped variants) saved as tokenizer.json +
+  tokenizer_config.json (+ chat_template.jinja) by transformers' save_pretrained. Trains in well under a second."""
   import transformers
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(CHATML_CORPUS * 4, trainer)
   transformers.PreTrainedTokenizerFast(

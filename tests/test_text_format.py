@@ -139,6 +139,53 @@ def test_generate_prompts_in_the_model_format(tok, hf, monkeypatch):
                                                 tokenize=True, return_dict=False))
 
 
+def variant(chatml_dir, out, config: dict, template: str, bos_first: bool = False):
+  """The tiny tokenizer with other tokenizer_config.json entries and chat template; bos_first: its post-processor
+  adds <|begin_of_text|> (as Llama 3's does)."""
+  spec = json.load(open(os.path.join(chatml_dir, "tokenizer.json")))
+  if bos_first:
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [3],
+                                                                       "tokens": ["<|begin_of_text|>"]}}}
+  (out / "tokenizer.json").write_text(json.dumps(spec))
+  base = json.load(open(os.path.join(chatml_dir, "tokenizer_config.json")))
+  (out / "tokenizer_config.json").write_text(json.dumps(dict(base, chat_template=template, **config)))
+  return Tokenizer(out / "tokenizer.json")
+
+
+LLAMA3ISH = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>"
+             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+QWENISH = ("{% for m in messages %}{% if loop.first %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+           "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_llama3_and_qwen_shaped_formats(chatml_dir, tmp_path):
+  """A tokenizer that adds BOS and a template that renders it (Llama 3): one BOS before embeddings and chats; no BOS
+  token at all (Qwen): none, and its first special token marks a rendered prompt."""
+  import transformers
+  (tmp_path / "l").mkdir()
+  (tmp_path / "q").mkdir()
+  llama = variant(chatml_dir, tmp_path / "l", {"bos_token": "<|begin_of_text|>"}, LLAMA3ISH, bos_first=True)
+  qwen = variant(chatml_dir, tmp_path / "q", {"bos_token": None}, QWENISH)
+  for tok, bos, d in ((llama, "<|begin_of_text|>", "l"), (qwen, "", "q")):
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / d))
+    assert tok.text_format.bos == bos
+    ids, pool = templates.encode_embedding(tok, "", "Paris is nice.", 64)
+    assert ids == hf("<|embed|>\nParis is nice.")["input_ids"]  # BOS exactly when the tokenizer adds one
+    ids, labels = templates.encode_chat(tok, TURNS, 512)
+    stripped = [t if i % 2 == 0 else t.strip() for i, t in enumerate(TURNS)]
+    assert ids == list(hf.apply_chat_template(messages(stripped), tokenize=True, return_dict=False))
+    assert [labels[s:e] for s, e in spans(labels)] == [tok.encode(r + "<|im_end|>") for r in stripped[1::2]]
+    prompt = templates.chat_prompt("Hi", tok.text_format)
+    assert templates.chat_prompt(prompt, tok.text_format) == prompt
+  assert (qwen.bos_id, llama.bos_id) == (qwen.eos_id, 3)
+
+
 def test_a_template_without_the_prefix_property_is_refused(chatml_dir, tmp_path):
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copyfile(os.path.join(chatml_dir, name), tmp_path / name)
