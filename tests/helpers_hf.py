@@ -92,3 +92,32 @@ def save_matching_tokenizer(sp_model: str, path) -> None:
                                                      special_tokens=[("<s>", spm["vocab"]["<s>"])])
   transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                        unk_token="<unk>").save_pretrained(str(path))
+
+
+CHATML_TEMPLATE = (  # SmolLM2's: ChatML with a default system prompt
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello! How are you today?",
+                 "user assistant system: retrieve the answer, embed the text.", "Paris is the capital of France.",
+                 "<|user|>\n<|embed|>\n<|assistant|>\n", "1234567890 !?.,;:'\"()[]{}"]
+
+
+def save_chatml_tokenizer(path):
+  """A tiny byte-level BPE (SmolLM2-shaped: <|endoftext|>=0 unk, <|im_start|>=1 bos, <|im_end|>=2 eos and pad, no
+  BOS added, a ChatML chat template; <|begin_of_text|>=3 for Llama-3-shaped variants) saved as tokenizer.json +
+  tokenizer_config.json (+ chat_template.jinja) by transformers' save_pretrained. Trains in well under a second."""
+  import transformers
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(CHATML_CORPUS * 4, trainer)
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
+      pad_token="<|im_end|>", add_bos_token=False, chat_template=CHATML_TEMPLATE).save_pretrained(str(path))

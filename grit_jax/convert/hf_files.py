@@ -4,13 +4,15 @@
   (legacy mode: every text segment between special tokens gets the dummy "▁" prefix, as grit_jax and the reference
   tokenize), a post-processor that adds BOS, `<unk>` (id 0, grit_jax's pad id) as the pad token, right padding (the
   embedding pass reads positions from the left) and the GritLM chat template. transformers' AutoTokenizer on the
-  export gives grit_jax's ids (tests/test_interop.py).
+  export gives grit_jax's ids (tests/test_interop.py). A model with its own special tokens or chat template (its
+  tokenizer files say so, data.tokenizer.read_text_format) exports its tokenizer files as they are.
 - sentence-transformers modules: the model, mean pooling over the text only (`include_prompt=False`: the BOS +
   instruction prompt is attended to but not pooled, as in grit_jax), L2 normalisation. GritLM embeds
   bidirectionally, so config.json says `is_causal: true` (what transformers does anyway: generation stays causal)
   and the sentence-transformers module overrides it with `is_causal: false` (transformers >= 5.2). So
   `SentenceTransformer(dir).encode(texts, prompt=gritlm_instruction(instruction))` equals
   `GritLM.encode(texts, instruction=...)`; without a prompt the model's default prompt (`<|embed|>\\n`) applies.
+  The prompts leave out the BOS (the tokenizer adds it when the model has one).
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ CHAT_TEMPLATE = (
     "{% else %}{{ raise_exception('GritLM chats have user and assistant messages only') }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ " + json.dumps(templates.ASSISTANT_BOS) + " }}{% endif %}")
+# The tokenizer files a model states its own format in, copied as they are by write_tokenizer_files.
+OWN_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja",
+             "special_tokens_map.json")
 
 
 def _converted_sentencepiece(model_path: str):
@@ -77,6 +82,9 @@ def write_tokenizer_files(tokenizer, out_dir: str, model_max_length: int) -> lis
   from tokenizers import Tokenizer as HFTokenizer
   from tokenizers import processors
 
+  fmt = tokenizer.text_format
+  if (fmt.bos_token, fmt.eos_token, fmt.chat_template) != (templates.GRIT.bos_token, templates.GRIT.eos_token, None):
+    return _copy_own_tokenizer_files(tokenizer, out_dir)
   if tokenizer.kind == "sentencepiece":
     backend = _converted_sentencepiece(tokenizer.path)
     shutil.copyfile(tokenizer.path, os.path.join(out_dir, "tokenizer.model"))
@@ -104,16 +112,34 @@ def write_tokenizer_files(tokenizer, out_dir: str, model_max_length: int) -> lis
   return written + ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
+def _copy_own_tokenizer_files(tokenizer, out_dir: str) -> list[str]:
+  """The model's tokenizer files as they are; GritLM's chat template (after its BOS only when it adds one) goes
+  into tokenizer_config.json when the model has none, since grit_jax then chats in GRIT's format."""
+  folder = os.path.dirname(os.path.abspath(tokenizer.path))
+  written = [n for n in OWN_FILES if os.path.isfile(os.path.join(folder, n))]
+  for name in written:
+    shutil.copyfile(os.path.join(folder, name), os.path.join(out_dir, name))
+  if tokenizer.text_format.chat_template is None:
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+    bos = "{{ bos_token }}"
+    config["chat_template"] = CHAT_TEMPLATE if tokenizer.text_format.add_bos else CHAT_TEMPLATE[len(bos):]
+    _write_json(path, config)
+  return written
+
+
 POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
                  "lasttoken": "pooling_mode_lasttoken"}  # grit_jax pooling -> sentence-transformers Pooling flag
 
 
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectional: bool = True,
                                       pooling: str = "mean", normalize: bool = True,
-                                      max_seq_length: int = ST_MAX_SEQ_LENGTH) -> list[str]:
+                                      max_seq_length: int = ST_MAX_SEQ_LENGTH,
+                                      text_format: templates.TextFormat = templates.GRIT) -> list[str]:
   """modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ (and 2_Normalize/ when
   `normalize`) into an HF directory that already has config.json; `bidirectional`: the embedding passes'
-  attention (attn "bb..")."""
+  attention (attn "bb.."); `text_format`: the tokenizer's (its BOS is left to the tokenizer)."""
   if pooling not in POOLING_MODES:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {tuple(POOLING_MODES)}")
   cfg_path = os.path.join(out_dir, "config.json")
@@ -133,8 +159,8 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
                "config_args": {"is_causal": not bidirectional}})
   _write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
               {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
-               # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}`
-               "prompts": {"document": templates.embed_prefix("")[len(templates.BASE_BOS):]},
+               # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS)
+               "prompts": {"document": templates.embed_prefix("", text_format)[len(text_format.bos):]},
                "default_prompt_name": "document"})
   os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
   _write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
@@ -160,8 +186,9 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
                 "excludes the prompt", out_dir, settings.pooling)
     return written
   return written + write_sentence_transformers_files(
-      out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False), pooling=settings.pooling,
-      normalize=settings.normalize, max_seq_length=settings.passage_max_len)
+      out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False),
+      pooling=settings.pooling, normalize=settings.normalize, max_seq_length=settings.passage_max_len,
+      text_format=tokenizer.text_format)
 
 
 def _write_json(path: str, obj) -> None:

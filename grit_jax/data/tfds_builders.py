@@ -7,7 +7,8 @@ that reuses the build still reports them. The array_record format gives random a
 numpy sampler in grit_jax.data.iterator uses for deterministic, resumable, shardable sampling.
 
 The build is cached under `<cache>/grit_jsonl/<kind>_<fingerprint>/`; the fingerprint covers the files (name,
-size, sha256 of all their bytes), the tokenizer, the max lengths, the group size and the policy, so any change
+size, sha256 of all their bytes), the tokenizer (with the tokenizer_config.json / chat_template.jinja next to it that
+set its special tokens and chat format), the max lengths, the group size and the policy, so any change
 triggers a rebuild. A file's digest is remembered with its stat (`<cache>/file_sha256.json`) and recomputed when
 the file changes.
 `<cache>` is config.data.cache_dir, else `$GRIT_JAX_CACHE/tfds`, else `~/.cache/grit_jax/tfds`.
@@ -76,6 +77,16 @@ def _file_fingerprint(path: str, memo: dict | None = None) -> list:
   return [os.path.basename(path), st.st_size, memo[path][1]]
 
 
+def _tokenizer_fingerprint(path: str) -> str | list[str]:
+  """sha256 of the tokenizer file, with those of the files next to it that set its special tokens and chat format
+  (data.tokenizer.read_text_format) when there are any: they change the ids as much as the vocabulary does."""
+  from grit_jax.data import tokenizer
+  folder = os.path.dirname(os.path.abspath(path))
+  extra = [os.path.join(folder, n) for n in (tokenizer.CONFIG_FILE, tokenizer.TEMPLATE_FILE)]
+  extra = [_sha256_file(p) for p in extra if os.path.isfile(p)]
+  return [_sha256_file(path)] + extra if extra else _sha256_file(path)
+
+
 def _read_memo(cache_dir: str | None) -> dict:
   try:
     with open(os.path.join(cache_dir, HASH_MEMO)) as f:
@@ -94,8 +105,8 @@ def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: i
   memo = _read_memo(cache_dir)
   before = dict(memo)
   content = dict(v=FORMAT_VERSION, kind=kind, files=[_file_fingerprint(f, memo) for f in files],
-                 tokenizer=_sha256_file(tokenizer), q=query_max_len, p=passage_max_len, g=generative_max_len,
-                 group=group_size, bad=bad_input)
+                 tokenizer=_tokenizer_fingerprint(tokenizer), q=query_max_len, p=passage_max_len,
+                 g=generative_max_len, group=group_size, bad=bad_input)
   content_fp = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
   # The build also keys on the paths, so its bad-input messages name the files this run reads.
   fingerprint = hashlib.sha256(json.dumps([content_fp, files]).encode()).hexdigest()[:16]
@@ -147,7 +158,7 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
 
     @functools.lru_cache(maxsize=65536)
     def prefix_len(instruction: str) -> int:
-      return len(tok.encode(templates.embed_prefix(instruction)))
+      return len(tok.encode(templates.embed_prefix(instruction, tok.text_format)))
 
     def check_embedding(rec: dict) -> None:
       for key, items, max_len in (("query", [rec["query"]], cfg.query_max_len),
@@ -161,7 +172,7 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
 
     def check_generative(rec: dict) -> None:
       if rec["chat"]:
-        n = len(tok.encode(templates.BASE_BOS + templates.USER_BOS + rec["turns"][0] + templates.ASSISTANT_BOS))
+        n = len(tok.encode(templates.render_chat(rec["turns"][:1], True, tok.text_format)))
         if n >= cfg.generative_max_len:
           raise jsonl.BadLine(f"text[0]: first user turn too long ({n} tokens leave no room for the answer under "
                               f"generative_max_len={cfg.generative_max_len})")

@@ -7,6 +7,10 @@ Mistral tokenizer, every text segment between special tokens gets SentencePiece'
 "<s><|embed|>\n" is [1, "▁<", "|", "embed", "|", ">", "\n"]). `<|user|>`, `<|embed|>`, `<|assistant|>` are NOT
 special: they split into ordinary pieces.
 
+Another model's special tokens and chat format come from its tokenizer files (`read_text_format`, the one statement
+of that rule): e.g. SmolLM2's byte-level BPE tokenizer.json, whose literal "<|im_start|>"/"<|im_end|>" are its
+BOS/EOS, adds no BOS and has a ChatML chat template.
+
 Imports neither TensorFlow nor seqio (inference must not pay 10 s and 1 GB for them): the SentencePiece model is
 loaded with `sentencepiece` exactly as seqio.SentencePieceVocabulary loads it (same proto, same ids; tested), and
 the seqio vocabulary the training tasks need is built on first use (`Tokenizer.vocabulary`).
@@ -14,19 +18,23 @@ the seqio vocabulary the training tasks need is built on first use (`Tokenizer.v
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import os
 import re
 
+from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 
 BOS_STR = "<s>"
 EOS_STR = "</s>"
 UNK_STR = "<unk>"
-_SPECIAL_RE = re.compile(r"(<s>|</s>|<unk>)")
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
+# Next to the tokenizer: its special tokens and chat template (transformers 5 writes the template to its own file).
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
 
 
 class _SentencePiece:
@@ -50,8 +58,10 @@ class _SentencePiece:
     proto.normalizer_spec.MergeFrom(no_prefix)
     proto.denormalizer_spec.MergeFrom(no_prefix)
     self.sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-    self.bos_id, self.eos_id, self.unk_id = int(self.sp.bos_id()), int(self.sp.eos_id()), int(self.sp.unk_id())
     self.vocab_size = int(self.sp.get_piece_size())
+    self.specials = (BOS_STR, EOS_STR, UNK_STR)
+    self.adds_bos = True  # a bare SentencePiece model is GritLM's (Mistral's)
+    self.has_dummy_prefix = True
 
   def encode(self, text: str, prefix: bool) -> list[int]:
     return (self.sp if prefix else self.sp_cont).encode(text)
@@ -81,11 +91,13 @@ class _HFTokenizers:
       self.tok = HFTokenizer.from_str(json.dumps(spec))
     except Exception as e:  # OSError, JSONDecodeError, or the bare Exception tokenizers raises on a bad spec
       raise GritJaxError(f"tokenizer: {path!r} is not a tokenizers JSON file ({e})") from e
-    self.tok_cont = HFTokenizer.from_str(json.dumps(_without_dummy_prefix(spec)))
-    self.bos_id = _token_id(self.tok, BOS_STR, path)
-    self.eos_id = _token_id(self.tok, EOS_STR, path)
-    self.unk_id = _token_id(self.tok, UNK_STR, path)
+    cont = _without_dummy_prefix(spec)
+    self.has_dummy_prefix = cont != spec
+    self.tok_cont = HFTokenizer.from_str(json.dumps(cont))
     self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
+    self.specials = tuple(t["content"] for t in spec.get("added_tokens", []) if t.get("special"))
+    single = (spec.get("post_processor") or {}).get("single") or [{}]
+    self.adds_bos = "SpecialToken" in single[0]  # its post-processor puts a special token first (the BOS)
 
   def encode(self, text: str, prefix: bool) -> list[int]:
     return (self.tok if prefix else self.tok_cont).encode(text, add_special_tokens=False).ids
@@ -100,11 +112,49 @@ class _HFTokenizers:
     return self.tok.token_to_id(piece)
 
 
-def _token_id(tok, token: str, path: str) -> int:
-  i = tok.token_to_id(token)
-  if i is None:
-    raise GritJaxError(f"tokenizer: {path!r} has no {token!r} token (GritLM's templates need <s>, </s>, <unk>)")
-  return int(i)
+def _token(value) -> str | None:
+  return value.get("content") if isinstance(value, dict) else value  # older configs store AddedToken dicts
+
+
+def read_text_format(path: str, impl) -> templates.TextFormat:
+  """The model's special tokens and chat format: bos_token, eos_token, unk_token, pad_token, add_bos_token and
+  chat_template of the tokenizer_config.json next to the tokenizer (the template from chat_template.jinja when that
+  exists, as transformers 5 saves it). Without that file everything is GritLM's (Mistral's: <s>, </s>, <unk>, pad id
+  0, BOS added, GRIT's chat format); a missing add_bos_token is whether the tokenizer itself adds a BOS. A template
+  that renders GRIT's format is GRIT's (served by the exact piece-by-piece encoder)."""
+  config_path = os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_FILE)
+  if not os.path.isfile(config_path):
+    return templates.GRIT
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      config = json.load(f)
+    template_path = os.path.join(os.path.dirname(config_path), TEMPLATE_FILE)
+    template = config.get("chat_template")
+    if os.path.isfile(template_path):
+      with open(template_path, encoding="utf-8") as f:
+        template = f.read()
+  except (OSError, ValueError) as e:
+    raise GritJaxError(f"tokenizer: {config_path!r} is not readable JSON ({e})") from e
+  if not isinstance(template, (str, type(None))):  # a list of named templates: the default one
+    template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+  eos = _token(config.get("eos_token")) or EOS_STR
+  fmt = templates.TextFormat(
+      bos_token=_token(config.get("bos_token", BOS_STR)), eos_token=eos,
+      unk_token=_token(config.get("unk_token", UNK_STR)), pad_token=_token(config.get("pad_token")),
+      add_bos=bool(config.get("add_bos_token", impl.adds_bos)), chat_template=template,
+      specials=tuple(dict.fromkeys(impl.specials + tuple(
+          t for t in (_token(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")) if t))))
+  if template is not None:
+    import jinja2
+    grit = dataclasses.replace(fmt, chat_template=None)
+    try:
+      if all(templates.render_chat(templates.PROBE[:k], g, fmt) == templates.render_chat(templates.PROBE[:k], g, grit)
+             for k in (1, 2, 3) for g in (False, True)):
+        return grit
+    except jinja2.TemplateError as e:
+      raise GritJaxError(f"tokenizer: the chat template of {config_path!r} does not render ({e})") from e
+    templates.check_chat_template(fmt, config_path)
+  return fmt
 
 
 def _without_dummy_prefix(spec: dict) -> dict:
@@ -130,7 +180,9 @@ def _without_dummy_prefix(spec: dict) -> dict:
 
 
 class Tokenizer:
-  """encode(text) -> ids without added BOS/EOS; literal "<s>"/"</s>"/"<unk>" -> bos_id/eos_id/unk_id.
+  """encode(text) -> ids without added BOS/EOS; the literal BOS/EOS/UNK strings of its format (GritLM's "<s>",
+  "</s>", "<unk>") -> bos_id/eos_id/unk_id. `text_format`: the model's special tokens and chat format
+  (read_text_format), which data.templates follows.
 
   `path`: a SentencePiece model (tokenizer.model) or a Hugging Face tokenizer.json; both give the same ids for the
   same vocabulary (tests/test_interop.py)."""
@@ -142,11 +194,22 @@ class Tokenizer:
     self.path = path
     self.kind = "tokenizers" if path.endswith(".json") else "sentencepiece"
     self._impl = _HFTokenizers(path) if self.kind == "tokenizers" else _SentencePiece(path)
-    self.bos_id, self.eos_id, self.unk_id = self._impl.bos_id, self._impl.eos_id, self._impl.unk_id
-    self.pad_id = 0  # = unk in Mistral's model; padding is masked everywhere, its id never matters
+    self.text_format = fmt = read_text_format(path, self._impl)
     self.vocab_size = self._impl.vocab_size
-    if self.bos_id < 0 or self.eos_id < 0:
-      raise GritJaxError(f"tokenizer: {path!r} has no BOS/EOS pieces (train it with bos_id=1, eos_id=2)")
+    self.eos_id = self._id(fmt.eos_token)
+    self.bos_id = self._id(fmt.bos_token) if fmt.bos_token else self.eos_id  # filler rows need one real token
+    self.unk_id = self._id(fmt.unk_token) if fmt.unk_token else None
+    self.pad_id = self._id(fmt.pad_token) if fmt.pad_token else 0  # masked everywhere: its id never matters
+    self._specials = {t: i for t, i in ((fmt.bos_token, self.bos_id), (fmt.eos_token, self.eos_id),
+                                        (fmt.unk_token, self.unk_id)) if t}
+    self._special_re = re.compile("(" + "|".join(re.escape(t) for t in self._specials) + ")")
+
+  def _id(self, token: str) -> int:
+    i = self._impl.piece_to_id(token)
+    if i is None or i < 0:
+      raise GritJaxError(f"tokenizer: {self.path!r} has no {token!r} token (its special tokens come from "
+                         f"{CONFIG_FILE} next to it; without one, GritLM's <s>, </s>, <unk>)")
+    return int(i)
 
   @classmethod
   def from_dir(cls, directory: str) -> "Tokenizer | None":
@@ -159,11 +222,12 @@ class Tokenizer:
 
   @functools.cached_property
   def vocabulary(self):
-    """seqio.SentencePieceVocabulary of the same model, for the training tasks (imports TensorFlow)."""
-    if self.kind != "sentencepiece":
-      raise GritJaxError(f"tokenizer: the training pipeline needs a SentencePiece model, got {self.path!r}")
+    """The seqio vocabulary of the training tasks (imports TensorFlow): seqio.SentencePieceVocabulary of the same
+    model, or for a tokenizer.json one that only declares the size (the tasks tokenize in Python, data.batching)."""
     import seqio
-    return seqio.SentencePieceVocabulary(self.path)
+    if self.kind == "sentencepiece":
+      return seqio.SentencePieceVocabulary(self.path)
+    return seqio.PassThroughVocabulary(size=self.vocab_size, eos_id=self.eos_id)
 
   def encode(self, text: str, continuation: bool = False) -> list[int]:
     """Token ids of `text` (no BOS/EOS added).
@@ -173,8 +237,8 @@ class Tokenizer:
     """
     ids: list[int] = []
     after_text = continuation
-    special = {BOS_STR: self.bos_id, EOS_STR: self.eos_id, UNK_STR: self.unk_id}
-    for part in _SPECIAL_RE.split(text):
+    special = self._specials
+    for part in self._special_re.split(text):
       if part in special:
         ids.append(special[part])
         after_text = False
@@ -194,11 +258,11 @@ class Tokenizer:
   # The two calls of transformers' tokenizer API that gritlm scripts make on `model.tokenizer`.
   def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
                           return_tensors: str | None = None):
-    """The GritLM chat string of `conversation` ({"role", "content"} messages alternating user/assistant, or plain
-    strings), as transformers renders the exported chat template; tokenize=True: its ids (a list, or an int32
-    [1, T] array with return_tensors="np"/"jax"/"pt")."""
-    from grit_jax.data import templates
-    text = templates.render_chat(templates.turns_of(conversation, "conversation"), add_generation_prompt)
+    """The chat string of `conversation` ({"role", "content"} messages alternating user/assistant, or plain
+    strings) in the model's chat format (GritLM's, or its own template), as transformers renders the exported chat
+    template; tokenize=True: its ids (a list, or an int32 [1, T] array with return_tensors="np"/"jax"/"pt")."""
+    text = templates.render_chat(templates.turns_of(conversation, "conversation"), add_generation_prompt,
+                                 self.text_format)
     if not tokenize:
       return text
     ids = self.encode(text)
@@ -221,12 +285,14 @@ class Tokenizer:
 
   def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
     """Texts of a batch of id rows (lists or a [B, T] array), as transformers decodes them with the exported
-    tokenizer: `<s>`, `</s>` and `<unk>` (also the padding, id 0) spelled out and the "▁" after them kept as a space,
-    unless skip_special_tokens (then dropped, as `decode` does)."""
+    tokenizer: special tokens (GritLM's `<s>`, `</s>` and `<unk>`, also the padding, id 0) spelled out and the "▁"
+    after them kept as a space, unless skip_special_tokens (then dropped, as `decode` does)."""
     return [self.decode(row) if skip_special_tokens else self._decode_with_specials(row) for row in sequences]
 
   def _decode_with_specials(self, ids) -> str:
-    spelled = {self.bos_id: BOS_STR, self.eos_id: EOS_STR, self.unk_id: UNK_STR}
+    if not self._impl.has_dummy_prefix:  # no "▁" to restore after a special token: the library decodes as HF does
+      return self._impl.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
+    spelled = {i: t for t, i in self._specials.items()}
     parts, run = [], []
 
     def flush():

@@ -289,10 +289,11 @@ class GritLM:
                seed: int = 0, *, do_sample: bool | None = None) -> list[str] | np.ndarray:
     """Chat generation. Each prompt is a user message, a list of messages alternating user/assistant (strings,
     or chat messages {"role", "content"}), ending with the user's; a single string or a single list of chat
-    messages is one prompt. Each goes through the GritLM chat template `<s><|user|>\\n{msg}\\n<|assistant|>\\n`;
-    the batch is prefilled once and decoded with a KV cache until every row emits `</s>`. Greedy when temperature
-    == 0 (or do_sample=False); otherwise temperature + top-p sampling, reproducible for a given seed. Returns the
-    replies without `</s>`.
+    messages is one prompt. Each goes through the model's chat template (GritLM's
+    `<s><|user|>\\n{msg}\\n<|assistant|>\\n` unless its tokenizer files have their own; a prompt already in it is
+    used as it is); the batch is prefilled once and decoded with a KV cache until every row emits EOS (`</s>`).
+    Greedy when temperature == 0 (or do_sample=False); otherwise temperature + top-p sampling, reproducible for a
+    given seed. Returns the replies without EOS.
 
     Token ids in (an integer [B, T] array or tensor, e.g. from `tokenizer.apply_chat_template(...,
     return_tensors="pt")`, or lists of ids), as gritlm scripts pass them to transformers' generate: returns an int32
@@ -317,7 +318,8 @@ class GritLM:
     if not items:
       return []
     from grit_jax.data import templates
-    seqs = [self.tokenizer.encode(templates.chat_prompt(turns)) for turns in items]
+    fmt = templates.text_format(self.tokenizer)
+    seqs = [self.tokenizer.encode(templates.chat_prompt(turns, fmt)) for turns in items]
     out = gen.generate_ids(self, seqs, max_new_tokens, temperature, top_p, seed)
     return [gen.decode_new(self.tokenizer, o, self.config.eos_token_id) for o in out]
 

@@ -254,7 +254,8 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
   """Build the cache and continuation of each (query, retrieved doc) pair for `mode`. Caches given (from the
   retrieval pass or the index) are reused; missing ones are computed with an embedding pass."""
   tok = model.tokenizer
-  enc = lambda s: list(tok.encode(s))
+  bos = templates.text_format(tok).bos  # the formats' "<s>" is the BOS: only for a model whose tokenizer adds one
+  enc = lambda s: list(tok.encode(bos + s[len(templates.BASE_BOS):] if s.startswith(templates.BASE_BOS) else s))
   if mode not in MODES:
     raise GritJaxError(f"cache={mode!r}: expected one of {MODES}")
   n = len(queries)
