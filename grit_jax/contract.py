@@ -230,15 +230,24 @@ def _check_lengths(c, model) -> None:
                          f"max_position_embeddings={model.max_position_embeddings}")
 
 
-def _split_init_from(spec) -> tuple[str, str]:
+def init_source(spec) -> tuple[str, str]:
+  """config.init_from -> ("", "") | ("hf", DIR) | ("ckpt", DIR). hf:FILE.gguf gives the directory converted from
+  the file (convert.gguf.model_dir: converted once, cached by content)."""
   if not isinstance(spec, str):
-    raise GritJaxError(f"config.init_from={spec!r}: expected '', hf:DIR or ckpt:DIR")
+    raise GritJaxError(f"config.init_from={spec!r}: expected '', hf:DIR, hf:FILE.gguf or ckpt:DIR")
   if not spec:
     return "", ""
   kind, sep, path = spec.partition(":")
   if not sep or kind not in ("hf", "ckpt") or not path:
-    raise GritJaxError(f"config.init_from={spec!r}: expected '', hf:DIR or ckpt:DIR")
-  return kind, os.path.expanduser(path)
+    raise GritJaxError(f"config.init_from={spec!r}: expected '', hf:DIR, hf:FILE.gguf or ckpt:DIR")
+  path = os.path.expanduser(path)
+  if kind == "hf":
+    from grit_jax.convert.gguf import is_gguf, model_dir
+    if is_gguf(path):
+      if not os.path.isfile(path):
+        raise GritJaxError(f"config.init_from={spec!r}: no such GGUF file")
+      path = model_dir(path)
+  return kind, path
 
 
 def model_config(config, *, log=print):
@@ -248,7 +257,7 @@ def model_config(config, *, log=print):
   from grit_jax.modeling import ModelConfig
 
   recipe = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
-  kind, path = _split_init_from(config.init_from)
+  kind, path = init_source(config.init_from)
   if kind != "hf":
     return recipe
   source = ModelConfig.from_hf(path)
@@ -303,7 +312,7 @@ def validate(config, *, num_devices: int | None = None, num_slices: int = 1, che
   _check_optimizer(config)
   _check_train(config)
   _check_mesh(config, num_devices, num_slices)
-  kind, path = _split_init_from(config.init_from)
+  kind, path = init_source(config.init_from)
   if kind and not os.path.isdir(path):
     raise GritJaxError(f"config.init_from={config.init_from!r}: no such folder")
   model = model_config(config, log=log)

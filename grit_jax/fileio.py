@@ -1,5 +1,5 @@
-"""Atomic file writes (a reader, or a crash, sees the old file or the new one, never half of one) and JSON reads
-whose failures name the file."""
+"""Atomic file writes (a reader, or a crash, sees the old file or the new one, never half of one), JSON reads
+whose failures name the file, and where grit_jax keeps its caches."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,14 @@ import os
 from typing import Any, Callable, IO
 
 from grit_jax.errors import GritJaxError
+
+CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax)
+
+
+def cache_dir(kind: str) -> str:
+  """<root>/<kind>: tfds builds ("tfds"), models converted from GGUF files ("gguf")."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "grit_jax")
+  return os.path.join(root, kind)
 
 
 def read_json(path: str, what: str = "JSON") -> Any:

@@ -1,4 +1,5 @@
-"""`grit-jax convert hf-to-jax SRC DST`, `grit-jax convert jax-to-hf SRC DST`, `grit-jax convert ckpt-to-hf CKPT DST`.
+"""`grit-jax convert hf-to-jax SRC DST`, `grit-jax convert jax-to-hf SRC DST`, `grit-jax convert ckpt-to-hf CKPT DST`,
+`grit-jax convert gguf-to-hf FILE DST`, `grit-jax convert gguf-to-jax FILE DST`.
 
 hf-to-jax: an HF Mistral/Mixtral directory (config.json + safetensors, sharded or not) -> a grit_jax directory
 (config.json + params.safetensors). jax-to-hf: the reverse, in the HF layout transformers loads (per-expert Mixtral
@@ -7,7 +8,8 @@ names, shards + index when larger than --max-shard-size). ckpt-to-hf: the weight
 files and grit_settings.json (the settings the model is served with) are copied along (a tokenizer.model or a
 tokenizer.json); HF outputs also get the tokenizer.json / tokenizer_config.json and sentence-transformers files of
 convert.hf_files. DST is written through a temporary directory and renamed, so a failed conversion leaves nothing
-behind.
+behind. gguf-to-hf / gguf-to-jax: a llama.cpp GGUF file (convert.gguf: dequantized, llama.cpp's Q/K permutation
+undone, its tokenizer and chat template) -> an HF or grit_jax directory.
 """
 from __future__ import annotations
 
@@ -35,11 +37,19 @@ def _parser() -> argparse.ArgumentParser:
                  help="the run's config.json (default: found in SRC or its parent folders, as train writes it)")
   c.add_argument("--tokenizer", default=None,
                  help="tokenizer.model or tokenizer.json (default: the run's data.tokenizer)")
+  g = sub.add_parser("gguf-to-hf", help="GGUF file (llama.cpp) -> Hugging Face directory (float32)")
+  g.add_argument("src")
+  g.add_argument("dst")
+  j = sub.add_parser("gguf-to-jax", help="GGUF file (llama.cpp) -> grit_jax directory")
+  j.add_argument("src")
+  j.add_argument("dst")
+  j.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="dtype of the stored params (default float32)")
   for sp in (b, c):
     sp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="dtype of the written tensors (default: the dtype of the original HF checkpoint / the params)")
     sp.add_argument("--max-shard-size", default="5GB", help="split into shards above this size (default 5GB)")
-  for sp in (a, b, c):
+  for sp in (a, b, c, g, j):
     sp.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
   return p
 
@@ -124,6 +134,12 @@ def main(argv: list[str]) -> int:
   args = _parser().parse_args(argv)
   if args.direction == "hf-to-jax":
     out = hf_to_jax(args.src, args.dst, args.param_dtype, args.overwrite)
+  elif args.direction == "gguf-to-hf":
+    from grit_jax.convert import gguf
+    out = gguf.gguf_to_hf(args.src, args.dst, args.overwrite)
+  elif args.direction == "gguf-to-jax":
+    from grit_jax.convert import gguf
+    out = hf_to_jax(gguf.model_dir(args.src), args.dst, args.param_dtype, args.overwrite)
   elif args.direction == "jax-to-hf":
     out = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
   else:

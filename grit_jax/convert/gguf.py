@@ -8,6 +8,7 @@ states is checked against the tensors before any tensor data is dequantized.
 
     config, tensors = read_gguf(path)     # config.json dict of a LlamaForCausalLM; iterator of (HF name, float32)
     gguf_to_hf(path, out_dir)             # config.json + model.safetensors + tokenizer files, atomically
+    model_dir(path)                       # every loader's entry: a GGUF file -> its converted directory (cached)
 """
 from __future__ import annotations
 
@@ -311,3 +312,31 @@ def gguf_to_hf(path, out_dir, overwrite: bool = False) -> str:
               metadata={"format": "pt"})
     _write_json(os.path.join(tmp, "config.json"), config)
   return os.path.abspath(out_dir)
+
+
+def is_gguf(path) -> bool:
+  return os.fspath(path).endswith(".gguf")
+
+
+def model_dir(path) -> str:
+  """What every model loader (GritLM.from_pretrained, load_pretrained, init_from=hf:, the commands' --model) calls
+  first: a GGUF file becomes the Hugging Face directory converted from it, kept in the cache under the sha256 of
+  the file's bytes (a changed file is converted anew, never served from an old conversion); any other path is
+  returned as it is."""
+  import hashlib
+
+  from grit_jax.fileio import cache_dir
+
+  path = os.path.expanduser(os.fspath(path))
+  if not is_gguf(path):
+    return path
+  if not os.path.isfile(path):
+    raise GritJaxError(f"{path}: no such GGUF file")
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  out = os.path.join(cache_dir("gguf"), f"{os.path.basename(path)[:-5]}-{digest.hexdigest()[:16]}")
+  if not os.path.isfile(os.path.join(out, "config.json")):
+    gguf_to_hf(path, out, overwrite=True)
+  return out

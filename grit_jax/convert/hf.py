@@ -447,8 +447,9 @@ def _check_shapes(params: dict, config: ModelConfig, source: str) -> None:
 
 def load_pretrained(path: str, **overrides) -> tuple[ModelConfig, dict]:
   """(config, numpy params) from an HF directory or a grit_jax directory; `overrides` replace config fields
-  (e.g. dtype="bfloat16", scan_layers=True)."""
-  path = _require_dir(path)
+  (e.g. dtype="bfloat16", scan_layers=True). A GGUF file loads as the directory converted from it."""
+  from grit_jax.convert.gguf import model_dir
+  path = _require_dir(model_dir(path))
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise GritJaxError(f"{path}: no config.json")
   if is_jax_dir(path):

@@ -28,16 +28,14 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, cache_dir as _cache_dir
 
 FORMAT_VERSION = 1
-CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
 tfds.disable_progress_bar()
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "grit_jax")
-  return os.path.join(root, "tfds")
+  return _cache_dir("tfds")
 
 
 @dataclasses.dataclass

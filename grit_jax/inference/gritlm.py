@@ -173,8 +173,10 @@ class GritLM:
     ModelConfig fields (e.g. scan_layers=True). Loads `tokenizer.model` from the same directory when present, and
     the model's grit_settings.json (attn, pooling, normalize, max lengths) as the defaults; `attn`, `pooling`,
     `normalize` given here override them (logged). `shard_weights`: True / False = shard the weights over the local
-    devices (FSDP) or replicate them; None = shard when they exceed half of one device's memory."""
-    path = os.fspath(path)
+    devices (FSDP) or replicate them; None = shard when they exceed half of one device's memory. A GGUF file
+    (llama.cpp's format, e.g. SmolLM2's) loads as the Hugging Face directory converted from it, once per file."""
+    from grit_jax.convert.gguf import model_dir
+    path = model_dir(path)
     stored = settings_lib.read(path)  # a damaged file: an error before the weights are read
     params, config, tokenizer = cls._load(path, dtype=dtype, **overrides)
     out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored,

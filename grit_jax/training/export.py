@@ -1,11 +1,11 @@
 """The end of a run: a Hugging Face directory that GritLM.from_pretrained and transformers both load."""
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
+from grit_jax import contract
 from grit_jax.training import run as run_lib
 
 
@@ -17,9 +17,9 @@ def export_hf(params, config, model_config, out_dir: str) -> str:
   host = run_lib.to_host(params)
   if jax.process_index() == 0:
     with hf_lib.atomic_dir(out_dir, overwrite=True) as tmp:
-      kind, _, src = config.init_from.partition(":")
+      kind, src = contract.init_source(config.init_from)
       if kind == "hf":
-        hf_lib.copy_tokenizer_files(os.path.expanduser(src), tmp)  # tokenizer.json etc. of the base model
+        hf_lib.copy_tokenizer_files(src, tmp)  # tokenizer.json etc. of the base model
       hf_lib.save_hf(jax.tree.map(np.asarray, host), model_config, tmp)
       write_export_files(config, model_config, tmp)
   return out_dir

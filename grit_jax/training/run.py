@@ -44,9 +44,10 @@ class Run:
 def load_init_params(spec: str, model_config, like):
   """Weights for init_from = hf:DIR (converted Hugging Face weights) or ckpt:DIR (a grit_jax checkpoint's),
   placed like the arrays of `like` (same shapes, dtypes, shardings)."""
+  from grit_jax import contract
   from grit_jax.training import checkpoint as ckpt_lib
 
-  kind, _, path = spec.partition(":")
+  kind, path = contract.init_source(spec)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
   if kind == "hf":
     from grit_jax.convert import hf as hf_lib
