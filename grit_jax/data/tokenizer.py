@@ -179,16 +179,31 @@ def _without_dummy_prefix(spec: dict) -> dict:
   return spec
 
 
+def resolve(path) -> str:
+  """The tokenizer file a path names: the file itself; a model directory's tokenizer.model, else tokenizer.json;
+  a GGUF file's (the directory converted from it, convert.gguf.model_dir)."""
+  path = os.path.expanduser(os.fspath(path))
+  if path.endswith(".gguf"):
+    from grit_jax.convert.gguf import model_dir
+    path = model_dir(path)
+  if os.path.isdir(path):
+    found = [os.path.join(path, n) for n in (SP_FILE, HF_FILE) if os.path.isfile(os.path.join(path, n))]
+    if not found:
+      raise GritJaxError(f"tokenizer: {path!r} holds neither {SP_FILE} nor {HF_FILE}")
+    path = found[0]
+  return path
+
+
 class Tokenizer:
   """encode(text) -> ids without added BOS/EOS; the literal BOS/EOS/UNK strings of its format (GritLM's "<s>",
   "</s>", "<unk>") -> bos_id/eos_id/unk_id. `text_format`: the model's special tokens and chat format
   (read_text_format), which data.templates follows.
 
   `path`: a SentencePiece model (tokenizer.model) or a Hugging Face tokenizer.json; both give the same ids for the
-  same vocabulary (tests/test_interop.py)."""
+  same vocabulary (tests/test_interop.py). A model directory or a GGUF file stands for its tokenizer (`resolve`)."""
 
   def __init__(self, path: str):
-    path = os.fspath(path)
+    path = resolve(path)
     if not os.path.isfile(path):
       raise GritJaxError(f"tokenizer: no SentencePiece model or tokenizer.json at {path!r}")
     self.path = path
@@ -213,12 +228,10 @@ class Tokenizer:
 
   @classmethod
   def from_dir(cls, directory: str) -> "Tokenizer | None":
-    """The tokenizer stored in a model directory: tokenizer.model, else tokenizer.json; None when neither."""
-    for name in (SP_FILE, HF_FILE):
-      path = os.path.join(directory, name)
-      if os.path.isfile(path):
-        return cls(path)
-    return None
+    """The tokenizer stored in a model directory (`resolve`); None when it holds none."""
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in (SP_FILE, HF_FILE)):
+      return None
+    return cls(directory)
 
   @functools.cached_property
   def vocabulary(self):
