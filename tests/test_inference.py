@@ -435,6 +435,18 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
   assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
+def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, capsys):
+  from grit_jax.inference import cli
+  src = tmp_path / "texts.jsonl"
+  src.write_text("".join(json.dumps(t) + "\n" for t in ["one two three four five six seven eight", "hi", "a b"]))
+  argv = ["--model", model_dir, "--input", str(src), "--output", str(tmp_path / "e.npy"), "--packing"]
+  assert cli.embed_main(argv + ["--max-length", "8"]) == 0
+  err = capsys.readouterr().err
+  assert "warning: 1 of 3 texts (33.3%) truncated to 8 tokens" in err and len(err.strip().splitlines()) == 1
+  assert cli.embed_main(argv + ["--max-length", "64"]) == 0
+  assert "truncated" not in capsys.readouterr().err
+
+
 def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
   from grit_jax.inference import cli
   assert cli.generate_main(["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "6"]) == 0

@@ -144,6 +144,8 @@ class GritLM:
     self.shard_weights = shard_weights
     self._logged: set = set()
     self._fingerprint = None
+    # texts `encode` has embedded and those of them cut to max_length, so far (`grit-jax embed` reports them)
+    self.truncation = {"texts": 0, "truncated": 0}
 
   @staticmethod
   def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
@@ -253,6 +255,8 @@ class GritLM:
     if not texts:
       return np.zeros((0, self.config.hidden_size), np.float32)
     tokens = encode_lib.tokenize(self, texts, instruction, max_length)
+    self.truncation["texts"] += len(tokens)
+    self.truncation["truncated"] += sum(t.truncated for t in tokens)
     if embed_instruction:
       tokens = [(ids, np.ones_like(pool)) for ids, pool in tokens]
     if not add_special_tokens:
