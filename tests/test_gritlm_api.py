@@ -179,7 +179,9 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
   finally:
     os.umask(old)
   assert os.stat(hf).st_mode & 0o777 == 0o755  # the user's umask, not mkdtemp's 0700
-  assert os.stat(os.path.join(hf, "grit_settings.json")).st_mode & 0o777 == 0o644
+  for root, dirs, files in os.walk(hf):  # every file and folder of the export, not only the top
+    assert {n: os.stat(os.path.join(root, n)).st_mode & 0o777 for n in files} == {n: 0o644 for n in files}
+    assert {n: os.stat(os.path.join(root, n)).st_mode & 0o777 for n in dirs} == {n: 0o755 for n in dirs}
   with open(os.path.join(hf, "grit_settings.json")) as f:
     stored = json.load(f)
   assert (stored["attn"], stored["pooling"], stored["normalize"]) == ("cccc", "weightedmean", False)

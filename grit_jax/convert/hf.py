@@ -280,7 +280,7 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
     fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
     arrays = {name: thunk() for name, thunk in shard}
     total += sum(a.nbytes for a in arrays.values())
-    save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    _save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
     weight_map.update({name: fname for name in arrays})
     del arrays
   if n > 1:
@@ -319,6 +319,11 @@ def atomic_dir(dst: str, overwrite: bool = False):
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _save_file(arrays, path: str, metadata: dict) -> None:
+  save_file(arrays, path, metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600: give them the user's umask like the rest
 
 
 def _umask() -> int:
@@ -378,7 +383,7 @@ def save_jax(params: dict, config: ModelConfig, out_dir: str, hf_dtype: str | No
   import flax.linen as nn
   os.makedirs(out_dir, exist_ok=True)
   flat = {k: np.ascontiguousarray(_host(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
-  save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
+  _save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
   _write_json(os.path.join(out_dir, "config.json"),
               {"format": JAX_FORMAT, "model": config.to_dict(), "hf_dtype": hf_dtype or config.param_dtype})
   return out_dir
