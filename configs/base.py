@@ -15,6 +15,8 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Every ModelConfig field, so `--config.model.remat_policy=full` works and a typo fails.
   c.model = ml_collections.ConfigDict(dataclasses.asdict(get_model_config(model_preset)))
+  # A None default has no type to parse an override with: give it int (`--config.model.sliding_window=4096`).
+  c.model.sliding_window = ml_collections.FieldReference(c.model.sliding_window, field_type=int)
   c.init_from = ""  # "" = random init; "hf:DIR" = convert a Hugging Face checkpoint; "ckpt:DIR" = grit_jax checkpoint
   # Attention per pass, as the reference's --attn: chars 1-2 embedding (query, passage), 3-4 generative;
   # b = bidirectional, c = causal.  GritLM uses "bbcc".

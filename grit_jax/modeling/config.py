@@ -6,6 +6,7 @@ demos). `from_hf` reads a Hugging Face config.json; `to_hf_dict` writes one that
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
@@ -58,6 +59,10 @@ class ModelConfig:
       bad("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       bad("head_dim", "must be even (rotary embeddings rotate pairs)")
+    for key in ("rope_theta", "rms_norm_eps"):  # the rotary angles divide by theta's powers; eps keeps norms finite
+      v = getattr(self, key)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        bad(key, "must be a finite number > 0")
     if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
       bad("sliding_window", "must be None or a positive integer")
     if self.num_experts < 0 or (self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts):
