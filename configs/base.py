@@ -93,5 +93,6 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       checkpoint_dir="",                 # checkpoints go to <checkpoint_dir or workdir>/checkpoints (multi-host: gs://...)
       async_checkpoint=True,             # write checkpoints in the background while training continues
       stop_after=0,                      # >0: save and stop after this step (a time-limited job); rerun resumes
+      allow_unverified_checkpoints=False,  # resume from a step without grit_checksums.json (older grit_jax)
   ))
   return c

@@ -429,7 +429,7 @@ def test_checkpoint_without_checksums_restores_with_a_warning(full_run, tmp_path
 
   workdir = _copy_run(full_run, tmp_path / "w")
   os.remove(workdir / "checkpoints" / "6" / ckpt_lib.MANIFEST)  # as written by an older grit_jax
-  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2)
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2, allow_unverified=True)
   step, *_ = ckpt.restore_latest(tiny_run_config[1].abstract_state())
   ckpt.close()
   assert step == 6 and "has no grit_checksums.json" in capsys.readouterr().err
@@ -476,6 +476,54 @@ def test_checksums_commit_with_the_step_and_a_failed_save_is_named(tmp_path, mon
     ckpt.save(2, state, {"pos": 2}, {"note": "y"})
   assert ckpt.all_steps() == [1]
   ckpt.manager.close()
+
+
+def test_checkpoint_without_checksums_is_refused_unless_allowed(tmp_path, capsys):
+  """Fast (no training): a step without grit_checksums.json is not restored unverified by default."""
+  import jax
+
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.arange(16, dtype=np.float32).reshape(4, 4)}, "step": np.int32(1)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {"note": "x"})
+  ckpt.close()
+  os.remove(os.path.join(ckpt.directory, "1", ckpt_lib.MANIFEST))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+  with pytest.raises(GritJaxError, match=r"step 1: no grit_checksums.json.*allow_unverified_checkpoints=True") as e:
+    ckpt.restore_latest(abstract)
+  assert "\n" not in str(e.value)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, allow_unverified=True)
+  step, restored, data, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 1 and data == {"pos": 1} and "restoring it unverified" in capsys.readouterr().err
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  with pytest.raises(GritJaxError, match=r"1: no grit_checksums.json.*allow_unverified_checkpoints=True"):
+    ckpt_lib.restore_params(os.path.join(ckpt.directory, "1"), abstract["params"])  # init_from=ckpt: too
+
+
+def test_infinite_grad_norm_stops_the_run_naming_the_last_good_step(tmp_path):
+  """Fast: a finite loss with grad_norm inf (the loss 4e29 of a run on garbage) is a divergence, as a NaN loss is."""
+  from grit_jax.training import trainer
+
+  assert trainer.non_finite({"loss": 4e29, "grad_norm": 1.0}) is None
+  assert trainer.non_finite({"loss": 4e29, "grad_norm": float("inf")}) == "the grad_norm is inf"
+  assert trainer.non_finite({"loss": float("nan"), "grad_norm": 1.0}) == "the loss is nan"
+
+  class Ckpt:
+    directory = str(tmp_path)
+    wait = lambda self: None  # noqa: E731
+    all_steps = lambda self: [4]  # noqa: E731
+    latest_step = lambda self: 4  # noqa: E731
+
+  class Log:
+    flush = lambda self: None  # noqa: E731
+
+  with pytest.raises(trainer.TrainingDiverged, match=r"diverged at step 7: the grad_norm is inf \(the last good "
+                                                     r"step is 6\).* last good checkpoint is step 4"):
+    trainer._diverged(7, "the grad_norm is inf", Ckpt(), Log(), None)
 
 
 # --- the run's folders -----------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("dst")
   c.add_argument("--run-config", default=None,
                  help="the run's config.json (default: found in SRC or its parent folders, as train writes it)")
+  c.add_argument("--allow-unverified", action="store_true",
+                 help="convert a step without grit_checksums.json (written before grit_jax checksummed its steps)")
   c.add_argument("--tokenizer", default=None,
                  help="tokenizer.model or tokenizer.json (default: the run's data.tokenizer)")
   for sp in (b, c):
@@ -82,7 +84,8 @@ def find_run_config(src: str) -> str:
 
 
 def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str | None = None,
-               dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
+               dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False,
+               allow_unverified: bool = False) -> str:
   import json
   import os
 
@@ -113,7 +116,7 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: init_params(model_config)))
-  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract))
+  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
     export.write_export_files(config, model_config, tmp)
@@ -128,6 +131,6 @@ def main(argv: list[str]) -> int:
     out = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
   else:
     out = ckpt_to_hf(args.src, args.dst, args.run_config, args.tokenizer, args.dtype, args.max_shard_size,
-                     args.overwrite)
+                     args.overwrite, args.allow_unverified)
   print(f"wrote {out}")
   return 0

@@ -308,7 +308,8 @@ def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, allow_unverified: bool = False):
+    self.allow_unverified = allow_unverified
     path = os.path.join(workdir, "checkpoints")
     self.directory = path if "://" in path else os.path.abspath(path)  # gs:// etc. go to orbax as they are
     self.root = os.path.dirname(self.directory)
@@ -390,6 +391,9 @@ class Checkpointer:
         error = f"incomplete step folder (no {', '.join(missing)}): not written by a finished save"
       elif epath.Path(d, MANIFEST).exists():
         error = verify_manifest(d, jax.process_index(), jax.process_count())
+      elif not self.allow_unverified:  # this version seals every step it commits: a missing manifest is damage
+        error = (f"no {MANIFEST}, so its files cannot be verified (a step of grit_jax before checksums: "
+                 "--config.train.allow_unverified_checkpoints=True restores it anyway)")
       if error is None and not missing:
         error = _shape_mismatch(os.path.join(d, "state"), abstract_state)
     except Exception as e:  # noqa: BLE001 - a damaged step fails in the library in many ways; name the cause
@@ -405,8 +409,8 @@ class Checkpointer:
       why = self.check(step, abstract_state)
       if why is None:
         if not epath.Path(self._step_dir(step), MANIFEST).exists():
-          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (written by an older grit_jax): "
-                "restoring it unverified")
+          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST}: restoring it unverified "
+                "(train.allow_unverified_checkpoints)")
         try:
           restored = self.restore(step, abstract_state)
         except GritJaxError:
@@ -456,9 +460,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
+def restore_params(path: str, abstract_params: Any, allow_unverified: bool = False) -> Any:
   """Params of a grit_jax checkpoint step folder (`.../checkpoints/<step>`) or run folder (latest step),
-  restored onto the shardings of `abstract_params` (the `init_from=ckpt:DIR` path: weights only, new run)."""
+  restored onto the shardings of `abstract_params` (the `init_from=ckpt:DIR` path: weights only, new run).
+  A step without grit_checksums.json is refused unless `allow_unverified`."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -471,6 +476,10 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     why = _first_error(verify_manifest(path, jax.process_index(), jax.process_count()))
     if why is not None:
       raise GritJaxError(f"init_from=ckpt:{path}: the checkpoint is damaged: {why}")
+  elif not allow_unverified:
+    raise GritJaxError(f"{path}: no {MANIFEST}, so its files cannot be verified (a step of grit_jax before "
+                       "checksums: --config.train.allow_unverified_checkpoints=True, or ckpt-to-hf --allow-unverified, "
+                       "restores it anyway)")
   # Restore only the params subtree (the optimizer state stays on disk), onto the current shardings.
   target = {"params": abstract_params}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), target)
