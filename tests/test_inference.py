@@ -359,6 +359,17 @@ def test_index_save_load_roundtrip(model, tmp_path):
   assert (scores[:, 0] >= scores[:, 1]).all()
 
 
+def test_weights_fingerprint_covers_every_weight(model, tok):
+  from grit_jax.inference.gritlm import GritLM
+  leaf = model.params["embed_tokens"]["embedding"]
+  nudged = jax.tree.map(lambda x: x, model.params)
+  nudged["embed_tokens"]["embedding"] = leaf.at[1, 1].add(1e-3)  # off any stride a sample would take
+  other = GritLM(model.config, nudged, tok)
+  assert other.weights_fingerprint() != model.weights_fingerprint()
+  assert GritLM(model.config, jax.tree.map(lambda x: x + 0, model.params), tok).weights_fingerprint() == \
+      model.weights_fingerprint()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mteb
 
