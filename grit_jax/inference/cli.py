@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 ATTN_CHOICES = ("bbcc", "cccc", "bb", "cc")
@@ -94,8 +94,8 @@ def model_config(path: str):
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise GritJaxError(f"--model {path}: no config.json")
   if hf.is_jax_dir(path):
-    with open(os.path.join(path, "config.json")) as f:
-      return ModelConfig.from_dict(json.load(f)["model"], source=os.path.join(path, "config.json"))
+    return ModelConfig.from_dict(read_json(os.path.join(path, "config.json"), "the model config")["model"],
+                                 source=os.path.join(path, "config.json"))
   return ModelConfig.from_hf(path)
 
 
