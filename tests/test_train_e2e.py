@@ -563,6 +563,41 @@ def test_stale_lock_is_taken_over_and_a_live_holder_is_not(tmp_path, capsys):
     ckpt_lib.claim_run(str(tmp_path))
 
 
+def test_lock_files_are_not_followed_nor_echoed(tmp_path, monkeypatch):
+  import fcntl
+  import stat
+
+  from grit_jax.fileio import open_lock
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  secret = tmp_path / "secret.txt"
+  secret.write_text("password=hunter2\nmore\n")
+  run = tmp_path / "run"
+  run.mkdir()
+  os.symlink(secret, run / ckpt_lib.LOCK_FILE)  # a lock linked to another file: refused, the file untouched
+  with pytest.raises(GritJaxError, match=r"lock file is a symbolic link: refused") as e:
+    ckpt_lib.claim_run(str(run))
+  assert "hunter2" not in str(e.value) and secret.read_text() == "password=hunter2\nmore\n"
+  with pytest.raises(GritJaxError, match=r"symbolic link"):
+    open_lock(str(run / ckpt_lib.LOCK_FILE))  # the tfds build lock opens the same way
+  os.remove(run / ckpt_lib.LOCK_FILE)
+  claim = ckpt_lib.claim_run(str(run))
+  assert stat.S_IMODE(os.stat(run / ckpt_lib.LOCK_FILE).st_mode) == 0o600
+  claim.release()
+  # Held (flock) with contents that name no run: refused without echoing them.
+  (run / ckpt_lib.LOCK_FILE).write_text("password=hunter2")
+  with open(run / ckpt_lib.LOCK_FILE) as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(GritJaxError, match="in use by another run") as e:
+      ckpt_lib.claim_run(str(run))
+    assert "hunter2" not in str(e.value)
+    # Held by another user: the holder cannot be identified (its pid and host mean nothing here).
+    uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)
+    with pytest.raises(GritJaxError, match=rf"a run of another user \(uid {uid}\): the holder cannot be identified"):
+      ckpt_lib.claim_run(str(run))
+
+
 # Root writes anywhere: this launcher drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set, then execs
 # `grit-jax`, so the permission bits apply to the run as to any user.
 AS_A_USER = """import ctypes, os, sys

@@ -27,7 +27,7 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, open_lock
 
 FORMAT_VERSION = 1
 CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
@@ -243,7 +243,7 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
   os.makedirs(cache_dir, exist_ok=True)
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
-  with open(os.path.join(cache_dir, f".{config.name}.lock"), "w") as lock:
+  with open_lock(os.path.join(cache_dir, f".{config.name}.lock")) as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
     builder.download_and_prepare()

@@ -38,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, open_lock, owner
 
 MANIFEST = "grit_checksums.json"
 # Written by orbax at the commit, after the checksums: not covered.
@@ -113,12 +113,12 @@ class RunLock:
   def acquire(self) -> str | None:
     """None, or why the folder is in use."""
     folder = os.path.dirname(self.path)
-    f = open(self.path, "a+")  # pylint: disable=consider-using-with  (held until release)
-    f.seek(0)
+    f = open_lock(self.path)  # held until release
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      holder = _holder(f.read())[2]
+      other = os.fstat(f.fileno()).st_uid != os.geteuid()
+      holder = (f"a run of {owner(self.path)}: the holder cannot be identified" if other else _holder(f.read())[2])
       f.close()
       return f"{folder} is in use by another run ({holder}); wait for it to finish or use another --workdir"
     text = f.read().strip()
@@ -151,7 +151,7 @@ def _holder(text: str) -> tuple[int, str, str]:
     info = json.loads(text)
     pid, host = int(info["pid"]), str(info["host"])
   except (ValueError, KeyError, TypeError):
-    return -1, "", text.strip()[:200] or "starting"
+    return -1, "", "starting" if not text.strip() else "the lock file does not name it"  # never its contents
   return pid, host, f"pid {pid} on {host}, started {info.get('started', '?')}"
 
 
