@@ -504,6 +504,45 @@ def test_checkpoint_without_checksums_is_refused_unless_allowed(tmp_path, capsys
     ckpt_lib.restore_params(os.path.join(ckpt.directory, "1"), abstract["params"])  # init_from=ckpt: too
 
 
+def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypatch, capsys):
+  """Fast (a tiny checkpoint, no training): the run's config.json records its tokenizer file and sha256; ckpt-to-hf
+  run from another folder uses that file, not the other folder's data/tokenizer.model, and checks the hash."""
+  import jax
+
+  from grit_jax import contract
+  from grit_jax.data.tokenizer import file_identity
+  from grit_jax.modeling import init_params
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import trainer
+
+  monkeypatch.chdir(ROOT)
+  config, _ = train_cli.parse_args([*TINY, "--workdir", "w"])
+  model_config = contract.model_config(config, log=None)
+  run = tmp_path / "run"
+  ckpt = ckpt_lib.Checkpointer(str(run), keep=1, async_save=False)
+  ckpt.save(1, {"params": init_params(model_config, jax.random.PRNGKey(0))}, None, {})
+  ckpt.close()
+  run_json = dict(trainer._config_json(config), tokenizer_file=file_identity(config.data.tokenizer))
+  (run / "config.json").write_text(json.dumps(run_json))
+  other = tmp_path / "elsewhere"
+  (other / "data").mkdir(parents=True)
+  (other / "data" / "tokenizer.model").write_bytes(b"another tokenizer")  # what a cwd-relative path would take
+  monkeypatch.chdir(other)
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf")]) == 0, \
+      capsys.readouterr().err
+  with open(os.path.join(ROOT, "data", "tokenizer.model"), "rb") as a, open(tmp_path / "hf" / "tokenizer.model",
+                                                                           "rb") as b:
+    assert a.read() == b.read()
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf2"), "--tokenizer",
+                   "data/tokenizer.model"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "data/tokenizer.model: not the tokenizer the run trained with" in err and len(err.splitlines()) == 1
+  run_json["tokenizer_file"]["path"] = str(tmp_path / "moved.model")
+  (run / "config.json").write_text(json.dumps(run_json))
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf3")]) == 2
+  assert "the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
+
+
 def test_infinite_grad_norm_stops_the_run_naming_the_last_good_step(tmp_path):
   """Fast: a finite loss with grad_norm inf (the loss 4e29 of a run on garbage) is a divergence, as a NaN loss is."""
   from grit_jax.training import trainer

@@ -103,14 +103,24 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
     raise GritJaxError(f"{src}: no such checkpoint directory")
   run_config = run_config or find_run_config(src)
   try:
-    with open(run_config) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    with open(run_config, encoding="utf-8") as f:
+      raw = json.load(f)
+    recorded = raw.pop("tokenizer_file", None)  # {"path", "sha256"}: written by runs since it was recorded
+    config = ml_collections.ConfigDict(raw)
     model_config = contract.model_config(config, log=None)
-    tok_path = tokenizer or config.data.tokenizer
-  except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+    tok_path = tokenizer or (recorded["path"] if recorded else config.data.tokenizer)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
     raise GritJaxError(f"{run_config}: not a grit_jax run config ({e})") from e
   if not os.path.isfile(tok_path):
+    if recorded and not tokenizer:
+      raise GritJaxError(f"{run_config}: the run's tokenizer {tok_path} is gone (pass --tokenizer PATH to a copy; "
+                         "its sha256 is checked)")
     raise GritJaxError(f"{run_config}: data.tokenizer={tok_path!r} does not exist here (pass --tokenizer PATH)")
+  if recorded:
+    from grit_jax.data.tokenizer import file_identity
+    if file_identity(tok_path)["sha256"] != recorded.get("sha256"):
+      raise GritJaxError(f"{tok_path}: not the tokenizer the run trained with ({recorded.get('path')}, sha256 "
+                         f"{str(recorded.get('sha256'))[:16]}...): its sha256 differs")
   config.data.tokenizer = tok_path
   # Restore the params only, unsharded on one device, in the layout the run saved them (its model config).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

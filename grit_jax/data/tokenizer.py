@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,15 @@ UNK_STR = "<unk>"
 _SPECIAL_RE = re.compile(r"(<s>|</s>|<unk>)")
 SP_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
+
+
+def file_identity(path: str) -> dict:
+  """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return {"path": os.path.abspath(path), "sha256": h.hexdigest()}
 
 
 class _SentencePiece:

@@ -67,8 +67,11 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   t = config.train
   primary = jax.process_index() == 0
   config_json = _config_json(config)
+  from grit_jax.data.tokenizer import file_identity
+  # The tokenizer is named relative to where the run started: record which file it was (ckpt-to-hf finds it).
+  run_json = dict(config_json, tokenizer_file=file_identity(config.data.tokenizer))
   if primary:
-    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
+    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(run_json, f, indent=2))
 
   run = run_lib.Run(config, model_config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
@@ -92,7 +95,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     it.set_state(data_state)
 
   evaluate = eval_lib.Evaluator(run, config)
-  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start, hparams=config_json)
+  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start, hparams=run_json)
   stop = min(t.stop_after or t.steps, t.steps)
   # the packed rows are what a packed step computes
   flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
