@@ -458,6 +458,18 @@ def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, capsys):
   assert "truncated" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                                        ("--top-p", "nan"), ("--top-p", "0")])
+def test_cli_generate_refuses_bad_sampling(model, model_dir, flag, value, capsys):
+  from grit_jax import cli as main_cli
+  assert main_cli.main(["generate", "--model", model_dir, "--prompt", "Hi", flag, value]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+  assert f"{flag}={float(value)}" in captured.err
+  with pytest.raises(GritJaxError, match=flag[2:].replace("-", "_")):
+    model.generate(["Hi"], max_new_tokens=2, **{flag[2:].replace("-", "_"): float(value)})
+
+
 def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
   from grit_jax.inference import cli
   assert cli.generate_main(["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "6"]) == 0

@@ -201,6 +201,8 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   add_shard_weights(p)
   a = p.parse_args(argv)
+  from grit_jax.inference.generate import check_sampling
+  check_sampling(a.temperature, a.top_p, names=("--temperature", "--top-p"))  # before loading the model
   _check_new_tokens(a.model, a.max_new_tokens)
   model = _load(a.model, shard_weights=a.shard_weights)
   outs = model.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
