@@ -414,6 +414,27 @@ def test_skip_counts_are_reported_from_a_cached_build(tmp_path, tok, monkeypatch
   assert f"{tmp_path / 'emb.jsonl'}:2: malformed JSON" in caplog.text
 
 
+def test_duplicate_rows_are_counted_per_file_and_keyed_in_batches(tmp_path, tok, caplog):
+  other = {"query": "another question", "pos": ["another answer"], "neg": ["a negative"]}
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB, other, GOOD_EMB, GOOD_EMB])
+  path = str(tmp_path / "emb.jsonl")
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=4, train_group_size=2)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert it.stats.duplicates == {path: 2} and it.examples_per_epoch == {"embedding": 4}  # counted, kept
+  assert it.stats.duplicate_messages[path] == [f"{path}:3: the same row as line 1", f"{path}:4: the same row as line 1"]
+  assert "duplicate rows: 2 row(s)" in caplog.text and f"{path}: 2 duplicate(s)" in caplog.text
+  batch = next(it)
+  key = [tuple(k) for k in batch["pos_key"]]
+  firsts = [tuple(r) for r in batch["passage_ids"][::2]]
+  assert len(key) == 4 and sorted(key.count(k) for k in set(key)) == [1, 3]  # the 3 copies share one key
+  assert all((key[i] == key[j]) == (firsts[i] == firsts[j]) for i in range(4) for j in range(4))
+  packed = D.make_train_iterator(make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=4,
+                                          train_group_size=2, pack_embedding=True),
+                                 tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  pkey = [tuple(k) for k in next(packed)["pos_key"]]  # packed: the same grouping (hashes of unpadded ids)
+  assert len(pkey) == 4 and sorted(pkey.count(k) for k in set(pkey)) == [1, 3]
+
+
 def test_entries_that_are_not_jsonl_are_named(tmp_path, caplog):
   write_jsonl(tmp_path / "a.jsonl", [GOOD_EMB])
   write_jsonl(tmp_path / "README.md", ["# my data"])

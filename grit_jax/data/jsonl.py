@@ -35,9 +35,12 @@ class BadLine(GritJaxError):
 
 @dataclasses.dataclass
 class BadInputStats:
-  """Skipped lines per file (skip policy), with the first messages of each file."""
+  """Skipped lines per file (skip policy), with the first messages of each file; and rows that repeat an earlier
+  row of their file (kept, counted: in one batch they would be each other's false negatives)."""
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   messages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
+  duplicate_messages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
   def add(self, path: str, message: str) -> None:
     self.skipped[path] = self.skipped.get(path, 0) + 1
@@ -45,30 +48,51 @@ class BadInputStats:
     if len(msgs) < MAX_MESSAGES_PER_FILE:
       msgs.append(message)
 
+  def add_duplicate(self, path: str, message: str) -> None:
+    self.duplicates[path] = self.duplicates.get(path, 0) + 1
+    msgs = self.duplicate_messages.setdefault(path, [])
+    if len(msgs) < MAX_MESSAGES_PER_FILE:
+      msgs.append(message)
+
   def merge(self, other: "BadInputStats") -> None:
     for path, n in other.skipped.items():
       self.skipped[path] = self.skipped.get(path, 0) + n
       self.messages.setdefault(path, []).extend(other.messages.get(path, [])[:MAX_MESSAGES_PER_FILE])
+    for path, n in other.duplicates.items():
+      self.duplicates[path] = self.duplicates.get(path, 0) + n
+      self.duplicate_messages.setdefault(path, []).extend(
+          other.duplicate_messages.get(path, [])[:MAX_MESSAGES_PER_FILE])
 
   @property
   def total(self) -> int:
     return sum(self.skipped.values())
 
+  @property
+  def total_duplicates(self) -> int:
+    return sum(self.duplicates.values())
+
   def to_json(self) -> dict:
-    return {"skipped": dict(self.skipped), "messages": {k: list(v) for k, v in self.messages.items()}}
+    return {"skipped": dict(self.skipped), "messages": {k: list(v) for k, v in self.messages.items()},
+            "duplicates": dict(self.duplicates),
+            "duplicate_messages": {k: list(v) for k, v in self.duplicate_messages.items()}}
 
   @classmethod
   def from_json(cls, d: dict | None) -> "BadInputStats":
     d = d or {}
-    return cls(dict(d.get("skipped", {})), {k: list(v) for k, v in d.get("messages", {}).items()})
+    return cls(dict(d.get("skipped", {})), {k: list(v) for k, v in d.get("messages", {}).items()},
+               dict(d.get("duplicates", {})), {k: list(v) for k, v in d.get("duplicate_messages", {}).items()})
 
   def report(self) -> str:
-    if not self.skipped:
-      return "bad input: no lines skipped"
-    lines = [f"bad input: skipped {self.total} line(s)"]
+    lines = [f"bad input: skipped {self.total} line(s)" if self.skipped else "bad input: no lines skipped"]
     for path, n in sorted(self.skipped.items()):
       lines.append(f"  {path}: {n} skipped")
       lines += [f"    {m}" for m in self.messages.get(path, [])]
+    if self.duplicates:
+      lines.append(f"duplicate rows: {self.total_duplicates} row(s) repeat an earlier row of their file (kept; two "
+                   "queries of one batch with the same positive are not each other's negatives)")
+    for path, n in sorted(self.duplicates.items()):
+      lines.append(f"  {path}: {n} duplicate(s)")
+      lines += [f"    {m}" for m in self.duplicate_messages.get(path, [])]
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: i
 class GritJsonl(tfds.core.GeneratorBasedBuilder):
   """GritLM JSONL (embedding or generative) -> tfds examples; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: duplicate rows counted in the metadata
   BUILDER_CONFIGS = []  # configs are made per folder by make_config
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -170,10 +170,15 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
     counts = []
     check = check_embedding if cfg.kind == jsonl.EMBEDDING else check_generative
     for d, path in enumerate(cfg.files):
-      n = 0
+      n, seen = 0, {}  # row digest -> its first line
       for lineno, rec in jsonl.read_file(path, cfg.kind, policy=cfg.bad_input, stats=stats,
                                          group_size=cfg.group_size, check=check):
         n += 1
+        digest = hashlib.blake2b(json.dumps(rec, sort_keys=True).encode(), digest_size=16).digest()
+        if digest in seen:
+          stats.add_duplicate(path, f"{path}:{lineno}: the same row as line {seen[digest]}")
+        else:
+          seen[digest] = lineno
         if cfg.kind == jsonl.EMBEDDING:
           ex = {"query_instruction": rec["query"][0], "query": rec["query"][1],
                 "pos_instructions": [p[0] for p in rec["pos"]], "pos": [p[1] for p in rec["pos"]],
@@ -276,7 +281,7 @@ def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | N
         passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
         group_size=int(data_cfg.train_group_size), bad_input=data_cfg.bad_input,
         cache_dir=cache_dir)
-    if ds.stats.total and ds.builder.builder_config.name not in _REPORTED:
+    if (ds.stats.total or ds.stats.total_duplicates) and ds.builder.builder_config.name not in _REPORTED:
       _REPORTED.add(ds.builder.builder_config.name)
       logging.warning("%s", ds.stats.report())
   return out
