@@ -543,6 +543,22 @@ def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypat
   assert "the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
 
 
+def test_resume_survives_a_half_written_metrics_line(tmp_path, capsys):
+  """Fast: a crash in the middle of a metrics write leaves a cut last line; the resume drops it, keeps the rest."""
+  path = tmp_path / metrics_log.METRICS_FILE
+  path.write_bytes(b'{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "train", "loss": 1.5}\n'
+                   b'{"step": 3, "split": "tr\xc3')
+  assert [r["step"] for r in metrics_log.read_metrics(str(tmp_path))] == [1, 2]
+  assert "dropping a half-written last line" in capsys.readouterr().err
+  log = metrics_log.MetricsLog(str(tmp_path), resume_step=2)
+  log.write(3, {"loss": 1.25})
+  log.close()
+  assert [(r["step"], r["loss"]) for r in metrics_log.read_metrics(str(tmp_path))] == [(1, 2.0), (2, 1.5), (3, 1.25)]
+  path.write_text('{"step": 1}\n{"step": 2, "spl\n{"step": 3}\n')  # damage before the end: named, not guessed
+  with pytest.raises(GritJaxError, match=r"metrics.jsonl:2: not a metrics record"):
+    metrics_log.read_metrics(str(tmp_path))
+
+
 def test_infinite_grad_norm_stops_the_run_naming_the_last_good_step(tmp_path):
   """Fast: a finite loss with grad_norm inf (the loss 4e29 of a run on garbage) is a divergence, as a NaN loss is."""
   from grit_jax.training import trainer
