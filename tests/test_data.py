@@ -435,6 +435,37 @@ def test_duplicate_rows_are_counted_per_file_and_keyed_in_batches(tmp_path, tok,
   assert len(pkey) == 4 and sorted(pkey.count(k) for k in set(pkey)) == [1, 3]
 
 
+def test_bom_symlinks_folders_and_lone_surrogates(tmp_path, tok):
+  """A UTF-8 byte-order mark keeps line 1; a dangling symlink or a folder named *.jsonl is a one-line error; a lone
+  surrogate escape is a bad line (skipped and counted, or the error under bad_input=error)."""
+  other = {"query": "another question", "pos": ["another answer"], "neg": ["a negative"]}
+  (tmp_path / "emb.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD_EMB) + "\n" + json.dumps(other) + "\n")
+                                       .encode())
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=2)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert it.examples_per_epoch == {"embedding": 2} and it.stats.skipped == {}
+  assert jsonl.file_kind(str(tmp_path / "emb.jsonl")) == jsonl.EMBEDDING
+  lone = '{"query": "broken \\ud800 half", "pos": ["p"], "neg": ["n"]}'
+  pair = '{"query": "an emoji \\ud83d\\ude00 pair", "pos": ["p"], "neg": ["n"]}'  # a valid pair of escapes
+  (tmp_path / "sur").mkdir()
+  write_jsonl(tmp_path / "sur" / "s.jsonl", [GOOD_EMB, lone, pair])
+  sur = make_cfg(train_dir=str(tmp_path / "sur"), mode="embedding", embedding_batch_size=2)
+  it = D.make_train_iterator(sur, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  path = str(tmp_path / "sur" / "s.jsonl")
+  assert it.stats.skipped == {path: 1} and "s.jsonl:2: a lone UTF-16 surrogate" in it.stats.messages[path][0]
+  with pytest.raises(GritJaxError, match=r"s.jsonl:2: a lone UTF-16 surrogate escape"):
+    D.make_train_iterator(make_cfg(train_dir=str(tmp_path / "sur"), mode="embedding", embedding_batch_size=2,
+                                   bad_input="error"), tokenizer=tok, cache_dir=str(tmp_path / "cache2"))
+  os.symlink(tmp_path / "gone.jsonl", tmp_path / "link.jsonl")
+  with pytest.raises(GritJaxError, match=r"link.jsonl: a dangling symbolic link") as e:
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert "\n" not in str(e.value)
+  os.remove(tmp_path / "link.jsonl")
+  (tmp_path / "dir.jsonl").mkdir()
+  with pytest.raises(GritJaxError, match=r"dir.jsonl: a folder named \*.jsonl"):
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+
+
 def test_entries_that_are_not_jsonl_are_named(tmp_path, caplog):
   write_jsonl(tmp_path / "a.jsonl", [GOOD_EMB])
   write_jsonl(tmp_path / "README.md", ["# my data"])

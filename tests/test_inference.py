@@ -446,6 +446,16 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
   assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
+def test_lone_surrogate_is_a_named_error(model, tmp_path):
+  from grit_jax.inference import cli
+  src = tmp_path / "t.jsonl"
+  src.write_text('"fine"\n"half \\ud800 a pair"\n')
+  with pytest.raises(GritJaxError, match=r"t.jsonl:2: a lone UTF-16 surrogate"):
+    cli.read_texts(str(src))
+  with pytest.raises(GritJaxError, match=r"texts\[1\]: a lone UTF-16 surrogate"):
+    model.encode(["fine", "half \ud800"])
+
+
 def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, capsys):
   from grit_jax.inference import cli
   src = tmp_path / "texts.jsonl"

@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import re
 from typing import Any, Callable, Iterator
 
 from grit_jax.data import templates
@@ -104,6 +105,11 @@ def list_jsonl(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise GritJaxError(f"data folder {folder!r} does not exist")
   files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  for f in files:  # opened later by name: say now what is wrong with them
+    if os.path.isdir(f):
+      raise GritJaxError(f"{f}: a folder named *.jsonl in the data folder (a data file must be a file; rename it)")
+    if not os.path.exists(f):
+      raise GritJaxError(f"{f}: a dangling symbolic link (its target {os.readlink(f)} does not exist)")
   others = sorted(set(os.listdir(folder)) - {os.path.basename(f) for f in files})
   if not files:
     found = f" (it has: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''})" if others else ""
@@ -117,7 +123,7 @@ def list_jsonl(folder: str) -> list[str]:
 
 def file_kind(path: str) -> str | None:
   """EMBEDDING, GENERATIVE, or None when no line is an object with "query" or "text"."""
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not part of line 1
     for lineno, line in enumerate(f, 1):
       try:
         obj = json.loads(line)
@@ -216,7 +222,7 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark would break line 1's JSON
       except UnicodeDecodeError as e:
         _bad(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})", policy, stats)
         continue
@@ -229,6 +235,10 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
         continue
       if isinstance(obj, dict):
         _check_one_kind(obj, path, lineno)
+      if _SURROGATE_ESCAPE.search(line) and not _is_unicode(obj):
+        _bad(path, lineno, "a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a text: not valid Unicode", policy,
+             stats)
+        continue
       try:
         record = parse_embedding(obj, group_size) if kind == EMBEDDING else parse_generative(obj)
         if check is not None:
@@ -237,6 +247,18 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
         _bad(path, lineno, str(e), policy, stats)
         continue
       yield lineno, record
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # JSON can spell half of a UTF-16 pair
+
+
+def _is_unicode(obj: Any) -> bool:
+  """No lone surrogate in any string of obj (a pair of escapes decodes to one character and is fine)."""
+  try:
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def _bad(path: str, lineno: int, what: str, policy: str, stats: BadInputStats) -> None:

@@ -56,6 +56,10 @@ def read_texts(path: str, allow_title: bool = False) -> list:
         raise GritJaxError(f"{path}:{n}: expected a JSON string or an object with a string 'text' key")
       if not text.strip():
         raise GritJaxError(f"{path}:{n}: empty text")
+      try:
+        text.encode("utf-8")
+      except UnicodeEncodeError:  # JSON can spell half of a UTF-16 pair (\ud800); no tokenizer takes it
+        raise GritJaxError(f"{path}:{n}: a lone UTF-16 surrogate in the text: not valid Unicode") from None
       rows.append(text)
   if not rows:
     raise GritJaxError(f"{path}: no texts")

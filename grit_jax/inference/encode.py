@@ -81,6 +81,10 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
     if not isinstance(t, str):
       raise GritJaxError(f"texts[{i}] is {type(t).__name__}, expected str")
     try:
+      t.encode("utf-8")
+    except UnicodeEncodeError:
+      raise GritJaxError(f"texts[{i}]: a lone UTF-16 surrogate in the text: not valid Unicode") from None
+    try:
       enc = templates.encode_embedding(model.tokenizer, instruction, t, max_length)
     except GritJaxError as e:
       raise GritJaxError(f"texts[{i}]: {e}") from e
