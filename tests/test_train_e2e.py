@@ -504,6 +504,27 @@ def test_checkpoint_without_checksums_is_refused_unless_allowed(tmp_path, capsys
     ckpt_lib.restore_params(os.path.join(ckpt.directory, "1"), abstract["params"])  # init_from=ckpt: too
 
 
+def test_resume_prints_no_orbax_metadata_warning(tmp_path, caplog):
+  """Fast: restoring a step (its checks included) logs no absl "Metadata file does not exist" warning."""
+  import logging
+
+  import jax
+
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.ones((4, 4), np.float32)}, "step": np.int32(1)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {})
+  ckpt.close()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    step, *_ = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                                state))
+    ckpt.close()
+  assert step == 1 and "Metadata file does not exist" not in caplog.text, caplog.text
+
+
 def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypatch, capsys):
   """Fast (a tiny checkpoint, no training): the run's config.json records its tokenizer file and sha256; ckpt-to-hf
   run from another folder uses that file, not the other folder's data/tokenizer.model, and checks the hash."""

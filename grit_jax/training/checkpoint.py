@@ -288,7 +288,9 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
   """None when the saved arrays have the shapes of `abstract_state`, else the first difference."""
-  meta = ocp.StandardCheckpointer().metadata(state_dir)
+  # The item's handler, not a Checkpointer: that one also looks for a step-level _CHECKPOINT_METADATA inside the
+  # item folder (it is one level up) and logs "Metadata file does not exist" at every resume.
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   saved = _flat_shapes(getattr(meta, "item_metadata", meta))
   want = _flat_shapes(abstract_state)
   for name, shape in want.items():
