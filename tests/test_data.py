@@ -196,7 +196,7 @@ def test_batch_contract(unified, tok):
   b = next(it)
   shapes = {"query_ids": (8, 32), "query_mask": (8, 32), "query_pool_mask": (8, 32), "passage_ids": (24, 64),
             "passage_mask": (24, 64), "passage_pool_mask": (24, 64), "gen_ids": (4, 48), "gen_mask": (4, 48),
-            "gen_labels": (4, 48)}
+            "gen_labels": (4, 48), "pos_key": (8, 2)}
   assert {k: v.shape for k, v in b.items()} == shapes
   assert all(v.dtype == np.int32 for v in b.values())
   # Right padding; pool mask inside the attention mask; labels ignored on padding.
@@ -464,6 +464,30 @@ def test_bom_symlinks_folders_and_lone_surrogates(tmp_path, tok):
   (tmp_path / "dir.jsonl").mkdir()
   with pytest.raises(GritJaxError, match=r"dir.jsonl: a folder named \*.jsonl"):
     D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+
+
+def test_damaged_tfds_cache_names_the_folder_to_delete(tmp_path, tok):
+  import glob
+  import shutil
+
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB, {"query": "q2", "pos": ["p2"], "neg": ["n2"]}])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=2)
+  cache = str(tmp_path / "cache")
+  D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  (version_dir,) = glob.glob(os.path.join(cache, "grit_jsonl", "*", "*"))
+  build_dir = os.path.dirname(version_dir)
+  for name in ("dataset_info.json", "metadata.json", "grit_jsonl-train.array_record-00000-of-00001"):
+    with open(os.path.join(version_dir, name), "rb") as f:
+      good = f.read()
+    with open(os.path.join(version_dir, name), "wb") as f:
+      f.write(good[:len(good) // 2])
+    with pytest.raises(GritJaxError, match=rf"tfds build {build_dir} is damaged .*delete that folder") as e:
+      next(D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache))
+    assert "\n" not in str(e.value), name
+    with open(os.path.join(version_dir, name), "wb") as f:
+      f.write(good)
+  shutil.rmtree(build_dir)  # as the message says: rebuilt
+  assert len(next(D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache))["query_ids"]) == 2
 
 
 def test_entries_that_are_not_jsonl_are_named(tmp_path, caplog):

@@ -29,7 +29,7 @@ from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, open_lock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # in the cache key: 2 = duplicate rows counted in the metadata
 CACHE_ENV = "GRIT_JAX_CACHE"  # root of grit_jax's caches (default ~/.cache/grit_jax); the builds go to <root>/tfds
 tfds.disable_progress_bar()
 
@@ -111,7 +111,7 @@ def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: i
 class GritJsonl(tfds.core.GeneratorBasedBuilder):
   """GritLM JSONL (embedding or generative) -> tfds examples; see the module docstring."""
 
-  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: duplicate rows counted in the metadata
+  VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []  # configs are made per folder by make_config
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -217,8 +217,11 @@ class JsonlDataset:
   def records(self, indices) -> list[dict]:
     """Decoded records (python strings) of the given global indices."""
     idx = [int(i) for i in indices]
-    raw = self.source.__getitems__(idx) if hasattr(self.source, "__getitems__") else [self.source[i] for i in idx]
-    return [_decode(r) for r in raw]
+    try:
+      raw = self.source.__getitems__(idx) if hasattr(self.source, "__getitems__") else [self.source[i] for i in idx]
+      return [_decode(r) for r in raw]
+    except Exception as e:  # noqa: BLE001 - a record damaged after the build fails when it is read
+      raise damaged_build(os.path.dirname(os.fspath(self.builder.data_dir)), e) from None
 
 
 def _decode(value):
@@ -248,11 +251,26 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
   os.makedirs(cache_dir, exist_ok=True)
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
+  folder = os.path.join(cache_dir, GritJsonl.name, config.name)
   with open_lock(os.path.join(cache_dir, f".{config.name}.lock")) as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
-    builder.download_and_prepare()
-  return JsonlDataset(builder)
+    cached = os.path.isdir(folder)
+    try:
+      builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
+      builder.download_and_prepare()
+      return JsonlDataset(builder)
+    except GritJaxError:
+      raise
+    except Exception as e:  # noqa: BLE001 - tfds / array_record fail in their own ways on a damaged cached file
+      if not cached:
+        raise
+      raise damaged_build(folder, e) from None
+
+
+def damaged_build(folder: str, e: Exception) -> GritJaxError:
+  why = (str(e).strip().splitlines() or [""])[0][:200]
+  return GritJaxError(f"tfds build {folder} is damaged ({type(e).__name__}: {why}); delete that folder and it is "
+                      "rebuilt from the JSONL files")
 
 
 def mode_kinds(data_cfg) -> tuple[str, ...]:
