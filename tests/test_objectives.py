@@ -96,8 +96,9 @@ def test_contrastive_masks_a_shared_positive_hand_worked():
   assert np.asarray(mask).tolist() == [[False, False, True, False, False, False],
                                        [True, False, False, False, False, False],
                                        [False] * 6]
+  q3 = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
   grads = jax.grad(lambda a: objectives.contrastive_loss(a, jnp.asarray(PS[:2].repeat(3, 0)[:6]), 0.05, 2,
-                                                         pos_key=key))(jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+                                                         pos_key=key))(q3)
   assert np.isfinite(np.asarray(grads)).all()
 
 

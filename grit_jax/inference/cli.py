@@ -187,7 +187,8 @@ def embed_main(argv: list[str]) -> int:
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
                      pooling=a.pooling, normalize=a.normalize, packing=a.packing)
   save_npy_atomic(a.output, emb)
-  cut, n, limit = model.truncation["truncated"], model.truncation["texts"], a.max_length or model.settings.passage_max_len
+  cut, n = model.truncation["truncated"], model.truncation["texts"]
+  limit = a.max_length or model.settings.passage_max_len
   if cut:
     print(f"warning: {cut} of {n} texts ({cut / n:.1%}) truncated to {limit} tokens (template included; raise "
           "--max-length to keep them whole)", file=sys.stderr, flush=True)
