@@ -667,6 +667,10 @@ def test_lock_files_are_not_followed_nor_echoed(tmp_path, monkeypatch):
     with pytest.raises(GritJaxError, match="in use by another run") as e:
       ckpt_lib.claim_run(str(run))
     assert "hunter2" not in str(e.value)
+    (run / ckpt_lib.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h", "started": "password=hunter2"}))
+    with pytest.raises(GritJaxError, match="the lock file does not name it") as e:
+      ckpt_lib.claim_run(str(run))
+    assert "hunter2" not in str(e.value)
     # Held by another user: the holder cannot be identified (its pid and host mean nothing here).
     uid = os.geteuid()
     monkeypatch.setattr(os, "geteuid", lambda: uid + 1)

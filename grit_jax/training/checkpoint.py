@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -149,10 +150,12 @@ def _holder(text: str) -> tuple[int, str, str]:
   """(pid, host, a description) of the run a lock file names; pid -1 when unreadable."""
   try:
     info = json.loads(text)
-    pid, host = int(info["pid"]), str(info["host"])
-  except (ValueError, KeyError, TypeError):
+    pid, host, started = int(info["pid"]), str(info["host"]), str(info.get("started", "?"))
+  except (ValueError, KeyError, TypeError, AttributeError):
     return -1, "", "starting" if not text.strip() else "the lock file does not name it"  # never its contents
-  return pid, host, f"pid {pid} on {host}, started {info.get('started', '?')}"
+  if not (re.fullmatch(r"[\w.-]{1,253}", host) and re.fullmatch(r"[\w :+-]{1,40}", started)):
+    return -1, "", "the lock file does not name it"  # not what RunLock writes: show none of it
+  return pid, host, f"pid {pid} on {host}, started {started}"
 
 
 def _pid_alive(pid: int) -> bool:
