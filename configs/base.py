@@ -15,6 +15,8 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Every ModelConfig field, so `--config.model.remat_policy=full` works and a typo fails.
   c.model = ml_collections.ConfigDict(dataclasses.asdict(get_model_config(model_preset)))
+  # A None default has no type to parse an override with: give it int (`--config.model.sliding_window=4096`).
+  c.model.sliding_window = ml_collections.FieldReference(c.model.sliding_window, field_type=int)
   c.init_from = ""  # "" = random init; "hf:DIR" = convert a Hugging Face checkpoint; "ckpt:DIR" = grit_jax checkpoint
   # Attention per pass, as the reference's --attn: chars 1-2 embedding (query, passage), 3-4 generative;
   # b = bidirectional, c = causal.  GritLM uses "bbcc".
@@ -91,5 +93,6 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       checkpoint_dir="",                 # checkpoints go to <checkpoint_dir or workdir>/checkpoints (multi-host: gs://...)
       async_checkpoint=True,             # write checkpoints in the background while training continues
       stop_after=0,                      # >0: save and stop after this step (a time-limited job); rerun resumes
+      allow_unverified_checkpoints=False,  # resume from a step without grit_checksums.json (older grit_jax)
   ))
   return c

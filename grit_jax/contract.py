@@ -176,6 +176,7 @@ def _check_train(c) -> None:
   _int(t, "keep_checkpoints", 1, "train")
   _bool(t, "export_hf", "train")
   _bool(t, "async_checkpoint", "train")
+  _bool(t, "allow_unverified_checkpoints", "train")
   if not isinstance(t.checkpoint_dir, str):
     raise GritJaxError(f"config.train.checkpoint_dir={t.checkpoint_dir!r}: must be a path string")
   q = c.data.embedding_batch_size

@@ -2,8 +2,10 @@
 whose failures name the file, and where grit_jax keeps its caches."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from typing import Any, Callable, IO
 
 from grit_jax.errors import GritJaxError
@@ -37,3 +39,30 @@ def atomic_write(path: str, write: Callable[[IO], object], mode: str = "w") -> N
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def open_lock(path: str) -> IO:
+  """The lock file `path` opened for reading and writing (text), created 0600 and never truncated. A symlink or
+  anything but a plain file is refused: a lock linked to another file would truncate it or show its contents."""
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise GritJaxError(f"{path}: the lock file is a symbolic link: refused (delete it)") from None
+    if e.errno in (errno.EACCES, errno.EPERM):
+      raise GritJaxError(f"{path}: cannot open the lock file ({e.strerror}): it belongs to {owner(path)}, so its "
+                         "holder cannot be identified") from None
+    raise GritJaxError(f"{path}: cannot open the lock file ({e.strerror})") from None
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise GritJaxError(f"{path}: the lock file is not a plain file: refused (delete it)")
+  return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
+
+
+def owner(path: str) -> str:
+  """'another user (uid N)' for a file another user owns, else 'this user'."""
+  try:
+    uid = os.stat(path, follow_symlinks=False).st_uid
+  except OSError:
+    return "another user"
+  return "this user" if uid == os.geteuid() else f"another user (uid {uid})"

@@ -97,11 +97,25 @@ def contrastive_logits(q, p, temperature: float = 0.02, normalize: bool = True):
   return jnp.einsum("bd,pd->bp", q_BD, p_PD, precision=jax.lax.Precision.HIGHEST) / temperature
 
 
+def false_negative_mask(pos_key, group_size: int):
+  """[B, B*g] bool: True where column j*g (query j's positive) holds the same text as query i's own positive
+  (j != i): a duplicate, not a negative. pos_key [B, K] int32: a hash of each query's positive (equal keys = equal
+  texts)."""
+  B = pos_key.shape[0]
+  same_BB = jnp.all(pos_key[:, None, :] == pos_key[None, :, :], axis=-1) & ~jnp.eye(B, dtype=bool)
+  hard_BBg = jnp.zeros((B, B, group_size - 1), bool)  # hard negatives are never masked
+  return jnp.concatenate([same_BB[:, :, None], hard_BBg], axis=-1).reshape(B, B * group_size)
+
+
 def contrastive_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, normalize: bool = True,
-                     return_accuracy: bool = False):
+                     return_accuracy: bool = False, pos_key=None):
   """In-batch-negatives InfoNCE: q [B, D] queries, p [B*g, D] passages (query i's positive at row i*g, then its
   g-1 hard negatives). Every passage is a candidate for every query; the target of row i is column i*g; loss =
   mean over rows of the cross-entropy of (cosine / temperature).
+
+  pos_key [B, K] int (optional): a hash of each query's positive; another query's positive with the same key is
+  left out of row i's candidates (it is row i's own positive text, not a negative; sentence-transformers' no-
+  duplicates sampler keeps such rows out of one batch).
 
   Returns the loss, or (loss, top-1 accuracy) with `return_accuracy`.
   """
@@ -109,6 +123,8 @@ def contrastive_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, no
   if p.shape[0] != B * group_size:
     raise ValueError(f"contrastive_loss: {p.shape[0]} passages for {B} queries x group_size {group_size}")
   logits_BP = contrastive_logits(q, p, temperature, normalize)
+  if pos_key is not None:
+    logits_BP = jnp.where(false_negative_mask(pos_key, group_size), -1e9, logits_BP)  # exp() = 0: no candidate
   target_B = jnp.arange(B) * group_size
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BP, target_B).mean()
   if not return_accuracy:
@@ -128,7 +144,7 @@ def _live_gathered(x_local, axes: tuple[str, ...], grad: str):
 
 
 def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature: float = 0.02,
-                              group_size: int = 2, *, normalize: bool = True, grad: str = "gritlm"):
+                              group_size: int = 2, *, normalize: bool = True, grad: str = "gritlm", pos_key=None):
   """`contrastive_loss` over the global batch, computed per batch shard with explicit all-gathers, as the reference
   does with `dist.all_gather` + `--negatives_cross_device`.
 
@@ -142,17 +158,21 @@ def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature
     raise ValueError(f"contrastive_grad {grad!r}: expected one of {CONTRASTIVE_GRADS}")
   axes = tuple(a for a in batch_axes if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes:
-    return contrastive_loss(q, p, temperature, group_size, normalize=normalize, return_accuracy=True)
+    return contrastive_loss(q, p, temperature, group_size, normalize=normalize, return_accuracy=True,
+                            pos_key=pos_key)
   P = jax.sharding.PartitionSpec
 
-  def per_shard(q_local, p_local):
+  def per_shard(q_local, p_local, *key_local):
     q_all = _live_gathered(q_local.astype(jnp.float32), axes, grad)
     p_all = _live_gathered(p_local.astype(jnp.float32), axes, grad)
-    loss, acc = contrastive_loss(q_all, p_all, temperature, group_size, normalize=normalize, return_accuracy=True)
+    key_all = jax.lax.all_gather(key_local[0], axes, axis=0, tiled=True) if key_local else None
+    loss, acc = contrastive_loss(q_all, p_all, temperature, group_size, normalize=normalize, return_accuracy=True,
+                                 pos_key=key_all)
     return loss[None], acc[None]  # one value per shard: [1] each
 
-  loss_W, acc_W = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=(P(axes), P(axes)))(
-      q, p)
+  keys = () if pos_key is None else (pos_key,)
+  loss_W, acc_W = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes),) * (2 + len(keys)),
+                                out_specs=(P(axes), P(axes)))(q, p, *keys)
   return loss_W.mean(), jax.lax.stop_gradient(acc_W.mean())
 
 

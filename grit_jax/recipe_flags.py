@@ -43,7 +43,7 @@ def load_recipe(file: str):
     raise GritJaxError(f"--config {file}: no such file")
   _make_recipes_importable(file)
   try:
-    return config_flags.config_flags._LoadConfigModule("config", file).get_config()
+    config = config_flags.config_flags._LoadConfigModule("config", file).get_config()
   except SyntaxError as e:
     raise GritJaxError(f"{e.filename or file}:{e.lineno}: {e.msg} (syntax error in the recipe)") from None
   except GritJaxError:
@@ -52,6 +52,42 @@ def load_recipe(file: str):
     frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith(sys.prefix)]
     where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else f"{file}: "
     raise GritJaxError(f"{where}cannot load the recipe ({type(e).__name__}: {e})") from None
+  check_schema(config, file)
+  return config
+
+
+def _key_paths(node, prefix: str = "") -> list[str]:
+  out = []
+  for k in node.keys():
+    v = node[k]
+    out += _key_paths(v, f"{prefix}{k}.") if hasattr(v, "keys") else [prefix + k]
+  return out
+
+
+def _schema():
+  """This checkout's configs/base.py schema, loaded by path (a recipe's own tree may shadow `configs.base`)."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+  spec = importlib.util.spec_from_file_location("_grit_jax_schema", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def check_schema(config, file: str) -> None:
+  """A recipe's keys are exactly this checkout's configs/base.py keys: a key the recipe added (a typo such as
+  `c.train.stepz = 3`) would be saved and ignored; one its own older base lacks would fail later as a KeyError."""
+  want, got = _key_paths(_schema()), _key_paths(config)
+  extra = [k for k in got if k not in set(want)]
+  if extra:
+    close = difflib.get_close_matches(extra[0], want, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise GritJaxError(f"--config {file}: unknown config key {extra[0]!r}{hint}; configs/base.py defines every key")
+  missing = [k for k in want if k not in set(got)]
+  if missing:
+    base = getattr(sys.modules.get("configs.base"), "__file__", None) or "its configs/base.py"
+    raise GritJaxError(f"--config {file}: config key {missing[0]!r} is missing (the recipe's base {base} is older "
+                       f"than this grit_jax's configs/base.py; {len(missing)} key(s) missing)")
 
 
 def get_path(config, path: str):

@@ -67,6 +67,9 @@ parse_common() {
       *) echo "error: unknown accelerator type '$ACCELERATOR' (pass --version)" >&2; exit 2 ;;
     esac
   fi
+  # Pasted into remote shell commands after `~/`: quoted like every other argument (spaces, `;`, `$(...)`).
+  # shellcheck disable=SC2034  # used by the scripts that source this file
+  printf -v REMOTE_DIR_Q '%q' "$REMOTE_DIR"
   GCLOUD_SCOPE=(--zone "$ZONE")
   if [[ -n "$PROJECT" ]]; then
     GCLOUD_SCOPE+=(--project "$PROJECT")

@@ -21,4 +21,5 @@ while (($#)); do
     *) echo "error: unknown option $1" >&2; exit 2 ;;
   esac
 done
-on_workers "$WORKER" "tail -n $LINES -F ~/$REMOTE_DIR/logs/train.log"
+printf -v LINES_Q '%q' "$LINES"
+on_workers "$WORKER" "tail -n $LINES_Q -F ~/$REMOTE_DIR_Q/logs/train.log"

@@ -84,8 +84,8 @@ done
 # --distributed=yes: jax.distributed.initialize() finds the coordinator and the worker ids on a TPU VM by itself.
 CMD=".venv/bin/grit-jax train --distributed=yes${QUOTED}"
 if ((FOREGROUND)); then
-  on_workers all "cd ~/$REMOTE_DIR && mkdir -p logs && TF_CPP_MIN_LOG_LEVEL=2 $CMD 2>&1 | tee logs/train.log"
+  on_workers all "cd ~/$REMOTE_DIR_Q && mkdir -p logs && TF_CPP_MIN_LOG_LEVEL=2 $CMD 2>&1 | tee logs/train.log"
 else
-  on_workers all "cd ~/$REMOTE_DIR && mkdir -p logs && TF_CPP_MIN_LOG_LEVEL=2 nohup $CMD > logs/train.log 2>&1 &"
+  on_workers all "cd ~/$REMOTE_DIR_Q && mkdir -p logs && TF_CPP_MIN_LOG_LEVEL=2 nohup $CMD > logs/train.log 2>&1 &"
   echo "started on every worker of $TPU_NAME; follow with: launch/logs.sh --name $TPU_NAME --zone $ZONE"
 fi

@@ -70,6 +70,9 @@ def parse(*overrides):
     ("--config.model.remat_policy=most", "remat_policy"),
     ("--config.model.attention_impl=flash", "attention_impl='flash'"),
     ("--config.model.moe_impl=sparse", "moe_impl='sparse'"),
+    ("--config.model.rope_theta=0", "rope_theta=0"),
+    ("--config.model.rope_theta=-1e4", "rope_theta=-10000"),
+    ("--config.model.sliding_window=0", "sliding_window=0"),
     ("--config.mesh.dcn_fsdp=0", "config.mesh.dcn_fsdp=0"),
     ("--config.init_from=s3://bucket/model", "config.init_from='s3://bucket/model'"),
     ("--config.init_from=hf:/no/such/dir", "no such folder"),
@@ -187,6 +190,40 @@ def test_recipe_outside_configs_and_broken_recipe(tmp_path):
                      "  return c\n")
   with pytest.raises(GritJaxError, match=rf"{failing}:5: cannot load the recipe"):
     train_cli.parse_args(["--config", str(failing), "--workdir", "w"])
+
+
+def test_recipe_keys_are_the_schemas(tmp_path):
+  typo = tmp_path / "typo.py"
+  typo.write_text("from configs import base\n\ndef get_config():\n  c = base.get_config()\n  c.train.stepz = 3\n"
+                  "  return c\n")
+  with pytest.raises(GritJaxError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)") as e:
+    train_cli.parse_args(["--config", str(typo), "--workdir", "w"])
+  assert str(typo) in str(e.value) and "\n" not in str(e.value)
+  # A recipe tree with its own, older configs/base.py (it lacks train.stop_after): named, not a KeyError later.
+  tree = tmp_path / "tree" / "configs"
+  tree.mkdir(parents=True)
+  with open(os.path.join(ROOT, "configs", "base.py")) as f:
+    old = f.read().replace("      stop_after=0,", "")
+  (tree / "base.py").write_text(old)
+  shutil.copy(os.path.join(ROOT, "configs", "tiny.py"), tree / "mine.py")
+  import sys
+
+  def forget_configs():  # as a fresh process: `configs.base` not yet imported from this checkout
+    for name in [m for m in sys.modules if m == "configs" or m.startswith("configs.")]:
+      del sys.modules[name]
+  forget_configs()
+  try:
+    with pytest.raises(GritJaxError, match=r"config key 'train.stop_after' is missing .*tree/configs/base.py") as e:
+      train_cli.parse_args(["--config", str(tree / "mine.py"), "--workdir", "w"])
+    assert "\n" not in str(e.value)
+  finally:
+    forget_configs()  # the other tests import this checkout's configs again
+    sys.path[:] = [p for p in sys.path if not p.startswith(str(tmp_path))]
+
+
+def test_sliding_window_can_be_overridden():
+  assert parse("--config.model.sliding_window=32").model.sliding_window == 32
+  assert contract.model_config(parse("--config.model.sliding_window=32"), log=None).sliding_window == 32
 
 
 # --- every shipped recipe trains ----------------------------------------------------------------------------------

@@ -235,6 +235,57 @@ def test_other_bad_inputs(hf_dirs, tmp_path):
     hf_lib.load_hf(idx)
 
 
+@pytest.mark.parametrize("shard", ["../outside/x.safetensors", "/tmp/x.safetensors", "sub/../../x.safetensors"])
+def test_index_naming_shards_outside_the_folder_is_refused(hf_dirs, tmp_path, shard):
+  _, src = hf_dirs["mistral"]
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  shutil.copy(os.path.join(src, "model.safetensors"), outside / "x.safetensors")
+  idx = _copy(src, tmp_path / "model")
+  os.remove(os.path.join(idx, "model.safetensors"))
+  names = list(read_tensors(src))
+  with open(os.path.join(idx, hf_lib.INDEX_FILE), "w") as f:
+    json.dump({"weight_map": {n: shard for n in names}}, f)
+  with pytest.raises(GritJaxError, match=rf"lists shard '{shard}', outside the model folder .*: refused"):
+    hf_lib.load_hf(idx)
+
+
+def test_damaged_weights_and_config_are_named(hf_dirs, tmp_path, capsys):
+  """A truncated shard (header intact), a damaged params.safetensors under jax-to-hf, a config.json that is not
+  UTF-8: one line naming the file, never a traceback."""
+  _, src = hf_dirs["mistral"]
+  cut = _copy(src, tmp_path / "cut")
+  shard = os.path.join(cut, "model.safetensors")
+  with open(shard, "r+b") as f:
+    f.truncate(os.path.getsize(shard) - 1000)
+  with pytest.raises(GritJaxError, match=r"model.safetensors: .*damaged|model.safetensors: unreadable"):
+    hf_lib.load_hf(cut)
+  jax_dir = str(tmp_path / "jax")
+  assert cli.main(["convert", "hf-to-jax", src, jax_dir]) == 0
+  params = os.path.join(jax_dir, hf_lib.JAX_PARAMS_FILE)
+  for name, damage in (("header", lambda b: b"\xff" * 16 + b[16:]), ("data", lambda b: b[:-1000])):
+    with open(params, "rb") as f:
+      good = f.read()
+    with open(params, "wb") as f:
+      f.write(damage(good))
+    assert cli.main(["convert", "jax-to-hf", jax_dir, str(tmp_path / f"out_{name}")]) == 2, name
+    err = capsys.readouterr().err.strip()
+    assert hf_lib.JAX_PARAMS_FILE in err and len(err.splitlines()) == 1, err
+    with open(params, "wb") as f:
+      f.write(good)
+  latin = _copy(src, tmp_path / "latin")
+  with open(os.path.join(latin, "config.json"), "ab") as f:
+    f.write(b"\n\xe9\n")
+  assert cli.main(["convert", "hf-to-jax", latin, str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "config.json" in err and len(err.splitlines()) == 1, err
+  with open(os.path.join(jax_dir, "config.json"), "ab") as f:
+    f.write(b"\xe9")
+  assert cli.main(["convert", "jax-to-hf", jax_dir, str(tmp_path / "o2")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "config.json" in err and len(err.splitlines()) == 1, err
+
+
 def test_config_mapping():
   legacy = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 10000.0,

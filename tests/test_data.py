@@ -196,7 +196,7 @@ def test_batch_contract(unified, tok):
   b = next(it)
   shapes = {"query_ids": (8, 32), "query_mask": (8, 32), "query_pool_mask": (8, 32), "passage_ids": (24, 64),
             "passage_mask": (24, 64), "passage_pool_mask": (24, 64), "gen_ids": (4, 48), "gen_mask": (4, 48),
-            "gen_labels": (4, 48)}
+            "gen_labels": (4, 48), "pos_key": (8, 2)}
   assert {k: v.shape for k, v in b.items()} == shapes
   assert all(v.dtype == np.int32 for v in b.values())
   # Right padding; pool mask inside the attention mask; labels ignored on padding.
@@ -412,6 +412,82 @@ def test_skip_counts_are_reported_from_a_cached_build(tmp_path, tok, monkeypatch
   D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
   assert "bad input: skipped 1 line(s)" in caplog.text and want in caplog.text
   assert f"{tmp_path / 'emb.jsonl'}:2: malformed JSON" in caplog.text
+
+
+def test_duplicate_rows_are_counted_per_file_and_keyed_in_batches(tmp_path, tok, caplog):
+  other = {"query": "another question", "pos": ["another answer"], "neg": ["a negative"]}
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB, other, GOOD_EMB, GOOD_EMB])
+  path = str(tmp_path / "emb.jsonl")
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=4, train_group_size=2)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert it.stats.duplicates == {path: 2} and it.examples_per_epoch == {"embedding": 4}  # counted, kept
+  assert it.stats.duplicate_messages[path] == [f"{path}:3: the same row as line 1", f"{path}:4: the same row as line 1"]
+  assert "duplicate rows: 2 row(s)" in caplog.text and f"{path}: 2 duplicate(s)" in caplog.text
+  batch = next(it)
+  key = [tuple(k) for k in batch["pos_key"]]
+  firsts = [tuple(r) for r in batch["passage_ids"][::2]]
+  assert len(key) == 4 and sorted(key.count(k) for k in set(key)) == [1, 3]  # the 3 copies share one key
+  assert all((key[i] == key[j]) == (firsts[i] == firsts[j]) for i in range(4) for j in range(4))
+  packed = D.make_train_iterator(make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=4,
+                                          train_group_size=2, pack_embedding=True),
+                                 tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  pkey = [tuple(k) for k in next(packed)["pos_key"]]  # packed: the same grouping (hashes of unpadded ids)
+  assert len(pkey) == 4 and sorted(pkey.count(k) for k in set(pkey)) == [1, 3]
+
+
+def test_bom_symlinks_folders_and_lone_surrogates(tmp_path, tok):
+  """A UTF-8 byte-order mark keeps line 1; a dangling symlink or a folder named *.jsonl is a one-line error; a lone
+  surrogate escape is a bad line (skipped and counted, or the error under bad_input=error)."""
+  other = {"query": "another question", "pos": ["another answer"], "neg": ["a negative"]}
+  (tmp_path / "emb.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD_EMB) + "\n" + json.dumps(other) + "\n")
+                                       .encode())
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=2)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert it.examples_per_epoch == {"embedding": 2} and it.stats.skipped == {}
+  assert jsonl.file_kind(str(tmp_path / "emb.jsonl")) == jsonl.EMBEDDING
+  lone = '{"query": "broken \\ud800 half", "pos": ["p"], "neg": ["n"]}'
+  pair = '{"query": "an emoji \\ud83d\\ude00 pair", "pos": ["p"], "neg": ["n"]}'  # a valid pair of escapes
+  (tmp_path / "sur").mkdir()
+  write_jsonl(tmp_path / "sur" / "s.jsonl", [GOOD_EMB, lone, pair])
+  sur = make_cfg(train_dir=str(tmp_path / "sur"), mode="embedding", embedding_batch_size=2)
+  it = D.make_train_iterator(sur, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  path = str(tmp_path / "sur" / "s.jsonl")
+  assert it.stats.skipped == {path: 1} and "s.jsonl:2: a lone UTF-16 surrogate" in it.stats.messages[path][0]
+  with pytest.raises(GritJaxError, match=r"s.jsonl:2: a lone UTF-16 surrogate escape"):
+    D.make_train_iterator(make_cfg(train_dir=str(tmp_path / "sur"), mode="embedding", embedding_batch_size=2,
+                                   bad_input="error"), tokenizer=tok, cache_dir=str(tmp_path / "cache2"))
+  os.symlink(tmp_path / "gone.jsonl", tmp_path / "link.jsonl")
+  with pytest.raises(GritJaxError, match=r"link.jsonl: a dangling symbolic link") as e:
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+  assert "\n" not in str(e.value)
+  os.remove(tmp_path / "link.jsonl")
+  (tmp_path / "dir.jsonl").mkdir()
+  with pytest.raises(GritJaxError, match=r"dir.jsonl: a folder named \*.jsonl"):
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=str(tmp_path / "cache"))
+
+
+def test_damaged_tfds_cache_names_the_folder_to_delete(tmp_path, tok):
+  import glob
+  import shutil
+
+  write_jsonl(tmp_path / "emb.jsonl", [GOOD_EMB, {"query": "q2", "pos": ["p2"], "neg": ["n2"]}])
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", embedding_batch_size=2)
+  cache = str(tmp_path / "cache")
+  D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  (version_dir,) = glob.glob(os.path.join(cache, "grit_jsonl", "*", "*"))
+  build_dir = os.path.dirname(version_dir)
+  for name in ("dataset_info.json", "metadata.json", "grit_jsonl-train.array_record-00000-of-00001"):
+    with open(os.path.join(version_dir, name), "rb") as f:
+      good = f.read()
+    with open(os.path.join(version_dir, name), "wb") as f:
+      f.write(good[:len(good) // 2])
+    with pytest.raises(GritJaxError, match=rf"tfds build {build_dir} is damaged .*delete that folder") as e:
+      next(D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache))
+    assert "\n" not in str(e.value), name
+    with open(os.path.join(version_dir, name), "wb") as f:
+      f.write(good)
+  shutil.rmtree(build_dir)  # as the message says: rebuilt
+  assert len(next(D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache))["query_ids"]) == 2
 
 
 def test_entries_that_are_not_jsonl_are_named(tmp_path, caplog):

@@ -1,6 +1,7 @@
 """The GritLM API: parity with the gritlm package (1.0.2) on the same tiny weights, gritlm's argument forms
 (wrapped instructions, chat messages, encode_queries / encode_corpus, constructor keywords), the settings a model
 carries (grit_settings.json through export and convert), and the inference CLI's early, named errors."""
+import io
 import json
 import logging
 import os
@@ -179,7 +180,9 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
   finally:
     os.umask(old)
   assert os.stat(hf).st_mode & 0o777 == 0o755  # the user's umask, not mkdtemp's 0700
-  assert os.stat(os.path.join(hf, "grit_settings.json")).st_mode & 0o777 == 0o644
+  for root, dirs, files in os.walk(hf):  # every file and folder of the export, not only the top
+    assert {n: os.stat(os.path.join(root, n)).st_mode & 0o777 for n in files} == {n: 0o644 for n in files}
+    assert {n: os.stat(os.path.join(root, n)).st_mode & 0o777 for n in dirs} == {n: 0o755 for n in dirs}
   with open(os.path.join(hf, "grit_settings.json")) as f:
     stored = json.load(f)
   assert (stored["attn"], stored["pooling"], stored["normalize"]) == ("cccc", "weightedmean", False)
@@ -275,19 +278,32 @@ def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, ca
   shutil.copyfile(TOKENIZER, other / "tokenizer.model")
   assert run(None, str(other)) != 0  # another model, no corpus to rebuild from: an error
   assert "built with model" in capsys.readouterr().err
-  damage = {  # file -> (new bytes or an edit, the message's start)
-      "embeddings.npy": (b"garbage", "embeddings.npy: cannot read"),
-      "kv_cache.npz": (lambda b: b[:len(b) // 2], "kv_cache.npz: cannot read the KV caches"),
-      "documents.jsonl": (lambda b: b + b"{not json\n", "documents.jsonl:3: not an index document row"),
-      "index.json": (lambda b: b[:-3], "index.json: cannot read index metadata"),
+  mismatch = "does not match the sha256 in .*index.json \\(edited or damaged\\)"
+
+  def swap_rows(b):  # the two embedding rows exchanged: a valid .npy of the same shape
+    emb = np.load(io.BytesIO(b))
+    out = io.BytesIO()
+    np.save(out, emb[::-1].copy())
+    return out.getvalue()
+
+  damage = {  # (file, new bytes or an edit, the message)
+      ("embeddings.npy", b"garbage", "embeddings.npy: " + mismatch),
+      ("embeddings.npy", swap_rows, "embeddings.npy: " + mismatch),
+      ("embeddings.npy", lambda b: b[:-4] + bytes(x ^ 0x55 for x in b[-4:]), "embeddings.npy: " + mismatch),
+      ("kv_cache.npz", lambda b: b[:len(b) // 2], "kv_cache.npz: " + mismatch),
+      ("documents.jsonl", lambda b: b.replace(b"Everest", b"Kilimanjaro"), "documents.jsonl: " + mismatch),
+      ("documents.jsonl", lambda b: b + b"{not json\n", "documents.jsonl: " + mismatch),
+      ("index.json", lambda b: b[:-3], "index.json: cannot read index metadata"),
   }
-  for name, (edit, message) in damage.items():
-    copy = tmp_path / f"damaged_{name}"
+  for i, (name, edit, message) in enumerate(damage):
+    copy = tmp_path / f"damaged_{i}"
     shutil.copytree(idx, copy)
     old = (copy / name).read_bytes()
     (copy / name).write_bytes(edit(old) if callable(edit) else edit)
-    with pytest.raises(GritJaxError, match=message):
+    assert (copy / name).read_bytes() != old
+    with pytest.raises(GritJaxError, match=message) as e:
       rag_lib.RagIndex.load(str(copy))
+    assert "\n" not in str(e.value)
   (idx / "embeddings.npy").write_bytes(b"garbage")
   assert run(None) != 0  # the CLI says so in one line, before loading the model
-  assert "embeddings.npy: cannot read" in capsys.readouterr().err
+  assert "embeddings.npy: does not match the sha256" in capsys.readouterr().err

@@ -374,6 +374,17 @@ def test_index_save_load_roundtrip(model, tmp_path):
   assert (scores[:, 0] >= scores[:, 1]).all()
 
 
+def test_weights_fingerprint_covers_every_weight(model, tok):
+  from grit_jax.inference.gritlm import GritLM
+  leaf = model.params["embed_tokens"]["embedding"]
+  nudged = jax.tree.map(lambda x: x, model.params)
+  nudged["embed_tokens"]["embedding"] = leaf.at[1, 1].add(1e-3)  # off any stride a sample would take
+  other = GritLM(model.config, nudged, tok)
+  assert other.weights_fingerprint() != model.weights_fingerprint()
+  assert GritLM(model.config, jax.tree.map(lambda x: x + 0, model.params), tok).weights_fingerprint() == \
+      model.weights_fingerprint()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mteb
 
@@ -448,6 +459,40 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
     cli.embed_main(["--model", model_dir, "--input", str(bad), "--output", str(tmp_path / "x.npy")])
   assert not (tmp_path / "x.npy").exists()
   assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_lone_surrogate_is_a_named_error(model, tmp_path):
+  from grit_jax.inference import cli
+  src = tmp_path / "t.jsonl"
+  src.write_text('"fine"\n"half \\ud800 a pair"\n')
+  with pytest.raises(GritJaxError, match=r"t.jsonl:2: a lone UTF-16 surrogate"):
+    cli.read_texts(str(src))
+  with pytest.raises(GritJaxError, match=r"texts\[1\]: a lone UTF-16 surrogate"):
+    model.encode(["fine", "half \ud800"])
+
+
+def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, capsys):
+  from grit_jax.inference import cli
+  src = tmp_path / "texts.jsonl"
+  src.write_text("".join(json.dumps(t) + "\n" for t in ["one two three four five six seven eight", "hi", "a b"]))
+  argv = ["--model", model_dir, "--input", str(src), "--output", str(tmp_path / "e.npy"), "--packing"]
+  assert cli.embed_main(argv + ["--max-length", "8"]) == 0
+  err = capsys.readouterr().err
+  assert "warning: 1 of 3 texts (33.3%) truncated to 8 tokens" in err and len(err.strip().splitlines()) == 1
+  assert cli.embed_main(argv + ["--max-length", "64"]) == 0
+  assert "truncated" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+                                        ("--top-p", "nan"), ("--top-p", "0")])
+def test_cli_generate_refuses_bad_sampling(model, model_dir, flag, value, capsys):
+  from grit_jax import cli as main_cli
+  assert main_cli.main(["generate", "--model", model_dir, "--prompt", "Hi", flag, value]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+  assert f"{flag}={float(value)}" in captured.err
+  with pytest.raises(GritJaxError, match=flag[2:].replace("-", "_")):
+    model.generate(["Hi"], max_new_tokens=2, **{flag[2:].replace("-", "_"): float(value)})
 
 
 def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):

@@ -89,6 +89,21 @@ def test_train_runs_the_same_command_on_every_worker():
   assert words == [".venv/bin/grit-jax", "train", "--distributed=yes", *args]
 
 
+@pytest.mark.parametrize("script,extra", [("train.sh", ["--", "--config", "c.py"]), ("train.sh", ["--foreground", "--",
+                                                  "--config", "c.py"]), ("install.sh", []), ("logs.sh", [])])
+def test_remote_dir_is_quoted_in_the_remote_command(tmp_path, script, extra):
+  marker = tmp_path / "pwned"
+  odd = f"my runs; touch {marker}; echo $(touch {marker})"
+  ssh = dry_run(script, *SCOPE, "--remote-dir", odd, *extra)[-1]
+  remote = ssh[ssh.index("--command") + 1] if "--command" in ssh else ssh[-1]
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+  # The folder comes back as one word, whole, wherever the remote command names it.
+  assert f"~/{shlex.quote(odd)}" not in remote  # %q-quoted, not single-quoted after ~/ (which would stop ~ expanding)
+  cd = [w for w in shlex.split(remote.replace("~/", "HOME/")) if w.startswith("HOME/") and "_src.tgz" not in w]
+  assert cd and all(w.startswith(f"HOME/{odd}") for w in cd), cd
+  assert not marker.exists()
+
+
 def test_train_without_arguments_is_an_error():
   out = subprocess.run(["bash", os.path.join(LAUNCH, "train.sh"), "--dry-run"], capture_output=True, text=True)
   assert out.returncode == 2 and "no training arguments" in out.stderr

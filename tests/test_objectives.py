@@ -75,6 +75,33 @@ def test_contrastive_hand_worked():
   np.testing.assert_allclose(np.asarray(logits), [[40, 30, 30, 50], [30, 40, 40, 0]], rtol=1e-5)
 
 
+def test_contrastive_masks_a_shared_positive_hand_worked():
+  # Three queries, g=1, dot products at temperature 1: logits = q p^T = [[2, 0, 1], [0, 3, 1], [1, 1, 4]].
+  # Queries 0 and 1 have the same positive text (equal pos_key): column 1 is not a negative of row 0, nor column 0
+  # of row 1; row 2 keeps every candidate.
+  q = jnp.eye(3, dtype=jnp.float32)
+  p = jnp.asarray([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [1.0, 1.0, 4.0]])  # p_j . e_i = p[j, i]; symmetric here
+  key = jnp.asarray([[7, 1], [7, 1], [7, 2]], jnp.int32)
+  row0 = math.log(1 + math.exp(1 - 2))                      # candidates {2, 1}: -log(e^2 / (e^2 + e^1))
+  row1 = math.log(1 + math.exp(1 - 3))                      # candidates {3, 1}
+  row2 = math.log(1 + 2 * math.exp(1 - 4))                  # candidates {1, 1, 4}
+  np.testing.assert_allclose([row0, row1, row2], [0.3132617, 0.1269280, 0.0949230], rtol=1e-6)
+  loss = objectives.contrastive_loss(q, p, 1.0, 1, normalize=False, pos_key=key)
+  np.testing.assert_allclose(float(loss), (row0 + row1 + row2) / 3, rtol=1e-6)
+  plain = objectives.contrastive_loss(q, p, 1.0, 1, normalize=False)  # unmasked: row 0 also weighs e^0
+  np.testing.assert_allclose(float(plain), (math.log(1 + math.exp(-2) + math.exp(-1)) + math.log(
+      1 + math.exp(-3) + math.exp(-2)) + row2) / 3, rtol=1e-6)
+  # g=2: only the other query's positive column is masked, never a hard negative; gradients stay finite
+  mask = objectives.false_negative_mask(key, 2)
+  assert np.asarray(mask).tolist() == [[False, False, True, False, False, False],
+                                       [True, False, False, False, False, False],
+                                       [False] * 6]
+  q3 = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+  grads = jax.grad(lambda a: objectives.contrastive_loss(a, jnp.asarray(PS[:2].repeat(3, 0)[:6]), 0.05, 2,
+                                                         pos_key=key))(q3)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
 def test_contrastive_is_cosine_and_counts_accuracy():
   # scaling a vector does not change a cosine loss; a correct ranking gives accuracy 1
   q = np.array([[3.0, 0.0], [0.0, 0.5]], np.float32)
@@ -192,6 +219,18 @@ def test_gathered_gradients_exact_and_gritlm(mesh_and_reps):
       _sharded(mesh, q), _sharded(mesh, p))
   for got, want in zip(g_glob, ref):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_gathered_loss_masks_shared_positives_like_single_device(mesh_and_reps):
+  mesh, rules, q, p = mesh_and_reps
+  key = np.stack([np.arange(16) % 5, np.zeros(16)], axis=1).astype(np.int32)  # 16 queries, 5 positive texts
+  ref = objectives.contrastive_loss(jnp.asarray(q), jnp.asarray(p), 0.05, 2, pos_key=jnp.asarray(key))
+  assert abs(float(ref) - float(objectives.contrastive_loss(jnp.asarray(q), jnp.asarray(p), 0.05, 2))) > 1e-3
+  axes = mesh_lib.batch_axes(mesh, rules)
+  for grad in ("exact", "gritlm"):
+    loss, _ = jax.jit(lambda a, b, k, grad=grad: objectives.gathered_contrastive_loss(
+        a, b, mesh, axes, 0.05, 2, grad=grad, pos_key=k))(_sharded(mesh, q), _sharded(mesh, p), _sharded(mesh, key))
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
 
 
 def test_gathered_single_shard_is_local_loss():

@@ -442,7 +442,7 @@ def test_checkpoint_without_checksums_restores_with_a_warning(full_run, tmp_path
 
   workdir = _copy_run(full_run, tmp_path / "w")
   os.remove(workdir / "checkpoints" / "6" / ckpt_lib.MANIFEST)  # as written by an older grit_jax
-  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2)
+  ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2, allow_unverified=True)
   step, *_ = ckpt.restore_latest(tiny_run_config[1].abstract_state())
   ckpt.close()
   assert step == 6 and "has no grit_checksums.json" in capsys.readouterr().err
@@ -491,6 +491,130 @@ def test_checksums_commit_with_the_step_and_a_failed_save_is_named(tmp_path, mon
   ckpt.manager.close()
 
 
+def test_checkpoint_without_checksums_is_refused_unless_allowed(tmp_path, capsys):
+  """Fast (no training): a step without grit_checksums.json is not restored unverified by default."""
+  import jax
+
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.arange(16, dtype=np.float32).reshape(4, 4)}, "step": np.int32(1)}
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {"note": "x"})
+  ckpt.close()
+  os.remove(os.path.join(ckpt.directory, "1", ckpt_lib.MANIFEST))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+  with pytest.raises(GritJaxError, match=r"step 1: no grit_checksums.json.*allow_unverified_checkpoints=True") as e:
+    ckpt.restore_latest(abstract)
+  assert "\n" not in str(e.value)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, allow_unverified=True)
+  step, restored, data, _ = ckpt.restore_latest(abstract)
+  ckpt.close()
+  assert step == 1 and data == {"pos": 1} and "restoring it unverified" in capsys.readouterr().err
+  np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
+  with pytest.raises(GritJaxError, match=r"1: no grit_checksums.json.*allow_unverified_checkpoints=True"):
+    ckpt_lib.restore_params(os.path.join(ckpt.directory, "1"), abstract["params"])  # init_from=ckpt: too
+
+
+def test_resume_prints_no_orbax_metadata_warning(tmp_path, caplog):
+  """Fast: restoring a step (its checks included) logs no absl "Metadata file does not exist" warning."""
+  import logging
+
+  import jax
+
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  state = {"params": {"w": np.ones((4, 4), np.float32)}, "step": np.int32(1)}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt.save(1, state, {"pos": 1}, {})
+  ckpt.close()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    step, *_ = ckpt.restore_latest(jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                                                state))
+    ckpt.close()
+  assert step == 1 and "Metadata file does not exist" not in caplog.text, caplog.text
+
+
+def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypatch, capsys):
+  """Fast (a tiny checkpoint, no training): the run's config.json records its tokenizer file and sha256; ckpt-to-hf
+  run from another folder uses that file, not the other folder's data/tokenizer.model, and checks the hash."""
+  import jax
+
+  from grit_jax import contract
+  from grit_jax.data.tokenizer import file_identity
+  from grit_jax.modeling import init_params
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import trainer
+
+  monkeypatch.chdir(ROOT)
+  config, _ = train_cli.parse_args([*TINY, "--workdir", "w"])
+  model_config = contract.model_config(config, log=None)
+  run = tmp_path / "run"
+  ckpt = ckpt_lib.Checkpointer(str(run), keep=1, async_save=False)
+  ckpt.save(1, {"params": init_params(model_config, jax.random.PRNGKey(0))}, None, {})
+  ckpt.close()
+  run_json = dict(trainer._config_json(config), tokenizer_file=file_identity(config.data.tokenizer))
+  (run / "config.json").write_text(json.dumps(run_json))
+  other = tmp_path / "elsewhere"
+  (other / "data").mkdir(parents=True)
+  (other / "data" / "tokenizer.model").write_bytes(b"another tokenizer")  # what a cwd-relative path would take
+  monkeypatch.chdir(other)
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf")]) == 0, \
+      capsys.readouterr().err
+  with open(os.path.join(ROOT, "data", "tokenizer.model"), "rb") as a, open(tmp_path / "hf" / "tokenizer.model",
+                                                                           "rb") as b:
+    assert a.read() == b.read()
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf2"), "--tokenizer",
+                   "data/tokenizer.model"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "data/tokenizer.model: not the tokenizer the run trained with" in err and len(err.splitlines()) == 1
+  run_json["tokenizer_file"]["path"] = str(tmp_path / "moved.model")
+  (run / "config.json").write_text(json.dumps(run_json))
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf3")]) == 2
+  assert "the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
+
+
+def test_resume_survives_a_half_written_metrics_line(tmp_path, capsys):
+  """Fast: a crash in the middle of a metrics write leaves a cut last line; the resume drops it, keeps the rest."""
+  path = tmp_path / metrics_log.METRICS_FILE
+  path.write_bytes(b'{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "train", "loss": 1.5}\n'
+                   b'{"step": 3, "split": "tr\xc3')
+  assert [r["step"] for r in metrics_log.read_metrics(str(tmp_path))] == [1, 2]
+  assert "dropping a half-written last line" in capsys.readouterr().err
+  log = metrics_log.MetricsLog(str(tmp_path), resume_step=2)
+  log.write(3, {"loss": 1.25})
+  log.close()
+  assert [(r["step"], r["loss"]) for r in metrics_log.read_metrics(str(tmp_path))] == [(1, 2.0), (2, 1.5), (3, 1.25)]
+  path.write_text('{"step": 1}\n{"step": 2, "spl\n{"step": 3}\n')  # damage before the end: named, not guessed
+  with pytest.raises(GritJaxError, match=r"metrics.jsonl:2: not a metrics record"):
+    metrics_log.read_metrics(str(tmp_path))
+
+
+def test_infinite_grad_norm_stops_the_run_naming_the_last_good_step(tmp_path):
+  """Fast: a finite loss with grad_norm inf (the loss 4e29 of a run on garbage) is a divergence, as a NaN loss is."""
+  from grit_jax.training import trainer
+
+  assert trainer.non_finite({"loss": 4e29, "grad_norm": 1.0}) is None
+  assert trainer.non_finite({"loss": 4e29, "grad_norm": float("inf")}) == "the grad_norm is inf"
+  assert trainer.non_finite({"loss": float("nan"), "grad_norm": 1.0}) == "the loss is nan"
+
+  class Ckpt:
+    directory = str(tmp_path)
+    wait = lambda self: None  # noqa: E731
+    all_steps = lambda self: [4]  # noqa: E731
+    latest_step = lambda self: 4  # noqa: E731
+
+  class Log:
+    flush = lambda self: None  # noqa: E731
+
+  with pytest.raises(trainer.TrainingDiverged, match=r"diverged at step 7: the grad_norm is inf \(the last good "
+                                                     r"step is 6\).* last good checkpoint is step 4"):
+    trainer._diverged(7, "the grad_norm is inf", Ckpt(), Log(), None)
+
+
 # --- the run's folders -----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -526,6 +650,45 @@ def test_stale_lock_is_taken_over_and_a_live_holder_is_not(tmp_path, capsys):
     json.dump({"pid": os.getppid(), "host": socket.gethostname()}, f)
   with pytest.raises(GritJaxError, match="in use by another run"):
     ckpt_lib.claim_run(str(tmp_path))
+
+
+def test_lock_files_are_not_followed_nor_echoed(tmp_path, monkeypatch):
+  import fcntl
+  import stat
+
+  from grit_jax.fileio import open_lock
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  secret = tmp_path / "secret.txt"
+  secret.write_text("password=hunter2\nmore\n")
+  run = tmp_path / "run"
+  run.mkdir()
+  os.symlink(secret, run / ckpt_lib.LOCK_FILE)  # a lock linked to another file: refused, the file untouched
+  with pytest.raises(GritJaxError, match=r"lock file is a symbolic link: refused") as e:
+    ckpt_lib.claim_run(str(run))
+  assert "hunter2" not in str(e.value) and secret.read_text() == "password=hunter2\nmore\n"
+  with pytest.raises(GritJaxError, match=r"symbolic link"):
+    open_lock(str(run / ckpt_lib.LOCK_FILE))  # the tfds build lock opens the same way
+  os.remove(run / ckpt_lib.LOCK_FILE)
+  claim = ckpt_lib.claim_run(str(run))
+  assert stat.S_IMODE(os.stat(run / ckpt_lib.LOCK_FILE).st_mode) == 0o600
+  claim.release()
+  # Held (flock) with contents that name no run: refused without echoing them.
+  (run / ckpt_lib.LOCK_FILE).write_text("password=hunter2")
+  with open(run / ckpt_lib.LOCK_FILE) as held:
+    fcntl.flock(held, fcntl.LOCK_EX)
+    with pytest.raises(GritJaxError, match="in use by another run") as e:
+      ckpt_lib.claim_run(str(run))
+    assert "hunter2" not in str(e.value)
+    (run / ckpt_lib.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h", "started": "password=hunter2"}))
+    with pytest.raises(GritJaxError, match="the lock file does not name it") as e:
+      ckpt_lib.claim_run(str(run))
+    assert "hunter2" not in str(e.value)
+    # Held by another user: the holder cannot be identified (its pid and host mean nothing here).
+    uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: uid + 1)
+    with pytest.raises(GritJaxError, match=rf"a run of another user \(uid {uid}\): the holder cannot be identified"):
+      ckpt_lib.claim_run(str(run))
 
 
 # Root writes anywhere: this launcher drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set, then execs

@@ -169,6 +169,17 @@ def test_chunked_equals_plain(grads_of, kw):
   assert_tree_close(g_chunk, g_plain)
 
 
+def test_shared_positives_are_masked_plain_and_gradcache(grads_of):
+  batch = {k: v for k, v in random_batch(2).items() if not k.startswith("gen_")}
+  keyed = dict(batch, pos_key=np.stack([np.arange(B) % 3, np.zeros(B)], 1).astype(np.int32))  # 3 positive texts
+  (_, m_plain), g_plain = grads_of("mesh8", keyed)
+  (_, m_cache), g_cache = grads_of("mesh8", keyed, gradcache_chunk=2)
+  np.testing.assert_allclose(m_cache["loss_rep"], m_plain["loss_rep"], rtol=1e-5)
+  assert_tree_close(g_cache, g_plain)
+  (_, m_unkeyed), _ = grads_of("mesh8", batch)
+  assert m_plain["loss_rep"] < m_unkeyed["loss_rep"] - 1e-4  # fewer negatives: a lower loss
+
+
 def test_generative_only_batch_and_token_mode(grads_of):
   full = random_batch(3)
   gen = {k: v for k, v in full.items() if k.startswith("gen_")}

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
   c.add_argument("dst")
   c.add_argument("--run-config", default=None,
                  help="the run's config.json (default: found in SRC or its parent folders, as train writes it)")
+  c.add_argument("--allow-unverified", action="store_true",
+                 help="convert a step without grit_checksums.json (written before grit_jax checksummed its steps)")
   c.add_argument("--tokenizer", default=None,
                  help="tokenizer.model or tokenizer.json (default: the run's data.tokenizer)")
   g = sub.add_parser("gguf-to-hf", help="GGUF file (llama.cpp) -> Hugging Face directory (float32)")
@@ -92,7 +94,8 @@ def find_run_config(src: str) -> str:
 
 
 def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str | None = None,
-               dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
+               dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False,
+               allow_unverified: bool = False) -> str:
   import json
   import os
 
@@ -110,20 +113,30 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
     raise GritJaxError(f"{src}: no such checkpoint directory")
   run_config = run_config or find_run_config(src)
   try:
-    with open(run_config) as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    with open(run_config, encoding="utf-8") as f:
+      raw = json.load(f)
+    recorded = raw.pop("tokenizer_file", None)  # {"path", "sha256"}: written by runs since it was recorded
+    config = ml_collections.ConfigDict(raw)
     model_config = contract.model_config(config, log=None)
-    tok_path = tokenizer or config.data.tokenizer
-  except (OSError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+    tok_path = tokenizer or (recorded["path"] if recorded else config.data.tokenizer)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
     raise GritJaxError(f"{run_config}: not a grit_jax run config ({e})") from e
   if not os.path.isfile(tok_path):
+    if recorded and not tokenizer:
+      raise GritJaxError(f"{run_config}: the run's tokenizer {tok_path} is gone (pass --tokenizer PATH to a copy; "
+                         "its sha256 is checked)")
     raise GritJaxError(f"{run_config}: data.tokenizer={tok_path!r} does not exist here (pass --tokenizer PATH)")
+  if recorded:
+    from grit_jax.data.tokenizer import file_identity
+    if file_identity(tok_path)["sha256"] != recorded.get("sha256"):
+      raise GritJaxError(f"{tok_path}: not the tokenizer the run trained with ({recorded.get('path')}, sha256 "
+                         f"{str(recorded.get('sha256'))[:16]}...): its sha256 differs")
   config.data.tokenizer = tok_path
   # Restore the params only, unsharded on one device, in the layout the run saved them (its model config).
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: init_params(model_config)))
-  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract))
+  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
   with hf.atomic_dir(dst, overwrite) as tmp:
     hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
     export.write_export_files(config, model_config, tmp)
@@ -144,6 +157,6 @@ def main(argv: list[str]) -> int:
     out = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
   else:
     out = ckpt_to_hf(args.src, args.dst, args.run_config, args.tokenizer, args.dtype, args.max_shard_size,
-                     args.overwrite)
+                     args.overwrite, args.allow_unverified)
   print(f"wrote {out}")
   return 0

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import read_json
 from grit_jax.modeling.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,11 +149,15 @@ def weight_files(path: str) -> dict[str, str]:
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
     try:
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      weight_map = read_json(index, "the safetensors index")["weight_map"]
+    except (KeyError, TypeError) as e:
       raise GritJaxError(f"{index}: not a safetensors index ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise GritJaxError(f"{index}: not a safetensors index (weight_map must map names to shard file names)")
     for fname in sorted(set(weight_map.values())):
+      # A shard is a file of this folder: an index naming ../x or /abs/x would read weights from elsewhere.
+      if os.path.isabs(fname) or os.path.normpath(fname).split(os.sep)[0] in ("..", "") or "\\" in fname:
+        raise GritJaxError(f"{index}: lists shard {fname!r}, outside the model folder {path}: refused")
       if not os.path.isfile(os.path.join(path, fname)):
         raise GritJaxError(f"{index}: lists shard {fname!r}, which is missing from {path}")
     return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
@@ -209,10 +214,10 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
         raise GritJaxError(f"{path}: missing weight tensor {e.name!r}")
       fname = files[e.name]
       if fname not in handles:
-        handles[fname] = stack.enter_context(safe_open(fname, framework="np"))
+        handles[fname] = stack.enter_context(_open_safetensors(fname))
       leaf, idx = _leaf_ref(params, e, config.scan_layers)
       flax_shape = leaf[idx].shape
-      tensor = handles[fname].get_tensor(e.name)
+      tensor = _get_tensor(handles[fname], e.name, fname)
       want = _hf_shape(e, flax_shape)
       if tuple(tensor.shape) != want:
         raise GritJaxError(f"{fname}: tensor {e.name!r} has shape {tuple(tensor.shape)}, the config "
@@ -220,6 +225,24 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
       _require_finite(tensor, f"{fname}: tensor {e.name!r}")
       leaf[idx] = to_flax(e, tensor, flax_shape).astype(dtype)
   return params
+
+
+def _open_safetensors(path: str):
+  try:
+    return safe_open(path, framework="np")
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
+    raise GritJaxError(f"{path}: unreadable safetensors file ({_first_line(e)})") from e
+
+
+def _get_tensor(handle, name: str, path: str) -> np.ndarray:
+  try:
+    return handle.get_tensor(name)
+  except Exception as e:  # noqa: BLE001 - a truncated file fails here, past a valid header
+    raise GritJaxError(f"{path}: tensor {name!r} is unreadable ({_first_line(e)}): the file is damaged") from e
+
+
+def _first_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _require_finite(tensor: np.ndarray, what: str) -> None:
@@ -299,7 +322,7 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
     fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
     arrays = {name: thunk() for name, thunk in shard}
     total += sum(a.nbytes for a in arrays.values())
-    save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    _save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
     weight_map.update({name: fname for name in arrays})
     del arrays
   if n > 1:
@@ -340,6 +363,11 @@ def atomic_dir(dst: str, overwrite: bool = False):
     raise
 
 
+def _save_file(arrays, path: str, metadata: dict) -> None:
+  save_file(arrays, path, metadata=metadata)
+  os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600: give them the user's umask like the rest
+
+
 def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
@@ -365,9 +393,8 @@ def is_jax_dir(path: str) -> bool:
   if not os.path.isfile(cfg):
     return False
   try:
-    with open(cfg) as f:
-      return json.load(f).get("format") == JAX_FORMAT
-  except (json.JSONDecodeError, AttributeError):
+    return read_json(cfg).get("format") == JAX_FORMAT
+  except (GritJaxError, AttributeError):  # unreadable: the HF reader names it
     return False
 
 
@@ -397,7 +424,7 @@ def save_jax(params: dict, config: ModelConfig, out_dir: str, hf_dtype: str | No
   import flax.linen as nn
   os.makedirs(out_dir, exist_ok=True)
   flat = {k: np.ascontiguousarray(_host(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
-  save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
+  _save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
   _write_json(os.path.join(out_dir, "config.json"),
               {"format": JAX_FORMAT, "model": config.to_dict(), "hf_dtype": hf_dtype or config.param_dtype})
   return out_dir
@@ -408,16 +435,15 @@ def load_jax(path: str, **overrides) -> tuple[ModelConfig, dict, dict]:
   from grit_jax.modeling.model import params_for
   path = _require_dir(path)
   cfg_path = os.path.join(path, "config.json")
-  with open(cfg_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != JAX_FORMAT or "model" not in meta:
+  meta = read_json(cfg_path, "the model config")
+  if not isinstance(meta, dict) or meta.get("format") != JAX_FORMAT or "model" not in meta:
     raise GritJaxError(f"{cfg_path}: not a grit_jax config (expected format={JAX_FORMAT!r} and a 'model' key)")
   config = ModelConfig.from_dict({**meta["model"], **overrides}, source=cfg_path)
   pfile = os.path.join(path, JAX_PARAMS_FILE)
   if not os.path.isfile(pfile):
     raise GritJaxError(f"{path}: missing {JAX_PARAMS_FILE}")
-  with safe_open(pfile, framework="np") as f:
-    flat = {k: f.get_tensor(k) for k in f.keys()}
+  with _open_safetensors(pfile) as f:
+    flat = {k: _get_tensor(f, k, pfile) for k in f.keys()}
   for k, v in flat.items():
     _require_finite(v, f"{pfile}: param {k!r}")
   params = unflatten(flat)

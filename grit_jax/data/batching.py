@@ -6,6 +6,7 @@ the same features from the same record.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Sequence
 
@@ -86,11 +87,24 @@ def generative_features(tokenizer, rec: dict, *, generative_max_len: int) -> dic
           "gen_labels": pad_row(labels, generative_max_len, IGNORE), "gen_truncated": int(toks.truncated)}
 
 
+def positive_keys(positives: Sequence[Sequence[int]]) -> np.ndarray:
+  """[N, 2] int32: a 62-bit hash of each query's positive (its token ids as the model sees them). Two queries of a
+  batch with equal keys share a positive text: the loss does not count it as a negative for either
+  (objectives.contrastive_loss's pos_key)."""
+  out = np.zeros([len(positives), 2], np.int32)  # [N, 2]
+  for i, ids in enumerate(positives):
+    digest = hashlib.blake2b(np.asarray(ids, np.int32).tobytes(), digest_size=8).digest()
+    out[i] = np.frombuffer(digest, np.uint32).astype(np.int64) & 0x7FFFFFFF
+  return out
+
+
 def stack_embedding(features: list[dict]) -> dict[str, np.ndarray]:
-  """Per-example features -> batch: queries [B, Lq], passages [B*g, Lp] (each query's group contiguous)."""
+  """Per-example features -> batch: queries [B, Lq], passages [B*g, Lp] (each query's group contiguous), pos_key
+  [B, 2] (positive_keys)."""
   out = {k: np.stack([f[k] for f in features]) for k in ("query_ids", "query_mask", "query_pool_mask")}
   for k in ("passage_ids", "passage_mask", "passage_pool_mask"):
     out[k] = np.concatenate([f[k] for f in features], axis=0)  # [B*g, Lp]
+  out["pos_key"] = positive_keys([f["passage_ids"][0] for f in features])  # padded rows: equal texts, equal rows
   return out
 
 

@@ -259,7 +259,12 @@ class TrainIterator:
     pad = self.tokenizer.pad_id
     pads = {name: {"ids": pad, "labels": batching.IGNORE} if name == "gen" else {"ids": pad, "pool_mask": 0}
             for name in seqs}
-    return self.packer.pack(seqs, pads)
+    out = self.packer.pack(seqs, pads)
+    if "passage" in seqs:  # this process's queries: the contiguous share its units hold
+      positives = [s["ids"] for s in seqs["passage"][::self.group]]
+      n = len(positives) // self.num_shards
+      out["pos_key"] = batching.positive_keys(positives[self.shard_index * n:(self.shard_index + 1) * n])
+    return out
 
   def _count(self, key: str, truncated: int, texts: int) -> None:
     self.truncated[key] += int(truncated)

@@ -18,6 +18,7 @@ import glob
 import json
 import logging
 import os
+import re
 from typing import Any, Callable, Iterator
 
 from grit_jax.data import templates
@@ -35,9 +36,12 @@ class BadLine(GritJaxError):
 
 @dataclasses.dataclass
 class BadInputStats:
-  """Skipped lines per file (skip policy), with the first messages of each file."""
+  """Skipped lines per file (skip policy), with the first messages of each file; and rows that repeat an earlier
+  row of their file (kept, counted: in one batch they would be each other's false negatives)."""
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)
   messages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  duplicates: dict[str, int] = dataclasses.field(default_factory=dict)
+  duplicate_messages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
   def add(self, path: str, message: str) -> None:
     self.skipped[path] = self.skipped.get(path, 0) + 1
@@ -45,30 +49,51 @@ class BadInputStats:
     if len(msgs) < MAX_MESSAGES_PER_FILE:
       msgs.append(message)
 
+  def add_duplicate(self, path: str, message: str) -> None:
+    self.duplicates[path] = self.duplicates.get(path, 0) + 1
+    msgs = self.duplicate_messages.setdefault(path, [])
+    if len(msgs) < MAX_MESSAGES_PER_FILE:
+      msgs.append(message)
+
   def merge(self, other: "BadInputStats") -> None:
     for path, n in other.skipped.items():
       self.skipped[path] = self.skipped.get(path, 0) + n
       self.messages.setdefault(path, []).extend(other.messages.get(path, [])[:MAX_MESSAGES_PER_FILE])
+    for path, n in other.duplicates.items():
+      self.duplicates[path] = self.duplicates.get(path, 0) + n
+      self.duplicate_messages.setdefault(path, []).extend(
+          other.duplicate_messages.get(path, [])[:MAX_MESSAGES_PER_FILE])
 
   @property
   def total(self) -> int:
     return sum(self.skipped.values())
 
+  @property
+  def total_duplicates(self) -> int:
+    return sum(self.duplicates.values())
+
   def to_json(self) -> dict:
-    return {"skipped": dict(self.skipped), "messages": {k: list(v) for k, v in self.messages.items()}}
+    return {"skipped": dict(self.skipped), "messages": {k: list(v) for k, v in self.messages.items()},
+            "duplicates": dict(self.duplicates),
+            "duplicate_messages": {k: list(v) for k, v in self.duplicate_messages.items()}}
 
   @classmethod
   def from_json(cls, d: dict | None) -> "BadInputStats":
     d = d or {}
-    return cls(dict(d.get("skipped", {})), {k: list(v) for k, v in d.get("messages", {}).items()})
+    return cls(dict(d.get("skipped", {})), {k: list(v) for k, v in d.get("messages", {}).items()},
+               dict(d.get("duplicates", {})), {k: list(v) for k, v in d.get("duplicate_messages", {}).items()})
 
   def report(self) -> str:
-    if not self.skipped:
-      return "bad input: no lines skipped"
-    lines = [f"bad input: skipped {self.total} line(s)"]
+    lines = [f"bad input: skipped {self.total} line(s)" if self.skipped else "bad input: no lines skipped"]
     for path, n in sorted(self.skipped.items()):
       lines.append(f"  {path}: {n} skipped")
       lines += [f"    {m}" for m in self.messages.get(path, [])]
+    if self.duplicates:
+      lines.append(f"duplicate rows: {self.total_duplicates} row(s) repeat an earlier row of their file (kept; two "
+                   "queries of one batch with the same positive are not each other's negatives)")
+    for path, n in sorted(self.duplicates.items()):
+      lines.append(f"  {path}: {n} duplicate(s)")
+      lines += [f"    {m}" for m in self.duplicate_messages.get(path, [])]
     return "\n".join(lines)
 
 
@@ -80,6 +105,11 @@ def list_jsonl(folder: str) -> list[str]:
   if not os.path.isdir(folder):
     raise GritJaxError(f"data folder {folder!r} does not exist")
   files = sorted(glob.glob(os.path.join(folder, "*.jsonl")))
+  for f in files:  # opened later by name: say now what is wrong with them
+    if os.path.isdir(f):
+      raise GritJaxError(f"{f}: a folder named *.jsonl in the data folder (a data file must be a file; rename it)")
+    if not os.path.exists(f):
+      raise GritJaxError(f"{f}: a dangling symbolic link (its target {os.readlink(f)} does not exist)")
   others = sorted(set(os.listdir(folder)) - {os.path.basename(f) for f in files})
   if not files:
     found = f" (it has: {', '.join(others[:10])}{' ...' if len(others) > 10 else ''})" if others else ""
@@ -93,7 +123,7 @@ def list_jsonl(folder: str) -> list[str]:
 
 def file_kind(path: str) -> str | None:
   """EMBEDDING, GENERATIVE, or None when no line is an object with "query" or "text"."""
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is not part of line 1
     for lineno, line in enumerate(f, 1):
       try:
         obj = json.loads(line)
@@ -192,7 +222,7 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, 1):
       try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark would break line 1's JSON
       except UnicodeDecodeError as e:
         _bad(path, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})", policy, stats)
         continue
@@ -205,6 +235,10 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
         continue
       if isinstance(obj, dict):
         _check_one_kind(obj, path, lineno)
+      if _SURROGATE_ESCAPE.search(line) and not _is_unicode(obj):
+        _bad(path, lineno, "a lone UTF-16 surrogate escape (\\ud800-\\udfff) in a text: not valid Unicode", policy,
+             stats)
+        continue
       try:
         record = parse_embedding(obj, group_size) if kind == EMBEDDING else parse_generative(obj)
         if check is not None:
@@ -213,6 +247,18 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
         _bad(path, lineno, str(e), policy, stats)
         continue
       yield lineno, record
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # JSON can spell half of a UTF-16 pair
+
+
+def _is_unicode(obj: Any) -> bool:
+  """No lone surrogate in any string of obj (a pair of escapes decodes to one character and is fine)."""
+  try:
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def _bad(path: str, lineno: int, what: str, policy: str, stats: BadInputStats) -> None:

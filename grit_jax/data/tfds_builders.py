@@ -28,9 +28,9 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, cache_dir as _cache_dir
+from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, open_lock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # in the cache key: 2 = duplicate rows counted in the metadata
 tfds.disable_progress_bar()
 
 
@@ -179,10 +179,15 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
     counts = []
     check = check_embedding if cfg.kind == jsonl.EMBEDDING else check_generative
     for d, path in enumerate(cfg.files):
-      n = 0
+      n, seen = 0, {}  # row digest -> its first line
       for lineno, rec in jsonl.read_file(path, cfg.kind, policy=cfg.bad_input, stats=stats,
                                          group_size=cfg.group_size, check=check):
         n += 1
+        digest = hashlib.blake2b(json.dumps(rec, sort_keys=True).encode(), digest_size=16).digest()
+        if digest in seen:
+          stats.add_duplicate(path, f"{path}:{lineno}: the same row as line {seen[digest]}")
+        else:
+          seen[digest] = lineno
         if cfg.kind == jsonl.EMBEDDING:
           ex = {"query_instruction": rec["query"][0], "query": rec["query"][1],
                 "pos_instructions": [p[0] for p in rec["pos"]], "pos": [p[1] for p in rec["pos"]],
@@ -221,8 +226,11 @@ class JsonlDataset:
   def records(self, indices) -> list[dict]:
     """Decoded records (python strings) of the given global indices."""
     idx = [int(i) for i in indices]
-    raw = self.source.__getitems__(idx) if hasattr(self.source, "__getitems__") else [self.source[i] for i in idx]
-    return [_decode(r) for r in raw]
+    try:
+      raw = self.source.__getitems__(idx) if hasattr(self.source, "__getitems__") else [self.source[i] for i in idx]
+      return [_decode(r) for r in raw]
+    except Exception as e:  # noqa: BLE001 - a record damaged after the build fails when it is read
+      raise damaged_build(os.path.dirname(os.fspath(self.builder.data_dir)), e) from None
 
 
 def _decode(value):
@@ -252,11 +260,26 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
   os.makedirs(cache_dir, exist_ok=True)
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
-  with open(os.path.join(cache_dir, f".{config.name}.lock"), "w") as lock:
+  folder = os.path.join(cache_dir, GritJsonl.name, config.name)
+  with open_lock(os.path.join(cache_dir, f".{config.name}.lock")) as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
-    builder.download_and_prepare()
-  return JsonlDataset(builder)
+    cached = os.path.isdir(folder)
+    try:
+      builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")
+      builder.download_and_prepare()
+      return JsonlDataset(builder)
+    except GritJaxError:
+      raise
+    except Exception as e:  # noqa: BLE001 - tfds / array_record fail in their own ways on a damaged cached file
+      if not cached:
+        raise
+      raise damaged_build(folder, e) from None
+
+
+def damaged_build(folder: str, e: Exception) -> GritJaxError:
+  why = (str(e).strip().splitlines() or [""])[0][:200]
+  return GritJaxError(f"tfds build {folder} is damaged ({type(e).__name__}: {why}); delete that folder and it is "
+                      "rebuilt from the JSONL files")
 
 
 def mode_kinds(data_cfg) -> tuple[str, ...]:
@@ -285,7 +308,7 @@ def load_datasets(data_cfg, folder: str, tokenizer_path: str, cache_dir: str | N
         passage_max_len=int(data_cfg.passage_max_len), generative_max_len=int(data_cfg.generative_max_len),
         group_size=int(data_cfg.train_group_size), bad_input=data_cfg.bad_input,
         cache_dir=cache_dir)
-    if ds.stats.total and ds.builder.builder_config.name not in _REPORTED:
+    if (ds.stats.total or ds.stats.total_duplicates) and ds.builder.builder_config.name not in _REPORTED:
       _REPORTED.add(ds.builder.builder_config.name)
       logging.warning("%s", ds.stats.report())
   return out

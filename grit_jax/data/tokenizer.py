@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import re
@@ -35,6 +36,15 @@ HF_FILE = "tokenizer.json"
 # Next to the tokenizer: its special tokens and chat template (transformers 5 writes the template to its own file).
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+
+
+def file_identity(path: str) -> dict:
+  """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return {"path": os.path.abspath(path), "sha256": h.hexdigest()}
 
 
 class _SentencePiece:

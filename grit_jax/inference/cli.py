@@ -15,11 +15,12 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 ATTN_CHOICES = ("bbcc", "cccc", "bb", "cc")
@@ -55,6 +56,10 @@ def read_texts(path: str, allow_title: bool = False) -> list:
         raise GritJaxError(f"{path}:{n}: expected a JSON string or an object with a string 'text' key")
       if not text.strip():
         raise GritJaxError(f"{path}:{n}: empty text")
+      try:
+        text.encode("utf-8")
+      except UnicodeEncodeError:  # JSON can spell half of a UTF-16 pair (\ud800); no tokenizer takes it
+        raise GritJaxError(f"{path}:{n}: a lone UTF-16 surrogate in the text: not valid Unicode") from None
       rows.append(text)
   if not rows:
     raise GritJaxError(f"{path}: no texts")
@@ -93,8 +98,8 @@ def model_config(path: str):
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise GritJaxError(f"--model {path}: no config.json")
   if hf.is_jax_dir(path):
-    with open(os.path.join(path, "config.json")) as f:
-      return ModelConfig.from_dict(json.load(f)["model"], source=os.path.join(path, "config.json"))
+    return ModelConfig.from_dict(read_json(os.path.join(path, "config.json"), "the model config")["model"],
+                                 source=os.path.join(path, "config.json"))
   return ModelConfig.from_hf(path)
 
 
@@ -182,6 +187,11 @@ def embed_main(argv: list[str]) -> int:
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
                      pooling=a.pooling, normalize=a.normalize, packing=a.packing)
   save_npy_atomic(a.output, emb)
+  cut, n = model.truncation["truncated"], model.truncation["texts"]
+  limit = a.max_length or model.settings.passage_max_len
+  if cut:
+    print(f"warning: {cut} of {n} texts ({cut / n:.1%}) truncated to {limit} tokens (template included; raise "
+          "--max-length to keep them whole)", file=sys.stderr, flush=True)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0
 
@@ -196,6 +206,8 @@ def generate_main(argv: list[str]) -> int:
   p.add_argument("--seed", type=int, default=0, help="sampling seed")
   add_shard_weights(p)
   a = p.parse_args(argv)
+  from grit_jax.inference.generate import check_sampling
+  check_sampling(a.temperature, a.top_p, names=("--temperature", "--top-p"))  # before loading the model
   _check_new_tokens(a.model, a.max_new_tokens)
   model = _load(a.model, shard_weights=a.shard_weights)
   outs = model.generate(a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,

@@ -71,7 +71,8 @@ def embed_fn(config, causal: bool, pooling: str, normalize: bool, with_cache: bo
 
 
 def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
-  """(ids, pool_mask) per text through the GritLM embedding template (data.templates)."""
+  """(ids, pool_mask) per text through the GritLM embedding template (data.templates); each an Encoded whose
+  `.truncated` says the text was cut to max_length."""
   from grit_jax.data import templates
   if model.tokenizer is None:
     raise GritJaxError("encode needs a tokenizer (tokenizer.model next to the weights)")
@@ -80,10 +81,14 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
     if not isinstance(t, str):
       raise GritJaxError(f"texts[{i}] is {type(t).__name__}, expected str")
     try:
-      ids, pool = templates.encode_embedding(model.tokenizer, instruction, t, max_length)
+      t.encode("utf-8")
+    except UnicodeEncodeError:
+      raise GritJaxError(f"texts[{i}]: a lone UTF-16 surrogate in the text: not valid Unicode") from None
+    try:
+      enc = templates.encode_embedding(model.tokenizer, instruction, t, max_length)
     except GritJaxError as e:
       raise GritJaxError(f"texts[{i}]: {e}") from e
-    out.append((np.asarray(ids, np.int32), np.asarray(pool, np.int32)))
+    out.append(templates.Encoded(np.asarray(enc[0], np.int32), np.asarray(enc[1], np.int32), enc.truncated))
   return out
 
 

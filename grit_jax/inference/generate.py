@@ -10,6 +10,7 @@ pass). Layout conventions (see docs/DESIGN.md "Model"):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -194,6 +195,14 @@ def pad_rows(seqs: Sequence[Sequence[int]], length: int, rows: int, filler: int)
   return ids, mask
 
 
+def check_sampling(temperature: float, top_p: float, names=("temperature", "top_p")) -> None:
+  """A finite temperature >= 0 and 0 < top_p <= 1: NaN logits would sample nothing and end the answer at once."""
+  if not math.isfinite(temperature) or temperature < 0:
+    raise GritJaxError(f"{names[0]}={temperature}: must be a finite number >= 0 (0 = greedy)")
+  if not 0 < top_p <= 1:
+    raise GritJaxError(f"{names[1]}={top_p}: must be in (0, 1]")
+
+
 def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start=None, *,
                         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                         stop_at_eos: bool = True) -> list[list[int]]:
@@ -202,8 +211,7 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two."""
   if max_new_tokens < 1:
     raise GritJaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-  if temperature < 0 or not 0 < top_p <= 1:
-    raise GritJaxError(f"temperature={temperature}, top_p={top_p}: need temperature >= 0 and 0 < top_p <= 1")
+  check_sampling(temperature, top_p)
   n = len(seqs)
   if any(len(s) == 0 for s in seqs):
     raise GritJaxError("empty prompt: every row needs at least one token")

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 _UNSET = object()  # "not given": the model's stored setting applies (None is a value: gritlm's attn=None)
 MODES = ("unified", "embedding", "generative")
 TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16"}
-FINGERPRINT_STRIDE_SAMPLES = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,6 +143,8 @@ class GritLM:
     self.shard_weights = shard_weights
     self._logged: set = set()
     self._fingerprint = None
+    # texts `encode` has embedded and those of them cut to max_length, so far (`grit-jax embed` reports them)
+    self.truncation = {"texts": 0, "truncated": 0}
 
   @staticmethod
   def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
@@ -255,6 +256,8 @@ class GritLM:
     if not texts:
       return np.zeros((0, self.config.hidden_size), np.float32)
     tokens = encode_lib.tokenize(self, texts, instruction, max_length)
+    self.truncation["texts"] += len(tokens)
+    self.truncation["truncated"] += sum(t.truncated for t in tokens)
     if embed_instruction:
       tokens = [(ids, np.ones_like(pool)) for ids, pool in tokens]
     if not add_special_tokens:
@@ -339,15 +342,13 @@ class GritLM:
   # identity and saving
 
   def weights_fingerprint(self) -> str:
-    """A sha256 over every tensor's name, shape, dtype and a strided sample of its values (at most
-    FINGERPRINT_STRIDE_SAMPLES per axis, sliced on device: no full copy of a sharded weight): two different
-    models, or a model before and after fine-tuning, never share it. What a RAG index records."""
+    """A sha256 over every tensor's name, shape, dtype and every byte of its values (one tensor on the host at a
+    time): two models that differ in one weight never share it. What a RAG index and the MTEB revision record."""
     if self._fingerprint is None:
       h = hashlib.sha256()
       for path, x in jax.tree_util.tree_leaves_with_path(self.params):
-        sample = x[tuple(slice(None, None, max(1, d // FINGERPRINT_STRIDE_SAMPLES)) for d in x.shape)]
         h.update(f"{jax.tree_util.keystr(path)}{tuple(x.shape)}{x.dtype}".encode())
-        h.update(np.asarray(sample.astype(jnp.float32)).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(x)).data)  # hashlib reads the buffer: no second copy
       self._fingerprint = h.hexdigest()[:16]
     return self._fingerprint
 

@@ -53,7 +53,7 @@ CACHE_FORMATS = {
     "query_doc": "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
 }
 ANSWER_PREFIX = "The answer is"
-INDEX_VERSION = 2  # 2: records the model and corpus it was built from
+INDEX_VERSION = 3  # 2: records the model and corpus it was built from; 3: the sha256 of each of its files
 INDEX_FILES = ("index.json", "documents.jsonl", "embeddings.npy")
 
 
@@ -76,6 +76,14 @@ def corpus_fingerprint(documents: Sequence[str]) -> str:
   for d in documents:
     h.update(hashlib.sha256(d.encode("utf-8")).digest())
   return h.hexdigest()[:16]
+
+
+def _file_sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 def model_identity(model) -> dict:
@@ -135,12 +143,14 @@ class RagIndex:
                  lambda f: f.writelines(json.dumps({"text": d}) + "\n" for d in self.documents))
     meta = {"version": INDEX_VERSION, "causal": self.causal, "num_documents": len(self.documents),
             "cache": self.has_cache, "model": self.model, "corpus": self.corpus}
+    names = ["embeddings.npy", "documents.jsonl"] + (["kv_cache.npz"] if self.has_cache else [])
     if self.has_cache:
       dtype = str(self.cache_k.dtype)
       view = (lambda a: a.view(np.uint16)) if dtype == "bfloat16" else (lambda a: a)  # npz has no bfloat16
       meta["cache_dtype"] = dtype
       atomic_write(os.path.join(path, "kv_cache.npz"),
                    lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets), "wb")
+    meta["sha256"] = {n: _file_sha256(os.path.join(path, n)) for n in names}  # checked at load
     atomic_write(os.path.join(path, "index.json"), lambda f: json.dump(meta, f, indent=1))
 
   @staticmethod
@@ -155,9 +165,19 @@ class RagIndex:
     if not isinstance(meta, dict) or meta.get("version") != INDEX_VERSION:
       raise GritJaxError(f"{meta_path}: index version {meta.get('version') if isinstance(meta, dict) else None}, "
                          f"expected {INDEX_VERSION}: rebuild the index")
-    for key in ("causal", "num_documents", "cache", "model", "corpus"):
+    for key in ("causal", "num_documents", "cache", "model", "corpus", "sha256"):
       if key not in meta:
         raise GritJaxError(f"{meta_path}: missing key {key!r}")
+    names = ["embeddings.npy", "documents.jsonl"] + (["kv_cache.npz"] if meta["cache"] else [])
+    for name in names:  # an edited document, swapped rows or flipped bytes would be served as if built so
+      file = os.path.join(path, name)
+      want = meta["sha256"].get(name) if isinstance(meta["sha256"], dict) else None
+      try:
+        got = _file_sha256(file)
+      except OSError as e:
+        raise GritJaxError(f"{file}: cannot read ({e.strerror or e})") from e
+      if got != want:
+        raise GritJaxError(f"{file}: does not match the sha256 in {meta_path} (edited or damaged): rebuild the index")
     docs_path = os.path.join(path, "documents.jsonl")
     docs = []
     try:

@@ -11,6 +11,7 @@ demos).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
@@ -121,11 +122,13 @@ class ModelConfig:
       bad("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       bad("head_dim", "must be even (rotary embeddings rotate pairs)")
-    for key in ("rope_theta", "rms_norm_eps", "rope_factor"):
-      if not isinstance(getattr(self, key), (int, float)) or not getattr(self, key) > 0:
-        bad(key, "must be a positive number")
-    if self.rope_local_theta is not None and not self.rope_local_theta > 0:
-      bad("rope_local_theta", "must be None or a positive number")
+    for key in ("rope_theta", "rms_norm_eps", "rope_factor"):  # rotary angles divide by theta's powers; eps keeps
+      v = getattr(self, key)                                    # norms finite
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        bad(key, "must be a finite number > 0")
+    v = self.rope_local_theta
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+      bad("rope_local_theta", "must be None or a finite number > 0")
     if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
       bad("sliding_window", "must be None or a positive integer")
     if self.layer_types:

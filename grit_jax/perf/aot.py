@@ -157,6 +157,8 @@ def abstract_batch(data_cfg, sharding, layouts: dict | None = None) -> dict:
     else:
       for k in ("ids", "mask", per_token):
         batch[f"{name}_{k}"] = spec(rows, length)
+  if "query" in [p[0] for p in passes]:  # the loader's duplicate-positive keys: the same loss program as training
+    batch["pos_key"] = spec(data_cfg.embedding_batch_size, 2)
   return batch
 
 

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -38,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import atomic_write, open_lock, owner
 
 MANIFEST = "grit_checksums.json"
 # Written by orbax at the commit, after the checksums: not covered.
@@ -113,12 +114,12 @@ class RunLock:
   def acquire(self) -> str | None:
     """None, or why the folder is in use."""
     folder = os.path.dirname(self.path)
-    f = open(self.path, "a+")  # pylint: disable=consider-using-with  (held until release)
-    f.seek(0)
+    f = open_lock(self.path)  # held until release
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      holder = _holder(f.read())[2]
+      other = os.fstat(f.fileno()).st_uid != os.geteuid()
+      holder = (f"a run of {owner(self.path)}: the holder cannot be identified" if other else _holder(f.read())[2])
       f.close()
       return f"{folder} is in use by another run ({holder}); wait for it to finish or use another --workdir"
     text = f.read().strip()
@@ -149,10 +150,12 @@ def _holder(text: str) -> tuple[int, str, str]:
   """(pid, host, a description) of the run a lock file names; pid -1 when unreadable."""
   try:
     info = json.loads(text)
-    pid, host = int(info["pid"]), str(info["host"])
-  except (ValueError, KeyError, TypeError):
-    return -1, "", text.strip()[:200] or "starting"
-  return pid, host, f"pid {pid} on {host}, started {info.get('started', '?')}"
+    pid, host, started = int(info["pid"]), str(info["host"]), str(info.get("started", "?"))
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return -1, "", "starting" if not text.strip() else "the lock file does not name it"  # never its contents
+  if not (re.fullmatch(r"[\w.-]{1,253}", host) and re.fullmatch(r"[\w :+-]{1,40}", started)):
+    return -1, "", "the lock file does not name it"  # not what RunLock writes: show none of it
+  return pid, host, f"pid {pid} on {host}, started {started}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -288,7 +291,9 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
   """None when the saved arrays have the shapes of `abstract_state`, else the first difference."""
-  meta = ocp.StandardCheckpointer().metadata(state_dir)
+  # The item's handler, not a Checkpointer: that one also looks for a step-level _CHECKPOINT_METADATA inside the
+  # item folder (it is one level up) and logs "Metadata file does not exist" at every resume.
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   saved = _flat_shapes(getattr(meta, "item_metadata", meta))
   want = _flat_shapes(abstract_state)
   for name, shape in want.items():
@@ -308,7 +313,8 @@ def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` for the train loop."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, allow_unverified: bool = False):
+    self.allow_unverified = allow_unverified
     path = os.path.join(workdir, "checkpoints")
     self.directory = path if "://" in path else os.path.abspath(path)  # gs:// etc. go to orbax as they are
     self.root = os.path.dirname(self.directory)
@@ -390,6 +396,9 @@ class Checkpointer:
         error = f"incomplete step folder (no {', '.join(missing)}): not written by a finished save"
       elif epath.Path(d, MANIFEST).exists():
         error = verify_manifest(d, jax.process_index(), jax.process_count())
+      elif not self.allow_unverified:  # this version seals every step it commits: a missing manifest is damage
+        error = (f"no {MANIFEST}, so its files cannot be verified (a step of grit_jax before checksums: "
+                 "--config.train.allow_unverified_checkpoints=True restores it anyway)")
       if error is None and not missing:
         error = _shape_mismatch(os.path.join(d, "state"), abstract_state)
     except Exception as e:  # noqa: BLE001 - a damaged step fails in the library in many ways; name the cause
@@ -405,8 +414,8 @@ class Checkpointer:
       why = self.check(step, abstract_state)
       if why is None:
         if not epath.Path(self._step_dir(step), MANIFEST).exists():
-          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (written by an older grit_jax): "
-                "restoring it unverified")
+          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST}: restoring it unverified "
+                "(train.allow_unverified_checkpoints)")
         try:
           restored = self.restore(step, abstract_state)
         except GritJaxError:
@@ -456,9 +465,10 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
+def restore_params(path: str, abstract_params: Any, allow_unverified: bool = False) -> Any:
   """Params of a grit_jax checkpoint step folder (`.../checkpoints/<step>`) or run folder (latest step),
-  restored onto the shardings of `abstract_params` (the `init_from=ckpt:DIR` path: weights only, new run)."""
+  restored onto the shardings of `abstract_params` (the `init_from=ckpt:DIR` path: weights only, new run).
+  A step without grit_checksums.json is refused unless `allow_unverified`."""
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -471,6 +481,10 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     why = _first_error(verify_manifest(path, jax.process_index(), jax.process_count()))
     if why is not None:
       raise GritJaxError(f"init_from=ckpt:{path}: the checkpoint is damaged: {why}")
+  elif not allow_unverified:
+    raise GritJaxError(f"{path}: no {MANIFEST}, so its files cannot be verified (a step of grit_jax before "
+                       "checksums: --config.train.allow_unverified_checkpoints=True, or ckpt-to-hf --allow-unverified, "
+                       "restores it anyway)")
   # Restore only the params subtree (the optimizer state stays on disk), onto the current shardings.
   target = {"params": abstract_params}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), target)

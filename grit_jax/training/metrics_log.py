@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Mapping
 
 import numpy as np
 
+from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -28,12 +30,25 @@ def _as_float(v) -> float:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """All records of workdir/metrics.jsonl, in file order."""
+  """All records of workdir/metrics.jsonl, in file order. A last line cut short (a crash in the middle of a write)
+  is dropped with a warning (a resume rewrites the file without it); a damaged line before it is a GritJaxError."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  out = []
+  for n, raw in enumerate(lines, 1):
+    if not raw.strip():
+      continue
+    try:
+      out.append(json.loads(raw.decode("utf-8")))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+      if n == len(lines):  # no newline after it: the write never finished
+        print(f"warning: {path}:{n}: dropping a half-written last line ({e})", file=sys.stderr, flush=True)
+        continue
+      raise GritJaxError(f"{path}:{n}: not a metrics record ({e}); remove the line to resume") from None
+  return out
 
 
 def flat_hparams(tree: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:

@@ -37,11 +37,12 @@ class Run:
     """Fresh state (seeded init), with the weights of config.init_from when it is set."""
     state = self._create()
     if self.config.init_from:
-      state = replace_params(state, load_init_params(self.config.init_from, self.model_config, params(state)))
+      state = replace_params(state, load_init_params(self.config.init_from, self.model_config, params(state),
+                                                     self.config.train.allow_unverified_checkpoints))
     return state
 
 
-def load_init_params(spec: str, model_config, like):
+def load_init_params(spec: str, model_config, like, allow_unverified: bool = False):
   """Weights for init_from = hf:DIR (converted Hugging Face weights) or ckpt:DIR (a grit_jax checkpoint's),
   placed like the arrays of `like` (same shapes, dtypes, shardings)."""
   from grit_jax import contract
@@ -55,7 +56,7 @@ def load_init_params(spec: str, model_config, like):
     loaded = hf_lib.load_hf(path, model_config)
     return jax.tree.map(lambda a, x: jax.device_put(np.asarray(x, a.dtype), a.sharding), abstract, loaded)
   if kind == "ckpt":
-    return ckpt_lib.restore_params(path, abstract)
+    return ckpt_lib.restore_params(path, abstract, allow_unverified)
   raise GritJaxError(f"config.init_from={spec!r}: expected hf:DIR or ckpt:DIR")
 
 

@@ -41,6 +41,7 @@ from grit_jax.training import optimizer as opt_lib
 
 EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
 GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
+POS_KEY = "pos_key"  # [Bq, 2] int32 (data.batching.positive_keys): optional; masks duplicate positives in L_rep
 # Packed passes (grit_jax.data.packing.pack_sequences): [U, R, L] arrays (U packing units = device shares, R rows of
 # L tokens) and {pass}_lengths [U, n] (n sequences per unit). A batch is packed per pass when it has segment ids.
 PACKED_ROW_KEYS = ("ids", "segment_ids", "positions")
@@ -116,14 +117,16 @@ class GritObjective:
     fn = self.embed_query if name == "query" else self.embed_passage
     return fn, tuple(batch[f"{name}_{k}"] for k in ("ids", "mask", "pool_mask")), False
 
-  def rep_loss(self, q_BD, p_PD):
-    """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics."""
+  def rep_loss(self, q_BD, p_PD, pos_key=None):
+    """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics. pos_key [B, 2]: the
+    batch's `pos_key` (queries sharing a positive text are not each other's negatives), or None."""
     l = self.loss_cfg
     g = p_PD.shape[0] // q_BD.shape[0]
     if l.contrastive_grad == "gritlm":
       return objectives.gathered_contrastive_loss(q_BD, p_PD, self.mesh, self.batch_axes, l.temperature, g,
-                                                  normalize=l.normalize, grad="gritlm")
-    return objectives.contrastive_loss(q_BD, p_PD, l.temperature, g, normalize=l.normalize, return_accuracy=True)
+                                                  normalize=l.normalize, grad="gritlm", pos_key=pos_key)
+    return objectives.contrastive_loss(q_BD, p_PD, l.temperature, g, normalize=l.normalize, return_accuracy=True,
+                                       pos_key=pos_key)
 
   # -- generative side ------------------------------------------------------------------------------------------
 
@@ -164,7 +167,7 @@ class GritObjective:
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
     if "query_ids" in batch:
       (q_fn, q_in, _), (p_fn, p_in, _) = self.pass_inputs(batch, "query"), self.pass_inputs(batch, "passage")
-      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in))
+      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in), batch.get(POS_KEY))
       metrics.update(loss_rep=loss_rep, accuracy=acc)
     total = self.total(loss_rep, loss_gen, aux)
     metrics["loss"] = total
@@ -205,7 +208,7 @@ class GritObjective:
       shards = gc.chunk_shards(padded_rows, emb_chunks, self.shards) if padded_rows else self.shards
 
       def rep_objective(q_BD, p_PD):
-        loss, acc = self.rep_loss(q_BD, p_PD)
+        loss, acc = self.rep_loss(q_BD, p_PD, batch.get(POS_KEY))
         return l.lambda_rep * loss, (loss, acc)
 
       (_, (loss_rep, acc)), g_rep = gc.gradcache((q_fn, p_fn), params, (q_in, p_in), rep_objective, emb_chunks,

@@ -67,11 +67,15 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   t = config.train
   primary = jax.process_index() == 0
   config_json = _config_json(config)
+  from grit_jax.data.tokenizer import file_identity
+  # The tokenizer is named relative to where the run started: record which file it was (ckpt-to-hf finds it).
+  run_json = dict(config_json, tokenizer_file=file_identity(config.data.tokenizer))
   if primary:
-    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(config_json, f, indent=2))
+    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(run_json, f, indent=2))
 
   run = run_lib.Run(config, model_config)
-  ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint)
+  ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
+                               allow_unverified=t.allow_unverified_checkpoints)
   restored = ckpt.restore_latest(run.abstract_state())  # the newest intact step; damaged newer ones named
   data_state = None
   if restored is not None:
@@ -91,7 +95,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     it.set_state(data_state)
 
   evaluate = eval_lib.Evaluator(run, config)
-  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start, hparams=config_json)
+  log = metrics_log.MetricsLog(workdir, enabled=primary, resume_step=start, hparams=run_json)
   stop = min(t.stop_after or t.steps, t.steps)
   # the packed rows are what a packed step computes
   flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
@@ -113,8 +117,9 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     m = {k: float(v) for k, v in jax.device_get(m_dev).items()}
     window["steps"] += 1
     window["tokens"] += m.get("tokens", 0.0)
-    if not math.isfinite(m["loss"]):
-      _diverged(step, m["loss"], ckpt, log, bar)
+    bad = non_finite(m)
+    if bad:
+      _diverged(step, bad, ckpt, log, bar)
     last_metrics = m
     if step % t.log_every == 0 or step == stop:
       dt = time.perf_counter() - window["t"]
@@ -248,6 +253,15 @@ def _note(bar, line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def non_finite(metrics: dict) -> str | None:
+  """What of a step's metrics is NaN or infinite (None: nothing). A finite loss with an infinite gradient norm
+  (a run on garbage weights: loss 4e29) turns the parameters into garbage at the update."""
+  for key in ("loss", "grad_norm"):
+    if key in metrics and not math.isfinite(metrics[key]):
+      return f"the {key} is {metrics[key]}"
+  return None
+
+
 def _diverged(step, value, ckpt, log, bar):
   ckpt.wait()
   log.flush()
@@ -260,8 +274,9 @@ def _diverged(step, value, ckpt, log, bar):
   last_saved = ckpt.latest_step()
   where = (f"the last good checkpoint is step {last_saved} in {ckpt.directory} (rerunning resumes from it)"
            if last_saved else "no checkpoint was written")
-  what = "the parameters became non-finite" if value == "parameters" else f"the loss is {value}"
-  raise TrainingDiverged(f"training diverged at step {step}: {what}. Stopped without saving; {where}. "
+  what = "the parameters became non-finite" if value == "parameters" else value
+  raise TrainingDiverged(f"training diverged at step {step}: {what} (the last good step is {step - 1}). Stopped "
+                         f"without saving; {where}. "
                          "Lower --config.optimizer.lr or check the data.")
 
 
