@@ -5,18 +5,23 @@ Read by: grit_jax.data (config.data), grit_jax.objectives / training (config.los
 config.train), grit_jax.modeling (config.model: ModelConfig fields by name).
 """
 import dataclasses
+import typing
 
 import ml_collections
 
 
 def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
-  from grit_jax.modeling import get_config as get_model_config  # lazy: keeps `--help` cheap
+  from grit_jax.modeling import ModelConfig, get_config as get_model_config  # lazy: keeps `--help` cheap
 
   c = ml_collections.ConfigDict()
   # Every ModelConfig field, so `--config.model.remat_policy=full` works and a typo fails.
   c.model = ml_collections.ConfigDict(dataclasses.asdict(get_model_config(model_preset)))
-  # A None default has no type to parse an override with: give it int (`--config.model.sliding_window=4096`).
-  c.model.sliding_window = ml_collections.FieldReference(c.model.sliding_window, field_type=int)
+  # A None default has no type to parse an override with: give it the field's (`--config.model.sliding_window=4096`).
+  hints = typing.get_type_hints(ModelConfig)
+  for f in dataclasses.fields(ModelConfig):
+    if c.model[f.name] is None:
+      kind = next(t for t in typing.get_args(hints[f.name]) if t is not type(None))
+      c.model[f.name] = ml_collections.FieldReference(None, field_type=kind)
   c.init_from = ""  # "" = random init; "hf:DIR" = convert a Hugging Face checkpoint; "ckpt:DIR" = grit_jax checkpoint
   # Attention per pass, as the reference's --attn: chars 1-2 embedding (query, passage), 3-4 generative;
   # b = bidirectional, c = causal.  GritLM uses "bbcc".

@@ -254,12 +254,28 @@ def shrunk(name: str):
   return ml_collections.ConfigDict(c.to_dict())
 
 
+def _distinct_recipes() -> list[str]:
+  """One recipe per distinct shrunk config: recipes that differ only in their backbone (the fields `shrunk`
+  replaces) train the same tiny step, so each combination of settings trains once. smollm2 is left out: its real
+  model fine-tunes in tests/test_smollm2.py."""
+  seen, out = set(), []
+  for name in RECIPES:
+    config = shrunk(name).to_dict()
+    config.pop("init_from")
+    key = json.dumps(config, sort_keys=True, default=str)
+    if name != "smollm2" and key not in seen:
+      seen.add(key)
+      out.append(name)
+  return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", _distinct_recipes())
 def test_every_recipe_trains(name, tmp_path):
   from grit_jax.training import trainer
 
-  assert {"tiny", "gritlm_7b", "gritlm_8x7b", "gritlm_7b_embedding", "gritlm_8x7b_generative"} <= set(RECIPES)
+  assert {"tiny", "gritlm_7b", "gritlm_8x7b", "gritlm_7b_embedding", "gritlm_8x7b_generative"} <= \
+      set(_distinct_recipes())
   config = shrunk(name)
   summary = trainer.train(config, str(tmp_path), progress=False)
   assert summary["step"] == 2 and math.isfinite(summary["loss"])

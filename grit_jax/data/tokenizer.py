@@ -39,7 +39,9 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 
 def file_identity(path: str) -> dict:
-  """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json)."""
+  """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json);
+  a model directory or GGUF file stands for its tokenizer file (`resolve`)."""
+  path = resolve(path)
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
