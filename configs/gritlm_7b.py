@@ -53,3 +53,15 @@ def get_config():
   t.save_every = 100
   t.keep_checkpoints = 3
   return c
+
+
+def on_backbone(preset: str, recipe=None):
+  """A paper recipe's settings (default: this one) on another backbone (a modeling preset): every section but the
+  model, and the model's compute settings. Used by the recipes of today's backbones (llama3_1_8b.py, ...)."""
+  ref = recipe or get_config()
+  c = base.get_config(preset)
+  for key in ("attn", "data", "loss", "optimizer", "mesh", "train"):
+    c[key] = ref[key]
+  for key in ("dtype", "scan_layers", "remat_policy", "attention_impl"):
+    c.model[key] = ref.model[key]
+  return c
