@@ -3,6 +3,7 @@ whose failures name the file, and where grit_jax keeps its caches."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -66,3 +67,9 @@ def owner(path: str) -> str:
   except OSError:
     return "another user"
   return "this user" if uid == os.geteuid() else f"another user (uid {uid})"
+
+
+def sha256_file(path: str) -> str:
+  """Hex sha256 of a local file's bytes (read in blocks, never whole)."""
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()

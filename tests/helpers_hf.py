@@ -121,3 +121,16 @@ def save_chatml_tokenizer(path):
   transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
       pad_token="<|im_end|>", add_bos_token=False, chat_template=CHATML_TEMPLATE).save_pretrained(str(path))
+
+
+def read_tensors(path) -> dict:
+  """{name: array} over every safetensors file of a directory."""
+  import os
+
+  from safetensors import safe_open
+  out = {}
+  for fname in sorted(os.listdir(path)):
+    if fname.endswith(".safetensors"):
+      with safe_open(os.path.join(path, fname), framework="np") as f:
+        out.update({k: f.get_tensor(k) for k in f.keys()})
+  return out

@@ -11,7 +11,7 @@ import transformers
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from helpers_hf import make_hf_model, random_batch, torch_logits  # noqa: E402
+from helpers_hf import make_hf_model, random_batch, read_tensors, torch_logits  # noqa: E402
 
 from grit_jax import GritLM, cli  # noqa: E402
 from grit_jax.convert import hf as hf_lib  # noqa: E402
@@ -21,16 +21,6 @@ from grit_jax.modeling.model import scan_params  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
-
-
-def read_tensors(path):
-  """{name: array} over every safetensors file of a directory."""
-  out = {}
-  for fname in sorted(os.listdir(path)):
-    if fname.endswith(".safetensors"):
-      with safe_open(os.path.join(path, fname), framework="np") as f:
-        out.update({k: f.get_tensor(k) for k in f.keys()})
-  return out
 
 
 def assert_same_tensors(a_dir, b_dir):

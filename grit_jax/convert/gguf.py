@@ -323,20 +323,14 @@ def model_dir(path) -> str:
   first: a GGUF file becomes the Hugging Face directory converted from it, kept in the cache under the sha256 of
   the file's bytes (a changed file is converted anew, never served from an old conversion); any other path is
   returned as it is."""
-  import hashlib
-
-  from grit_jax.fileio import cache_dir
+  from grit_jax.fileio import cache_dir, sha256_file
 
   path = os.path.expanduser(os.fspath(path))
   if not is_gguf(path):
     return path
   if not os.path.isfile(path):
     raise GritJaxError(f"{path}: no such GGUF file")
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  out = os.path.join(cache_dir("gguf"), f"{os.path.basename(path)[:-5]}-{digest.hexdigest()[:16]}")
+  out = os.path.join(cache_dir("gguf"), f"{os.path.basename(path)[:-5]}-{sha256_file(path)[:16]}")
   if not os.path.isfile(os.path.join(out, "config.json")):
     gguf_to_hf(path, out, overwrite=True)
   return out

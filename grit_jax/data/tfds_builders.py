@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, open_lock
+from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, open_lock, sha256_file
 
 FORMAT_VERSION = 2  # in the cache key: 2 = duplicate rows counted in the metadata
 tfds.disable_progress_bar()
@@ -52,14 +52,6 @@ class GritJsonlConfig(tfds.core.BuilderConfig):
   content_fingerprint: str = ""  # the same without file paths: identifies the data for resumable state
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 HASH_MEMO = "file_sha256.json"  # in the cache folder: {path: [[size, mtime_ns, ctime_ns, inode], sha256]}
 
 
@@ -71,7 +63,7 @@ def _file_fingerprint(path: str, memo: dict | None = None) -> list:
   st = os.stat(path)
   key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
   if memo.get(path, [None])[0] != key:
-    memo[path] = [key, _sha256_file(path)]
+    memo[path] = [key, sha256_file(path)]
   return [os.path.basename(path), st.st_size, memo[path][1]]
 
 
@@ -81,8 +73,8 @@ def _tokenizer_fingerprint(path: str) -> str | list[str]:
   from grit_jax.data import tokenizer
   folder = os.path.dirname(os.path.abspath(path))
   extra = [os.path.join(folder, n) for n in (tokenizer.CONFIG_FILE, tokenizer.TEMPLATE_FILE)]
-  extra = [_sha256_file(p) for p in extra if os.path.isfile(p)]
-  return [_sha256_file(path)] + extra if extra else _sha256_file(path)
+  extra = [sha256_file(p) for p in extra if os.path.isfile(p)]
+  return [sha256_file(path)] + extra if extra else sha256_file(path)
 
 
 def _read_memo(cache_dir: str | None) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -41,12 +40,9 @@ TEMPLATE_FILE = "chat_template.jinja"
 def file_identity(path: str) -> dict:
   """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json);
   a model directory or GGUF file stands for its tokenizer file (`resolve`)."""
+  from grit_jax.fileio import sha256_file
   path = resolve(path)
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return {"path": os.path.abspath(path), "sha256": h.hexdigest()}
+  return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
 
 
 class _SentencePiece:

@@ -28,7 +28,7 @@ import numpy as np
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, read_json
+from grit_jax.fileio import atomic_write, read_json, sha256_file
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
 
@@ -76,14 +76,6 @@ def corpus_fingerprint(documents: Sequence[str]) -> str:
   for d in documents:
     h.update(hashlib.sha256(d.encode("utf-8")).digest())
   return h.hexdigest()[:16]
-
-
-def _file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def model_identity(model) -> dict:
@@ -150,7 +142,7 @@ class RagIndex:
       meta["cache_dtype"] = dtype
       atomic_write(os.path.join(path, "kv_cache.npz"),
                    lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets), "wb")
-    meta["sha256"] = {n: _file_sha256(os.path.join(path, n)) for n in names}  # checked at load
+    meta["sha256"] = {n: sha256_file(os.path.join(path, n)) for n in names}  # checked at load
     atomic_write(os.path.join(path, "index.json"), lambda f: json.dump(meta, f, indent=1))
 
   @staticmethod
@@ -173,7 +165,7 @@ class RagIndex:
       file = os.path.join(path, name)
       want = meta["sha256"].get(name) if isinstance(meta["sha256"], dict) else None
       try:
-        got = _file_sha256(file)
+        got = sha256_file(file)
       except OSError as e:
         raise GritJaxError(f"{file}: cannot read ({e.strerror or e})") from e
       if got != want:
