@@ -506,7 +506,9 @@ def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
           "--index", str(idx), "--max-new-tokens", "4"]
   assert cli.rag_main(argv) == 0
   first, err = capsys.readouterr()
-  assert "Indexing: 100%" in err  # building an index shows progress, however small the corpus
+  # a corpus of one batch builds without a bar (test_index_build_shows_progress_beyond_one_batch: a larger one
+  # shows it), so a small job stays as quiet as test_interop requires
+  assert "Indexing" not in err
   assert (idx / "kv_cache.npz").exists()
   assert cli.rag_main(argv) == 0  # second run loads the saved index
   again, err = capsys.readouterr()

@@ -263,7 +263,7 @@ def rag_main(argv: list[str]) -> int:
       index = None
   if index is None:
     index = rag_lib.build_index(model, docs, max_length=a.max_length,
-                                with_cache=a.cache in ("doc", "doc_query") or bool(a.index), show_progress_bar=True)
+                                with_cache=a.cache in ("doc", "doc_query") or bool(a.index), show_progress_bar=None)
     if a.index:
       index.save(a.index)
   results = rag_lib.rag(model, a.query, index, cache=a.cache, max_new_tokens=a.max_new_tokens, prompt=a.prompt,
