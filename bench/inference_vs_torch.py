@@ -1,6 +1,8 @@
-"""Decode tokens/s and embedding sequences/s: grit_jax vs transformers on the same tiny random Mistral, same CPU.
+"""Decode tokens/s and embedding sequences/s: grit_jax vs transformers on the same weights, same CPU: a tiny random
+Mistral (--preset), or a real model (--model: an HF directory or a GGUF file, e.g. SmolLM2's).
 
   .venv/bin/python bench/inference_vs_torch.py [--preset tiny_mistral] [--batch 1] [--new-tokens 128]
+  .venv/bin/python bench/inference_vs_torch.py --model "$(.venv/bin/python -c 'from grit_jax.convert import gguf; print(gguf.smollm2_path())')"
 
 The Hugging Face model is built from our config (`to_hf_dict`), saved, and loaded by `GritLM.from_pretrained`, so
 both run the same weights (checked: logits agree). Decode: greedy, exactly --new-tokens tokens after a 32-token
@@ -25,6 +27,7 @@ import numpy as np  # noqa: E402
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="tiny_mistral")
+  p.add_argument("--model", default=None, help="an HF directory or GGUF file instead of a random --preset model")
   p.add_argument("--tokenizer", default="data/tokenizer.model")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--prompt-tokens", type=int, default=32)
@@ -43,18 +46,25 @@ def main(argv=None) -> int:
   from grit_jax.inference.gritlm import GritLM
   from grit_jax.modeling import get_config
 
-  tok = Tokenizer(a.tokenizer)
-  cfg = get_config(a.preset, dtype="float32")
-  tmp = tempfile.mkdtemp()
-  try:
-    hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
-    torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(hf_cfg).eval()
-    hf.save_pretrained(tmp)
-    shutil.copy(a.tokenizer, os.path.join(tmp, "tokenizer.model"))
-    model = GritLM.from_pretrained(tmp, dtype="float32")
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  if a.model:  # a real model: both sides load the same directory
+    from grit_jax.convert.gguf import model_dir
+    src = model_dir(a.model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = GritLM.from_pretrained(src, dtype="float32")
+    tok, a.preset = model.tokenizer, os.path.basename(src)
+  else:
+    tok = Tokenizer(a.tokenizer)
+    cfg = get_config(a.preset, dtype="float32")
+    tmp = tempfile.mkdtemp()
+    try:
+      hf_cfg = transformers.MistralConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+      torch.manual_seed(0)
+      hf = transformers.MistralForCausalLM(hf_cfg).eval()
+      hf.save_pretrained(tmp)
+      shutil.copy(a.tokenizer, os.path.join(tmp, "tokenizer.model"))
+      model = GritLM.from_pretrained(tmp, dtype="float32")
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   rng = np.random.default_rng(0)
 
   # same weights: compare logits once

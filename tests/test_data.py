@@ -562,8 +562,8 @@ def test_cache_is_keyed_by_content(tmp_path, tok, monkeypatch):
             bad_input="skip")
   files = [str(folder / "a.jsonl")]
   hashed = []
-  sha256 = tfds_builders._sha256_file
-  monkeypatch.setattr(tfds_builders, "_sha256_file", lambda p: hashed.append(os.path.basename(p)) or sha256(p))
+  sha256 = tfds_builders.sha256_file
+  monkeypatch.setattr(tfds_builders, "sha256_file", lambda p: hashed.append(os.path.basename(p)) or sha256(p))
   old = tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw)
   assert tfds_builders.build(files, "generative", cache_dir=str(tmp_path / "cache"), **kw).builder.data_dir == \
       old.builder.data_dir
