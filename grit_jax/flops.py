@@ -28,44 +28,60 @@ TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 
 
 def _get(cfg, name, default=None):
-  return cfg[name] if isinstance(cfg, dict) else getattr(cfg, name, default)
+  return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
 
 
 def _mean_visible_keys(length: int, causal: bool, sliding_window: int | None) -> float:
-  """Average number of key positions one query attends to in a length-`length` self-attention."""
-  if not causal:
-    return float(length)
-  w = sliding_window or length
-  w = min(w, length)
-  # query i sees min(i + 1, w) keys
-  total = w * (w + 1) / 2 + (length - w) * w
-  return total / length
+  """Average number of key positions one query attends to in a length-`length` self-attention. Causal with a
+  window W: the last W positions; bidirectional with a window W (Gemma's sliding layers): |q - k| <= W."""
+  if sliding_window is None:
+    return float(length) if not causal else (length + 1) / 2
+  w = min(sliding_window, length)
+  if causal:  # query i sees min(i + 1, w) keys
+    return (w * (w + 1) / 2 + (length - w) * w) / length
+  return sum(min(i + w, length - 1) - max(i - w, 0) + 1 for i in range(length)) / length
+
+
+def _layers(cfg) -> list[tuple[bool, bool]]:
+  """(sliding, moe) of each layer, as ModelConfig.layer_is_sliding / layer_is_moe decide (configs as dicts too)."""
+  n, types = _get(cfg, "num_layers"), tuple(_get(cfg, "layer_types", ()) or ())
+  experts, dense = _get(cfg, "num_experts", 0) or 0, set(_get(cfg, "dense_layers", ()) or ())
+  window = _get(cfg, "sliding_window", None)
+  return [(types[i] == "sliding_attention" if types else window is not None, bool(experts) and i not in dense)
+          for i in range(n)]
+
+
+def _layer_params(cfg, moe: bool) -> int:
+  d, h, kvh, dh = (_get(cfg, n) for n in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"))
+  attn = d * h * dh + 2 * d * kvh * dh + h * dh * d
+  if moe:  # chosen experts (their own width: Qwen3-MoE's moe_intermediate_size) + router
+    width = _get(cfg, "moe_intermediate_size", None) or _get(cfg, "intermediate_size")
+    return attn + _get(cfg, "num_experts_per_tok") * 3 * d * width + d * _get(cfg, "num_experts")
+  return attn + 3 * d * _get(cfg, "intermediate_size")
 
 
 def matmul_params_per_layer(cfg) -> int:
-  """Parameters of one decoder layer that take part in a per-token matmul (norms excluded)."""
-  d, h, kvh, dh = (_get(cfg, n) for n in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"))
-  attn = d * h * dh + 2 * d * kvh * dh + h * dh * d
-  inter = _get(cfg, "intermediate_size")
-  experts = _get(cfg, "num_experts", 0) or 0
-  if experts:
-    mlp = _get(cfg, "num_experts_per_tok") * 3 * d * inter + d * experts  # chosen experts + router
-  else:
-    mlp = 3 * d * inter
-  return attn + mlp
+  """Parameters of one decoder layer that take part in a per-token matmul (norms excluded; the mean over the
+  layers where dense and MoE layers mix)."""
+  layers = _layers(cfg)
+  return round(sum(_layer_params(cfg, moe) for _, moe in layers) / len(layers))
 
 
 def forward_flops(cfg, batch: int, length: int, *, causal: bool, lm_head: bool) -> float:
-  """FLOPs of one forward pass over [batch, length] tokens."""
+  """FLOPs of one forward pass over [batch, length] tokens, layer by layer (sliding layers see their window:
+  causally W keys back, bidirectionally |q - k| <= W // 2 where the model keeps it, bidirectional_window)."""
   tokens = batch * length
-  layers = _get(cfg, "num_layers")
-  dense = 2 * tokens * layers * matmul_params_per_layer(cfg)
-  window = None if not causal else _get(cfg, "sliding_window", None)
-  keys = _mean_visible_keys(length, causal, window)
-  # QK^T and PV: 2 products x 2 FLOPs x keys x heads x head_dim per query token and layer
-  attention = 2 * 2 * tokens * layers * keys * _get(cfg, "num_heads") * _get(cfg, "head_dim")
+  window = _get(cfg, "sliding_window", None)
+  bidir_window = window // 2 if window and _get(cfg, "bidirectional_window", False) else None
+  total = 0.0
+  for sliding, moe in _layers(cfg):
+    w = (window if causal else bidir_window) if sliding else None
+    # QK^T and PV: 2 products x 2 FLOPs x keys x heads x head_dim per query token and layer
+    keys = _mean_visible_keys(length, causal, w)
+    total += 2 * tokens * _layer_params(cfg, moe) + 2 * 2 * tokens * keys * _get(cfg, "num_heads") * \
+        _get(cfg, "head_dim")
   head = 2 * tokens * _get(cfg, "hidden_size") * _get(cfg, "vocab_size") if lm_head else 0
-  return float(dense + attention + head)
+  return float(total + head)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -333,6 +333,14 @@ def test_flops_hand_worked():
   # MoE: router 8*4 + top-2 of 4 experts' MLPs
   moe = dict(cfg, num_experts=4, num_experts_per_tok=2)
   assert flops.matmul_params_per_layer(moe) == 192 + 2 * 384 + 32
+  # Qwen3-MoE: the experts' own width (moe_intermediate_size 4: 2 x 3*8*4 = 192), layer 1 dense (576)
+  qwen = dict(moe, moe_intermediate_size=4, dense_layers=(1,))
+  assert flops.matmul_params_per_layer(qwen) == (192 + 192 + 32 + 576) / 2
+  # Gemma: layer 0 sliding (W = 2), layer 1 global. Causal: 1.75 and 2.5 keys -> 224 + 320. Bidirectional: the
+  # sliding layer sees |q - k| <= 1 (2, 3, 3, 2 keys: 2.5 -> 320), the global one all 4 (512)
+  gemma = dict(cfg, sliding_window=2, layer_types=("sliding_attention", "full_attention"), bidirectional_window=True)
+  assert flops.forward_flops(gemma, 1, 4, causal=True, lm_head=False) == 9216 + 224 + 320
+  assert flops.forward_flops(gemma, 1, 4, causal=False, lm_head=False) == 9216 + 320 + 512
   assert flops.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
 
 
