@@ -242,3 +242,15 @@ def test_smollm2_converted_equals_transformers_gguf_load(smollm2_hf_dir):
     assert max((a - b).abs().max().item() for a, b in zip(out.logits, ref_out.logits)) <= 1e-4, question
     replies.append(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
   assert "Paris" in replies[0] and "4" in replies[1], replies
+
+
+def test_cli_model_flag_takes_gguf_files_and_names_bad_ones(tmp_path, capsys):
+  """`--model FILE.gguf` goes through convert.gguf.model_dir; a bad or missing file is one line, exit 2."""
+  from grit_jax import cli
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf file")
+  for path, why in ((bad, "not a GGUF file"), (tmp_path / "none.gguf", "no such GGUF file")):
+    for command in (["generate", "--prompt", "hi"], ["eval", "--data", "data/eval"]):
+      assert cli.main([command[0], "--model", str(path)] + command[1:]) == 2
+      err = capsys.readouterr().err.strip()
+      assert why in err and len(err.splitlines()) == 1, err

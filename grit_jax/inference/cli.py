@@ -90,11 +90,14 @@ def save_npy_atomic(path: str, array: np.ndarray) -> None:
 
 
 def model_config(path: str):
-  """The model's config (config.json only, no weights): for checks before loading."""
-  from grit_jax.convert import hf
+  """The model's config (config.json only, no weights): for checks before loading. A GGUF file is checked and
+  converted here (once: convert.gguf.model_dir caches it), so a bad file fails before anything else."""
+  from grit_jax.convert import gguf, hf
   from grit_jax.modeling.config import ModelConfig
+  if gguf.is_gguf(path):
+    path = gguf.model_dir(path)
   if not os.path.isdir(path):
-    raise GritJaxError(f"--model {path}: not a directory")
+    raise GritJaxError(f"--model {path}: not a directory (a model directory or a GGUF file)")
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise GritJaxError(f"--model {path}: no config.json")
   if hf.is_jax_dir(path):

@@ -99,8 +99,7 @@ def main(argv: list[str]) -> int:
   a = p.parse_args(argv)
   if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
     raise GritJaxError(f"--output {a.output}: folder {os.path.dirname(os.path.abspath(a.output))} does not exist")
-  if not os.path.isdir(a.model):
-    raise GritJaxError(f"--model {a.model}: not a directory")
+  inference_cli.model_config(a.model)  # a model directory or a GGUF file, checked before the rows are read
   queries, positives, corpus = read_rows(a.data)  # every row checked before the model is loaded
   from grit_jax.inference.gritlm import GritLM
   metrics = evaluate(GritLM.from_pretrained(a.model, shard_weights=a.shard_weights), queries, positives, corpus,
