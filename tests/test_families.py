@@ -148,3 +148,34 @@ def test_packed_rows_equal_separate_rows(models, family, causal):
   packed = apply(row, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos))
   np.testing.assert_allclose(packed[:7], apply(a), atol=TOL, rtol=TOL)
   np.testing.assert_allclose(packed[7:12], apply(b), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grit_step_packed_on_eight_devices_equals_padded_on_one(models, family):
+  """The whole GRIT step (contrastive + LM loss, gradients) of each family's real weights: packed rows on the
+  (2 data x 4 fsdp) mesh == padded rows on one device (Gemma's windows, Qwen3-MoE's routed experts and aux loss)."""
+  import jax
+  import optax
+
+  from grit_jax.training import mesh as mesh_lib
+  from grit_jax.training import state as state_lib
+  from grit_jax.training import step as step_lib
+  from test_packing import assert_same_step, pack_like
+  from test_train_step import LG, LP, LQ, loss_cfg
+  from test_train_step import random_batch as grit_batch
+
+  _, _, model = models(family)
+  padded = grit_batch(12)
+  packed = pack_like(padded, units=8, row_lens=(LQ, LP, LG))
+  assert packed["passage_ids"].shape[0] < padded["passage_ids"].shape[0]  # really packed
+  out = []
+  for axes, devices, batch in ((dict(data=1, fsdp=1, tensor=1, expert=1), jax.devices()[:1], padded),
+                               (dict(data=2, fsdp=4, tensor=1, expert=1), None, packed)):
+    mesh, rules = mesh_lib.make_mesh(axes, devices=devices)
+    _, shardings = state_lib.state_shardings(model.config, optax.sgd(1.0), mesh, rules, jax.random.PRNGKey(0))
+    params = jax.device_put(model.params, shardings.params)
+    out.append(jax.tree.map(np.asarray, step_lib.make_grad_fn(model.config, loss_cfg(), mesh, rules,
+                                                              attn="bbcc")(params, batch)))
+  (_, metrics), _ = out[0]
+  assert metrics["loss_rep"] > 0.1 and metrics["loss_gen"] > 0.1
+  assert_same_step(out[1], out[0])
