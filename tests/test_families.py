@@ -179,3 +179,36 @@ def test_grit_step_packed_on_eight_devices_equals_padded_on_one(models, family):
   (_, metrics), _ = out[0]
   assert metrics["loss_rep"] > 0.1 and metrics["loss_gen"] > 0.1
   assert_same_step(out[1], out[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, family, caplog):
+  """save_pretrained of each family: transformers reads the same logits back, and sentence-transformers embeds
+  (bidirectionally, mean over the text, normalised; Gemma with EmbeddingGemma's symmetric windows) as
+  GritLM.encode does. transformers 5 loads any qwen2 tokenizer as Qwen2Tokenizer: with this SentencePiece
+  vocabulary the export says so (its sentence-transformers check then tokenizes with grit_jax's ids)."""
+  import sentence_transformers
+  import transformers
+
+  from grit_jax.data.tokenizer import Tokenizer
+  from test_interop import TOKENIZER
+
+  make_hf_model(family, tmp_path / "hf", seed=5, vocab_size=1024)
+  model = GritLM.from_pretrained(str(tmp_path / "hf"))
+  with caplog.at_level("WARNING"):
+    GritLM(model.config, model.params, Tokenizer(TOKENIZER)).save_pretrained(str(tmp_path / "export"))
+  warned = [r.getMessage() for r in caplog.records if "transformers loads this tokenizer as" in r.getMessage()]
+  assert bool(warned) == (family == "qwen2"), warned
+  export = GritLM.from_pretrained(str(tmp_path / "export"))
+  ids, mask = random_batch(np.random.RandomState(2), LENGTHS, 1024)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32).eval()
+  np.testing.assert_allclose(_real(torch_logits(hf, ids, mask), mask), _real(export.logits(ids, mask), mask),
+                             atol=TOL, rtol=TOL)
+  st = sentence_transformers.SentenceTransformer(str(tmp_path / "export"), device="cpu")
+  if family == "qwen2":
+    st[0].processor = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json"),
+                                                           pad_token="<unk>")
+  texts = ["The capital of France is Paris.", "short", "Photosynthesis turns light into sugar, slowly. " * 2]
+  want = export.encode(texts)
+  np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), want, atol=1e-5)
+  assert np.abs(export.encode(texts, attn="cccc") - want).max() > 1e-2  # the export really runs bidirectionally

@@ -147,8 +147,17 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
     raise GritJaxError(f"{out_dir}: write the model's config.json before the sentence-transformers files")
   with open(cfg_path) as f:
     model_config = json.load(f)
-  model_config["is_causal"] = True  # declared, so that sentence_bert_config's config_args can switch it off
-  _write_json(cfg_path, model_config)
+  if model_config.get("model_type") == "gemma3_text":
+    # EmbeddingGemma's switch (symmetric windows on sliding layers). Its config turns sliding_window W into the
+    # exclusive bound W // 2 + 1 only when the flag is in config.json, not when it comes as a load argument (as
+    # config_args do): so the bound is given here too (tests/test_families.py pins it).
+    config_args = {"use_bidirectional_attention": bidirectional}
+    if bidirectional and model_config.get("sliding_window"):
+      config_args["sliding_window"] = model_config["sliding_window"] // 2 + 1
+  else:
+    model_config["is_causal"] = True  # declared, so that sentence_bert_config's config_args can switch it off
+    _write_json(cfg_path, model_config)
+    config_args = {"is_causal": not bidirectional}
   modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
   if normalize:
@@ -156,7 +165,7 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
   _write_json(os.path.join(out_dir, "modules.json"), modules)
   _write_json(os.path.join(out_dir, "sentence_bert_config.json"),
               {"max_seq_length": int(max_seq_length), "do_lower_case": False,
-               "config_args": {"is_causal": not bidirectional}})
+               "config_args": config_args})
   _write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
               {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
                # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS)
@@ -181,6 +190,7 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
   if tokenizer is None:
     return []
   written = write_tokenizer_files(tokenizer, out_dir, model_config.max_position_embeddings)
+  check_transformers_tokenizer(out_dir, tokenizer)
   if settings.pooling not in POOLING_MODES:
     log.warning("%s: no sentence-transformers modules: pooling=%r has no sentence-transformers equivalent that "
                 "excludes the prompt", out_dir, settings.pooling)
@@ -189,6 +199,29 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
       out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False),
       pooling=settings.pooling, normalize=settings.normalize, max_seq_length=settings.passage_max_len,
       text_format=tokenizer.text_format)
+
+
+TOKENIZER_PROBES = ("Hello world", "The capital of France is Paris.", "  two leading spaces", "x\n\ny", "日本語 🙂 é")
+
+
+def check_transformers_tokenizer(out_dir: str, tokenizer) -> bool:
+  """Whether transformers' AutoTokenizer on the export gives grit_jax's ids on a few probe texts; one warning line
+  naming the class it picked when not (transformers 5 ties some model types to their own tokenizer class whatever
+  tokenizer_config.json says, e.g. qwen2 -> Qwen2Tokenizer, which re-tokenizes a non-Qwen vocabulary)."""
+  try:
+    import transformers
+  except ImportError:
+    return True
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+  bos = [tokenizer.bos_id] if tokenizer.text_format.add_bos else []
+  for text in TOKENIZER_PROBES:
+    want, got = bos + tokenizer.encode(text), list(hf_tok(text).input_ids)
+    if got != want:
+      log.warning("%s: transformers loads this tokenizer as %s, which tokenizes %r as %s, not as the model does (%s): "
+                  "load it with PreTrainedTokenizerFast(tokenizer_file=...) or use grit_jax's encode",
+                  out_dir, type(hf_tok).__name__, text, got, want)
+      return False
+  return True
 
 
 def _write_json(path: str, obj) -> None:

@@ -259,7 +259,8 @@ class ModelConfig:
     if fam.gemma:
       local = {"rope_type": "default", "rope_theta": self.rope_local_theta or self.rope_theta}
       d["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
-      d.update(query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+      scalar = self.query_pre_attn_scalar or self.head_dim
+      d.update(query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,  # transformers: int
                final_logit_softcapping=self.final_logit_softcapping, attn_logit_softcapping=None,
                use_bidirectional_attention=False)
     if self.family == "mixtral":
