@@ -270,6 +270,26 @@ def model_config(config, *, log=print):
   return dataclasses.replace(recipe, **taken)
 
 
+def check_model_overrides(config, keys) -> None:
+  """`--config.model.KEY=...` on the command line for a network field (`architecture_fields`) while init_from=hf:
+  takes the network from the source's config.json: a value that contradicts it is a one-line error naming the
+  file and field (a recipe's own preset is replaced with a note, model_config)."""
+  from grit_jax.modeling import ModelConfig
+
+  arch = set(architecture_fields())
+  keys = [k for k in keys if k in arch]
+  kind, path = init_source(config.init_from) if keys else ("", "")
+  if kind != "hf":
+    return
+  source = ModelConfig.from_hf(path)
+  recipe = ModelConfig.from_dict(config.model.to_dict(), source="config.model")
+  for key in keys:
+    if getattr(recipe, key) != getattr(source, key):
+      raise GritJaxError(f"--config.model.{key}={getattr(recipe, key)!r} contradicts "
+                         f"{os.path.join(path, 'config.json')} ({key}={getattr(source, key)!r}): init_from="
+                         f"{config.init_from} takes the network from there; drop the override or the init_from")
+
+
 def with_model(config, model):
   """A copy of `config` whose model section is `model` (the resolved ModelConfig), so the saved config.json,
   checkpoints and FLOP accounting describe the network really trained."""

@@ -160,4 +160,8 @@ def parse(verb: str, usage: str, argv: list[str], define_flags, description: str
     raise GritJaxError(f"unexpected argument {rest[1]!r}\n{usage}")
   if config is None:
     raise GritJaxError(f"--config is required\n{usage}")
+  from grit_jax import contract
+
+  contract.check_model_overrides(config, [m.group(1) for a in argv[1:]
+                                          if (m := re.match(r"^--?config\.model\.([^=]+)", a))])
   return config, fv

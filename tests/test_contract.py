@@ -140,6 +140,17 @@ def test_init_from_hf_keeps_the_source_models_hyperparameters(tmp_path):
     contract.validate(c, check_files=False, log=None)
 
 
+def test_command_line_override_contradicting_the_loaded_backbone_is_named(tmp_path):
+  from grit_jax.modeling import get_config
+
+  (tmp_path / "config.json").write_text(json.dumps(get_config("tiny_mistral", num_layers=3).to_hf_dict()))
+  with pytest.raises(GritJaxError, match=r"--config.model.num_layers=5 contradicts .*config.json \(num_layers=3\)"):
+    parse(f"--config.init_from=hf:{tmp_path}", "--config.model.num_layers=5")
+  # Agreeing with the source, or a compute field (how the run computes), is fine.
+  assert parse(f"--config.init_from=hf:{tmp_path}", "--config.model.num_layers=3",
+               "--config.model.remat_policy=full").model.num_layers == 3
+
+
 def test_weights_with_nan_are_refused(tmp_path):
   from grit_jax.convert import hf as hf_lib
   from grit_jax.modeling import get_config, init_params
