@@ -7,16 +7,20 @@ import torch.nn.functional as F
 import transformers
 
 
-def make_torch_step(c, group: int):
-  """step(batch of numpy arrays, padded as the reference pads) -> loss, for recipe `c` (float32, CPU)."""
+def make_torch_step(c, group: int, model_dir: str | None = None):
+  """step(batch of numpy arrays, padded as the reference pads) -> loss, for recipe `c` (float32, CPU): a random
+  Mistral of c.model, or the pretrained model in `model_dir` (any transformers causal LM)."""
   m = c.model
-  hf = transformers.MistralConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
-      head_dim=m.head_dim, rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, sliding_window=None,
-      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=False)
   torch.manual_seed(0)
-  model = transformers.MistralForCausalLM(hf).float().train()
+  if model_dir:
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+  else:
+    hf = transformers.MistralConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads,
+        head_dim=m.head_dim, rope_theta=m.rope_theta, rms_norm_eps=m.rms_norm_eps, sliding_window=None,
+        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=False)
+    model = transformers.MistralForCausalLM(hf).float().train()
   opt = torch.optim.AdamW(model.parameters(), lr=c.optimizer.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
   def embed(ids, mask, pool):
