@@ -320,6 +320,31 @@ def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
   assert "no such file or folder" in capsys.readouterr().err
 
 
+def test_demo_reports_what_grit_jax_eval_reports(model_dir, tmp_path):
+  """The demo's retrieval numbers (demo.retrieval: retrieval_eval.evaluate at the fine-tuned model's embedding max
+  length) are what `grit-jax eval --model DIR --data data/eval` prints: both embed at the lengths the model was
+  trained with (here 24 / 32 tokens; the shipped passages are longer, so 512 would rank differently), with the same
+  instructions, pooling and candidate set (every distinct held-out passage)."""
+  import shutil
+
+  from grit_jax import cli, demo
+  from grit_jax.convert import settings as settings_lib
+  from grit_jax.inference.gritlm import GritLM
+  d = tmp_path / "trained"
+  shutil.copytree(model_dir, d)
+  settings_lib.write(str(d), settings_lib.Settings(query_max_len=24, passage_max_len=32))
+  out = tmp_path / "metrics.json"
+  eval_dir = os.path.join(ROOT, "data", "eval")
+  assert cli.main(["eval", "--model", str(d), "--data", eval_dir, "--output", str(out)]) == 0
+  got = json.loads(out.read_text())
+  model = GritLM.from_pretrained(str(d))
+  assert model.max_length() == 32
+  shown = demo.retrieval([("fine-tuned", model)], eval_dir, model.max_length())["fine-tuned"]
+  assert (got["queries"], got["corpus"]) == (shown["queries"], shown["corpus"]) == (25, 48)
+  for name in ("recall@1", "recall@5", "ndcg@10", "mrr@10"):
+    assert abs(got[name] - shown[name]) < 1e-6, name
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # mteb: results of different models never collide in mteb's cache
 
