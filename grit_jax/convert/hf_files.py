@@ -183,8 +183,8 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
               {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
                # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS);
                # encode_queries with the query instruction (none by default)
-               "prompts": {"query": templates.embed_prefix(query_instruction or "", text_format)[len(text_format.bos):],
-                           "document": templates.embed_prefix("", text_format)[len(text_format.bos):]},
+               "prompts": {name: templates.embed_prefix(instr, text_format)[len(text_format.bos):]
+                           for name, instr in (("query", query_instruction or ""), ("document", ""))},
                "default_prompt_name": "document"})
   os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
   _write_json(os.path.join(out_dir, "1_Pooling", "config.json"),

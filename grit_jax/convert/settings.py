@@ -32,7 +32,7 @@ SETTINGS_FILE = "grit_settings.json"
 VERSION = 1
 TEMPLATE_VERSION = "gritlm-1"  # <s><|user|>\n{instruction}\n<|embed|>\n{text}; <s><|user|>\n{msg}\n<|assistant|>\n
 POOLINGS = ("mean", "weightedmean", "lasttoken", "cls")
-GRITLM_MAX_LENGTH = 512  # gritlm.GritLM.encode's max_length (and MTEB's): GritLM(path, ...) and models without the file
+GRITLM_MAX_LENGTH = 512  # gritlm.GritLM.encode's max_length (and MTEB's): GritLM(path, ...), models without the file
 
 
 @dataclasses.dataclass(frozen=True)
