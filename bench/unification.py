@@ -50,7 +50,8 @@ chats = demo.load_chats(eval_dir)
 _, base = demo.base_model(config)
 print(f"{args.steps} steps each, held-out: {len(queries)} queries / {len(corpus)} documents, {len(chats)} chats")
 print(f"{'model':>12}  nDCG@10  top-1   gen loss")
+max_length = results["unified"].max_length()  # the trained lengths, as the demo (every mode trains with the same)
 for name, model in [("base", base)] + list(results.items()):
-  m = retrieval_eval.evaluate(model, queries, positives, corpus, max_length=demo.MAX_LENGTH)
+  m = retrieval_eval.evaluate(model, queries, positives, corpus, max_length=max_length)
   print(f"{name:>12}  {m['ndcg@10']:.3f}    {m['recall@1']:.1%}  {demo.heldout_lm_loss(model, chats):.4f}",
         flush=True)

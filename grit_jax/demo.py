@@ -7,7 +7,8 @@
    fine-tuned model lands in runs/demo/hf.
 2. Retrieval on held-out data (data/eval): each query against every held-out document (positives and hard
    negatives), recall@1, recall@5 and nDCG@10 of the base model (zero-shot: bidirectional attention, mean pooling
-   over the text) and of the fine-tuned one (retrieval_eval.evaluate, what `grit-jax eval` reports), with examples.
+   over the text) and of the fine-tuned one (`retrieval`: retrieval_eval.evaluate at the fine-tuned model's
+   embedding max length, exactly what `grit-jax eval --model DIR/hf --data data/eval` reports), with examples.
 3. Generation on held-out chats: the generative loss of both models, and their greedy replies next to the reference
    (the pretrained chat ability must survive the fine-tuning).
 4. RAG with doc caching: the retrieved document's KV cache (from its embedding pass) reused to answer the query.
@@ -24,7 +25,7 @@ import numpy as np
 
 from grit_jax.perf import host
 
-MAX_LENGTH = 512  # every shipped text fits: nothing is cut in the reports
+MAX_LENGTH = 512  # of the held-out chats: every shipped chat fits
 GENERAL_PROMPT = "What is the capital of France?"
 
 
@@ -55,6 +56,16 @@ def heldout_lm_loss(model, chats: list[list[str]], max_len: int = MAX_LENGTH) ->
   return total / max(count, 1)
 
 
+def retrieval(models, eval_dir: str, max_length: int) -> dict[str, dict[str, float]]:
+  """{name: metrics} of each (name, model) on the eval folder's embedding rows: retrieval_eval.evaluate, the function
+  `grit-jax eval` reports, at `max_length` (the fine-tuned model's own default, GritLM.max_length: the lengths it
+  was trained with; a model trained on 64-token passages ranks worse at 512)."""
+  from grit_jax.inference import retrieval_eval
+  queries, positives, corpus = retrieval_eval.read_rows(eval_dir)
+  return {name: retrieval_eval.evaluate(model, queries, positives, corpus, max_length=max_length)
+          for name, model in models}
+
+
 def _short(s: str, n: int = 90) -> str:
   s = " ".join(s.split())
   return s if len(s) <= n else s[:n - 3] + "..."
@@ -70,8 +81,8 @@ def untrained_model(config):
 
   run = run_lib.Run(config)
   params = jax.tree.map(np.asarray, run_lib.to_host(run_lib.params(run.init_state())))
-  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer), attn=config.attn,
-                pooling=config.loss.pooling)
+  from grit_jax.convert import settings as settings_lib
+  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer), settings=settings_lib.from_config(config))
 
 
 def base_model(config):
@@ -126,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
   chats = load_chats(eval_dir)
   models = ((base_name, base), ("fine-tuned", trained))
 
-  print(f"\n== 2. retrieval: {len(queries)} held-out queries against {len(corpus)} held-out documents ==")
-  for name, model in models:
-    m = retrieval_eval.evaluate(model, queries, positives, corpus, max_length=MAX_LENGTH)
+  max_length = trained.max_length()  # what `grit-jax eval` uses for it; the base model is compared at the same
+  print(f"\n== 2. retrieval: {len(queries)} held-out queries against {len(corpus)} held-out documents "
+        f"(texts up to {max_length} tokens) ==")
+  for name, m in retrieval(models, eval_dir, max_length).items():
     print(f"{name:>17}: top-1 {m['recall@1']:.1%}   top-5 {m['recall@5']:.1%}   nDCG@10 {m['ndcg@10']:.3f}")
   print(f"{'chance':>17}: top-1 {1 / len(corpus):.1%}   top-5 {min(5, len(corpus)) / len(corpus):.1%}")
-  kw = dict(max_length=MAX_LENGTH, normalize=True)
+  kw = dict(max_length=max_length, normalize=True)
   docs = {name: retrieval_eval.embed_pairs(model, corpus, **kw) for name, model in models}
   rows = [(queries[i], positives[i]) for i in range(min(args.examples, len(queries)))]
   for (instr, q), pos in rows:

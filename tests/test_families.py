@@ -182,7 +182,7 @@ def test_grit_step_packed_on_eight_devices_equals_padded_on_one(models, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, family, caplog):
+def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, family, caplog, capfd):
   """save_pretrained of each family: transformers reads the same logits back, and sentence-transformers embeds
   (bidirectionally, mean over the text, normalised; Gemma with EmbeddingGemma's symmetric windows) as
   GritLM.encode does. transformers 5 loads any qwen2 tokenizer as Qwen2Tokenizer: with this SentencePiece
@@ -204,10 +204,13 @@ def test_export_loads_in_transformers_and_sentence_transformers(tmp_path, family
   hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), dtype=torch.float32).eval()
   np.testing.assert_allclose(_real(torch_logits(hf, ids, mask), mask), _real(export.logits(ids, mask), mask),
                              atol=TOL, rtol=TOL)
+  capfd.readouterr()
   st = sentence_transformers.SentenceTransformer(str(tmp_path / "export"), device="cpu")
+  assert "UNEXPECTED" not in capfd.readouterr().err  # the causal-LM class: no load report about lm_head.weight
   if family == "qwen2":
+    # left padding: the module runs the causal-LM class (hf_files), whose task sentence-transformers pads left
     st[0].processor = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "export" / "tokenizer.json"),
-                                                           pad_token="<unk>")
+                                                           pad_token="<unk>", padding_side="left")
   texts = ["The capital of France is Paris.", "short", "Photosynthesis turns light into sugar, slowly. " * 2]
   want = export.encode(texts)
   np.testing.assert_allclose(st.encode(texts, convert_to_numpy=True), want, atol=1e-5)

@@ -307,3 +307,55 @@ def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, ca
   (idx / "embeddings.npy").write_bytes(b"garbage")
   assert run(None) != 0  # the CLI says so in one line, before loading the model
   assert "embeddings.npy: does not match the sha256" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one embedding max length, and truncation reported once per call
+
+
+def test_one_embedding_max_length_everywhere(hf_dir, tmp_path, caplog):
+  """GritLM(path) keeps gritlm's 512 (its README gives gritlm's vectors); a model with grit_settings.json embeds at
+  its embedding max length (the longer of its trained query / passage lengths) in encode, encode_queries /
+  encode_corpus, eval, rag, mteb and the CLI; max_length= / --max-length overrides it. Texts cut to it are reported
+  once per call, with their number."""
+  from grit_jax import GritLM, cli
+  from grit_jax.convert import settings as settings_lib
+  from grit_jax.inference import retrieval_eval
+
+  d = tmp_path / "m"
+  shutil.copytree(hf_dir, d)
+  settings_lib.write(str(d), settings_lib.Settings(query_max_len=12, passage_max_len=16))
+  long, short = "mountains and rivers " * 12, "short one"
+  assert GritLM(str(d)).max_length() == settings_lib.GRITLM_MAX_LENGTH == 512
+  model = GritLM.from_pretrained(str(d))
+  assert model.max_length() == 16 and model.max_length(40) == 40
+  at16 = model.encode([long, short], max_length=16)
+  np.testing.assert_array_equal(model.encode([long, short]), at16)
+  np.testing.assert_array_equal(model.encode_queries([long, short]), at16)
+  np.testing.assert_array_equal(model.encode_corpus([long, short]), at16)
+  np.testing.assert_array_equal(GritLM(str(d)).encode([long, short], max_length=16), at16)
+  assert np.abs(GritLM(str(d)).encode([long]) - at16[0]).max() > 1e-4  # gritlm's 512 keeps the text whole
+
+  def reports(fn):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      fn()
+    return [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+
+  one = reports(lambda: model.encode([long, short, long]))
+  assert len(one) == 1 and one[0].startswith("2 of 3 texts (66.7%) truncated to 16 tokens"), one
+  queries, corpus = [("Find it", long), ("", short)], [("", long), ("", short), ("", "other " * 30)]
+  got = reports(lambda: retrieval_eval.evaluate(model, queries, [[corpus[0]], [corpus[1]]], corpus))
+  assert len(got) == 1 and got[0].startswith("3 of 5 texts (60.0%) truncated to 16 tokens"), got
+  assert reports(lambda: retrieval_eval.evaluate(model, queries, [[corpus[0]], [corpus[1]]], corpus,
+                                                 max_length=200)) == []
+  got = reports(lambda: model.rag(long, [long, short], max_new_tokens=1))
+  assert len(got) == 1 and got[0].startswith("2 of 3 texts"), got
+  src = tmp_path / "t.jsonl"
+  src.write_text(json.dumps(long) + "\n" + json.dumps(short) + "\n")
+  got = reports(lambda: cli.main(["embed", "--model", str(d), "--input", str(src), "--output",
+                                  str(tmp_path / "e.npy")]))
+  assert len(got) == 1 and got[0].startswith("1 of 2 texts (50.0%) truncated to 16 tokens"), got
+  np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), at16)
+  from grit_jax.inference.mteb_adapter import MtebEncoder
+  assert MtebEncoder(model).max_length == 16 and MtebEncoder(model, max_length=64).max_length == 64

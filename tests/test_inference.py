@@ -471,16 +471,19 @@ def test_lone_surrogate_is_a_named_error(model, tmp_path):
     model.encode(["fine", "half \ud800"])
 
 
-def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, capsys):
+def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, caplog):
   from grit_jax.inference import cli
   src = tmp_path / "texts.jsonl"
   src.write_text("".join(json.dumps(t) + "\n" for t in ["one two three four five six seven eight", "hi", "a b"]))
   argv = ["--model", model_dir, "--input", str(src), "--output", str(tmp_path / "e.npy"), "--packing"]
-  assert cli.embed_main(argv + ["--max-length", "8"]) == 0
-  err = capsys.readouterr().err
-  assert "warning: 1 of 3 texts (33.3%) truncated to 8 tokens" in err and len(err.strip().splitlines()) == 1
-  assert cli.embed_main(argv + ["--max-length", "64"]) == 0
-  assert "truncated" not in capsys.readouterr().err
+  with caplog.at_level("WARNING"):
+    assert cli.embed_main(argv + ["--max-length", "8"]) == 0
+  cut = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+  assert len(cut) == 1 and cut[0].startswith("1 of 3 texts (33.3%) truncated to 8 tokens"), cut
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    assert cli.embed_main(argv + ["--max-length", "64"]) == 0
+  assert not [r for r in caplog.records if "truncated" in r.getMessage()]
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),

@@ -264,6 +264,50 @@ def test_sentence_transformers_equals_gritlm_encode(model_dir):
   assert np.abs(model.encode(texts, instruction=instruction, attn="cccc") - want).max() > 1e-2
 
 
+def test_sentence_transformers_query_and_document_equal_encode_queries_and_corpus(model_dir, tmp_path, caplog,
+                                                                                   capfd):
+  """encode_query / encode_document of the export == GritLM.encode_queries / encode_corpus: without an instruction
+  in the settings (the query prompt is encode_queries' default, none), and with one recorded (the query prompt is
+  GritLM's query template of it). Loading prints no transformers load report (no UNEXPECTED lm_head.weight)."""
+  import dataclasses
+  import logging
+
+  import sentence_transformers
+
+  from grit_jax.inference.gritlm import GritLM
+  model = GritLM.from_pretrained(model_dir)
+  instruction = "Given a question, retrieve the passage that answers it"
+  recorded = GritLM(model.config, model.params, model.tokenizer,
+                    settings=dataclasses.replace(model.settings, query_instruction=instruction))
+  recorded.save_pretrained(str(tmp_path / "instructed"))
+  queries = ["capital of France?", "how do plants make sugar " * 4]
+  docs = ["The capital of France is Paris.", "Photosynthesis turns light into sugar, slowly. " * 3]
+  for path in (model_dir, str(tmp_path / "instructed")):
+    capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      st = sentence_transformers.SentenceTransformer(path, device="cpu")
+    logged = "\n".join(r.getMessage() for r in caplog.records) + "".join(capfd.readouterr())
+    assert "UNEXPECTED" not in logged and "LOAD REPORT" not in logged, logged
+    grit = GritLM.from_pretrained(path)
+    np.testing.assert_allclose(st.encode_query(queries, convert_to_numpy=True), grit.encode_queries(queries),
+                               atol=1e-5)
+    np.testing.assert_allclose(st.encode_document(docs, convert_to_numpy=True), grit.encode_corpus(docs), atol=1e-5)
+  assert st.prompts["query"] == f"<|user|>\n{instruction}\n<|embed|>\n"
+  np.testing.assert_allclose(recorded.encode_queries(queries), model.encode(queries, instruction=instruction))
+  assert GritLM.from_pretrained(str(tmp_path / "instructed")).settings.query_instruction == instruction
+  # Plain transformers, as the README says: is_causal=False, mean over the text tokens (after BOS + prompt).
+  import torch
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, is_causal=False, dtype=torch.float32).model
+  n_prompt = len(tok("<|embed|>\n").input_ids)
+  with torch.no_grad():
+    h = hf(**tok(["<|embed|>\n" + docs[1]], return_tensors="pt")).last_hidden_state[0, n_prompt:].numpy()
+  mean = h.mean(0)
+  np.testing.assert_allclose(mean / np.linalg.norm(mean), model.encode_corpus(docs[1:])[0], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # grit-jax eval: retrieval metrics on the user's own rows
 
@@ -318,6 +362,31 @@ def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):
   assert not (tmp_path / "m2.json").exists()
   assert cli.main(["eval", "--model", model_dir, "--data", str(tmp_path / "nope")]) == 2
   assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_demo_reports_what_grit_jax_eval_reports(model_dir, tmp_path):
+  """The demo's retrieval numbers (demo.retrieval: retrieval_eval.evaluate at the fine-tuned model's embedding max
+  length) are what `grit-jax eval --model DIR --data data/eval` prints: both embed at the lengths the model was
+  trained with (here 24 / 32 tokens; the shipped passages are longer, so 512 would rank differently), with the same
+  instructions, pooling and candidate set (every distinct held-out passage)."""
+  import shutil
+
+  from grit_jax import cli, demo
+  from grit_jax.convert import settings as settings_lib
+  from grit_jax.inference.gritlm import GritLM
+  d = tmp_path / "trained"
+  shutil.copytree(model_dir, d)
+  settings_lib.write(str(d), settings_lib.Settings(query_max_len=24, passage_max_len=32))
+  out = tmp_path / "metrics.json"
+  eval_dir = os.path.join(ROOT, "data", "eval")
+  assert cli.main(["eval", "--model", str(d), "--data", eval_dir, "--output", str(out)]) == 0
+  got = json.loads(out.read_text())
+  model = GritLM.from_pretrained(str(d))
+  assert model.max_length() == 32
+  shown = demo.retrieval([("fine-tuned", model)], eval_dir, model.max_length())["fine-tuned"]
+  assert (got["queries"], got["corpus"]) == (shown["queries"], shown["corpus"]) == (25, 48)
+  for name in ("recall@1", "recall@5", "ndcg@10", "mrr@10"):
+    assert abs(got[name] - shown[name]) < 1e-6, name
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def test_export_keeps_the_models_own_tokenizer_files(tok, chatml_dir, tmp_path):
   (tmp_path / "config.json").write_text("{}")
   hf_files.write_sentence_transformers_files(str(tmp_path), 8, text_format=tok.text_format)
   st = json.loads((tmp_path / "config_sentence_transformers.json").read_text())
-  assert st["prompts"] == {"document": "<|embed|>\n"}  # no BOS: the model has none
+  assert st["prompts"] == {"query": "<|embed|>\n", "document": "<|embed|>\n"}  # no BOS: the model has none
   assert Tokenizer(tmp_path / "tokenizer.json").text_format == tok.text_format
 
 

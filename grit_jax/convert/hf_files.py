@@ -12,7 +12,14 @@
   and the sentence-transformers module overrides it with `is_causal: false` (transformers >= 5.2). So
   `SentenceTransformer(dir).encode(texts, prompt=gritlm_instruction(instruction))` equals
   `GritLM.encode(texts, instruction=...)`; without a prompt the model's default prompt (`<|embed|>\\n`) applies.
-  The prompts leave out the BOS (the tokenizer adds it when the model has one).
+  Prompts `query` (GritLM's query template: the settings' query_instruction wrapped, or `<|embed|>\\n` when there is
+  none, as encode_queries) and `document`: `encode_query` equals `GritLM.encode_queries`, `encode_document`
+  `GritLM.encode_corpus`. The prompts leave out the BOS (the tokenizer adds it when the model has one).
+  The module loads the class config.json names (`transformer_task: text-generation`, e.g. MistralForCausalLM, as
+  gritlm's unified mode does) and pools its last hidden states (`hidden_states[-1]`, after the final norm): the
+  bare model (`AutoModel`) would have no place for `lm_head.weight` and transformers would print a load report
+  naming it UNEXPECTED at every load. Left padding (what sentence-transformers sets for that task) gives the same
+  embeddings: RoPE attention depends on relative positions only, and the pooling skips the padding and the prompt.
 """
 from __future__ import annotations
 
@@ -22,12 +29,13 @@ import os
 import shutil
 
 from grit_jax import contract
+from grit_jax.convert import settings as settings_lib
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 
 log = logging.getLogger(__name__)
 PAD_TOKEN = "<unk>"  # id 0 = grit_jax's Tokenizer.pad_id
-ST_MAX_SEQ_LENGTH = 512  # = the default passage_max_len of convert.settings
+ST_MAX_SEQ_LENGTH = settings_lib.GRITLM_MAX_LENGTH  # = embedding_max_len of the default settings
 
 # The GritLM chat format of data/templates.py: `<s><|user|>\n{u}\n<|assistant|>\n{a}</s>` turns joined by "\n";
 # with add_generation_prompt the prompt ends in the assistant header, as templates.chat_prompt.
@@ -136,10 +144,12 @@ POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "weightedmean": "pooling_mo
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectional: bool = True,
                                       pooling: str = "mean", normalize: bool = True,
                                       max_seq_length: int = ST_MAX_SEQ_LENGTH,
-                                      text_format: templates.TextFormat = templates.GRIT) -> list[str]:
+                                      text_format: templates.TextFormat = templates.GRIT,
+                                      query_instruction: str | None = None) -> list[str]:
   """modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/ (and 2_Normalize/ when
   `normalize`) into an HF directory that already has config.json; `bidirectional`: the embedding passes'
-  attention (attn "bb.."); `text_format`: the tokenizer's (its BOS is left to the tokenizer)."""
+  attention (attn "bb.."); `text_format`: the tokenizer's (its BOS is left to the tokenizer); `query_instruction`:
+  the one of the `query` prompt (GritLM.encode_queries' default: the settings' query_instruction, else none)."""
   if pooling not in POOLING_MODES:
     raise GritJaxError(f"pooling={pooling!r}: expected one of {tuple(POOLING_MODES)}")
   cfg_path = os.path.join(out_dir, "config.json")
@@ -164,12 +174,17 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
     modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
   _write_json(os.path.join(out_dir, "modules.json"), modules)
   _write_json(os.path.join(out_dir, "sentence_bert_config.json"),
-              {"max_seq_length": int(max_seq_length), "do_lower_case": False,
-               "config_args": config_args})
+              {"max_seq_length": int(max_seq_length), "do_lower_case": False, "config_args": config_args,
+               # the causal-LM class of config.json (no UNEXPECTED lm_head.weight), its last hidden states pooled
+               "transformer_task": "text-generation",
+               "modality_config": {"text": {"method": "forward", "method_output_name": ["hidden_states", -1]}},
+               "module_output_name": "token_embeddings"})
   _write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
               {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
-               # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS)
-               "prompts": {"document": templates.embed_prefix("", text_format)[len(text_format.bos):]},
+               # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS);
+               # encode_queries with the query instruction (none by default)
+               "prompts": {name: templates.embed_prefix(instr, text_format)[len(text_format.bos):]
+                           for name, instr in (("query", query_instruction or ""), ("document", ""))},
                "default_prompt_name": "document"})
   os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
   _write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
@@ -185,8 +200,9 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
 
 def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[str]:
   """Everything above for an HF directory holding `model_config`'s weights and config.json, served with `settings`
-  (convert.settings.Settings: attention, pooling, normalisation, passage_max_len as the sentence-transformers
-  max_seq_length). The sentence-transformers modules need a tokenizer and a pooling they have (not cls)."""
+  (convert.settings.Settings: attention, pooling, normalisation, query_instruction, and the embedding max length,
+  settings.embedding_max_len, as the sentence-transformers max_seq_length). The sentence-transformers modules need
+  a tokenizer and a pooling they have (not cls)."""
   if tokenizer is None:
     return []
   written = write_tokenizer_files(tokenizer, out_dir, model_config.max_position_embeddings)
@@ -197,8 +213,9 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
     return written
   return written + write_sentence_transformers_files(
       out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False),
-      pooling=settings.pooling, normalize=settings.normalize, max_seq_length=settings.passage_max_len,
-      text_format=tokenizer.text_format)
+      pooling=settings.pooling, normalize=settings.normalize,
+      max_seq_length=settings_lib.embedding_max_len(settings), text_format=tokenizer.text_format,
+      query_instruction=settings.query_instruction)
 
 
 TOKENIZER_PROBES = ("Hello world", "The capital of France is Paris.", "  two leading spaces", "x\n\ny", "日本語 🙂 é")

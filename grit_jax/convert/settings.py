@@ -9,9 +9,11 @@ the Hub) gets the GritLM defaults below, which are those of the published GritLM
   pooling            mean | weightedmean | lasttoken (| cls, inference only)
   normalize          L2-normalised embeddings
   template           the instruction / chat format version (data.templates); another version is an error
-  query_max_len      max tokens of a query / passage / generative sequence in training: the embedding defaults
-  passage_max_len
+  query_max_len      max tokens of a query / passage / generative sequence in training; the longer of the first two
+  passage_max_len    is the model's embedding max length (`embedding_max_len`), queries and passages alike
   generative_max_len
+  query_instruction  (optional, written only when set) the instruction `GritLM.encode_queries` and the export's
+                     sentence-transformers `query` prompt use by default; absent = none, as gritlm's encode_queries
   train_data         {"fingerprint": sha256 over the train files' content fingerprints, "files": [[name, size, sha256]]}
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ SETTINGS_FILE = "grit_settings.json"
 VERSION = 1
 TEMPLATE_VERSION = "gritlm-1"  # <s><|user|>\n{instruction}\n<|embed|>\n{text}; <s><|user|>\n{msg}\n<|assistant|>\n
 POOLINGS = ("mean", "weightedmean", "lasttoken", "cls")
+GRITLM_MAX_LENGTH = 512  # gritlm.GritLM.encode's max_length (and MTEB's): GritLM(path, ...), models without the file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +45,14 @@ class Settings:
   passage_max_len: int = 512
   generative_max_len: int | None = None
   train_data: dict | None = None
+  query_instruction: str | None = None
   source: str = "defaults"  # where they came from (the file's path, or "defaults"); not stored
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("source")
+    if d["query_instruction"] is None:  # absent unless set: older readers know every other key
+      d.pop("query_instruction")
     return {"version": VERSION, **d}
 
 
@@ -65,7 +71,17 @@ def check(s: Settings, where: str) -> Settings:
     v = getattr(s, key)
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
       bad(key, "expected a positive integer")
+  if s.query_instruction is not None and not isinstance(s.query_instruction, str):
+    bad("query_instruction", "expected a string")
   return s
+
+
+def embedding_max_len(s: Settings) -> int:
+  """The max tokens (template included) of the model's embedding passes, queries and passages alike: the longer of
+  the lengths it was trained with (GRITLM_MAX_LENGTH for a model without grit_settings.json). The one default of
+  every entry point (GritLM.encode*, `grit-jax embed | eval | mteb | rag`, the sentence-transformers export's
+  max_seq_length) unless given another; GritLM(path, ...) keeps gritlm's GRITLM_MAX_LENGTH instead."""
+  return max(s.query_max_len, s.passage_max_len)
 
 
 def read(model_dir: str) -> Settings:

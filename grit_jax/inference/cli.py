@@ -7,7 +7,8 @@
 JSONL rows are a JSON string or an object with "text" (and optionally "title"). Bad input raises GritJaxError
 naming the file and line, before the model is loaded; outputs are checked first and written to a temporary name
 and renamed, so nothing half-written remains. Attention, pooling, normalisation and max length default to the
-model's grit_settings.json; a flag given explicitly overrides it (logged).
+model's grit_settings.json (max length: the model's one embedding max length, inference.gritlm.GritLM.max_length);
+a flag given explicitly overrides it (logged). Texts cut to the max length are reported once per command.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 
@@ -149,6 +149,12 @@ def add_packing(p: argparse.ArgumentParser) -> None:
                       "the texts and row length that cost fewer FLOPs than padding (inference.encode.choose_row_len)")
 
 
+def add_max_length(p: argparse.ArgumentParser, what: str = "text") -> None:
+  p.add_argument("--max-length", type=_positive("--max-length"), default=None,
+                 help=f"max tokens per {what} (template included); default: the model's embedding max length "
+                      "(the longer of its trained query / passage lengths in grit_settings.json, else 512)")
+
+
 def _positive(name: str):
   def parse(s: str) -> int:
     try:
@@ -173,9 +179,7 @@ def embed_main(argv: list[str]) -> int:
   p.add_argument("--output", required=True, help=".npy file, float32 [N, D] (written atomically)")
   p.add_argument("--instruction", default="", help="task instruction (plain, or gritlm's wrapped form)")
   p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="texts per forward pass")
-  p.add_argument("--max-length", type=_positive("--max-length"), default=None,
-                 help="max tokens per text (template included); default: the model's trained passage length, "
-                      "else 512")
+  add_max_length(p)
   p.add_argument("--pooling", default=None, choices=("mean", "weightedmean", "lasttoken", "cls"),
                  help="default: the model's grit_settings.json, else mean")
   p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
@@ -190,11 +194,6 @@ def embed_main(argv: list[str]) -> int:
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
                      pooling=a.pooling, normalize=a.normalize, packing=a.packing)
   save_npy_atomic(a.output, emb)
-  cut, n = model.truncation["truncated"], model.truncation["texts"]
-  limit = a.max_length or model.settings.passage_max_len
-  if cut:
-    print(f"warning: {cut} of {n} texts ({cut / n:.1%}) truncated to {limit} tokens (template included; raise "
-          "--max-length to keep them whole)", file=sys.stderr, flush=True)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0
 
@@ -232,8 +231,7 @@ def rag_main(argv: list[str]) -> int:
   p.add_argument("--prompt", default="query", choices=tuple(rag_lib.FULL_FORMATS),
                  help="plain-RAG prompt format (--cache none)")
   p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=16, help="answer length limit")
-  p.add_argument("--max-length", type=_positive("--max-length"), default=4096,
-                 help="max tokens per document / query embedding pass")
+  add_max_length(p, "document / query embedding pass")
   _add_attn(p)
   add_shard_weights(p)
   a = p.parse_args(argv)

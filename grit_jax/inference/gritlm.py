@@ -9,6 +9,7 @@ bucket, whatever the instance).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -143,8 +144,9 @@ class GritLM:
     self.shard_weights = shard_weights
     self._logged: set = set()
     self._fingerprint = None
-    # texts `encode` has embedded and those of them cut to max_length, so far (`grit-jax embed` reports them)
+    # texts embedded and those of them cut to max_length, so far (each call also reports its own: truncation_report)
     self.truncation = {"texts": 0, "truncated": 0}
+    self._call_truncation = None  # [texts, cut, {max lengths}] of the call in progress (truncation_report)
 
   @staticmethod
   def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
@@ -184,6 +186,48 @@ class GritLM:
               shard_weights=shard_weights)
     out.name_or_path = path
     return out
+
+  def max_length(self, given: int | None = None) -> int:
+    """The max tokens (template included) of an embedding pass: `given`; else, loaded as GritLM(path, ...),
+    gritlm's 512 (so gritlm scripts give gritlm's vectors); else the model's embedding max length
+    (convert.settings.embedding_max_len: the longer of its trained query / passage lengths, 512 without
+    grit_settings.json). Every embedding entry point defaults to it."""
+    if given is not None:
+      if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
+        raise GritJaxError(f"max_length={given!r}: expected a positive integer")
+      return int(given)
+    if self._gritlm_style:
+      return settings_lib.GRITLM_MAX_LENGTH
+    return settings_lib.embedding_max_len(self.settings)
+
+  @contextlib.contextmanager
+  def truncation_report(self):
+    """Everything embedded inside is one call: at its end, one warning with the number of texts cut to the max
+    length (none when nothing was cut). Nested calls (eval -> encode per instruction) add to the outermost."""
+    if self._call_truncation is not None:
+      yield
+      return
+    self._call_truncation = [0, 0, set()]
+    try:
+      yield
+    finally:
+      n, cut, limits = self._call_truncation
+      self._call_truncation = None
+      if cut:
+        log.warning("%d of %d texts (%.1f%%) truncated to %s tokens (template included; a larger max_length / "
+                    "--max-length keeps them whole)", cut, n, 100 * cut / n, " / ".join(map(str, sorted(limits))))
+
+  def count_truncation(self, tokens, max_length: int) -> None:
+    """Count tokenized texts (templates.Encoded) and those cut to `max_length`, in `truncation` and in the report of
+    the call in progress (or in a report of their own)."""
+    with self.truncation_report():
+      cut = sum(bool(t.truncated) for t in tokens)
+      self.truncation["texts"] += len(tokens)
+      self.truncation["truncated"] += cut
+      self._call_truncation[0] += len(tokens)
+      self._call_truncation[1] += cut
+      if cut:
+        self._call_truncation[2].add(int(max_length))
 
   # the settings, under grit_jax's and gritlm's names
   attn = property(lambda self: self.settings.attn)
@@ -227,7 +271,8 @@ class GritLM:
     """Embed texts with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
     `<s><|embed|>\\n{text}` without instruction; an instruction already in gritlm's wrapped form is used as it
     is). BOS, instruction and format tokens are attended to but not pooled (`embed_instruction=True` pools them,
-    as gritlm). Attention, pooling, normalisation and max_length default to the model's settings.
+    as gritlm). Attention, pooling, normalisation and max_length default to the model's settings (max_length:
+    `max_length()`); texts cut to max_length are counted and reported once per call (`truncation_report`).
 
     packing: True = whole texts packed into fixed-length rows (segment ids, positions restarting per text), False =
     batches sorted by length and padded to power-of-two length / row buckets, None (default) = the texts up to a
@@ -246,7 +291,7 @@ class GritLM:
     attn = self.attn if attn is _UNSET else self._setting("attn", attn)
     pooling = self._setting("pooling", pooling)
     normalize = self._setting("normalize", normalize)
-    max_length = max_length or self.settings.passage_max_len
+    max_length = self.max_length(max_length)
     if self._gritlm_style and not instruction and "empty_instruction" not in self._logged:
       self._logged.add("empty_instruction")
       log.warning("instruction='' embeds '<|embed|>\\n{text}' (gritlm_instruction('')); gritlm 1.0.2 would embed "
@@ -256,8 +301,7 @@ class GritLM:
     if not texts:
       return np.zeros((0, self.config.hidden_size), np.float32)
     tokens = encode_lib.tokenize(self, texts, instruction, max_length)
-    self.truncation["texts"] += len(tokens)
-    self.truncation["truncated"] += sum(t.truncated for t in tokens)
+    self.count_truncation(tokens, max_length)
     if embed_instruction:
       tokens = [(ids, np.ones_like(pool)) for ids, pool in tokens]
     if not add_special_tokens:
@@ -271,8 +315,10 @@ class GritLM:
     return emb[0] if single else emb
 
   def encode_queries(self, queries, **kwargs):
-    """`encode` for queries (max_length defaults to the model's trained query length)."""
-    kwargs.setdefault("max_length", self.settings.query_max_len)
+    """`encode` for queries; the instruction defaults to the model's settings' query_instruction (none unless it
+    records one, as gritlm's encode_queries)."""
+    if self.settings.query_instruction:
+      kwargs.setdefault("instruction", self.settings.query_instruction)
     return self.encode(queries, **kwargs)
 
   def encode_corpus(self, corpus, **kwargs):
@@ -284,7 +330,6 @@ class GritLM:
         if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
           raise GritJaxError(f"corpus[{i}]: expected a dict with a string 'text'")
       corpus = [doc["title"] + " " + doc["text"] if "title" in doc else doc["text"] for doc in corpus]
-    kwargs.setdefault("max_length", self.settings.passage_max_len)
     return self.encode(corpus, **kwargs)
 
   # ---------------------------------------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ class MtebEncoder(AbsEncoder):
   """Wraps a grit_jax GritLM (anything with config/params/tokenizer) for mteb."""
 
   def __init__(self, model, name: str = "grit_jax/gritlm", *, revision: str | None = None, batch_size: int = 64,
-               max_length: int = 512, normalize: bool = False, instructions: dict[str, str] | None = None,
+               max_length: int | None = None, normalize: bool = False, instructions: dict[str, str] | None = None,
                both_sides_task_types=BOTH_SIDES_TASK_TYPES, model_dir: str | None = None):
     """`revision` defaults to model.weights_fingerprint(); `model_dir` (set by from_pretrained) makes the meta's
-    loader reload the model."""
+    loader reload the model. max_length: None = the model's embedding max length (GritLM.max_length)."""
     self.model = model
+    if max_length is None and hasattr(model, "max_length"):  # what GritLM.encode uses: stated in the meta
+      max_length = model.max_length()
     self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
     self.prompts_dict = instructions  # task name / task type -> instruction (mteb's prompt priority applies)
     self.both_sides_task_types = tuple(both_sides_task_types)

@@ -212,19 +212,25 @@ class RagIndex:
 
 def _embed_tokens(model, texts: Sequence[str], max_length: int):
   """(ids, pool_mask) of `<s><|embed|>\\n{text}`: the reference embeds RAG queries and documents without an
-  instruction, and that same sequence is the cached prefix."""
-  return encode_lib.tokenize(model, texts, "", max_length)
+  instruction, and that same sequence is the cached prefix. Texts cut to max_length are counted in the model's
+  truncation report."""
+  tokens = encode_lib.tokenize(model, texts, "", max_length)
+  model.count_truncation(tokens, max_length)
+  return tokens
 
 
-def build_index(model, documents: Sequence, with_cache: bool = True, batch_size: int = 16, max_length: int = 4096,
-                attn: str | None = None, show_progress_bar: bool | None = None) -> RagIndex:
+def build_index(model, documents: Sequence, with_cache: bool = True, batch_size: int = 16,
+                max_length: int | None = None, attn: str | None = None,
+                show_progress_bar: bool | None = None) -> RagIndex:
   """Embed a corpus; with `with_cache`, keep each document's KV states from that same pass (Doc Caching costs no
-  extra compute at index time). show_progress_bar: None = a bar ("Indexing") when the corpus takes more than one
-  batch (documents run to thousands of tokens, so a few hundred of them take long already)."""
+  extra compute at index time). max_length: None = the model's embedding max length (GritLM.max_length).
+  show_progress_bar: None = a bar ("Indexing") when the corpus takes more than one batch (documents run to
+  thousands of tokens, so a few hundred of them take long already)."""
   docs = [doc_text(d) for d in documents]
   if not docs:
     raise GritJaxError("empty corpus")
   causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
+  max_length = model.max_length(max_length)
   tokens = _embed_tokens(model, docs, max_length)
   built = dict(model=model_identity(model), corpus=corpus_fingerprint(docs))
   bar = dict(show_progress_bar=len(docs) > batch_size if show_progress_bar is None else show_progress_bar,
@@ -262,7 +268,7 @@ def _segment_cache(model, seqs: Sequence[Sequence[int]], causal: bool):
 
 def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, query_caches=None,
             doc_caches=None, query_ids=None, doc_ids=None, prompt: str = "query", causal: bool = False,
-            max_length: int = 4096) -> Prepared:
+            max_length: int | None = None) -> Prepared:
   """Build the cache and continuation of each (query, retrieved doc) pair for `mode`. Caches given (from the
   retrieval pass or the index) are reused; missing ones are computed with an embedding pass."""
   tok = model.tokenizer
@@ -281,7 +287,7 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
     return None if a is None or b is None else [x + y for x, y in zip(a, b)]
 
   def embed_ids(texts):
-    return [t.tolist() for t, _ in _embed_tokens(model, texts, max_length)]
+    return [t.tolist() for t, _ in _embed_tokens(model, texts, model.max_length(max_length))]
 
   if mode in ("query", "query_doc", "doc_query") and query_caches is None:
     query_ids = query_ids or embed_ids(queries)
@@ -343,16 +349,25 @@ class RagResult:
 
 
 def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *, prompt: str = "query",
-        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, max_length: int = 4096,
+        temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, max_length: int | None = None,
         attn: str | None = None, stop_at_eos: bool = True):
   """Retrieve the top-1 document for `query` (a string, or a list for a batch) from `documents` (a list of
   strings / {"title","text"} dicts, or a RagIndex) and answer with caching mode `cache` (see the module doc).
 
   The query's embedding pass also yields its KV cache (modes query/query_doc/doc_query); doc modes take the
   document's cache from the index (built, with caches, when `documents` is a list). Returns a RagResult (str() is
-  the answer), or a list of them for a list of queries. `stop_at_eos=False` forces max_new_tokens (latency runs)."""
+  the answer), or a list of them for a list of queries. `stop_at_eos=False` forces max_new_tokens (latency runs).
+  max_length: tokens per query / document embedding pass, None = the model's (GritLM.max_length); texts cut to it
+  are reported once per call."""
   if cache not in MODES:
     raise GritJaxError(f"cache={cache!r}: expected one of {MODES}")
+  with model.truncation_report():
+    return _rag(model, query, documents, cache, max_new_tokens, prompt=prompt, temperature=temperature, top_p=top_p,
+                seed=seed, max_length=model.max_length(max_length), attn=attn, stop_at_eos=stop_at_eos)
+
+
+def _rag(model, query, documents, cache, max_new_tokens, *, prompt, temperature, top_p, seed, max_length, attn,
+         stop_at_eos):
   single = isinstance(query, str)
   queries = [query] if single else list(query)
   causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)

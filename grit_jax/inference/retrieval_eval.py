@@ -76,12 +76,16 @@ def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndar
   return out
 
 
-def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int = 512,
+def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int | None = None,
              packing: bool | None = None) -> dict[str, float]:
-  """packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way)."""
+  """The metrics `grit-jax eval` and the demo report. max_length: None = the model's embedding max length
+  (GritLM.max_length: the lengths it was trained with; a model trained on short texts ranks worse at 512);
+  packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way). Texts cut to
+  the max length are reported once."""
   index = {p: i for i, p in enumerate(corpus)}
-  kw = dict(batch_size=batch_size, max_length=max_length, normalize=True, packing=packing)
-  q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
+  kw = dict(batch_size=batch_size, max_length=model.max_length(max_length), normalize=True, packing=packing)
+  with model.truncation_report():
+    q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
   metrics = retrieval_metrics(q_QD @ d_ND.T, [{index[p] for p in pos} for pos in positives])
   return dict(metrics, queries=len(queries), corpus=len(corpus))
 
@@ -91,9 +95,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
   p.add_argument("--data", required=True, help="embedding JSONL, or a folder of them (the training data format)")
   p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--max-length", type=int, default=512, help="tokens per query / passage (template included)")
   p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
   from grit_jax.inference import cli as inference_cli
+  inference_cli.add_max_length(p, "query / passage")
   inference_cli.add_packing(p)
   inference_cli.add_shard_weights(p)
   a = p.parse_args(argv)
