@@ -267,7 +267,7 @@ def shrunk(name: str):
 
 def _distinct_recipes() -> list[str]:
   """One recipe per distinct shrunk config: recipes that differ only in their backbone (the fields `shrunk`
-  replaces, and scan_layers, which a backbone with mixed layers must turn off: scanned == unscanned is
+  replaces, and scan_layers, which a backbone whose layer kinds do not repeat must turn off: scanned == unscanned is
   test_modeling's) train the same tiny step, so each combination of settings trains once. smollm2 is left out: its
   real model fine-tunes in tests/test_smollm2.py."""
   seen, out = set(), []

@@ -123,9 +123,45 @@ def test_unsupported_settings_are_named(tmp_path):
     ModelConfig.from_hf(dict(base, rope_scaling={"rope_type": "yarn", "factor": 2.0}))
   with pytest.raises(GritJaxError, match="hidden_act='gelu'"):
     ModelConfig.from_hf(dict(base, hidden_act="gelu"))
-  with pytest.raises(GritJaxError, match="scan_layers"):
-    ModelConfig.from_hf(dict(base, model_type="gemma3_text", num_hidden_layers=2, sliding_window=4,
-                             layer_types=["sliding_attention", "full_attention"]), scan_layers=True)
+  # scan_layers needs the layer kinds to repeat with a period < num_layers (Gemma 3's 5 + 1 do: blocks of 6)
+  S, F = "sliding_attention", "full_attention"
+  gemma = dict(base, model_type="gemma3_text", sliding_window=4)
+  with pytest.raises(GritJaxError, match=r"scan_layers=True: .*layer_types=\('sliding_attention', 'full_attention'\)"):
+    ModelConfig.from_hf(dict(gemma, num_hidden_layers=2, layer_types=[S, F]), scan_layers=True)
+  with pytest.raises(GritJaxError, match=r"scan_layers=True: .*layer_types=.*no period < num_layers=5"):
+    ModelConfig.from_hf(dict(gemma, num_hidden_layers=5, layer_types=[S, F, S, F, S]), scan_layers=True)
+  moe = dict(base, model_type="qwen3_moe", num_hidden_layers=4, num_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=8)
+  with pytest.raises(GritJaxError, match=r"scan_layers=True: .*dense_layers=\(1,\) give no period < num_layers=4"):
+    ModelConfig.from_hf(dict(moe, mlp_only_layers=[1]), scan_layers=True)
+  assert ModelConfig.from_hf(dict(moe, mlp_only_layers=[1, 3]), scan_layers=True).scan_period == 2
+  assert ModelConfig.from_hf(dict(gemma, num_hidden_layers=12), scan_layers=True).scan_period == 6
+  assert ModelConfig.from_hf(dict(gemma, num_hidden_layers=4, layer_types=[F] * 4), scan_layers=True).scan_period == 1
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("gemma3_text", dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)),
+    ("qwen3_moe", dict(num_hidden_layers=4, mlp_only_layers=[1, 3]))])
+def test_scanned_blocks_of_layers_load_and_export(tmp_path, batch, family, overrides):
+  """A model whose layer kinds repeat every P = 2 layers loads with scan_layers=True into blocks of 2
+  (layers/layers_{j}, [L / 2, ...]): transformers' logits; written back to HF bit for bit; its grit_jax directory
+  reloads in either layout."""
+  hf = make_hf_model(family, tmp_path / "src", seed=5, **overrides)
+  model = GritLM.from_pretrained(str(tmp_path / "src"), scan_layers=True)
+  assert model.config.scan_period == 2 and sorted(model.params["layers"]) == ["layers_0", "layers_1"]
+  ids, mask = batch
+  np.testing.assert_allclose(_real(model.logits(ids, mask), mask), _real(torch_logits(hf, ids, mask), mask),
+                             atol=TOL, rtol=TOL)
+  hf_lib.save_hf(model.params, model.config, str(tmp_path / "hf"))
+  a, b = read_tensors(str(tmp_path / "src")), read_tensors(str(tmp_path / "hf"))
+  assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+  hf_lib.save_jax(model.params, model.config, str(tmp_path / "jax"))
+  for scan in (False, True):
+    config, params = hf_lib.load_pretrained(str(tmp_path / "jax"), scan_layers=scan)
+    assert ("layers" in params) == scan
+    hf_lib.save_hf(params, config, str(tmp_path / f"hf{scan}"))
+    c = read_tensors(str(tmp_path / f"hf{scan}"))
+    assert all(a[k].tobytes() == c[k].tobytes() for k in a)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -284,6 +284,102 @@ def test_scan_equals_no_scan(pair, batch, unscanned_reference, remat):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
 
 
+# Scanning blocks of P layers when the layer kinds repeat (Gemma 3: 5 sliding + 1 full)
+_S, _F = "sliding_attention", "full_attention"
+PERIOD_CASES = {  # name -> (ModelConfig fields, the period scan_layers uses)
+    "gemma_p2": (dict(num_layers=4, layer_types=(_S, _F) * 2), 2),
+    "gemma_p3": (dict(num_layers=6, layer_types=(_S, _S, _F) * 2), 3),
+    # experts and dense MLPs mixed in a block (+ Qwen3-MoE's experts): router stats come back in layer order
+    "moe_p2": (dict(family="qwen3_moe", num_layers=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                    dense_layers=(1, 3), norm_topk_prob=False, qk_norm=True, router_aux_loss_coef=0.02), 2),
+}
+
+
+def _period_model(name):
+  """(unscanned config, its P, perturbed params): tiny, float32, weights ~0.1 so every layer matters."""
+  from grit_jax.modeling import ModelConfig, init_params
+  fields, P = PERIOD_CASES[name]
+  base = dict(vocab_size=256, hidden_size=32, intermediate_size=48, num_heads=4, num_kv_heads=2, head_dim=8)
+  if "layer_types" in fields:
+    base.update(family="gemma3_text", sliding_window=4, gemma_norms=True, qk_norm=True, query_pre_attn_scalar=24.0,
+                rope_local_theta=1e4, rope_theta=1e6, bidirectional_window=True, hidden_act="gelu_pytorch_tanh",
+                tie_word_embeddings=True, final_logit_softcapping=3.0)
+  cfg = ModelConfig(**base, **fields)
+  params = init_params(cfg, jax.random.PRNGKey(1))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  return cfg, P, params
+
+
+@pytest.mark.parametrize("name", list(PERIOD_CASES))
+def test_scan_over_repeating_layer_blocks_equals_unrolled(batch, name):
+  """scan_layers with a period P > 1: nn.scan over num_layers // P blocks of P layers gives the unrolled model's
+  logits (causal and bidirectional) and aux loss from the same weights (params_for), the layout init makes, the
+  layers axis first in every stacked param, and scan_params / unscan_params invert each other exactly."""
+  import flax.linen as nn
+  from grit_jax.modeling.model import params_for, scanned_period
+  cfg, P, params = _period_model(name)
+  scanned = cfg.replace(scan_layers=True)
+  assert scanned.scan_period == P and cfg.num_layers // P >= 2
+  p_scan = params_for(params, scanned)
+  assert scanned_period(p_scan) == P and sorted(p_scan["layers"]) == [f"layers_{j}" for j in range(P)]
+  np.testing.assert_array_equal(p_scan["layers"]["layers_1"]["self_attn"]["q_proj"]["kernel"][1],
+                                params[f"layers_{P + 1}"]["self_attn"]["q_proj"]["kernel"])
+  back = unscan_params(p_scan)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+  again = scan_params(back, cfg.num_layers, P)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(p_scan)))
+  assert all(a is b for a, b in zip(jax.tree.leaves(scan_params(p_scan, cfg.num_layers, P)),
+                                   jax.tree.leaves(p_scan)))  # idempotent, no copy
+  if not cfg.is_moe:  # Gemma's sliding and full layers hold the same params: a period-1 stack is restacked
+    restacked = scan_params(scan_params(params, cfg.num_layers), cfg.num_layers, P)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p_scan)))
+
+  ids = jnp.asarray(batch[0] % cfg.vocab_size)
+  mask = jnp.asarray(batch[1])
+  abstract = jax.eval_shape(lambda: Transformer(scanned).init(jax.random.PRNGKey(0), ids, causal=True))["params"]
+  assert jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract)) == jax.tree.map(lambda x: x.shape, p_scan)
+  specs = nn.get_partition_spec(abstract)["layers"]
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  assert all(s[0] == "layers" for s in jax.tree.leaves(specs, is_leaf=is_spec))
+  for causal in (True, False):
+    want = Transformer(cfg).apply({"params": params}, ids, mask, causal=causal)
+    got = Transformer(scanned).apply({"params": p_scan}, ids, mask, causal=causal)
+    assert np.abs(np.asarray(want.logits)).max() > 0.5
+    np.testing.assert_allclose(_real(np.asarray(got.logits), mask), _real(np.asarray(want.logits), mask),
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(float(got.aux_loss), float(want.aux_loss), atol=1e-6)
+    assert (float(want.aux_loss) > 0) == cfg.is_moe
+
+
+@pytest.mark.parametrize("name", ["gemma_p3", "moe_p2"])
+def test_scan_over_repeating_layer_blocks_kv_cache_and_remat_grads(batch, name):
+  """With a KV cache, the scanned blocks' prefill and decode steps give the unrolled model's logits and the same
+  cache, layer for layer ([L, ...] in layer order); per-layer remat in the blocks leaves the gradients unchanged."""
+  cfg, P, params = _period_model(name)
+  scanned = cfg.replace(scan_layers=True, remat_policy="full")
+  p_scan = scan_params(params, cfg.num_layers, P)
+  ids, mask = batch[0] % cfg.vocab_size, batch[1]
+  cont = np.random.RandomState(2).randint(3, cfg.vocab_size, (ids.shape[0], 2)).astype(np.int32)
+  runs = {}
+  for c, p in ((cfg, params), (scanned, p_scan)):
+    model = Transformer(c)
+    first, steps = _decode_with_cache(model, p, ids, mask, cont)
+    cache = KVCache.init(c, ids.shape[0], ids.shape[1], jnp.float32)
+    k = model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(mask), causal=True, cache=cache).cache.k
+    runs[c.scan_layers] = (first, steps, np.asarray(k), _loss_and_grad(c, p, jnp.asarray(ids), jnp.asarray(mask),
+                                                                       True)[2])
+  (f0, s0, k0, g0), (f1, s1, k1, g1) = runs[False], runs[True]
+  np.testing.assert_allclose(_real(f1, mask), _real(f0, mask), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(s1, s0, atol=1e-5, rtol=0)
+  assert k1.shape == (cfg.num_layers,) + k0.shape[1:]
+  np.testing.assert_allclose(k1, k0, atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(unscan_params(g1))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("overrides,causal", [({}, True), ({}, False),
                                               (dict(scan_layers=True, remat_policy="minimal"), True),
                                               (dict(dtype="bfloat16"), True), (dict(dtype="bfloat16"), False)])

@@ -101,14 +101,10 @@ def param_shapes(config: ModelConfig) -> dict:
   return jax.tree.map(lambda x: tuple(x.shape), unscan_params(abstract))
 
 
-def _leaf_ref(params: dict, entry: Entry, scanned: bool):
-  """(leaf array, index tuple) that `entry` reads or writes."""
-  if entry.layer is None:
-    node, idx = params, ()
-  elif scanned:
-    node, idx = params["layers"], (entry.layer,)
-  else:
-    node, idx = params[f"layers_{entry.layer}"], ()
+def _leaf_ref(params: dict, entry: Entry):
+  """(leaf array, index tuple) that `entry` reads or writes, in any layout (`model.scanned_period`)."""
+  from grit_jax.modeling.model import stacked_ref
+  node, idx = (params, ()) if entry.layer is None else stacked_ref(params, entry.layer)
   for key in entry.path:
     node = node[key]
   return node, idx + (() if entry.expert is None else (entry.expert,))
@@ -175,12 +171,17 @@ def weight_files(path: str) -> dict[str, str]:
   return out
 
 
-def _alloc(shapes: dict, dtype, scanned: bool, num_layers: int) -> dict:
-  """Uninitialised numpy leaves, scanned layers stacked on a leading axis."""
+def _alloc(shapes: dict, dtype, period: int, num_layers: int) -> dict:
+  """Uninitialised numpy leaves in the layout `model.scanned_period` calls `period` (0 = unscanned; 1 = layers
+  stacked on a leading axis; P > 1 = layers/layers_{j} stacked over the num_layers // P blocks)."""
   layer_keys = [f"layers_{i}" for i in range(num_layers)]
   out = {k: _map_shapes(v, lambda s: np.empty(s, dtype)) for k, v in shapes.items() if k not in layer_keys}
-  if scanned:
+  if period == 1:
     out["layers"] = _map_shapes(shapes["layers_0"], lambda s: np.empty((num_layers,) + s, dtype))
+  elif period:
+    out["layers"] = {f"layers_{j}": _map_shapes(shapes[f"layers_{j}"],
+                                                lambda s: np.empty((num_layers // period,) + s, dtype))
+                     for j in range(period)}
   else:
     out.update({k: _map_shapes(shapes[k], lambda s: np.empty(s, dtype)) for k in layer_keys})
   return out
@@ -200,7 +201,7 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
   files = weight_files(path)
   dtype = np.dtype(_np_dtype(config.param_dtype))
   shapes = param_shapes(config)
-  params = _alloc(shapes, dtype, config.scan_layers, config.num_layers)
+  params = _alloc(shapes, dtype, config.scan_period if config.scan_layers else 0, config.num_layers)
   entries = hf_entries(config)
   known = {e.name for e in entries}
   extra = sorted(n for n in files if n not in known and not _IGNORED.match(n))
@@ -215,7 +216,7 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
       fname = files[e.name]
       if fname not in handles:
         handles[fname] = stack.enter_context(_open_safetensors(fname))
-      leaf, idx = _leaf_ref(params, e, config.scan_layers)
+      leaf, idx = _leaf_ref(params, e)
       flax_shape = leaf[idx].shape
       tensor = _get_tensor(handles[fname], e.name, fname)
       want = _hf_shape(e, flax_shape)
@@ -282,10 +283,9 @@ def hf_tensors(params: dict, config: ModelConfig, dtype=None) -> Iterator[tuple[
   """(HF name, HF shape, numpy dtype, thunk -> contiguous numpy tensor) in file order; params scanned or not."""
   import flax.linen as nn
   params = nn.meta.unbox(params)
-  scanned = "layers" in params
   for e in hf_entries(config):
     try:
-      leaf, idx = _leaf_ref(params, e, scanned)
+      leaf, idx = _leaf_ref(params, e)
     except KeyError as err:
       raise GritJaxError(f"params: missing leaf {err} for HF tensor {e.name!r}") from err
     shape = tuple(leaf.shape[len(idx):])

@@ -96,7 +96,7 @@ class ModelConfig:
   # -- how this run computes (COMPUTE_FIELDS) --
   dtype: str = "float32"                  # compute dtype
   param_dtype: str = "float32"
-  scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/`
+  scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/` (see scan_period)
   remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
   attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # auto | xla | flat: layers.Linear, attention.attend (CPU layouts)
@@ -142,8 +142,14 @@ class ModelConfig:
       bad("num_experts", f"family {self.family!r} {'needs' if FAMILIES[self.family].moe else 'has no'} experts")
     if any(not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.dense_layers):
       bad("dense_layers", f"expected layer indices in [0, {self.num_layers})")
-    if self.scan_layers and (len(set(self.layer_types)) > 1 or self.dense_layers):
-      bad("scan_layers", "nn.scan needs identical layers: this model mixes layer types or dense and MoE layers")
+    if self.scan_layers and self.scan_period is None:
+      n = self.num_layers
+      own = {"layer_types": _period([self.layer_is_sliding(i) for i in range(n)]),
+             "dense_layers": _period([self.layer_is_moe(i) for i in range(n)])}
+      why = " and ".join(f"{k}={getattr(self, k)!r}" for k, p in own.items() if p is None) or \
+          " with ".join(f"{k}={getattr(self, k)!r}" for k in own)
+      bad("scan_layers", f"nn.scan needs a layer pattern that repeats: {why} give no period < num_layers={n} "
+          "dividing it")
     for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
                          ("attention_impl", ATTENTION_IMPLS), ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
                          ("hidden_act", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
@@ -162,6 +168,13 @@ class ModelConfig:
 
   def layer_is_moe(self, i: int) -> bool:
     return self.is_moe and i not in self.dense_layers
+
+  @property
+  def scan_period(self) -> int | None:
+    """The smallest P dividing num_layers such that layer i and layer i + P are of the same kind (sliding?, MoE?) for
+    every i: scan_layers runs nn.scan over num_layers // P blocks of P layers (1 = identical layers; Gemma 3: 6).
+    None when the pattern does not repeat (only P = num_layers > 1 would fit): such a model cannot scan."""
+    return _period([(self.layer_is_sliding(i), self.layer_is_moe(i)) for i in range(self.num_layers)])
 
   @property
   def expert_size(self) -> int:
@@ -371,6 +384,13 @@ def _from_hf(hf: dict, source: str) -> dict:
               norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=dense,
               router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
   return kw
+
+
+def _period(kinds: list) -> int | None:
+  """Smallest p < len(kinds) dividing it with kinds == kinds[:p] repeated (1 for one layer); None if there is none."""
+  n = len(kinds)
+  p = next(p for p in range(1, n + 1) if n % p == 0 and kinds == kinds[:p] * (n // p))
+  return p if p == 1 or p < n else None
 
 
 def _first_id(value, default: int) -> int:

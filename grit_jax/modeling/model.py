@@ -71,6 +71,32 @@ def _layer_class(config: ModelConfig):
   return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
+class LayerBlock(nn.Module):
+  """`period` consecutive decoder layers `layers_0..layers_{period-1}`, applied in order: the body nn.scan repeats
+  when the layer kinds repeat with that period (ModelConfig.scan_period > 1, e.g. Gemma 3's 5 sliding + 1 full).
+  Layer j of the block is of layer j's kind; remat (`_layer_class`) applies per layer. Same signature as
+  DecoderLayer, with kv [P, B, S, K, Dh] pairs in and out and stats [moe layers of the block, 2, E]."""
+  config: ModelConfig
+  period: int
+
+  @nn.compact
+  def __call__(self, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT):
+    c = self.config
+    layer_cls = _layer_class(c)
+    new_k, new_v, all_stats = [], [], []
+    for j in range(self.period):
+      layer_kv = None if kv is None else (kv[0][j], kv[1][j])
+      layer = layer_cls(c, c.layer_is_sliding(j), c.layer_is_moe(j), name=f"layers_{j}")
+      x_BTD, (layer_kv, s) = layer(x_BTD, layer_kv, masks, positions_BT, cache_index, token_mask_BT)
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+      if s is not None:
+        all_stats.append(s)
+    kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+    return x_BTD, (kv, jnp.stack(all_stats) if all_stats else None)
+
+
 class Transformer(nn.Module):
   config: ModelConfig
 
@@ -127,12 +153,22 @@ class Transformer(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
     layer_cls = _layer_class(c)
-    if c.scan_layers:  # identical layers (ModelConfig refuses scan_layers otherwise)
-      stack = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTD, (kv, stats) = stack(c, c.layer_is_sliding(0), c.layer_is_moe(0), name="layers")(
-          x_BTD, kv, masks, positions_BT, index, valid_BT)
+    if c.scan_layers:  # the layer kinds repeat every P layers (ModelConfig refuses scan_layers otherwise)
+      P = c.scan_period
+      scan = lambda body: nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                                  length=c.num_layers // P, metadata_params={nn.PARTITION_NAME: "layers"})
+      if P == 1:  # identical layers: params layers/... [L, ...]
+        x_BTD, (kv, stats) = scan(layer_cls)(c, c.layer_is_sliding(0), c.layer_is_moe(0), name="layers")(
+            x_BTD, kv, masks, positions_BT, index, valid_BT)
+      else:  # blocks of P layers: params layers/layers_{j}/... [L / P, ...] hold layers j, j + P, ...
+        # (the cache's [L] <-> [L / P, P] reshapes keep layer i = block i // P, slot i % P: the unrolled order)
+        blocks = lambda a: a.reshape((c.num_layers // P, P) + a.shape[1:])
+        kv = None if kv is None else (blocks(kv[0]), blocks(kv[1]))
+        x_BTD, (kv, stats) = scan(LayerBlock)(c, P, name="layers")(x_BTD, kv, masks, positions_BT, index, valid_BT)
+        layers = lambda a: a.reshape((-1,) + a.shape[2:])
+        kv = None if kv is None else (layers(kv[0]), layers(kv[1]))
+        stats = None if stats is None else layers(stats)
     else:
       new_k, new_v, all_stats = [], [], []
       for i in range(c.num_layers):
@@ -177,31 +213,67 @@ def _stack(xs):
   return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
 
 
-def scan_params(params: dict, num_layers: int) -> dict:
-  """layers_{i}/... (unscanned) -> layers/... stacked on a leading axis (scan_layers=True). Idempotent."""
+def scanned_period(params: dict) -> int:
+  """The layout of `params`: 0 = unscanned (layers_{i}/...), 1 = identical layers stacked (layers/... [L, ...]),
+  P > 1 = blocks of P layers stacked (layers/layers_{j}/... [L / P, ...], layer i = block i // P, slot i % P)."""
+  if "layers" not in params:
+    return 0
+  inner = params["layers"]
+  keys = set(inner.keys()) if hasattr(inner, "keys") else set()
+  P = len(keys)
+  return P if P and keys == {f"layers_{j}" for j in range(P)} else 1  # a DecoderLayer holds no layers_{j}
+
+
+def stacked_ref(params: dict, i: int):
+  """(subtree, index tuple) of layer i in `params` of any layout (`scanned_period`): the layer's leaves are
+  leaf[index] for each leaf of the subtree."""
+  P = scanned_period(params)
+  if P == 0:
+    return params[f"layers_{i}"], ()
+  if P == 1:
+    return params["layers"], (i,)
+  return params["layers"][f"layers_{i % P}"], (i // P,)
+
+
+def scan_params(params: dict, num_layers: int, period: int = 1) -> dict:
+  """layers_{i}/... (unscanned) -> the scan_layers=True layout of a model whose layer kinds repeat every `period`
+  layers (ModelConfig.scan_period): period 1 stacks layers/... [L, ...]; period P > 1 stacks layers/layers_{j}/...
+  [L / P, ...] from layers j, j + P, j + 2P, ... (`scanned_period`). Idempotent; params stacked with another period
+  are restacked."""
   params = nn.meta.unbox(params)
-  if "layers" in params:
+  if num_layers % period:
+    raise ValueError(f"scan_params: period {period} does not divide num_layers={num_layers}")
+  have = scanned_period(params)
+  if have == period:
     return params
+  if have:
+    params = unscan_params(params)
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-  out["layers"] = jax.tree.map(lambda *xs: _stack(xs), *[params[f"layers_{i}"] for i in range(num_layers)])
+  stack = lambda idx: jax.tree.map(lambda *xs: _stack(xs), *[params[f"layers_{i}"] for i in idx])
+  if period == 1:
+    out["layers"] = stack(range(num_layers))
+  else:
+    out["layers"] = {f"layers_{j}": stack(range(j, num_layers, period)) for j in range(period)}
   return out
 
 
 def unscan_params(params: dict) -> dict:
-  """layers/... stacked -> layers_{i}/... Idempotent."""
+  """Stacked (either `scanned_period` layout) -> layers_{i}/... Idempotent."""
   params = nn.meta.unbox(params)
-  if "layers" not in params:
+  P = scanned_period(params)
+  if not P:
     return params
   out = {k: v for k, v in params.items() if k != "layers"}
-  num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+  num_layers = jax.tree.leaves(params["layers"])[0].shape[0] * P
   for i in range(num_layers):
-    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    node, idx = stacked_ref(params, i)
+    out[f"layers_{i}"] = jax.tree.map(lambda x: x[idx], node)
   return out
 
 
 def params_for(params: dict, config: ModelConfig) -> dict:
   """`params` in the layout `config.scan_layers` asks for."""
-  return scan_params(params, config.num_layers) if config.scan_layers else unscan_params(params)
+  return scan_params(params, config.num_layers, config.scan_period) if config.scan_layers else unscan_params(params)
 
 
 def init_params(config: ModelConfig, rng=None, batch: int = 1, length: int = 8):
