@@ -12,10 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from grit_jax.common_types import IGNORE
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
-
-IGNORE = templates.IGNORE
 
 
 def pad_row(ids: Sequence[int], length: int, value: int = 0) -> np.ndarray:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from grit_jax import common_types
+from grit_jax.common_types import IGNORE
 from grit_jax.data import batching, jsonl, packing, tfds_builders
 from grit_jax.errors import GritJaxError
 
@@ -86,9 +88,7 @@ class _Stream:
 
 def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
   """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
-  from grit_jax import contract
-
-  emb, gen = contract.passes(data_cfg)
+  emb, gen = common_types.passes(data_cfg.mode)
   if not 0 <= shard_index < num_shards:
     raise GritJaxError(f"shard_index={shard_index} is not in [0, {num_shards})")
   for key, used in (("embedding_batch_size", emb), ("generative_batch_size", gen)):
@@ -190,8 +190,8 @@ class TrainIterator:
     for rec in self.gen.ds.records(indices):
       toks = batching.generative_tokens(self.tokenizer, rec, self.g_len)
       ids, labels = toks
-      # The first token is never a target; -100 there also keeps the row's previous sequence from predicting it.
-      gen.append({"ids": ids, "labels": [batching.IGNORE] + list(labels[1:]), "truncated": toks.truncated})
+      # The first token is never a target; IGNORE there also keeps the row's previous sequence from predicting it.
+      gen.append({"ids": ids, "labels": [IGNORE] + list(labels[1:]), "truncated": toks.truncated})
     return {"gen": gen}
 
   def _make_packer(self, data_cfg, batch_shards: int, chunks: tuple[int, int]):
@@ -257,7 +257,7 @@ class TrainIterator:
       local = v[self.shard_index * n:(self.shard_index + 1) * n]
       self._count(f"truncated_{name}", sum(bool(x["truncated"]) for x in local), len(local))
     pad = self.tokenizer.pad_id
-    pads = {name: {"ids": pad, "labels": batching.IGNORE} if name == "gen" else {"ids": pad, "pool_mask": 0}
+    pads = {name: {"ids": pad, "labels": IGNORE} if name == "gen" else {"ids": pad, "pool_mask": 0}
             for name in seqs}
     out = self.packer.pack(seqs, pads)
     if "passage" in seqs:  # this process's queries: the contiguous share its units hold
@@ -341,7 +341,7 @@ def _filler(kind: str, data_cfg, tokenizer) -> dict[str, np.ndarray]:
   ids = np.full([n], tokenizer.pad_id, np.int32)
   ids[0] = tokenizer.bos_id
   return {"gen_ids": ids, "gen_mask": (np.arange(n) == 0).astype(np.int32),
-          "gen_labels": np.full([n], batching.IGNORE, np.int32)}
+          "gen_labels": np.full([n], IGNORE, np.int32)}
 
 
 def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
@@ -351,7 +351,7 @@ def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shard
 
   Deterministic passages (first positive, first negatives). Every process gets the same number of batches;
   the last ones are completed with filler rows whose weight is 0: batches carry `query_weight` [Bq] and
-  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels -100.
+  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels IGNORE.
   Only the kinds of `data_cfg.mode` that eval_dir has are included (an embedding-only eval folder gives batches
   without gen_* keys).
   """

@@ -45,7 +45,6 @@ STAT_EXAMPLES = 4096   # examples (sampler order) whose lengths they are drawn f
 LANES, BLOCK = 128, 512  # the shorter row lengths a level may take: multiples of LANES up to BLOCK, then of BLOCK
 MIN_SAVING = 0.002       # a derived level must save this fraction of the mean token slots (it costs a compile)
 MAX_OPTIONS = 24         # (rows, row length) candidates per pass, so the passes' combinations stay few
-IGNORE = -100
 
 
 def fit_decreasing(lengths_MN, row_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

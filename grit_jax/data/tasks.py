@@ -4,7 +4,7 @@ Registered per (split folder, kind, tokenizer, lengths, group size, policy) as
 `grit_jax_<split>_<kind>_<fingerprint>`. Features (int32, right-padded):
   embedding:  query_ids / query_mask / query_pool_mask        [Lq]
               passage_ids / passage_mask / passage_pool_mask  [g, Lp]   (positive first, then g-1 negatives)
-  generative: gen_ids / gen_mask / gen_labels                 [Lg]      (labels unshifted, -100 ignored)
+  generative: gen_ids / gen_mask / gen_labels                 [Lg]      (labels unshifted, IGNORE ignored)
 Each example also carries `dataset` (file index) and `line` (1-based line number) scalars for provenance.
 The train split samples the positive and the negatives with seqio's per-example seeds; the eval split takes the
 first positive and the first negatives. Tokenization runs the same python code (grit_jax.data.batching) as the

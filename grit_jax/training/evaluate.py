@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import objectives
+from grit_jax import common_types, objectives
 from grit_jax.training import run as run_lib
 
 
@@ -21,7 +21,7 @@ def make_eval_fns(model_config, config, mesh, rules):
   def lm_sums(params, ids, mask, labels):
     """(sum of next-token CE over supervised tokens, their count): an exact token mean over the whole eval set."""
     logits = obj.model.apply({"params": params}, ids, mask, causal=True).logits  # [B, T, V]
-    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != objectives.IGNORE)
+    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != common_types.IGNORE)
 
   def under_mesh(fn):
     return step_lib.MeshFn(mesh, rules, lambda _: jax.jit(fn))
