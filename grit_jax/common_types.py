@@ -52,9 +52,7 @@ class AttnMode(NamedTuple):
     """`causal` of inference's embedding pass, which embeds queries and passages alike: the mixed cb/bc training
     ablations are not served (as in gritlm)."""
     if self.query_causal != self.passage_causal:
-      text = "".join("c" if c else "b" for c in self)
-      raise GritJaxError(f"attn={text + 'cc'!r}: mixed query/passage attention is not served (as in gritlm); "
-                         f"expected {', '.join(SERVED_ATTNS)} or None")
+      raise GritJaxError(_mixed("".join("c" if c else "b" for c in self) + "cc", "attn"))
     return self.query_causal
 
 
@@ -77,8 +75,14 @@ def parse_served_attn(attn: Any, key: str = "attn") -> AttnMode:
   """GritLM's `attn`: a string as `parse_attn` whose embedding passes agree (`AttnMode.embedding_causal`), or None
   (gritlm's "leave the model causal")."""
   mode = CAUSAL if attn is None else parse_attn(attn, key=key)
-  mode.embedding_causal  # mixed: an error now rather than at the first encode
+  if mode.query_causal != mode.passage_causal:
+    raise GritJaxError(_mixed(attn, key))
   return mode
+
+
+def _mixed(attn, key: str) -> str:
+  return (f"{key}={attn!r}: mixed query/passage attention is not served (as in gritlm); expected "
+          f"{', '.join(SERVED_ATTNS)} or None")
 
 
 # -- batch keys ------------------------------------------------------------------------------------------------------
@@ -123,3 +127,11 @@ def is_packed(batch, pass_name: str) -> bool:
 
 def has_pass(batch, pass_name: str) -> bool:
   return key(pass_name, IDS) in batch
+
+
+# The keys named most often.
+QUERY_IDS, QUERY_MASK, QUERY_POOL_MASK = padded_keys(QUERY)
+PASSAGE_IDS, PASSAGE_MASK, PASSAGE_POOL_MASK = padded_keys(PASSAGE)
+GEN_IDS, GEN_MASK, GEN_LABELS = padded_keys(GEN)
+GEN_SEGMENT_IDS, GEN_POSITIONS, GEN_LENGTHS = (key(GEN, f) for f in (SEGMENT_IDS, POSITIONS, LENGTHS))
+QUERY_LENGTHS = key(QUERY, LENGTHS)

@@ -26,26 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import contract, objectives
+from grit_jax import objectives
+from grit_jax.common_types import POOLINGS
 from grit_jax.data import packing as packing_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.modeling.model import KVCache, Transformer
-
-POOLINGS = objectives.POOLINGS + ("cls",)  # cls: the first token's state (BOS), as gritlm's
-
-
-def embedding_is_causal(attn: str | None) -> bool:
-  """GritLM's `attn` string (grit_jax.contract.parse_attn): chars 1-2 the embedding passes; None is gritlm's
-  "leave the model causal". Queries and passages are embedded alike here, so the mixed cb/bc training ablations
-  are not served (as in gritlm)."""
-  if attn is None:
-    return True
-  mode = contract.parse_attn(attn, key="attn")
-  if mode.query_causal != mode.passage_causal:
-    raise GritJaxError(f"attn={attn!r}: mixed query/passage attention is not served (as in gritlm); "
-                       "expected bbcc, cccc, bb, cc or None")
-  return mode.query_causal
 
 
 @functools.lru_cache(maxsize=None)

@@ -224,7 +224,7 @@ def build_index(model, documents: Sequence, with_cache: bool = True, batch_size:
   docs = [doc_text(d) for d in documents]
   if not docs:
     raise GritJaxError("empty corpus")
-  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
+  causal = model.embedding_causal(attn)
   tokens = _embed_tokens(model, docs, max_length)
   built = dict(model=model_identity(model), corpus=corpus_fingerprint(docs))
   bar = dict(show_progress_bar=len(docs) > batch_size if show_progress_bar is None else show_progress_bar,
@@ -355,7 +355,7 @@ def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *
     raise GritJaxError(f"cache={cache!r}: expected one of {MODES}")
   single = isinstance(query, str)
   queries = [query] if single else list(query)
-  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
+  causal = model.embedding_causal(attn)
   if isinstance(documents, RagIndex):
     index = documents
     index.check_model(model)
