@@ -54,7 +54,6 @@ CACHE_FORMATS = {
 }
 ANSWER_PREFIX = "The answer is"
 INDEX_VERSION = 3  # 2: records the model and corpus it was built from; 3: the sha256 of each of its files
-INDEX_FILES = ("index.json", "documents.jsonl", "embeddings.npy")
 
 
 def doc_text(doc) -> str:
