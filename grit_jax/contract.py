@@ -13,9 +13,8 @@ import math
 import os
 
 from grit_jax import common_types
-# The shared vocabulary (data modes, the attn string, poolings) is stated in grit_jax.common_types; these names are
-# re-exported for the callers that validate with them.
-from grit_jax.common_types import DATA_MODES, AttnMode, parse_attn  # noqa: F401
+# The shared vocabulary (data modes and their passes, the attn string, poolings) is stated in grit_jax.common_types.
+from grit_jax.common_types import parse_attn
 from grit_jax.errors import GritJaxError
 
 
