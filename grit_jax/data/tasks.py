@@ -1,13 +1,15 @@
 """seqio Tasks over the tfds JSONL builds of the eval folder: tokenized GritLM examples with documented, fixed
 feature shapes (training reads its builds directly: grit_jax.data.iterator).
 
-Registered per (eval folder, kind, tokenizer, lengths, group size, policy) as `grit_jax_eval_<kind>_<fingerprint>`. Features (int32, right-padded):
+Registered per (eval folder, kind, tokenizer, lengths, group size, policy) as `grit_jax_eval_<kind>_<fingerprint>`.
+Features (int32, right-padded; the batch keys of grit_jax.common_types):
   embedding:  query_ids / query_mask / query_pool_mask        [Lq]
               passage_ids / passage_mask / passage_pool_mask  [g, Lp]   (positive first, then g-1 negatives)
   generative: gen_ids / gen_mask / gen_labels                 [Lg]      (labels unshifted, IGNORE ignored)
 Each example also carries `dataset` (file index) and `line` (1-based line number) scalars for provenance.
-Each example takes the first positive and the first negatives (no sampling: the same eval batches every time). Tokenization runs the same python code (grit_jax.data.batching) as the
-numpy training iterator. Multi-host: `get_dataset(shard_info=seqio.ShardInfo(index, num_shards))`.
+Each takes the first positive and the first negatives (no sampling: the same eval batches every time).
+Tokenization runs the same python code (grit_jax.data.batching) as the numpy training iterator. Multi-host:
+`get_dataset(shard_info=seqio.ShardInfo(index, num_shards))`.
 """
 from __future__ import annotations
 
