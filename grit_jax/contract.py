@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, NamedTuple
 
+from grit_jax import common_types
+# The shared vocabulary (data modes and their passes, the attn string, poolings) is stated in grit_jax.common_types.
+from grit_jax.common_types import parse_attn
 from grit_jax.errors import GritJaxError
 
-# Allowed values are stated by the module that acts on them (objectives.POOLINGS, jsonl.POLICIES, mesh.AXES,
-# ModelConfig's fields); the run-level ones are here.
-DATA_MODES = ("unified", "embedding", "generative")
+
+def _passes(c) -> tuple[bool, bool]:
+  """(embedding passes run, generative pass runs) for config.data.mode (common_types.passes)."""
+  return common_types.passes(c.data.mode)
 
 
 def architecture_fields() -> tuple[str, ...]:
@@ -26,31 +29,6 @@ def architecture_fields() -> tuple[str, ...]:
   and stay the recipe's."""
   from grit_jax.modeling.config import COMPUTE_FIELDS, ModelConfig
   return tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in COMPUTE_FIELDS)
-
-
-class AttnMode(NamedTuple):
-  """The reference's `attn` string: chars 1-2 the embedding passes (query, passage), 3-4 the generative pass;
-  b = bidirectional, c = causal."""
-  query_causal: bool
-  passage_causal: bool
-
-
-def parse_attn(attn: Any, key: str = "config.attn") -> AttnMode:
-  """'bbcc' | 'cccc' | 'bb' | 'cc' (and the mixed 'cb'/'bc' embedding ablations); the generative chars, when
-  given, must be 'cc' (generation is always causal)."""
-  if not isinstance(attn, str) or len(attn) not in (2, 4) or set(attn) - {"b", "c"}:
-    raise GritJaxError(f"{key}={attn!r}: expected 2 or 4 characters of b (bidirectional) / c (causal), e.g. bbcc")
-  if attn[2:] and attn[2:] != "cc":
-    raise GritJaxError(f"{key}={attn!r}: the generative pass (chars 3-4) must be causal (cc)")
-  return AttnMode(attn[0] == "c", attn[1] == "c")
-
-
-def passes(data_cfg) -> tuple[bool, bool]:
-  """(embedding passes run, generative pass runs) for config.data.mode."""
-  mode = data_cfg.mode
-  if mode not in DATA_MODES:
-    raise GritJaxError(f"config.data.mode={mode!r}: expected one of {', '.join(DATA_MODES)}")
-  return mode != "generative", mode != "embedding"
 
 
 # -- checks --------------------------------------------------------------------------------------------------------
@@ -94,7 +72,7 @@ def _choice(section, name: str, allowed: tuple[str, ...], where: str) -> str:
 
 def _check_data(c) -> None:
   d = c.data
-  emb, gen = passes(d)
+  emb, gen = _passes(c)
   for name in ("query_max_len", "passage_max_len", "generative_max_len", "train_group_size"):
     _int(d, name, 1, "data")
   for name, used in (("embedding_batch_size", emb), ("generative_batch_size", gen)):
@@ -125,7 +103,7 @@ def check_loss(l) -> None:
   """config.loss on its own (the train step checks it too when built without a whole recipe)."""
   from grit_jax import objectives
 
-  _choice(l, "pooling", objectives.POOLINGS, "loss")
+  _choice(l, "pooling", common_types.TOKEN_POOLINGS, "loss")
   _bool(l, "normalize", "loss")
   _num(l, "temperature", "loss", lo=0.0, lo_open=True)
   _num(l, "lambda_rep", "loss", lo=0.0)
@@ -138,7 +116,7 @@ def check_loss(l) -> None:
 
 def _check_loss(c) -> None:
   l = c.loss
-  emb, gen = passes(c.data)
+  emb, gen = _passes(c)
   check_loss(l)
   if emb and gen:
     for name in ("lambda_rep", "lambda_gen"):
@@ -165,7 +143,7 @@ def _check_optimizer(c) -> None:
 
 def _check_train(c) -> None:
   t = c.train
-  emb, gen = passes(c.data)
+  emb, gen = _passes(c)
   _int(t, "steps", 1, "train")
   accum = _int(t, "grad_accum", 1, "train")
   chunk = _int(t, "gradcache_chunk", 0, "train")
@@ -202,7 +180,7 @@ def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
   sizes = dict(zip(mesh_lib.AXES, mesh_lib.mesh_shape(c.mesh, num_devices, num_slices)))
   # The batch is split over data x fsdp (x expert); every pass's rows must split evenly.
   ways = sizes["data"] * sizes["fsdp"] * (sizes["expert"] if sizes["expert"] > 1 else 1)
-  emb, gen = passes(c.data)
+  emb, gen = _passes(c)
   chunk = c.train.gradcache_chunk or (c.data.embedding_batch_size // c.train.grad_accum)
   checks = []
   # Packed passes (grit_jax.data.packing) split their sequences over the shards and chunk rows, not sequences.
@@ -223,7 +201,7 @@ def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
 
 
 def _check_lengths(c, model) -> None:
-  emb, gen = passes(c.data)
+  emb, gen = _passes(c)
   names = (["query_max_len", "passage_max_len"] if emb else []) + (["generative_max_len"] if gen else [])
   for name in names:
     if c.data[name] > model.max_position_embeddings:
@@ -301,7 +279,7 @@ def with_model(config, model):
 
 
 def _check_files(c, model) -> None:
-  emb, gen = passes(c.data)
+  emb, gen = _passes(c)
   if not os.path.isdir(c.data.train_dir):
     raise GritJaxError(f"config.data.train_dir={c.data.train_dir!r}: not a folder")
   if c.data.eval_dir and not os.path.isdir(c.data.eval_dir):

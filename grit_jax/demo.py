@@ -43,7 +43,7 @@ def load_chats(eval_dir: str) -> list[list[str]]:
 def heldout_lm_loss(model, chats: list[list[str]], max_len: int = MAX_LENGTH) -> float:
   """Token-mean next-token cross-entropy over the assistant tokens of `chats`, in the model's chat format (the
   labels of the training data)."""
-  from grit_jax import objectives
+  from grit_jax import common_types, objectives
   from grit_jax.data import templates
 
   total, count = 0.0, 0
@@ -52,7 +52,7 @@ def heldout_lm_loss(model, chats: list[list[str]], max_len: int = MAX_LENGTH) ->
     logits = model.logits(np.asarray([ids], np.int32))
     labels_BT = np.asarray([labels], np.int32)
     total += float(np.sum(objectives.token_cross_entropy(logits, labels_BT)))
-    count += int(np.sum(labels_BT[:, 1:] != objectives.IGNORE))
+    count += int(np.sum(labels_BT[:, 1:] != common_types.IGNORE))
   return total / max(count, 1)
 
 

@@ -24,6 +24,8 @@ import math
 import os
 from typing import Mapping
 
+from grit_jax import common_types as ct
+
 TRAIN_MULTIPLIER = 3  # forward + backward (2x forward)
 
 
@@ -102,13 +104,11 @@ class StepFlops:
 
 def grit_step_flops(model_cfg, *, query_batch: int = 0, query_len: int = 0, passage_batch: int = 0,
                     passage_len: int = 0, gen_batch: int = 0, gen_len: int = 0,
-                    attn: str = "bbcc") -> StepFlops:
-  """Training FLOPs of one GRIT step (global batch). `attn` as config.attn: chars 1-2 = query/passage pass
-  (b = bidirectional, c = causal), chars 3-4 generative (GritLM: "bbcc")."""
-  from grit_jax import contract
-
+                    attn: str | ct.AttnMode = "bbcc") -> StepFlops:
+  """Training FLOPs of one GRIT step (global batch). `attn` as config.attn (common_types.parse_attn; GritLM:
+  "bbcc"), or parsed."""
   m = TRAIN_MULTIPLIER
-  mode = contract.parse_attn(attn)
+  mode = ct.parse_attn(attn)
   return StepFlops(
       query=m * forward_flops(model_cfg, query_batch, query_len, causal=mode.query_causal, lm_head=False)
       if query_batch else 0.0,
@@ -124,16 +124,16 @@ def grit_step_flops_from_config(config, layouts: dict | None = None) -> StepFlop
   shapes ({pass: grit_jax.data.packing.PassLayout}): a packed pass computes its rows (U * R rows of L tokens,
   attention over the whole row) instead of one padded row per sequence."""
   d = config.data
-  emb = d.mode in ("unified", "embedding")
-  gen = d.mode in ("unified", "generative")
-  shape = {"query": (d.embedding_batch_size if emb else 0, d.query_max_len),
-           "passage": (d.embedding_batch_size * d.train_group_size if emb else 0, d.passage_max_len),
-           "gen": (d.generative_batch_size if gen else 0, d.generative_max_len)}
+  emb, gen = ct.passes(d.mode)
+  shape = {ct.QUERY: (d.embedding_batch_size if emb else 0, d.query_max_len),
+           ct.PASSAGE: (d.embedding_batch_size * d.train_group_size if emb else 0, d.passage_max_len),
+           ct.GEN: (d.generative_batch_size if gen else 0, d.generative_max_len)}
   for name, lay in (layouts or {}).items():
     shape[name] = (lay.units * lay.rows, lay.row_len)
   return grit_step_flops(
-      config.model, query_batch=shape["query"][0], query_len=shape["query"][1], passage_batch=shape["passage"][0],
-      passage_len=shape["passage"][1], gen_batch=shape["gen"][0], gen_len=shape["gen"][1], attn=config.attn)
+      config.model, query_batch=shape[ct.QUERY][0], query_len=shape[ct.QUERY][1],
+      passage_batch=shape[ct.PASSAGE][0], passage_len=shape[ct.PASSAGE][1], gen_batch=shape[ct.GEN][0],
+      gen_len=shape[ct.GEN][1], attn=config.attn)
 
 
 def mfu(flops_per_step: float, step_seconds: float, num_chips: int, peak_flops_per_chip: float) -> float:
@@ -168,11 +168,11 @@ def peak_flops(devices) -> float:
   return float("nan")
 
 
-def step_flops(model_config, batch_shapes: Mapping[str, tuple], attn: str = "bbcc") -> StepFlops:
+def step_flops(model_config, batch_shapes: Mapping[str, tuple], attn: str | ct.AttnMode = "bbcc") -> StepFlops:
   """StepFlops(query, passage, generative; .embedding, .total) of one step on a global batch whose arrays have
   these shapes (a batch dict of arrays works too: anything with .shape, or plain shape tuples)."""
   shape = lambda k: tuple(getattr(batch_shapes[k], "shape", batch_shapes[k])) if k in batch_shapes else (0, 0)
-  (qb, ql), (pb, pl), (gb, gl) = shape("query_ids"), shape("passage_ids"), shape("gen_ids")
+  (qb, ql), (pb, pl), (gb, gl) = (shape(ct.key(name, ct.IDS)) for name in ct.PASSES)
   return grit_step_flops(model_config, query_batch=qb, query_len=ql, passage_batch=pb, passage_len=pl,
                          gen_batch=gb, gen_len=gl, attn=attn)
 

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE = -100
-POOLINGS = ("mean", "weightedmean", "lasttoken")
+from grit_jax.common_types import IGNORE, TOKEN_POOLINGS as POOLINGS
+
 LM_MODES = ("mixed", "token")
 CONTRASTIVE_GRADS = ("exact", "gritlm")
 
@@ -210,7 +210,7 @@ def lm_token_weights(labels, mode: str = "mixed", num_sub_batches: int = 1, toke
 
 def token_cross_entropy(logits, labels):
   """Next-token CE [B, T-1] float32 of logits [B, T, V] against labels [B, T] (unshifted, HF convention);
-  ignored positions (-100) give 0."""
+  ignored positions (IGNORE) give 0."""
   targets_BT = labels[:, 1:]
   ce_BT = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
                                                           jnp.where(targets_BT == IGNORE, 0, targets_BT))
@@ -219,7 +219,7 @@ def token_cross_entropy(logits, labels):
 
 def lm_loss(logits, labels, mode: str = "mixed", num_sub_batches: int = 1, token_factor: float = 1.0, *,
             weights=None):
-  """Shifted next-token loss: logits [B, T, V], labels [B, T] aligned with the inputs (-100 = ignored).
+  """Shifted next-token loss: logits [B, T, V], labels [B, T] aligned with the inputs (IGNORE = ignored).
   See `lm_token_weights` for the modes; `weights` [B, T-1] overrides them (e.g. taken from a larger batch)."""
   if weights is None:
     weights = lm_token_weights(labels, mode, num_sub_batches, token_factor)

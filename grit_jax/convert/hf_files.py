@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 
-from grit_jax import contract
+from grit_jax import common_types
 from grit_jax.convert import settings as settings_lib
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
@@ -137,8 +137,9 @@ def _copy_own_tokenizer_files(tokenizer, out_dir: str) -> list[str]:
   return written
 
 
-POOLING_MODES = {"mean": "pooling_mode_mean_tokens", "weightedmean": "pooling_mode_weightedmean_tokens",
-                 "lasttoken": "pooling_mode_lasttoken"}  # grit_jax pooling -> sentence-transformers Pooling flag
+# grit_jax pooling (common_types.TOKEN_POOLINGS) -> sentence-transformers Pooling flag
+POOLING_MODES = dict(zip(common_types.TOKEN_POOLINGS, ("pooling_mode_mean_tokens", "pooling_mode_weightedmean_tokens",
+                                                       "pooling_mode_lasttoken")))
 
 
 def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectional: bool = True,
@@ -212,7 +213,7 @@ def write_export_files(tokenizer, out_dir: str, model_config, settings) -> list[
                 "excludes the prompt", out_dir, settings.pooling)
     return written
   return written + write_sentence_transformers_files(
-      out_dir, model_config.hidden_size, bidirectional=contract.parse_attn(settings.attn) == (False, False),
+      out_dir, model_config.hidden_size, bidirectional=common_types.parse_attn(settings.attn).bidirectional,
       pooling=settings.pooling, normalize=settings.normalize,
       max_seq_length=settings_lib.embedding_max_len(settings), text_format=tokenizer.text_format,
       query_instruction=settings.query_instruction)

@@ -6,7 +6,7 @@ directions (copied along); read by `GritLM.from_pretrained` and the inference CL
 the Hub) gets the GritLM defaults below, which are those of the published GritLM models.
 
   attn               attention of the passes as config.attn: chars 1-2 embedding (b/c), 3-4 generative
-  pooling            mean | weightedmean | lasttoken (| cls, inference only)
+  pooling            common_types.POOLINGS (cls: inference only)
   normalize          L2-normalised embeddings
   template           the instruction / chat format version (data.templates); another version is an error
   query_max_len      max tokens of a query / passage / generative sequence in training; the longer of the first two
@@ -24,14 +24,13 @@ import json
 import os
 import shutil
 
-from grit_jax import contract
+from grit_jax import common_types
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import read_json
 
 SETTINGS_FILE = "grit_settings.json"
 VERSION = 1
 TEMPLATE_VERSION = "gritlm-1"  # <s><|user|>\n{instruction}\n<|embed|>\n{text}; <s><|user|>\n{msg}\n<|assistant|>\n
-POOLINGS = ("mean", "weightedmean", "lasttoken", "cls")
 GRITLM_MAX_LENGTH = 512  # gritlm.GritLM.encode's max_length (and MTEB's): GritLM(path, ...), models without the file
 
 
@@ -60,9 +59,9 @@ def check(s: Settings, where: str) -> Settings:
   """Every value in range, or a GritJaxError naming `where` and the key."""
   def bad(key, why):
     raise GritJaxError(f"{where}: {key}={getattr(s, key)!r}: {why}")
-  contract.parse_attn(s.attn, key=f"{where}: attn")
-  if s.pooling not in POOLINGS:
-    bad("pooling", f"expected one of {POOLINGS}")
+  common_types.parse_attn(s.attn, key=f"{where}: attn")
+  if s.pooling not in common_types.POOLINGS:
+    bad("pooling", f"expected one of {common_types.POOLINGS}")
   if not isinstance(s.normalize, bool):
     bad("normalize", "expected true or false")
   if s.template != TEMPLATE_VERSION:

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
+from grit_jax import common_types as ct
+from grit_jax.common_types import IGNORE
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
-
-IGNORE = templates.IGNORE
 
 
 def pad_row(ids: Sequence[int], length: int, value: int = 0) -> np.ndarray:
@@ -56,9 +56,9 @@ def embedding_features(tokenizer, rec: dict, *, query_max_len: int, passage_max_
   texts were cut to the max length (query_truncated 0/1, passages_truncated 0..g; not batch keys)."""
   q = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
   q_ids, q_pool = q
-  out = {"query_ids": pad_row(q_ids, query_max_len, tokenizer.pad_id),
-         "query_mask": pad_row([1] * len(q_ids), query_max_len),
-         "query_pool_mask": pad_row(q_pool, query_max_len), "query_truncated": int(q.truncated)}
+  out = {ct.QUERY_IDS: pad_row(q_ids, query_max_len, tokenizer.pad_id),
+         ct.QUERY_MASK: pad_row([1] * len(q_ids), query_max_len),
+         ct.QUERY_POOL_MASK: pad_row(q_pool, query_max_len), ct.key(ct.QUERY, ct.TRUNCATED): int(q.truncated)}
   p_ids, p_mask, p_pool, p_cut = [], [], [], 0
   for instr, text in sample_passages(rec, group_size, rng):
     p = templates.encode_embedding(tokenizer, instr, text, passage_max_len)
@@ -82,9 +82,10 @@ def generative_tokens(tokenizer, rec: dict, max_len: int) -> templates.Encoded:
 def generative_features(tokenizer, rec: dict, *, generative_max_len: int) -> dict[str, np.ndarray]:
   toks = generative_tokens(tokenizer, rec, generative_max_len)
   ids, labels = toks
-  return {"gen_ids": pad_row(ids, generative_max_len, tokenizer.pad_id),
-          "gen_mask": pad_row([1] * len(ids), generative_max_len),
-          "gen_labels": pad_row(labels, generative_max_len, IGNORE), "gen_truncated": int(toks.truncated)}
+  return {ct.GEN_IDS: pad_row(ids, generative_max_len, tokenizer.pad_id),
+          ct.GEN_MASK: pad_row([1] * len(ids), generative_max_len),
+          ct.GEN_LABELS: pad_row(labels, generative_max_len, IGNORE),
+          ct.key(ct.GEN, ct.TRUNCATED): int(toks.truncated)}
 
 
 def positive_keys(positives: Sequence[Sequence[int]]) -> np.ndarray:
@@ -101,15 +102,15 @@ def positive_keys(positives: Sequence[Sequence[int]]) -> np.ndarray:
 def stack_embedding(features: list[dict]) -> dict[str, np.ndarray]:
   """Per-example features -> batch: queries [B, Lq], passages [B*g, Lp] (each query's group contiguous), pos_key
   [B, 2] (positive_keys)."""
-  out = {k: np.stack([f[k] for f in features]) for k in ("query_ids", "query_mask", "query_pool_mask")}
-  for k in ("passage_ids", "passage_mask", "passage_pool_mask"):
+  out = {k: np.stack([f[k] for f in features]) for k in ct.padded_keys(ct.QUERY)}
+  for k in ct.padded_keys(ct.PASSAGE):
     out[k] = np.concatenate([f[k] for f in features], axis=0)  # [B*g, Lp]
-  out["pos_key"] = positive_keys([f["passage_ids"][0] for f in features])  # padded rows: equal texts, equal rows
+  out[ct.POS_KEY] = positive_keys([f[ct.PASSAGE_IDS][0] for f in features])  # padded rows: equal texts, equal rows
   return out
 
 
 def stack_generative(features: list[dict]) -> dict[str, np.ndarray]:
-  return {k: np.stack([f[k] for f in features]) for k in ("gen_ids", "gen_mask", "gen_labels")}
+  return {k: np.stack([f[k] for f in features]) for k in ct.padded_keys(ct.GEN)}
 
 
 def to_global_batch(batch_np: dict, mesh, batch_axes=("data", "fsdp")) -> dict:

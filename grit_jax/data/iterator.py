@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from grit_jax import common_types as ct
+from grit_jax.common_types import IGNORE
 from grit_jax.data import batching, jsonl, packing, tfds_builders
 from grit_jax.errors import GritJaxError
 
@@ -86,9 +88,7 @@ class _Stream:
 
 def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
   """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
-  from grit_jax import contract
-
-  emb, gen = contract.passes(data_cfg)
+  emb, gen = ct.passes(data_cfg.mode)
   if not 0 <= shard_index < num_shards:
     raise GritJaxError(f"shard_index={shard_index} is not in [0, {num_shards})")
   for key, used in (("embedding_batch_size", emb), ("generative_batch_size", gen)):
@@ -164,7 +164,7 @@ class TrainIterator:
       rng = np.random.default_rng([self.seed, _EMB, epoch, int(i)])
       feats.append(batching.embedding_features(self.tokenizer, rec, query_max_len=self.q_len,
                                                passage_max_len=self.p_len, group_size=self.group, rng=rng))
-    self._count("truncated_query", sum(f["query_truncated"] for f in feats), len(feats))
+    self._count("truncated_query", sum(f[ct.key(ct.QUERY, ct.TRUNCATED)] for f in feats), len(feats))
     self._count("truncated_passage", sum(f["passages_truncated"] for f in feats), len(feats) * self.group)
     return batching.stack_embedding(feats)
 
@@ -173,7 +173,7 @@ class TrainIterator:
     local = self._local(indices, self.gen_batch)
     feats = [batching.generative_features(self.tokenizer, rec, generative_max_len=self.g_len)
              for rec in self.gen.ds.records(local)]
-    self._count("truncated_gen", sum(f["gen_truncated"] for f in feats), len(feats))
+    self._count("truncated_gen", sum(f[ct.key(ct.GEN, ct.TRUNCATED)] for f in feats), len(feats))
     return batching.stack_generative(feats)
 
   # -- packing (grit_jax.data.packing) -----------------------------------------------------------------------------
@@ -183,16 +183,16 @@ class TrainIterator:
     if kind == "emb":
       q, p = [], []
       for query, passages in self._emb_sequences(epoch, indices):
-        q.append({"ids": query[0], "pool_mask": query[1], "truncated": query.truncated})
-        p += [{"ids": e[0], "pool_mask": e[1], "truncated": e.truncated} for e in passages]
-      return {"query": q, "passage": p}
+        q.append({ct.IDS: query[0], ct.POOL_MASK: query[1], ct.TRUNCATED: query.truncated})
+        p += [{ct.IDS: e[0], ct.POOL_MASK: e[1], ct.TRUNCATED: e.truncated} for e in passages]
+      return {ct.QUERY: q, ct.PASSAGE: p}
     gen = []
     for rec in self.gen.ds.records(indices):
       toks = batching.generative_tokens(self.tokenizer, rec, self.g_len)
       ids, labels = toks
-      # The first token is never a target; -100 there also keeps the row's previous sequence from predicting it.
-      gen.append({"ids": ids, "labels": [batching.IGNORE] + list(labels[1:]), "truncated": toks.truncated})
-    return {"gen": gen}
+      # The first token is never a target; IGNORE there also keeps the row's previous sequence from predicting it.
+      gen.append({ct.IDS: ids, ct.LABELS: [IGNORE] + list(labels[1:]), ct.TRUNCATED: toks.truncated})
+    return {ct.GEN: gen}
 
   def _make_packer(self, data_cfg, batch_shards: int, chunks: tuple[int, int]):
     kinds = [k for k in ("emb", "gen") if self.pack[k] and {"emb": self.emb, "gen": self.gen}[k] is not None]
@@ -215,7 +215,7 @@ class TrainIterator:
                 else np.zeros(len(order), np.int64))
     out = {}
     for name, v in seqs.items():
-      lengths = np.array([len(s["ids"]) for s in v])
+      lengths = np.array([len(s[ct.IDS]) for s in v])
       owner = np.repeat(per_pool, len(v) // len(order))  # g passages per example
       out[name] = [lengths[owner == d] for d in np.unique(owner)]
     return out
@@ -224,7 +224,7 @@ class TrainIterator:
     """{pass: PassLayout} of the packed kinds ("emb", "gen") for the batch sizes of `data_cfg`: levels derived from
     this iterator's data (rows set in config kept) (`grit-jax aot` asks with the recipe's batch sizes)."""
     examples = {"emb": int(data_cfg.embedding_batch_size), "gen": int(data_cfg.generative_batch_size)}
-    per_example = {"query": 1, "passage": self.group, "gen": 1}
+    per_example = {ct.QUERY: 1, ct.PASSAGE: self.group, ct.GEN: 1}
     specs, lengths = {}, {}
     for kind in kinds:
       pools = self.sample_lengths(kind)
@@ -232,8 +232,8 @@ class TrainIterator:
           {name: [p.reshape(-1, per_example[name]) for p in v] for name, v in pools.items()}, examples[kind],
           self.seed))
       for name in pools:
-        key = {"gen": "generative"}.get(name, name)
-        max_len = {"query": self.q_len, "passage": self.p_len, "gen": self.g_len}[name]
+        key = {ct.GEN: "generative"}.get(name, name)  # config.data's name of the pass
+        max_len = {ct.QUERY: self.q_len, ct.PASSAGE: self.p_len, ct.GEN: self.g_len}[name]
         pack_len = int(data_cfg[f"{key}_pack_len"]) or max_len
         if pack_len < max_len:
           raise GritJaxError(f"config.data.{key}_pack_len={pack_len} is below {key}_max_len={max_len}: a sequence of "
@@ -255,15 +255,15 @@ class TrainIterator:
     for name, v in seqs.items():  # count this process's share, as the padded batches do
       n = len(v) // self.num_shards
       local = v[self.shard_index * n:(self.shard_index + 1) * n]
-      self._count(f"truncated_{name}", sum(bool(x["truncated"]) for x in local), len(local))
+      self._count(f"truncated_{name}", sum(bool(x[ct.TRUNCATED]) for x in local), len(local))
     pad = self.tokenizer.pad_id
-    pads = {name: {"ids": pad, "labels": batching.IGNORE} if name == "gen" else {"ids": pad, "pool_mask": 0}
+    pads = {name: {ct.IDS: pad, ct.LABELS: IGNORE} if name == ct.GEN else {ct.IDS: pad, ct.POOL_MASK: 0}
             for name in seqs}
     out = self.packer.pack(seqs, pads)
-    if "passage" in seqs:  # this process's queries: the contiguous share its units hold
-      positives = [s["ids"] for s in seqs["passage"][::self.group]]
+    if ct.PASSAGE in seqs:  # this process's queries: the contiguous share its units hold
+      positives = [s[ct.IDS] for s in seqs[ct.PASSAGE][::self.group]]
       n = len(positives) // self.num_shards
-      out["pos_key"] = batching.positive_keys(positives[self.shard_index * n:(self.shard_index + 1) * n])
+      out[ct.POS_KEY] = batching.positive_keys(positives[self.shard_index * n:(self.shard_index + 1) * n])
     return out
 
   def _count(self, key: str, truncated: int, texts: int) -> None:
@@ -329,19 +329,19 @@ def _filler(kind: str, data_cfg, tokenizer) -> dict[str, np.ndarray]:
   """A weight-0 row: all padding, no labels (its loss and accuracy terms are masked out by the weights)."""
   if kind == jsonl.EMBEDDING:
     q, p, g = int(data_cfg.query_max_len), int(data_cfg.passage_max_len), int(data_cfg.train_group_size)
-    row = {"query_ids": np.full([q], tokenizer.pad_id, np.int32), "query_mask": np.zeros([q], np.int32),
-           "passage_ids": np.full([g, p], tokenizer.pad_id, np.int32), "passage_mask": np.zeros([g, p], np.int32)}
+    row = {ct.QUERY_IDS: np.full([q], tokenizer.pad_id, np.int32), ct.QUERY_MASK: np.zeros([q], np.int32),
+           ct.PASSAGE_IDS: np.full([g, p], tokenizer.pad_id, np.int32), ct.PASSAGE_MASK: np.zeros([g, p], np.int32)}
     # One real token (BOS) keeps masked means finite for consumers that do not look at the weight.
-    row["query_ids"][0] = row["passage_ids"][:, 0] = tokenizer.bos_id
-    row["query_mask"][0] = row["passage_mask"][:, 0] = 1
-    row["query_pool_mask"] = row["query_mask"].copy()
-    row["passage_pool_mask"] = row["passage_mask"].copy()
+    row[ct.QUERY_IDS][0] = row[ct.PASSAGE_IDS][:, 0] = tokenizer.bos_id
+    row[ct.QUERY_MASK][0] = row[ct.PASSAGE_MASK][:, 0] = 1
+    row[ct.QUERY_POOL_MASK] = row[ct.QUERY_MASK].copy()
+    row[ct.PASSAGE_POOL_MASK] = row[ct.PASSAGE_MASK].copy()
     return row
   n = int(data_cfg.generative_max_len)
   ids = np.full([n], tokenizer.pad_id, np.int32)
   ids[0] = tokenizer.bos_id
-  return {"gen_ids": ids, "gen_mask": (np.arange(n) == 0).astype(np.int32),
-          "gen_labels": np.full([n], batching.IGNORE, np.int32)}
+  return {ct.GEN_IDS: ids, ct.GEN_MASK: (np.arange(n) == 0).astype(np.int32),
+          ct.GEN_LABELS: np.full([n], IGNORE, np.int32)}
 
 
 def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
@@ -351,7 +351,7 @@ def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shard
 
   Deterministic passages (first positive, first negatives). Every process gets the same number of batches;
   the last ones are completed with filler rows whose weight is 0: batches carry `query_weight` [Bq] and
-  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels -100.
+  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels IGNORE.
   Only the kinds of `data_cfg.mode` that eval_dir has are included (an embedding-only eval folder gives batches
   without gen_* keys).
   """
@@ -380,8 +380,8 @@ def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shard
       filler = _filler(kind, data_cfg, tokenizer)
       chunk = chunk + [filler] * (size - len(chunk))
       if kind == jsonl.EMBEDDING:
-        batch.update(batching.stack_embedding(chunk), query_weight=weight)
+        batch.update(batching.stack_embedding(chunk), **{ct.key(ct.QUERY, ct.WEIGHT): weight})
       else:
-        batch.update(batching.stack_generative(chunk), gen_weight=weight)
+        batch.update(batching.stack_generative(chunk), **{ct.key(ct.GEN, ct.WEIGHT): weight})
     batches.append(batch)
   return batches

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from grit_jax import common_types as ct
 from grit_jax.errors import GritJaxError
 
 STAT_BATCHES = 256     # sampled global batches the levels are derived from
@@ -45,7 +46,6 @@ STAT_EXAMPLES = 4096   # examples (sampler order) whose lengths they are drawn f
 LANES, BLOCK = 128, 512  # the shorter row lengths a level may take: multiples of LANES up to BLOCK, then of BLOCK
 MIN_SAVING = 0.002       # a derived level must save this fraction of the mean token slots (it costs a compile)
 MAX_OPTIONS = 24         # (rows, row length) candidates per pass, so the passes' combinations stay few
-IGNORE = -100
 
 
 def fit_decreasing(lengths_MN, row_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,7 +112,7 @@ def pack_sequences(seqs: Sequence[dict], plan: np.ndarray, units: int, rows: int
     seg[u, r, c:c + size] = first_index + i + 1
     pos[u, r, c:c + size] = np.arange(size)
     lengths[u, i % n] = size
-  out.update({f"{prefix}segment_ids": seg, f"{prefix}positions": pos, f"{prefix}lengths": lengths})
+  out.update({prefix + ct.SEGMENT_IDS: seg, prefix + ct.POSITIONS: pos, prefix + ct.LENGTHS: lengths})
   return out
 
 
@@ -294,7 +294,7 @@ class StepPacker:
 
   def _plans(self, seqs: dict[str, list[dict]]) -> tuple[int, dict[str, np.ndarray]]:
     """(level, {pass: its plan}) of this step's global batch."""
-    lengths = {name: np.array([len(s["ids"]) for s in seqs[name]], np.int64) for name in self.layouts}
+    lengths = {name: np.array([len(s[ct.IDS]) for s in seqs[name]], np.int64) for name in self.layouts}
     for name, lay in self.layouts.items():
       _check(lengths[name], lay.units, lay.shapes[-1][1])
     placed = {}  # (pass, row length) -> (plan [N, 2], rows used per unit [U]), None: a sequence is longer
@@ -325,7 +325,7 @@ class StepPacker:
       n_local = local_units * lay.per_unit
       lo = self.process * n_local
       out.update(pack_sequences(seqs[name][lo:lo + n_local], plans[name][lo:lo + n_local], local_units, rows, length,
-                                pads[name], prefix=f"{name}_", first_index=lo))
+                                pads[name], prefix=ct.key(name, ""), first_index=lo))
     return out
 
   def describe(self) -> str:

@@ -1,25 +1,26 @@
-"""seqio Tasks over the tfds JSONL builds: tokenized GritLM examples with documented, fixed feature shapes.
+"""seqio Tasks over the tfds JSONL builds of the eval folder: tokenized GritLM examples with documented, fixed
+feature shapes (training reads its builds directly: grit_jax.data.iterator).
 
-Registered per (split folder, kind, tokenizer, lengths, group size, policy) as
-`grit_jax_<split>_<kind>_<fingerprint>`. Features (int32, right-padded):
+Registered per (eval folder, kind, tokenizer, lengths, group size, policy) as `grit_jax_eval_<kind>_<fingerprint>`.
+Features (int32, right-padded; the batch keys of grit_jax.common_types):
   embedding:  query_ids / query_mask / query_pool_mask        [Lq]
               passage_ids / passage_mask / passage_pool_mask  [g, Lp]   (positive first, then g-1 negatives)
-  generative: gen_ids / gen_mask / gen_labels                 [Lg]      (labels unshifted, -100 ignored)
+  generative: gen_ids / gen_mask / gen_labels                 [Lg]      (labels unshifted, IGNORE ignored)
 Each example also carries `dataset` (file index) and `line` (1-based line number) scalars for provenance.
-The train split samples the positive and the negatives with seqio's per-example seeds; the eval split takes the
-first positive and the first negatives. Tokenization runs the same python code (grit_jax.data.batching) as the
-numpy training iterator. Multi-host: `get_dataset(shard_info=seqio.ShardInfo(index, num_shards))`.
+Each takes the first positive and the first negatives (no sampling: the same eval batches every time).
+Tokenization runs the same python code (grit_jax.data.batching) as the numpy training iterator. Multi-host:
+`get_dataset(shard_info=seqio.ShardInfo(index, num_shards))`.
 """
 from __future__ import annotations
 
-import numpy as np
 import seqio
 import tensorflow as tf
 
+from grit_jax import common_types as ct
 from grit_jax.data import batching, jsonl, tfds_builders
 
-_EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
-_GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
+_EMB_KEYS = ct.padded_keys(ct.QUERY) + ct.padded_keys(ct.PASSAGE)
+_GEN_KEYS = ct.padded_keys(ct.GEN)
 _EMB_RAW = ("query_instruction", "query", "pos_instructions", "pos", "neg_instructions", "neg")
 
 
@@ -47,7 +48,7 @@ def _source(ds, kind: str) -> seqio.DataSource:
   return seqio.FunctionDataSource(dataset_fn, splits=["train"], num_input_examples={"train": len(ds)})
 
 
-def _featurizer(kind: str, tokenizer, data_cfg, sample: bool):
+def _featurizer(kind: str, tokenizer, data_cfg):
   q_len, p_len = int(data_cfg.query_max_len), int(data_cfg.passage_max_len)
   g_len, group = int(data_cfg.generative_max_len), int(data_cfg.train_group_size)
 
@@ -55,19 +56,18 @@ def _featurizer(kind: str, tokenizer, data_cfg, sample: bool):
     return x.decode("utf-8") if isinstance(x, bytes) else [v.decode("utf-8") for v in x]
 
   if kind == jsonl.EMBEDDING:
-    def featurize_np(seed, *raw):
+    def featurize_np(*raw):
       rec = {k: to_str(v) for k, v in zip(_EMB_RAW, raw)}
-      rng = np.random.default_rng(np.asarray(seed, np.int64) & 0x7FFFFFFF) if sample else None
       f = batching.embedding_features(tokenizer, rec, query_max_len=q_len, passage_max_len=p_len,
-                                      group_size=group, rng=rng)
+                                      group_size=group, rng=None)
       return tuple(f[k] for k in _EMB_KEYS)
 
-    shapes = {"query_ids": [q_len], "query_mask": [q_len], "query_pool_mask": [q_len],
-              "passage_ids": [group, p_len], "passage_mask": [group, p_len], "passage_pool_mask": [group, p_len]}
+    shapes = {**{k: [q_len] for k in ct.padded_keys(ct.QUERY)},
+              **{k: [group, p_len] for k in ct.padded_keys(ct.PASSAGE)}}
 
-    @seqio.map_over_dataset(num_seeds=1)
-    def featurize(ex, seed):
-      outs = tf.numpy_function(featurize_np, [seed] + [ex[k] for k in _EMB_RAW], [tf.int32] * len(_EMB_KEYS))
+    @seqio.map_over_dataset
+    def featurize(ex):
+      outs = tf.numpy_function(featurize_np, [ex[k] for k in _EMB_RAW], [tf.int32] * len(_EMB_KEYS))
       out = {k: tf.ensure_shape(o, shapes[k]) for k, o in zip(_EMB_KEYS, outs)}
       return dict(out, dataset=ex["dataset"], line=ex["line"])  # provenance, passed through
   else:
@@ -84,20 +84,18 @@ def _featurizer(kind: str, tokenizer, data_cfg, sample: bool):
   return featurize
 
 
-def register_tasks(data_cfg, split: str = "train", tokenizer=None, cache_dir: str | None = None) -> dict[str, str]:
-  """Builds the tfds datasets of `data_cfg.train_dir` (split="train") or `.eval_dir` (split="eval") for the
-  kinds of `data_cfg.mode` and registers one seqio Task per kind. Returns {kind: task name} (for "eval", only
-  the kinds the eval folder has)."""
+def register_tasks(data_cfg, split: str = "eval", tokenizer=None, cache_dir: str | None = None) -> dict[str, str]:
+  """Builds the tfds datasets of `data_cfg.eval_dir` for the kinds of `data_cfg.mode` that it has and registers one
+  seqio Task per kind. Returns {kind: task name}."""
   from grit_jax.data.tokenizer import Tokenizer
 
-  if split not in ("train", "eval"):
-    raise ValueError(f"split must be train or eval, got {split!r}")
+  if split != "eval":
+    raise ValueError(f"split={split!r}: only the eval split is registered (training reads the tfds builds "
+                     "directly: grit_jax.data.iterator)")
   tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
-  folder = data_cfg.train_dir if split == "train" else data_cfg.eval_dir
-  kinds = tfds_builders.mode_kinds(data_cfg)
-  if split == "eval":  # held-out data may cover only one side of a unified run
-    present = jsonl.split_files(folder)
-    kinds = tuple(k for k in kinds if present[k]) or kinds
+  folder = data_cfg.eval_dir
+  present = jsonl.split_files(folder)  # held-out data may cover only one side of a unified run
+  kinds = tuple(k for k in tfds_builders.mode_kinds(data_cfg) if present[k]) or tfds_builders.mode_kinds(data_cfg)
   datasets = tfds_builders.load_datasets(data_cfg, folder, tokenizer.path, cache_dir, kinds)
   names = {}
   for kind, ds in datasets.items():
@@ -105,12 +103,12 @@ def register_tasks(data_cfg, split: str = "train", tokenizer=None, cache_dir: st
     fp = ds.builder.builder_config.name.split("_")[-1]
     name = f"grit_jax_{split}_{kind}_{fp}"
     if name not in seqio.TaskRegistry.names():
-      rank = {k: 2 if k.startswith("passage") else 1 for k in keys}
+      rank = {k: 2 if k in ct.padded_keys(ct.PASSAGE) else 1 for k in keys}
       seqio.TaskRegistry.add(
           name, source=_source(ds, kind),
           output_features={k: seqio.Feature(tokenizer.vocabulary, add_eos=False, dtype=tf.int32, rank=rank[k])
                            for k in keys},
-          preprocessors=[_featurizer(kind, tokenizer, data_cfg, sample=(split == "train"))],
+          preprocessors=[_featurizer(kind, tokenizer, data_cfg)],
           shuffle_buffer_size=1000)
     names[kind] = name
   return names

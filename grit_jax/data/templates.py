@@ -25,6 +25,7 @@ import functools
 import json
 from typing import Sequence
 
+from grit_jax.common_types import IGNORE
 from grit_jax.errors import GritJaxError
 
 BASE_BOS = "<s>"
@@ -35,7 +36,6 @@ FORMAT_TOKENS = ("<|user|>", "<|embed|>", "<|assistant|>")
 ASSISTANT_BOS = "\n<|assistant|>\n"
 ASSISTANT_EOS = "</s>"
 TURN_SEP = "\n"
-IGNORE = -100
 INSTRUCTION_STRIP = "\t\n :"
 CHARS_PER_TOKEN_CAP = 10  # the reference cuts strings to 10 x max_len characters before tokenizing
 
@@ -255,7 +255,7 @@ def encode_chat(tokenizer, turns: Sequence[str], max_len: int) -> Encoded:
   """(ids, labels) of a chat, right-truncated to max_len (truncation can drop the final `</s>`, as in the reference;
   `.truncated` says if anything was cut).
 
-  labels: -100 over BOS, user turns and format tokens; the assistant text and its `</s>` carry their ids.
+  labels: IGNORE over BOS, user turns and format tokens; the assistant text and its `</s>` carry their ids.
   """
   turns = normalize_turns(turns)
   if not turns:

@@ -26,6 +26,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from grit_jax import common_types
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, open_lock, sha256_file
@@ -276,9 +277,8 @@ def damaged_build(folder: str, e: Exception) -> GritJaxError:
 
 def mode_kinds(data_cfg) -> tuple[str, ...]:
   """The kinds of data config.data.mode trains on."""
-  mode = data_cfg.mode
-  return {"unified": (jsonl.EMBEDDING, jsonl.GENERATIVE), "embedding": (jsonl.EMBEDDING,),
-          "generative": (jsonl.GENERATIVE,)}[mode]
+  emb, gen = common_types.passes(data_cfg.mode)
+  return ((jsonl.EMBEDDING,) if emb else ()) + ((jsonl.GENERATIVE,) if gen else ())
 
 
 _REPORTED: set[str] = set()  # builds whose skipped lines this process has reported (evaluation reopens them)

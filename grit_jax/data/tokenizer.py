@@ -269,7 +269,7 @@ class Tokenizer:
     return ids
 
   def decode(self, ids) -> str:
-    """Text of `ids`, dropping BOS, EOS, padding and ignored (-100) positions."""
+    """Text of `ids`, dropping BOS, EOS, padding and ignored (IGNORE) positions."""
     drop = {self.bos_id, self.eos_id, self.pad_id}
     return self._impl.decode([int(i) for i in ids if int(i) not in drop and 0 <= int(i) < self.vocab_size])
 

@@ -19,11 +19,11 @@ import os
 
 import numpy as np
 
+from grit_jax import common_types
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json
 
 log = logging.getLogger(__name__)
-ATTN_CHOICES = ("bbcc", "cccc", "bb", "cc")
 
 
 def read_texts(path: str, allow_title: bool = False) -> list:
@@ -132,7 +132,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _add_attn(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--attn", default=None, choices=ATTN_CHOICES,
+  p.add_argument("--attn", default=None, choices=common_types.SERVED_ATTNS,
                  help="attention of the embedding passes (chars 1-2: b bidirectional, c causal); "
                       "default: the model's grit_settings.json, else bbcc")
 
@@ -180,7 +180,7 @@ def embed_main(argv: list[str]) -> int:
   p.add_argument("--instruction", default="", help="task instruction (plain, or gritlm's wrapped form)")
   p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="texts per forward pass")
   add_max_length(p)
-  p.add_argument("--pooling", default=None, choices=("mean", "weightedmean", "lasttoken", "cls"),
+  p.add_argument("--pooling", default=None, choices=common_types.POOLINGS,
                  help="default: the model's grit_settings.json, else mean")
   p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
                  help="L2-normalise the embeddings; default: the model's grit_settings.json, else yes")
@@ -221,7 +221,6 @@ def generate_main(argv: list[str]) -> int:
 
 def rag_main(argv: list[str]) -> int:
   from grit_jax.inference import rag as rag_lib
-  from grit_jax.inference.encode import embedding_is_causal
   p = _parser("grit-jax rag", "Retrieve from a corpus and answer (KV caching).")
   p.add_argument("--corpus", help="JSONL of documents (string or {'title', 'text'}); not needed with an --index")
   p.add_argument("--query", required=True, action="append", help="a question (repeat for a batch)")
@@ -250,7 +249,7 @@ def rag_main(argv: list[str]) -> int:
     stale = None
     if docs is not None and index.corpus != rag_lib.corpus_fingerprint(docs):
       stale = f"--corpus {a.corpus} differs from the corpus it was built from"
-    elif docs is not None and index.causal != embedding_is_causal(model.attn):
+    elif docs is not None and index.causal != model.attn_mode.embedding_causal:
       stale = f"it was built with causal={index.causal} embedding passes, --attn {model.attn} differs"
     else:
       try:

@@ -26,26 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import contract, objectives
+from grit_jax import common_types as ct
+from grit_jax import objectives
+from grit_jax.common_types import POOLINGS
 from grit_jax.data import packing as packing_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.modeling.model import KVCache, Transformer
-
-POOLINGS = objectives.POOLINGS + ("cls",)  # cls: the first token's state (BOS), as gritlm's
-
-
-def embedding_is_causal(attn: str | None) -> bool:
-  """GritLM's `attn` string (grit_jax.contract.parse_attn): chars 1-2 the embedding passes; None is gritlm's
-  "leave the model causal". Queries and passages are embedded alike here, so the mixed cb/bc training ablations
-  are not served (as in gritlm)."""
-  if attn is None:
-    return True
-  mode = contract.parse_attn(attn, key="attn")
-  if mode.query_causal != mode.passage_causal:
-    raise GritJaxError(f"attn={attn!r}: mixed query/passage attention is not served (as in gritlm); "
-                       "expected bbcc, cccc, bb, cc or None")
-  return mode.query_causal
 
 
 @functools.lru_cache(maxsize=None)
@@ -274,11 +261,11 @@ def packed_calls(tokens, layout: PackedLayout,
     parts = []
     for u in range(layout.units):
       idx = call[u] if u < len(call) else []
-      seqs = [{"ids": tokens[i][0], "pool_mask": tokens[i][1]} for i in idx]
+      seqs = [{ct.IDS: tokens[i][0], ct.POOL_MASK: tokens[i][1]} for i in idx]
       plan = packing_lib.pack_plan([lengths[i] for i in idx], 1, layout.rows, layout.row_len)
-      parts.append(packing_lib.pack_sequences(seqs, plan, 1, layout.rows, layout.row_len, {"ids": 0, "pool_mask": 0},
-                                          prefix="", first_index=u * layout.per_unit))
-    yield call, {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "pool_mask", "segment_ids", "positions")}
+      parts.append(packing_lib.pack_sequences(seqs, plan, 1, layout.rows, layout.row_len,
+                                              {ct.IDS: 0, ct.POOL_MASK: 0}, prefix="", first_index=u * layout.per_unit))
+    yield call, {k: np.concatenate([p[k] for p in parts]) for k in ct.packed_fields(ct.QUERY)}
 
 
 def param_bytes(params) -> int:
@@ -398,10 +385,10 @@ def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, po
     fn = packed_embed_fn(model.config, bool(causal), pooling, bool(normalize), layout.per_unit, bool(with_cache))
     for call, arrays in tqdm(packed_calls(tokens, layout, units), total=-(-len(units) // layout.units),
                              desc=desc, disable=not show_progress_bar):
-      e_UND, cache = fn(params, *(put(arrays[k]) for k in ("ids", "segment_ids", "positions", "pool_mask")))
+      e_UND, cache = fn(params, *(put(arrays[k]) for k in ct.packed_fields(ct.QUERY)))
       e_UND = np.asarray(e_UND)
       if with_cache:  # each text's slots of its row (one row per unit)
-        k, v, seg = np.asarray(cache.k), np.asarray(cache.v), arrays["segment_ids"][:, 0]
+        k, v, seg = np.asarray(cache.k), np.asarray(cache.v), arrays[ct.SEGMENT_IDS][:, 0]
       for u, idx in enumerate(call):
         emb[[short[i] for i in idx]] = e_UND[u, :len(idx)]
         for j, i in enumerate(idx if with_cache else ()):

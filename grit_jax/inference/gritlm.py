@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import contract
+from grit_jax import common_types, contract
 from grit_jax.convert import settings as settings_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling.config import ModelConfig
@@ -31,7 +31,6 @@ from grit_jax.modeling.model import Transformer, params_for
 log = logging.getLogger(__name__)
 
 _UNSET = object()  # "not given": the model's stored setting applies (None is a value: gritlm's attn=None)
-MODES = ("unified", "embedding", "generative")
 TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16"}
 
 
@@ -86,8 +85,8 @@ class GritLM:
                pooling_method=_UNSET, normalized=_UNSET, projection=None, is_inference: bool = True,
                embed_eos: str = "", device=None, torch_dtype=None, settings: settings_lib.Settings | None = None,
                shard_weights: bool | None = None, **kwargs):
-    if mode not in MODES:
-      raise GritJaxError(f"mode={mode!r}: expected one of {MODES}")
+    if mode not in common_types.DATA_MODES:
+      raise GritJaxError(f"mode={mode!r}: expected one of {common_types.DATA_MODES}")
     if projection is not None:
       raise GritJaxError(f"projection={projection!r}: gritlm creates this linear layer with random weights at load "
                          "time (it is not stored with the model); grit_jax has no projection head")
@@ -100,7 +99,7 @@ class GritLM:
         raise GritJaxError(f"GritLM(config, params, ...): unexpected {sorted(kwargs) or ['torch_dtype']} (those "
                            "are for GritLM(path, ...))")
       config, path = model_name_or_path, None
-      self.settings = self._override(settings or settings_lib.Settings(), given)
+      self._apply_settings(settings or settings_lib.Settings(), given)
       self._gritlm_style = False
     elif isinstance(model_name_or_path, (str, os.PathLike)):  # gritlm.GritLM(model_name_or_path, ...)
       if params is not None or tokenizer is not None:
@@ -124,7 +123,7 @@ class GritLM:
       if dtype == "auto":
         from grit_jax.convert import hf
         dtype = "float32" if hf.is_jax_dir(path) else TORCH_DTYPES.get(hf.hf_dtype_of(path), "float32")
-      self.settings = self._override(settings_lib.read(path), given)  # bad values: errors before the weights
+      self._apply_settings(settings_lib.read(path), given)  # bad values: errors before the weights
       # torch_dtype sets the weights' dtype too (as in torch); other keywords are ModelConfig fields
       params, config, tokenizer = self._load(path, dtype=dtype, param_dtype=dtype, **kwargs)
       self._gritlm_style = True
@@ -148,9 +147,9 @@ class GritLM:
     self.truncation = {"texts": 0, "truncated": 0}
     self._call_truncation = None  # [texts, cut, {max lengths}] of the call in progress (truncation_report)
 
-  @staticmethod
-  def _override(stored: settings_lib.Settings, given: dict) -> settings_lib.Settings:
-    """The stored settings with explicit arguments applied; each one that differs from a stored file is logged."""
+  def _apply_settings(self, stored: settings_lib.Settings, given: dict) -> None:
+    """`settings`: the stored settings with explicit arguments applied (each one that differs from a stored file is
+    logged); `attn_mode`: their attention, parsed (a servable one, checked now rather than at the first encode)."""
     for key, value in given.items():
       if value != getattr(stored, key) and stored.source != "defaults":
         log.warning("%s=%r overrides the model's trained %s=%r (%s)", key, value, key, getattr(stored, key),
@@ -158,9 +157,8 @@ class GritLM:
     out = dataclasses.replace(stored, **given)
     if out.attn is not None:
       settings_lib.check(out, "GritLM")
-    from grit_jax.inference.encode import embedding_is_causal
-    embedding_is_causal(out.attn)  # a servable attention, checked now rather than at the first encode
-    return out
+    self.attn_mode = common_types.parse_served_attn(out.attn)
+    self.settings = out
 
   @staticmethod
   def _load(path: str, dtype: str = "float32", **overrides):
@@ -234,6 +232,11 @@ class GritLM:
   pooling = pooling_method = property(lambda self: self.settings.pooling)
   normalize = normalized = property(lambda self: self.settings.normalize)
 
+  def embedding_causal(self, attn=None) -> bool:
+    """`causal` of the embedding pass: the model's attention (`attn_mode`), or a per-call `attn` string."""
+    mode = self.attn_mode if attn is None or attn == self.attn else common_types.parse_served_attn(attn)
+    return mode.embedding_causal
+
   # ---------------------------------------------------------------------------------------------------------------
   # forward passes
 
@@ -288,7 +291,7 @@ class GritLM:
       raise GritJaxError("encode(get_cache=True) is not supported: use model.rag(..., cache=...) for KV caching")
     single = isinstance(sentences, str)
     texts = [sentences] if single else list(sentences)
-    attn = self.attn if attn is _UNSET else self._setting("attn", attn)
+    causal = self.embedding_causal(None if attn is _UNSET else self._setting("attn", attn))
     pooling = self._setting("pooling", pooling)
     normalize = self._setting("normalize", normalize)
     max_length = self.max_length(max_length)
@@ -306,8 +309,8 @@ class GritLM:
       tokens = [(ids, np.ones_like(pool)) for ids, pool in tokens]
     if not add_special_tokens:
       tokens = [(ids[1:], pool[1:]) for ids, pool in tokens]
-    emb = encode_lib.encode_tokens(self, tokens, batch_size, max_length, pooling, normalize,
-                                   encode_lib.embedding_is_causal(attn), packing=packing)
+    emb = encode_lib.encode_tokens(self, tokens, batch_size, max_length, pooling, normalize, causal,
+                                   packing=packing)
     if recast:
       emb = emb.astype(jnp.dtype(self.config.dtype))
     if convert_to_tensor:

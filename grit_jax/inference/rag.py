@@ -54,7 +54,6 @@ CACHE_FORMATS = {
 }
 ANSWER_PREFIX = "The answer is"
 INDEX_VERSION = 3  # 2: records the model and corpus it was built from; 3: the sha256 of each of its files
-INDEX_FILES = ("index.json", "documents.jsonl", "embeddings.npy")
 
 
 def doc_text(doc) -> str:
@@ -229,7 +228,7 @@ def build_index(model, documents: Sequence, with_cache: bool = True, batch_size:
   docs = [doc_text(d) for d in documents]
   if not docs:
     raise GritJaxError("empty corpus")
-  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
+  causal = model.embedding_causal(attn)
   max_length = model.max_length(max_length)
   tokens = _embed_tokens(model, docs, max_length)
   built = dict(model=model_identity(model), corpus=corpus_fingerprint(docs))
@@ -370,7 +369,7 @@ def _rag(model, query, documents, cache, max_new_tokens, *, prompt, temperature,
          stop_at_eos):
   single = isinstance(query, str)
   queries = [query] if single else list(query)
-  causal = encode_lib.embedding_is_causal(model.attn if attn is None else attn)
+  causal = model.embedding_causal(attn)
   if isinstance(documents, RagIndex):
     index = documents
     index.check_model(model)

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 
+from grit_jax import common_types as ct
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write
 from grit_jax.perf import hlo, topologies
@@ -142,23 +143,23 @@ def abstract_batch(data_cfg, sharding, layouts: dict | None = None) -> dict:
   layouts = layouts or {}
   batch = {}
   passes = []
-  if data_cfg.mode in ("unified", "embedding"):
+  emb, gen = ct.passes(data_cfg.mode)
+  if emb:
     bq, g = data_cfg.embedding_batch_size, data_cfg.train_group_size
-    passes += [("query", bq, data_cfg.query_max_len, "pool_mask"),
-               ("passage", bq * g, data_cfg.passage_max_len, "pool_mask")]
-  if data_cfg.mode in ("unified", "generative"):
-    passes.append(("gen", data_cfg.generative_batch_size, data_cfg.generative_max_len, "labels"))
-  for name, rows, length, per_token in passes:
+    passes += [(ct.QUERY, bq, data_cfg.query_max_len), (ct.PASSAGE, bq * g, data_cfg.passage_max_len)]
+  if gen:
+    passes.append((ct.GEN, data_cfg.generative_batch_size, data_cfg.generative_max_len))
+  for name, rows, length in passes:
     if name in layouts:
       lay = layouts[name]
-      for k in ("ids", "segment_ids", "positions", per_token):
-        batch[f"{name}_{k}"] = spec(lay.units, lay.rows, lay.row_len)
-      batch[f"{name}_lengths"] = spec(lay.units, lay.per_unit)
+      for field in ct.packed_fields(name):
+        batch[ct.key(name, field)] = spec(lay.units, lay.rows, lay.row_len)
+      batch[ct.key(name, ct.LENGTHS)] = spec(lay.units, lay.per_unit)
     else:
-      for k in ("ids", "mask", per_token):
-        batch[f"{name}_{k}"] = spec(rows, length)
-  if "query" in [p[0] for p in passes]:  # the loader's duplicate-positive keys: the same loss program as training
-    batch["pos_key"] = spec(data_cfg.embedding_batch_size, 2)
+      for k in ct.padded_keys(name):
+        batch[k] = spec(rows, length)
+  if emb:  # the loader's duplicate-positive keys: the same loss program as training
+    batch[ct.POS_KEY] = spec(data_cfg.embedding_batch_size, 2)
   return batch
 
 
@@ -166,8 +167,8 @@ def packed_layouts(config, mesh) -> dict:
   """{pass: PassLayout} of the recipe's packed passes on `mesh`, rows derived from the recipe's train data as the
   train iterator derives them (or set in config); {} when nothing is packed."""
   d = config.data
-  kinds = [k for k, on, modes in (("emb", d.pack_embedding, ("unified", "embedding")),
-                                  ("gen", d.pack_generative, ("unified", "generative"))) if on and d.mode in modes]
+  kinds = [k for k, on, runs in zip(("emb", "gen"), (d.pack_embedding, d.pack_generative), ct.passes(d.mode))
+           if on and runs]
   if not kinds:
     return {}
   from grit_jax.data import iterator as iterator_lib

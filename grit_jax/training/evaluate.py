@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax import common_types as ct
 from grit_jax import objectives
 from grit_jax.training import run as run_lib
 
@@ -21,7 +22,7 @@ def make_eval_fns(model_config, config, mesh, rules):
   def lm_sums(params, ids, mask, labels):
     """(sum of next-token CE over supervised tokens, their count): an exact token mean over the whole eval set."""
     logits = obj.model.apply({"params": params}, ids, mask, causal=True).logits  # [B, T, V]
-    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != objectives.IGNORE)
+    return jnp.sum(objectives.token_cross_entropy(logits, labels)), jnp.sum(labels[:, 1:] != ct.IGNORE)
 
   def under_mesh(fn):
     return step_lib.MeshFn(mesh, rules, lambda _: jax.jit(fn))
@@ -49,17 +50,16 @@ class Evaluator:
     for batch_np in data_lib.make_eval_iterator(self.config.data, shard_index=jax.process_index(),
                                                 num_shards=jax.process_count()):
       batch = data_lib.to_global_batch(batch_np, self.run.mesh)
-      if "query_ids" in batch:
+      if ct.QUERY_IDS in batch:
         # Filler rows (weight 0) complete the last batch; drop them (and their passages).
-        keep = np.asarray(host(batch["query_weight"])) > 0  # [Bq]
-        q = np.asarray(host(embed_q(params, batch["query_ids"], batch["query_mask"], batch["query_pool_mask"])))
-        p = np.asarray(host(embed_p(params, batch["passage_ids"], batch["passage_mask"],
-                                    batch["passage_pool_mask"])))
+        keep = np.asarray(host(batch[ct.key(ct.QUERY, ct.WEIGHT)])) > 0  # [Bq]
+        q = np.asarray(host(embed_q(params, *(batch[k] for k in ct.padded_keys(ct.QUERY)))))
+        p = np.asarray(host(embed_p(params, *(batch[k] for k in ct.padded_keys(ct.PASSAGE)))))
         g = p.shape[0] // q.shape[0]
         qs.append(q[keep])
         ps.append(p.reshape(q.shape[0], g, -1)[keep].reshape(-1, p.shape[-1]))
-      if "gen_ids" in batch:
-        s, n = host(lm_sums(params, batch["gen_ids"], batch["gen_mask"], batch["gen_labels"]))
+      if ct.GEN_IDS in batch:
+        s, n = host(lm_sums(params, *(batch[k] for k in ct.padded_keys(ct.GEN))))
         lm_sum, lm_tokens = lm_sum + float(s), lm_tokens + float(n)
     out = {}
     if qs:

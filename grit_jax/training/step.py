@@ -33,47 +33,42 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from grit_jax import common_types as ct
 from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
 from grit_jax.training import gradcache as gc
 from grit_jax.training import mesh as mesh_lib
 from grit_jax.training import optimizer as opt_lib
 
-EMB_KEYS = ("query_ids", "query_mask", "query_pool_mask", "passage_ids", "passage_mask", "passage_pool_mask")
-GEN_KEYS = ("gen_ids", "gen_mask", "gen_labels")
-POS_KEY = "pos_key"  # [Bq, 2] int32 (data.batching.positive_keys): optional; masks duplicate positives in L_rep
-# Packed passes (grit_jax.data.packing.pack_sequences): [U, R, L] arrays (U packing units = device shares, R rows of
-# L tokens) and {pass}_lengths [U, n] (n sequences per unit). A batch is packed per pass when it has segment ids.
-PACKED_ROW_KEYS = ("ids", "segment_ids", "positions")
-PASSES = ("query", "passage", "gen")
-
-
-def is_packed(batch: dict, name: str) -> bool:
-  return f"{name}_segment_ids" in batch
+# The batch keys (common_types): padded passes [B, T]; packed passes (grit_jax.data.packing.pack_sequences) [U, R, L]
+# arrays (U packing units = device shares, R rows of L tokens) and {pass}_lengths [U, n] (n sequences per unit), a
+# pass packed when it has segment ids; pos_key [Bq, 2] (data.batching.positive_keys), optional: masks duplicate
+# positives in L_rep.
+is_packed = ct.is_packed
 
 
 def _split_config(loss_cfg, attn, grad_accum, gradcache_chunk):
   """Accepts config.loss or a whole recipe config (then attn / train.grad_accum / train.gradcache_chunk come
-  from it, unless given)."""
+  from it, unless given); attn comes back parsed (common_types.AttnMode)."""
   if "loss" in loss_cfg:
     full = loss_cfg
     loss_cfg = full.loss
     attn = full.attn if attn is None else attn
     grad_accum = full.train.grad_accum if grad_accum is None else grad_accum
     gradcache_chunk = full.train.gradcache_chunk if gradcache_chunk is None else gradcache_chunk
-  return loss_cfg, "bbcc" if attn is None else attn, 1 if grad_accum is None else grad_accum, \
+  return loss_cfg, ct.parse_attn("bbcc" if attn is None else attn), 1 if grad_accum is None else grad_accum, \
       0 if gradcache_chunk is None else gradcache_chunk
 
 
 class GritObjective:
   """The pieces of the GRIT loss over a global batch (traced inside the step's jit)."""
 
-  def __init__(self, model_config, loss_cfg, mesh, rules, attn: str = "bbcc"):
+  def __init__(self, model_config, loss_cfg, mesh, rules, attn: str | ct.AttnMode = "bbcc"):
     from grit_jax.modeling import Transformer
 
     self.config, self.loss_cfg, self.mesh, self.rules = model_config, loss_cfg, mesh, rules
     self.model = Transformer(model_config)
-    self.causal_q, self.causal_p = contract.parse_attn(attn)
+    self.causal_q, self.causal_p = ct.parse_attn(attn)
     contract.check_loss(loss_cfg)
     self.batch_axes = mesh_lib.batch_axes(mesh, rules)
     self.shards = mesh_lib.num_batch_shards(mesh, rules)
@@ -109,13 +104,12 @@ class GritObjective:
 
   def pass_inputs(self, batch: dict, name: str):
     """(representation fn(params, *arrays), arrays, packed) of the query or passage pass of a batch."""
-    causal = self.causal_q if name == "query" else self.causal_p
+    causal = self.causal_q if name == ct.QUERY else self.causal_p
     if is_packed(batch, name):
-      fn = functools.partial(self.embed_packed, num_per_unit=batch[f"{name}_lengths"].shape[1], causal=causal)
-      keys = ("ids", "segment_ids", "positions", "pool_mask")
-      return (lambda p, *a: fn(p, *a)), tuple(batch[f"{name}_{k}"] for k in keys), True
-    fn = self.embed_query if name == "query" else self.embed_passage
-    return fn, tuple(batch[f"{name}_{k}"] for k in ("ids", "mask", "pool_mask")), False
+      fn = functools.partial(self.embed_packed, num_per_unit=batch[ct.key(name, ct.LENGTHS)].shape[1], causal=causal)
+      return (lambda p, *a: fn(p, *a)), tuple(batch[ct.key(name, f)] for f in ct.packed_fields(name)), True
+    fn = self.embed_query if name == ct.QUERY else self.embed_passage
+    return fn, tuple(batch[k] for k in ct.padded_keys(name)), False
 
   def rep_loss(self, q_BD, p_PD, pos_key=None):
     """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics. pos_key [B, 2]: the
@@ -134,21 +128,21 @@ class GritObjective:
     """Per-target weights [..., L-1] of the whole generative batch (padded rows [B, L] or packed [U, R, L])."""
     l = self.loss_cfg
     kw = {}
-    if is_packed(gen, "gen"):  # the sample of each target token; samples, not rows, are what the modes count
-      kw = dict(target_samples=gen["gen_segment_ids"][..., 1:] - 1, num_samples=gen["gen_lengths"].size)
-    return objectives.lm_token_weights(gen["gen_labels"], l.lm_loss_mode, l.lm_loss_sub_batches,
+    if is_packed(gen, ct.GEN):  # the sample of each target token; samples, not rows, are what the modes count
+      kw = dict(target_samples=gen[ct.GEN_SEGMENT_IDS][..., 1:] - 1, num_samples=gen[ct.GEN_LENGTHS].size)
+    return objectives.lm_token_weights(gen[ct.GEN_LABELS], l.lm_loss_mode, l.lm_loss_sub_batches,
                                        l.lm_token_factor, **kw)
 
   def gen_terms(self, params, gen: dict, weights):
     """(sum of weighted next-token CE, MoE aux loss) of a (micro-)batch of generative rows ([B, L], or packed
     [U, R, L] with segment ids and positions)."""
-    L = gen["gen_ids"].shape[-1]
+    L = gen[ct.GEN_IDS].shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1, L)
-    packed = is_packed(gen, "gen")
-    out = self.model.apply({"params": params}, flat(gen["gen_ids"]), None if packed else gen["gen_mask"],
-                           causal=True, positions=flat(gen.get("gen_positions")),
-                           segment_ids=flat(gen.get("gen_segment_ids")))
-    return (objectives.lm_loss(out.logits, flat(gen["gen_labels"]), weights=weights.reshape(-1, L - 1)),
+    packed = is_packed(gen, ct.GEN)
+    out = self.model.apply({"params": params}, flat(gen[ct.GEN_IDS]), None if packed else gen[ct.GEN_MASK],
+                           causal=True, positions=flat(gen.get(ct.GEN_POSITIONS)),
+                           segment_ids=flat(gen.get(ct.GEN_SEGMENT_IDS)))
+    return (objectives.lm_loss(out.logits, flat(gen[ct.GEN_LABELS]), weights=weights.reshape(-1, L - 1)),
             out.aux_loss)
 
   def total(self, loss_rep=None, loss_gen=None, aux=None):
@@ -162,12 +156,12 @@ class GritObjective:
     """(objective, metrics) of the full batch in one pass (the plain step and evaluation)."""
     metrics = {}
     loss_rep = loss_gen = aux = None
-    if "gen_ids" in batch:
+    if ct.GEN_IDS in batch:
       loss_gen, aux = self.gen_terms(params, batch, self.lm_weights(batch))
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
-    if "query_ids" in batch:
-      (q_fn, q_in, _), (p_fn, p_in, _) = self.pass_inputs(batch, "query"), self.pass_inputs(batch, "passage")
-      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in), batch.get(POS_KEY))
+    if ct.QUERY_IDS in batch:
+      (q_fn, q_in, _), (p_fn, p_in, _) = self.pass_inputs(batch, ct.QUERY), self.pass_inputs(batch, ct.PASSAGE)
+      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in), batch.get(ct.POS_KEY))
       metrics.update(loss_rep=loss_rep, accuracy=acc)
     total = self.total(loss_rep, loss_gen, aux)
     metrics["loss"] = total
@@ -180,14 +174,14 @@ class GritObjective:
     grads = jax.tree.map(jnp.zeros_like, params)
     metrics = {}
     loss_rep = loss_gen = aux = None
-    if "gen_ids" in batch:
-      packed = is_packed(batch, "gen")
-      gen = {k: v for k, v in batch.items() if k.startswith("gen_") and k != "gen_lengths"}
-      gen["weights"] = jnp.pad(self.lm_weights(batch), [(0, 0)] * (gen["gen_ids"].ndim - 1) + [(0, 1)])
+    if ct.GEN_IDS in batch:
+      packed = is_packed(batch, ct.GEN)
+      gen = {k: v for k, v in batch.items() if k.startswith(ct.key(ct.GEN, "")) and k != ct.GEN_LENGTHS}
+      gen["weights"] = jnp.pad(self.lm_weights(batch), [(0, 0)] * (gen[ct.GEN_IDS].ndim - 1) + [(0, 1)])
       if packed:  # micro-batches = row chunks of every unit (the units stay on their devices)
         micro = {k: self._chunk_constraint(gc.split_rows(v, grad_accum), self.shards) for k, v in gen.items()}
       else:
-        shards = gc.chunk_shards([gen["gen_ids"].shape[0]], grad_accum, self.shards)
+        shards = gc.chunk_shards([gen[ct.GEN_IDS].shape[0]], grad_accum, self.shards)
         micro = {k: self._chunk_constraint(gc.split_chunks(v, grad_accum, shards), shards) for k, v in gen.items()}
 
       def micro_objective(p, mb):
@@ -201,14 +195,14 @@ class GritObjective:
       grads, (ce_parts, aux_parts) = jax.lax.scan(body, grads, micro)
       loss_gen, aux = ce_parts.sum(), aux_parts.mean()
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
-    if "query_ids" in batch:
-      (q_fn, q_in, q_packed), (p_fn, p_in, p_packed) = (self.pass_inputs(batch, "query"),
-                                                        self.pass_inputs(batch, "passage"))
+    if ct.QUERY_IDS in batch:
+      (q_fn, q_in, q_packed), (p_fn, p_in, p_packed) = (self.pass_inputs(batch, ct.QUERY),
+                                                        self.pass_inputs(batch, ct.PASSAGE))
       padded_rows = [x[0].shape[0] for x, packed in ((q_in, q_packed), (p_in, p_packed)) if not packed]
       shards = gc.chunk_shards(padded_rows, emb_chunks, self.shards) if padded_rows else self.shards
 
       def rep_objective(q_BD, p_PD):
-        loss, acc = self.rep_loss(q_BD, p_PD, batch.get(POS_KEY))
+        loss, acc = self.rep_loss(q_BD, p_PD, batch.get(ct.POS_KEY))
         return l.lambda_rep * loss, (loss, acc)
 
       (_, (loss_rep, acc)), g_rep = gc.gradcache((q_fn, p_fn), params, (q_in, p_in), rep_objective, emb_chunks,
@@ -226,27 +220,27 @@ class GritObjective:
       raise GritJaxError(f"config.train.grad_accum={grad_accum} / gradcache_chunk={gradcache_chunk}: expected "
                          "grad_accum >= 1 and gradcache_chunk >= 0")
     emb_chunks = 1
-    if "query_ids" in batch:
-      num_q = (batch["query_lengths"].size if is_packed(batch, "query") else batch["query_ids"].shape[0])
+    if ct.QUERY_IDS in batch:
+      num_q = (batch[ct.QUERY_LENGTHS].size if is_packed(batch, ct.QUERY) else batch[ct.QUERY_IDS].shape[0])
       if gradcache_chunk and num_q % gradcache_chunk:
         raise GritJaxError(f"config.train.gradcache_chunk={gradcache_chunk} does not divide the {num_q} queries "
                            "of the batch")
       emb_chunks = num_q // gradcache_chunk if gradcache_chunk else grad_accum
       if num_q % emb_chunks:
         raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {num_q} queries of the batch")
-      for name in ("query", "passage"):
-        rows = batch[f"{name}_ids"].shape[1] if is_packed(batch, name) else 0
+      for name in ct.EMBEDDING_PASSES:
+        rows = batch[ct.key(name, ct.IDS)].shape[1] if is_packed(batch, name) else 0
         if rows % emb_chunks:
           raise GritJaxError(f"packed {name} pass: {rows} rows per unit do not split into the {emb_chunks} "
                              "GradCache chunks (the data iterator rounds rows up to a multiple of them)")
-    if "gen_ids" in batch:
-      if is_packed(batch, "gen"):
-        rows, samples = batch["gen_ids"].shape[1], batch["gen_lengths"].size
+    if ct.GEN_IDS in batch:
+      if is_packed(batch, ct.GEN):
+        rows, samples = batch[ct.GEN_IDS].shape[1], batch[ct.GEN_LENGTHS].size
         if rows % grad_accum:
           raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} packed generative "
                              "rows per unit")
       else:
-        rows = samples = batch["gen_ids"].shape[0]
+        rows = samples = batch[ct.GEN_IDS].shape[0]
         if rows % grad_accum:
           raise GritJaxError(f"config.train.grad_accum={grad_accum}: does not divide the {rows} generative rows")
       sub = self.loss_cfg.lm_loss_sub_batches
@@ -265,20 +259,20 @@ class GritObjective:
 
 def _pass_tokens(batch: dict, name: str):
   """(text tokens, token slots) of one pass: what the pass holds vs what the accelerator computes."""
-  real = batch[f"{name}_segment_ids"] > 0 if is_packed(batch, name) else batch[f"{name}_mask"] > 0
+  real = batch[ct.key(name, ct.SEGMENT_IDS)] > 0 if is_packed(batch, name) else batch[ct.key(name, ct.MASK)] > 0
   return jnp.sum(real.astype(jnp.int32)), real.size
 
 
 def batch_tokens(batch: dict):
   """Non-padding tokens of every pass in the batch."""
-  return sum((_pass_tokens(batch, n)[0] for n in PASSES if f"{n}_ids" in batch), jnp.zeros((), jnp.int32))
+  return sum((_pass_tokens(batch, n)[0] for n in ct.PASSES if ct.has_pass(batch, n)), jnp.zeros((), jnp.int32))
 
 
 def packing_efficiency(batch: dict) -> dict:
   """efficiency_{query,passage,gen}: text tokens / token slots of each pass (padded or packed)."""
   out = {}
-  for name in PASSES:
-    if f"{name}_ids" in batch:
+  for name in ct.PASSES:
+    if ct.has_pass(batch, name):
       tokens, slots = _pass_tokens(batch, name)
       out[f"efficiency_{name}"] = tokens.astype(jnp.float32) / slots
   return out
