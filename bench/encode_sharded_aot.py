@@ -1,6 +1,6 @@
 """Does `encode` of a model too big for one chip run when its weights are sharded? The embedding pass of GritLM-7B
 (bf16 weights, 14.5 GB; float32, 29 GB) compiled for a TPU slice of 16 GiB chips on this CPU host (libtpu, no TPU), with the
-weights as `encode` places them: replicated, or FSDP-sharded over the chips (`inference.encode.weight_shardings`,
+weights as `encode` places them: replicated, or FSDP-sharded over the chips (`inference.placement.weight_shardings`,
 the training mesh rules: what `shard_weights=None` picks when the weights exceed half a chip). Per-chip memory
 from the compiler; nothing runs.
 
@@ -27,8 +27,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from grit_jax.inference import encode as encode_lib  # noqa: E402
+from grit_jax.inference import placement  # noqa: E402
 from grit_jax.modeling import Transformer, get_config  # noqa: E402
-from grit_jax.training import mesh as mesh_lib  # noqa: E402
+from grit_jax import sharding as mesh_lib  # noqa: E402
 
 config = get_config(args.model, dtype=args.dtype, param_dtype=args.dtype)
 abstract = nn.meta.unbox(jax.eval_shape(lambda: Transformer(config).init(
@@ -40,7 +41,7 @@ print(f"{args.model}: {param_gb:.1f} GB of {args.dtype} weights; {args.topology}
 fn = encode_lib.embed_fn(config, causal=False, pooling="mean", normalize=True, with_cache=False)
 for shard in (False, True):
   mesh, rules = mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devices)
-  params_sharding, rows = encode_lib.weight_shardings(config, abstract, mesh, rules, shard)
+  params_sharding, rows = placement.weight_shardings(config, abstract, mesh, rules, shard)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sharding)
   batch = [jax.ShapeDtypeStruct((args.batch, args.length), jnp.int32, sharding=rows) for _ in range(3)]
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

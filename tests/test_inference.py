@@ -158,7 +158,7 @@ def test_default_packs_short_texts_and_pads_long_ones(model):
 
 
 def test_sharded_weights_equal_replicated(tok):
-  from grit_jax.inference import encode as enc
+  from grit_jax.inference import placement as placement_lib
   from grit_jax.inference.gritlm import GritLM
   from grit_jax.modeling import get_config, init_params
   cfg = get_config("tiny_mistral", dtype="float32")
@@ -167,15 +167,16 @@ def test_sharded_weights_equal_replicated(tok):
   texts = corpus(12, seed=2)
   np.testing.assert_allclose(sharded.encode(texts, max_length=64), replicated.encode(texts, max_length=64),
                              atol=1e-5)
-  placed, _ = enc.placement(sharded)
+  placed, _ = placement_lib.placement(sharded)
   embed = placed["embed_tokens"]["embedding"]  # [vocab, embed]: embed split over fsdp = the 8 devices
   assert len(embed.sharding.device_set) == 8 and embed.addressable_shards[0].data.shape == (1024, 64 // 8)
-  assert enc.generation_params(sharded) is placed and enc.generation_params(replicated) is replicated.params
+  assert placement_lib.generation_params(sharded) is placed
+  assert placement_lib.generation_params(replicated) is replicated.params
   assert replicated.generate("Hi", max_new_tokens=4) == sharded.generate("Hi", max_new_tokens=4)
 
 
 def test_weights_shard_when_they_do_not_fit_one_device(model):
-  from grit_jax.inference import encode as enc
+  from grit_jax.inference import placement as placement_lib
 
   class Device:
     def __init__(self, limit):
@@ -184,12 +185,12 @@ def test_weights_shard_when_they_do_not_fit_one_device(model):
     def memory_stats(self):
       return None if self.limit is None else {"bytes_limit": self.limit}
 
-  size = enc.param_bytes(model.params)
-  assert enc.should_shard(model.params, [Device(size), Device(size)], None)  # params > half a device
-  assert not enc.should_shard(model.params, [Device(4 * size)] * 2, None)
-  assert not enc.should_shard(model.params, [Device(None)] * 2, None)  # unknown memory (CPU): replicate
-  assert enc.should_shard(model.params, [Device(None)] * 2, True)
-  assert not enc.should_shard(model.params, [Device(size)], True)  # one device: nothing to shard over
+  size = placement_lib.param_bytes(model.params)
+  assert placement_lib.should_shard(model.params, [Device(size), Device(size)], None)  # params > half a device
+  assert not placement_lib.should_shard(model.params, [Device(4 * size)] * 2, None)
+  assert not placement_lib.should_shard(model.params, [Device(None)] * 2, None)  # unknown memory (CPU): replicate
+  assert placement_lib.should_shard(model.params, [Device(None)] * 2, True)
+  assert not placement_lib.should_shard(model.params, [Device(size)], True)  # one device: nothing to shard over
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Two layouts of the same computation (equal to 1e-5 in float32; `packing=` choose
 - padded: texts sorted by token length and cut into batches; each batch is padded to a length bucket (a power of
   two, at least 16, capped at max_length) and a row bucket (a power of two, capped at batch_size), so the number of
   compiled programs stays at about log2(max_length) x log2(batch_size) whatever the inputs.
-Output order is the input order. Both split the rows over every local device (`placement`), with the weights
+Output order is the input order. Both split the rows over every local device (inference.placement), with the weights
 replicated, or sharded (FSDP, the training mesh rules) when they do not fit one device.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from grit_jax.common_types import POOLINGS
 from grit_jax.data import packing as packing_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
+from grit_jax.inference.placement import generation_params, placement
 from grit_jax.modeling.model import KVCache, Transformer
 
 
@@ -102,7 +103,6 @@ def batches(tokens, batch_size: int, max_length: int, bos_id: int,
 PROGRESS_MIN_TEXTS = 256  # as gritlm: a progress bar for inputs of at least this many texts
 PACK_IF_CHEAPER = 0.9  # packing=None: pack when that costs under this share of the padded layout's FLOPs
 PACK_MIN_ROW_LEN = 256  # packed rows hold several texts: at least this long (capped at max_length)
-WEIGHTS_FIT_FRACTION = 0.5  # shard_weights=None: shard when the params exceed this share of one device's memory
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,75 +266,6 @@ def packed_calls(tokens, layout: PackedLayout,
       parts.append(packing_lib.pack_sequences(seqs, plan, 1, layout.rows, layout.row_len,
                                               {ct.IDS: 0, ct.POOL_MASK: 0}, prefix="", first_index=u * layout.per_unit))
     yield call, {k: np.concatenate([p[k] for p in parts]) for k in ct.packed_fields(ct.QUERY)}
-
-
-def param_bytes(params) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-
-
-def device_memory(device) -> int | None:
-  """Bytes one device can hold (memory_stats' bytes_limit), None where the platform does not say (CPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:  # platforms without memory stats raise instead of returning None
-    return None
-  return (stats or {}).get("bytes_limit")
-
-
-def should_shard(params, devices, shard_weights: bool | None) -> bool:
-  """shard_weights, or (None) whether the params exceed WEIGHTS_FIT_FRACTION of one device's memory (the rest is
-  for activations / caches); never on one device."""
-  if len(devices) == 1:
-    return False
-  if shard_weights is not None:
-    return bool(shard_weights)
-  limit = device_memory(devices[0])
-  return limit is not None and param_bytes(params) > WEIGHTS_FIT_FRACTION * limit
-
-
-def weight_shardings(config, params, mesh, rules, shard: bool):
-  """(shardings of `params` (arrays or their shapes), sharding that splits a batch's rows) on `mesh`: the weights
-  FSDP-sharded with the training rules (training.state.state_shardings) when `shard`, else replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec
-  from grit_jax.training import mesh as mesh_lib
-  if shard:
-    import optax
-    from grit_jax.training import state as state_lib
-    shardings = state_lib.state_shardings(config, optax.identity(), mesh, rules)[1].params
-  else:
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
-  return shardings, NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(mesh, rules)))
-
-
-def placement(model, devices=None):
-  """(params on `devices`, sharding that splits a batch's leading axis over them, or None on one device).
-  Replicated params, or when `should_shard(model.shard_weights)` FSDP-sharded with the training mesh's rules
-  (training.mesh.make_mesh with fsdp = every device, training.state.state_shardings): each device holds 1/N of every
-  weight and XLA gathers them layer by layer. One placement per model and device set, reused across calls (and by
-  generate)."""
-  devices = list(devices if devices is not None else jax.local_devices())
-  if len(devices) == 1:
-    return model.params, None
-  shard = should_shard(model.params, devices, getattr(model, "shard_weights", None))
-  key = (tuple(d.id for d in devices), shard)
-  cached = getattr(model, "_placement", None)
-  if cached is None or cached[0] != key or cached[1] is not model.params:
-    from grit_jax.training import mesh as mesh_lib
-    mesh, rules = mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devices)
-    shardings, rows = weight_shardings(model.config, model.params, mesh, rules, shard)
-    params = jax.device_put(model.params, shardings)
-    cached = (key, model.params, params, rows)
-    model._placement = cached
-  return cached[2], cached[3]
-
-
-def generation_params(model):
-  """The params generation runs with: `model.params`, or sharded over the local devices (`placement`) when they do
-  not fit one device (the batch is then replicated; XLA gathers each layer's weights)."""
-  devices = jax.local_devices()
-  if should_shard(model.params, devices, getattr(model, "shard_weights", None)):
-    return placement(model, devices)[0]
-  return model.params
 
 
 def encode_tokens(model, tokens, batch_size: int = 64, max_length: int = 512, pooling: str = "mean",

@@ -19,6 +19,7 @@ import numpy as np
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
+from grit_jax.inference.placement import generation_params
 from grit_jax.modeling.model import KVCache, Transformer
 
 # Number of times each jitted program was traced (= compiled): tests check that bucketing keeps this small.
@@ -234,7 +235,6 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
   start = np.asarray(start, np.int32)
   greedy = temperature == 0.0
   fn = generate_fn(model.config, int(max_new_tokens), greedy, stop_at_eos)
-  from grit_jax.inference.encode import generation_params  # (encode imports this module)
   tokens = np.asarray(fn(generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
                          jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0), jnp.float32(top_p)))
   eos = model.config.eos_token_id

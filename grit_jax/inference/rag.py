@@ -31,6 +31,7 @@ from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
+from grit_jax.inference import placement
 
 MODES = ("none", "query", "doc", "query_doc", "doc_query")
 
@@ -327,7 +328,7 @@ def continuation_logits(model, prepared: Prepared) -> list[np.ndarray]:
     cache = gen.pad_cache(prepared.cache, gen.bucket_slots(int(prepared.cache.index) + T))
   start = np.asarray(cache.valid).sum(-1).astype(np.int32)
   fn = gen.continuation_logits_fn(model.config)
-  logits, _ = fn(encode_lib.generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start))
+  logits, _ = fn(placement.generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start))
   logits = np.asarray(logits)
   return [logits[b, :len(s)] for b, s in enumerate(seqs)]
 
