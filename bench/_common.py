@@ -65,7 +65,8 @@ def ready_train_step(model_config, config, batch_np=None, devices=None, mesh_axe
   (default: all) on config.mesh or `mesh_axes`."""
   import jax
   from grit_jax.data import to_global_batch
-  from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib, step as step_lib
+  from grit_jax import sharding as mesh_lib
+  from grit_jax.training import optimizer as opt_lib, state as state_lib, step as step_lib
 
   mesh, rules = mesh_lib.make_mesh(mesh_axes or config.mesh, devices)
   tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)

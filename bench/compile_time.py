@@ -24,7 +24,8 @@ import jax  # noqa: E402
 from configs import tiny  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
 from grit_jax.perf.aot import abstract_batch  # noqa: E402
-from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib, step as step_lib  # noqa
+from grit_jax import sharding as mesh_lib
+from grit_jax.training import optimizer as opt_lib, state as state_lib, step as step_lib  # noqa
 
 
 def compile_seconds(num_layers: int) -> float:

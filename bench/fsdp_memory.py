@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
-from grit_jax.training import mesh as mesh_lib, optimizer as opt_lib, state as state_lib  # noqa: E402
+from grit_jax import sharding as mesh_lib
+from grit_jax.training import optimizer as opt_lib, state as state_lib  # noqa: E402
 
 config = base.get_config(args.preset)
 model_config = ModelConfig(**config.model.to_dict())

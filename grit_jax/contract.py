@@ -169,7 +169,7 @@ def _check_train(c) -> None:
 
 
 def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
-  from grit_jax.training import mesh as mesh_lib  # the mesh shape rule is stated there
+  from grit_jax import sharding as mesh_lib  # the mesh shape rule is stated there
 
   if num_devices is None:
     for name in mesh_lib.AXES + mesh_lib.DCN_KEYS:

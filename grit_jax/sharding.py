@@ -136,3 +136,24 @@ def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
 def num_batch_shards(mesh: Mesh, rules: Rules) -> int:
   """W: how many shards the batch is split into."""
   return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def mesh_axes_of(entry) -> tuple[str, ...]:
+  """A PartitionSpec entry (None, an axis name or a tuple of names) as a tuple of names."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def dividing_axes(mesh: Mesh, entry, size: int):
+  """The one divide-or-drop rule: the mesh axes of `entry` that split a dimension of `size`, in order, as long as
+  their product divides it (e.g. a vocab of 32001 over tensor=4, or a batch of 3 over data=2: left whole on that
+  axis instead of failing to compile). Returns `entry` itself when every axis is kept, else the kept tuple or
+  None."""
+  names = mesh_axes_of(entry)
+  kept, prod = [], 1
+  for a in names:
+    n = mesh.shape.get(a)
+    if n is not None and size % (prod * n) == 0:
+      kept.append(a)
+      prod *= n
+  return entry if len(kept) == len(names) else (tuple(kept) or None)
+

@@ -117,7 +117,7 @@ def test_auto_attention_compiles_splash_for_tpu(compiled_tiny):
 def _traced_executed_flops(config, topology: str):
   """Executed FLOPs of the recipe's step traced (not compiled) over the topology's abstract mesh, as aot counts them."""
   import flax.linen as nn
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   mesh, rules = mesh_lib.make_mesh(config.mesh, topologies.get_topology(topology).devices())
   step, state, batch = aot.abstract_step(config, aot._model_config(config), mesh, rules)
@@ -162,7 +162,7 @@ def test_routed_moe_compiles_grouped_megablox_for_tpu(tmp_path):
 def test_target_platform_of_a_tpu_topology_mesh():
   from grit_jax.modeling import kernels
   from grit_jax.modeling.platform import target_platform
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   mesh, _ = mesh_lib.make_mesh(dict(fsdp=-1), topologies.get_topology("v5p-8").devices())
   assert target_platform() == "cpu"
@@ -214,7 +214,7 @@ def test_multislice_only_the_gradient_reduction_crosses_slices():
 
 
 def test_hybrid_mesh_shape():
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   cfg = dict(data=1, fsdp=-1, tensor=1, expert=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1, dcn_expert=1)
   assert mesh_lib.hybrid_shape(cfg, 64, 2) == ((1, 32, 1, 1), (2, 1, 1, 1))
@@ -414,7 +414,7 @@ def test_executed_flops_counts_the_program():
   per layer (same total as unrolled); full remat adds the recomputed forward."""
   from configs import tiny
   from grit_jax.modeling import ModelConfig
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   config = tiny.get_config()
   d = config.data

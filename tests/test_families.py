@@ -11,6 +11,7 @@ from helpers_hf import make_hf_model, random_batch, read_tensors, torch_logits
 
 from grit_jax import GritLM
 from grit_jax.convert import hf as hf_lib
+from grit_jax.convert import load as load_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling import ModelConfig
 
@@ -86,9 +87,9 @@ def test_bidirectional_hidden_states_match_transformers(models, batch, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_jax_to_hf_round_trip_is_bit_identical(models, tmp_path, family):
   _, src, _ = models(family)
-  config, params = hf_lib.load_pretrained(src)
+  config, params = load_lib.load_pretrained(src)
   hf_lib.save_jax(params, config, str(tmp_path / "jax"))
-  config2, params2 = hf_lib.load_pretrained(str(tmp_path / "jax"))
+  config2, params2 = load_lib.load_pretrained(str(tmp_path / "jax"))
   assert config2 == config
   hf_lib.save_hf(params2, config2, str(tmp_path / "hf"))
   a, b = read_tensors(src), read_tensors(str(tmp_path / "hf"))
@@ -157,7 +158,7 @@ def test_scanned_blocks_of_layers_load_and_export(tmp_path, batch, family, overr
   assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
   hf_lib.save_jax(model.params, model.config, str(tmp_path / "jax"))
   for scan in (False, True):
-    config, params = hf_lib.load_pretrained(str(tmp_path / "jax"), scan_layers=scan)
+    config, params = load_lib.load_pretrained(str(tmp_path / "jax"), scan_layers=scan)
     assert ("layers" in params) == scan
     hf_lib.save_hf(params, config, str(tmp_path / f"hf{scan}"))
     c = read_tensors(str(tmp_path / f"hf{scan}"))
@@ -193,7 +194,7 @@ def test_grit_step_packed_on_eight_devices_equals_padded_on_one(models, family):
   import jax
   import optax
 
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
   from grit_jax.training import state as state_lib
   from grit_jax.training import step as step_lib
   from test_packing import assert_same_step, pack_like

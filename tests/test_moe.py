@@ -16,7 +16,7 @@ from grit_jax.modeling.layers import SparseMoe  # noqa: E402
 from grit_jax.modeling.moe import (_megablox_row_tile, _row_tile, dense_experts, routed_experts,  # noqa: E402
                                    select_gmm_impl)
 from grit_jax.modeling.model import scan_params  # noqa: E402
-from grit_jax.training import mesh as mesh_lib  # noqa: E402
+from grit_jax import sharding as mesh_lib  # noqa: E402
 
 TOL = 1e-5
 E, D, I = 4, 32, 48

@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from grit_jax import objectives  # noqa: E402
-from grit_jax.training import mesh as mesh_lib  # noqa: E402
+from grit_jax import sharding as mesh_lib  # noqa: E402
 
 
 # --- pooling ----------------------------------------------------------------------------------------------------

@@ -191,7 +191,7 @@ def test_aot_batch_of_a_packed_recipe():
   counts the FLOPs of the packed rows."""
   from grit_jax import flops as mfu
   from grit_jax.perf import aot
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   c = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--config.data.pack_embedding=True",
                       "--config.data.pack_generative=True", "--config.data.query_pack_len=256",

@@ -54,7 +54,7 @@ def test_gguf_file_loads_directly_and_is_converted_once(smollm2_hf_dir, tmp_path
   first = gguf.model_dir(gguf.smollm2_path())
   assert gguf.model_dir(gguf.smollm2_path()) == first and len(calls) == 1  # cached by the file's content
   assert first.startswith(str(tmp_path / "gguf"))
-  from grit_jax.convert.hf import load_pretrained
+  from grit_jax.convert.load import load_pretrained
   config, params = load_pretrained(gguf.smollm2_path())
   ref_config, ref_params = load_pretrained(str(smollm2_hf_dir))
   assert config == ref_config and len(calls) == 1

@@ -11,7 +11,7 @@ import optax  # noqa: E402
 from grit_jax.errors import GritJaxError  # noqa: E402
 from grit_jax.modeling import get_config  # noqa: E402
 from grit_jax import flops as flops_lib  # noqa: E402
-from grit_jax.training import mesh as mesh_lib  # noqa: E402
+from grit_jax import sharding as mesh_lib  # noqa: E402
 from grit_jax.training import optimizer as opt_lib  # noqa: E402
 from grit_jax.training import state as state_lib  # noqa: E402
 from grit_jax.training import step as step_lib  # noqa: E402

@@ -471,20 +471,6 @@ def _check_shapes(params: dict, config: ModelConfig, source: str) -> None:
       raise GritJaxError(f"{source}: param {k!r} has shape {got[k]}, the config expects {want[k]}")
 
 
-def load_pretrained(path: str, **overrides) -> tuple[ModelConfig, dict]:
-  """(config, numpy params) from an HF directory or a grit_jax directory; `overrides` replace config fields
-  (e.g. dtype="bfloat16", scan_layers=True). A GGUF file loads as the directory converted from it."""
-  from grit_jax.convert.gguf import model_dir
-  path = _require_dir(model_dir(path))
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise GritJaxError(f"{path}: no config.json")
-  if is_jax_dir(path):
-    config, params, _ = load_jax(path, **overrides)
-    return config, params
-  config = ModelConfig.from_hf(path, **overrides)
-  return config, load_hf(path, config)
-
-
 def hf_dtype_of(path: str) -> str:
   """The dtype of an HF directory's embedding tensor ("float32", "bfloat16" or "float16")."""
   name = "model.embed_tokens.weight"

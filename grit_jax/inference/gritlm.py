@@ -162,8 +162,8 @@ class GritLM:
 
   @staticmethod
   def _load(path: str, dtype: str = "float32", **overrides):
-    from grit_jax.convert import hf
-    config, params = hf.load_pretrained(path, dtype=dtype, **overrides)
+    from grit_jax.convert import load as load_lib
+    config, params = load_lib.load_pretrained(path, dtype=dtype, **overrides)
     return params, config, load_tokenizer(path)
 
   @classmethod

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from grit_jax import sharding
 from grit_jax.modeling.config import ATTENTION_IMPLS
 from grit_jax.modeling.platform import target_platform
 
-# Mesh axes that shard the batch and the heads (grit_jax.training.mesh logical rules): the Pallas kernel cannot be
-# partitioned by XLA, so under a mesh it runs inside a shard_map over these.
-BATCH_AXES = ("data", "fsdp", "expert")
+# The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs inside a shard_map over the batch axes
+# (sharding.BATCH_AXES) and the head axis.
 HEAD_AXIS = "tensor"
 _LANES = 128  # splash tiles the sequence in multiples of the TPU lane width
 
@@ -84,15 +84,8 @@ def _splash_local(q_BHTD, k_BKTD, v_BKTD, segq_BT, segkv_BT, *, causal, sliding_
 
 def _mesh_spec(mesh, batch: int, heads: int, kv_heads: int):
   """shard_map specs: batch over the batch axes that divide it, heads over `tensor` if it divides both counts."""
-  batch_axes, prod = [], 1
-  for a in BATCH_AXES:
-    n = mesh.shape.get(a, 1)
-    if n > 1 and batch % (prod * n) == 0:
-      batch_axes.append(a)
-      prod *= n
-  t = mesh.shape.get(HEAD_AXIS, 1)
-  head_axis = HEAD_AXIS if t > 1 and heads % t == 0 and kv_heads % t == 0 else None
-  b = tuple(batch_axes) or None
+  b = sharding.dividing_axes(mesh, sharding.BATCH_AXES, batch)
+  head_axis = HEAD_AXIS if sharding.dividing_axes(mesh, HEAD_AXIS, math.gcd(heads, kv_heads)) else None
   qkv = jax.P(b, head_axis, None, None)  # [B, H, T, Dh]
   return qkv, jax.P(b, None)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 # the kernels, not the package's `gmm` (their custom VJP with one tiling for all three products)
 from jax.experimental.pallas.ops.tpu.megablox.gmm import gmm as megablox_gmm, tgmm as megablox_tgmm
 
+from grit_jax import sharding
 from grit_jax.modeling.platform import target_platform
 
 constrain = nn.with_logical_constraint
@@ -230,26 +231,13 @@ def routed_experts(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2_EID, *, gmm: 
   return body(x_BTD, top_i_BTk, top_w_BTk, w1_EDI, w3_EDI, w2)
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _routed_specs(mesh, shape_BTD, I: int):
   """shard_map specs of `routed_experts` from the logical-axis rules in effect: tokens [B, T, *] split like the
   activations' batch and length (keeping only the mesh axes that divide them); w1/w3 [E, D, I] and w2 [E, I, D]
   whole except `mlp`. Returns (token spec, w1/w3 spec, w2 spec, mesh axes to sum the output over)."""
   rules_spec = nn.logical_to_mesh_axes(("batch", "length", "mlp"))
-
-  def dividing(entry, size):
-    kept, prod = [], 1
-    for a in _mesh_axes(entry):
-      if mesh.shape.get(a, 1) > 1 and size % (prod * mesh.shape[a]) == 0:
-        kept.append(a)
-        prod *= mesh.shape[a]
-    return tuple(kept) or None
-
-  b, t, mlp = (dividing(rules_spec[i], n) for i, n in enumerate((shape_BTD[0], shape_BTD[1], I)))
-  return jax.P(b, t, None), jax.P(None, None, mlp), jax.P(None, mlp, None), _mesh_axes(mlp)
+  b, t, mlp = (sharding.dividing_axes(mesh, rules_spec[i], n) for i, n in enumerate((shape_BTD[0], shape_BTD[1], I)))
+  return jax.P(b, t, None), jax.P(None, None, mlp), jax.P(None, mlp, None), sharding.mesh_axes_of(mlp)
 
 
 MOE_EXPERTS = {"dense": dense_experts, "ragged": routed_experts}  # ModelConfig.moe_impl -> expert computation

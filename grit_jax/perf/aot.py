@@ -268,7 +268,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
 
   from grit_jax import flops as flops_lib
   from grit_jax.modeling import kernels
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   with stages("building the abstract state and batch"):
     model_config = _model_config(config)

@@ -13,7 +13,7 @@ class Run:
   """Everything the loop needs, built once from the config (after `contract.validate`)."""
 
   def __init__(self, config, model_config=None):
-    from grit_jax.training import mesh as mesh_lib
+    from grit_jax import sharding as mesh_lib
     from grit_jax.training import optimizer as opt_lib
     from grit_jax.training import state as state_lib
     from grit_jax.training import step as step_lib

@@ -6,7 +6,6 @@ shardings, and the init itself runs as one `jax.jit` with those `out_shardings`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grit_jax import sharding as mesh_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -34,14 +35,9 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def _fit(spec: P, shape, mesh) -> P:
-  """Drops mesh axes from dimensions they do not divide (e.g. a vocab of 32001 over tensor=4): that dimension is
-  then replicated instead of failing to compile."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    ways = math.prod(mesh.shape[a] for a in names)
-    out.append(axes if names and dim % ways == 0 else None)
-  return P(*out)
+  """Each dimension keeps the mesh axes that divide it (sharding.dividing_axes), the rest replicated."""
+  return P(*(mesh_lib.dividing_axes(mesh, axes, dim)
+             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
 
 
 def _init_boxed(model_config, tx, rng):

@@ -37,7 +37,7 @@ from grit_jax import common_types as ct
 from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
 from grit_jax.training import gradcache as gc
-from grit_jax.training import mesh as mesh_lib
+from grit_jax import sharding as mesh_lib
 from grit_jax.training import optimizer as opt_lib
 
 # The batch keys (common_types): padded passes [B, T]; packed passes (grit_jax.data.packing.pack_sequences) [U, R, L]
@@ -329,7 +329,7 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
   """Returns step(state, batch) -> (new state, metrics): one jitted GRIT update.
 
   model_config: ModelConfig; loss_cfg: config.loss (or the whole recipe config, from which attn,
-  train.grad_accum and train.gradcache_chunk are then read); mesh, rules: grit_jax.training.mesh.make_mesh;
+  train.grad_accum and train.gradcache_chunk are then read); mesh, rules: grit_jax.sharding.make_mesh;
   attn: config.attn; grad_accum: generative micro-batches and, with embedding keys, GradCache chunks;
   gradcache_chunk: > 0 = GradCache with this many queries per chunk; state_shardings: the TrainState's sharding
   tree (default: taken from the first state passed in). The state is donated.

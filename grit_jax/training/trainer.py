@@ -51,7 +51,7 @@ def _config_json(config) -> dict:
 
 def train(config, workdir: str, *, progress: bool = True) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary dict."""
-  from grit_jax.training import mesh as mesh_lib
+  from grit_jax import sharding as mesh_lib
 
   model_config = contract.validate(config, num_devices=jax.device_count(),  # before any mesh, data or weights
                                    num_slices=mesh_lib.num_slices(jax.devices()),
