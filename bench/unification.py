@@ -26,7 +26,7 @@ host.prepare_cpu_host()
 from grit_jax import GritLM  # noqa: E402
 from grit_jax import demo  # noqa: E402
 from grit_jax.inference import retrieval_eval  # noqa: E402
-from grit_jax.training import cli as train_cli  # noqa: E402
+from grit_jax.commands import train as train_cli  # noqa: E402
 from grit_jax.training import trainer  # noqa: E402
 
 MODES = {"embedding": ["--config.data.mode=embedding", "--config.data.generative_batch_size=0",

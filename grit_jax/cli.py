@@ -15,14 +15,14 @@ from grit_jax.perf import host
 
 # name -> (module, function, one-line help)
 COMMANDS = {
-    "train": ("grit_jax.training.cli", "main", "train with an ml-collections config (--config FILE --workdir DIR)"),
-    "embed": ("grit_jax.inference.cli", "embed_main", "embed a JSONL of texts into a .npy matrix"),
-    "generate": ("grit_jax.inference.cli", "generate_main", "generate a chat reply"),
-    "rag": ("grit_jax.inference.cli", "rag_main", "retrieve from a corpus and answer with KV caching"),
-    "eval": ("grit_jax.inference.retrieval_eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
-    # mteb_cli parses the arguments before importing mteb (seconds), so `grit-jax mteb --help` is instant.
-    "mteb": ("grit_jax.inference.mteb_cli", "main", "MTEB tasks on a model directory (results cached per weights)"),
-    "convert": ("grit_jax.convert.cli", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
+    "train": ("grit_jax.commands.train", "main", "train with an ml-collections config (--config FILE --workdir DIR)"),
+    "embed": ("grit_jax.commands.infer", "embed_main", "embed a JSONL of texts into a .npy matrix"),
+    "generate": ("grit_jax.commands.infer", "generate_main", "generate a chat reply"),
+    "rag": ("grit_jax.commands.infer", "rag_main", "retrieve from a corpus and answer with KV caching"),
+    "eval": ("grit_jax.commands.eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
+    # commands.mteb parses the arguments before importing mteb (seconds), so `grit-jax mteb --help` is instant.
+    "mteb": ("grit_jax.commands.mteb", "main", "MTEB tasks on a model directory (results cached per weights)"),
+    "convert": ("grit_jax.commands.convert", "main", "hf-to-jax | jax-to-hf | ckpt-to-hf (RUN/checkpoints/STEP) SRC DST"),
     "aot": ("grit_jax.perf.aot", "main", "compile a recipe for a TPU topology ahead of time; print memory/FLOPs"),
 }
 

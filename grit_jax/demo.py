@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--examples", type=int, default=3)
   args = p.parse_args(argv)
 
-  from grit_jax.training import cli as train_cli
+  from grit_jax.commands import train as train_cli
   from grit_jax.training import trainer
 
   train_argv = ["--config", args.config, "--workdir", args.workdir]

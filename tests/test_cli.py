@@ -68,7 +68,7 @@ def test_mteb_help_does_not_import_mteb():
 
 
 def test_mteb_unknown_task_is_one_line_naming_it():
-  from grit_jax.inference import mteb_cli
+  from grit_jax.commands import mteb as mteb_cli
   with pytest.raises(GritJaxError, match=r"^unknown MTEB task 'SciFcat' \(did you mean 'SciFact'\?\), 'NoSuchTask';"):
     mteb_cli.main(["--model", "never-loaded", "--tasks", "SciFcat", "NFCorpus", "NoSuchTask"])
 

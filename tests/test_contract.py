@@ -11,7 +11,7 @@ import pytest
 
 from grit_jax import cli, contract
 from grit_jax.errors import GritJaxError
-from grit_jax.training import cli as train_cli
+from grit_jax.commands import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "w"]

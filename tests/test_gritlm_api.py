@@ -165,7 +165,7 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
   from grit_jax.data import templates
   from grit_jax.modeling import init_params
   from grit_jax import contract
-  from grit_jax.training import cli as train_cli
+  from grit_jax.commands import train as train_cli
   from grit_jax.training import export as export_lib
 
   monkeypatch.chdir(ROOT)

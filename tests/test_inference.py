@@ -446,7 +446,7 @@ def model_dir(model, tmp_path_factory):
 
 
 def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
-  from grit_jax.inference import cli
+  from grit_jax.commands import infer as cli
   src = tmp_path / "texts.jsonl"
   src.write_text(json.dumps("first text") + "\n" + json.dumps({"text": "second"}) + "\n")
   out = tmp_path / "emb.npy"
@@ -463,7 +463,7 @@ def test_cli_embed_writes_npy(model, model_dir, tmp_path, capsys):
 
 
 def test_lone_surrogate_is_a_named_error(model, tmp_path):
-  from grit_jax.inference import cli
+  from grit_jax.commands import infer as cli
   src = tmp_path / "t.jsonl"
   src.write_text('"fine"\n"half \\ud800 a pair"\n')
   with pytest.raises(GritJaxError, match=r"t.jsonl:2: a lone UTF-16 surrogate"):
@@ -473,7 +473,7 @@ def test_lone_surrogate_is_a_named_error(model, tmp_path):
 
 
 def test_cli_embed_reports_truncated_texts(model_dir, tmp_path, caplog):
-  from grit_jax.inference import cli
+  from grit_jax.commands import infer as cli
   src = tmp_path / "texts.jsonl"
   src.write_text("".join(json.dumps(t) + "\n" for t in ["one two three four five six seven eight", "hi", "a b"]))
   argv = ["--model", model_dir, "--input", str(src), "--output", str(tmp_path / "e.npy"), "--packing"]
@@ -500,7 +500,7 @@ def test_cli_generate_refuses_bad_sampling(model, model_dir, flag, value, capsys
 
 
 def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
-  from grit_jax.inference import cli
+  from grit_jax.commands import infer as cli
   assert cli.generate_main(["--model", model_dir, "--prompt", "Hi", "--max-new-tokens", "6"]) == 0
   assert capsys.readouterr().out.strip() == model.generate(["Hi"], max_new_tokens=6)[0].strip()
   corpus = tmp_path / "docs.jsonl"

@@ -69,7 +69,7 @@ def test_short_grit_fine_tune_of_the_real_model(smollm2_hf_dir, tmp_path):
   import json
   import os
 
-  from grit_jax.training import cli as train_cli
+  from grit_jax.commands import train as train_cli
   from grit_jax.training import trainer
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

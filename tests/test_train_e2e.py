@@ -17,7 +17,7 @@ import pytest
 
 from grit_jax import cli
 from grit_jax.errors import GritJaxError
-from grit_jax.training import cli as train_cli
+from grit_jax.commands import train as train_cli
 from grit_jax.training import metrics_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

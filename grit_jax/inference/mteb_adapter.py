@@ -4,7 +4,7 @@ Its ModelMeta names the model after its directory (`grit_jax/<dir name>`) and se
 weights (GritLM.weights_fingerprint), so mteb's result cache keeps the results of different models (or of two
 checkpoints of one run) apart; `meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load
 it: mteb 2.x resolves `-m` only through its own registry or the Hugging Face Hub. The command for a local
-directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (mteb_cli.py).
+directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (grit_jax/commands/mteb.py).
 
 Follows mteb's EncoderProtocol: `encode(inputs: DataLoader, *, task_metadata, hf_split, hf_subset, prompt_type)`.
 Instructions as in the paper's MTEB evaluation: queries (and symmetric tasks, which have no prompt type) get the

@@ -9,8 +9,6 @@ MRR@10, averaged over queries.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import numpy as np
@@ -88,29 +86,3 @@ def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length
     q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
   metrics = retrieval_metrics(q_QD @ d_ND.T, [{index[p] for p in pos} for pos in positives])
   return dict(metrics, queries=len(queries), corpus=len(corpus))
-
-
-def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="grit-jax eval", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
-  p.add_argument("--data", required=True, help="embedding JSONL, or a folder of them (the training data format)")
-  p.add_argument("--batch-size", type=int, default=64)
-  p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
-  from grit_jax.inference import cli as inference_cli
-  inference_cli.add_max_length(p, "query / passage")
-  inference_cli.add_packing(p)
-  inference_cli.add_shard_weights(p)
-  a = p.parse_args(argv)
-  if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
-    raise GritJaxError(f"--output {a.output}: folder {os.path.dirname(os.path.abspath(a.output))} does not exist")
-  inference_cli.model_config(a.model)  # a model directory or a GGUF file, checked before the rows are read
-  queries, positives, corpus = read_rows(a.data)  # every row checked before the model is loaded
-  from grit_jax.inference.gritlm import GritLM
-  metrics = evaluate(GritLM.from_pretrained(a.model, shard_weights=a.shard_weights), queries, positives, corpus,
-                     a.batch_size, a.max_length, a.packing)
-  for name, value in metrics.items():
-    print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")
-  if a.output:
-    from grit_jax.fileio import atomic_write
-    atomic_write(a.output, lambda f: json.dump(metrics, f, indent=2))
-  return 0

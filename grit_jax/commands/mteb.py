@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
   p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
   p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
   p.add_argument("--batch-size", type=int, default=64)
-  from grit_jax.inference import cli as inference_cli
+  from grit_jax.commands import infer as inference_cli
   inference_cli.add_max_length(p, "text")
   a = p.parse_args(argv)
   import mteb
