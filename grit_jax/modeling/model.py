@@ -71,6 +71,24 @@ def _layer_class(config: ModelConfig):
   return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
 
 
+def apply_layers(c: ModelConfig, count: int, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT):
+  """Layers 0..count-1 (named layers_{j}, created in the calling compact module: the Transformer unrolled, or one
+  scanned LayerBlock) applied in order -> (x, (kv [count, ...] or None, router stats [count, 2, E] or None))."""
+  layer_cls = _layer_class(c)
+  new_k, new_v, all_stats = [], [], []
+  for j in range(count):
+    layer_kv = None if kv is None else (kv[0][j], kv[1][j])
+    layer = layer_cls(c, c.layer_is_sliding(j), c.layer_is_moe(j), name=f"layers_{j}")
+    x_BTD, (layer_kv, s) = layer(x_BTD, layer_kv, masks, positions_BT, cache_index, token_mask_BT)
+    if layer_kv is not None:
+      new_k.append(layer_kv[0])
+      new_v.append(layer_kv[1])
+    if s is not None:
+      all_stats.append(s)
+  kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+  return x_BTD, (kv, jnp.stack(all_stats) if all_stats else None)
+
+
 class LayerBlock(nn.Module):
   """`period` consecutive decoder layers `layers_0..layers_{period-1}`, applied in order: the body nn.scan repeats
   when the layer kinds repeat with that period (ModelConfig.scan_period > 1, e.g. Gemma 3's 5 sliding + 1 full).
@@ -81,20 +99,7 @@ class LayerBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT):
-    c = self.config
-    layer_cls = _layer_class(c)
-    new_k, new_v, all_stats = [], [], []
-    for j in range(self.period):
-      layer_kv = None if kv is None else (kv[0][j], kv[1][j])
-      layer = layer_cls(c, c.layer_is_sliding(j), c.layer_is_moe(j), name=f"layers_{j}")
-      x_BTD, (layer_kv, s) = layer(x_BTD, layer_kv, masks, positions_BT, cache_index, token_mask_BT)
-      if layer_kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
-      if s is not None:
-        all_stats.append(s)
-    kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
-    return x_BTD, (kv, jnp.stack(all_stats) if all_stats else None)
+    return apply_layers(self.config, self.period, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT)
 
 
 class Transformer(nn.Module):
@@ -170,18 +175,7 @@ class Transformer(nn.Module):
         kv = None if kv is None else (layers(kv[0]), layers(kv[1]))
         stats = None if stats is None else layers(stats)
     else:
-      new_k, new_v, all_stats = [], [], []
-      for i in range(c.num_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        layer = layer_cls(c, c.layer_is_sliding(i), c.layer_is_moe(i), name=f"layers_{i}")
-        x_BTD, (layer_kv, s) = layer(x_BTD, layer_kv, masks, positions_BT, index, valid_BT)
-        if layer_kv is not None:
-          new_k.append(layer_kv[0])
-          new_v.append(layer_kv[1])
-        if s is not None:
-          all_stats.append(s)
-      kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
-      stats = jnp.stack(all_stats) if all_stats else None
+      x_BTD, (kv, stats) = apply_layers(c, c.num_layers, x_BTD, kv, masks, positions_BT, index, valid_BT)
 
     hidden_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, c.gemma_norms, name="norm")(x_BTD)
     aux = (load_balancing_loss(stats, valid_BT.sum().astype(jnp.float32), c.num_experts) if c.is_moe
