@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
   for name, _ in models:
     print(f"{name:>11}: {_short(replies[name], 200)}")
 
-  if queries and trained.tokenizer.text_format.chat_template is not None:
-    print("\n(RAG: the paper's caching formats are GritLM's own chat format; not shown for a model with its own "
-          "chat template, where they are not adapted yet)")
-  elif queries:
+  if queries:
     print(f"\n== 4. RAG with doc caching over the {len(corpus)} held-out documents ==")
     _, q = queries[0]
     t0 = time.time()

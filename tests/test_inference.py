@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import generate as gen
 from grit_jax.inference import rag as rag_lib
@@ -266,6 +267,21 @@ def test_generate_text_api(model, tok, prompts):
 
 # ---------------------------------------------------------------------------------------------------------------
 # RAG caching
+
+
+def test_rag_prompts_in_gritlm_format_are_the_references():
+  """The reference's FULL_FORMAT* and cache formats (gritlm rag/eval.py), verbatim."""
+  full, cache = rag_lib.prompt_formats(templates.GRIT)
+  q_first, d_first = ("Optionally using the prior context answer the query prior to it",
+                      "Answer the prior query while optionally using the context prior to it")
+  assert full == {"query": f"<s><|user|>\n{{query}}\n\n{{doc}}\n\n{q_first}\n<|assistant|>\n",
+                  "doc": f"<s><|user|>\n{{doc}}\n\n{{query}}\n\n{d_first}\n<|assistant|>\n",
+                  "queryemb": f"<s><|embed|>\n{{query}}\n<|user|>\n{{doc}}\n\n{q_first}\n<|assistant|>\n",
+                  "docemb": f"<s><|embed|>\n{{doc}}\n<|user|>\n{{query}}\n\n{d_first}\n<|assistant|>\n"}
+  assert cache == {"query": f"\n<|user|>\n{{doc}}\n\n{q_first}\n<|assistant|>\n",
+                   "doc": f"\n<|user|>\n{{query}}\n\n{d_first}\n<|assistant|>\n",
+                   "doc_query": f"\n<|user|>\n{d_first}\n<|assistant|>\n",
+                   "query_doc": f"\n<|user|>\n{q_first}\n<|assistant|>\n"}
 
 
 @pytest.mark.parametrize("mode", ["query", "doc"])

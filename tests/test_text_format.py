@@ -274,3 +274,31 @@ def test_smollm2_real_tokenizer(tmp_path):
   ids, pool = templates.encode_embedding(tok, "Retrieve the answer", "Paris is the capital.", 64)
   assert ids == hf("<|user|>\nRetrieve the answer\n<|embed|>\nParis is the capital.")["input_ids"]
   assert tok.decode([i for i, m in zip(ids, pool) if m]) == "Paris is the capital."
+
+
+def test_rag_caching_in_the_models_own_chat_format(tok, hf):
+  """RAG's caching modes with a ChatML model: the continuation after the cached embedding pass is the template's
+  next user turn (no second system prompt), and with causal passes the cached continuation's logits equal the plain
+  forward over the same tokens."""
+  import jax
+  from grit_jax import GritLM
+  from grit_jax.inference import rag as rag_lib
+  from grit_jax.modeling import get_config, init_params
+
+  cfg = get_config("tiny_mistral", dtype="float32", vocab_size=tok.vocab_size, bos_token_id=1, eos_token_id=2)
+  model = GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), tok)
+  q, d = "Where is the Eiffel tower?", "The Eiffel tower stands in Paris."
+  full, _ = rag_lib.prompt_formats(tok.text_format)
+  system = hf.apply_chat_template(messages(["x"]), tokenize=False).split("<|im_start|>user")[0]
+  assert full["doc"] == hf.apply_chat_template(
+      messages([f"{{doc}}\n\n{{query}}\n\n{rag_lib.DOC_FIRST}"]), tokenize=False, add_generation_prompt=True)
+  for mode in ("doc", "query"):
+    prep = rag_lib.prepare(model, [q], [d], mode, causal=True)
+    prefix, cont = prep.prefix_ids[0], prep.continuation[0]
+    assert tok.decode(prefix) == "<|embed|>\n" + (d if mode == "doc" else q)
+    text = tok.batch_decode([cont])[0]
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\nThe answer is")
+    assert system not in text
+    ids = np.asarray([prefix + cont], np.int32)
+    plain = np.asarray(model.logits(ids, np.ones_like(ids), causal=True))[0, len(prefix):]
+    np.testing.assert_allclose(rag_lib.continuation_logits(model, prep)[0], plain, atol=1e-5, rtol=1e-5)

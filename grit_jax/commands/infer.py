@@ -227,7 +227,7 @@ def rag_main(argv: list[str]) -> int:
   p.add_argument("--cache", default="doc", choices=rag_lib.MODES, help="caching mode (GritLM paper section 4)")
   p.add_argument("--index", help="index folder: reused when it was built by this model from this --corpus, "
                                  "rebuilt when --corpus or the model changed, else built and saved there")
-  p.add_argument("--prompt", default="query", choices=tuple(rag_lib.FULL_FORMATS),
+  p.add_argument("--prompt", default="query", choices=tuple(rag_lib.FULL_PROMPTS),
                  help="plain-RAG prompt format (--cache none)")
   p.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=16, help="answer length limit")
   add_max_length(p, "document / query embedding pass")

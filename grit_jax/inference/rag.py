@@ -10,7 +10,8 @@ One model retrieves and generates. The KV states of its embedding passes are reu
   doc_query  <s><|embed|>\\n{doc}  +  <s><|embed|>\\n{q}               \\n<|user|>\\nAnswer the prior query ...
 
 Each cached segment keeps the RoPE positions of its own pass (starting at 0, as the reference); the continuation
-starts at the total cached length. Batched caches are right-padded and carry a validity mask, so no row attends
+starts at the total cached length. The table is GritLM's format; a model with its own chat template gets the same
+user messages in that template (`prompt_formats`): the continuation is its next user turn and assistant header. Batched caches are right-padded and carry a validity mask, so no row attends
 to padding (the reference's batched demo does). With causal embedding passes (`cccc`), `query` and `doc` reproduce
 plain RAG on the same token sequence exactly; with bidirectional passes (`bbcc`) the cached states differ.
 """
@@ -35,26 +36,48 @@ from grit_jax.inference import placement
 
 MODES = ("none", "query", "doc", "query_doc", "doc_query")
 
-# Plain-RAG prompt formats (reference FULL_FORMAT*); `prompt` picks one for mode "none".
-FULL_FORMATS = {
-    "query": "<s><|user|>\n{query}\n\n{doc}\n\nOptionally using the prior context answer the query prior to it"
-             "\n<|assistant|>\n",
-    "doc": "<s><|user|>\n{doc}\n\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
-           "\n<|assistant|>\n",
-    "queryemb": "<s><|embed|>\n{query}\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior"
-                " to it\n<|assistant|>\n",
-    "docemb": "<s><|embed|>\n{doc}\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context"
-              " prior to it\n<|assistant|>\n",
+# The reference's RAG prompts (FULL_FORMAT* / the cache formats), as the user message each sends. A model's chat
+# template renders them (`prompt_formats`); GritLM's own format gives the reference's strings exactly.
+QUERY_FIRST = "Optionally using the prior context answer the query prior to it"
+DOC_FIRST = "Answer the prior query while optionally using the context prior to it"
+FULL_PROMPTS = {  # mode "none"; `prompt` picks one. emb: the first text in the embedding format, outside the chat
+    "query": ("", "{query}\n\n{doc}\n\n" + QUERY_FIRST),
+    "doc": ("", "{doc}\n\n{query}\n\n" + DOC_FIRST),
+    "queryemb": ("{query}", "{doc}\n\n" + QUERY_FIRST),
+    "docemb": ("{doc}", "{query}\n\n" + DOC_FIRST),
 }
-CACHE_FORMATS = {
-    "query": "\n<|user|>\n{doc}\n\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
-    "doc": "\n<|user|>\n{query}\n\nAnswer the prior query while optionally using the context prior to it"
-           "\n<|assistant|>\n",
-    "doc_query": "\n<|user|>\nAnswer the prior query while optionally using the context prior to it\n<|assistant|>\n",
-    "query_doc": "\n<|user|>\nOptionally using the prior context answer the query prior to it\n<|assistant|>\n",
+CACHE_PROMPTS = {  # the user message that follows the cached embedding pass(es)
+    "query": "{doc}\n\n" + QUERY_FIRST,
+    "doc": "{query}\n\n" + DOC_FIRST,
+    "doc_query": DOC_FIRST,
+    "query_doc": QUERY_FIRST,
 }
 ANSWER_PREFIX = "The answer is"
 INDEX_VERSION = 3  # 2: records the model and corpus it was built from; 3: the sha256 of each of its files
+
+
+def prompt_formats(fmt: templates.TextFormat) -> tuple[dict, dict]:
+  """(full, cache) prompt strings of `fmt` with {query} / {doc} fields, ending with the assistant header.
+
+  full[p]: BOS + the chat template's first user turn; the emb variants put the embedding-format text first and its
+  user turn after it. cache[m]: the user turn as the template renders it after an earlier exchange (so no system
+  prompt or BOS is repeated), which follows the cached passes. For GritLM's format these are the reference's
+  strings, e.g. cache["doc"] = "\\n<|user|>\\n{query}\\n\\nAnswer the prior query ...\\n<|assistant|>\\n"."""
+  def fill(rendered: str, content: str) -> str:  # the template's own braces stay literal under .format
+    return rendered.replace("{", "{{").replace("}", "}}").replace(_CONTENT, content)
+
+  after = templates.render_chat(templates.PROBE[:2], False, fmt)
+  later = templates.render_chat([*templates.PROBE[:2], _CONTENT], True, fmt)
+  if not later.startswith(after):
+    raise GritJaxError("the chat template re-renders earlier turns: a RAG continuation cannot follow a cache")
+  next_turn = later[len(after):]
+  first = templates.render_chat([_CONTENT], True, fmt)
+  full = {name: fill(first, content) if not emb else templates.embed_prefix(None, fmt) + emb + fill(next_turn, content)
+          for name, (emb, content) in FULL_PROMPTS.items()}
+  return full, {mode: fill(next_turn, content) for mode, content in CACHE_PROMPTS.items()}
+
+
+_CONTENT = "\x00content\x00"
 
 
 def doc_text(doc) -> str:
@@ -272,15 +295,15 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
   """Build the cache and continuation of each (query, retrieved doc) pair for `mode`. Caches given (from the
   retrieval pass or the index) are reused; missing ones are computed with an embedding pass."""
   tok = model.tokenizer
-  bos = templates.text_format(tok).bos  # the formats' "<s>" is the BOS: only for a model whose tokenizer adds one
-  enc = lambda s: list(tok.encode(bos + s[len(templates.BASE_BOS):] if s.startswith(templates.BASE_BOS) else s))
+  enc = lambda s: list(tok.encode(s))
   if mode not in MODES:
     raise GritJaxError(f"cache={mode!r}: expected one of {MODES}")
+  full_formats, cache_formats = prompt_formats(templates.text_format(tok))
   n = len(queries)
   if mode == "none":
-    if prompt not in FULL_FORMATS:
-      raise GritJaxError(f"prompt={prompt!r}: expected one of {tuple(FULL_FORMATS)}")
-    seqs = [enc(FULL_FORMATS[prompt].format(query=q, doc=d) + ANSWER_PREFIX) for q, d in zip(queries, docs)]
+    if prompt not in FULL_PROMPTS:
+      raise GritJaxError(f"prompt={prompt!r}: expected one of {tuple(FULL_PROMPTS)}")
+    seqs = [enc(full_formats[prompt].format(query=q, doc=d) + ANSWER_PREFIX) for q, d in zip(queries, docs)]
     return Prepared(None, seqs, [[] for _ in range(n)])
 
   def joined(a, b):
@@ -301,16 +324,16 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
 
   if mode == "query":
     segments, prefix = [query_caches], query_ids
-    cont = [CACHE_FORMATS["query"].format(doc=d) for d in docs]
+    cont = [cache_formats["query"].format(doc=d) for d in docs]
   elif mode == "doc":
     segments, prefix = [doc_caches], doc_ids
-    cont = [CACHE_FORMATS["doc"].format(query=q) for q in queries]
+    cont = [cache_formats["doc"].format(query=q) for q in queries]
   elif mode == "query_doc":
     segments, prefix = [query_caches, doc_caches], joined(query_ids, doc_ids)
-    cont = [CACHE_FORMATS["query_doc"]] * n
+    cont = [cache_formats["query_doc"]] * n
   else:
     segments, prefix = [doc_caches, query_caches], joined(doc_ids, query_ids)
-    cont = [CACHE_FORMATS["doc_query"]] * n
+    cont = [cache_formats["doc_query"]] * n
   cache = gen.stack_caches(segments[0])
   for more in segments[1:]:
     cache = gen.concat_caches(cache, gen.stack_caches(more))
