@@ -29,12 +29,20 @@ def read_json(path: str, what: str = "JSON") -> Any:
     raise GritJaxError(f"{path}: cannot read {what} ({e})") from e
 
 
+def write_json(path: str, obj, *, indent: int = 2, **dump_kwargs) -> None:
+  """The one JSON writer: `obj` as UTF-8 JSON + a newline, atomically (json.dump's keyword arguments pass through)."""
+  def dump(f):
+    json.dump(obj, f, indent=indent, **dump_kwargs)
+    f.write("\n")
+  atomic_write(path, dump)
+
+
 def atomic_write(path: str, write: Callable[[IO], object], mode: str = "w") -> None:
   """Calls write(f) on a temporary file beside `path` (same filesystem), then renames it over `path`; on error the
   temporary file is removed and `path` is untouched."""
   tmp = f"{path}.tmp{os.getpid()}"
   try:
-    with open(tmp, mode) as f:
+    with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       write(f)
     os.replace(tmp, path)
   finally:

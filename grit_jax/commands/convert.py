@@ -70,16 +70,16 @@ def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool 
 
 
 def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf, hf_files, settings
+  import os
+
+  from grit_jax.convert import hf, servable, settings
   if not hf.is_jax_dir(hf._require_dir(src)):
     raise GritJaxError(f"{src}: not a grit_jax directory (config.json with format={hf.JAX_FORMAT!r})")
   config, params, meta = hf.load_jax(src)
-  with hf.atomic_dir(dst, overwrite) as tmp:
-    hf.save_hf(params, config, tmp, max_shard_size=max_shard_size, dtype=dtype or meta.get("hf_dtype"))
-    hf.copy_tokenizer_files(src, tmp)
-    settings.copy(src, tmp)
-    hf_files.write_export_files(Tokenizer.from_dir(src), tmp, config, settings.read(src))
-  return dst
+  stated = settings.read(src) if os.path.isfile(os.path.join(src, settings.SETTINGS_FILE)) else None
+  return servable.write_servable(dst, params, config, Tokenizer.from_dir(src), stated, tokenizer_files_from=src,
+                                 dtype=dtype or meta.get("hf_dtype"), max_shard_size=max_shard_size,
+                                 overwrite=overwrite)
 
 
 def find_run_config(src: str) -> str:
@@ -104,7 +104,6 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   import numpy as np
 
   from grit_jax import contract
-  from grit_jax.convert import hf
   from grit_jax.modeling.model import init_params
   from grit_jax.training import checkpoint as ckpt_lib
   from grit_jax.training import export
@@ -137,10 +136,8 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: init_params(model_config)))
   params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
-  with hf.atomic_dir(dst, overwrite) as tmp:
-    hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-    export.write_export_files(config, model_config, tmp)
-  return dst
+  return export.write_run_servable(params, config, model_config, dst, dtype=dtype, max_shard_size=max_shard_size,
+                                   overwrite=overwrite)
 
 
 def main(argv: list[str]) -> int:

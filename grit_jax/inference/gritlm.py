@@ -403,11 +403,8 @@ class GritLM:
   def save_pretrained(self, path: str, dtype: str | None = None, max_shard_size="5GB") -> str:
     """Write a Hugging Face directory (config.json, safetensors, grit_settings.json, and the tokenizer files and
     sentence-transformers modules of convert.hf_files) atomically; replaces `path`."""
-    from grit_jax.convert import hf, hf_files
+    from grit_jax.convert import servable
     # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
     stored = dataclasses.replace(self.settings, attn=self.attn or "cccc")
-    with hf.atomic_dir(path, overwrite=True) as tmp:
-      hf.save_hf(self.params, self.config, tmp, max_shard_size=max_shard_size, dtype=dtype)
-      hf_files.write_export_files(self.tokenizer, tmp, self.config, stored)
-      settings_lib.write(tmp, stored)
-    return path
+    return servable.write_servable(path, self.params, self.config, self.tokenizer, stored, dtype=dtype,
+                                   max_shard_size=max_shard_size)

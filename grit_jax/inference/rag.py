@@ -29,7 +29,7 @@ import numpy as np
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, read_json, sha256_file
+from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference import generate as gen
 from grit_jax.inference import placement
@@ -166,7 +166,7 @@ class RagIndex:
       atomic_write(os.path.join(path, "kv_cache.npz"),
                    lambda f: np.savez(f, k=view(self.cache_k), v=view(self.cache_v), offsets=self.cache_offsets), "wb")
     meta["sha256"] = {n: sha256_file(os.path.join(path, n)) for n in names}  # checked at load
-    atomic_write(os.path.join(path, "index.json"), lambda f: json.dump(meta, f, indent=1))
+    write_json(os.path.join(path, "index.json"), meta, indent=1)
 
   @staticmethod
   def exists(path: str) -> bool:

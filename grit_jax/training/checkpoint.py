@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, open_lock, owner
+from grit_jax.fileio import open_lock, owner, write_json
 
 MANIFEST = "grit_checksums.json"
 # Written by orbax at the commit, after the checksums: not covered.
@@ -248,7 +248,7 @@ def write_manifest(step_dir: str) -> None:
   d = epath.Path(step_dir)
   manifest = {"format": 1, "files": {rel: list(_sha256(d / rel)) for rel in _covered_files(d)}}
   if _is_local(step_dir):
-    atomic_write(os.path.join(step_dir, MANIFEST), lambda f: json.dump(manifest, f, indent=1))
+    write_json(os.path.join(step_dir, MANIFEST), manifest, indent=1)
   else:  # object stores write an object atomically
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

@@ -24,7 +24,7 @@ import numpy as np
 from grit_jax import contract
 from grit_jax import flops as flops_lib
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write
+from grit_jax.fileio import write_json
 from grit_jax.training import checkpoint as ckpt_lib
 from grit_jax.training import evaluate as eval_lib
 from grit_jax.training import export as export_lib
@@ -71,7 +71,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   # The tokenizer is named relative to where the run started: record which file it was (ckpt-to-hf finds it).
   run_json = dict(config_json, tokenizer_file=file_identity(config.data.tokenizer))
   if primary:
-    atomic_write(os.path.join(workdir, "config.json"), lambda f: json.dump(run_json, f, indent=2))
+    write_json(os.path.join(workdir, "config.json"), run_json)
 
   run = run_lib.Run(config, model_config)
   ckpt = ckpt_lib.Checkpointer(t.checkpoint_dir or workdir, keep=t.keep_checkpoints, async_save=t.async_checkpoint,
