@@ -157,3 +157,17 @@ def dividing_axes(mesh: Mesh, entry, size: int):
       prod *= n
   return entry if len(kept) == len(names) else (tuple(kept) or None)
 
+
+def logical_shardings(boxed, mesh: Mesh, rules: Rules):
+  """(abstract tree, matching NamedShardings) of a tree of boxed leaves (flax LogicallyPartitioned, e.g.
+  jax.eval_shape of an init): each leaf's logical axis names mapped through `rules`, each dimension keeping the
+  mesh axes that divide it (dividing_axes), the rest replicated. Unnamed leaves (step, counts) are replicated."""
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+
+  def fit(a, s):
+    spec = tuple(s.spec) + (None,) * (len(a.shape) - len(s.spec))
+    return NamedSharding(mesh, P(*(dividing_axes(mesh, axes, dim) for dim, axes in zip(a.shape, spec))))
+  return abstract, jax.tree.map(fit, abstract, shardings)
