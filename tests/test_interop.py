@@ -403,6 +403,7 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
   from mteb.mocks.mock_tasks import MockRetrievalTask
 
   from grit_jax.inference.gritlm import GritLM
+  from grit_jax.inference import mteb_adapter
   from grit_jax.inference.mteb_adapter import MtebEncoder
   from grit_jax.modeling import get_config, init_params
   monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
@@ -433,6 +434,25 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
   # mteb's loader reloads the model from its directory, with the same revision.
   reloaded = b.mteb_model_meta.load_model()
   assert reloaded.mteb_model_meta.revision == b.mteb_model_meta.revision
+  # Settings that change the vectors are part of the identity (mteb's experiment_kwargs): the same weights at
+  # another max length are another experiment, scored anew and reloaded with that setting.
+  short = MtebEncoder.from_pretrained(str(a_dir), max_length=30)
+  assert short.mteb_model_meta.revision == a.mteb_model_meta.revision
+  assert short.mteb_model_meta.experiment_name != a.mteb_model_meta.experiment_name
+  before = set((tmp_path / "cache").rglob("*.json"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the truncation report
+    score(short, cache)
+  filed = [p for p in set((tmp_path / "cache").rglob("*.json")) - before if p.name != "model_meta.json"]
+  assert filed and all("experiments" in p.parts for p in filed), filed  # its own entry, not a's cached one
+  assert short.mteb_model_meta.load_model().max_length == 30
+  # A training run's export is named after the run, not `hf`; --name / name= wins.
+  run = tmp_path / "runs" / "my-run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  assert mteb_adapter.model_name(str(run / "hf")) == "grit_jax/my-run"
+  assert mteb_adapter.model_name(str(a_dir)) == "grit_jax/model"
+  assert MtebEncoder.from_pretrained(str(a_dir), "org/mine").mteb_model_meta.name == "org/mine"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ def main(argv: list[str]) -> int:
   p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
   p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
   p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--name", default=None, help="the model's name in mteb's results (default: grit_jax/<model dir>, "
+                 "or grit_jax/<run folder> for a run's hf export)")
   from grit_jax.commands import infer as inference_cli
   inference_cli.add_max_length(p, "text")
   a = p.parse_args(argv)
@@ -29,7 +31,7 @@ def main(argv: list[str]) -> int:
 
   from grit_jax.inference.mteb_adapter import MtebEncoder
   tasks = resolve_tasks(a.tasks)  # before the model loads: a typo costs nothing
-  encoder = MtebEncoder.from_pretrained(a.model, batch_size=a.batch_size, max_length=a.max_length)
+  encoder = MtebEncoder.from_pretrained(a.model, name=a.name, batch_size=a.batch_size, max_length=a.max_length)
   cache = ResultCache(a.cache) if a.cache else ResultCache()
   meta = encoder.mteb_model_meta
   for task in tasks:  # one at a time, so a failure names its task and the scores so far are printed

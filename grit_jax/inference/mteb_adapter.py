@@ -1,8 +1,10 @@
 """An mteb (2.x) encoder for a GritLM: `mteb.evaluate(MtebEncoder.from_pretrained(dir), tasks)`.
 
-Its ModelMeta names the model after its directory (`grit_jax/<dir name>`) and sets the revision to a hash of its
-weights (GritLM.weights_fingerprint), so mteb's result cache keeps the results of different models (or of two
-checkpoints of one run) apart; `meta.load_model()` reloads it (mteb's `loader`). `mteb run -m <dir>` cannot load
+Its ModelMeta names the model after its directory (`grit_jax/<dir name>`; a training run's `hf` export after the
+run's folder) unless given a name, sets the revision to a hash of its weights (GritLM.weights_fingerprint) and
+states every other setting that changes the vectors (max length, normalisation, attention, pooling, instructions)
+as mteb's experiment_kwargs, so mteb's result cache keeps the results of different models, checkpoints or settings
+apart; `meta.load_model()` reloads it with those settings (mteb's `loader`). `mteb run -m <dir>` cannot load
 it: mteb 2.x resolves `-m` only through its own registry or the Hugging Face Hub. The command for a local
 directory is `grit-jax mteb --model DIR --tasks TASK [TASK ...]` (grit_jax/commands/mteb.py).
 
@@ -41,9 +43,13 @@ class MtebEncoder(AbsEncoder):
     self.batch_size, self.max_length, self.normalize = batch_size, max_length, normalize
     self.prompts_dict = instructions  # task name / task type -> instruction (mteb's prompt priority applies)
     self.both_sides_task_types = tuple(both_sides_task_types)
-    settings = dict(batch_size=batch_size, max_length=max_length, normalize=normalize, instructions=instructions)
+    # What changes the vectors besides the weights (the revision): mteb files results per experiment.
+    served = getattr(model, "settings", None)
+    experiment = dict(max_length=max_length, normalize=normalize, instructions=instructions,
+                      attn=getattr(served, "attn", None), pooling=getattr(served, "pooling", None))
     self.mteb_model_meta = ModelMeta(
-        loader=load if model_dir else None, loader_kwargs=dict(settings, model_dir=model_dir) if model_dir else {},
+        loader=load if model_dir else None, loader_kwargs=dict(batch_size=batch_size, model_dir=model_dir)
+        if model_dir else {}, experiment_kwargs={k: v for k, v in experiment.items() if v is not None} or None,
         name=name, revision=revision or model.weights_fingerprint(), release_date=None, languages=None,
         n_parameters=int(sum(np.size(x) for x in _leaves(model.params))), memory_usage_mb=None,
         max_tokens=max_length, embed_dim=model.config.hidden_size, license=None, open_weights=None,
@@ -52,11 +58,14 @@ class MtebEncoder(AbsEncoder):
         training_datasets=None)
 
   @classmethod
-  def from_pretrained(cls, model_dir: str, **kwargs) -> "MtebEncoder":
-    """The model of `model_dir` (GritLM.from_pretrained), named `grit_jax/<dir name>`."""
+  def from_pretrained(cls, model_dir: str, name: str | None = None, *, attn: str | None = None,
+                      pooling: str | None = None, **kwargs) -> "MtebEncoder":
+    """The model of `model_dir` (GritLM.from_pretrained, with attn / pooling overriding its settings), named `name`
+    (default model_name(model_dir))."""
     from grit_jax.inference.gritlm import GritLM
-    return cls(GritLM.from_pretrained(model_dir), model_name(model_dir), model_dir=os.path.abspath(model_dir),
-               **kwargs)
+    given = {k: v for k, v in dict(attn=attn, pooling=pooling).items() if v is not None}
+    return cls(GritLM.from_pretrained(model_dir, **given), name or model_name(model_dir),
+               model_dir=os.path.abspath(model_dir), **kwargs)
 
   def instruction_for(self, task_metadata, prompt_type: PromptType | None) -> str:
     if prompt_type == PromptType.document and task_metadata.type not in self.both_sides_task_types:
@@ -78,17 +87,22 @@ def _leaves(tree):
 
 
 def model_name(model_dir: str) -> str:
-  """`grit_jax/<dir name>` (mteb wants organisation/name; characters outside [A-Za-z0-9._-] become '-')."""
-  base = os.path.basename(os.path.normpath(os.path.abspath(model_dir)))
-  return "grit_jax/" + (re.sub(r"[^A-Za-z0-9._-]", "-", base) or "model")
+  """`grit_jax/<dir name>`, or `grit_jax/<run folder>` for a training run's export (RUN/hf, next to RUN's
+  config.json and checkpoints/), so runs are not all named `hf` (mteb wants organisation/name; characters outside
+  [A-Za-z0-9._-] become '-')."""
+  path = os.path.normpath(os.path.abspath(model_dir))
+  run = os.path.dirname(path)
+  if os.path.isfile(os.path.join(run, "config.json")) and os.path.isdir(os.path.join(run, "checkpoints")):
+    path = run
+  return "grit_jax/" + (re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(path)) or "model")
 
 
 def load(name: str, revision: str | None = None, *, model_dir: str, device: str | None = None,
-         **settings) -> MtebEncoder:
+         **settings) -> MtebEncoder:  # settings: batch_size and the experiment_kwargs
   """mteb's loader signature (`ModelMeta.load_model`): the model of `model_dir`; a `revision` that is not its weights'
   fingerprint is an error (the directory changed since the results were made)."""
   from grit_jax.errors import GritJaxError
-  encoder = MtebEncoder.from_pretrained(model_dir, **settings)
+  encoder = MtebEncoder.from_pretrained(model_dir, name, **settings)
   got = encoder.mteb_model_meta.revision
   if revision is not None and revision != got:
     raise GritJaxError(f"{model_dir}: weights fingerprint {got} is not the requested revision {revision}")
