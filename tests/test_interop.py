@@ -494,3 +494,30 @@ def test_convert_accepts_a_model_with_only_tokenizer_json(model_dir, tmp_path):
   back = Tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
   for text in TEXTS:
     assert back.encode(text) == Tokenizer(TOKENIZER).encode(text), text
+
+
+def test_mteb_local_task_reports_what_grit_jax_eval_reports(model_dir, tmp_path, monkeypatch):
+  """`grit-jax mteb --tasks data/eval/...jsonl`: the user's rows as an MTEB retrieval task, each query with its own
+  row's instruction (two in the file), offline; its nDCG@10 / recall@1 equal `grit-jax eval`'s on the same rows."""
+  import socket
+  import warnings
+
+  import mteb
+
+  from grit_jax.commands.mteb import resolve_tasks
+  from grit_jax.inference import retrieval_eval
+  from grit_jax.inference.mteb_adapter import MtebEncoder
+  monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+  rows = os.path.join(ROOT, "data", "eval", "docs_eval.jsonl")
+  (task,) = resolve_tasks([rows])
+  assert task.metadata.name == "Local-docs_eval.jsonl"
+  enc = MtebEncoder.from_pretrained(model_dir, normalize=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    got = mteb.evaluate(enc, [task], cache=None, show_progress_bar=False).task_results[0].scores["test"][0]
+  want = retrieval_eval.evaluate(enc.model, *retrieval_eval.read_rows(rows))
+  assert abs(got["ndcg_at_10"] - want["ndcg@10"]) < 1e-4 and abs(got["recall_at_1"] - want["recall@1"]) < 1e-4
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"query": ["q instr", "a"], "pos": [["p instr", "b"]], "neg": []}\n')
+  with pytest.raises(GritJaxError, match="bad.jsonl: passages with an instruction"):
+    resolve_tasks([str(bad)])

@@ -18,7 +18,8 @@ _NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoun
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="grit-jax mteb", description="Evaluate a model directory on MTEB tasks.")
   p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
-  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
+  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus, or a JSONL "
+                 "file / folder of rows in the training format, run as a retrieval task (as grit-jax eval reads it)")
   p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--name", default=None, help="the model's name in mteb's results (default: grit_jax/<model dir>, "
@@ -50,10 +51,17 @@ def main(argv: list[str]) -> int:
 
 
 def resolve_tasks(names: list[str]) -> list:
-  """mteb's task objects for `names`; every unknown name in one line, with mteb's suggestion."""
+  """mteb's task objects for `names` (an existing path: a local task, mteb_adapter.local_task); every unknown name
+  in one line, with mteb's suggestion."""
+  import os
+
   import mteb
   tasks, unknown = [], []
   for name in names:
+    if os.path.exists(name):
+      from grit_jax.inference.mteb_adapter import local_task
+      tasks.append(local_task(name))
+      continue
     try:
       tasks.extend(mteb.get_tasks(tasks=[name]))
     except KeyError as e:  # "KeyError: 'SciFcat' not found. Did you mean: 'SciFact'?"

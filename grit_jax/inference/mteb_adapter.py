@@ -77,8 +77,12 @@ class MtebEncoder(AbsEncoder):
     texts = [t for batch in inputs for t in batch["text"]]
     # The reference embeds an empty string as just the template; our template code rejects empty text.
     texts = [t if t else " " for t in texts]
-    return self.model.encode(texts, instruction=self.instruction_for(task_metadata, prompt_type),
-                             batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
+    kw = dict(batch_size=self.batch_size, max_length=self.max_length, normalize=self.normalize)
+    own = LOCAL_QUERY_INSTRUCTIONS.get(task_metadata.name)
+    if own is not None and prompt_type != PromptType.document:  # a local task's queries: each its row's instruction
+      from grit_jax.inference import retrieval_eval
+      return retrieval_eval.embed_pairs(self.model, [(own[t], t) for t in texts], **kw)
+    return self.model.encode(texts, instruction=self.instruction_for(task_metadata, prompt_type), **kw)
 
 
 def _leaves(tree):
@@ -108,3 +112,56 @@ def load(name: str, revision: str | None = None, *, model_dir: str, device: str 
     raise GritJaxError(f"{model_dir}: weights fingerprint {got} is not the requested revision {revision}")
   return encoder
 
+
+
+def local_task(path: str):
+  """An mteb Retrieval task over the user's own rows: a JSONL file or folder in the training data's embedding
+  format, read as `grit-jax eval` reads it (retrieval_eval.read_rows: every distinct pos/neg passage is the corpus,
+  each query is relevant to its own positives). Named `Local-<file or folder name>`, its revision is a hash of the
+  files' bytes (mteb's cache never serves results for other contents). Each query keeps its row's instruction
+  (MtebEncoder looks it up by text in LOCAL_QUERY_INSTRUCTIONS: mteb itself has one instruction per task); passages
+  must have none, as in mteb's retrieval tasks. The same metrics as `grit-jax eval` on the same rows."""
+  import hashlib
+
+  from datasets import Dataset
+  from mteb.abstasks.retrieval import AbsTaskRetrieval
+  from mteb.abstasks.task_metadata import TaskMetadata
+
+  from grit_jax.data import jsonl
+  from grit_jax.errors import GritJaxError
+  from grit_jax.fileio import sha256_file
+  from grit_jax.inference import retrieval_eval
+
+  queries, positives, corpus = retrieval_eval.read_rows(path)
+  by_text: dict[str, str] = {}
+  for instr, text in queries:
+    if by_text.setdefault(text, instr) != instr:
+      raise GritJaxError(f"{path}: the query {text[:50]!r} appears with two instructions; an MTEB task tells its "
+                         "queries apart by text only")
+  if any(instr for instr, _ in corpus):
+    raise GritJaxError(f"{path}: passages with an instruction: an MTEB retrieval task embeds documents without one")
+  files = jsonl.split_files(path)[jsonl.EMBEDDING] if os.path.isdir(path) else [path]
+  revision = hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()[:16]
+  name = "Local-" + (re.sub(r"[^A-Za-z0-9._-]", "-", os.path.basename(os.path.normpath(path))) or "data")
+  index = {p: i for i, p in enumerate(corpus)}
+  split = dict(queries=Dataset.from_list([{"id": f"q{i}", "text": t} for i, (_, t) in enumerate(queries)]),
+               corpus=Dataset.from_list([{"id": f"d{i}", "text": t} for i, (_, t) in enumerate(corpus)]),
+               relevant_docs={f"q{i}": {f"d{index[p]}": 1 for p in pos} for i, pos in enumerate(positives)},
+               top_ranked=None)
+
+  class LocalRetrievalTask(AbsTaskRetrieval):
+    metadata = TaskMetadata(
+        name=name, type="Retrieval", main_score="ndcg_at_10", description=f"grit_jax rows of {path}",
+        reference=None, dataset={"path": os.path.abspath(path), "revision": revision}, category="t2t",
+        eval_splits=["test"], eval_langs=["eng-Latn"], date=None, dialect=None, domains=None, task_subtypes=None,
+        license=None, annotations_creators=None, modalities=["text"], sample_creation=None, bibtex_citation=None)
+
+    def load_data(self, num_proc: int | None = None, **kwargs) -> None:
+      self.dataset = {"default": {"test": split}}
+      self.data_loaded = True
+
+  LOCAL_QUERY_INSTRUCTIONS[name] = by_text
+  return LocalRetrievalTask()
+
+
+LOCAL_QUERY_INSTRUCTIONS: dict[str, dict[str, str]] = {}  # local task name -> query text -> its instruction
