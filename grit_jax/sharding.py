@@ -28,8 +28,6 @@ from grit_jax.errors import GritJaxError
 AXES = ("data", "fsdp", "tensor", "expert")
 # config.mesh keys of the across-slice (DCN) part of each axis; the plain keys are the within-slice (ICI) part.
 DCN_KEYS = tuple(f"dcn_{a}" for a in AXES)
-# Mesh axes that split the batch of activations (W = the product of their sizes; see grit_jax.objectives).
-BATCH_AXES = ("data", "fsdp", "expert")
 # Axes the input batch arrives sharded over (grit_jax.data.to_global_batch).
 INPUT_BATCH_AXES = ("data", "fsdp")
 
