@@ -268,13 +268,27 @@ def check_model_overrides(config, keys) -> None:
                          f"{config.init_from} takes the network from there; drop the override or the init_from")
 
 
+def tokenizer_path(spec: str) -> str:
+  """config.data.tokenizer as the data pipeline reads it: a tokenizer file or model directory as given, a GGUF file
+  -> the directory converted from it (convert.gguf.model_dir, converted once), so data/ never converts."""
+  from grit_jax.convert.gguf import is_gguf, model_dir
+  path = os.path.expanduser(spec)
+  if not is_gguf(path):
+    return spec
+  if not os.path.isfile(path):
+    raise GritJaxError(f"config.data.tokenizer={spec!r}: no such GGUF file")
+  return model_dir(path)
+
+
 def with_model(config, model):
-  """A copy of `config` whose model section is `model` (the resolved ModelConfig), so the saved config.json,
-  checkpoints and FLOP accounting describe the network really trained."""
+  """A copy of `config` whose model section is `model` (the resolved ModelConfig) and whose data.tokenizer is the
+  file the pipeline reads (tokenizer_path), so the saved config.json, checkpoints and FLOP accounting describe the
+  network really trained."""
   import ml_collections
 
   out = ml_collections.ConfigDict(config.to_dict())
   out.model = ml_collections.ConfigDict(model.to_dict())
+  out.data.tokenizer = tokenizer_path(config.data.tokenizer)
   return out
 
 
@@ -286,7 +300,8 @@ def _check_files(c, model) -> None:
     raise GritJaxError(f"config.data.eval_dir={c.data.eval_dir!r}: not a folder (set it to '' for no eval)")
   from grit_jax.data.tokenizer import Tokenizer
 
-  check_vocab(Tokenizer(c.data.tokenizer).vocab_size, model.vocab_size, key=f"config.data.tokenizer={c.data.tokenizer!r}")
+  check_vocab(Tokenizer(tokenizer_path(c.data.tokenizer)).vocab_size, model.vocab_size,
+              key=f"config.data.tokenizer={c.data.tokenizer!r}")
 
 
 def check_vocab(num_pieces: int, vocab_size: int, key: str = "tokenizer") -> None:

@@ -81,8 +81,10 @@ def untrained_model(config):
 
   run = run_lib.Run(config)
   params = jax.tree.map(np.asarray, run_lib.to_host(run_lib.params(run.init_state())))
+  from grit_jax import contract
   from grit_jax.convert import settings as settings_lib
-  return GritLM(run.model_config, params, Tokenizer(config.data.tokenizer), settings=settings_lib.from_config(config))
+  return GritLM(run.model_config, params, Tokenizer(contract.tokenizer_path(config.data.tokenizer)),
+                settings=settings_lib.from_config(config))
 
 
 def base_model(config):

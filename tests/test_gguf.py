@@ -254,3 +254,18 @@ def test_cli_model_flag_takes_gguf_files_and_names_bad_ones(tmp_path, capsys):
       assert cli.main([command[0], "--model", str(path)] + command[1:]) == 2
       err = capsys.readouterr().err.strip()
       assert why in err and len(err.splitlines()) == 1, err
+
+
+def test_data_tokenizer_gguf_is_converted_above_the_data_floor(tiny, tmp_path, monkeypatch):
+  """config.data.tokenizer=FILE.gguf is converted by contract.tokenizer_path (the data pipeline only reads tokenizer
+  files); a GGUF file handed to data's Tokenizer directly is a one-line error saying what to do."""
+  from grit_jax import contract
+  from grit_jax.data.tokenizer import Tokenizer
+  d, name, _ = tiny
+  with pytest.raises(GritJaxError, match=r"tiny.gguf' is a GGUF file: load the model with GritLM.from_pretrained"):
+    Tokenizer(str(d / name))
+  monkeypatch.setenv("GRIT_JAX_CACHE", str(tmp_path))
+  tok = Tokenizer(contract.tokenizer_path(str(d / name)))
+  assert tok.vocab_size == 300 and tok.text_format.chat_template is not None
+  with pytest.raises(GritJaxError, match=r"config.data.tokenizer='.*missing.gguf': no such GGUF file"):
+    contract.tokenizer_path(str(tmp_path / "missing.gguf"))

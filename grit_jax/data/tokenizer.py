@@ -39,7 +39,7 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 def file_identity(path: str) -> dict:
   """{"path": absolute path, "sha256": of its bytes}: which tokenizer file a run trained with (run config.json);
-  a model directory or GGUF file stands for its tokenizer file (`resolve`)."""
+  a model directory stands for its tokenizer file (`resolve`)."""
   from grit_jax.fileio import sha256_file
   path = resolve(path)
   return {"path": os.path.abspath(path), "sha256": sha256_file(path)}
@@ -188,12 +188,12 @@ def _without_dummy_prefix(spec: dict) -> dict:
 
 
 def resolve(path) -> str:
-  """The tokenizer file a path names: the file itself; a model directory's tokenizer.model, else tokenizer.json;
-  a GGUF file's (the directory converted from it, convert.gguf.model_dir)."""
+  """The tokenizer file a path names: the file itself; a model directory's tokenizer.model, else tokenizer.json. A
+  GGUF file is converted above this floor (contract.tokenizer_path, convert.load)."""
   path = os.path.expanduser(os.fspath(path))
   if path.endswith(".gguf"):
-    from grit_jax.convert.gguf import model_dir
-    path = model_dir(path)
+    raise GritJaxError(f"tokenizer: {path!r} is a GGUF file: load the model with GritLM.from_pretrained, or name "
+                       "it as config.data.tokenizer, which converts it once")
   if os.path.isdir(path):
     found = [os.path.join(path, n) for n in (SP_FILE, HF_FILE) if os.path.isfile(os.path.join(path, n))]
     if not found:
@@ -208,7 +208,7 @@ class Tokenizer:
   (read_text_format), which data.templates follows.
 
   `path`: a SentencePiece model (tokenizer.model) or a Hugging Face tokenizer.json; both give the same ids for the
-  same vocabulary (tests/test_interop.py). A model directory or a GGUF file stands for its tokenizer (`resolve`)."""
+  same vocabulary (tests/test_interop.py). A model directory stands for its tokenizer (`resolve`)."""
 
   def __init__(self, path: str):
     path = resolve(path)
