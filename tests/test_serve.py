@@ -86,7 +86,7 @@ def test_models_health_and_search(client, server, model, index):
   assert got[0]["results"][0]["text"] == DOCS[top[0, 0]]
 
 
-def test_chat_equals_generate_streaming_and_not(client, model):
+def test_chat_equals_generate_streaming_and_not(client, server, model):
   msgs = [{"role": "user", "content": "Why is the sky blue?"}]
   want = model.generate(msgs, max_new_tokens=16)[0]
   got = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
@@ -99,6 +99,11 @@ def test_chat_equals_generate_streaming_and_not(client, model):
   assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
   assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # token pieces, not one blob
   assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+  # greedy jobs run as one batch (to the longest max_tokens, a power of two), each cut to its own max_tokens
+  prompts = [[{"role": "user", "content": c}] for c in ("Hi", "Tell me about mountains please", "Why?")]
+  jobs = [serve.Job("chat", model.chat_ids([p]), {"max_tokens": n}) for p, n in zip(prompts, (3, 16, 9))]
+  for job, (out,) in zip(jobs, server[1].run_chat(jobs)):
+    assert out == serve.gen.generate_ids(model, job.inputs, 16)[0][:job.args["max_tokens"]]
   # sampling: the seed reproduces GritLM.generate's sample
   got = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0.8, top_p=0.9, seed=3)
   assert got.choices[0].message.content == model.generate(msgs, max_new_tokens=8, temperature=0.8, top_p=0.9,
@@ -128,6 +133,18 @@ def test_bad_requests_are_4xx_with_their_message(client, server):
   r = httpx.post(server[0].url + "/v1/embeddings", content=b'{"model": "tiny-grit", "input": ["a",',
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
   assert r.status_code == 400 and r.json()["error"]["message"].startswith("malformed JSON body")
+  # a body declared larger than the limit is refused from its headers, before it is sent
+  import socket
+  host, port = server[0].url.removeprefix("http://").split(":")
+  with socket.create_connection((host, int(port))) as sock:
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100000000\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n\r\n")
+    reply = b""
+    while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+        reply.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+      reply += sock.recv(65536)
+    reply = reply.decode()
+  assert reply.startswith("HTTP/1.1 413") and "more than the server's limit of 67108864" in reply, reply
   r = httpx.get(server[0].url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"})
   assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found"
 
@@ -148,6 +165,15 @@ def test_full_queue_is_503(model, monkeypatch):
     assert blocked.result(timeout=60) is True
     np.testing.assert_allclose(queued.result(timeout=60)[0], model.encode("x"), atol=1e-6)
   worker.stop()
+
+
+def test_warmup_compiles_every_batch_shape(client, server):
+  """After warmup(16) no embedding request of inputs up to 16 tokens compiles a program (rows 1..16 in buckets)."""
+  assert server[1].warmup(16) == 5  # rows 1, 2, 4, 8, 16 (rounded up to the 8 devices: 2 programs) x length 16
+  traced = dict(serve.gen.TRACE_COUNTS)
+  for inputs in (["a"], ["b c", "d"], ["e"] * 5, ["f g"] * 11):
+    client.embeddings.create(model=NAME, input=inputs)
+  assert serve.gen.TRACE_COUNTS == traced
 
 
 def test_load_every_response_checked(client, server, model):
@@ -173,3 +199,44 @@ def test_load_every_response_checked(client, server, model):
   batches = server[1].stats["batches"] - before["batches"]
   assert server[1].stats["inputs"] - before["inputs"] == sum(len(x) for p in plans for x, _ in p)
   assert batches < 48, batches
+
+
+def test_cli_serve_end_to_end(model, index, tmp_path, capsys):
+  """`grit-jax serve` as a user starts it: bad flags are one line before anything loads; a saved model and index
+  serve the same vectors and hits; Ctrl-C stops it cleanly."""
+  import signal
+  import socket
+  import subprocess
+  import sys
+  import time
+  from grit_jax import cli
+  model_dir, index_dir = str(tmp_path / "tiny"), str(tmp_path / "index")
+  model.save_pretrained(model_dir)
+  index.save(index_dir)
+  assert cli.main(["serve", "--model", model_dir, "--index", str(tmp_path / "none")]) == 2
+  assert "--index" in capsys.readouterr().err
+  assert cli.main(["serve", "--model", str(tmp_path / "none")]) == 2
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), GRIT_JAX_API_KEY="k2")
+  proc = subprocess.Popen([sys.executable, "-m", "grit_jax.cli", "serve", "--model", model_dir, "--index", index_dir,
+                           "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k2"}
+  try:
+    for _ in range(600):
+      try:
+        if httpx.get(url + "/health").status_code == 200:
+          break
+      except httpx.TransportError:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    r = httpx.post(url + "/v1/embeddings", json={"model": "tiny", "input": TEXTS[1], "encoding_format": "float"},
+                   headers=auth, timeout=120)
+    np.testing.assert_allclose(r.json()["data"][0]["embedding"], model.encode(TEXTS[1]), atol=1e-6, rtol=0)
+    r = httpx.post(url + "/v1/search", json={"model": "tiny", "query": TEXTS[0], "k": 1}, headers=auth, timeout=120)
+    assert r.json()["data"][0]["results"][0]["index"] == int(index.search(model.encode(TEXTS[:1]), 1)[0][0, 0])
+  finally:
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 0 and "serving tiny on" in out and "Traceback" not in out, out

@@ -43,6 +43,7 @@ from grit_jax.inference import generate as gen
 log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # per embeddings request, as OpenAI's API
+MAX_BODY_BYTES = 64 << 20  # a request body declaring more is refused (413) before it is read
 DEFAULT_MAX_TOKENS = 256  # a chat reply without max_tokens (GritLM.generate's default), capped by the context
 
 
@@ -92,6 +93,19 @@ class Worker:
     self._thread = threading.Thread(target=self._loop, name="grit-jax-serve-worker", daemon=True)
     self._thread.start()
 
+  def warmup(self, max_tokens: int) -> int:
+    """Compile the embedding programs of every batch shape up to `max_tokens` per input (each row bucket up to
+    max_batch x each length bucket), so no request waits for a compile; call before serving (the counts in `stats`
+    start after it). Returns the number of programs."""
+    m, n, most = self.model, 0, min(self.max_batch, self.encode_batch_size)
+    for t in sorted({gen.bucket(x, cap=m.max_length()) for x in range(1, min(max_tokens, m.max_length()) + 1)}):
+      for rows in sorted({gen.bucket(r, cap=most, minimum=1) for r in range(1, most + 1)}):
+        dummy = templates.Encoded(np.full(t, m.config.bos_token_id, np.int32), np.ones(t, np.int32), False)
+        self.submit(Job("embed", [dummy] * rows, {})).result()
+        n += 1
+    self.stats.update(batches=0, inputs=0)
+    return n
+
   def submit(self, job: Job) -> concurrent.futures.Future:
     try:
       self.queue.put_nowait(job)
@@ -140,8 +154,18 @@ class Worker:
   def run_embed(self, jobs: list[Job]) -> list[np.ndarray]:
     m = self.model
     tokens = [t for job in jobs for t in job.inputs]
-    emb = encode_lib.encode_tokens(m, tokens, self.encode_batch_size, m.max_length(), m.settings.pooling,
-                                   m.settings.normalize, m.embedding_causal(), show_progress_bar=False)
+    emb = np.zeros((len(tokens), m.config.hidden_size), np.float32)  # [N, D]
+    # One padded call per length bucket: no input is padded past its own bucket, so a batch never costs more tokens
+    # than its requests run one by one (plus the rows' power-of-two bucket). Padded, not packed: a server meets every
+    # batch composition, and packed calls would compile a program per composition (their texts per row vary), while
+    # padded shapes are the few buckets `warmup` compiles; the vectors are the same (encode.py).
+    by_bucket: dict[int, list[int]] = {}
+    for i, (ids, _) in enumerate(tokens):
+      by_bucket.setdefault(gen.bucket(len(ids), cap=m.max_length()), []).append(i)
+    for idx in by_bucket.values():
+      emb[idx] = encode_lib.encode_tokens(m, [tokens[i] for i in idx], self.encode_batch_size, m.max_length(),
+                                          m.settings.pooling, m.settings.normalize, m.embedding_causal(),
+                                          show_progress_bar=False, packing=False)
     bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
     return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
@@ -197,7 +221,8 @@ def rag_index_searcher(model, index) -> Searcher:
 
 
 def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = None,
-              max_input_tokens: int | None = None, max_inputs: int = MAX_INPUTS):
+              max_input_tokens: int | None = None, max_inputs: int = MAX_INPUTS,
+              max_body_bytes: int = MAX_BODY_BYTES):
   """The FastAPI app serving `model` through `worker`. `max_input_tokens`: the longest embedding input (template
   included) accepted, at most the model's embedding max length (the default); longer ones are a 400, never cut."""
   from fastapi import Depends, FastAPI, Request
@@ -303,6 +328,14 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
     log.error("internal error", exc_info=e)
     return await api_error(None, ApiError(500, f"internal error ({type(e).__name__}); see the server log",
                                           type_="server_error"))
+
+  @app.middleware("http")
+  async def body_limit(request: Request, call_next):
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > max_body_bytes:
+      return await api_error(None, ApiError(413, f"request body: {size} bytes, more than the server's limit of "
+                                            f"{max_body_bytes} (max_body_bytes)", code="request_too_large"))
+    return await call_next(request)
 
   @app.get("/health")
   async def health():
