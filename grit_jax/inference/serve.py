@@ -72,7 +72,9 @@ class Job:
 
 
 _STOP = object()  # the queue's last item: the worker ends after the batch before it
-Searcher = Callable[[Sequence[str], int], list]  # (queries, k) -> per query [(doc index, score, text)], best first
+# (queries, k) -> per query its hits, best first: {"score", "text", and "index" or "id"}; what GritLM.search returns
+# with return_text=True, so `lambda q, k: model.search(q, index, k, return_text=True)` is a Searcher
+Searcher = Callable[[Sequence[str], int], list]
 
 
 class Worker:
@@ -211,7 +213,8 @@ def rag_index_searcher(model, index) -> Searcher:
     q = encode_lib.encode_tokens(model, tokens, 64, model.max_length(), model.settings.pooling,
                                  model.settings.normalize, causal, show_progress_bar=False)
     top, scores = index.search(q, k)
-    return [[(int(i), float(s), index.documents[i]) for i, s in zip(t, sc)] for t, sc in zip(top, scores)]
+    return [[{"index": int(i), "score": float(s), "text": index.documents[i]} for i, s in zip(t, sc)]
+            for t, sc in zip(top, scores)]
 
   return search
 
@@ -463,8 +466,7 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
           raise ApiError(400, f"query[{i}]: longer than {limit} tokens", "query", "context_length_exceeded")
       hits = await run("search", queries, k=req.k)
       return {"object": "list", "model": model_name, "data": [
-          {"object": "search_result", "index": i, "results": [{"index": d, "score": s, "text": t} for d, s, t in h]}
-          for i, h in enumerate(hits)]}
+          {"object": "search_result", "index": i, "results": h} for i, h in enumerate(hits)]}
 
   return app
 
