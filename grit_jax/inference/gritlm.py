@@ -365,16 +365,21 @@ class GritLM:
       out = gen.generate_ids(self, token_rows, max_new_tokens, temperature, top_p, seed)
       full = [list(p) + list(o) for p, o in zip(token_rows, out)]
       return gen.pad_rows(full, max(map(len, full)), len(full), filler=0)[0]
-    if self.tokenizer is None:
-      raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
-    items = gen.as_prompts(prompts_or_messages)
-    if not items:
+    seqs = self.chat_ids(prompts_or_messages)
+    if not seqs:
       return []
-    from grit_jax.data import templates
-    fmt = templates.text_format(self.tokenizer)
-    seqs = [self.tokenizer.encode(templates.chat_prompt(turns, fmt)) for turns in items]
     out = gen.generate_ids(self, seqs, max_new_tokens, temperature, top_p, seed)
     return [gen.decode_new(self.tokenizer, o, self.config.eos_token_id) for o in out]
+
+  def chat_ids(self, prompts_or_messages) -> list[list[int]]:
+    """The token ids `generate` feeds the model for each prompt (same forms as `generate` takes): the prompt through
+    the model's chat template, ending with the assistant header."""
+    from grit_jax.data import templates
+    from grit_jax.inference import generate as gen
+    if self.tokenizer is None:
+      raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
+    fmt = templates.text_format(self.tokenizer)
+    return [self.tokenizer.encode(templates.chat_prompt(turns, fmt)) for turns in gen.as_prompts(prompts_or_messages)]
 
   def build_index(self, documents: Sequence, **kwargs):
     """A RagIndex of `documents` (see inference.rag.build_index)."""

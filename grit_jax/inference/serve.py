@@ -1,0 +1,529 @@
+"""`grit-jax serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over one loaded GritLM.
+
+  GET  /health                 {"status": "ok", "queued", "batches", "inputs"} (no API key needed)
+  GET  /v1/models              the one model, under its served name
+  POST /v1/embeddings          OpenAI's request (input: str | [str] | [int] | [[int]]; encoding_format float |
+                               base64; dimensions) + an `instruction` field; the vectors of GritLM.encode
+  POST /v1/chat/completions    messages through the model's chat template (GritLM.chat_ids), streaming (SSE) or not
+  POST /v1/search              {"model", "query": str | [str], "k"} when an index was given
+
+Threads: uvicorn's event loop checks and tokenizes each request (bad input is a 4xx before it queues), then hands it
+to ONE worker thread that owns the model (every JAX call comes from that thread) through a bounded queue. The worker
+batches dynamically: it takes the oldest job, then more jobs of the same kind until `max_batch` inputs are gathered
+or `max_wait_ms` have passed since the first, and runs them as one call: every embedding request of the batch (each
+with its own instruction: they are token lists by then) in one `encode_tokens` call (packed / bucketed as
+GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, rounded up to a
+power of two so few programs compile, each reply cut to its own), sampled ones alone (their seed must not depend on
+the neighbours). Errors are OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
+(malformed JSON included), 401 for a wrong API key, 404 for an unknown model or route, 503 when the queue is full;
+an internal failure is a 500 whose body names the exception type only (the traceback goes to the server log).
+"""
+# no `from __future__ import annotations`: FastAPI reads the request models of build_app from live annotations
+import asyncio
+import base64
+import concurrent.futures
+import dataclasses
+import hmac
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from grit_jax.data import templates
+from grit_jax.errors import GritJaxError
+from grit_jax.inference import encode as encode_lib
+from grit_jax.inference import generate as gen
+
+log = logging.getLogger(__name__)
+
+MAX_INPUTS = 2048  # per embeddings request, as OpenAI's API
+MAX_BODY_BYTES = 64 << 20  # a request body declaring more is refused (413) before it is read
+DEFAULT_MAX_TOKENS = 256  # a chat reply without max_tokens (GritLM.generate's default), capped by the context
+
+
+class ApiError(Exception):
+  """A request refused with an HTTP status and OpenAI's error body."""
+
+  def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+               type_: str = "invalid_request_error"):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the worker: one thread owns the model and runs the queued jobs in dynamic batches
+
+
+@dataclasses.dataclass
+class Job:
+  kind: str                 # "embed" | "chat" (greedy: batched) | "sample" (alone) | "search"
+  inputs: list              # embed: templates.Encoded; chat/sample: prompt ids; search: query strings
+  args: dict                # chat: max_tokens per input, temperature, top_p, seed; search: k
+  future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+_STOP = object()  # the queue's last item: the worker ends after the batch before it
+# (queries, k) -> per query its hits, best first: {"score", "text", and "index" or "id"}; what GritLM.search returns
+# with return_text=True, so `lambda q, k: model.search(q, index, k, return_text=True)` is a Searcher
+Searcher = Callable[[Sequence[str], int], list]
+
+
+class Worker:
+  """Runs jobs on the model in one thread. `max_batch`: inputs per batch (1 = one request at a time, the baseline
+  of bench/serve.py); `max_wait_ms`: how long the first job of a batch waits for company; `max_queue`: jobs waiting
+  at most (a full queue refuses new ones: 503)."""
+
+  def __init__(self, model, *, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256,
+               encode_batch_size: int = 64, searcher: Searcher | None = None):
+    if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or encode_batch_size < 1:
+      raise GritJaxError(f"max_batch={max_batch}, max_queue={max_queue} (>= 1), max_wait_ms={max_wait_ms} (>= 0), "
+                         f"encode_batch_size={encode_batch_size} (>= 1)")
+    self.model, self.searcher = model, searcher
+    self.max_batch, self.max_wait, self.encode_batch_size = max_batch, max_wait_ms / 1000, encode_batch_size
+    self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+    self.stats = {"batches": 0, "inputs": 0}
+    self._held: Job | None = None  # a job of another kind met while gathering: it opens the next batch
+    self._thread = threading.Thread(target=self._loop, name="grit-jax-serve-worker", daemon=True)
+    self._thread.start()
+
+  def warmup(self, max_tokens: int) -> int:
+    """Compile the embedding programs of every batch shape up to `max_tokens` per input (each row bucket up to
+    max_batch x each length bucket), so no request waits for a compile; call before serving (the counts in `stats`
+    start after it). Returns the number of programs."""
+    m, n, most = self.model, 0, min(self.max_batch, self.encode_batch_size)
+    for t in sorted({gen.bucket(x, cap=m.max_length()) for x in range(1, min(max_tokens, m.max_length()) + 1)}):
+      for rows in sorted({gen.bucket(r, cap=most, minimum=1) for r in range(1, most + 1)}):
+        dummy = templates.Encoded(np.full(t, m.config.bos_token_id, np.int32), np.ones(t, np.int32), False)
+        self.submit(Job("embed", [dummy] * rows, {})).result()
+        n += 1
+    self.stats.update(batches=0, inputs=0)
+    return n
+
+  def submit(self, job: Job) -> concurrent.futures.Future:
+    try:
+      self.queue.put_nowait(job)
+    except queue.Full:
+      raise ApiError(503, f"server busy: {self.queue.maxsize} requests queued (max_queue); retry later",
+                     code="queue_full", type_="server_error") from None
+    return job.future
+
+  def stop(self) -> None:
+    self.queue.put(_STOP)
+    self._thread.join()
+
+  def _next_batch(self) -> list[Job] | None:
+    first, self._held = (self.queue.get() if self._held is None else self._held), None
+    if first is _STOP:
+      return None
+    batch, size = [first], len(first.inputs)
+    deadline = time.monotonic() + self.max_wait
+    while first.kind != "sample" and size < self.max_batch:
+      try:
+        job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        break
+      if job is _STOP or job.kind != first.kind or size + len(job.inputs) > self.max_batch:
+        self._held = job  # it opens the next batch (or ends the loop)
+        break
+      batch.append(job)
+      size += len(job.inputs)
+    return batch
+
+  def _loop(self) -> None:
+    while (batch := self._next_batch()) is not None:
+      try:
+        results = RUNS[batch[0].kind](self, batch)
+      except Exception as e:  # noqa: BLE001 (the requests get it; the server stays up)
+        for job in batch:
+          job.future.set_exception(e)
+        continue
+      self.stats["batches"] += 1
+      self.stats["inputs"] += sum(len(j.inputs) for j in batch)
+      for job, result in zip(batch, results):
+        job.future.set_result(result)
+
+  # one function per kind: jobs -> one result per job
+
+  def run_embed(self, jobs: list[Job]) -> list[np.ndarray]:
+    m = self.model
+    tokens = [t for job in jobs for t in job.inputs]
+    emb = np.zeros((len(tokens), m.config.hidden_size), np.float32)  # [N, D]
+    # One padded call per length bucket: no input is padded past its own bucket, so a batch never costs more tokens
+    # than its requests run one by one (plus the rows' power-of-two bucket). Padded, not packed: a server meets every
+    # batch composition, and packed calls would compile a program per composition (their texts per row vary), while
+    # padded shapes are the few buckets `warmup` compiles; the vectors are the same (encode.py).
+    by_bucket: dict[int, list[int]] = {}
+    for i, (ids, _) in enumerate(tokens):
+      by_bucket.setdefault(gen.bucket(len(ids), cap=m.max_length()), []).append(i)
+    for idx in by_bucket.values():
+      emb[idx] = encode_lib.encode_tokens(m, [tokens[i] for i in idx], self.encode_batch_size, m.max_length(),
+                                          m.settings.pooling, m.settings.normalize, m.embedding_causal(),
+                                          show_progress_bar=False, packing=False)
+    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
+    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+  def run_chat(self, jobs: list[Job]) -> list[list[list[int]]]:
+    """Greedy jobs decode together to the longest max_tokens (a power of two, within the context) and are cut to
+    their own; if the batch's longest prompt leaves no room for that, each job runs alone."""
+    m, seqs = self.model, [s for job in jobs for s in job.inputs]
+    want = [job.args["max_tokens"] for job in jobs for _ in job.inputs]
+    room = m.config.max_position_embeddings - max(map(len, seqs))
+    new = min(gen.bucket(max(want)), room)
+    if new < max(want):
+      return [out for job in jobs for out in self.run_chat([job])] if len(jobs) > 1 else [
+          gen.generate_ids(m, seqs, max(want))]
+    out = gen.generate_ids(m, seqs, new)
+    out = [o[:w] for o, w in zip(out, want)]
+    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
+    return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+  def run_sample(self, jobs: list[Job]) -> list[list[list[int]]]:
+    (job,) = jobs
+    a = job.args
+    return [gen.generate_ids(self.model, job.inputs, a["max_tokens"], a["temperature"], a["top_p"], a["seed"])]
+
+  def run_search(self, jobs: list[Job]) -> list[list]:
+    queries = [q for job in jobs for q in job.inputs]
+    hits = self.searcher(queries, max(job.args["k"] for job in jobs))
+    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
+    return [[h[:job.args["k"]] for h in hits[a:b]] for job, a, b in zip(jobs, bounds[:-1], bounds[1:])]
+
+
+RUNS = {"embed": Worker.run_embed, "chat": Worker.run_chat, "sample": Worker.run_sample,
+        "search": Worker.run_search}
+
+
+def rag_index_searcher(model, index) -> Searcher:
+  """Search over an inference.rag.RagIndex (the `grit-jax rag --index` folder): queries embedded as the index's
+  documents were (no instruction, the index's attention), top-k by dot product. Runs on the worker thread."""
+  index.check_model(model)
+
+  def search(queries: Sequence[str], k: int) -> list:
+    causal = index.causal
+    tokens = encode_lib.tokenize(model, queries, "", model.max_length())
+    q = encode_lib.encode_tokens(model, tokens, 64, model.max_length(), model.settings.pooling,
+                                 model.settings.normalize, causal, show_progress_bar=False)
+    top, scores = index.search(q, k)
+    return [[{"index": int(i), "score": float(s), "text": index.documents[i]} for i, s in zip(t, sc)]
+            for t, sc in zip(top, scores)]
+
+  return search
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the HTTP app
+
+
+def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = None,
+              max_input_tokens: int | None = None, max_inputs: int = MAX_INPUTS,
+              max_body_bytes: int = MAX_BODY_BYTES):
+  """The FastAPI app serving `model` through `worker`. `max_input_tokens`: the longest embedding input (template
+  included) accepted, at most the model's embedding max length (the default); longer ones are a 400, never cut."""
+  from fastapi import Depends, FastAPI, Request
+  from fastapi.exceptions import RequestValidationError
+  from fastapi.responses import JSONResponse, StreamingResponse
+  from pydantic import BaseModel, ConfigDict, Field
+  from starlette.exceptions import HTTPException
+
+  limit = min(max_input_tokens or model.max_length(), model.max_length())
+  context = model.config.max_position_embeddings
+  created = int(time.time())
+
+  class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown field is a 400 naming it, never silently ignored
+
+  class EmbeddingRequest(Strict):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    instruction: str = ""  # grit_jax's extension: GritLM.encode's instruction
+    user: str | None = None
+
+  class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+  class Message(Strict):
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+  class StreamOptions(Strict):
+    include_usage: bool = False
+
+  class ChatRequest(Strict):
+    model: str
+    messages: list[Message]
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0)  # omitted = greedy (GritLM.generate's default), not OpenAI's 1.0
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0, 0.0] = 0.0
+    user: str | None = None
+
+  class SearchRequest(Strict):
+    model: str
+    query: str | list[str]
+    k: int = Field(10, ge=1)
+
+  def check_key(request: Request) -> None:
+    if api_key is None:
+      return
+    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+      raise ApiError(401, "Incorrect API key provided" if given else "No API key provided (Authorization: Bearer "
+                     "KEY)", code="invalid_api_key")
+
+  def check_model(name: str) -> None:
+    if name != model_name:
+      raise ApiError(404, f"The model {name!r} does not exist (this server serves {model_name!r})", "model",
+                     "model_not_found")
+
+  async def run(kind: str, inputs: list, **args):
+    return await asyncio.wrap_future(worker.submit(Job(kind, inputs, args)))
+
+  app = FastAPI(title="grit_jax", dependencies=[])
+  v1 = dict(dependencies=[Depends(check_key)])
+
+  @app.exception_handler(ApiError)
+  async def api_error(_, e: ApiError):
+    headers = {"Retry-After": "1"} if e.status == 503 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+  @app.exception_handler(GritJaxError)
+  async def bad_input(_, e: GritJaxError):
+    return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(_, e: RequestValidationError):
+    err = e.errors()[0]
+    if err.get("type") == "json_invalid":
+      return await api_error(None, ApiError(400, f"malformed JSON body: {err.get('ctx', {}).get('error', err['msg'])}"
+                                            f" (at character {err['loc'][-1]})"))
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    # a union field (input, content) reports every alternative: name the field and the first reason only
+    loc = [x for x in loc if not x.startswith(("str", "list[", "function-"))]
+    param = ".".join(loc) or None
+    return await api_error(None, ApiError(400, f"{param or 'body'}: {err['msg']}", param))
+
+  @app.exception_handler(HTTPException)
+  async def http_error(_, e: HTTPException):
+    return await api_error(None, ApiError(e.status_code, str(e.detail), code=str(e.status_code)))
+
+  @app.exception_handler(Exception)
+  async def internal(_, e: Exception):
+    log.error("internal error", exc_info=e)
+    return await api_error(None, ApiError(500, f"internal error ({type(e).__name__}); see the server log",
+                                          type_="server_error"))
+
+  @app.middleware("http")
+  async def body_limit(request: Request, call_next):
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > max_body_bytes:
+      return await api_error(None, ApiError(413, f"request body: {size} bytes, more than the server's limit of "
+                                            f"{max_body_bytes} (max_body_bytes)", code="request_too_large"))
+    return await call_next(request)
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "model": model_name, "queued": worker.queue.qsize(), **worker.stats}
+
+  @app.get("/v1/models", **v1)
+  async def models():
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                        "owned_by": "grit_jax"}]}
+
+  def embedding_inputs(req: EmbeddingRequest) -> list:
+    """Each input as templates.Encoded (ids, pool mask): text through the GritLM embedding template, token ids
+    after the template's prefix (pooled alone). Empty, too long or out-of-vocabulary inputs are a 400."""
+    raw = [req.input] if isinstance(req.input, str) or (req.input and isinstance(req.input[0], int)) else req.input
+    if not raw:
+      raise ApiError(400, "input: empty list", "input")
+    if len(raw) > max_inputs:
+      raise ApiError(400, f"input: {len(raw)} inputs, at most {max_inputs} per request", "input")
+    out = []
+    for i, x in enumerate(raw):
+      if not x or (isinstance(x, str) and not x.strip()):
+        raise ApiError(400, f"input[{i}]: empty", "input")
+      if isinstance(x, str):
+        (enc,) = encode_lib.tokenize(model, [x], req.instruction, limit)
+      else:
+        bad = [t for t in x if not 0 <= t < model.config.vocab_size]
+        if bad:
+          raise ApiError(400, f"input[{i}]: token id {bad[0]} outside the vocabulary (0..{model.config.vocab_size - 1})",
+                         "input")
+        fmt = templates.text_format(model.tokenizer)
+        prefix = model.tokenizer.encode(templates.embed_prefix(req.instruction, fmt))
+        ids = prefix + list(x)
+        enc = templates.Encoded(np.asarray(ids[:limit], np.int32),
+                                np.asarray(([0] * len(prefix) + [1] * len(x))[:limit], np.int32), len(ids) > limit)
+      if enc.truncated:
+        raise ApiError(400, f"input[{i}]: longer than {limit} tokens (the embedding template included; "
+                       f"{'max_input_tokens' if limit < model.max_length() else 'the model embedding max length'})",
+                       "input", "context_length_exceeded")
+      out.append(enc)
+    return out
+
+  @app.post("/v1/embeddings", **v1)
+  async def embeddings(req: EmbeddingRequest):
+    check_model(req.model)
+    if req.dimensions is not None and req.dimensions > model.config.hidden_size:
+      raise ApiError(400, f"dimensions: {req.dimensions} > the model's {model.config.hidden_size}", "dimensions")
+    tokens = embedding_inputs(req)
+    emb = await run("embed", tokens)
+    if req.dimensions is not None:  # the leading components, renormalised when the model normalises (OpenAI's way)
+      emb = emb[:, :req.dimensions]
+      if model.settings.normalize:
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    as_value = ((lambda e: base64.b64encode(np.ascontiguousarray(e, "<f4").tobytes()).decode())
+                if req.encoding_format == "base64" else (lambda e: e.tolist()))
+    n = sum(len(ids) for ids, _ in tokens)
+    return {"object": "list", "model": model_name, "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": as_value(e)} for i, e in enumerate(emb)]}
+
+  def chat_prompt(req: ChatRequest) -> tuple[list[int], int]:
+    if not req.messages:
+      raise ApiError(400, "messages: empty list", "messages")
+    msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str)
+             else "".join(p.text for p in m.content)} for m in req.messages]
+    try:
+      (ids,) = model.chat_ids([msgs])
+    except GritJaxError as e:
+      raise ApiError(400, f"messages: {e}", "messages") from None
+    room = context - len(ids)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    if room < 1 or (max_tokens or 0) > room:
+      raise ApiError(400, f"messages: the prompt is {len(ids)} tokens and max_tokens={max_tokens}, the model's "
+                     f"context is {context} tokens", "messages", "context_length_exceeded")
+    return ids, max_tokens or min(DEFAULT_MAX_TOKENS, room)
+
+  @app.post("/v1/chat/completions", **v1)
+  async def chat(req: ChatRequest):
+    check_model(req.model)
+    ids, max_tokens = chat_prompt(req)
+    if req.temperature == 0:
+      (out,) = await run("chat", [ids], max_tokens=max_tokens)
+    else:
+      seed = secrets.randbits(31) if req.seed is None else req.seed
+      (out,) = await run("sample", [ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                         seed=seed)
+    eos = model.config.eos_token_id
+    finish = "stop" if eos in out else "length"
+    pieces = stream_pieces(model.tokenizer, out[:out.index(eos)] if eos in out else out)
+    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    pieces, cut = cut_at_stop(pieces, stops)
+    finish = "stop" if cut else finish
+    usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    head = {"id": rid, "created": int(time.time()), "model": model_name}
+    if not req.stream:
+      return {**head, "object": "chat.completion", "usage": usage, "choices": [
+          {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": finish}]}
+
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+      body = {**head, "object": "chat.completion.chunk",
+              "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+      return f"data: {json.dumps(body)}\n\n"
+
+    def events():
+      yield chunk({"role": "assistant", "content": ""})
+      for piece in pieces:
+        yield chunk({"content": piece})
+      yield chunk({}, finish)
+      if req.stream_options and req.stream_options.include_usage:
+        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  if worker.searcher is not None:
+    @app.post("/v1/search", **v1)
+    async def search(req: SearchRequest):
+      check_model(req.model)
+      queries = [req.query] if isinstance(req.query, str) else req.query
+      if not queries or len(queries) > max_inputs:
+        raise ApiError(400, f"query: {len(queries)} queries, expected 1..{max_inputs}", "query")
+      for i, q in enumerate(queries):
+        if not q.strip():
+          raise ApiError(400, f"query[{i}]: empty", "query")
+        if encode_lib.tokenize(model, [q], "", limit)[0].truncated:
+          raise ApiError(400, f"query[{i}]: longer than {limit} tokens", "query", "context_length_exceeded")
+      hits = await run("search", queries, k=req.k)
+      return {"object": "list", "model": model_name, "data": [
+          {"object": "search_result", "index": i, "results": h} for i, h in enumerate(hits)]}
+
+  return app
+
+
+def stream_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
+  """The reply as one text piece per token that completes characters: piece i = decode(ids[:i+1]) minus the text
+  sent so far (a token that ends inside a UTF-8 character, or after which the decoder changes earlier text, waits),
+  so the pieces always join to decode(ids)."""
+  pieces, sent = [], ""
+  for i in range(1, len(ids) + 1):
+    text = tokenizer.decode(list(ids[:i]))
+    if i < len(ids) and (text.endswith("\ufffd") or not text.startswith(sent)):
+      continue
+    if not text.startswith(sent):  # the last token rewrote text already cut into pieces: one piece then
+      return [text]
+    if text != sent:
+      pieces.append(text[len(sent):])
+      sent = text
+  return pieces
+
+
+def cut_at_stop(pieces: list[str], stops: Sequence[str]) -> tuple[list[str], bool]:
+  """The pieces up to the first occurrence of any stop string (excluded, as OpenAI); (pieces, whether cut)."""
+  text = "".join(pieces)
+  at = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+  if at < 0:
+    return pieces, False
+  out, n = [], 0
+  for p in pieces:
+    if n + len(p) >= at:
+      if at > n:
+        out.append(p[:at - n])
+      break
+    out.append(p)
+    n += len(p)
+  return out, True
+
+
+class Server:
+  """The app on uvicorn in a background thread: `with Server(app, port=0) as s: s.url` (port 0 = a free one).
+  What tests and bench/serve.py use; `grit-jax serve` runs uvicorn in the foreground instead."""
+
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+    import uvicorn
+    self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+  def __enter__(self) -> "Server":
+    self.thread.start()
+    while not self.server.started:
+      if not self.thread.is_alive():
+        raise GritJaxError("the server did not start (see the log above)")
+      time.sleep(0.01)
+    host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+    self.url = f"http://{host}:{port}"
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.server.should_exit = True
+    self.thread.join()
