@@ -33,7 +33,7 @@ from grit_jax.data import packing as packing_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.inference.generate import _count_trace, bucket
 from grit_jax.inference.placement import generation_params, placement
-from grit_jax.modeling.model import KVCache, Transformer
+from grit_jax.modeling.model import KVCache, Transformer, embed_packed
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,24 +109,17 @@ PACK_MIN_ROW_LEN = 256  # packed rows hold several texts: at least this long (ca
 def packed_embed_fn(config, causal: bool, pooling: str, normalize: bool, num_per_unit: int, with_cache: bool = False):
   """jit(params, ids, segment_ids, positions, pool_mask: [U, R, L] each) -> (emb [U, n, D] float32: text u*n+i of
   the call (segment id u*n+i+1) at [u, i], empty slots 0; with `with_cache` the KVCache [U*R rows, L slots] of the
-  same pass, each text's keys/values where its tokens sit). The packed pass of training
-  (training.step.GritObjective.embed_packed), plus cls (the first token of each text) and normalisation."""
+  same pass, each text's keys/values where its tokens sit). The packed pass of training (modeling.model.embed_packed)
+  plus normalisation."""
   module = Transformer(config)
 
   def fn(params, ids_URL, seg_URL, pos_URL, pool_URL):
     _count_trace("embed_packed_cache" if with_cache else "embed_packed")
     U, R, L = ids_URL.shape
-    flat = lambda x: x.reshape(U * R, L)
     cache = KVCache.init(config, U * R, L, jnp.dtype(config.dtype)) if with_cache else None
-    out = module.apply({"params": params}, flat(ids_URL), None, causal=causal, positions=flat(pos_URL),
-                       segment_ids=flat(seg_URL), cache=cache, return_logits=False)
-    if pooling == "cls":  # the mean over one token: each text's first (BOS)
-      pool_URL, method = (pos_URL == 0) & (seg_URL > 0), "mean"
-    else:
-      method = pooling
-    emb_UND = objectives.pool_packed(out.hidden.reshape(U, R * L, -1), pool_URL.reshape(U, R * L),
-                                     seg_URL.reshape(U, R * L) - 1, num_per_unit, method)
-    return (objectives.l2_normalize(emb_UND) if normalize else emb_UND), out.cache
+    emb_UND, cache = embed_packed(module, params, ids_URL, seg_URL, pos_URL, pool_URL, num_per_unit=num_per_unit,
+                                  causal=causal, pooling=pooling, cache=cache)
+    return (objectives.l2_normalize(emb_UND) if normalize else emb_UND), cache
 
   return jax.jit(fn)
 

@@ -284,3 +284,23 @@ def init_params(config: ModelConfig, rng=None, batch: int = 1, length: int = 8):
   ids = jnp.zeros((batch, length), jnp.int32)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   return nn.meta.unbox(Transformer(config).init(rng, ids, jnp.ones_like(ids), causal=True)["params"])
+
+
+def embed_packed(module: Transformer, params, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL, *,
+                 num_per_unit: int, causal: bool, pooling: str, cache=None):
+  """The packed embedding pass, the one the train step (GritObjective.embed_packed) and encode
+  (inference.encode.packed_embed_fn) both run: packed rows [U, R, L] x4 (segment id s+1 = sequence s of the pass,
+  0 = padding; positions restart per sequence) -> (pooled [U, n, D] float32, sequence u*n+i at [u, i], empty
+  slots 0; the KVCache of the pass when `cache` is given, else None). Tokens attend only inside their own sequence;
+  each sequence is pooled on its own text tokens (objectives.pool_packed); `cls` pools each sequence's first token.
+  With a subset of each unit's rows (GradCache chunks), the other rows' sequences come out as 0."""
+  from grit_jax import objectives
+  U, R, L = ids_URL.shape
+  flat = lambda x: x.reshape(U * R, L)
+  out = module.apply({"params": params}, flat(ids_URL), None, causal=causal, positions=flat(positions_URL),
+                     segment_ids=flat(segment_ids_URL), cache=cache, return_logits=False)
+  if pooling == "cls":  # the mean over one token: each text's first (BOS)
+    pool_mask_URL, pooling = (positions_URL == 0) & (segment_ids_URL > 0), "mean"
+  pooled_UND = objectives.pool_packed(out.hidden.reshape(U, R * L, -1), pool_mask_URL.reshape(U, R * L),
+                                      segment_ids_URL.reshape(U, R * L) - 1, num_per_unit, pooling)
+  return pooled_UND, out.cache

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from grit_jax import common_types as ct
 from grit_jax import contract, objectives
 from grit_jax.errors import GritJaxError
+from grit_jax.modeling import model as model_lib
 from grit_jax.training import gradcache as gc
 from grit_jax import sharding as mesh_lib
 from grit_jax.training import optimizer as opt_lib
@@ -92,15 +93,9 @@ class GritObjective:
     inside their own sequence (segment ids), positions restart per sequence, each sequence pooled on its own text
     tokens (grit_jax.objectives.pool_packed). With a subset of each unit's rows (GradCache chunks), the sequences
     of the other rows come out as 0: a sum over row chunks gives the full result."""
-    U, R, L = ids_URL.shape
-    flat = lambda x: x.reshape(U * R, L)
-    out = self.model.apply({"params": params}, flat(ids_URL), None, causal=causal,
-                           positions=flat(positions_URL), segment_ids=flat(segment_ids_URL), return_logits=False)
-    hidden_UTD = out.hidden.reshape(U, R * L, -1)
-    pooled_UND = objectives.pool_packed(hidden_UTD, pool_mask_URL.reshape(U, R * L),
-                                        segment_ids_URL.reshape(U, R * L) - 1, num_per_unit,
-                                        self.loss_cfg.pooling)
-    return pooled_UND.reshape(U * num_per_unit, -1)
+    pooled_UND, _ = model_lib.embed_packed(self.model, params, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL,
+                                           num_per_unit=num_per_unit, causal=causal, pooling=self.loss_cfg.pooling)
+    return pooled_UND.reshape(ids_URL.shape[0] * num_per_unit, -1)
 
   def pass_inputs(self, batch: dict, name: str):
     """(representation fn(params, *arrays), arrays, packed) of the query or passage pass of a batch."""
