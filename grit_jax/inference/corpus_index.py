@@ -401,7 +401,8 @@ def _device_topk_fn(mesh, k: int, block: int, n_valid: int):
       top_s, pos = lax.top_k(s, k)
       return (top_s, jnp.take_along_axis(i, pos, 1)), None
 
-    init = (jnp.full((Q, k), -jnp.inf, jnp.float32), jnp.zeros((Q, k), jnp.int32))
+    init = lax.pcast((jnp.full((Q, k), -jnp.inf, jnp.float32), jnp.zeros((Q, k), jnp.int32)), ("corpus",),
+                     to="varying")  # the carry differs per device, as the scan's outputs do
     (s_Qk, i_Qk), _ = lax.scan(step, init, jnp.arange(n // block))
     s_all = lax.all_gather(s_Qk, "corpus", axis=1, tiled=True, to="invarying")  # [Q, devices * k]
     i_all = lax.all_gather(i_Qk, "corpus", axis=1, tiled=True, to="invarying")
