@@ -210,6 +210,10 @@ def test_cli_search_and_rag_over_the_index(model, model_dir, corpus, tmp_path, c
   assert cli.main(["index", "--model", model_dir, "--corpus", *corpus[0], "--out", out, "--shard-rows", "10",
                    "--quantize", "int8", "--no-progress"]) == 0
   assert "29 documents" in capsys.readouterr().out
+  assert cli.main(["index", "--model", model_dir, "--corpus", *corpus[0], "--out", out, "--faiss", "hnsw",
+                   "--quantize", "int8"]) == 2  # before the model loads
+  assert capsys.readouterr().err.strip().endswith("--quantize int8 applies to --faiss flat (hnsw compresses or graphs "
+                                                  "the vectors itself)")
   assert cli.main(["search", "--index", out, "--query", "river paris", "-k", "3", "--json", "--instruction", ""]) == 0
   line = json.loads(capsys.readouterr().out)
   assert [h["id"] for h in line["hits"]] == [h["id"] for h in model.search("river paris", out, 3, instruction="")]

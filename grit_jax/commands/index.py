@@ -64,7 +64,7 @@ def index_main(argv: list[str]) -> int:
   p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction, help="progress bar")
   a = p.parse_args(argv)
   fs = _faiss_settings(a)
-  fs.check(dim=8)  # the size-independent checks, before any work (build_faiss checks again with the real size)
+  fs.check()  # the size-independent checks, before any work (build_faiss checks again with the real size)
   if os.path.exists(a.out) and not os.path.isdir(a.out):
     raise GritJaxError(f"--out {a.out}: exists and is not a directory")
   infer.check_writable_folder(os.path.dirname(os.path.abspath(a.out)), "--out", a.out)

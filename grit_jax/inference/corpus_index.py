@@ -283,7 +283,8 @@ class FaissSettings:
   ef_construction: int = 80
   rescore: int = 4           # approximate kinds: rescore rescore x k candidates with the float vectors (0 = off)
 
-  def check(self, dim: int) -> None:
+  def check(self, dim: int | None = None) -> None:
+    """A GritJaxError naming the flag; dim None: the checks that need no embedding size (before the model)."""
     if self.kind not in KINDS:
       raise GritJaxError(f"--faiss {self.kind}: expected one of {KINDS}")
     if self.quantize not in QUANTIZE:
@@ -291,9 +292,9 @@ class FaissSettings:
     if self.quantize != "none" and self.kind != "flat":
       raise GritJaxError(f"--quantize {self.quantize} applies to --faiss flat ({self.kind} compresses or "
                          "graphs the vectors itself)")
-    if self.quantize == "binary" and dim % 8:
+    if dim is not None and self.quantize == "binary" and dim % 8:
       raise GritJaxError(f"--quantize binary: the embedding size {dim} is not a multiple of 8")
-    if self.kind == "ivfpq" and self.pq_m and dim % self.pq_m:
+    if dim is not None and self.kind == "ivfpq" and self.pq_m and dim % self.pq_m:
       raise GritJaxError(f"--pq-m {self.pq_m}: must divide the embedding size {dim}")
     for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "pq_bits"):
       if getattr(self, name) < 1:
