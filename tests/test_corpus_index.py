@@ -232,3 +232,34 @@ def test_cli_search_and_rag_over_the_index(model, model_dir, corpus, tmp_path, c
   assert f"answer: {expect.answer}" in printed and f"retrieved {corpus[1][expect.doc_index]}" in printed
   assert cli.main(["rag", "--model", model_dir, "--index", out, "--corpus", corpus[0][0], "--query", "x"]) == 2
   assert "is a corpus index" in capsys.readouterr().err
+
+
+def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, model_dir, corpus, built, tmp_path):
+  from grit_jax import cli
+  from grit_jax.inference import mine as mine_lib
+  docs, emb = corpus[2], np.asarray(built.embeddings)
+  rows = [{"query": ["Find", "river paris"], "pos": [["", docs[3]]]},
+          {"query": ["Find", "winter ocean"], "pos": [["", docs[20]]], "neg": [["", "old"]]},
+          {"query": "stone garden", "pos": [docs[5]]}]
+  mined, short = mine_lib.mine(model, rows, built, negatives=3, range_min=1, range_max=8, margin=0.02,
+                               margin_type="absolute")
+  expect_short = 0
+  for row, m in zip(rows, mined):  # by hand: numpy scores over the index's vectors
+    instr, q = row["query"] if isinstance(row["query"], list) else ("", row["query"])
+    pos = row["pos"][0][1] if isinstance(row["pos"][0], list) else row["pos"][0]
+    q_D = model.encode([q], instruction=instr)[0]
+    s_N = emb @ q_D
+    window = np.argsort(-s_N, kind="stable")[1:8]
+    expect = [docs[r] for r in window if s_N[r] <= q_D @ emb[docs.index(pos)] - 0.02 and docs[r] != pos][:3]
+    assert [n[1] if isinstance(n, list) else n for n in m["neg"]] == expect and pos not in expect
+    assert all(isinstance(n, list) == isinstance(row["pos"][0], list) for n in m["neg"])
+    expect_short += len(expect) < 3
+  assert short == expect_short and sum(len(m["neg"]) for m in mined) > 0
+  none, short = mine_lib.mine(model, rows, built, negatives=3, range_max=8, margin=10.0, margin_type="absolute")
+  assert short == 3 and all(r["neg"] == [] for r in none)
+  data, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert cli.main(["mine", "--model", model_dir, "--data", str(data), "--corpus", *corpus[0], "--index", built.path,
+                   "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0.02",
+                   "--margin-type", "absolute", "--shard-rows", "5", "--no-progress"]) == 0
+  assert [json.loads(line) for line in out.read_text().splitlines()] == mined

@@ -4,6 +4,8 @@
                   [--quantize none|int8|binary] [--shard-rows 4096]          # rerun the same command = resume
   grit-jax index  ... --coordinator HOST:PORT --num_processes P --process_id I  # or --distributed=yes on a TPU VM
   grit-jax search --index DIR --query "..." [--query ...] [-k 10] [--model M] [--json]
+  grit-jax mine   --model M --data train.jsonl --corpus a.jsonl ... --index DIR --out mined.jsonl
+                  [--negatives 7 --range-min 0 --range-max 50 --margin 0.0 --margin-type relative]
 
 Corpus rows: {"id": ..., "text": ..., "title": ... (optional)}. Every corpus file is checked (a row without id or
 text, a duplicate id: an error naming the file and line) before the model is loaded; see
@@ -121,4 +123,32 @@ def search_main(argv: list[str]) -> int:
     print(f"query: {q}")
     for rank, h in enumerate(hs, 1):
       print(f"  {rank:3d}. {h['score']:.4f}  {h['id']}" + (f"  {h['text'][:120]}" if a.text else ""))
+  return 0
+
+
+def mine_main(argv: list[str]) -> int:
+  from grit_jax.inference import corpus_index as ci
+  from grit_jax.inference import mine as mine_lib
+  p = infer._parser("grit-jax mine", "Mine hard negatives for a training file from a corpus index.")
+  p.add_argument("--data", required=True, help="training JSONL of embedding rows ({'query', 'pos', 'neg'})")
+  p.add_argument("--corpus", required=True, nargs="+", help="JSONL files of {'id', 'text'} rows")
+  p.add_argument("--index", required=True, help="corpus index folder (built, or resumed, as `grit-jax index`)")
+  p.add_argument("--out", required=True, help="the new training JSONL (written atomically)")
+  p.add_argument("--negatives", type=infer._positive("--negatives"), default=7, help="negatives per row")
+  p.add_argument("--range-min", type=int, default=0, help="first rank (0-based) a negative may come from")
+  p.add_argument("--range-max", type=int, default=50, help="ranks searched")
+  p.add_argument("--margin", type=float, default=0.0, help="drop candidates within this of the positive's score")
+  p.add_argument("--margin-type", default="relative", choices=mine_lib.MARGIN_TYPES)
+  p.add_argument("--shard-rows", type=infer._positive("--shard-rows"), default=4096, help="as `grit-jax index`")
+  p.add_argument("--progress", default=True, action=argparse.BooleanOptionalAction, help="progress bar")
+  a = p.parse_args(argv)
+  infer.check_output_file(a.out, "--out", ".jsonl")
+  rows = mine_lib.read_rows(a.data)
+  ci.read_corpus(a.corpus)
+  model = infer._load(a.model)
+  index = ci.build(model, a.corpus, a.index, shard_rows=a.shard_rows, show_progress_bar=a.progress)
+  mined, short = mine_lib.mine(model, rows, index, a.negatives, a.range_min, a.range_max, a.margin, a.margin_type)
+  from grit_jax.fileio import atomic_write
+  atomic_write(a.out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mined))
+  print(f"wrote {a.out}: {len(mined)} rows; {short} got fewer than {a.negatives} negatives")
   return 0

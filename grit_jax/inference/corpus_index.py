@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -618,7 +619,6 @@ class CorpusIndex:
     folder = os.path.join(cache_dir, f"{model.weights_fingerprint()}-{'causal' if self.causal else 'bidir'}-"
                                      f"{max_length}")
     os.makedirs(folder, exist_ok=True)
-    import hashlib
     paths = [os.path.join(folder, hashlib.sha256(str(self.ids[r]).encode()).hexdigest()[:32] + ".npz")
              for r in rows]
     out = [None] * len(rows)
