@@ -5,7 +5,7 @@ the training mesh rules: what `shard_weights=None` picks when the weights exceed
 from the compiler; nothing runs.
 
   .venv/bin/python bench/encode_sharded_aot.py [--topology v5e-8] [--batch 64] [--length 512] [--dtype float32]
-      [--corpus-docs 100000000]
+      [--corpus-docs 100000000] [--roofline-only]
 
 Then the corpus-index figure (`grit-jax index`'s encode pass): the shipped passages (data/*/, their length spread;
 tokenized with SmolLM2's BPE tokenizer as a stand-in for Mistral's, which is not shipped) packed as `encode` packs
@@ -23,6 +23,7 @@ p.add_argument("--batch", type=int, default=64, help="rows per encode call (spli
 p.add_argument("--length", type=int, default=512)
 p.add_argument("--dtype", default="bfloat16", help="weights and compute (float32: 29 GB of weights)")
 p.add_argument("--corpus-docs", type=float, default=1e8, help="corpus size for the indexing-time figure")
+p.add_argument("--roofline-only", action="store_true", help="skip the replicated / sharded memory compiles")
 args = p.parse_args()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles
 import _common  # noqa: E402,F401  (puts the repository on sys.path)
@@ -47,7 +48,7 @@ hbm = topologies.get_topology(args.topology).chip.hbm_bytes
 print(f"{args.model}: {param_gb:.1f} GB of {args.dtype} weights; {args.topology}: {len(devices)} chips of "
       f"{hbm / 2**30:.0f} GiB; encode call {args.batch} x {args.length} tokens, rows split over the chips")
 fn = encode_lib.embed_fn(config, causal=False, pooling="mean", normalize=True, with_cache=False)
-for shard in (False, True):
+for shard in () if args.roofline_only else (False, True):
   mesh, rules = mesh_lib.make_mesh({"data": 1, "fsdp": -1}, devices)
   params_sharding, rows = placement.weight_shardings(config, abstract, mesh, rules, shard)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, params_sharding)

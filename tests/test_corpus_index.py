@@ -153,6 +153,9 @@ def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
   os.remove(os.path.join(out, ci.META))
   with pytest.raises(GritJaxError, match=r"00001-0000000005-0000000010.npz: does not match the sha256"):
     ci.build(model, corpus[0], out, shard_rows=5, show_progress_bar=False)
+  os.remove(os.path.join(out, "shards", os.path.basename(shard)))  # as the message says: deleted, encoded again
+  repaired = ci.build(model, corpus[0], out, shard_rows=5, show_progress_bar=False)
+  np.testing.assert_allclose(np.asarray(repaired.embeddings), np.asarray(built.embeddings), atol=1e-6)
   # the corpus changed after the build: texts are refused, naming the file
   idx = ci.CorpusIndex.load(built.path)
   idx.meta["corpus"][1]["path"] = copy_corpus[1]
@@ -238,28 +241,30 @@ def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, mode
   from grit_jax import cli
   from grit_jax.inference import mine as mine_lib
   docs, emb = corpus[2], np.asarray(built.embeddings)
-  rows = [{"query": ["Find", "river paris"], "pos": [["", docs[3]]]},
-          {"query": ["Find", "winter ocean"], "pos": [["", docs[20]]], "neg": [["", "old"]]},
-          {"query": "stone garden", "pos": [docs[5]]}]
-  mined, short = mine_lib.mine(model, rows, built, negatives=3, range_min=1, range_max=8, margin=0.02,
-                               margin_type="absolute")
-  expect_short = 0
-  for row, m in zip(rows, mined):  # by hand: numpy scores over the index's vectors
-    instr, q = row["query"] if isinstance(row["query"], list) else ("", row["query"])
-    pos = row["pos"][0][1] if isinstance(row["pos"][0], list) else row["pos"][0]
+  queries = [("Find", "river paris"), ("Find", "winter ocean"), ("", "stone garden")]
+  order = []
+  for instr, q in queries:  # by hand: numpy scores over the index's vectors
     q_D = model.encode([q], instruction=instr)[0]
-    s_N = emb @ q_D
-    window = np.argsort(-s_N, kind="stable")[1:8]
-    expect = [docs[r] for r in window if s_N[r] <= q_D @ emb[docs.index(pos)] - 0.02 and docs[r] != pos][:3]
-    assert [n[1] if isinstance(n, list) else n for n in m["neg"]] == expect and pos not in expect
+    order.append((np.argsort(-(emb @ q_D), kind="stable"), emb @ q_D))
+  # each row's positive is its query's 2nd-best document: inside the rank window [1, 8), so it must be skipped
+  rows = [{"query": list(queries[0]), "pos": [["", docs[order[0][0][1]]]]},
+          {"query": list(queries[1]), "pos": [["", docs[order[1][0][1]]]], "neg": [["", "old"]]},
+          {"query": queries[2][1], "pos": [docs[order[2][0][1]]]}]
+  mined, short = mine_lib.mine(model, rows, built, negatives=3, range_min=1, range_max=8, margin=0.0,
+                               margin_type="absolute")
+  assert short == 0
+  for row, m, (o, s_N) in zip(rows, mined, order):
+    assert [n[1] if isinstance(n, list) else n for n in m["neg"]] == [docs[r] for r in o[2:5]]
     assert all(isinstance(n, list) == isinstance(row["pos"][0], list) for n in m["neg"])
-    expect_short += len(expect) < 3
-  assert short == expect_short and sum(len(m["neg"]) for m in mined) > 0
+  # a relative margin that keeps only candidates scoring <= 1 - m of the positive's: (by hand) the first row's
+  m = 1 - (order[0][1][order[0][0][3]] + order[0][1][order[0][0][4]]) / 2 / order[0][1][order[0][0][1]]
+  part, short = mine_lib.mine(model, rows[:1], built, negatives=3, range_min=1, range_max=8, margin=float(m))
+  assert part[0]["neg"] == [["", docs[r]] for r in order[0][0][4:7]] and short == 0
   none, short = mine_lib.mine(model, rows, built, negatives=3, range_max=8, margin=10.0, margin_type="absolute")
   assert short == 3 and all(r["neg"] == [] for r in none)
   data, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in rows))
   assert cli.main(["mine", "--model", model_dir, "--data", str(data), "--corpus", *corpus[0], "--index", built.path,
-                   "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0.02",
+                   "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0",
                    "--margin-type", "absolute", "--shard-rows", "5", "--no-progress"]) == 0
   assert [json.loads(line) for line in out.read_text().splitlines()] == mined

@@ -199,8 +199,8 @@ def _write_shard(path: str, ids: Sequence[str], emb: np.ndarray) -> None:
   atomic_write(path, lambda f: np.savez(f, ids=np.asarray(ids, dtype=str), emb=emb), "wb")
 
 
-def _commit(out_dir: str, process_index: int, mine: dict) -> None:
-  atomic_write(_manifest_path(out_dir, process_index), lambda f: json.dump({"shards": mine}, f, indent=0))
+def _commit(out_dir: str, process_index: int, shards: dict) -> None:
+  atomic_write(_manifest_path(out_dir, process_index), lambda f: json.dump({"shards": shards}, f, indent=0))
 
 
 def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_rows: int = 4096,
@@ -224,10 +224,13 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
     _check_same(read_json(settings_path, "index settings"), settings, settings_path)
   elif process_index == 0:
     atomic_write(settings_path, lambda f: json.dump(settings, f, indent=1))
-  todo, done = my_chunks(chunks(files, shard_rows), process_index, process_count), done_shards(out_dir)
-  mine = {}
+  shard_path = lambda name: os.path.join(out_dir, "shards", name)  # noqa: E731
+  # a listed shard deleted by the user (after a checksum error) is encoded again
+  done = {n: v for n, v in done_shards(out_dir).items() if os.path.exists(shard_path(n))}
+  todo, own = my_chunks(chunks(files, shard_rows), process_index, process_count), {}
   if os.path.exists(_manifest_path(out_dir, process_index)):
-    mine = read_json(_manifest_path(out_dir, process_index), "index manifest")["shards"]
+    own = {n: v for n, v in read_json(_manifest_path(out_dir, process_index), "index manifest")["shards"].items()
+           if n in done}
   for c in todo:  # temporary files of a killed run of this process's share (never another process's)
     for tmp in glob.glob(os.path.join(out_dir, "shards", glob.escape(c.name) + ".tmp*")):
       os.remove(tmp)
@@ -241,10 +244,10 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
       model.count_truncation(tokens, enc["max_length"])
       emb_nD = encode_lib.encode_tokens(model, tokens, batch_size, enc["max_length"], enc["pooling"],
                                         enc["normalize"], enc["causal"], show_progress_bar=False, packing=packing)
-      path = os.path.join(out_dir, "shards", c.name)
+      path = shard_path(c.name)
       _write_shard(path, cf.ids[c.start:c.stop], emb_nD)
-      mine[c.name] = {"sha256": sha256_file(path), "rows": c.stop - c.start}
-      _commit(out_dir, process_index, mine)
+      own[c.name] = {"sha256": sha256_file(path), "rows": c.stop - c.start}
+      _commit(out_dir, process_index, own)
       bar.update(c.stop - c.start)
   return settings
 
@@ -252,8 +255,7 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
 def _load_shard(path: str, want: dict, ids: Sequence[str]) -> np.ndarray:
   """A shard's emb [n, D], after its sha256 and ids are checked against the manifest and the corpus."""
   if not os.path.exists(path):
-    raise GritJaxError(f"{path}: listed in the manifest but missing: delete its manifest entry (or the index) "
-                       f"and rerun")
+    raise GritJaxError(f"{path}: listed in the manifest but missing: rerun `grit-jax index` to encode it again")
   if sha256_file(path) != want["sha256"]:
     raise GritJaxError(f"{path}: does not match the sha256 in its manifest (damaged): delete it and rerun "
                        f"`grit-jax index` to encode it again")
