@@ -20,6 +20,9 @@ COMMANDS = {
     "generate": ("grit_jax.commands.infer", "generate_main", "generate a chat reply"),
     "rag": ("grit_jax.commands.infer", "rag_main", "retrieve from a corpus and answer with KV caching"),
     "serve": ("grit_jax.commands.serve", "main", "OpenAI-compatible HTTP server: embeddings, chat, search"),
+    "index": ("grit_jax.commands.index", "index_main", "encode a corpus into a FAISS index (resumable, multi-host)"),
+    "search": ("grit_jax.commands.index", "search_main", "search a corpus index (`grit-jax index`)"),
+    "mine": ("grit_jax.commands.index", "mine_main", "mine hard negatives for a training file from a corpus index"),
     "eval": ("grit_jax.commands.eval", "main", "retrieval metrics (nDCG@10, recall@k, MRR@10) on your rows"),
     # commands.mteb parses the arguments before importing mteb (seconds), so `grit-jax mteb --help` is instant.
     "mteb": ("grit_jax.commands.mteb", "main", "MTEB tasks on a model directory (results cached per weights)"),

@@ -233,7 +233,15 @@ def rag_main(argv: list[str]) -> int:
   add_max_length(p, "document / query embedding pass")
   _add_attn(p)
   add_shard_weights(p)
+  p.add_argument("--doc-cache", default=None,
+                 help="with a corpus index (`grit-jax index`): folder where the retrieved documents' KV caches are "
+                      "kept and reused (doc modes); default: computed per call")
   a = p.parse_args(argv)
+  from grit_jax.inference import corpus_index
+  if a.index and corpus_index.CorpusIndex.exists(a.index):
+    return _rag_corpus_index(a)
+  if a.doc_cache:
+    raise GritJaxError("--doc-cache needs --index naming a corpus index built by `grit-jax index`")
   if a.index and os.path.exists(a.index) and not os.path.isdir(a.index):
     raise GritJaxError(f"--index {a.index}: exists and is not a directory")
   if a.index and not os.path.exists(a.index):
@@ -270,4 +278,25 @@ def rag_main(argv: list[str]) -> int:
                         max_length=a.max_length)
   for q, r in zip(a.query, results):
     print(f"query: {q}\nretrieved [{r.doc_index}] (score {r.score:.4f}): {r.document[:200]}\nanswer: {r.answer}\n")
+  return 0
+
+
+def _rag_corpus_index(a) -> int:
+  """rag over a corpus index of `grit-jax index`: its FAISS search retrieves, the texts come from its corpus files."""
+  from grit_jax.inference import corpus_index
+  from grit_jax.inference import rag as rag_lib
+  if a.corpus:
+    raise GritJaxError(f"--corpus: --index {a.index} is a corpus index, built from its own corpus files")
+  if a.doc_cache:
+    check_writable_folder(os.path.dirname(os.path.abspath(a.doc_cache)), "--doc-cache", a.doc_cache)
+  _check_new_tokens(a.model, a.max_new_tokens)
+  index = corpus_index.CorpusIndex.load(a.index)
+  index.check_corpus()
+  model = _load(a.model, a.attn, a.shard_weights)
+  index.check_model(model, "--index")
+  results = rag_lib.rag(model, a.query, index, cache=a.cache, max_new_tokens=a.max_new_tokens, prompt=a.prompt,
+                        max_length=a.max_length, doc_cache_dir=a.doc_cache)
+  for q, r in zip(a.query, results):
+    print(f"query: {q}\nretrieved {index.ids[r.doc_index]} (score {r.score:.4f}): {r.document[:200]}\n"
+          f"answer: {r.answer}\n")
   return 0

@@ -386,6 +386,14 @@ class GritLM:
     from grit_jax.inference import rag
     return rag.build_index(self, documents, **kwargs)
 
+  def search(self, queries, index, k: int = 10, **kwargs):
+    """Top-k documents of a corpus index (`grit-jax index`; a folder or a loaded inference.corpus_index.CorpusIndex)
+    for each query: a list of {"id": str, "score": float} best first (a single string: one list). Queries are
+    embedded with the model's query_instruction unless `instruction=` is given; `return_text=True` adds "text",
+    `on_device=True` searches exactly on the local devices (inference.corpus_index.search)."""
+    from grit_jax.inference import corpus_index
+    return corpus_index.search(self, queries, index, k, **kwargs)
+
   def rag(self, query, documents, cache: str = "doc", max_new_tokens: int = 16, **kwargs):
     """Retrieve and answer with caching mode `cache` (see inference.rag.rag)."""
     from grit_jax.inference import rag

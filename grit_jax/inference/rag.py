@@ -373,28 +373,30 @@ class RagResult:
 
 def rag(model, query, documents, cache: str = "doc", max_new_tokens: int = 16, *, prompt: str = "query",
         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, max_length: int | None = None,
-        attn: str | None = None, stop_at_eos: bool = True):
+        attn: str | None = None, stop_at_eos: bool = True, doc_cache_dir: str | None = None):
   """Retrieve the top-1 document for `query` (a string, or a list for a batch) from `documents` (a list of
-  strings / {"title","text"} dicts, or a RagIndex) and answer with caching mode `cache` (see the module doc).
+  strings / {"title","text"} dicts, a RagIndex, or a corpus index of `grit-jax index`) and answer with caching mode `cache` (see the module doc).
 
   The query's embedding pass also yields its KV cache (modes query/query_doc/doc_query); doc modes take the
   document's cache from the index (built, with caches, when `documents` is a list). Returns a RagResult (str() is
   the answer), or a list of them for a list of queries. `stop_at_eos=False` forces max_new_tokens (latency runs).
   max_length: tokens per query / document embedding pass, None = the model's (GritLM.max_length); texts cut to it
-  are reported once per call."""
+  are reported once per call. doc_cache_dir (a corpus index only): where the retrieved documents' KV caches are
+  kept on disk and reused (corpus_index.CorpusIndex.doc_caches); without it they are computed per call."""
   if cache not in MODES:
     raise GritJaxError(f"cache={cache!r}: expected one of {MODES}")
   with model.truncation_report():
     return _rag(model, query, documents, cache, max_new_tokens, prompt=prompt, temperature=temperature, top_p=top_p,
-                seed=seed, max_length=model.max_length(max_length), attn=attn, stop_at_eos=stop_at_eos)
+                seed=seed, max_length=model.max_length(max_length), attn=attn, stop_at_eos=stop_at_eos,
+                doc_cache_dir=doc_cache_dir)
 
 
 def _rag(model, query, documents, cache, max_new_tokens, *, prompt, temperature, top_p, seed, max_length, attn,
-         stop_at_eos):
+         stop_at_eos, doc_cache_dir):
   single = isinstance(query, str)
   queries = [query] if single else list(query)
   causal = model.embedding_causal(attn)
-  if isinstance(documents, RagIndex):
+  if isinstance(documents, RagIndex) or hasattr(documents, "doc_caches"):  # or an inference.corpus_index
     index = documents
     index.check_model(model)
     if index.causal != causal:  # its embeddings (and caches) come from another attention than the queries'
@@ -413,7 +415,10 @@ def _rag(model, query, documents, cache, max_new_tokens, *, prompt, temperature,
   top, scores = index.search(q_emb, 1)
   hits = top[:, 0].tolist()
   docs = [index.documents[i] for i in hits]
-  doc_caches = [index.doc_cache(i) for i in hits] if cache in ("doc", "doc_query") else None
+  doc_caches = None
+  if cache in ("doc", "doc_query"):
+    doc_caches = index.doc_caches(model, hits, docs, max_length, doc_cache_dir) if hasattr(index, "doc_caches") \
+        else [index.doc_cache(i) for i in hits]
   prepared = prepare(model, queries, docs, cache, query_caches=q_caches, doc_caches=doc_caches,
                      query_ids=[t.tolist() for t, _ in q_tokens] if keep_q else None,
                      prompt=prompt, causal=causal, max_length=max_length)

@@ -1,0 +1,695 @@
+"""A corpus index at scale: resumable, multi-host sharded encoding into a FAISS index, and search over it.
+
+  build(model, corpus_files, out_dir, ...)   encode (resumable) + FAISS index; `grit-jax index`
+  CorpusIndex.load(dir).search(q_QD, k)      (rows [Q, k], scores [Q, k]); `grit-jax search`, GritLM.search
+  device_topk(emb_ND, q_QD, k)               exact top-k on device over a row-sharded embedding matrix
+
+Corpus rows: JSONL objects {"id": str|int, "text": str, "title": str (optional)} ("_id" as in BEIR corpora). Every
+file is read and checked (a row without id or text, a duplicate id) before the model runs.
+
+Layout of `out_dir`:
+  index_settings.json     written once at the first start: the model's weights fingerprint, the encode settings
+                          (max length, attention, pooling, normalisation) and each corpus file's sha256. A resume
+                          with another model, other settings or a changed corpus file is an error naming which.
+  shards/F-START-STOP.npz ids [n] + emb [n, D] float32 of rows [START, STOP) of corpus file F, each written
+                          atomically; the chunks are dealt round-robin to the processes (chunk i -> process i % P).
+  manifest-P.json         process P's finished shards with their sha256, rewritten atomically after each one. A
+                          shard is done only once its manifest entry exists: a kill between the shard's rename and
+                          the manifest redoes that shard under the same name (never two copies), and the index is
+                          built from the manifests' shards only, after checking each one's sha256.
+  embeddings.npy          [N, D] float32 in corpus order (read by memory map: rescoring and device search)
+  ids.npy, locations.npy  [N] ids; [N, 2] int64 (corpus file, byte offset of the row): document texts on demand
+  faiss.index             flat inner product (exact), IVF-PQ or HNSW, or int8 (scalar quantizer) / binary (Hamming)
+  corpus_index.json       written last: everything above plus the FAISS settings and each file's sha256
+
+Approximate kinds (ivfpq, hnsw, int8, binary) rescore their top `rescore` x k candidates with the float vectors
+(read from embeddings.npy on disk for those rows only), as sentence-transformers' quantized search does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+
+from grit_jax.errors import GritJaxError
+from grit_jax.fileio import atomic_write, read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+META = "corpus_index.json"
+SETTINGS = "index_settings.json"
+KINDS = ("flat", "ivfpq", "hnsw")
+QUANTIZE = ("none", "int8", "binary")
+FINAL_FILES = ("embeddings.npy", "ids.npy", "locations.npy", "faiss.index")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# corpus
+
+
+@dataclasses.dataclass
+class CorpusFile:
+  path: str
+  ids: list[str]
+  texts: list[str]
+  offsets: list[int]  # byte offset of each row's line
+  lines: list[int]    # its line number
+
+
+def _row_text(row: dict, where: str) -> tuple[str, str]:
+  rid = row.get("id", row.get("_id"))
+  if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
+    raise GritJaxError(f"{where}: no 'id' (a string or an integer)")
+  text, title = row.get("text"), row.get("title", "")
+  if not isinstance(text, str) or not text.strip():
+    raise GritJaxError(f"{where}: id {rid!r} has no text (a non-empty string 'text')")
+  if not isinstance(title, str):
+    raise GritJaxError(f"{where}: key 'title' must be a string")
+  try:
+    text.encode("utf-8"), title.encode("utf-8")
+  except UnicodeEncodeError:  # JSON can spell half of a UTF-16 pair (\ud800); no tokenizer takes it
+    raise GritJaxError(f"{where}: a lone UTF-16 surrogate in the text: not valid Unicode") from None
+  return str(rid), (title + " " + text).strip() if title else text
+
+
+def read_corpus_file(path: str) -> CorpusFile:
+  """Every row of a corpus JSONL; a bad row is a GritJaxError naming the file and line."""
+  out = CorpusFile(path, [], [], [], [])
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise GritJaxError(f"{path}: cannot open ({e.strerror})") from e
+  with f:
+    offset = 0
+    for n, raw in enumerate(f, 1):
+      start, offset = offset, offset + len(raw)
+      if not raw.strip():
+        continue
+      try:
+        row = json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError as e:
+        raise GritJaxError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from e
+      except json.JSONDecodeError as e:
+        raise GritJaxError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+      if not isinstance(row, dict):
+        raise GritJaxError(f"{path}:{n}: expected an object with 'id' and 'text'")
+      rid, text = _row_text(row, f"{path}:{n}")
+      out.ids.append(rid)
+      out.texts.append(text)
+      out.offsets.append(start)
+      out.lines.append(n)
+  if not out.ids:
+    raise GritJaxError(f"{path}: no rows")
+  return out
+
+
+def read_corpus(paths: Sequence[str]) -> list[CorpusFile]:
+  """All corpus files, with ids unique across them (a duplicate names both places)."""
+  if not paths:
+    raise GritJaxError("--corpus: no files")
+  if len(set(map(os.path.abspath, paths))) != len(paths):
+    raise GritJaxError(f"--corpus names a file twice: {list(paths)}")
+  files, seen = [read_corpus_file(p) for p in paths], {}
+  for cf in files:
+    for rid, n in zip(cf.ids, cf.lines):
+      if rid in seen:
+        raise GritJaxError(f"{cf.path}:{n}: duplicate id {rid!r}, first at {seen[rid]}")
+      seen[rid] = f"{cf.path}:{n}"
+  return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encoding into shards (resumable, split over processes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  file: int   # index into the corpus files
+  start: int  # rows [start, stop) of that file
+  stop: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.file:05d}-{self.start:010d}-{self.stop:010d}.npz"
+
+
+def chunks(files: Sequence[CorpusFile], shard_rows: int) -> list[Chunk]:
+  return [Chunk(f, s, min(s + shard_rows, len(cf.ids))) for f, cf in enumerate(files)
+          for s in range(0, len(cf.ids), shard_rows)]
+
+
+def my_chunks(all_chunks: Sequence[Chunk], process_index: int, process_count: int) -> list[Chunk]:
+  """Process p's share: chunk i goes to process i % P (every chunk to exactly one process)."""
+  return [c for i, c in enumerate(all_chunks) if i % process_count == process_index]
+
+
+def _manifest_path(out_dir: str, process_index: int) -> str:
+  return os.path.join(out_dir, f"manifest-{process_index:05d}.json")
+
+
+def done_shards(out_dir: str) -> dict[str, dict]:
+  """{shard name: {"sha256", "rows"}} over every process's manifest."""
+  done = {}
+  for path in sorted(glob.glob(os.path.join(out_dir, "manifest-*.json"))):
+    m = read_json(path, "index manifest")
+    if not isinstance(m, dict) or not isinstance(m.get("shards"), dict):
+      raise GritJaxError(f"{path}: not an index manifest (no 'shards')")
+    done.update(m["shards"])
+  return done
+
+
+def encode_settings(model, max_length: int | None, attn: str | None) -> dict:
+  """What the embeddings depend on besides the weights; recorded, and checked at every resume and search."""
+  return {"max_length": model.max_length(max_length), "causal": model.embedding_causal(attn),
+          "pooling": model.pooling, "normalize": bool(model.normalize), "instruction": ""}
+
+
+def _check_same(recorded: dict, current: dict, where: str) -> None:
+  """A GritJaxError naming the first difference between the recorded settings and this run's."""
+  if recorded.get("model", {}).get("weights") != current["model"]["weights"]:
+    raise GritJaxError(f"{where}: started with model {recorded.get('model', {}).get('name')} (weights "
+                       f"{recorded.get('model', {}).get('weights')}), not this model {current['model']['name']} "
+                       f"(weights {current['model']['weights']}): use another --out")
+  old, new = recorded.get("corpus", []), current["corpus"]
+  if [c["path"] for c in old] != [c["path"] for c in new]:
+    raise GritJaxError(f"{where}: started with --corpus {[c['path'] for c in old]}, now "
+                       f"{[c['path'] for c in new]}: use another --out")
+  for o, c in zip(old, new):
+    if o["sha256"] != c["sha256"]:
+      raise GritJaxError(f"{where}: corpus file {c['path']} changed since the index was started (sha256 "
+                         f"{o['sha256'][:16]} -> {c['sha256'][:16]}): use another --out")
+  for key, value in current["encode"].items():
+    if recorded.get("encode", {}).get(key) != value:
+      raise GritJaxError(f"{where}: started with {key}={recorded.get('encode', {}).get(key)!r}, now {value!r}")
+  if recorded.get("shard_rows") != current["shard_rows"]:
+    raise GritJaxError(f"{where}: started with shard_rows={recorded.get('shard_rows')}, now "
+                       f"{current['shard_rows']}")
+
+
+def _write_shard(path: str, ids: Sequence[str], emb: np.ndarray) -> None:
+  atomic_write(path, lambda f: np.savez(f, ids=np.asarray(ids, dtype=str), emb=emb), "wb")
+
+
+def _commit(out_dir: str, process_index: int, shards: dict) -> None:
+  atomic_write(_manifest_path(out_dir, process_index), lambda f: json.dump({"shards": shards}, f, indent=0))
+
+
+def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_rows: int = 4096,
+                  batch_size: int = 64, max_length: int | None = None, attn: str | None = None,
+                  packing: bool | None = None, process_index: int = 0, process_count: int = 1,
+                  show_progress_bar: bool = True) -> dict:
+  """Encode this process's share of the corpus into shards (skipping those done), and return the settings."""
+  from tqdm import tqdm
+
+  from grit_jax.inference import encode as encode_lib
+  from grit_jax.inference import rag
+  if shard_rows < 1:
+    raise GritJaxError(f"shard_rows={shard_rows}: must be >= 1")
+  enc = encode_settings(model, max_length, attn)
+  settings = {"version": VERSION, "model": rag.model_identity(model), "encode": enc, "shard_rows": shard_rows,
+              "corpus": [{"path": os.path.abspath(cf.path), "sha256": sha256_file(cf.path), "rows": len(cf.ids)}
+                         for cf in files]}
+  os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+  settings_path = os.path.join(out_dir, SETTINGS)
+  if os.path.exists(settings_path):
+    _check_same(read_json(settings_path, "index settings"), settings, settings_path)
+  elif process_index == 0:
+    atomic_write(settings_path, lambda f: json.dump(settings, f, indent=1))
+  shard_path = lambda name: os.path.join(out_dir, "shards", name)  # noqa: E731
+  # a listed shard deleted by the user (after a checksum error) is encoded again
+  done = {n: v for n, v in done_shards(out_dir).items() if os.path.exists(shard_path(n))}
+  todo, own = my_chunks(chunks(files, shard_rows), process_index, process_count), {}
+  if os.path.exists(_manifest_path(out_dir, process_index)):
+    own = {n: v for n, v in read_json(_manifest_path(out_dir, process_index), "index manifest")["shards"].items()
+           if n in done}
+  for c in todo:  # temporary files of a killed run of this process's share (never another process's)
+    for tmp in glob.glob(os.path.join(out_dir, "shards", glob.escape(c.name) + ".tmp*")):
+      os.remove(tmp)
+  todo = [c for c in todo if c.name not in done]
+  bar = tqdm(total=sum(c.stop - c.start for c in todo), unit="doc", desc=f"Indexing (process {process_index})",
+             disable=not show_progress_bar, dynamic_ncols=True)
+  with model.truncation_report(), bar:
+    for c in todo:
+      cf = files[c.file]
+      tokens = encode_lib.tokenize(model, cf.texts[c.start:c.stop], "", enc["max_length"])
+      model.count_truncation(tokens, enc["max_length"])
+      emb_nD = encode_lib.encode_tokens(model, tokens, batch_size, enc["max_length"], enc["pooling"],
+                                        enc["normalize"], enc["causal"], show_progress_bar=False, packing=packing)
+      path = shard_path(c.name)
+      _write_shard(path, cf.ids[c.start:c.stop], emb_nD)
+      own[c.name] = {"sha256": sha256_file(path), "rows": c.stop - c.start}
+      _commit(out_dir, process_index, own)
+      bar.update(c.stop - c.start)
+  return settings
+
+
+def _load_shard(path: str, want: dict, ids: Sequence[str]) -> np.ndarray:
+  """A shard's emb [n, D], after its sha256 and ids are checked against the manifest and the corpus."""
+  if not os.path.exists(path):
+    raise GritJaxError(f"{path}: listed in the manifest but missing: rerun `grit-jax index` to encode it again")
+  if sha256_file(path) != want["sha256"]:
+    raise GritJaxError(f"{path}: does not match the sha256 in its manifest (damaged): delete it and rerun "
+                       f"`grit-jax index` to encode it again")
+  try:
+    with np.load(path) as z:
+      got_ids, emb = z["ids"], z["emb"]
+  except (OSError, ValueError, KeyError) as e:
+    raise GritJaxError(f"{path}: cannot read ({e})") from e
+  if list(got_ids) != list(ids):
+    raise GritJaxError(f"{path}: holds other ids than its corpus rows")
+  return emb
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FAISS
+
+
+@dataclasses.dataclass(frozen=True)
+class FaissSettings:
+  kind: str = "flat"         # flat | ivfpq | hnsw
+  quantize: str = "none"     # none | int8 | binary (flat only)
+  nlist: int = 0             # ivfpq: inverted lists (0 = about 4 sqrt(N))
+  pq_m: int = 0              # ivfpq: sub-quantizers (0 = D / 4: 4 dims per byte)
+  pq_bits: int = 8
+  nprobe: int = 32           # ivfpq: lists searched
+  hnsw_m: int = 32
+  ef_search: int = 128
+  ef_construction: int = 80
+  rescore: int = 4           # approximate kinds: rescore rescore x k candidates with the float vectors (0 = off)
+
+  def check(self, dim: int | None = None) -> None:
+    """A GritJaxError naming the flag; dim None: the checks that need no embedding size (before the model)."""
+    if self.kind not in KINDS:
+      raise GritJaxError(f"--faiss {self.kind}: expected one of {KINDS}")
+    if self.quantize not in QUANTIZE:
+      raise GritJaxError(f"--quantize {self.quantize}: expected one of {QUANTIZE}")
+    if self.quantize != "none" and self.kind != "flat":
+      raise GritJaxError(f"--quantize {self.quantize} applies to --faiss flat ({self.kind} compresses or "
+                         "graphs the vectors itself)")
+    if dim is not None and self.quantize == "binary" and dim % 8:
+      raise GritJaxError(f"--quantize binary: the embedding size {dim} is not a multiple of 8")
+    if dim is not None and self.kind == "ivfpq" and self.pq_m and dim % self.pq_m:
+      raise GritJaxError(f"--pq-m {self.pq_m}: must divide the embedding size {dim}")
+    for name in ("nprobe", "hnsw_m", "ef_search", "ef_construction", "pq_bits"):
+      if getattr(self, name) < 1:
+        raise GritJaxError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+    if self.rescore < 0:
+      raise GritJaxError(f"--rescore {self.rescore}: must be >= 0")
+
+  @property
+  def exact(self) -> bool:
+    return self.kind == "flat" and self.quantize == "none"
+
+
+def build_faiss(emb_ND: np.ndarray, fs: FaissSettings, seed: int = 0):
+  """The FAISS index of fs over emb_ND (inner product; binary: Hamming over the signs)."""
+  import faiss
+  N, D = emb_ND.shape
+  fs.check(D)
+  emb_ND = np.ascontiguousarray(emb_ND, np.float32)
+  if fs.quantize == "binary":
+    index = faiss.IndexBinaryFlat(D)
+    index.add(np.packbits(emb_ND > 0, axis=1))
+    return index
+  if fs.quantize == "int8":
+    index = faiss.IndexScalarQuantizer(D, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+  elif fs.kind == "flat":
+    index = faiss.IndexFlatIP(D)
+  elif fs.kind == "hnsw":
+    index = faiss.IndexHNSWFlat(D, fs.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = fs.ef_construction
+  else:
+    nlist = fs.nlist or max(1, min(N // 39, int(4 * np.sqrt(N))))  # faiss wants >= 39 training points per list
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(D), D, nlist, fs.pq_m or D // 4, fs.pq_bits,
+                             faiss.METRIC_INNER_PRODUCT)
+  if not index.is_trained:
+    # enough points for the coarse lists and the PQ codebooks (256 centroids each), at most N
+    rows = np.random.default_rng(seed).choice(N, min(N, max(64 * getattr(index, "nlist", 1), 2 ** 16)),
+                                              replace=False)
+    index.train(emb_ND[np.sort(rows)])
+  index.add(emb_ND)
+  return index
+
+
+def faiss_search(index, fs: FaissSettings, emb_ND: np.ndarray, q_QD: np.ndarray,
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+  """(rows [Q, k] int64, scores [Q, k] float32), best first; approximate kinds rescored by emb_ND (a memory map:
+  only the candidates' rows are read). Fewer than k rows in the index: k = N."""
+  import faiss
+  q_QD = np.ascontiguousarray(q_QD, np.float32)
+  k = min(k, emb_ND.shape[0])
+  want = k if fs.exact or not fs.rescore else min(emb_ND.shape[0], fs.rescore * k)
+  if fs.kind == "ivfpq":
+    faiss.extract_index_ivf(index).nprobe = fs.nprobe
+  elif fs.kind == "hnsw":
+    index.hnsw.efSearch = max(fs.ef_search, want)
+  if fs.quantize == "binary":
+    _, rows = index.search(np.packbits(q_QD > 0, axis=1), want)
+  else:
+    scores, rows = index.search(q_QD, want)
+  if fs.exact or (not fs.rescore and fs.quantize != "binary"):
+    return rows[:, :k], scores[:, :k]
+  return rescore(emb_ND, q_QD, rows, k)
+
+
+def rescore(emb_ND: np.ndarray, q_QD: np.ndarray, rows_QC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The best k of each query's candidate rows by the exact inner product with the float vectors."""
+  rows_QC = np.where(rows_QC < 0, 0, rows_QC)  # faiss pads with -1 when it finds fewer; scored -inf below
+  uniq, inv = np.unique(rows_QC, return_inverse=True)
+  cand_UD = np.asarray(emb_ND[uniq], np.float32)  # reads only these rows of a memory map
+  scores_QC = np.einsum("qd,qcd->qc", q_QD, cand_UD[inv.reshape(rows_QC.shape)])
+  order = np.argsort(-scores_QC, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(rows_QC, order, 1), np.take_along_axis(scores_QC, order, 1).astype(np.float32)
+
+
+def index_nbytes(index) -> int:
+  """Bytes of the serialized index (what search holds in memory)."""
+  import faiss
+  ser = faiss.serialize_index_binary(index) if isinstance(index, faiss.IndexBinary) else faiss.serialize_index(index)
+  return int(ser.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact top-k on device
+
+
+@functools.lru_cache(maxsize=None)
+def _device_topk_fn(mesh, k: int, block: int, n_valid: int):
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  P = jax.P
+
+  def local(q_QD, e_nD):  # e_nD: this device's rows, a multiple of `block`
+    n = e_nD.shape[0]
+    base = lax.axis_index("corpus") * n
+    Q = q_QD.shape[0]
+
+    def step(carry, b):
+      best_s, best_i = carry
+      e_bD = lax.dynamic_slice_in_dim(e_nD, b * block, block)
+      s_Qb = jnp.einsum("qd,bd->qb", q_QD, e_bD, preferred_element_type=jnp.float32)
+      rows_b = base + b * block + jnp.arange(block)
+      s_Qb = jnp.where(rows_b[None] < n_valid, s_Qb, -jnp.inf)  # padding rows never win
+      s = jnp.concatenate([best_s, s_Qb], 1)
+      i = jnp.concatenate([best_i, jnp.broadcast_to(rows_b, (Q, block))], 1)
+      top_s, pos = lax.top_k(s, k)
+      return (top_s, jnp.take_along_axis(i, pos, 1)), None
+
+    init = lax.pcast((jnp.full((Q, k), -jnp.inf, jnp.float32), jnp.zeros((Q, k), jnp.int32)), ("corpus",),
+                     to="varying")  # the carry differs per device, as the scan's outputs do
+    (s_Qk, i_Qk), _ = lax.scan(step, init, jnp.arange(n // block))
+    s_all = lax.all_gather(s_Qk, "corpus", axis=1, tiled=True, to="invarying")  # [Q, devices * k]
+    i_all = lax.all_gather(i_Qk, "corpus", axis=1, tiled=True, to="invarying")
+    top_s, pos = lax.top_k(s_all, k)
+    return top_s, jnp.take_along_axis(i_all, pos, 1)
+
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("corpus")), out_specs=(P(), P())))
+
+
+def device_corpus(emb_ND: np.ndarray, devices=None, block: int = 4096):
+  """emb_ND placed on `devices` (default: every local one), rows split evenly (zero rows appended to a multiple of
+  devices x block): (the sharded array, the mesh, block, N). Hold it and pass it to device_topk per query batch."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding
+  devices = list(devices if devices is not None else jax.local_devices())
+  N, D = emb_ND.shape
+  block = max(1, min(block, -(-N // len(devices))))
+  per = -(-N // (len(devices) * block)) * block
+  padded = np.zeros((per * len(devices), D), np.float32)
+  padded[:N] = emb_ND
+  mesh = Mesh(np.asarray(devices), ("corpus",))
+  return jax.device_put(padded, NamedSharding(mesh, jax.P("corpus"))), mesh, block, N
+
+
+def device_topk(corpus, q_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact (rows [Q, k], scores [Q, k]) by inner product over a device_corpus: each device scans its rows in blocks
+  keeping a running top-k (memory: Q x block scores), then the devices' k best are gathered and merged."""
+  emb, mesh, block, N = corpus
+  k = min(k, N)
+  s, i = _device_topk_fn(mesh, k, block, N)(np.asarray(q_QD, np.float32), emb)
+  return np.asarray(i).astype(np.int64), np.asarray(s)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the index
+
+
+def build(model, corpus_paths: Sequence[str], out_dir: str, faiss_settings: FaissSettings = FaissSettings(), *,
+          process_index: int = 0, process_count: int = 1, barrier=None, **encode_kwargs) -> "CorpusIndex | None":
+  """`grit-jax index`: encode this process's share (resuming), then on process 0, once every share is done (after
+  `barrier()` on several processes), the FAISS index. Returns the index on process 0, None on the others."""
+  files = read_corpus(corpus_paths)
+  settings = encode_corpus(model, files, out_dir, process_index=process_index, process_count=process_count,
+                           **encode_kwargs)
+  if barrier is not None:
+    barrier()
+  if process_index != 0:
+    return None
+  return finish(out_dir, files, settings, faiss_settings)
+
+
+def finish(out_dir: str, files: Sequence[CorpusFile], settings: dict, fs: FaissSettings) -> "CorpusIndex":
+  """Gather every shard (each checked against its manifest sha256) in corpus order and write the FAISS index;
+  a missing shard is an error naming how many and the first."""
+  import faiss
+  meta_path = os.path.join(out_dir, META)
+  if os.path.exists(meta_path):
+    meta = read_json(meta_path, "index metadata")
+    if meta.get("faiss") == dataclasses.asdict(fs) and meta.get("model") == settings["model"] and \
+        meta.get("corpus") == settings["corpus"]:
+      log.info("%s: already built", out_dir)
+      return CorpusIndex.load(out_dir)
+  all_chunks, done = chunks(files, settings["shard_rows"]), done_shards(out_dir)
+  missing = [c.name for c in all_chunks if c.name not in done]
+  if missing:
+    raise GritJaxError(f"{out_dir}: {len(missing)} of {len(all_chunks)} shards not encoded yet (first: "
+                       f"shards/{missing[0]}); rerun `grit-jax index` (every process) to finish them")
+  N = sum(len(cf.ids) for cf in files)
+  t0 = time.perf_counter()
+  emb_path = os.path.join(out_dir, "embeddings.npy")
+  tmp = emb_path + f".tmp{os.getpid()}"
+  try:
+    emb_ND, row = None, 0
+    for c in all_chunks:
+      part = _load_shard(os.path.join(out_dir, "shards", c.name), done[c.name], files[c.file].ids[c.start:c.stop])
+      if emb_ND is None:
+        emb_ND = np.lib.format.open_memmap(tmp, "w+", np.float32, (N, part.shape[1]))
+      emb_ND[row:row + len(part)] = part
+      row += len(part)
+    emb_ND.flush()
+    del emb_ND
+    os.replace(tmp, emb_path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  emb_ND = np.load(emb_path, mmap_mode="r")
+  ids = np.asarray([i for cf in files for i in cf.ids], dtype=str)
+  locations = np.asarray([(f, o) for f, cf in enumerate(files) for o in cf.offsets], np.int64).reshape(-1, 2)
+  atomic_write(os.path.join(out_dir, "ids.npy"), lambda f: np.save(f, ids), "wb")
+  atomic_write(os.path.join(out_dir, "locations.npy"), lambda f: np.save(f, locations), "wb")
+  index = build_faiss(np.asarray(emb_ND), fs)
+  faiss_path = os.path.join(out_dir, "faiss.index")
+  serialize = faiss.serialize_index_binary if fs.quantize == "binary" else faiss.serialize_index
+  atomic_write(faiss_path, lambda f: f.write(serialize(index).tobytes()), "wb")
+  meta = dict(settings, num_documents=N, dim=int(emb_ND.shape[1]), faiss=dataclasses.asdict(fs),
+              sha256={n: sha256_file(os.path.join(out_dir, n)) for n in FINAL_FILES})
+  atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1))
+  log.info("%s: %s index of %d documents built in %.1f s", out_dir, fs.kind, N, time.perf_counter() - t0)
+  return CorpusIndex.load(out_dir, verify=False)
+
+
+class CorpusIndex:
+  """A built index folder: search by embeddings, ids, and document texts read from the corpus files on demand."""
+
+  def __init__(self, path: str, meta: dict, index, emb_ND, ids, locations):
+    self.path, self.meta, self.index = path, meta, index
+    self.embeddings, self.ids, self.locations = emb_ND, ids, locations
+    self.fs = FaissSettings(**meta["faiss"])
+    self.causal = bool(meta["encode"]["causal"])
+    self.model = meta["model"]
+    self._device = None
+    self._corpus_checked = False
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @staticmethod
+  def exists(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META))
+
+  @classmethod
+  def load(cls, path: str, verify: bool = True) -> "CorpusIndex":
+    """Every missing or damaged file is a GritJaxError naming it (verify: sha256 of every file, which reads them
+    whole; otherwise their sizes are checked by loading)."""
+    import faiss
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+      raise GritJaxError(f"{path}: not a corpus index (no {META}; build one with `grit-jax index`)")
+    meta = read_json(meta_path, "index metadata")
+    if not isinstance(meta, dict) or meta.get("version") != VERSION:
+      raise GritJaxError(f"{meta_path}: not a version {VERSION} corpus index: rebuild it")
+    for name in FINAL_FILES:
+      file = os.path.join(path, name)
+      if not os.path.isfile(file):
+        raise GritJaxError(f"{file}: missing: rerun `grit-jax index`")
+      if verify and sha256_file(file) != meta["sha256"].get(name):
+        raise GritJaxError(f"{file}: does not match the sha256 in {meta_path} (edited or damaged): rerun "
+                           "`grit-jax index` after deleting it")
+    try:
+      emb = np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r")
+      ids = np.load(os.path.join(path, "ids.npy"))
+      locations = np.load(os.path.join(path, "locations.npy"))
+      read = faiss.read_index_binary if meta["faiss"]["quantize"] == "binary" else faiss.read_index
+      index = read(os.path.join(path, "faiss.index"))
+    except (OSError, ValueError, RuntimeError) as e:
+      raise GritJaxError(f"{path}: cannot read the index ({e})") from e
+    if not emb.shape[0] == len(ids) == len(locations) == index.ntotal == meta["num_documents"]:
+      raise GritJaxError(f"{path}: embeddings ({emb.shape[0]}), ids ({len(ids)}), FAISS ({index.ntotal}) and "
+                         f"{META} ({meta['num_documents']}) disagree in count")
+    return cls(path, meta, index, emb, ids, locations)
+
+  def check_model(self, model, where: str = "index") -> None:
+    """A GritJaxError unless the index was built by `model` (same weights fingerprint)."""
+    if self.model.get("weights") != model.weights_fingerprint():
+      raise GritJaxError(f"{where} {self.path}: built with model {self.model.get('name')} (weights "
+                         f"{self.model.get('weights')}), not with this model "
+                         f"{getattr(model, 'name_or_path', None)} (weights {model.weights_fingerprint()})")
+
+  def search(self, q_QD: np.ndarray, k: int = 10, on_device: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [Q, k], scores [Q, k]) best first, by FAISS (rescored by the float vectors where approximate) or,
+    `on_device`, by the exact top-k over the embeddings held on the local devices (placed at the first call)."""
+    q_QD = np.atleast_2d(np.asarray(q_QD, np.float32))
+    if q_QD.shape[1] != self.embeddings.shape[1]:
+      raise GritJaxError(f"query embeddings of size {q_QD.shape[1]}, the index holds {self.embeddings.shape[1]}")
+    if k < 1:
+      raise GritJaxError(f"k={k}: must be >= 1")
+    if on_device:
+      if self._device is None:
+        self._device = device_corpus(np.asarray(self.embeddings))
+      return device_topk(self._device, q_QD, k)
+    return faiss_search(self.index, self.fs, self.embeddings, q_QD, k)
+
+  def check_corpus(self) -> None:
+    """A GritJaxError when a corpus file changed since the index was built (texts are read from them)."""
+    for c in self.meta["corpus"]:
+      try:
+        got = sha256_file(c["path"])
+      except OSError as e:
+        raise GritJaxError(f"corpus file {c['path']} of index {self.path}: cannot read ({e.strerror})") from e
+      if got != c["sha256"]:
+        raise GritJaxError(f"corpus file {c['path']} changed since index {self.path} was built (sha256 "
+                           f"{c['sha256'][:16]} -> {got[:16]}): rebuild the index")
+    self._corpus_checked = True
+
+  def document(self, row: int) -> str:
+    """The text (title + text) of index row `row`, read from its corpus file (checked once per index)."""
+    if not self._corpus_checked:
+      self.check_corpus()
+    f, offset = self.locations[row]
+    path = self.meta["corpus"][int(f)]["path"]
+    with open(path, "rb") as fh:
+      fh.seek(int(offset))
+      return _row_text(json.loads(fh.readline().decode("utf-8")), path)[1]
+
+  @property
+  def documents(self):
+    """Sequence view of the texts by row (what rag reads)."""
+    return _Documents(self)
+
+  @property
+  def has_cache(self) -> bool:
+    return False
+
+  def doc_caches(self, model, rows: Sequence[int], docs: Sequence[str], max_length: int, cache_dir: str | None):
+    """KV caches [(k, v) [L, n, KVH, Dh]] of the documents at `rows` (RAG's doc modes): read from `cache_dir`
+    where an earlier call stored them, else computed by an embedding pass and stored there (atomically, one file
+    per document, under a folder named by the weights fingerprint, attention and max length, so another model's
+    caches are never read). Without cache_dir: None (rag computes them)."""
+    if cache_dir is None:
+      return None
+    from grit_jax.inference import rag
+    folder = os.path.join(cache_dir, f"{model.weights_fingerprint()}-{'causal' if self.causal else 'bidir'}-"
+                                     f"{max_length}")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, hashlib.sha256(str(self.ids[r]).encode()).hexdigest()[:32] + ".npz")
+             for r in rows]
+    out = [None] * len(rows)
+    for j, path in enumerate(paths):
+      if os.path.exists(path):
+        try:
+          with np.load(path) as z:
+            out[j] = (z["k"], z["v"]) if str(z["dtype"]) != "bfloat16" else (
+                z["k"].view(_bf16()), z["v"].view(_bf16()))
+        except (OSError, ValueError, KeyError) as e:
+          raise GritJaxError(f"{path}: damaged document KV cache ({e}): delete it") from e
+    todo = [j for j, c in enumerate(out) if c is None]
+    if todo:
+      ids = [t.tolist() for t, _ in rag._embed_tokens(model, [docs[j] for j in todo], max_length)]
+      for j, (k, v) in zip(todo, rag._segment_cache(model, ids, self.causal)):
+        k, v = np.asarray(k), np.asarray(v)
+        dtype = str(k.dtype)
+        view = (lambda a: a.view(np.uint16)) if dtype == "bfloat16" else (lambda a: a)  # npz has no bfloat16
+        atomic_write(paths[j], lambda f: np.savez(f, k=view(k), v=view(v), dtype=np.asarray(dtype)), "wb")
+        out[j] = (k, v)
+    return out
+
+
+def _bf16():
+  import jax.numpy as jnp
+  return jnp.bfloat16
+
+
+class _Documents:
+  def __init__(self, index: CorpusIndex):
+    self._index = index
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getitem__(self, row: int) -> str:
+    return self._index.document(row)
+
+
+def as_index(index_dir_or_obj, verify: bool = True) -> CorpusIndex:
+  return index_dir_or_obj if isinstance(index_dir_or_obj, CorpusIndex) else CorpusIndex.load(index_dir_or_obj, verify)
+
+
+def embed_queries(model, index: CorpusIndex, queries: Sequence[str], instruction: str | None = None,
+                  max_length: int | None = None) -> np.ndarray:
+  """q [Q, D] with the index's attention, pooling and normalisation; instruction None = the model's
+  query_instruction (as encode_queries)."""
+  from grit_jax.inference import encode as encode_lib
+  index.check_model(model)
+  enc = index.meta["encode"]
+  instruction = model.settings.query_instruction or "" if instruction is None else instruction
+  max_length = model.max_length(max_length)
+  with model.truncation_report():
+    tokens = encode_lib.tokenize(model, list(queries), instruction, max_length)
+    model.count_truncation(tokens, max_length)
+    return encode_lib.encode_tokens(model, tokens, max_length=max_length, pooling=enc["pooling"],
+                                    normalize=enc["normalize"], causal=enc["causal"])
+
+
+def search(model, queries, index_dir_or_obj, k: int = 10, *, instruction: str | None = None,
+           max_length: int | None = None, on_device: bool = False, return_text: bool = False):
+  """GritLM.search: for each query a list of {"id", "score"} (and "text" with return_text), best first; a single
+  string gives one list."""
+  index = as_index(index_dir_or_obj)
+  single = isinstance(queries, str)
+  queries = [queries] if single else list(queries)
+  if not queries:
+    return []
+  rows, scores = index.search(embed_queries(model, index, queries, instruction, max_length), k, on_device)
+  out = [[dict(id=str(index.ids[r]), score=float(s), **({"text": index.document(r)} if return_text else {}))
+          for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
+  return out[0] if single else out

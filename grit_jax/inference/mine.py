@@ -1,0 +1,96 @@
+"""Hard-negative mining over a corpus index (`grit-jax mine`): each training row's query is searched in the index
+and its `neg` replaced by the documents at ranks [range_min, range_max), best first, skipping its positives (by
+text) and every candidate within `margin` of the positive's score (relative: score > pos * (1 - margin); absolute:
+score > pos - margin), as sentence-transformers' mine_hard_negatives does. The corpus side is `grit-jax index`
+(resumable); queries and positives are embedded again on each run (they are a training file, not a corpus).
+"""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+
+from grit_jax.errors import GritJaxError
+from grit_jax.inference import corpus_index as ci
+
+MARGIN_TYPES = ("relative", "absolute")
+
+
+def _item(x, where: str) -> tuple[str, str]:
+  """(instruction, text) of a query / passage entry: [instruction, text] or a text."""
+  if isinstance(x, str):
+    return "", x
+  if isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x):
+    return x[0], x[1]
+  raise GritJaxError(f"{where}: expected a text or [instruction, text]")
+
+
+def read_rows(path: str) -> list[dict]:
+  """The embedding rows of a training JSONL ({"query", "pos", "neg"}); a bad row names its file and line."""
+  rows = []
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise GritJaxError(f"{path}: cannot open ({e.strerror})") from e
+  with f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise GritJaxError(f"{path}:{n}: invalid JSON ({e.msg})") from e
+      if not isinstance(row, dict) or "query" not in row or not isinstance(row.get("pos"), list) or not row["pos"]:
+        raise GritJaxError(f"{path}:{n}: expected an embedding row with 'query' and a non-empty 'pos' list")
+      _item(row["query"], f"{path}:{n}: 'query'")
+      for i, p in enumerate(row["pos"]):
+        _item(p, f"{path}:{n}: pos[{i}]")
+      rows.append(row)
+  if not rows:
+    raise GritJaxError(f"{path}: no rows")
+  return rows
+
+
+def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7, range_min: int = 0,
+         range_max: int = 50, margin: float = 0.0, margin_type: str = "relative") -> tuple[list[dict], int]:
+  """(the rows with mined `neg`, how many got fewer than `negatives`)."""
+  if margin_type not in MARGIN_TYPES:
+    raise GritJaxError(f"--margin-type {margin_type}: expected one of {MARGIN_TYPES}")
+  if not 0 <= range_min < range_max or negatives < 1:
+    raise GritJaxError(f"--range-min {range_min} / --range-max {range_max} / --negatives {negatives}: need "
+                       "0 <= range-min < range-max and negatives >= 1")
+  queries = [_item(r["query"], "query") for r in rows]
+  positives = [_item(r["pos"][0], "pos") for r in rows]
+  q_QD = _embed(model, index, queries)
+  p_QD = _embed(model, index, positives)
+  pos_Q = np.einsum("qd,qd->q", q_QD, p_QD)
+  found_QK, scores_QK = index.search(q_QD, range_max)
+  out, short = [], 0
+  for row, pos, found, scores in zip(rows, pos_Q, found_QK, scores_QK):
+    limit = pos * (1 - margin) if margin_type == "relative" else pos - margin
+    pos_texts = {_item(p, "pos")[1] for p in row["pos"]}
+    instruction = _item(row["pos"][0], "pos")[0]
+    neg = []
+    for r, s in list(zip(found, scores))[range_min:]:
+      if len(neg) == negatives:
+        break
+      if r < 0 or s > limit:
+        continue
+      text = index.document(int(r))
+      if text not in pos_texts:
+        neg.append([instruction, text] if isinstance(row["pos"][0], list) else text)
+    short += len(neg) < negatives
+    out.append(dict(row, neg=neg))
+  return out, short
+
+
+def _embed(model, index, items: Sequence[tuple[str, str]]) -> np.ndarray:
+  """Embeddings of (instruction, text) pairs, one pass per instruction, in input order."""
+  out = None
+  for instruction in dict.fromkeys(i for i, _ in items):
+    idx = [j for j, (i, _) in enumerate(items) if i == instruction]
+    emb = ci.embed_queries(model, index, [items[j][1] for j in idx], instruction)
+    out = np.zeros((len(items), emb.shape[1]), np.float32) if out is None else out
+    out[idx] = emb
+  return out
