@@ -269,3 +269,20 @@ def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, mode
                    "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0",
                    "--margin-type", "absolute", "--shard-rows", "5", "--no-progress"]) == 0
   assert [json.loads(line) for line in out.read_text().splitlines()] == mined
+
+
+def test_served_search_over_a_corpus_index(model, built):
+  """`grit-jax serve --index` on a corpus index: /v1/search returns GritLM.search's hits with their text."""
+  import httpx
+
+  from grit_jax.inference import serve
+  worker = serve.Worker(model, searcher=serve.corpus_index_searcher(model, ci.CorpusIndex.load(built.path)))
+  with serve.Server(serve.build_app(model, worker, model_name="tiny")) as s:
+    r = httpx.post(s.url + "/v1/search", json={"model": "tiny", "query": ["river paris", "winter ocean"], "k": 3},
+                   timeout=120)
+  want = model.search(["river paris", "winter ocean"], built.path, 3, return_text=True)
+  got = [row["results"] for row in r.json()["data"]]
+  assert [[h["id"] for h in q] for q in got] == [[h["id"] for h in q] for q in want]
+  assert [[h["text"] for h in q] for q in got] == [[h["text"] for h in q] for q in want]
+  np.testing.assert_allclose([[h["score"] for h in q] for q in got], [[h["score"] for h in q] for q in want],
+                             rtol=1e-6)

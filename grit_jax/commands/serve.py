@@ -14,7 +14,8 @@ DESCRIPTION = ("Serve a model over HTTP with the OpenAI API: /v1/embeddings, /v1
 
 def main(argv: list[str]) -> int:
   p = infer._parser("grit-jax serve", DESCRIPTION)
-  p.add_argument("--index", default=None, help="a `grit-jax rag --index` folder built by this model: serves /v1/search")
+  p.add_argument("--index", default=None, help="a `grit-jax index` folder (FAISS) or a `grit-jax rag --index` folder "
+                 "built by this model: serves /v1/search")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--api-key", default=os.environ.get("GRIT_JAX_API_KEY"),
@@ -40,14 +41,18 @@ def main(argv: list[str]) -> int:
   if a.max_wait_ms < 0:
     raise GritJaxError(f"--max-wait-ms {a.max_wait_ms}: must be >= 0")
   infer.model_config(a.model)  # a bad model path fails before anything loads
-  from grit_jax.inference import rag
-  if a.index and not rag.RagIndex.exists(a.index):
-    raise GritJaxError(f"--index {a.index}: no index.json (build one with `grit-jax rag --index DIR --corpus ...`)")
+  from grit_jax.inference import corpus_index, rag
+  corpus = bool(a.index) and corpus_index.CorpusIndex.exists(a.index)
+  if a.index and not corpus and not rag.RagIndex.exists(a.index):
+    raise GritJaxError(f"--index {a.index}: neither a corpus index (`grit-jax index`) nor a RAG index (index.json)")
   import uvicorn
 
   from grit_jax.inference import serve
   model = infer._load(a.model, a.attn, a.shard_weights)
-  searcher = serve.rag_index_searcher(model, rag.RagIndex.load(a.index)) if a.index else None
+  if corpus:
+    searcher = serve.corpus_index_searcher(model, corpus_index.CorpusIndex.load(a.index))
+  else:
+    searcher = serve.rag_index_searcher(model, rag.RagIndex.load(a.index)) if a.index else None
   worker = serve.Worker(model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
                         searcher=searcher)
   if a.warmup_tokens > 0:

@@ -202,6 +202,13 @@ RUNS = {"embed": Worker.run_embed, "chat": Worker.run_chat, "sample": Worker.run
         "search": Worker.run_search}
 
 
+def corpus_index_searcher(model, index) -> Searcher:
+  """Search over an inference.corpus_index.CorpusIndex (the `grit-jax index` folder): GritLM.search's hits with
+  their text ({"id", "score", "text"}). Runs on the worker thread."""
+  index.check_model(model)
+  return lambda queries, k: model.search(list(queries), index, k, return_text=True)
+
+
 def rag_index_searcher(model, index) -> Searcher:
   """Search over an inference.rag.RagIndex (the `grit-jax rag --index` folder): queries embedded as the index's
   documents were (no instruction, the index's attention), top-k by dot product. Runs on the worker thread."""
