@@ -575,6 +575,9 @@ def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypat
   (run / "config.json").write_text(json.dumps(run_json))
   assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf3")]) == 2
   assert "the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
+  # A step the run no longer keeps (README's example once named one): the error lists the steps there are.
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "100"), str(tmp_path / "hf4")]) == 2
+  assert capsys.readouterr().err.strip().endswith(f"no such checkpoint directory (steps in {run / 'checkpoints'}: 1)")
 
 
 def test_resume_survives_a_half_written_metrics_line(tmp_path, capsys):
