@@ -11,7 +11,7 @@ Cross-device negatives, two gradient semantics (config.loss.contrastive_grad):
   puts its own live rows back, computes the (identical) global loss, and the shards' gradients are averaged. The
   applied gradient is therefore (1/W) * grad L_rep while the reported loss is L_rep (`gathered_contrastive_loss`).
   W = the number of shards the batch is split into = the product of the sizes of the mesh axes that shard the
-  batch (data x fsdp x expert; grit_jax.sharding.BATCH_AXES).
+  batch: those of the `batch` logical rule, data x fsdp (x expert with expert parallelism; sharding.batch_axes).
 The shipped recipes use `exact` (configs/base.py): it does not depend on the device count, so a recipe behaves the
 same on 8 GPUs, a 256-chip pod or a laptop, and loss curves are comparable across meshes. `gritlm` is there to
 reproduce the reference's effective weighting of L_rep vs L_gen (1/W), which changes with W; with `exact`, the same

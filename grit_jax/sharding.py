@@ -28,8 +28,6 @@ from grit_jax.errors import GritJaxError
 AXES = ("data", "fsdp", "tensor", "expert")
 # config.mesh keys of the across-slice (DCN) part of each axis; the plain keys are the within-slice (ICI) part.
 DCN_KEYS = tuple(f"dcn_{a}" for a in AXES)
-# Mesh axes that split the batch of activations (W = the product of their sizes; see grit_jax.objectives).
-BATCH_AXES = ("data", "fsdp", "expert")
 # Axes the input batch arrives sharded over (grit_jax.data.to_global_batch).
 INPUT_BATCH_AXES = ("data", "fsdp")
 
@@ -157,3 +155,17 @@ def dividing_axes(mesh: Mesh, entry, size: int):
       prod *= n
   return entry if len(kept) == len(names) else (tuple(kept) or None)
 
+
+def logical_shardings(boxed, mesh: Mesh, rules: Rules):
+  """(abstract tree, matching NamedShardings) of a tree of boxed leaves (flax LogicallyPartitioned, e.g.
+  jax.eval_shape of an init): each leaf's logical axis names mapped through `rules`, each dimension keeping the
+  mesh axes that divide it (dividing_axes), the rest replicated. Unnamed leaves (step, counts) are replicated."""
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  abstract = nn.meta.unbox(boxed)
+
+  def fit(a, s):
+    spec = tuple(s.spec) + (None,) * (len(a.shape) - len(s.spec))
+    return NamedSharding(mesh, P(*(dividing_axes(mesh, axes, dim) for dim, axes in zip(a.shape, spec))))
+  return abstract, jax.tree.map(fit, abstract, shardings)

@@ -85,7 +85,7 @@ def test_mteb_task_needing_the_network_offline_is_one_line(tmp_path):
         def weights_fingerprint(self):
           return "0" * 16
 
-      mteb_adapter.MtebEncoder.from_pretrained = classmethod(lambda cls, d, **kw: cls(Fake(), "grit_jax/fake", **kw))
+      mteb_adapter.MtebEncoder.from_pretrained = classmethod(lambda cls, d, name=None, **kw: cls(Fake(), "grit_jax/fake", **kw))
       sys.exit(cli.main(["mteb", "--model", "unused", "--tasks", "SciFact", "--cache", sys.argv[1]]))
   """)
   env = dict(ENV, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))

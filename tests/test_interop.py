@@ -435,6 +435,7 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
   from mteb.mocks.mock_tasks import MockRetrievalTask
 
   from grit_jax.inference.gritlm import GritLM
+  from grit_jax.inference import mteb_adapter
   from grit_jax.inference.mteb_adapter import MtebEncoder
   from grit_jax.modeling import get_config, init_params
   monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
@@ -465,6 +466,25 @@ def test_mteb_results_are_kept_per_model(model_dir, tmp_path, monkeypatch):
   # mteb's loader reloads the model from its directory, with the same revision.
   reloaded = b.mteb_model_meta.load_model()
   assert reloaded.mteb_model_meta.revision == b.mteb_model_meta.revision
+  # Settings that change the vectors are part of the identity (mteb's experiment_kwargs): the same weights at
+  # another max length are another experiment, scored anew and reloaded with that setting.
+  short = MtebEncoder.from_pretrained(str(a_dir), max_length=30)
+  assert short.mteb_model_meta.revision == a.mteb_model_meta.revision
+  assert short.mteb_model_meta.experiment_name != a.mteb_model_meta.experiment_name
+  before = set((tmp_path / "cache").rglob("*.json"))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # the truncation report
+    score(short, cache)
+  filed = [p for p in set((tmp_path / "cache").rglob("*.json")) - before if p.name != "model_meta.json"]
+  assert filed and all("experiments" in p.parts for p in filed), filed  # its own entry, not a's cached one
+  assert short.mteb_model_meta.load_model().max_length == 30
+  # A training run's export is named after the run, not `hf`; --name / name= wins.
+  run = tmp_path / "runs" / "my-run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  assert mteb_adapter.model_name(str(run / "hf")) == "grit_jax/my-run"
+  assert mteb_adapter.model_name(str(a_dir)) == "grit_jax/model"
+  assert MtebEncoder.from_pretrained(str(a_dir), "org/mine").mteb_model_meta.name == "org/mine"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -506,3 +526,30 @@ def test_convert_accepts_a_model_with_only_tokenizer_json(model_dir, tmp_path):
   back = Tokenizer(str(tmp_path / "hf" / "tokenizer.json"))
   for text in TEXTS:
     assert back.encode(text) == Tokenizer(TOKENIZER).encode(text), text
+
+
+def test_mteb_local_task_reports_what_grit_jax_eval_reports(model_dir, tmp_path, monkeypatch):
+  """`grit-jax mteb --tasks data/eval/...jsonl`: the user's rows as an MTEB retrieval task, each query with its own
+  row's instruction (two in the file), offline; its nDCG@10 / recall@1 equal `grit-jax eval`'s on the same rows."""
+  import socket
+  import warnings
+
+  import mteb
+
+  from grit_jax.commands.mteb import resolve_tasks
+  from grit_jax.inference import retrieval_eval
+  from grit_jax.inference.mteb_adapter import MtebEncoder
+  monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(AssertionError("network")))
+  rows = os.path.join(ROOT, "data", "eval", "docs_eval.jsonl")
+  (task,) = resolve_tasks([rows])
+  assert task.metadata.name == "Local-docs_eval.jsonl"
+  enc = MtebEncoder.from_pretrained(model_dir, normalize=True)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    got = mteb.evaluate(enc, [task], cache=None, show_progress_bar=False).task_results[0].scores["test"][0]
+  want = retrieval_eval.evaluate(enc.model, *retrieval_eval.read_rows(rows))
+  assert abs(got["ndcg_at_10"] - want["ndcg@10"]) < 1e-4 and abs(got["recall_at_1"] - want["recall@1"]) < 1e-4
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"query": ["q instr", "a"], "pos": [["p instr", "b"]], "neg": []}\n')
+  with pytest.raises(GritJaxError, match="bad.jsonl: passages with an instruction"):
+    resolve_tasks([str(bad)])

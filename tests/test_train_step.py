@@ -114,6 +114,8 @@ def test_state_is_sharded(meshes):
   assert sh.params["layers_0"]["self_attn"]["q_proj"]["kernel"].spec == jax.P("fsdp", "tensor", None)
   assert sh.params["layers_0"]["mlp"]["down_proj"]["kernel"].spec == jax.P("tensor", "fsdp")
   assert sh.params["lm_head"]["kernel"].spec == jax.P("fsdp", "tensor")
+  from grit_jax.modeling.model import param_shardings  # inference's: the same, without an optimizer state
+  assert param_shardings(MODEL, mesh_tp, rules_tp)[1] == sh.params
   # expert parallelism on Mixtral: experts over `expert`
   mesh_ep, rules_ep = mesh_lib.make_mesh(dict(data=1, fsdp=2, tensor=1, expert=4))
   _, sh = state_lib.state_shardings(get_config("tiny_mixtral", vocab_size=V), tx, mesh_ep, rules_ep)

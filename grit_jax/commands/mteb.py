@@ -18,9 +18,12 @@ _NETWORK_ERRORS = ("ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoun
 def main(argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog="grit-jax mteb", description="Evaluate a model directory on MTEB tasks.")
   p.add_argument("--model", required=True, help="model directory (HF export or grit_jax directory)")
-  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus")
+  p.add_argument("--tasks", required=True, nargs="+", help="MTEB task names, e.g. SciFact NFCorpus, or a JSONL "
+                 "file / folder of rows in the training format, run as a retrieval task (as grit-jax eval reads it)")
   p.add_argument("--cache", default=None, help="mteb result cache folder (default: mteb's, ~/.cache/mteb)")
   p.add_argument("--batch-size", type=int, default=64)
+  p.add_argument("--name", default=None, help="the model's name in mteb's results (default: grit_jax/<model dir>, "
+                 "or grit_jax/<run folder> for a run's hf export)")
   from grit_jax.commands import infer as inference_cli
   inference_cli.add_max_length(p, "text")
   a = p.parse_args(argv)
@@ -29,7 +32,7 @@ def main(argv: list[str]) -> int:
 
   from grit_jax.inference.mteb_adapter import MtebEncoder
   tasks = resolve_tasks(a.tasks)  # before the model loads: a typo costs nothing
-  encoder = MtebEncoder.from_pretrained(a.model, batch_size=a.batch_size, max_length=a.max_length)
+  encoder = MtebEncoder.from_pretrained(a.model, name=a.name, batch_size=a.batch_size, max_length=a.max_length)
   cache = ResultCache(a.cache) if a.cache else ResultCache()
   meta = encoder.mteb_model_meta
   for task in tasks:  # one at a time, so a failure names its task and the scores so far are printed
@@ -48,10 +51,17 @@ def main(argv: list[str]) -> int:
 
 
 def resolve_tasks(names: list[str]) -> list:
-  """mteb's task objects for `names`; every unknown name in one line, with mteb's suggestion."""
+  """mteb's task objects for `names` (an existing path: a local task, mteb_adapter.local_task); every unknown name
+  in one line, with mteb's suggestion."""
+  import os
+
   import mteb
   tasks, unknown = [], []
   for name in names:
+    if os.path.exists(name):
+      from grit_jax.inference.mteb_adapter import local_task
+      tasks.append(local_task(name))
+      continue
     try:
       tasks.extend(mteb.get_tasks(tasks=[name]))
     except KeyError as e:  # "KeyError: 'SciFcat' not found. Did you mean: 'SciFact'?"

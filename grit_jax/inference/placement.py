@@ -33,13 +33,12 @@ def should_shard(params, devices, shard_weights: bool | None) -> bool:
 
 def weight_shardings(config, params, mesh, rules, shard: bool):
   """(shardings of `params` (arrays or their shapes), sharding that splits a batch's rows) on `mesh`: the weights
-  FSDP-sharded with the training rules (training.state.state_shardings) when `shard`, else replicated."""
+  FSDP-sharded with the training rules (modeling.model.param_shardings) when `shard`, else replicated."""
   from jax.sharding import NamedSharding, PartitionSpec
   from grit_jax import sharding as mesh_lib
   if shard:
-    import optax
-    from grit_jax.training import state as state_lib
-    shardings = state_lib.state_shardings(config, optax.identity(), mesh, rules)[1].params
+    from grit_jax.modeling.model import param_shardings
+    shardings = param_shardings(config, mesh, rules)[1]
   else:
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), params)
   return shardings, NamedSharding(mesh, PartitionSpec(mesh_lib.batch_axes(mesh, rules)))
@@ -48,7 +47,7 @@ def weight_shardings(config, params, mesh, rules, shard: bool):
 def placement(model, devices=None):
   """(params on `devices`, sharding that splits a batch's leading axis over them, or None on one device).
   Replicated params, or when `should_shard(model.shard_weights)` FSDP-sharded with the training mesh's rules
-  (sharding.make_mesh with fsdp = every device, training.state.state_shardings): each device holds 1/N of every
+  (sharding.make_mesh with fsdp = every device, modeling.model.param_shardings): each device holds 1/N of every
   weight and XLA gathers them layer by layer. One placement per model and device set, reused across calls (and by
   generate)."""
   devices = list(devices if devices is not None else jax.local_devices())

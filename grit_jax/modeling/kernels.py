@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
@@ -24,9 +25,8 @@ from grit_jax import sharding
 from grit_jax.modeling.config import ATTENTION_IMPLS
 from grit_jax.modeling.platform import target_platform
 
-# The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs inside a shard_map over the batch axes
-# (sharding.BATCH_AXES) and the head axis.
-HEAD_AXIS = "tensor"
+# The Pallas kernel cannot be partitioned by XLA, so under a mesh it runs inside a shard_map whose specs come from
+# the logical-axis rules: the batch split like the activations' `batch`, the heads like `heads`.
 _LANES = 128  # splash tiles the sequence in multiples of the TPU lane width
 
 
@@ -83,11 +83,14 @@ def _splash_local(q_BHTD, k_BKTD, v_BKTD, segq_BT, segkv_BT, *, causal, sliding_
 
 
 def _mesh_spec(mesh, batch: int, heads: int, kv_heads: int):
-  """shard_map specs: batch over the batch axes that divide it, heads over `tensor` if it divides both counts."""
-  b = sharding.dividing_axes(mesh, sharding.BATCH_AXES, batch)
-  head_axis = HEAD_AXIS if sharding.dividing_axes(mesh, HEAD_AXIS, math.gcd(heads, kv_heads)) else None
-  qkv = jax.P(b, head_axis, None, None)  # [B, H, T, Dh]
-  return qkv, jax.P(b, None)
+  """shard_map specs from the logical-axis rules in effect (with none, sharding.make_rules with every
+  parallelism): the batch over the mesh axes of `batch` that divide it, the heads over those of `heads` that divide
+  both head counts (sharding.dividing_axes)."""
+  rules = nn.get_logical_axis_rules() or sharding.make_rules(tensor=True, expert=True)
+  batch_axes, head_axes = nn.logical_to_mesh_axes(("batch", "heads"), rules)
+  b = sharding.dividing_axes(mesh, batch_axes, batch)
+  h = sharding.dividing_axes(mesh, head_axes, math.gcd(heads, kv_heads))
+  return jax.P(b, h, None, None), jax.P(b, None)  # q/k/v [B, H, T, Dh], segment ids [B, T]
 
 
 def splash_attention(q, k, v, *, causal: bool, segment_ids_q=None, segment_ids_kv=None,
@@ -97,7 +100,7 @@ def splash_attention(q, k, v, *, causal: bool, segment_ids_q=None, segment_ids_k
   segment_ids_q / segment_ids_kv [B, T] int32: tokens attend only within equal ids; 0 marks padding (pass the
   attention mask itself for plain right padding, the packing segment ids for packed rows). Rows of padding
   queries hold unspecified values (the plain path's do too). `interpret=None` -> Pallas interpret mode unless
-  compiling for TPU. Under a context mesh (`jax.set_mesh`) the kernel runs in a shard_map: batch over the data/fsdp/
+  compiling for TPU. Under a context mesh (`jax.set_mesh`) the kernel runs in a shard_map (`_mesh_spec`): batch over the data/fsdp/
   expert axes, heads over `tensor`.
   """
   B, T, H, Dh = q.shape

@@ -270,6 +270,15 @@ def params_for(params: dict, config: ModelConfig) -> dict:
   return scan_params(params, config.num_layers, config.scan_period) if config.scan_layers else unscan_params(params)
 
 
+def param_shardings(config: ModelConfig, mesh, rules):
+  """(abstract params, their NamedShardings on `mesh` under `rules`), from the shapes alone (nothing allocated)."""
+  from grit_jax import sharding as mesh_lib
+  ids = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda r: Transformer(config).init(r, ids, jnp.ones_like(ids), causal=True)["params"],
+                         jax.random.PRNGKey(0))
+  return mesh_lib.logical_shardings(boxed, mesh, rules)
+
+
 def init_params(config: ModelConfig, rng=None, batch: int = 1, length: int = 8):
   """Random params (unboxed) for `config`."""
   ids = jnp.zeros((batch, length), jnp.int32)

@@ -13,7 +13,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grit_jax import sharding as mesh_lib
 
@@ -34,12 +33,6 @@ class TrainState(flax.struct.PyTreeNode):
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state)
 
 
-def _fit(spec: P, shape, mesh) -> P:
-  """Each dimension keeps the mesh axes that divide it (sharding.dividing_axes), the rest replicated."""
-  return P(*(mesh_lib.dividing_axes(mesh, axes, dim)
-             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
-
-
 def _init_boxed(model_config, tx, rng):
   from grit_jax.modeling import Transformer
 
@@ -51,12 +44,7 @@ def _init_boxed(model_config, tx, rng):
 def state_shardings(model_config, tx, mesh, rules, rng=None):
   """(abstract TrainState of ShapeDtypeStructs, matching tree of NamedShardings) without allocating anything."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  boxed = jax.eval_shape(lambda r: _init_boxed(model_config, tx, r), rng)
-  specs = nn.get_partition_spec(boxed)  # logical PartitionSpecs (P() for unnamed leaves: step, counts)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  abstract = nn.meta.unbox(boxed)
-  shardings = jax.tree.map(lambda a, s: NamedSharding(mesh, _fit(s.spec, a.shape, mesh)), abstract, shardings)
-  return abstract, shardings
+  return mesh_lib.logical_shardings(jax.eval_shape(lambda r: _init_boxed(model_config, tx, r), rng), mesh, rules)
 
 
 def create_train_state(model_config, tx, mesh, rules, rng) -> TrainState:
