@@ -68,6 +68,17 @@ def open_lock(path: str) -> IO:
   return os.fdopen(fd, "r+", encoding="utf-8", errors="replace")
 
 
+def file_lock(path: str):
+  """(the lock file opened as open_lock opens it, for a record of its holder; a filelock.FileLock on the same file,
+  not yet held). filelock takes the OS lock (flock; dropped when the holder dies) on its own descriptor and keeps
+  the file's contents; mode 0600 (no group/other write bit) keeps it on flock, never on its soft fallback, which
+  would write its own marker into the file."""
+  import filelock
+
+  f = open_lock(path)  # first: a symlink or non-file is refused with its one-line error, before filelock opens it
+  return f, filelock.FileLock(path, mode=0o600)
+
+
 def owner(path: str) -> str:
   """'another user (uid N)' for a file another user owns, else 'this user'."""
   try:

@@ -241,3 +241,30 @@ def grit_loss(loss_rep=None, loss_gen=None, aux_loss=None, *, lambda_rep: float 
   if aux_loss is not None and router_aux_coef:
     total = total + router_aux_coef * aux_loss
   return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Retrieval metrics (evaluation, not a loss: `grit-jax eval`, the demo, and the trainer's eval top-1 / top-5)
+
+RETRIEVAL_KS = (1, 5, 10)
+RETRIEVAL_CUTOFF = 10  # nDCG@10, MRR@10
+
+
+def retrieval_metrics(scores_QD, relevant: Sequence[set[int]]) -> dict[str, float]:
+  """Mean nDCG@10, recall@k (k in RETRIEVAL_KS) and MRR@10 of `scores_QD` (higher = better) against binary
+  relevance sets, by pytrec_eval (trec_eval, as MTEB; ties in its order). Each query's run is its top 10 documents,
+  so trec_eval's uncut recip_rank is MRR@10; recall's denominators come from the relevance sets."""
+  import numpy as np
+  import pytrec_eval
+
+  scores_QD = np.asarray(scores_QD, np.float64)
+  top_QK = np.argsort(-scores_QD, axis=1, kind="stable")[:, :RETRIEVAL_CUTOFF]
+  run = {str(q): {str(d): float(scores_QD[q, d]) for d in top_K} for q, top_K in enumerate(top_QK)}
+  qrels = {str(q): {str(d): 1 for d in rel} for q, rel in enumerate(relevant)}
+  ks = ",".join(map(str, RETRIEVAL_KS))
+  per_query = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{RETRIEVAL_CUTOFF}", f"recall.{ks}", "recip_rank"}
+                                             ).evaluate(run)
+  names = {f"ndcg_cut_{RETRIEVAL_CUTOFF}": f"ndcg@{RETRIEVAL_CUTOFF}", "recip_rank": f"mrr@{RETRIEVAL_CUTOFF}",
+           **{f"recall_{k}": f"recall@{k}" for k in RETRIEVAL_KS}}
+  return {ours: float(np.mean([per_query[str(q)][theirs] for q in range(len(relevant))]))
+          for theirs, ours in names.items()}

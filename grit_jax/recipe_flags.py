@@ -37,13 +37,16 @@ def _make_recipes_importable(file: str) -> None:
 
 def load_recipe(file: str):
   """The ConfigDict of a recipe file's get_config(); its errors become one line naming file and line."""
+  from absl import flags
   from ml_collections import config_flags
 
   if not os.path.isfile(file):
     raise GritJaxError(f"--config {file}: no such file")
   _make_recipes_importable(file)
-  try:
-    config = config_flags.config_flags._LoadConfigModule("config", file).get_config()
+  try:  # config_flags' own loader (a config-file flag whose default is the file): the recipe's errors as raised
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", file, flag_values=fv, lock_config=False, sys_argv=["load_recipe"])
+    config = fv["config"].value
   except SyntaxError as e:
     raise GritJaxError(f"{e.filename or file}:{e.lineno}: {e.msg} (syntax error in the recipe)") from None
   except GritJaxError:

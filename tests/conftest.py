@@ -18,3 +18,21 @@ def smollm2_hf_dir(tmp_path_factory):
   from grit_jax.convert import gguf
 
   return gguf.gguf_to_hf(gguf.smollm2_path(), tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory):
+  """A randomly initialised tiny_mistral model with the repository's data/tokenizer.model, exported as grit_jax's
+  Hugging Face directory (GritLM.save_pretrained; ~1 s)."""
+  import jax
+
+  from grit_jax.data.tokenizer import Tokenizer
+  from grit_jax.inference.gritlm import GritLM
+  from grit_jax.modeling import get_config, init_params
+
+  cfg = get_config("tiny_mistral", dtype="float32")
+  d = str(tmp_path_factory.mktemp("tiny") / "hf")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), Tokenizer(os.path.join(root, "data", "tokenizer.model"))
+         ).save_pretrained(d)
+  return d

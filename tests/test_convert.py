@@ -174,6 +174,10 @@ def test_missing_directory_is_a_clear_cli_error(tmp_path, capsys):
   assert cli.main(["convert", "jax-to-hf", missing, dst]) == 2
   with pytest.raises(GritJaxError, match="no such directory"):
     GritLM.from_pretrained(missing)
+  # A Hub name (gritlm's README passes one): the error says how to get a local directory.
+  with pytest.raises(GritJaxError, match=r"^GritLM/GritLM-7B: no such directory \(grit_jax loads local directories "
+                     r"only: `huggingface-cli download GritLM/GritLM-7B --local-dir ~/GritLM-7B`"):
+    GritLM("GritLM/GritLM-7B")
 
 
 def test_missing_tensor_names_the_tensor(hf_dirs, tmp_path, capsys):

@@ -321,11 +321,43 @@ def test_retrieval_metrics_hand_worked():
   assert abs(ndcg0 - 0.650920) < 1e-6
   np.testing.assert_allclose([m["ndcg@10"], m["recall@1"], m["recall@5"], m["recall@10"], m["mrr@10"]],
                              [(ndcg0 + 1) / 2, 0.5, 1.0, 1.0, 0.75], atol=1e-9)
-  # A relevant passage below rank 10 counts for nothing at 10; ties keep corpus order.
+  # A relevant passage below rank 10 counts for nothing at 10; tied scores rank in trec_eval's order.
   far = np.concatenate([np.linspace(1, 0.5, 11), [0.0]])[None]  # doc 11 is last (rank 12)
   assert retrieval_metrics(far, [{11}]) == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@1": 0.0, "recall@5": 0.0,
                                             "recall@10": 0.0}
   assert retrieval_metrics(np.zeros((1, 3)), [{1}])["mrr@10"] == 0.5
+
+
+def _numpy_retrieval_metrics(scores_QD, relevant):
+  """grit_jax's metrics before pytrec_eval (numpy; ties in corpus order): the reference for the parity below."""
+  order_QD = np.argsort(-scores_QD, axis=1, kind="stable")
+  discount = 1.0 / np.log2(np.arange(2, 12))
+  totals = {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.0}
+  for order_D, rel in zip(order_QD, relevant):
+    hit_D = np.isin(order_D, list(rel))
+    totals["ndcg@10"] += float(discount[hit_D[:10]].sum() / discount[:min(len(rel), 10)].sum())
+    first = np.flatnonzero(hit_D[:10])
+    totals["mrr@10"] += 1.0 / (first[0] + 1) if first.size else 0.0
+    for k in (1, 5, 10):
+      totals[f"recall@{k}"] += float(hit_D[:k].sum() / len(rel))
+  return {name: value / len(relevant) for name, value in totals.items()}
+
+
+def test_retrieval_metrics_equal_the_previous_numpy_ones():
+  """pytrec_eval gives what the hand-written metrics gave (no ties): 40 queries over 30 documents, 1-4 relevant
+  each, some beyond rank 10; and the trainer's top-1 / top-5 (one positive per query) are its recall@1 / @5."""
+  from grit_jax.objectives import retrieval_metrics
+  rng = np.random.default_rng(0)
+  scores = rng.normal(size=(40, 30))
+  relevant = [set(rng.choice(30, size=rng.integers(1, 5), replace=False).tolist()) for _ in range(40)]
+  ours, want = retrieval_metrics(scores, relevant), _numpy_retrieval_metrics(scores, relevant)
+  assert ours.keys() == want.keys() and 0.1 < want["ndcg@10"] < 0.9
+  np.testing.assert_allclose([ours[k] for k in want], list(want.values()), atol=1e-9)
+  gold = [{i} for i in range(30)]
+  m = retrieval_metrics(scores[:30], gold)
+  ranked = np.argsort(-scores[:30], axis=1)
+  assert m["recall@1"] == np.mean(ranked[:, 0] == np.arange(30))
+  assert m["recall@5"] == np.mean((ranked[:, :5] == np.arange(30)[:, None]).any(axis=1))
 
 
 def test_cli_eval_on_own_rows(model_dir, tmp_path, capsys):

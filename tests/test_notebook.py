@@ -26,6 +26,10 @@ def test_notebook_executes_on_cpu(tmp_path):
                    if o.get("output_type") == "stream")
   errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
   assert not errors
+  # The loss is plotted (matplotlib's inline PNG), and no TqdmWarning (IProgress not found, without ipywidgets).
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert any("image/png" in o.get("data", {}) for o in outputs), "no plot"
+  assert "TqdmWarning" not in "\n".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
   assert "held-out queries" in text and "top-1" in text   # retrieval ran
   assert "cosine(q, doc1)" in text                          # encode ran
   assert os.path.isdir(tmp_path / "run" / "hf")             # the run exported

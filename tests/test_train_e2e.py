@@ -575,6 +575,32 @@ def test_ckpt_to_hf_takes_the_runs_tokenizer_from_any_folder(tmp_path, monkeypat
   (run / "config.json").write_text(json.dumps(run_json))
   assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "1"), str(tmp_path / "hf3")]) == 2
   assert "the run's tokenizer" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
+  # A step the run no longer keeps (README's example once named one): the error lists the steps there are.
+  assert cli.main(["convert", "ckpt-to-hf", str(run / "checkpoints" / "100"), str(tmp_path / "hf4")]) == 2
+  assert capsys.readouterr().err.strip().endswith(f"no such checkpoint directory (steps in {run / 'checkpoints'}: 1)")
+
+
+def test_metrics_log_writes_tensorboard_scalars_and_hparams(tmp_path):
+  """Fast: the TensorBoard side of MetricsLog (clu's SummaryWriter) holds every scalar of metrics.jsonl, NaN kept, and
+  one HParams record per (re)start with the config's flat keys and types."""
+  hparams = {"optimizer": {"lr": 3e-3}, "attn": "bbcc", "data": {"pack_embedding": False, "lens": [1, 2]},
+             "seed": None}
+  log = metrics_log.MetricsLog(str(tmp_path), hparams=hparams)
+  log.write(1, {"loss": 2.5, "tokens": 128})
+  log.write(2, {"loss": float("nan")})
+  log.write(2, {"lm_loss": 1.25}, prefix="eval")
+  log.close()
+  log = metrics_log.MetricsLog(str(tmp_path), resume_step=2, hparams=hparams)  # a restart: a second HParams record
+  log.write(3, {"loss": 1.5})
+  log.close()
+  tb = metrics_log.read_tb_scalars(str(tmp_path))
+  assert tb.keys() == {"train/loss", "train/tokens", "eval/lm_loss"}
+  assert [s for s, _ in tb["train/loss"]] == [1, 2, 3] and np.isnan(tb["train/loss"][1][1])
+  assert (tb["train/loss"][0][1], tb["train/loss"][2][1], tb["train/tokens"], tb["eval/lm_loss"]) == (
+      2.5, 1.5, [(1, 128.0)], [(2, 1.25)])
+  want = {"optimizer.lr": pytest.approx(3e-3), "attn": "bbcc", "data.pack_embedding": False, "data.lens": "[1, 2]",
+          "seed": "null"}
+  assert metrics_log.read_tb_hparams(str(tmp_path)) == [want, want]
 
 
 def test_resume_survives_a_half_written_metrics_line(tmp_path, capsys):

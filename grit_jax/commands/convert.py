@@ -109,7 +109,11 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   from grit_jax.training import export
 
   if not os.path.isdir(src):
-    raise GritJaxError(f"{src}: no such checkpoint directory")
+    # A run keeps only its newest `train.keep_checkpoints` steps: name the ones that exist.
+    parent = os.path.dirname(os.path.normpath(src)) or "."
+    steps = sorted(int(n) for n in os.listdir(parent) if n.isdigit()) if os.path.isdir(parent) else []
+    hint = f" (steps in {parent}: {', '.join(map(str, steps))})" if steps else ""
+    raise GritJaxError(f"{src}: no such checkpoint directory{hint}")
   run_config = run_config or find_run_config(src)
   try:
     with open(run_config, encoding="utf-8") as f:

@@ -134,7 +134,11 @@ def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
 def _require_dir(path: str) -> str:
   path = os.fspath(path)
   if not os.path.isdir(path):
-    raise GritJaxError(f"{path}: no such directory")
+    hint = ""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path.split("/")[0]):  # a Hub id, not a path
+      hint = (f" (grit_jax loads local directories only: `huggingface-cli download {path} --local-dir "
+              f"~/{path.split('/')[1]}`, then pass that directory)")
+    raise GritJaxError(f"{path}: no such directory{hint}")
   return path
 
 

@@ -16,7 +16,6 @@ the file changes.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -29,7 +28,7 @@ import tensorflow_datasets as tfds
 from grit_jax import common_types
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, open_lock, sha256_file
+from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, file_lock, sha256_file
 
 FORMAT_VERSION = 2  # in the cache key: 2 = duplicate rows counted in the metadata
 tfds.disable_progress_bar()
@@ -254,8 +253,8 @@ def build(folder_files: list[str], kind: str, *, tokenizer: str, query_max_len: 
   # Several local processes (multi-process runs, parallel tests) may ask for the same build: one builds, the
   # others wait and then open the finished build (a builder made after the lock reads its stored metadata).
   folder = os.path.join(cache_dir, GritJsonl.name, config.name)
-  with open_lock(os.path.join(cache_dir, f".{config.name}.lock")) as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  record, lock = file_lock(os.path.join(cache_dir, f".{config.name}.lock"))
+  with record, lock:  # waits for another process's build
     cached = os.path.isdir(folder)
     try:
       builder = GritJsonl(config=config, data_dir=cache_dir, file_format="array_record")

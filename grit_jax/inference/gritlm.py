@@ -118,7 +118,8 @@ class GritLM:
       if unknown:
         raise GritJaxError(f"GritLM(path, ...): unknown keyword(s) {unknown} (neither gritlm's nor ModelConfig "
                            "fields)")
-      path = os.fspath(model_name_or_path)
+      from grit_jax.convert.gguf import model_dir
+      path = model_dir(model_name_or_path)  # as from_pretrained: ~ expanded (else no settings nor tokenizer found)
       dtype = dtype_name(torch_dtype or "float32")
       if dtype == "auto":
         from grit_jax.convert import hf

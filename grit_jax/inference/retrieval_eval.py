@@ -4,8 +4,8 @@ The rows are in the training data's embedding format (`{"query": [instr, text] |
 data/jsonl.py; any bad row is an error naming file:line, before the model is loaded). The corpus is every distinct
 passage (instruction, text) of the rows, positives and hard negatives alike; each query is relevant to its own
 positives. Queries and passages are embedded with their own instructions (GritLM template), scored by cosine, and
-ranked; the metrics are the usual binary-relevance ones (as pytrec_eval / MTEB): nDCG@10, recall@1/5/10 and
-MRR@10, averaged over queries.
+ranked; the metrics are the usual binary-relevance ones, computed by pytrec_eval (as MTEB): nDCG@10, recall@1/5/10
+and MRR@10, averaged over queries (objectives.retrieval_metrics).
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import os
 import numpy as np
 
 from grit_jax.errors import GritJaxError
+from grit_jax.objectives import retrieval_metrics  # noqa: F401 (pytrec_eval; also the trainer's eval)
 
-KS = (1, 5, 10)
-NDCG_K = MRR_K = 10
 
 
 def read_rows(path: str) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]], list[tuple[str, str]]]:
@@ -44,23 +43,6 @@ def read_rows(path: str) -> tuple[list[tuple[str, str]], list[list[tuple[str, st
   if not queries:
     raise GritJaxError(f"--data {path}: no rows")
   return queries, positives, corpus
-
-
-def retrieval_metrics(scores_QD: np.ndarray, relevant: list[set[int]]) -> dict[str, float]:
-  """Mean nDCG@10, recall@k (k in KS) and MRR@10 of `scores_QD` (higher = better; ties keep corpus order) against
-  binary relevance sets."""
-  order_QD = np.argsort(-scores_QD, axis=1, kind="stable")
-  discount = 1.0 / np.log2(np.arange(2, NDCG_K + 2))  # rank r (1-based) -> 1 / log2(r + 1)
-  totals = {"ndcg@10": 0.0, "mrr@10": 0.0, **{f"recall@{k}": 0.0 for k in KS}}
-  for order_D, rel in zip(order_QD, relevant):
-    hit_D = np.isin(order_D, list(rel))
-    top = hit_D[:NDCG_K]
-    totals["ndcg@10"] += float(discount[:len(top)][top].sum() / discount[:min(len(rel), NDCG_K)].sum())
-    first = np.flatnonzero(hit_D[:MRR_K])
-    totals["mrr@10"] += 1.0 / (first[0] + 1) if first.size else 0.0
-    for k in KS:
-      totals[f"recall@{k}"] += float(hit_D[:k].sum() / len(rel))
-  return {name: value / len(relevant) for name, value in totals.items()}
 
 
 def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndarray:

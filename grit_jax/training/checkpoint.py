@@ -22,7 +22,6 @@ them (a lock file naming pid and host; a crashed holder's lock is taken over).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -39,7 +38,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import open_lock, owner, write_json
+from grit_jax.fileio import file_lock, owner, write_json
 
 MANIFEST = "grit_checksums.json"
 # Written by orbax at the commit, after the checksums: not covered.
@@ -103,21 +102,24 @@ def _check_writable(path: str, what: str) -> None:
 
 
 class RunLock:
-  """`<dir>/.grit_jax.lock`, held (flock) for the life of a run; it records pid, host and start time so a refused
-  run can say who holds it. The OS drops the flock when its holder dies; the file content then shows a run that did
-  not finish cleanly, whose lock is taken over when its pid is gone from this host."""
+  """`<dir>/.grit_jax.lock`, held (filelock: flock) for the life of a run; it records pid, host and start time so a
+  refused run can say who holds it (filelock names no holder). The OS drops the flock when its holder dies; the file
+  content then shows a run that did not finish cleanly, whose lock is taken over when its pid is gone from this
+  host."""
 
   def __init__(self, folder: str):
     self.path = os.path.join(folder, LOCK_FILE)
-    self._file = None
+    self._file = self._lock = None
 
   def acquire(self) -> str | None:
     """None, or why the folder is in use."""
+    import filelock
+
     folder = os.path.dirname(self.path)
-    f = open_lock(self.path)  # held until release
+    f, lock = file_lock(self.path)  # both held until release
     try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+      lock.acquire(timeout=0)
+    except filelock.Timeout:
       other = os.fstat(f.fileno()).st_uid != os.geteuid()
       holder = (f"a run of {owner(self.path)}: the holder cannot be identified" if other else _holder(f.read())[2])
       f.close()
@@ -127,6 +129,7 @@ class RunLock:
       pid, host, holder = _holder(text)
       if host != socket.gethostname() or (pid != os.getpid() and _pid_alive(pid)):
         f.close()
+        lock.release()
         return f"{folder} is in use by another run ({holder}); if that run has ended, delete {self.path}"
       _warn(f"{self.path}: taking over the lock of a run that did not finish cleanly ({holder}; pid {pid} is no "
             "longer running)")
@@ -135,15 +138,16 @@ class RunLock:
     f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
     f.flush()
-    self._file = f
+    self._file, self._lock = f, lock
     return None
 
   def release(self) -> None:
     if self._file is not None:
       self._file.seek(0)
       self._file.truncate()  # empty = released cleanly; the file stays (unlinking would race with a new holder)
-      self._file.close()  # drops the flock
-      self._file = None
+      self._file.close()
+      self._lock.release()  # drops the flock
+      self._file = self._lock = None
 
 
 def _holder(text: str) -> tuple[int, str, str]:

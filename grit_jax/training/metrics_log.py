@@ -1,9 +1,9 @@
 """Training metrics as JSONL (one object per logged step) and TensorBoard event files.
 
-Only the primary process writes. The TensorBoard events go through TensorFlow's core summary op with the
-"scalars" plugin metadata (what `tensorboard.summary.scalar` writes). The run's resolved config goes to the
-HParams dashboard once per (re)start, one hparam per dotted key (`optimizer.lr`, `data.pack_embedding`, ...; lists
-and None as their JSON text), built by the `tensorboard` package's hparams summary.
+Only the primary process writes. The TensorBoard events go through clu.metric_writers.SummaryWriter (scalars as
+`tensorboard.summary.scalar` writes them). The run's resolved config goes to the HParams dashboard once per
+(re)start (clu's write_hparams), one hparam per dotted key (`optimizer.lr`, `data.pack_embedding`, ...; lists and
+None as their JSON text).
 
 After a resume, `MetricsLog(..., resume_step=s)` drops the JSONL records past step s (they belong to steps the run
 is about to redo), so the file of an interrupted-and-resumed run reads like the uninterrupted one.
@@ -80,17 +80,11 @@ class MetricsLog:
       kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
       atomic_write(self.path, lambda f: f.writelines(json.dumps(r) + "\n" for r in kept))
     self._file = open(self.path, "a")
-    import tensorflow as tf  # lazy: only the writing process pays for it
+    from clu.metric_writers import SummaryWriter  # lazy (imports TensorFlow): only the writing process pays for it
 
-    self._tf = tf
-    self._tb = tf.summary.create_file_writer(os.path.join(workdir, TB_DIR))
-    self._meta = tf.compat.v1.SummaryMetadata(
-        plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+    self._tb = SummaryWriter(os.path.join(workdir, TB_DIR))
     if hparams is not None:
-      from tensorboard.plugins.hparams import summary_v2
-      pb = summary_v2.hparams_pb(flat_hparams(hparams))
-      with self._tb.as_default():
-        tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=int(resume_step or 0))
+      self._tb.write_hparams(flat_hparams(hparams))
 
   def write(self, step: int, metrics: Mapping[str, object], prefix: str = "train") -> dict:
     record = {"step": int(step), "split": prefix}
@@ -101,12 +95,7 @@ class MetricsLog:
     safe = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in record.items()}
     self._file.write(json.dumps(safe) + "\n")
     self._file.flush()
-    with self._tb.as_default():
-      for k, v in record.items():
-        if k in ("step", "split"):
-          continue
-        self._tf.summary.write(f"{prefix}/{k}", self._tf.constant(v, self._tf.float32), step=int(step),
-                               metadata=self._meta)
+    self._tb.write_scalars(int(step), {f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split")})
     return record
 
   def flush(self):
