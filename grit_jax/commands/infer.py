@@ -180,6 +180,9 @@ def embed_main(argv: list[str]) -> int:
   p.add_argument("--instruction", default="", help="task instruction (plain, or gritlm's wrapped form)")
   p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="texts per forward pass")
   add_max_length(p)
+  p.add_argument("--dim", type=_positive("--dim"), default=None,
+                 help="keep the first DIM components, re-normalised (Matryoshka; the model's trained dims are its "
+                      "grit_settings.json's matryoshka_dims); default: all")
   p.add_argument("--pooling", default=None, choices=common_types.POOLINGS,
                  help="default: the model's grit_settings.json, else mean")
   p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
@@ -192,7 +195,7 @@ def embed_main(argv: list[str]) -> int:
   texts = read_texts(a.input)
   model = _load(a.model, a.attn, a.shard_weights)
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
-                     pooling=a.pooling, normalize=a.normalize, packing=a.packing)
+                     pooling=a.pooling, normalize=a.normalize, packing=a.packing, dim=a.dim)
   save_npy_atomic(a.output, emb)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0
