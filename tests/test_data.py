@@ -689,3 +689,55 @@ def test_bad_teacher_scores_are_named(tmp_path, tok, cache, rows, policy, named)
   with pytest.raises(GritJaxError) as e:
     D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
   assert named in str(e.value), str(e.value)
+
+
+def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
+  """A same_dataset batch (from the iterator) through the step's objective: L_rep with Matryoshka dims, own-group
+  rows and distillation equals the loss written out in numpy over that one dataset's rows, from the model's
+  pooled representations."""
+  import jax
+  from grit_jax import sharding as mesh_lib
+  from grit_jax.modeling import get_config, init_params
+  from grit_jax.training import step as step_lib
+
+  cfg = dict_cfg(_scored_folder(tmp_path), embedding_batch_size=4)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  batches = [next(it) for _ in range(4)]  # one epoch: a 1, b 2 full batches + 1 mixed from the leftovers
+  model = get_config("tiny_mistral", vocab_size=tok.vocab_size, num_layers=1, dtype="float32")
+  params = init_params(model, jax.random.PRNGKey(0))
+  loss = ml_collections.ConfigDict(dict(pooling="mean", normalize=True, temperature=0.5, lambda_rep=1.0,
+                                        lambda_gen=1.0, lm_loss_mode="mixed", lm_loss_sub_batches=1,
+                                        lm_token_factor=1.0, contrastive_grad="exact", matryoshka_dims=(16, 64),
+                                        matryoshka_weights=(1.0, 0.5), distill_weight=0.5, distill_temperature=2.0))
+  mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
+  obj = step_lib.GritObjective(model, loss, mesh, rules)
+  checked = set()
+  for b in batches:
+    files = set(b["no_in_batch_neg"])
+    if len(files) != 1:
+      continue  # the mixed leftover batch
+    own = bool(files.pop())
+    checked.add(own)
+    with jax.set_mesh(mesh):
+      _, m = obj.loss(params, b)
+      q = np.asarray(obj.embed_query(params, b["query_ids"], b["query_mask"], b["query_pool_mask"]))
+      p = np.asarray(obj.embed_passage(params, b["passage_ids"], b["passage_mask"], b["passage_pool_mask"]))
+    want = 0.0
+    for k, w in ((16, 1.0), (64, 0.5)):
+      qk = q[:, :k] / np.linalg.norm(q[:, :k], axis=1, keepdims=True)
+      pk = p[:, :k] / np.linalg.norm(p[:, :k], axis=1, keepdims=True)
+      logits = qk @ pk.T / 0.5  # [4, 8]
+      for i in range(4):
+        cand = [2 * i, 2 * i + 1] if own else list(range(8))  # b.jsonl: its own group only
+        row = logits[i, cand]
+        ce = np.log(np.exp(row).sum()) - logits[i, 2 * i]
+        kd = 0.0
+        if not own:  # a.jsonl has teacher scores
+          t = np.exp(b["teacher_scores"][i] / 2.0)
+          t /= t.sum()
+          s = logits[i, [2 * i, 2 * i + 1]]
+          log_s = s - np.log(np.exp(s).sum())
+          kd = float(np.sum(t * (np.log(t) - log_s)))
+        want += w * (ce + 0.5 * kd) / 4
+    np.testing.assert_allclose(float(m["loss_rep"]), want, rtol=1e-5)
+  assert checked == {False, True}

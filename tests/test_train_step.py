@@ -183,7 +183,8 @@ def test_shared_positives_are_masked_plain_and_gradcache(grads_of):
 
 def test_matryoshka_distill_own_group_rows_mesh_and_gradcache(grads_of, meshes):
   """Issue 24's terms in the step: Matryoshka dims + distillation + own-group rows + shared positives give the same
-  loss and gradients on one device, on the 8-device mesh, with GradCache, and (1/W of them) with gritlm gradients."""
+  loss on one device and on the 8-device mesh with GradCache and the gathered (gritlm) loss, whose gradients are
+  1/W of the one-device ones (the exact gradient's mesh and GradCache paths share every line with it)."""
   batch = {k: v for k, v in random_batch(4).items() if not k.startswith("gen_")}
   rng = np.random.default_rng(4)
   rows = dict(pos_key=np.stack([np.arange(B) % 3, np.zeros(B)], 1).astype(np.int32),
@@ -193,13 +194,10 @@ def test_matryoshka_distill_own_group_rows_mesh_and_gradcache(grads_of, meshes):
              distill_temperature=0.5)
   full = dict(batch, **rows)
   (_, m1), g1 = grads_of("mesh1", full, loss_cfg(**cfg))
-  (_, mc), gc_ = grads_of("mesh8", full, loss_cfg(**cfg), gradcache_chunk=2)
   (_, mg), gg = grads_of("mesh8", full, loss_cfg(contrastive_grad="gritlm", **cfg), gradcache_chunk=2)
-  for m in (mc, mg):
-    for k in ("loss_rep", "loss_distill", "loss_contrastive", "accuracy"):
-      np.testing.assert_allclose(m[k], m1[k], rtol=1e-5, err_msg=k)
+  for k in ("loss_rep", "loss_distill", "loss_contrastive", "accuracy"):
+    np.testing.assert_allclose(mg[k], m1[k], rtol=1e-5, err_msg=k)
   assert m1["loss_distill"] > 0 and m1["loss_rep"] > m1["loss_contrastive"]
-  assert_tree_close(gc_, g1)
   assert_tree_close(gg, jax.tree.map(lambda g: g / mesh_lib.num_batch_shards(*meshes["mesh8"]), g1))
 
 
