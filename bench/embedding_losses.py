@@ -32,8 +32,6 @@ args = p.parse_args()
 from grit_jax.perf import host  # noqa: E402
 
 host.prepare_cpu_host()
-import numpy as np  # noqa: E402
-
 from grit_jax import GritLM  # noqa: E402
 from grit_jax import demo  # noqa: E402
 from grit_jax.commands import train as train_cli  # noqa: E402
@@ -82,31 +80,43 @@ def self_distill_data(base, config, out_dir):
 
 
 base_config = parse(os.path.join(args.workdir, "plain"), [])
-_, base = demo.base_model(base_config)
+_base = []
+
+
+def base():
+  """The base model, loaded once when first needed (not while a run trains: the host has 24 GB)."""
+  if not _base:
+    _base.append(demo.base_model(base_config)[1])
+  return _base[0]
+
+
 RUNS = {
     "plain": [],
     "matryoshka": [f"--config.loss.matryoshka_dims={DIMS}"],
-    "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base, base_config, os.path.join(args.workdir, 'self_distill_data'))}",
+    "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base(), base_config, os.path.join(args.workdir, 'self_distill_data'))}",
                              "--config.loss.distill_weight=1.0",
                              f"--config.loss.distill_temperature={base_config.loss.temperature}"],
 }
-models = {}
-for name in args.runs.split(","):
+names = args.runs.split(",")
+for name in names:
   workdir = os.path.join(args.workdir, name)
   extra = RUNS[name]() if callable(RUNS[name]) else RUNS[name]
+  _base.clear()  # free the teacher before training
   summary = trainer.train(parse(workdir, extra), workdir, progress=False)
-  models[name] = GritLM.from_pretrained(os.path.join(workdir, "hf"))
   print(f"{name}: trained ({summary.get('loss_rep', float('nan')):.4f} final loss_rep)", flush=True)
 
 eval_dir = os.path.join(ROOT, "data", "eval")
 queries, positives, corpus = retrieval_eval.read_rows(eval_dir)
-max_length = next(iter(models.values())).max_length()  # the trained lengths, as the demo
+max_length = GritLM.from_pretrained(os.path.join(args.workdir, names[0], "hf")).max_length()  # the trained lengths
 print(f"\n{args.steps} steps each; held-out: {len(queries)} queries / {len(corpus)} documents; nDCG@10 at each "
       f"embedding size (first k components, re-normalised)")
 print(f"{'model':>14}  " + "  ".join(f"{k:>6}" for k in DIMS))
 table = {}
-for name, model in [("base", base)] + list(models.items()):
+for name in ["base"] + names:  # one model in memory at a time
+  model = base() if name == "base" else GritLM.from_pretrained(os.path.join(args.workdir, name, "hf"))
   table[name] = [retrieval_eval.evaluate(model, queries, positives, corpus, max_length=max_length, dim=k)["ndcg@10"]
                  for k in DIMS]
+  _base.clear()
+  del model
   print(f"{name:>14}  " + "  ".join(f"{v:6.3f}" for v in table[name]), flush=True)
 print(json.dumps({"steps": args.steps, "dims": DIMS, "ndcg@10": table}))

@@ -361,7 +361,7 @@ def test_one_embedding_max_length_everywhere(hf_dir, tmp_path, caplog):
   assert MtebEncoder(model).max_length == 16 and MtebEncoder(model, max_length=64).max_length == 64
 
 
-def test_matryoshka_dims_travel_with_the_model_and_dim_truncates(hf_dir, tmp_path):
+def test_matryoshka_dims_travel_with_the_model_and_dim_truncates(hf_dir, tmp_path, capsys):
   """grit_settings.json's matryoshka_dims are read back (and kept by save_pretrained); encode(dim=k) and
   `grit-jax embed --dim k` are the first k components of the unnormalised embedding, normalised; bad dims are
   named."""
@@ -383,6 +383,11 @@ def test_matryoshka_dims_travel_with_the_model_and_dim_truncates(hf_dir, tmp_pat
   np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want, atol=1e-5)
   with pytest.raises(GritJaxError, match=r"dim=65: expected an integer in \[1, 64\]"):
     model.encode(TEXTS, dim=65)
+  capsys.readouterr()
+  assert cli.main(["embed", "--model", str(d), "--input", str(src), "--output", str(tmp_path / "f.npy"),
+                   "--dim", "65"]) == 2
+  assert "--dim 65: larger than the model's hidden size 64" in capsys.readouterr().err
+  assert not (tmp_path / "f.npy").exists()
   model.save_pretrained(str(tmp_path / "saved"))
   assert settings_lib.read(str(tmp_path / "saved")).matryoshka_dims == (16, 32)
   from grit_jax.commands import train as train_cli  # a training export records the recipe's dims
