@@ -9,6 +9,8 @@ scores are the base model's own cosine similarities of each training row's posit
 beside the shipped rows as pos_scores / neg_scores), with distill_temperature = loss.temperature, so the teacher
 is the base model's own candidate distribution. It shows the term is wired and what it does to the numbers
 (pulls the student towards its starting point); it says nothing about distillation from a stronger teacher.
+NOT RUN YET: the first attempt was killed by the shared host's out-of-memory killer and there was no time left in
+the session for a third run, so `--runs self_distill` is written but has never completed (BENCHMARKS.md).
 
   .venv/bin/python bench/embedding_losses.py [--steps 18] [--workdir runs/embedding_losses] [--runs plain,...]
 
@@ -26,7 +28,7 @@ sys.path.insert(0, ROOT)
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=18)
 p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "embedding_losses"))
-p.add_argument("--runs", default="plain,matryoshka,self_distill")
+p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill")
 args = p.parse_args()
 
 from grit_jax.perf import host  # noqa: E402
