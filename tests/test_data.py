@@ -711,6 +711,7 @@ def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
                                         matryoshka_weights=(1.0, 0.5), distill_weight=0.5, distill_temperature=2.0))
   mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
   obj = step_lib.GritObjective(model, loss, mesh, rules)
+  loss_fn, embed_q, embed_p = (jax.jit(f) for f in (obj.loss, obj.embed_query, obj.embed_passage))
   checked = set()
   for b in batches:
     files = set(b["no_in_batch_neg"])
@@ -719,9 +720,9 @@ def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
     own = bool(files.pop())
     checked.add(own)
     with jax.set_mesh(mesh):
-      _, m = obj.loss(params, b)
-      q = np.asarray(obj.embed_query(params, b["query_ids"], b["query_mask"], b["query_pool_mask"]))
-      p = np.asarray(obj.embed_passage(params, b["passage_ids"], b["passage_mask"], b["passage_pool_mask"]))
+      _, m = loss_fn(params, b)
+      q = np.asarray(embed_q(params, b["query_ids"], b["query_mask"], b["query_pool_mask"]))
+      p = np.asarray(embed_p(params, b["passage_ids"], b["passage_mask"], b["passage_pool_mask"]))
     want = 0.0
     for k, w in ((16, 1.0), (64, 0.5)):
       qk = q[:, :k] / np.linalg.norm(q[:, :k], axis=1, keepdims=True)
