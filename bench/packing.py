@@ -32,7 +32,7 @@ def recipe(name):
   d = c.data
   d.train_dir, d.tokenizer = "data/train", "data/tokenizer.model"
   if name == "paper":  # the paper's lengths; batches the shipped data holds (307 embedding, 307 chat examples)
-    d.embedding_batch_size, d.generative_batch_size, d.single_dataset_batches = 256, 64, False
+    d.embedding_batch_size, d.generative_batch_size, d.batching = 256, 64, "mixed"
   return c
 
 

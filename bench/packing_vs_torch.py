@@ -42,7 +42,7 @@ def recipe(packed: bool):
   d = c.data
   d.query_max_len, d.passage_max_len, d.generative_max_len = args.lengths
   d.embedding_batch_size, d.generative_batch_size, d.train_group_size = *args.batch, GROUP
-  d.single_dataset_batches = False
+  d.batching = "mixed"
   d.pack_embedding = d.pack_generative = packed
   c.loss.temperature = 0.02
   return c

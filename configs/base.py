@@ -51,7 +51,10 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       pack_headroom=0.05,                # top level's rows = most rows a unit needed in the sampled batches x (1 + this)
       pack_levels=3,                     # packed (rows, row length) levels derived from the data, shared by the passes;
                                          # a run compiles at most this + 1 step shapes (+1: a one-sequence-per-row fallback)
-      single_dataset_batches=True,       # each embedding batch drawn from one dataset (as the reference)
+      batching="same_dataset",           # same_dataset: each step's embedding rows from one file, the files in
+                                         # proportion to their sizes (the reference's sampler); mixed: any files
+      no_in_batch_negatives=(),          # embedding files (names in train_dir) whose queries are contrasted with
+                                         # their own positive + hard negatives only (classification / clustering)
       bad_input="skip",                  # skip (counted, reported) | error
       cache_dir="",                      # tfds builds of the JSONL folders; "" = $GRIT_JAX_CACHE/tfds or ~/.cache/grit_jax/tfds
       seed=0,
@@ -67,6 +70,12 @@ def get_config(model_preset: str = "tiny_mistral") -> ml_collections.ConfigDict:
       lm_loss_sub_batches=1,             # mixed: number of sub-batches the token mean is taken in (fixed, not #devices)
       lm_token_factor=1.0,               # token: multiplies sum(token CE) / num_samples
       contrastive_grad="exact",          # exact (true gradient of the global loss) | gritlm (reference: 1/W of it)
+      matryoshka_dims=(),                # e.g. (64, 128, 576): L_rep summed over these normalised prefixes (increasing,
+                                         # <= hidden size; the full size counts only when listed); () = off
+      matryoshka_weights=(),             # one weight per dim; () = 1 each
+      distill_weight=0.0,                # > 0: + this x KL(teacher || student) over each query's own candidates,
+                                         # from the rows' "pos_scores" / "neg_scores" (objectives.distill_loss)
+      distill_temperature=1.0,           # the teacher's softmax temperature (the student's is loss.temperature)
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

@@ -27,7 +27,7 @@ def get_config():
   d.train_group_size = 2
   d.embedding_batch_size = 2048
   d.generative_batch_size = 256
-  d.single_dataset_batches = True
+  d.batching = "same_dataset"
   d.pack_embedding = True               # whole sequences packed into rows: same examples and loss, ~10x fewer FLOPs
   d.pack_generative = True              # (grit_jax.data.packing; rows derived from the train data's lengths)
 

@@ -88,7 +88,10 @@ def _mixed(attn, key: str) -> str:
 # -- batch keys ------------------------------------------------------------------------------------------------------
 # A global batch (docs/DESIGN.md) is a dict of int32 arrays named `{pass}_{field}`. Padded passes: ids, mask and
 # pool_mask (embedding) or labels (generative), [B, T]. Packed passes (grit_jax.data.packing): ids, segment_ids,
-# positions and pool_mask / labels [U, R, L], lengths [U, n]. Besides: pos_key [Bq, 2] (duplicate positives).
+# positions and pool_mask / labels [U, R, L], lengths [U, n]. Besides, one row per query (QUERY_ROW_KEYS, the same
+# for padded and packed passes): pos_key [Bq, 2] int32 (duplicate positives), no_in_batch_neg [Bq] int32 (1 = the
+# query is contrasted with its own candidates only: config.data.no_in_batch_negatives), teacher_scores [Bq, g]
+# float32 (a teacher's scores of the query's positive and hard negatives; NaN = none; config.loss.distill_weight).
 
 QUERY, PASSAGE, GEN = "query", "passage", "gen"
 EMBEDDING_PASSES = (QUERY, PASSAGE)
@@ -98,6 +101,9 @@ IDS, MASK, POOL_MASK, LABELS = "ids", "mask", "pool_mask", "labels"
 SEGMENT_IDS, POSITIONS, LENGTHS = "segment_ids", "positions", "lengths"
 TRUNCATED, WEIGHT = "truncated", "weight"  # per-example: cut to max length; 1 = a real example (eval filler rows 0)
 POS_KEY = "pos_key"
+NO_IN_BATCH_NEG = "no_in_batch_neg"
+TEACHER_SCORES = "teacher_scores"
+QUERY_ROW_KEYS = (POS_KEY, NO_IN_BATCH_NEG, TEACHER_SCORES)
 
 
 def per_token(pass_name: str) -> str:

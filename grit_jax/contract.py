@@ -89,9 +89,14 @@ def _check_data(c) -> None:
     _int(d, f"{name}_pack_rows", 0, "data")
   _num(d, "pack_headroom", "data", lo=0.0)
   _int(d, "pack_levels", 1, "data")
-  _bool(d, "single_dataset_batches", "data")
-  from grit_jax.data import jsonl
+  from grit_jax.data import batching, jsonl
 
+  _choice(d, "batching", batching.BATCHINGS, "data")
+  names = d.no_in_batch_negatives
+  if not isinstance(names, tuple) or not all(isinstance(n, str) and n.endswith(".jsonl") and os.sep not in n
+                                             for n in names):
+    raise GritJaxError(f"config.data.no_in_batch_negatives={names!r}: expected a tuple of file names (*.jsonl) in "
+                       "data.train_dir")
   _choice(d, "bad_input", jsonl.POLICIES, "data")
   _int(d, "seed", 0, "data")
   for name in ("train_dir", "eval_dir", "tokenizer", "cache_dir"):
@@ -112,6 +117,20 @@ def check_loss(l) -> None:
   _int(l, "lm_loss_sub_batches", 1, "loss")
   _num(l, "lm_token_factor", "loss", lo=0.0, lo_open=True)
   _choice(l, "contrastive_grad", objectives.CONTRASTIVE_GRADS, "loss")
+  dims, weights = l.matryoshka_dims, l.matryoshka_weights
+  if not isinstance(dims, tuple) or not all(_is_int(k) and k >= 1 for k in dims):
+    raise GritJaxError(f"config.loss.matryoshka_dims={dims!r}: expected a tuple of positive integers, e.g. (64, 128, "
+                       "256)")
+  if any(b <= a for a, b in zip(dims, dims[1:])):
+    raise GritJaxError(f"config.loss.matryoshka_dims={dims!r}: must be strictly increasing")
+  if not isinstance(weights, tuple) or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                               and math.isfinite(w) and w > 0 for w in weights):
+    raise GritJaxError(f"config.loss.matryoshka_weights={weights!r}: expected a tuple of positive numbers")
+  if weights and len(weights) != len(dims):
+    raise GritJaxError(f"config.loss.matryoshka_weights={weights!r}: {len(weights)} weight(s) for "
+                       f"{len(dims)} matryoshka_dims {dims!r} (or () for 1 each)")
+  _num(l, "distill_weight", "loss", lo=0.0)
+  _num(l, "distill_temperature", "loss", lo=0.0, lo_open=True)
 
 
 def _check_loss(c) -> None:
@@ -200,7 +219,14 @@ def _check_mesh(c, num_devices: int | None, num_slices: int) -> None:
                          f"{sizes} ({num_devices} devices)")
 
 
+def check_matryoshka_dims(dims, hidden_size: int, key: str = "config.loss.matryoshka_dims") -> None:
+  """Matryoshka prefixes must fit the model's representation (hidden_size)."""
+  if dims and max(dims) > hidden_size:
+    raise GritJaxError(f"{key}={tuple(dims)!r}: {max(dims)} is larger than the model's hidden size {hidden_size}")
+
+
 def _check_lengths(c, model) -> None:
+  check_matryoshka_dims(c.loss.matryoshka_dims, model.hidden_size)
   emb, gen = _passes(c)
   names = (["query_max_len", "passage_max_len"] if emb else []) + (["generative_max_len"] if gen else [])
   for name in names:
@@ -298,6 +324,17 @@ def _check_files(c, model) -> None:
     raise GritJaxError(f"config.data.train_dir={c.data.train_dir!r}: not a folder")
   if c.data.eval_dir and not os.path.isdir(c.data.eval_dir):
     raise GritJaxError(f"config.data.eval_dir={c.data.eval_dir!r}: not a folder (set it to '' for no eval)")
+  distill = c.loss.distill_weight
+  if emb and (distill or c.data.no_in_batch_negatives):
+    from grit_jax.data import jsonl
+    files = jsonl.split_files(c.data.train_dir)[jsonl.EMBEDDING]
+    if distill and not any(jsonl.has_teacher_scores(f) for f in files):
+      raise GritJaxError(f"config.loss.distill_weight={distill}: no embedding file of data.train_dir="
+                         f"{c.data.train_dir!r} has teacher scores (pos_scores / neg_scores); set it to 0 or add them")
+  for name in c.data.no_in_batch_negatives:
+    if not os.path.isfile(os.path.join(c.data.train_dir, name)):
+      raise GritJaxError(f"config.data.no_in_batch_negatives: {name!r} is not a file of data.train_dir="
+                         f"{c.data.train_dir!r}")
   from grit_jax.data.tokenizer import Tokenizer
 
   check_vocab(Tokenizer(tokenizer_path(c.data.tokenizer)).vocab_size, model.vocab_size,

@@ -107,8 +107,53 @@ def false_negative_mask(pos_key, group_size: int):
   return jnp.concatenate([same_BB[:, :, None], hard_BBg], axis=-1).reshape(B, B * group_size)
 
 
+def own_group_mask(no_in_batch_neg, group_size: int):
+  """[B, B*g] bool: True for every column outside row i's own group (its positive and its g-1 hard negatives) where
+  no_in_batch_neg[i] [B] is set: such a row (a file of data.no_in_batch_negatives, e.g. classification pairs whose
+  'passages' are label texts shared by many rows) is contrasted with its own candidates only. Other rows still
+  see its passages as negatives (the mask is per row, as FlagEmbedding's no_in_batch_neg files in their own
+  batches)."""
+  B = no_in_batch_neg.shape[0]
+  outside_BP = jnp.repeat(~jnp.eye(B, dtype=bool), group_size, axis=1)
+  return outside_BP & (no_in_batch_neg[:, None] > 0)
+
+
+def candidate_logits(q, p, temperature: float = 0.02, group_size: int = 2, *, normalize: bool = True, pos_key=None,
+                     no_in_batch_neg=None):
+  """`contrastive_logits` [B, B*g] with the columns that are no candidate of a row set to -1e9 (exp() = 0): another
+  query's positive with the same text (pos_key, `false_negative_mask`) and, for rows with no_in_batch_neg, every
+  column outside the row's own group (`own_group_mask`)."""
+  logits_BP = contrastive_logits(q, p, temperature, normalize)
+  if pos_key is not None:
+    logits_BP = jnp.where(false_negative_mask(pos_key, group_size), -1e9, logits_BP)
+  if no_in_batch_neg is not None:
+    logits_BP = jnp.where(own_group_mask(no_in_batch_neg, group_size), -1e9, logits_BP)
+  return logits_BP
+
+
+def own_group_logits(logits_BP, group_size: int):
+  """[B, B*g] -> [B, g]: each row's logits over its own candidates (its positive, then its hard negatives)."""
+  B = logits_BP.shape[0]
+  return logits_BP.reshape(B, B, group_size)[jnp.arange(B), jnp.arange(B)]
+
+
+def distill_loss(student_logits_BG, teacher_scores_BG, teacher_temperature: float = 1.0):
+  """KL(teacher || student) over each query's own g candidates (positive first, then its hard negatives), mean
+  over the rows that have teacher scores (NaN scores = a row without; 0 when no row has any).
+
+  teacher = softmax(scores / teacher_temperature); student = log_softmax(student logits), the logits being the
+  contrastive ones (similarity / loss.temperature). FlagEmbedding's `kd_loss` (kl_div) is the cross-entropy
+  -sum(teacher * log student) with teacher_temperature 1: the same gradient; this is it minus the teacher's entropy,
+  so a student that matches the teacher scores 0."""
+  has_B = ~jnp.any(jnp.isnan(teacher_scores_BG), axis=-1)
+  scores_BG = jnp.where(has_B[:, None], teacher_scores_BG.astype(jnp.float32), 0.0)
+  teacher_BG = jax.nn.softmax(scores_BG / teacher_temperature, axis=-1)
+  kl_B = optax.kl_divergence(jax.nn.log_softmax(student_logits_BG.astype(jnp.float32), axis=-1), teacher_BG)
+  return jnp.sum(jnp.where(has_B, kl_B, 0.0)) / jnp.maximum(jnp.sum(has_B), 1)
+
+
 def contrastive_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, normalize: bool = True,
-                     return_accuracy: bool = False, pos_key=None):
+                     return_accuracy: bool = False, pos_key=None, no_in_batch_neg=None):
   """In-batch-negatives InfoNCE: q [B, D] queries, p [B*g, D] passages (query i's positive at row i*g, then its
   g-1 hard negatives). Every passage is a candidate for every query; the target of row i is column i*g; loss =
   mean over rows of the cross-entropy of (cosine / temperature).
@@ -116,21 +161,55 @@ def contrastive_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, no
   pos_key [B, K] int (optional): a hash of each query's positive; another query's positive with the same key is
   left out of row i's candidates (it is row i's own positive text, not a negative; sentence-transformers' no-
   duplicates sampler keeps such rows out of one batch).
+  no_in_batch_neg [B] int (optional): rows whose candidates are their own group only (`own_group_mask`).
 
   Returns the loss, or (loss, top-1 accuracy) with `return_accuracy`.
   """
   B = q.shape[0]
   if p.shape[0] != B * group_size:
     raise ValueError(f"contrastive_loss: {p.shape[0]} passages for {B} queries x group_size {group_size}")
-  logits_BP = contrastive_logits(q, p, temperature, normalize)
-  if pos_key is not None:
-    logits_BP = jnp.where(false_negative_mask(pos_key, group_size), -1e9, logits_BP)  # exp() = 0: no candidate
+  logits_BP = candidate_logits(q, p, temperature, group_size, normalize=normalize, pos_key=pos_key,
+                               no_in_batch_neg=no_in_batch_neg)
   target_B = jnp.arange(B) * group_size
   loss = optax.softmax_cross_entropy_with_integer_labels(logits_BP, target_B).mean()
   if not return_accuracy:
     return loss
   accuracy = jnp.mean((jnp.argmax(logits_BP, axis=-1) == target_B).astype(jnp.float32))
   return loss, accuracy
+
+
+def representation_loss(q, p, temperature: float = 0.02, group_size: int = 2, *, normalize: bool = True,
+                        dims: Sequence[int] = (), dim_weights: Sequence[float] = (), distill_weight: float = 0.0,
+                        distill_temperature: float = 1.0, pos_key=None, no_in_batch_neg=None, teacher_scores=None):
+  """The embedding objective L_rep over the global batch -> {"loss", "contrastive", "distill", "accuracy"}.
+
+  loss = sum_k w_k * (contrastive_k + distill_weight * distill_k), k over the Matryoshka `dims` (prefixes
+  q[:, :k], p[:, :k], normalised inside the logits when `normalize`; weights `dim_weights`, default 1 each, as
+  sentence-transformers' MatryoshkaLoss; the full dimension counts only when listed). dims=() = the full
+  dimension alone, weight 1: plain `contrastive_loss`. contrastive_k: `contrastive_loss` (pos_key,
+  no_in_batch_neg masks); distill_k: `distill_loss` of the row's own-group logits against teacher_scores [B, g]
+  (NaN = no scores; only computed when distill_weight > 0). "contrastive" / "distill" are the weighted sums over
+  the dims; "accuracy" is top-1 at the largest dim.
+  """
+  B, D = q.shape
+  if p.shape[0] != B * group_size:
+    raise ValueError(f"representation_loss: {p.shape[0]} passages for {B} queries x group_size {group_size}")
+  dims = tuple(dims) or (D,)
+  weights = tuple(dim_weights) or (1.0,) * len(dims)
+  if max(dims) > D or len(weights) != len(dims):
+    raise ValueError(f"representation_loss: dims {dims} (weights {weights}) for {D}-dimensional representations")
+  target_B = jnp.arange(B) * group_size
+  out = {"contrastive": jnp.zeros((), jnp.float32), "distill": jnp.zeros((), jnp.float32)}
+  for k, w in zip(dims, weights):
+    logits_BP = candidate_logits(q[:, :k], p[:, :k], temperature, group_size, normalize=normalize,
+                                 pos_key=pos_key, no_in_batch_neg=no_in_batch_neg)
+    out["contrastive"] += w * optax.softmax_cross_entropy_with_integer_labels(logits_BP, target_B).mean()
+    if distill_weight and teacher_scores is not None:
+      out["distill"] += w * distill_loss(own_group_logits(logits_BP, group_size), teacher_scores,
+                                         distill_temperature)
+  out["loss"] = out["contrastive"] + distill_weight * out["distill"]
+  out["accuracy"] = jnp.mean((jnp.argmax(logits_BP, axis=-1) == target_B).astype(jnp.float32))  # largest dim
+  return out
 
 
 def _live_gathered(x_local, axes: tuple[str, ...], grad: str):
@@ -143,37 +222,47 @@ def _live_gathered(x_local, axes: tuple[str, ...], grad: str):
   return jax.lax.dynamic_update_slice_in_dim(gathered, x_local, start, axis=0)
 
 
-def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature: float = 0.02,
-                              group_size: int = 2, *, normalize: bool = True, grad: str = "gritlm", pos_key=None):
-  """`contrastive_loss` over the global batch, computed per batch shard with explicit all-gathers, as the reference
-  does with `dist.all_gather` + `--negatives_cross_device`.
+def gathered_representation_loss(q, p, mesh, batch_axes: Sequence[str], temperature: float = 0.02,
+                                 group_size: int = 2, *, grad: str = "gritlm", rows: dict | None = None, **loss_kw):
+  """`representation_loss` over the global batch, computed per batch shard with explicit all-gathers, as the
+  reference does with `dist.all_gather` + `--negatives_cross_device`.
 
-  q [B, D], p [B*g, D]: global arrays (any sharding); `batch_axes`: the mesh axes the batch is split over
-  (W = product of their sizes). Each shard gathers all rows, computes the global loss L, and the W per-shard values
-  are averaged. grad="gritlm": gathered copies carry no gradient, so the gradient is (1/W) * grad L (the
-  reference's). grad="exact": the gathers are differentiated (transpose = reduce-scatter), giving grad L.
-  Returns (loss, top-1 accuracy); the loss value is L either way.
+  q [B, D], p [B*g, D]: global arrays (any sharding); rows: the per-query arrays of the batch (pos_key,
+  no_in_batch_neg, teacher_scores; [B, ...], gathered whole, no gradient); loss_kw: the rest of
+  representation_loss's arguments. `batch_axes`: the mesh axes the batch is split over (W = product of their
+  sizes). Each shard gathers all rows, computes the global loss L, and the W per-shard values are averaged.
+  grad="gritlm": gathered copies carry no gradient, so the gradient is (1/W) * grad L (the reference's).
+  grad="exact": the gathers are differentiated (transpose = reduce-scatter), giving grad L. Returns
+  representation_loss's dict; its values are those of the global batch either way.
   """
   if grad not in CONTRASTIVE_GRADS:
     raise ValueError(f"contrastive_grad {grad!r}: expected one of {CONTRASTIVE_GRADS}")
+  rows = {k: v for k, v in (rows or {}).items() if v is not None}
   axes = tuple(a for a in batch_axes if a in mesh.axis_names and mesh.shape[a] > 1)
   if not axes:
-    return contrastive_loss(q, p, temperature, group_size, normalize=normalize, return_accuracy=True,
-                            pos_key=pos_key)
+    return representation_loss(q, p, temperature, group_size, **rows, **loss_kw)
   P = jax.sharding.PartitionSpec
+  names = tuple(rows)
 
-  def per_shard(q_local, p_local, *key_local):
+  def per_shard(q_local, p_local, *rows_local):
     q_all = _live_gathered(q_local.astype(jnp.float32), axes, grad)
     p_all = _live_gathered(p_local.astype(jnp.float32), axes, grad)
-    key_all = jax.lax.all_gather(key_local[0], axes, axis=0, tiled=True) if key_local else None
-    loss, acc = contrastive_loss(q_all, p_all, temperature, group_size, normalize=normalize, return_accuracy=True,
-                                 pos_key=key_all)
-    return loss[None], acc[None]  # one value per shard: [1] each
+    rows_all = {k: jax.lax.all_gather(v, axes, axis=0, tiled=True) for k, v in zip(names, rows_local)}
+    out = representation_loss(q_all, p_all, temperature, group_size, **rows_all, **loss_kw)
+    return {k: v[None] for k, v in out.items()}  # one value per shard: [1] each
 
-  keys = () if pos_key is None else (pos_key,)
-  loss_W, acc_W = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes),) * (2 + len(keys)),
-                                out_specs=(P(axes), P(axes)))(q, p, *keys)
-  return loss_W.mean(), jax.lax.stop_gradient(acc_W.mean())
+  out_W = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(axes),) * (2 + len(names)),
+                        out_specs=P(axes))(q, p, *(rows[k] for k in names))
+  return {k: v.mean() if k == "loss" else jax.lax.stop_gradient(v.mean()) for k, v in out_W.items()}
+
+
+def gathered_contrastive_loss(q, p, mesh, batch_axes: Sequence[str], temperature: float = 0.02,
+                              group_size: int = 2, *, normalize: bool = True, grad: str = "gritlm", pos_key=None):
+  """(loss, top-1 accuracy) of `contrastive_loss` over the global batch with explicit all-gathers
+  (`gathered_representation_loss` with neither Matryoshka dims nor distillation)."""
+  out = gathered_representation_loss(q, p, mesh, batch_axes, temperature, group_size, grad=grad,
+                                     rows={"pos_key": pos_key}, normalize=normalize)
+  return out["loss"], out["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -78,6 +78,14 @@ def parse(*overrides):
     ("--config.init_from=hf:/no/such/dir", "no such folder"),
     ("--config.data.train_dir=/no/such/dir", "config.data.train_dir='/no/such/dir'"),
     ("--config.data.tokenizer=/no/such.model", "/no/such.model"),
+    ("--config.data.batching=random", "config.data.batching='random'"),
+    ("--config.data.no_in_batch_negatives=('nope.jsonl',)", "'nope.jsonl' is not a file of data.train_dir"),
+    ("--config.loss.matryoshka_dims=(32,16)", "config.loss.matryoshka_dims=(32, 16): must be strictly increasing"),
+    ("--config.loss.matryoshka_dims=(32,128)", "128 is larger than the model's hidden size 64"),
+    ("--config.loss.matryoshka_weights=(1.0,)", "1 weight(s) for 0 matryoshka_dims"),
+    ("--config.loss.distill_weight=-1", "config.loss.distill_weight=-1"),
+    ("--config.loss.distill_temperature=0", "config.loss.distill_temperature=0"),
+    ("--config.loss.distill_weight=1.0", "no embedding file of data.train_dir='data/train' has teacher scores"),
 ])
 def test_bad_value_is_named(override, named, capsys):
   with pytest.raises(GritJaxError, match=None) as e:

@@ -33,7 +33,7 @@ def make_cfg(**kw):
   c.update(train_dir=os.path.join(ROOT, "data", "train"), eval_dir=os.path.join(ROOT, "data", "eval"),
            tokenizer=TOK_PATH, mode="unified", query_max_len=32, passage_max_len=64, generative_max_len=48,
            train_group_size=3, embedding_batch_size=8, generative_batch_size=4, pack_generative=False,
-           single_dataset_batches=True, bad_input="skip", seed=0)
+           batching="same_dataset", bad_input="skip", seed=0)
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -539,7 +539,7 @@ def test_truncated_texts_are_counted_per_pass(tmp_path, tok, cache):
   write_jsonl(tmp_path / "emb.jsonl", emb)
   write_jsonl(tmp_path / "gen.jsonl", gen)
   cfg = make_cfg(train_dir=str(tmp_path), embedding_batch_size=4, generative_batch_size=4, train_group_size=2,
-                 single_dataset_batches=False)
+                 batching="mixed")
   it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
   next(it)  # one epoch of each: every row once
   assert it.truncation_counts() == {"truncated_query": 2, "truncated_passage": 4, "truncated_gen": 1}
@@ -596,3 +596,149 @@ def test_cache_dir_from_config_or_environment(tmp_path, tok, monkeypatch):
                  cache_dir=str(tmp_path / "mine"))
   it = D.make_train_iterator(cfg, tokenizer=tok)
   assert it.datasets["generative"].builder.data_dir.startswith(str(tmp_path / "mine" / "grit_jsonl"))
+
+
+# --- issue 24: batches by dataset, own-group files, teacher scores --------------------------------------------------
+
+def test_same_dataset_batches_are_drawn_in_proportion_to_size():
+  """Each epoch holds floor(n_d / B) batches of dataset d (the reference's CustomRandomSampler), in shuffled order:
+  the dataset of a step is drawn with probability n_d / N (here 12, 4 and 8 of 24 rows, batch 4: 3, 1 and 2 of
+  the 6 batches); `mixed` batches are one permutation of all rows."""
+  counts, batch = np.array([12, 4, 8]), 4
+  offsets = np.concatenate([[0], np.cumsum(counts)])
+  first = np.zeros(3)
+  for seed in range(600):
+    bs = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(seed), True)
+    ds_of = np.searchsorted(offsets, bs, side="right") - 1  # [6, 4]
+    assert all(len(set(row)) == 1 for row in ds_of)
+    np.testing.assert_array_equal(np.bincount(ds_of[:, 0], minlength=3), [3, 1, 2])
+    first[ds_of[0, 0]] += 1
+  np.testing.assert_allclose(first / first.sum(), counts / counts.sum(), atol=0.05)
+  mixed = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(0), False)
+  assert sorted(mixed.ravel()) == list(range(24))
+  ds_mixed = np.searchsorted(offsets, mixed, side="right") - 1
+  assert any(len(set(row)) > 1 for row in ds_mixed)
+
+
+def _scored_folder(tmp_path):
+  """a.jsonl: 6 rows with teacher scores (pos i + 0.5, negs -i and -i - 0.25); b.jsonl: 10 rows without."""
+  write_jsonl(tmp_path / "a.jsonl", [{"query": f"alpha query {i}", "pos": [f"alpha pos {i}"],
+                                      "neg": [f"alpha neg {i}", f"alpha neg two {i}"], "pos_scores": [i + 0.5],
+                                      "neg_scores": [-i, -i - 0.25]} for i in range(6)])
+  write_jsonl(tmp_path / "b.jsonl", [{"query": f"beta query {i}", "pos": [f"beta pos {i}"], "neg": [f"beta neg {i}"]}
+                                     for i in range(10)])
+  return make_cfg(train_dir=str(tmp_path), mode="embedding", train_group_size=2, embedding_batch_size=2,
+                  batching="same_dataset", no_in_batch_negatives=("b.jsonl",))
+
+
+def test_own_group_files_and_teacher_scores_in_batches(tmp_path, tok, cache):
+  cfg = _scored_folder(tmp_path)
+  text = lambda ids, pool: tok.decode(ids * pool)
+  for pack in (False, True):
+    it = D.make_train_iterator(dict_cfg(cfg, pack_embedding=pack), tokenizer=tok, cache_dir=cache)
+    seen = set()
+    for _ in range(8):  # one epoch: 3 batches of a, 5 of b
+      b = next(it)
+      queries = [text(*r) for r in zip(b["query_ids"], b["query_pool_mask"])] if not pack else [
+          text(_unpack(b, "query", "ids")[i], _unpack(b, "query", "pool_mask")[i]) for i in range(2)]
+      files = {q.split()[0] for q in queries}
+      assert len(files) == 1  # same_dataset
+      seen.add(files.pop())
+      np.testing.assert_array_equal(b["no_in_batch_neg"], [int(q.startswith("beta")) for q in queries])
+      assert b["teacher_scores"].shape == (2, 2) and b["teacher_scores"].dtype == np.float32
+      for q, scores in zip(queries, b["teacher_scores"]):
+        if q.startswith("beta"):
+          assert np.isnan(scores).all()
+        else:
+          i = int(q.split()[-1])
+          assert scores[0] == i + 0.5 and scores[1] in (-i, -i - 0.25)  # the sampled negative's own score
+    assert seen == {"alpha", "beta"}
+  # resumed = uninterrupted, the new keys included (NaN == NaN here)
+  ref = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  want = [next(ref) for _ in range(6)]
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  next(it), next(it)
+  resumed = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  resumed.set_state(json.loads(json.dumps(it.get_state())))
+  for w in want[2:]:
+    got = next(resumed)
+    assert got.keys() == w.keys()
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+
+
+def dict_cfg(cfg, **kw):
+  return ml_collections.ConfigDict(dict(cfg.to_dict(), **kw))
+
+
+@pytest.mark.parametrize("rows, policy, named", [
+    ([{"query": "q", "pos": ["p"], "neg": ["n", "m"], "pos_scores": [1.0], "neg_scores": [0.5]}], "error",
+     "a.jsonl:1: neg_scores: 1 score(s) for 2 neg text(s)"),
+    ([{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0]}], "error",
+     "a.jsonl:1: neg_scores: missing, but the row has pos_scores"),
+    ([{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": ["high"], "neg_scores": [0.5]}], "error",
+     "a.jsonl:1: pos_scores: expected a list of finite numbers"),
+    ([{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1.0], "neg_scores": [0.5]},
+      {"query": "q2", "pos": ["p2"], "neg": ["n2"]}], "skip",
+     "a.jsonl:2: has no pos_scores / neg_scores but line 1 has"),
+])
+def test_bad_teacher_scores_are_named(tmp_path, tok, cache, rows, policy, named):
+  write_jsonl(tmp_path / "a.jsonl", rows * 2 if len(rows) == 1 else rows)
+  cfg = make_cfg(train_dir=str(tmp_path), mode="embedding", train_group_size=2, embedding_batch_size=1,
+                 bad_input=policy)
+  with pytest.raises(GritJaxError) as e:
+    D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  assert named in str(e.value), str(e.value)
+
+
+def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
+  """A same_dataset batch (from the iterator) through the step's objective: L_rep with Matryoshka dims, own-group
+  rows and distillation equals the loss written out in numpy over that one dataset's rows, from the model's
+  pooled representations."""
+  import jax
+  from grit_jax import sharding as mesh_lib
+  from grit_jax.modeling import get_config, init_params
+  from grit_jax.training import step as step_lib
+
+  cfg = dict_cfg(_scored_folder(tmp_path), embedding_batch_size=4)
+  it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
+  batches = [next(it) for _ in range(4)]  # one epoch: a 1, b 2 full batches + 1 mixed from the leftovers
+  model = get_config("tiny_mistral", vocab_size=tok.vocab_size, num_layers=1, dtype="float32")
+  params = init_params(model, jax.random.PRNGKey(0))
+  loss = ml_collections.ConfigDict(dict(pooling="mean", normalize=True, temperature=0.5, lambda_rep=1.0,
+                                        lambda_gen=1.0, lm_loss_mode="mixed", lm_loss_sub_batches=1,
+                                        lm_token_factor=1.0, contrastive_grad="exact", matryoshka_dims=(16, 64),
+                                        matryoshka_weights=(1.0, 0.5), distill_weight=0.5, distill_temperature=2.0))
+  mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
+  obj = step_lib.GritObjective(model, loss, mesh, rules)
+  loss_fn, embed_q, embed_p = (jax.jit(f) for f in (obj.loss, obj.embed_query, obj.embed_passage))
+  checked = set()
+  for b in batches:
+    files = set(b["no_in_batch_neg"])
+    if len(files) != 1:
+      continue  # the mixed leftover batch
+    own = bool(files.pop())
+    checked.add(own)
+    with jax.set_mesh(mesh):
+      _, m = loss_fn(params, b)
+      q = np.asarray(embed_q(params, b["query_ids"], b["query_mask"], b["query_pool_mask"]))
+      p = np.asarray(embed_p(params, b["passage_ids"], b["passage_mask"], b["passage_pool_mask"]))
+    want = 0.0
+    for k, w in ((16, 1.0), (64, 0.5)):
+      qk = q[:, :k] / np.linalg.norm(q[:, :k], axis=1, keepdims=True)
+      pk = p[:, :k] / np.linalg.norm(p[:, :k], axis=1, keepdims=True)
+      logits = qk @ pk.T / 0.5  # [4, 8]
+      for i in range(4):
+        cand = [2 * i, 2 * i + 1] if own else list(range(8))  # b.jsonl: its own group only
+        row = logits[i, cand]
+        ce = np.log(np.exp(row).sum()) - logits[i, 2 * i]
+        kd = 0.0
+        if not own:  # a.jsonl has teacher scores
+          t = np.exp(b["teacher_scores"][i] / 2.0)
+          t /= t.sum()
+          s = logits[i, [2 * i, 2 * i + 1]]
+          log_s = s - np.log(np.exp(s).sum())
+          kd = float(np.sum(t * (np.log(t) - log_s)))
+        want += w * (ce + 0.5 * kd) / 4
+    np.testing.assert_allclose(float(m["loss_rep"]), want, rtol=1e-5)
+  assert checked == {False, True}

@@ -359,3 +359,45 @@ def test_one_embedding_max_length_everywhere(hf_dir, tmp_path, caplog):
   np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), at16)
   from grit_jax.inference.mteb_adapter import MtebEncoder
   assert MtebEncoder(model).max_length == 16 and MtebEncoder(model, max_length=64).max_length == 64
+
+
+def test_matryoshka_dims_travel_with_the_model_and_dim_truncates(hf_dir, tmp_path, capsys):
+  """grit_settings.json's matryoshka_dims are read back (and kept by save_pretrained); encode(dim=k) and
+  `grit-jax embed --dim k` are the first k components of the unnormalised embedding, normalised; bad dims are
+  named."""
+  from grit_jax import GritLM, cli
+  from grit_jax.convert import settings as settings_lib
+  d = tmp_path / "m"
+  shutil.copytree(hf_dir, d)
+  settings_lib.write(str(d), settings_lib.Settings(matryoshka_dims=(16, 32)))
+  model = GritLM.from_pretrained(str(d))
+  assert model.matryoshka_dims == (16, 32)
+  raw = model.encode(TEXTS, normalize=False)
+  want = raw[:, :16] / np.linalg.norm(raw[:, :16], axis=1, keepdims=True)
+  np.testing.assert_allclose(model.encode(TEXTS, dim=16), want, atol=1e-5)
+  np.testing.assert_allclose(model.encode(TEXTS, dim=16, normalize=False), raw[:, :16], atol=1e-6)
+  src = tmp_path / "t.jsonl"
+  src.write_text("".join(json.dumps(t) + "\n" for t in TEXTS))
+  assert cli.main(["embed", "--model", str(d), "--input", str(src), "--output", str(tmp_path / "e.npy"),
+                   "--dim", "16"]) == 0
+  np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want, atol=1e-5)
+  with pytest.raises(GritJaxError, match=r"dim=65: expected an integer in \[1, 64\]"):
+    model.encode(TEXTS, dim=65)
+  capsys.readouterr()
+  assert cli.main(["embed", "--model", str(d), "--input", str(src), "--output", str(tmp_path / "f.npy"),
+                   "--dim", "65"]) == 2
+  assert "--dim 65: larger than the model's hidden size 64" in capsys.readouterr().err
+  assert not (tmp_path / "f.npy").exists()
+  model.save_pretrained(str(tmp_path / "saved"))
+  assert settings_lib.read(str(tmp_path / "saved")).matryoshka_dims == (16, 32)
+  from grit_jax.commands import train as train_cli  # a training export records the recipe's dims
+  config, _ = train_cli.parse_args(["--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", "w",
+                                    "--config.loss.matryoshka_dims=(16,64)"])
+  assert settings_lib.from_config(config).to_json()["matryoshka_dims"] == [16, 64]
+  for dims, named in (([32, 16], "matryoshka_dims=(32, 16): expected strictly increasing"),
+                      ([16, 128], "matryoshka_dims=(16, 128): 128 is larger than the model's hidden size 64")):
+    raw_settings = json.loads((d / "grit_settings.json").read_text())
+    (d / "grit_settings.json").write_text(json.dumps(dict(raw_settings, matryoshka_dims=dims)))
+    with pytest.raises(GritJaxError) as e:
+      GritLM.from_pretrained(str(d))
+    assert named in str(e.value) and "grit_settings.json" in str(e.value), str(e.value)

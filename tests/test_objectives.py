@@ -239,3 +239,63 @@ def test_gathered_single_shard_is_local_loss():
   loss, _ = objectives.gathered_contrastive_loss(jnp.asarray(Q), jnp.asarray(PS), mesh,
                                                  mesh_lib.batch_axes(mesh, rules), 0.02, 2)
   np.testing.assert_allclose(float(loss), 5.3466076, rtol=1e-6)
+
+
+# --- issue 24: own-group rows, distillation, Matryoshka dims ------------------------------------------------------
+
+def test_distill_loss_hand_worked():
+  # Row 0: teacher scores (2 ln 3, 0) at teacher temperature 2 -> teacher (3/4, 1/4); student logits (0, 0) ->
+  # (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2). Row 1 has no scores (NaN): left out of the mean.
+  scores = jnp.array([[2 * math.log(3.0), 0.0], [jnp.nan, jnp.nan]])
+  student = jnp.zeros((2, 2))
+  want = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # 0.130812
+  np.testing.assert_allclose(float(objectives.distill_loss(student, scores, 2.0)), want, rtol=1e-6)
+  # the student matching the teacher scores 0; no row with scores gives 0, not NaN
+  assert abs(float(objectives.distill_loss(jnp.array([[math.log(3.0), 0.0]]), scores[:1], 2.0))) < 1e-7
+  assert float(objectives.distill_loss(student, jnp.full((2, 2), jnp.nan))) == 0.0
+
+
+def _two_queries():
+  # q0 = e0, q1 = e1; passages: q0's positive e0, its negative 0, q1's positive e1, its negative 0 (dot, T = 1):
+  # row 0 logits (1, 0, 0, 0), row 1 (0, 0, 1, 0): each row's CE = ln(e + 3) - 1.
+  q = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  p = jnp.array([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+  return q, p
+
+
+def test_no_in_batch_negatives_hand_worked():
+  q, p = _two_queries()
+  full = math.log(math.e + 3) - 1
+  own = math.log(math.e + 1) - 1  # row 0 flagged: its candidates are its own positive and negative only
+  got = objectives.contrastive_loss(q, p, 1.0, 2, normalize=False, no_in_batch_neg=jnp.array([1, 0]))
+  np.testing.assert_allclose(float(got), (own + full) / 2, rtol=1e-6)
+  np.testing.assert_allclose(float(objectives.contrastive_loss(q, p, 1.0, 2, normalize=False)), full, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(objectives.own_group_mask(jnp.array([1, 0]), 2)),
+                                [[0, 0, 1, 1], [0, 0, 0, 0]])
+
+
+def test_representation_loss_distill_hand_worked():
+  q, p = _two_queries()
+  # Own-group student logits of row 0: (1, 0) -> (e, 1) / (e + 1); teacher (ln 3, 0) -> (3/4, 1/4). Row 1: no scores.
+  s0 = math.e / (math.e + 1)
+  kl = 0.75 * math.log(0.75 / s0) + 0.25 * math.log(0.25 / (1 - s0))
+  scores = jnp.array([[math.log(3.0), 0.0], [jnp.nan, jnp.nan]])
+  out = objectives.representation_loss(q, p, 1.0, 2, normalize=False, distill_weight=0.5, teacher_scores=scores)
+  np.testing.assert_allclose(float(out["contrastive"]), math.log(math.e + 3) - 1, rtol=1e-6)
+  np.testing.assert_allclose(float(out["distill"]), kl, rtol=1e-5)
+  np.testing.assert_allclose(float(out["loss"]), math.log(math.e + 3) - 1 + 0.5 * kl, rtol=1e-6)
+  assert float(out["accuracy"]) == 1.0
+
+
+def test_matryoshka_loss_hand_worked():
+  # q0 = p0 = (3, 4), q1 = p1 = (4, -3) (g = 1, T = 1, cosine). Prefix 1: every vector normalises to (1): all logits
+  # 1, CE ln 2 per row. Full size: cos(q_i, p_i) = 1, cos(q0, p1) = 0: CE ln(e + 1) - 1. Weights (1, 0.5).
+  q = jnp.array([[3.0, 4.0], [4.0, -3.0]])
+  out = objectives.representation_loss(q, q, 1.0, 1, dims=(1, 2), dim_weights=(1.0, 0.5))
+  want = math.log(2.0) + 0.5 * (math.log(math.e + 1) - 1)
+  np.testing.assert_allclose(float(out["loss"]), want, rtol=1e-6)
+  # no dims = the plain contrastive loss over the full size
+  np.testing.assert_allclose(float(objectives.representation_loss(q, q, 1.0, 1)["loss"]),
+                             float(objectives.contrastive_loss(q, q, 1.0, 1)), rtol=1e-7)
+  with pytest.raises(ValueError, match="dims"):
+    objectives.representation_loss(q, q, 1.0, 1, dims=(1, 3))

@@ -23,7 +23,8 @@ MODEL = get_config("tiny_mistral", vocab_size=V, num_layers=1)
 
 def loss_cfg(**kw):
   base = dict(pooling="mean", normalize=True, temperature=0.05, lambda_rep=1.0, lambda_gen=1.0,
-              lm_loss_mode="mixed", lm_loss_sub_batches=1, lm_token_factor=1.0, contrastive_grad="exact")
+              lm_loss_mode="mixed", lm_loss_sub_batches=1, lm_token_factor=1.0, contrastive_grad="exact",
+              matryoshka_dims=(), matryoshka_weights=(), distill_weight=0.0, distill_temperature=1.0)
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -180,6 +181,26 @@ def test_shared_positives_are_masked_plain_and_gradcache(grads_of):
   assert_tree_close(g_cache, g_plain)
   (_, m_unkeyed), _ = grads_of("mesh8", batch)
   assert m_plain["loss_rep"] < m_unkeyed["loss_rep"] - 1e-4  # fewer negatives: a lower loss
+
+
+def test_matryoshka_distill_own_group_rows_mesh_and_gradcache(grads_of, meshes):
+  """Issue 24's terms in the step: Matryoshka dims + distillation + own-group rows + shared positives give the same
+  loss on one device and on the 8-device mesh with GradCache and the gathered (gritlm) loss, whose gradients are
+  1/W of the one-device ones (the exact gradient's mesh and GradCache paths share every line with it)."""
+  batch = {k: v for k, v in random_batch(4).items() if not k.startswith("gen_")}
+  rng = np.random.default_rng(4)
+  rows = dict(pos_key=np.stack([np.arange(B) % 3, np.zeros(B)], 1).astype(np.int32),
+              no_in_batch_neg=(np.arange(B) % 2).astype(np.int32),
+              teacher_scores=np.where((np.arange(B) == 3)[:, None], np.nan, rng.normal(size=(B, G))).astype(np.float32))
+  cfg = dict(matryoshka_dims=(16, MODEL.hidden_size), matryoshka_weights=(1.0, 0.5), distill_weight=0.5,
+             distill_temperature=0.5)
+  full = dict(batch, **rows)
+  (_, m1), g1 = grads_of("mesh1", full, loss_cfg(**cfg))
+  (_, mg), gg = grads_of("mesh8", full, loss_cfg(contrastive_grad="gritlm", **cfg), gradcache_chunk=2)
+  for k in ("loss_rep", "loss_distill", "loss_contrastive", "accuracy"):
+    np.testing.assert_allclose(mg[k], m1[k], rtol=1e-5, err_msg=k)
+  assert m1["loss_distill"] > 0 and m1["loss_rep"] > m1["loss_contrastive"]
+  assert_tree_close(gg, jax.tree.map(lambda g: g / mesh_lib.num_batch_shards(*meshes["mesh8"]), g1))
 
 
 def test_generative_only_batch_and_token_mode(grads_of):

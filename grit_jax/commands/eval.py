@@ -18,16 +18,18 @@ def main(argv: list[str]) -> int:
   p.add_argument("--batch-size", type=int, default=64)
   p.add_argument("--output", default=None, help="also write the metrics to this JSON file")
   inference_cli.add_max_length(p, "query / passage")
+  inference_cli.add_dim(p)
   inference_cli.add_packing(p)
   inference_cli.add_shard_weights(p)
   a = p.parse_args(argv)
   if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
     raise GritJaxError(f"--output {a.output}: folder {os.path.dirname(os.path.abspath(a.output))} does not exist")
   inference_cli.model_config(a.model)  # a model directory or a GGUF file, checked before the rows are read
+  inference_cli.check_dim(a.dim, a.model)
   queries, positives, corpus = retrieval_eval.read_rows(a.data)  # every row checked before the model is loaded
   from grit_jax.inference.gritlm import GritLM
   metrics = retrieval_eval.evaluate(GritLM.from_pretrained(a.model, shard_weights=a.shard_weights), queries, positives, corpus,
-                     a.batch_size, a.max_length, a.packing)
+                     a.batch_size, a.max_length, a.packing, dim=a.dim)
   for name, value in metrics.items():
     print(f"{name:<10} {value:.4f}" if isinstance(value, float) else f"{name:<10} {value}")
   if a.output:

@@ -149,6 +149,18 @@ def add_packing(p: argparse.ArgumentParser) -> None:
                       "the texts and row length that cost fewer FLOPs than padding (inference.encode.choose_row_len)")
 
 
+def add_dim(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--dim", type=_positive("--dim"), default=None,
+                 help="keep the first DIM components, re-normalised (Matryoshka; the model's trained dims are its "
+                      "grit_settings.json's matryoshka_dims); default: all")
+
+
+def check_dim(dim: int | None, model_dir: str) -> None:
+  """--dim against the model's hidden size, from its config.json (before the weights load)."""
+  if dim is not None and dim > model_config(model_dir).hidden_size:
+    raise GritJaxError(f"--dim {dim}: larger than the model's hidden size {model_config(model_dir).hidden_size}")
+
+
 def add_max_length(p: argparse.ArgumentParser, what: str = "text") -> None:
   p.add_argument("--max-length", type=_positive("--max-length"), default=None,
                  help=f"max tokens per {what} (template included); default: the model's embedding max length "
@@ -180,6 +192,7 @@ def embed_main(argv: list[str]) -> int:
   p.add_argument("--instruction", default="", help="task instruction (plain, or gritlm's wrapped form)")
   p.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="texts per forward pass")
   add_max_length(p)
+  add_dim(p)
   p.add_argument("--pooling", default=None, choices=common_types.POOLINGS,
                  help="default: the model's grit_settings.json, else mean")
   p.add_argument("--normalize", default=None, action=argparse.BooleanOptionalAction,
@@ -190,9 +203,10 @@ def embed_main(argv: list[str]) -> int:
   a = p.parse_args(argv)
   check_output_file(a.output, "--output", ".npy")
   texts = read_texts(a.input)
+  check_dim(a.dim, a.model)
   model = _load(a.model, a.attn, a.shard_weights)
   emb = model.encode(texts, instruction=a.instruction, batch_size=a.batch_size, max_length=a.max_length,
-                     pooling=a.pooling, normalize=a.normalize, packing=a.packing)
+                     pooling=a.pooling, normalize=a.normalize, packing=a.packing, dim=a.dim)
   save_npy_atomic(a.output, emb)
   print(f"wrote {a.output}: {emb.shape[0]} x {emb.shape[1]} float32")
   return 0

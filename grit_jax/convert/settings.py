@@ -15,6 +15,8 @@ the Hub) gets the GritLM defaults below, which are those of the published GritLM
   query_instruction  (optional, written only when set) the instruction `GritLM.encode_queries` and the export's
                      sentence-transformers `query` prompt use by default; absent = none, as gritlm's encode_queries
   train_data         {"fingerprint": sha256 over the train files' content fingerprints, "files": [[name, size, sha256]]}
+  matryoshka_dims    (optional, written only when trained with config.loss.matryoshka_dims) the embedding sizes the
+                     model was trained to serve truncated: `GritLM.encode(..., dim=k)`, `grit-jax embed --dim`
 """
 from __future__ import annotations
 
@@ -45,13 +47,17 @@ class Settings:
   generative_max_len: int | None = None
   train_data: dict | None = None
   query_instruction: str | None = None
+  matryoshka_dims: tuple[int, ...] | None = None
   source: str = "defaults"  # where they came from (the file's path, or "defaults"); not stored
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     d.pop("source")
-    if d["query_instruction"] is None:  # absent unless set: older readers know every other key
-      d.pop("query_instruction")
+    for key in ("query_instruction", "matryoshka_dims"):  # absent unless set: older readers know every other key
+      if d[key] is None:
+        d.pop(key)
+    if "matryoshka_dims" in d:
+      d["matryoshka_dims"] = list(d["matryoshka_dims"])
     return {"version": VERSION, **d}
 
 
@@ -72,6 +78,10 @@ def check(s: Settings, where: str) -> Settings:
       bad(key, "expected a positive integer")
   if s.query_instruction is not None and not isinstance(s.query_instruction, str):
     bad("query_instruction", "expected a string")
+  dims = s.matryoshka_dims
+  if dims is not None and (not dims or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in dims)
+                           or any(b <= a for a, b in zip(dims, dims[1:]))):
+    bad("matryoshka_dims", "expected strictly increasing positive integers")
   return s
 
 
@@ -95,7 +105,10 @@ def read(model_dir: str) -> Settings:
   unknown = sorted(set(raw) - fields - {"version"})
   if unknown:
     raise GritJaxError(f"{path}: unknown key(s) {unknown}")
-  return check(Settings(**{k: v for k, v in raw.items() if k != "version"}, source=path), path)
+  values = {k: v for k, v in raw.items() if k != "version"}
+  if isinstance(values.get("matryoshka_dims"), list):
+    values["matryoshka_dims"] = tuple(values["matryoshka_dims"])
+  return check(Settings(**values, source=path), path)
 
 
 def write(model_dir: str, settings: Settings) -> str:
@@ -130,4 +143,5 @@ def from_config(config) -> Settings:
   return check(Settings(attn=config.attn, pooling=config.loss.pooling, normalize=bool(config.loss.normalize),
                         query_max_len=int(d.query_max_len), passage_max_len=int(d.passage_max_len),
                         generative_max_len=int(d.generative_max_len),
-                        train_data=train_data_fingerprint(d.train_dir), source="config"), "config")
+                        train_data=train_data_fingerprint(d.train_dir),
+                        matryoshka_dims=tuple(config.loss.matryoshka_dims) or None, source="config"), "config")

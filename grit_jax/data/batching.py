@@ -17,6 +17,8 @@ from grit_jax.common_types import IGNORE
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 
+BATCHINGS = ("mixed", "same_dataset")  # config.data.batching (the embedding sampler: grit_jax.data.iterator)
+
 
 def pad_row(ids: Sequence[int], length: int, value: int = 0) -> np.ndarray:
   out = np.full([length], value, np.int32)  # [L]
@@ -25,12 +27,16 @@ def pad_row(ids: Sequence[int], length: int, value: int = 0) -> np.ndarray:
   return out
 
 
-def sample_passages(rec: dict, group_size: int, rng: np.random.Generator | None) -> list[tuple[str, str]]:
+def sample_passages(rec: dict, group_size: int, rng: np.random.Generator | None) -> list[tuple[str, str, float]]:
   """1 positive + (group_size-1) hard negatives, as the reference: a random positive; negatives sampled without
   replacement, from the list repeated when it is shorter than needed. rng=None: first positive, first negatives
-  (cycled) -- the deterministic choice used for evaluation."""
-  pos = list(zip(rec["pos_instructions"], rec["pos"]))
-  neg = list(zip(rec["neg_instructions"], rec["neg"]))
+  (cycled) -- the deterministic choice used for evaluation. Each comes as (instruction, text, teacher score), the
+  score NaN when the record has none."""
+  def candidates(key):
+    scores = rec.get(f"{key}_scores")
+    scores = scores if scores is not None and len(scores) else [math.nan] * len(rec[key])
+    return list(zip(rec[f"{key}_instructions"], rec[key], (float(v) for v in scores)))
+  pos, neg = candidates("pos"), candidates("neg")
   n_neg = group_size - 1
   if rng is None:
     chosen = [pos[0]] + [neg[i % len(neg)] for i in range(n_neg)]
@@ -43,32 +49,31 @@ def sample_passages(rec: dict, group_size: int, rng: np.random.Generator | None)
 
 
 def embedding_sequences(tokenizer, rec: dict, *, query_max_len: int, passage_max_len: int, group_size: int,
-                        rng: np.random.Generator | None) -> tuple[tuple, list[tuple]]:
-  """Unpadded ((query ids, pool mask), [(passage ids, pool mask)] * g) of one record (passages: `sample_passages`)."""
+                        rng: np.random.Generator | None) -> tuple[tuple, list[tuple], np.ndarray]:
+  """Unpadded ((query ids, pool mask), [(passage ids, pool mask)] * g, teacher scores [g] float32 (NaN: none)) of
+  one record (passages: `sample_passages`)."""
   query = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
-  return query, [templates.encode_embedding(tokenizer, instr, text, passage_max_len)
-                 for instr, text in sample_passages(rec, group_size, rng)]
+  chosen = sample_passages(rec, group_size, rng)
+  return (query, [templates.encode_embedding(tokenizer, instr, text, passage_max_len) for instr, text, _ in chosen],
+          np.array([score for _, _, score in chosen], np.float32))
 
 
 def embedding_features(tokenizer, rec: dict, *, query_max_len: int, passage_max_len: int, group_size: int,
                        rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-  """query_{ids,mask,pool_mask} [Lq] and passage_{ids,mask,pool_mask} [g, Lp] of one record, and how many of its
-  texts were cut to the max length (query_truncated 0/1, passages_truncated 0..g; not batch keys)."""
-  q = templates.encode_embedding(tokenizer, rec["query_instruction"], rec["query"], query_max_len)
-  q_ids, q_pool = q
+  """query_{ids,mask,pool_mask} [Lq], passage_{ids,mask,pool_mask} [g, Lp] and teacher_scores [g] (NaN: none) of
+  one record, and how many of its texts were cut to the max length (query_truncated 0/1, passages_truncated 0..g;
+  not batch keys)."""
+  query, passages, scores = embedding_sequences(tokenizer, rec, query_max_len=query_max_len,
+                                                passage_max_len=passage_max_len, group_size=group_size, rng=rng)
+  q_ids, q_pool = query
   out = {ct.QUERY_IDS: pad_row(q_ids, query_max_len, tokenizer.pad_id),
          ct.QUERY_MASK: pad_row([1] * len(q_ids), query_max_len),
-         ct.QUERY_POOL_MASK: pad_row(q_pool, query_max_len), ct.key(ct.QUERY, ct.TRUNCATED): int(q.truncated)}
-  p_ids, p_mask, p_pool, p_cut = [], [], [], 0
-  for instr, text in sample_passages(rec, group_size, rng):
-    p = templates.encode_embedding(tokenizer, instr, text, passage_max_len)
-    ids, pool = p
-    p_ids.append(pad_row(ids, passage_max_len, tokenizer.pad_id))
-    p_mask.append(pad_row([1] * len(ids), passage_max_len))
-    p_pool.append(pad_row(pool, passage_max_len))
-    p_cut += p.truncated
-  out.update(passage_ids=np.stack(p_ids), passage_mask=np.stack(p_mask), passage_pool_mask=np.stack(p_pool),
-             passages_truncated=p_cut)
+         ct.QUERY_POOL_MASK: pad_row(q_pool, query_max_len), ct.key(ct.QUERY, ct.TRUNCATED): int(query.truncated),
+         ct.TEACHER_SCORES: scores}
+  out.update(passage_ids=np.stack([pad_row(ids, passage_max_len, tokenizer.pad_id) for ids, _ in passages]),
+             passage_mask=np.stack([pad_row([1] * len(ids), passage_max_len) for ids, _ in passages]),
+             passage_pool_mask=np.stack([pad_row(pool, passage_max_len) for _, pool in passages]),
+             passages_truncated=sum(p.truncated for p in passages))
   return out
 
 
@@ -101,8 +106,9 @@ def positive_keys(positives: Sequence[Sequence[int]]) -> np.ndarray:
 
 def stack_embedding(features: list[dict]) -> dict[str, np.ndarray]:
   """Per-example features -> batch: queries [B, Lq], passages [B*g, Lp] (each query's group contiguous), pos_key
-  [B, 2] (positive_keys)."""
-  out = {k: np.stack([f[k] for f in features]) for k in ct.padded_keys(ct.QUERY)}
+  [B, 2] (positive_keys), and no_in_batch_neg [B] / teacher_scores [B, g] when the features carry them."""
+  row_keys = [k for k in (ct.NO_IN_BATCH_NEG, ct.TEACHER_SCORES) if k in features[0]]
+  out = {k: np.stack([f[k] for f in features]) for k in ct.padded_keys(ct.QUERY) + tuple(row_keys)}
   for k in ct.padded_keys(ct.PASSAGE):
     out[k] = np.concatenate([f[k] for f in features], axis=0)  # [B*g, Lp]
   out[ct.POS_KEY] = positive_keys([f[ct.PASSAGE_IDS][0] for f in features])  # padded rows: equal texts, equal rows

@@ -6,9 +6,13 @@ Every process computes the same global batch of indices and reads, tokenizes and
 (rows [p*B/P, (p+1)*B/P) for shard p of P), so the per-process batches assemble into the global batch with
 `to_global_batch` and the global batch does not depend on the number of processes.
 
-Embedding stream: with `single_dataset_batches` (the reference's CustomRandomSampler) each dataset's permutation
+Embedding stream: with `batching="same_dataset"` (the reference's CustomRandomSampler) each dataset's permutation
 is cut into full global batches, the leftovers of all datasets are shuffled together into mixed batches, the final
-partial batch is dropped (the reference's dataloader_drop_last), and the batch order is shuffled.
+partial batch is dropped (the reference's dataloader_drop_last), and the batch order is shuffled: a step's dataset
+is drawn in proportion to the dataset's size (floor(n_d / B) of each epoch's batches are dataset d's), without
+replacement within an epoch. `batching="mixed"`: one permutation of all rows cut into batches.
+Per query, besides its passages: no_in_batch_neg (its file is in data.no_in_batch_negatives) and, when any file
+has them, the teacher scores of its sampled positive and negatives (NaN for the rows of files without).
 Generative stream: one permutation per epoch cut into global batches.
 The two streams run their epochs independently (the smaller one wraps around first, like the reference's refill).
 Packing (config.data.pack_embedding / pack_generative; grit_jax.data.packing) changes only where the sequences of
@@ -17,6 +21,7 @@ these same batches sit: whole sequences packed into fixed-shape rows per device 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -126,7 +131,9 @@ class TrainIterator:
     if jsonl.EMBEDDING in self.datasets:
       self.emb_batch = int(data_cfg.embedding_batch_size)
       self.emb = _Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
-                         bool(data_cfg.single_dataset_batches), "embedding data")
+                         data_cfg.batching == "same_dataset", "embedding data")
+      self.no_in_batch = self._no_in_batch_datasets(data_cfg)
+      self.scored = any(self.emb.ds.scored)
     if jsonl.GENERATIVE in self.datasets:
       self.gen_batch = int(data_cfg.generative_batch_size)
       ds = self.datasets[jsonl.GENERATIVE]
@@ -145,6 +152,27 @@ class TrainIterator:
   def _local(self, indices: np.ndarray, global_batch: int) -> np.ndarray:
     b = global_batch // self.num_shards
     return indices[self.shard_index * b:(self.shard_index + 1) * b]
+
+  def _no_in_batch_datasets(self, data_cfg) -> np.ndarray | None:
+    """Dataset indices of the files of data.no_in_batch_negatives (None when it is empty)."""
+    names = tuple(data_cfg.no_in_batch_negatives)
+    if not names:
+      return None
+    files = [os.path.basename(f) for f in self.emb.ds.files]
+    for name in names:
+      if name not in files:
+        raise GritJaxError(f"config.data.no_in_batch_negatives: {name!r} is not an embedding file of "
+                           f"{data_cfg.train_dir!r} (embedding files: {', '.join(files)})")
+    return np.array([files.index(n) for n in names], np.int64)
+
+  def _query_rows(self, indices, scores: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-query batch keys of these examples besides pos_key: no_in_batch_neg [n], teacher_scores [n, g]."""
+    out = {}
+    if self.no_in_batch is not None:
+      out[ct.NO_IN_BATCH_NEG] = np.isin(self.emb.ds.dataset_of(np.asarray(indices)), self.no_in_batch).astype(np.int32)
+    if self.scored:
+      out[ct.TEACHER_SCORES] = np.stack(scores).astype(np.float32)  # [n, g]
+    return out
 
   def _emb_sequences(self, epoch: int, indices) -> list[tuple]:
     out = []
@@ -166,7 +194,8 @@ class TrainIterator:
                                                passage_max_len=self.p_len, group_size=self.group, rng=rng))
     self._count("truncated_query", sum(f[ct.key(ct.QUERY, ct.TRUNCATED)] for f in feats), len(feats))
     self._count("truncated_passage", sum(f["passages_truncated"] for f in feats), len(feats) * self.group)
-    return batching.stack_embedding(feats)
+    rows = self._query_rows(local, [f.pop(ct.TEACHER_SCORES) for f in feats])
+    return dict(batching.stack_embedding(feats), **rows)
 
   def _generative_batch(self) -> dict[str, np.ndarray]:
     _, indices = self.gen.next()
@@ -181,11 +210,12 @@ class TrainIterator:
   def _pass_sequences(self, kind: str, epoch: int, indices) -> dict[str, list[dict]]:
     """{pass: unpadded sequences (dicts of 1-D lists) in batch order} of the given examples."""
     if kind == "emb":
-      q, p = [], []
-      for query, passages in self._emb_sequences(epoch, indices):
+      q, p, scores = [], [], []
+      for query, passages, teacher in self._emb_sequences(epoch, indices):
         q.append({ct.IDS: query[0], ct.POOL_MASK: query[1], ct.TRUNCATED: query.truncated})
         p += [{ct.IDS: e[0], ct.POOL_MASK: e[1], ct.TRUNCATED: e.truncated} for e in passages]
-      return {ct.QUERY: q, ct.PASSAGE: p}
+        scores.append(teacher)
+      return {ct.QUERY: q, ct.PASSAGE: p, ct.TEACHER_SCORES: scores}
     gen = []
     for rec in self.gen.ds.records(indices):
       toks = batching.generative_tokens(self.tokenizer, rec, self.g_len)
@@ -206,11 +236,12 @@ class TrainIterator:
   def sample_lengths(self, kind: str, limit: int = packing.STAT_EXAMPLES) -> dict[str, list[np.ndarray]]:
     """{pass: [token lengths of each batch pool]} of up to `limit` examples in the sampler's first-epoch order
     (passages sampled as in training). Pools: one per dataset when batches are drawn from one dataset each
-    (single_dataset_batches: their lengths go together), else one."""
+    (batching="same_dataset": their lengths go together), else one."""
     stream = self.emb if kind == "emb" else self.gen
     order = np.random.default_rng([self.seed, _EMB if kind == "emb" else _GEN, 0]).permutation(len(stream.ds))
     order = order[:limit]
     seqs = self._pass_sequences(kind, 0, order)
+    seqs.pop(ct.TEACHER_SCORES, None)
     per_pool = (stream.ds.dataset_of(order) if stream.single_dataset and len(stream.ds.counts) > 1
                 else np.zeros(len(order), np.int64))
     out = {}
@@ -247,11 +278,13 @@ class TrainIterator:
   def _packed_batch(self) -> dict[str, np.ndarray]:
     """Every process reads the whole global batch of the packed kinds (the shape choice needs every unit's
     lengths) and keeps its own units."""
-    seqs = {}
+    seqs, rows = {}, {}
     for kind, stream in (("gen", self.gen), ("emb", self.emb)):
       if stream is not None and self.pack[kind]:
         epoch, indices = stream.next()
         seqs.update(self._pass_sequences(kind, epoch, indices))
+        if kind == "emb":
+          rows = self._query_rows(indices, seqs.pop(ct.TEACHER_SCORES))
     for name, v in seqs.items():  # count this process's share, as the padded batches do
       n = len(v) // self.num_shards
       local = v[self.shard_index * n:(self.shard_index + 1) * n]
@@ -264,6 +297,7 @@ class TrainIterator:
       positives = [s[ct.IDS] for s in seqs[ct.PASSAGE][::self.group]]
       n = len(positives) // self.num_shards
       out[ct.POS_KEY] = batching.positive_keys(positives[self.shard_index * n:(self.shard_index + 1) * n])
+      out.update({k: v[self.shard_index * n:(self.shard_index + 1) * n] for k, v in rows.items()})
     return out
 
   def _count(self, key: str, truncated: int, texts: int) -> None:

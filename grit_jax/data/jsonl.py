@@ -5,7 +5,9 @@ A folder holds one JSONL file per dataset (sorted by name; `*.jsonl`); anything 
 key; a file's kind is decided by its first line that parses as an object with one of them. A line with both keys
 is an error whatever the policy: which kind it is cannot be guessed.
 
-- Embedding: `{"query": [instr, text] | text, "pos": [[instr, text] | text, ...], "neg": [...]}`
+- Embedding: `{"query": [instr, text] | text, "pos": [[instr, text] | text, ...], "neg": [...]}`, optionally with
+  a teacher's scores of every candidate, `"pos_scores": [float, ...], "neg_scores": [...]` (FlagEmbedding's keys;
+  one per pos / neg text, in order; config.loss.distill_weight); a file has them on every row or on none
 - Generative: `{"text": [user, assistant, user, assistant, ...] | text}`
 
 Every problem names the file and line: `path:LINE: what`. Policy "error" raises GritJaxError at the first one;
@@ -17,6 +19,7 @@ import dataclasses
 import glob
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Callable, Iterator
@@ -138,6 +141,20 @@ def file_kind(path: str) -> str | None:
   return None
 
 
+def has_teacher_scores(path: str) -> bool:
+  """Whether the embedding file's first row carries teacher scores (a file has them on every row or on none: the
+  build checks the rest)."""
+  with open(path, encoding="utf-8-sig", errors="replace") as f:
+    for line in f:
+      try:
+        obj = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(obj, dict) and "query" in obj:
+        return "pos_scores" in obj or "neg_scores" in obj
+  return False
+
+
 def split_files(folder: str) -> dict[str, list[str]]:
   """{kind: files} of a folder; a file with neither key is an error (it would otherwise be ignored silently)."""
   out = {EMBEDDING: [], GENERATIVE: []}
@@ -186,6 +203,18 @@ def parse_embedding(obj: Any, group_size: int) -> dict:
     raise BadLine("pos: empty list")
   if group_size > 1 and not out["neg"]:
     raise BadLine(f"neg: empty list, but train_group_size={group_size} needs hard negatives")
+  if "pos_scores" in obj or "neg_scores" in obj:
+    for key, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+      scores = obj.get(key, [] if not out[texts] else None)
+      if scores is None:
+        raise BadLine(f"{key}: missing, but the row has {'pos_scores' if key == 'neg_scores' else 'neg_scores'} "
+                      "(a teacher scores every candidate)")
+      if not isinstance(scores, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 and math.isfinite(v) for v in scores):
+        raise BadLine(f"{key}: expected a list of finite numbers")
+      if len(scores) != len(out[texts]):
+        raise BadLine(f"{key}: {len(scores)} score(s) for {len(out[texts])} {texts} text(s)")
+      out[key] = [float(v) for v in scores]
   return out
 
 

@@ -30,7 +30,7 @@ from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, file_lock, sha256_file
 
-FORMAT_VERSION = 2  # in the cache key: 2 = duplicate rows counted in the metadata
+FORMAT_VERSION = 3  # in the cache key: 2 = duplicate rows counted in the metadata; 3 = teacher scores
 tfds.disable_progress_bar()
 
 
@@ -118,8 +118,9 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     text, texts = tfds.features.Text(), tfds.features.Sequence(tfds.features.Text())
     if self.builder_config.kind == jsonl.EMBEDDING:
+      scores = tfds.features.Sequence(np.float32)  # a teacher's, per pos / neg text; empty = none (jsonl.py)
       features = {"query_instruction": text, "query": text, "pos_instructions": texts, "pos": texts,
-                  "neg_instructions": texts, "neg": texts}
+                  "neg_instructions": texts, "neg": texts, "pos_scores": scores, "neg_scores": scores}
     else:
       features = {"turns": texts, "chat": np.bool_}
     features.update(dataset=np.int32, line=np.int32)
@@ -168,13 +169,19 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
                               f"generative_max_len={cfg.generative_max_len})")
 
     stats = jsonl.BadInputStats()
-    counts = []
+    counts, scored = [], []
     check = check_embedding if cfg.kind == jsonl.EMBEDDING else check_generative
     for d, path in enumerate(cfg.files):
-      n, seen = 0, {}  # row digest -> its first line
+      n, seen, first_scored = 0, {}, None  # row digest -> its first line; (line, has scores) of the first row
       for lineno, rec in jsonl.read_file(path, cfg.kind, policy=cfg.bad_input, stats=stats,
                                          group_size=cfg.group_size, check=check):
         n += 1
+        has_scores = "pos_scores" in rec
+        first_scored = first_scored or (lineno, has_scores)
+        if has_scores != first_scored[1]:  # whatever the policy: skipping would drop a part of the file silently
+          raise GritJaxError(f"{path}:{lineno}: {'has' if has_scores else 'has no'} pos_scores / neg_scores but line "
+                             f"{first_scored[0]} {'has none' if has_scores else 'has'}: teacher scores go on every row "
+                             "of a file or on none")
         digest = hashlib.blake2b(json.dumps(rec, sort_keys=True).encode(), digest_size=16).digest()
         if digest in seen:
           stats.add_duplicate(path, f"{path}:{lineno}: the same row as line {seen[digest]}")
@@ -183,14 +190,16 @@ class GritJsonl(tfds.core.GeneratorBasedBuilder):
         if cfg.kind == jsonl.EMBEDDING:
           ex = {"query_instruction": rec["query"][0], "query": rec["query"][1],
                 "pos_instructions": [p[0] for p in rec["pos"]], "pos": [p[1] for p in rec["pos"]],
-                "neg_instructions": [p[0] for p in rec["neg"]], "neg": [p[1] for p in rec["neg"]]}
+                "neg_instructions": [p[0] for p in rec["neg"]], "neg": [p[1] for p in rec["neg"]],
+                "pos_scores": rec.get("pos_scores", []), "neg_scores": rec.get("neg_scores", [])}
         else:
           ex = {"turns": rec["turns"], "chat": rec["chat"]}
         yield f"{d:06d}:{lineno:012d}", dict(ex, dataset=d, line=lineno)
       counts.append(n)
+      scored.append(bool(first_scored and first_scored[1]))
     if sum(counts) == 0:
       raise GritJaxError(f"no valid {cfg.kind} lines in {list(cfg.files)}\n{stats.report()}")
-    self.info.metadata.update(files=list(cfg.files), counts=counts, bad_input=stats.to_json())
+    self.info.metadata.update(files=list(cfg.files), counts=counts, scored=scored, bad_input=stats.to_json())
 
 
 class JsonlDataset:
@@ -202,6 +211,7 @@ class JsonlDataset:
     meta = builder.info.metadata
     self.files: list[str] = list(meta["files"])
     self.counts = np.asarray(meta["counts"], np.int64)  # [num datasets]
+    self.scored = list(meta.get("scored", [False] * len(self.files)))  # per file: rows carry teacher scores
     self.offsets = np.concatenate([[0], np.cumsum(self.counts)])  # [num datasets + 1]
     self.stats = jsonl.BadInputStats.from_json(meta.get("bad_input"))
     self.source = builder.as_data_source("train")

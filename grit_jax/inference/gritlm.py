@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grit_jax import common_types, contract
+from grit_jax import common_types, contract, objectives
 from grit_jax.convert import settings as settings_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling.config import ModelConfig
@@ -134,6 +134,8 @@ class GritLM:
     if tokenizer is not None:
       contract.check_vocab(tokenizer.vocab_size, config.vocab_size,
                            key=f"tokenizer {getattr(tokenizer, 'path', '')}".strip())
+    contract.check_matryoshka_dims(self.settings.matryoshka_dims, config.hidden_size,
+                                   key=f"{self.settings.source}: matryoshka_dims")
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
     self.tokenizer = tokenizer
@@ -271,7 +273,8 @@ class GritLM:
   def encode(self, sentences, instruction: str = "", batch_size: int = 256, max_length: int | None = None,
              pooling: str | None = None, normalize: bool | None = None, *, attn=_UNSET,
              embed_instruction: bool = False, get_cache: bool = False, convert_to_tensor: bool = False,
-             recast: bool = False, add_special_tokens: bool = True, packing: bool | None = None):
+             recast: bool = False, add_special_tokens: bool = True, packing: bool | None = None,
+             dim: int | None = None):
     """Embed texts with the GritLM template `<s><|user|>\\n{instruction}\\n<|embed|>\\n{text}` (or
     `<s><|embed|>\\n{text}` without instruction; an instruction already in gritlm's wrapped form is used as it
     is). BOS, instruction and format tokens are attended to but not pooled (`embed_instruction=True` pools them,
@@ -282,7 +285,9 @@ class GritLM:
     batches sorted by length and padded to power-of-two length / row buckets, None (default) = the texts up to a
     row length packed and longer ones padded, with the row length (or all padded) that costs the fewest model FLOPs
     (inference.encode.choose_row_len); the same embeddings either way (1e-5), and a corpus of any size compiles only
-    a few programs. Returns np.float32 [N, D] in input order, or [D] for a single
+    a few programs. dim: keep the first `dim` components (Matryoshka; re-normalised when normalising; a model
+    trained with config.loss.matryoshka_dims records them in grit_settings.json, `matryoshka_dims`, and another size
+    is logged once). Returns np.float32 [N, D] (D = dim or the hidden size) in input order, or [D] for a single
     string."""
     from grit_jax.inference import encode as encode_lib
     if isinstance(instruction, (int, np.integer)) and not isinstance(instruction, bool):
@@ -292,6 +297,7 @@ class GritLM:
       raise GritJaxError("encode(get_cache=True) is not supported: use model.rag(..., cache=...) for KV caching")
     single = isinstance(sentences, str)
     texts = [sentences] if single else list(sentences)
+    self._check_dim(dim)
     causal = self.embedding_causal(None if attn is _UNSET else self._setting("attn", attn))
     pooling = self._setting("pooling", pooling)
     normalize = self._setting("normalize", normalize)
@@ -312,11 +318,30 @@ class GritLM:
       tokens = [(ids[1:], pool[1:]) for ids, pool in tokens]
     emb = encode_lib.encode_tokens(self, tokens, batch_size, max_length, pooling, normalize, causal,
                                    packing=packing)
+    if dim is not None:  # the prefix of a unit vector, re-normalised = the normalised prefix of the raw one
+      emb = np.asarray(objectives.l2_normalize(emb[:, :dim])) if normalize else emb[:, :dim]
     if recast:
       emb = emb.astype(jnp.dtype(self.config.dtype))
     if convert_to_tensor:
       emb = jnp.asarray(emb)
     return emb[0] if single else emb
+
+  @property
+  def matryoshka_dims(self) -> tuple[int, ...] | None:
+    """The embedding sizes the model was trained to serve truncated (grit_settings.json), or None."""
+    return self.settings.matryoshka_dims
+
+  def _check_dim(self, dim) -> None:
+    if dim is None:
+      return
+    D = self.config.hidden_size
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= D:
+      raise GritJaxError(f"dim={dim!r}: expected an integer in [1, {D}] (the model's hidden size)")
+    trained = self.matryoshka_dims or ()
+    if dim != D and dim not in trained and ("dim", dim) not in self._logged:
+      self._logged.add(("dim", dim))
+      log.warning("dim=%d: not one of the Matryoshka dims the model was trained with (%s); its prefix was not "
+                  "trained to embed on its own", dim, ", ".join(map(str, trained)) or "none recorded")
 
   def encode_queries(self, queries, **kwargs):
     """`encode` for queries; the instruction defaults to the model's settings' query_instruction (none unless it

@@ -47,7 +47,7 @@ def read_rows(path: str) -> tuple[list[tuple[str, str]], list[list[tuple[str, st
 
 def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndarray:
   """Embeddings [N, D] of (instruction, text) pairs, one encode call per distinct instruction, in input order."""
-  out = np.zeros((len(pairs), model.config.hidden_size), np.float32)
+  out = np.zeros((len(pairs), encode_kwargs.get("dim") or model.config.hidden_size), np.float32)
   by_instruction: dict[str, list[int]] = {}
   for i, (instruction, _) in enumerate(pairs):
     by_instruction.setdefault(instruction, []).append(i)
@@ -57,13 +57,14 @@ def embed_pairs(model, pairs: list[tuple[str, str]], **encode_kwargs) -> np.ndar
 
 
 def evaluate(model, queries, positives, corpus, batch_size: int = 64, max_length: int | None = None,
-             packing: bool | None = None) -> dict[str, float]:
+             packing: bool | None = None, dim: int | None = None) -> dict[str, float]:
   """The metrics `grit-jax eval` and the demo report. max_length: None = the model's embedding max length
   (GritLM.max_length: the lengths it was trained with; a model trained on short texts ranks worse at 512);
-  packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way). Texts cut to
-  the max length are reported once."""
+  packing: as GritLM.encode (None = packed rows where they cost fewer FLOPs; same metrics either way); dim: the
+  embeddings' first `dim` components, re-normalised (Matryoshka; None = all). Texts cut to the max length are
+  reported once."""
   index = {p: i for i, p in enumerate(corpus)}
-  kw = dict(batch_size=batch_size, max_length=model.max_length(max_length), normalize=True, packing=packing)
+  kw = dict(batch_size=batch_size, max_length=model.max_length(max_length), normalize=True, packing=packing, dim=dim)
   with model.truncation_report():
     q_QD, d_ND = embed_pairs(model, queries, **kw), embed_pairs(model, corpus, **kw)
   metrics = retrieval_metrics(q_QD @ d_ND.T, [{index[p] for p in pos} for pos in positives])

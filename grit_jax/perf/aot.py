@@ -160,6 +160,8 @@ def abstract_batch(data_cfg, sharding, layouts: dict | None = None) -> dict:
         batch[k] = spec(rows, length)
   if emb:  # the loader's duplicate-positive keys: the same loss program as training
     batch[ct.POS_KEY] = spec(data_cfg.embedding_batch_size, 2)
+    if data_cfg.no_in_batch_negatives:  # own-group rows (teacher scores come from files aot does not read)
+      batch[ct.NO_IN_BATCH_NEG] = spec(data_cfg.embedding_batch_size)
   return batch
 
 

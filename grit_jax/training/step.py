@@ -106,16 +106,26 @@ class GritObjective:
     fn = self.embed_query if name == ct.QUERY else self.embed_passage
     return fn, tuple(batch[k] for k in ct.padded_keys(name)), False
 
-  def rep_loss(self, q_BD, p_PD, pos_key=None):
-    """(L_rep, top-1 accuracy) over the global batch, with the configured gradient semantics. pos_key [B, 2]: the
-    batch's `pos_key` (queries sharing a positive text are not each other's negatives), or None."""
+  def rep_loss(self, q_BD, p_PD, batch: dict):
+    """(L_rep, metrics: accuracy, and loss_distill when distilling) over the global batch, with the configured
+    gradient semantics (objectives.representation_loss: Matryoshka dims, distillation, and the batch's per-query
+    rows: pos_key, no_in_batch_neg, teacher_scores)."""
     l = self.loss_cfg
     g = p_PD.shape[0] // q_BD.shape[0]
+    distill = float(l.distill_weight) if ct.TEACHER_SCORES in batch else 0.0  # eval batches carry no scores
+    rows = {k: batch.get(k) for k in ct.QUERY_ROW_KEYS}
+    kw = dict(normalize=l.normalize, dims=tuple(l.matryoshka_dims), dim_weights=tuple(l.matryoshka_weights),
+              distill_weight=distill, distill_temperature=float(l.distill_temperature))
     if l.contrastive_grad == "gritlm":
-      return objectives.gathered_contrastive_loss(q_BD, p_PD, self.mesh, self.batch_axes, l.temperature, g,
-                                                  normalize=l.normalize, grad="gritlm", pos_key=pos_key)
-    return objectives.contrastive_loss(q_BD, p_PD, l.temperature, g, normalize=l.normalize, return_accuracy=True,
-                                       pos_key=pos_key)
+      out = objectives.gathered_representation_loss(q_BD, p_PD, self.mesh, self.batch_axes, l.temperature, g,
+                                                    grad="gritlm", rows=rows, **kw)
+    else:
+      out = objectives.representation_loss(q_BD, p_PD, l.temperature, g,
+                                           **{k: v for k, v in rows.items() if v is not None}, **kw)
+    metrics = {"accuracy": out["accuracy"]}
+    if distill:
+      metrics.update(loss_distill=out["distill"], loss_contrastive=out["contrastive"])
+    return out["loss"], metrics
 
   # -- generative side ------------------------------------------------------------------------------------------
 
@@ -156,8 +166,8 @@ class GritObjective:
       metrics.update(loss_gen=loss_gen, aux_loss=aux)
     if ct.QUERY_IDS in batch:
       (q_fn, q_in, _), (p_fn, p_in, _) = self.pass_inputs(batch, ct.QUERY), self.pass_inputs(batch, ct.PASSAGE)
-      loss_rep, acc = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in), batch.get(ct.POS_KEY))
-      metrics.update(loss_rep=loss_rep, accuracy=acc)
+      loss_rep, rep_metrics = self.rep_loss(q_fn(params, *q_in), p_fn(params, *p_in), batch)
+      metrics.update(loss_rep=loss_rep, **rep_metrics)
     total = self.total(loss_rep, loss_gen, aux)
     metrics["loss"] = total
     return total, metrics
@@ -197,14 +207,14 @@ class GritObjective:
       shards = gc.chunk_shards(padded_rows, emb_chunks, self.shards) if padded_rows else self.shards
 
       def rep_objective(q_BD, p_PD):
-        loss, acc = self.rep_loss(q_BD, p_PD, batch.get(ct.POS_KEY))
-        return l.lambda_rep * loss, (loss, acc)
+        loss, rep_metrics = self.rep_loss(q_BD, p_PD, batch)
+        return l.lambda_rep * loss, (loss, rep_metrics)
 
-      (_, (loss_rep, acc)), g_rep = gc.gradcache((q_fn, p_fn), params, (q_in, p_in), rep_objective, emb_chunks,
+      (_, (loss_rep, rep_metrics)), g_rep = gc.gradcache((q_fn, p_fn), params, (q_in, p_in), rep_objective, emb_chunks,
                                                  shards=shards, packed=(q_packed, p_packed),
                                                  constrain=functools.partial(self._chunk_constraint, shards=shards))
       grads = jax.tree.map(jnp.add, grads, g_rep)
-      metrics.update(loss_rep=loss_rep, accuracy=acc)
+      metrics.update(loss_rep=loss_rep, **rep_metrics)
     total = self.total(loss_rep, loss_gen, aux)
     metrics["loss"] = total
     return (total, metrics), grads

@@ -1,0 +1,124 @@
+"""Issue 24 items 3-4 at small scale: from SmolLM2-135M-Instruct, the same steps of the demo's recipe
+(configs/smollm2.py) with the plain GRIT loss, with Matryoshka dimensions (loss.matryoshka_dims=64,128,256,576) and
+with distillation from teacher scores, then held-out nDCG@10 (retrieval_eval.evaluate, what `grit-jax eval`
+reports) of each at each Matryoshka dimension (embeddings truncated and re-normalised: `encode(..., dim=k)`),
+next to the base model.
+
+The shipped data has no teacher scores. The distillation run is a SELF-distillation sanity run: its teacher
+scores are the base model's own cosine similarities of each training row's positive and negatives (written
+beside the shipped rows as pos_scores / neg_scores), with distill_temperature = loss.temperature, so the teacher
+is the base model's own candidate distribution. It shows the term is wired and what it does to the numbers
+(pulls the student towards its starting point); it says nothing about distillation from a stronger teacher.
+NOT RUN YET: the first attempt was killed by the shared host's out-of-memory killer and there was no time left in
+the session for a third run, so `--runs self_distill` is written but has never completed (BENCHMARKS.md).
+
+  .venv/bin/python bench/embedding_losses.py [--steps 18] [--workdir runs/embedding_losses] [--runs plain,...]
+
+Each run trains in its own workdir (a rerun resumes or skips it); ~4-6 min each on the 2-core host.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+p = argparse.ArgumentParser()
+p.add_argument("--steps", type=int, default=18)
+p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "embedding_losses"))
+p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill")
+args = p.parse_args()
+
+from grit_jax.perf import host  # noqa: E402
+
+host.prepare_cpu_host()
+from grit_jax import GritLM  # noqa: E402
+from grit_jax import demo  # noqa: E402
+from grit_jax.commands import train as train_cli  # noqa: E402
+from grit_jax.data import jsonl  # noqa: E402
+from grit_jax.fileio import atomic_write  # noqa: E402
+from grit_jax.inference import retrieval_eval  # noqa: E402
+from grit_jax.training import trainer  # noqa: E402
+
+DIMS = (64, 128, 256, 576)
+RECIPE = os.path.join(ROOT, "configs", "smollm2.py")
+
+
+def parse(workdir, extra):
+  config, _ = train_cli.parse_args(["--config", RECIPE, "--workdir", workdir, f"--config.train.steps={args.steps}",
+                                    "--config.data.eval_dir="] + extra)
+  return config
+
+
+def self_distill_data(base, config, out_dir):
+  """data/train with pos_scores / neg_scores = the base model's cosine similarities (at the recipe's lengths)."""
+  if os.path.isdir(out_dir):
+    return out_dir
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  files = jsonl.split_files(config.data.train_dir)
+  for path in files[jsonl.GENERATIVE]:
+    shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+  kw = dict(normalize=True)
+  for path in files[jsonl.EMBEDDING]:
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    parsed = [jsonl.parse_embedding(r, config.data.train_group_size) for r in rows]
+    q_QD = retrieval_eval.embed_pairs(base, [r["query"] for r in parsed], max_length=config.data.query_max_len, **kw)
+    for key in ("pos", "neg"):
+      flat = [pair for r in parsed for pair in r[key]]
+      e_ND = retrieval_eval.embed_pairs(base, flat, max_length=config.data.passage_max_len, **kw)
+      start = 0
+      for i, (row, r) in enumerate(zip(rows, parsed)):
+        n = len(r[key])
+        row[f"{key}_scores"] = [round(float(v), 6) for v in e_ND[start:start + n] @ q_QD[i]]
+        start += n
+    atomic_write(os.path.join(tmp, os.path.basename(path)),
+                 lambda f, rows=rows: f.write("".join(json.dumps(r) + "\n" for r in rows)))
+  os.rename(tmp, out_dir)
+  return out_dir
+
+
+base_config = parse(os.path.join(args.workdir, "plain"), [])
+_base = []
+
+
+def base():
+  """The base model, loaded once when first needed (not while a run trains: the host has 24 GB)."""
+  if not _base:
+    _base.append(demo.base_model(base_config)[1])
+  return _base[0]
+
+
+RUNS = {
+    "plain": [],
+    "matryoshka": [f"--config.loss.matryoshka_dims={DIMS}"],
+    "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base(), base_config, os.path.join(args.workdir, 'self_distill_data'))}",
+                             "--config.loss.distill_weight=1.0",
+                             f"--config.loss.distill_temperature={base_config.loss.temperature}"],
+}
+names = args.runs.split(",")
+for name in names:
+  workdir = os.path.join(args.workdir, name)
+  extra = RUNS[name]() if callable(RUNS[name]) else RUNS[name]
+  _base.clear()  # free the teacher before training
+  summary = trainer.train(parse(workdir, extra), workdir, progress=False)
+  print(f"{name}: trained ({summary.get('loss_rep', float('nan')):.4f} final loss_rep)", flush=True)
+
+eval_dir = os.path.join(ROOT, "data", "eval")
+queries, positives, corpus = retrieval_eval.read_rows(eval_dir)
+max_length = GritLM.from_pretrained(os.path.join(args.workdir, names[0], "hf")).max_length()  # the trained lengths
+print(f"\n{args.steps} steps each; held-out: {len(queries)} queries / {len(corpus)} documents; nDCG@10 at each "
+      f"embedding size (first k components, re-normalised)")
+print(f"{'model':>14}  " + "  ".join(f"{k:>6}" for k in DIMS))
+table = {}
+for name in ["base"] + names:  # one model in memory at a time
+  model = base() if name == "base" else GritLM.from_pretrained(os.path.join(args.workdir, name, "hf"))
+  table[name] = [retrieval_eval.evaluate(model, queries, positives, corpus, max_length=max_length, dim=k)["ndcg@10"]
+                 for k in DIMS]
+  _base.clear()
+  del model
+  print(f"{name:>14}  " + "  ".join(f"{v:6.3f}" for v in table[name]), flush=True)
+print(json.dumps({"steps": args.steps, "dims": DIMS, "ndcg@10": table}))
