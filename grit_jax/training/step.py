@@ -23,6 +23,7 @@ Metrics: loss, loss_rep, accuracy (contrastive top-1 within the global batch), l
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any
@@ -73,11 +74,27 @@ class GritObjective:
     self.batch_axes = mesh_lib.batch_axes(mesh, rules)
     self.shards = mesh_lib.num_batch_shards(mesh, rules)
 
+  frozen = None  # with LoRA: the frozen base (set by `with_frozen`), and `params` are the adapters
+
+  def with_frozen(self, frozen) -> "GritObjective":
+    """This objective over LoRA adapters: every pass applies the adapters joined to the frozen base `frozen` (a
+    traced argument of the step), so gradients flow to the adapters only; None = plain params."""
+    if frozen is None:
+      return self
+    obj = copy.copy(self)
+    obj.frozen = frozen
+    return obj
+
+  def variables(self, params) -> dict:
+    from grit_jax.modeling import lora
+
+    return {"params": params if self.frozen is None else lora.combine(self.frozen, params)}
+
   # -- embedding side -------------------------------------------------------------------------------------------
 
   def embed(self, params, ids, mask, pool_mask, *, causal: bool):
     """[b, T] int32 x3 -> pooled representations [b, D] float32 (normalised later, inside the loss)."""
-    out = self.model.apply({"params": params}, ids, mask, causal=causal, return_logits=False)
+    out = self.model.apply(self.variables(params), ids, mask, causal=causal, return_logits=False)
     return objectives.pool(out.hidden, pool_mask, method=self.loss_cfg.pooling)
 
   def embed_query(self, params, ids, mask, pool_mask):
@@ -94,7 +111,7 @@ class GritObjective:
     of the other rows come out as 0: a sum over row chunks gives the full result."""
     U, R, L = ids_URL.shape
     flat = lambda x: x.reshape(U * R, L)
-    out = self.model.apply({"params": params}, flat(ids_URL), None, causal=causal,
+    out = self.model.apply(self.variables(params), flat(ids_URL), None, causal=causal,
                            positions=flat(positions_URL), segment_ids=flat(segment_ids_URL), return_logits=False)
     hidden_UTD = out.hidden.reshape(U, R * L, -1)
     pooled_UND = objectives.pool_packed(hidden_UTD, pool_mask_URL.reshape(U, R * L),
@@ -139,7 +156,7 @@ class GritObjective:
     L = gen[ct.GEN_IDS].shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1, L)
     packed = is_packed(gen, ct.GEN)
-    out = self.model.apply({"params": params}, flat(gen[ct.GEN_IDS]), None if packed else gen[ct.GEN_MASK],
+    out = self.model.apply(self.variables(params), flat(gen[ct.GEN_IDS]), None if packed else gen[ct.GEN_MASK],
                            causal=True, positions=flat(gen.get(ct.GEN_POSITIONS)),
                            segment_ids=flat(gen.get(ct.GEN_SEGMENT_IDS)))
     return (objectives.lm_loss(out.logits, flat(gen[ct.GEN_LABELS]), weights=weights.reshape(-1, L - 1)),
@@ -338,7 +355,8 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
   obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
 
   def step(state, batch):
-    (loss, metrics), grads = obj.value_and_grad(state.params, batch, grad_accum, gradcache_chunk)
+    (loss, metrics), grads = obj.with_frozen(getattr(state, "frozen", None)).value_and_grad(
+        state.params, batch, grad_accum, gradcache_chunk)
     new_state = state.apply_gradients(grads)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), tokens=batch_tokens(batch),
                    **packing_efficiency(batch))
