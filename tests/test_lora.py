@@ -122,3 +122,122 @@ def test_peft_loads_the_adapter_export_and_equals_the_merged_export(tmp_path, ki
       str(tmp_path / "base"), dtype=torch.float32).eval(), ids, mask))[real].max() > 1e-2  # adapters applied
   np.testing.assert_allclose(with_peft[real], merged[real], rtol=0, atol=1e-5)
   np.testing.assert_allclose(ours[real], with_peft[real], rtol=0, atol=1e-5)
+
+
+# --- training: only the adapters move; GradCache + packing = plain; checkpoints hold the adapters; resume ---------
+
+def test_mesh_step_trains_only_adapters_gradcache_packed_equals_plain():
+  """One Adam step on the (2 data x 4 fsdp) mesh: the frozen base (bf16) is bit-identical after it, every adapter
+  moved (B from 0), the optimizer holds moments for the adapters only, and GradCache (2 chunks) over a packed batch
+  (one unit per device) gives the plain padded step's adapters (1e-5)."""
+  from grit_jax import sharding as mesh_lib
+  from grit_jax.training import optimizer as opt_lib
+  from grit_jax.training import state as state_lib
+  from grit_jax.training import step as step_lib
+  from test_packing import pack_like
+  from test_train_step import MODEL, loss_cfg, opt_cfg, random_batch
+
+  cfg = MODEL.replace(lora_rank=4, lora_targets=ALL)
+  mesh, rules = mesh_lib.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1))
+  tx = opt_lib.make_optimizer(opt_cfg(warmup_ratio=0.0), 10)
+  state = state_lib.create_train_state(cfg, tx, mesh, rules, jax.random.PRNGKey(0))
+  # adapters sharded like their kernel: A on the kernel's input dims, B on its output dims, the rank replicated
+  q = state.frozen["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+  qa = state.params["layers_0"]["self_attn"]["q_proj"]
+  assert qa["lora_a"].sharding.spec[0] == q[0] and qa["lora_b"].sharding.spec[1:] == tuple(q[1:])
+  assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {jnp.dtype("bfloat16")}
+  n_adapter = len(jax.tree.leaves(state.params))
+  assert n_adapter == 2 * 7
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert len(moments) == 2 * n_adapter  # mu and nu of each adapter, nothing for the base
+  host = lambda t: jax.tree.map(np.asarray, t)
+  # B != 0, so that A gets a gradient too (at B = 0, dL/dA = 0: a fresh adapter's first step moves only B)
+  state = state.replace(params=jax.tree.map(lambda x, y: jax.device_put(y, x.sharding), state.params,
+                                            _random_adapters(state.params)))
+  before = host((state.params, state.frozen))
+  padded = random_batch(3)
+  plain = step_lib.make_train_step(cfg, loss_cfg(), mesh, rules, attn="bbcc", donate=False)
+  chunked = step_lib.make_train_step(cfg, loss_cfg(), mesh, rules, attn="bbcc", gradcache_chunk=4, donate=False)
+  new_plain, m_plain = plain(state, padded)
+  new_chunk, m_chunk = chunked(state, pack_like(padded, units=8, row_lens=(12, 16, 16), chunks=(2, 1)))
+  np.testing.assert_allclose(float(m_chunk["loss"]), float(m_plain["loss"]), rtol=1e-5)
+  for new in (new_plain, new_chunk):
+    params, frozen = host((new.params, new.frozen))
+    jax.tree.map(np.testing.assert_array_equal, frozen, before[1])
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params, before[0])
+    assert min(jax.tree.leaves(moved)) > 0, moved
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), host(new_chunk.params),
+               host(new_plain.params))
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """The runs below share compiled steps (the same programs), as test_train_e2e's subprocesses do."""
+  old = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                                             "jax_persistent_cache_min_entry_size_bytes")}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield
+  for k, v in old.items():
+    jax.config.update(k, v)
+
+
+def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compile_cache, monkeypatch):
+  """The tiny recipe with LoRA, packed, GradCache: a run stopped at step 2 and rerun equals the uninterrupted run;
+  its checkpoints hold the adapters + their Adam moments only (counted, in bytes); the random base is saved once
+  (lora_base/); ckpt-to-hf --merge writes the run's merged export, without --merge a peft adapter directory."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  from grit_jax.commands import convert as convert_cmd
+  from grit_jax.commands import train as train_cli
+  from grit_jax.convert import hf
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import metrics_log, trainer
+  from test_train_e2e import ROOT, TINY
+
+  monkeypatch.chdir(ROOT)
+  lora_args = [*TINY, "--config.train.steps=4", "--config.model.lora_rank=4", "--config.model.lora_alpha=8.0",
+               f"--config.model.lora_targets={ALL}", "--config.data.pack_embedding=True",
+               "--config.data.pack_generative=True", "--config.data.pack_levels=1", "--config.train.gradcache_chunk=4",
+               "--config.data.eval_dir=", "--config.optimizer.lr=1e-2"]
+
+  def run(workdir, *extra):
+    config, _ = train_cli.parse_args([*lora_args, "--workdir", str(workdir), *extra])
+    return trainer.train(config, str(workdir), progress=False)
+
+  losses = lambda w: {r["step"]: r["loss"] for r in metrics_log.read_metrics(str(w)) if r["split"] == "train"}
+  run(tmp_path / "full")
+  run(tmp_path / "part", "--config.train.stop_after=2")
+  base_files = {p: os.path.getmtime(p) for p in (tmp_path / "part" / "lora_base").rglob("*")}
+  run(tmp_path / "part")
+  full, resumed = losses(tmp_path / "full"), losses(tmp_path / "part")
+  assert sorted(resumed) == [1, 2, 3, 4] and len(set(full.values())) == 4
+  np.testing.assert_allclose([resumed[s] for s in range(1, 5)], [full[s] for s in range(1, 5)], rtol=1e-6)
+  assert {p: os.path.getmtime(p) for p in (tmp_path / "part" / "lora_base").rglob("*")} == base_files
+
+  # the step holds step + adapters + Adam (count, mu, nu of each adapter) + the schedule's scalars: no base weight
+  step_dir = tmp_path / "part" / "checkpoints" / "4"
+  saved = ckpt_lib._flat_shapes(ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir / "state")))
+  cfg = get_config("tiny_mistral", lora_rank=4, lora_targets=ALL)
+  base_cfg_params = lora.split(jax.eval_shape(lambda: nn.meta.unbox(Transformer(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32), causal=True)["params"])))
+  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base_cfg_params[1]))
+  n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base_cfg_params[0]))
+  arrays = {k: v for k, v in saved.items() if v}  # non-scalar arrays
+  assert len(arrays) == 3 * 2 * 7 * cfg.num_layers  # params, mu, nu of 14 adapters per layer
+  assert all("lora_a" in k or "lora_b" in k for k in arrays)
+  assert sum(int(np.prod(v)) for v in arrays.values()) == 3 * n_adapter
+  on_disk = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+  # float32 adapters + moments (98 KB) vs the bf16 base saved once (410 KB of weights)
+  assert on_disk(step_dir / "state") < on_disk(tmp_path / "part" / "lora_base") and 2 * n_base > 4 * 3 * n_adapter
+
+  # exports: the run's merged hf/ == ckpt-to-hf --merge of its last step; without --merge a peft adapter directory
+  assert convert_cmd.main(["ckpt-to-hf", str(step_dir), str(tmp_path / "merged"), "--merge"]) == 0
+  assert convert_cmd.main(["ckpt-to-hf", str(step_dir), str(tmp_path / "adapter")]) == 0
+  ours, theirs = hf.load_hf(str(tmp_path / "part" / "hf")), hf.load_hf(str(tmp_path / "merged"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), ours, theirs)
+  adapter = hf.read_json(str(tmp_path / "adapter" / hf.PEFT_CONFIG))
+  assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and len(adapter["target_modules"]) == 7
+  assert sorted(os.listdir(tmp_path / "adapter")) == [hf.PEFT_CONFIG, hf.PEFT_WEIGHTS]
