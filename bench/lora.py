@@ -1,0 +1,87 @@
+"""LoRA vs full fine-tuning on the real model: SmolLM2-135M-Instruct with the demo recipe (configs/smollm2.py: bf16
+compute, scanned layers, full remat, packed passes, the shipped data), each run as `grit-jax train` builds it (Run:
+the GGUF's weights loaded through init_from, the sharded state, the jitted step, the data iterator). The full run
+trains every weight (float32 master weights + Adam moments); the LoRA run (model.lora_rank, default targets q, k, v,
+o) keeps the base frozen in bf16 and trains only the adapters.
+
+Each run is its own process (so its peak RSS is its own): the median step time over --steps real batches after one
+warm-up step (the compile), and the process's peak resident memory (getrusage ru_maxrss) at the end. One
+invocation runs both and prints the ratios. Targets (issue 24): LoRA step >= 1.5x faster, LoRA peak host memory
+<= 0.6x the full run's.
+
+  .venv/bin/python bench/lora.py [--steps 4] [--rank 16] [--targets q,k,v,o]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+p = argparse.ArgumentParser()
+p.add_argument("--steps", type=int, default=4)
+p.add_argument("--rank", type=int, default=16)
+p.add_argument("--targets", default="q,k,v,o")
+p.add_argument("--child", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
+args = p.parse_args()
+
+
+def child(kind: str) -> dict:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import resource
+  import statistics
+
+  from _common import wall_times  # noqa: F401  (puts the repo on sys.path, sets the host up as the CLI)
+  from configs import smollm2
+  from grit_jax import contract
+  from grit_jax import data as data_lib
+  from grit_jax.training import run as run_lib
+  from grit_jax.training import step as step_lib
+
+  c = smollm2.get_config()
+  if kind == "lora":
+    c.model.lora_rank = args.rank
+    c.model.lora_targets = tuple(args.targets.split(","))
+  model_config = contract.validate(c, log=None)
+  run = run_lib.Run(c, model_config)
+  state = run.init_state()
+  it = data_lib.make_train_iterator(c.data, **step_lib.packing_layout(c, run.mesh))
+  box, times = {"state": state}, []
+  for i in range(args.steps + 1):
+    batch = data_lib.to_global_batch(next(it), run.mesh)
+
+    def one(batch=batch):
+      box["state"], box["m"] = run.train_step(box["state"], batch)
+      return box["m"]
+
+    t = wall_times(one, 1, warmup=0)[0]
+    if i:  # step 1 compiles
+      times.append(t)
+  trained = sum(x.size for x in __import__("jax").tree.leaves(box["state"].params))
+  return {"kind": kind, "step_s": statistics.median(times), "times": times, "trained_params": int(trained),
+          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+          "loss": float(box["m"]["loss"])}
+
+
+if args.child:
+  print("RESULT " + json.dumps(child(args.child)), flush=True)
+  sys.exit(0)
+
+results = {}
+for kind in ("full", "lora"):
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--steps", str(args.steps), "--rank",
+         str(args.rank), "--targets", args.targets]
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+  if out.returncode or not line:
+    sys.exit(f"{kind} run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+  results[kind] = r = json.loads(line[0][len("RESULT "):])
+  print(f"{kind:4s}: {r['step_s']:6.2f} s/step (median of {args.steps}: "
+        f"{', '.join(f'{t:.2f}' for t in r['times'])}), peak RSS {r['peak_rss_gib']:.2f} GiB, "
+        f"trained params {r['trained_params']:,}, last loss {r['loss']:.4f}", flush=True)
+full, lora = results["full"], results["lora"]
+speed = full["step_s"] / lora["step_s"]
+mem = lora["peak_rss_gib"] / full["peak_rss_gib"]
+print(f"{os.cpu_count()} CPU cores; SmolLM2-135M-Instruct, configs/smollm2.py; LoRA rank {args.rank} on "
+      f"{args.targets}")
+print(f"LoRA step speed-up vs full fine-tune: {speed:.2f}x", "PASS" if speed >= 1.5 else "FAIL", "(target >= 1.5x)")
+print(f"LoRA peak host memory / full: {mem:.2f}", "PASS" if mem <= 0.6 else "FAIL", "(target <= 0.6)")
