@@ -7,8 +7,8 @@ o) keeps the base frozen in bf16 and trains only the adapters.
 Each run is its own process (so its peak RSS is its own): the median step time over --steps real batches after one
 warm-up step (the compile), the process CPU seconds per step (what a loaded, shared host distorts least), and the
 process's peak resident memory (getrusage ru_maxrss) at the end. One invocation runs both, side by side by default
-(`--sequential` runs one after the other), and prints the ratios. Targets (issue 24): LoRA step >= 1.5x faster, LoRA peak host memory
-<= 0.6x the full run's.
+(`--sequential` runs one after the other), and prints the ratios. Targets (issue 24): LoRA step >= 1.5x faster,
+LoRA peak host memory <= 0.6x the full run's.
 
   .venv/bin/python bench/lora.py [--steps 4] [--rank 16] [--targets q,k,v,o]
 """

@@ -165,8 +165,9 @@ class ModelConfig:
       bad("scan_layers", f"nn.scan needs a layer pattern that repeats: {why} give no period < num_layers={n} "
           "dividing it")
     self._check_lora(bad)
-    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lora_base_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
-                         ("attention_impl", ATTENTION_IMPLS), ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
+    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lora_base_dtype", DTYPES),
+                         ("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                         ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
                          ("hidden_act", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
       if getattr(self, key) not in allowed:
         bad(key, f"expected one of {allowed}")

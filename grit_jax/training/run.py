@@ -43,7 +43,8 @@ class Run:
     state = self._create()
     if self.model_config.lora_rank:
       if self.config.init_from or (workdir and os.path.isdir(base_dir(workdir))):
-        return self.with_base(state.replace(frozen=None), workdir)
+        state = state.replace(frozen=None)  # the random base goes before the real one is read
+        return self.with_base(state, workdir)
       if workdir:
         save_base(state.frozen, base_dir(workdir))
       return state
