@@ -229,9 +229,8 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compil
   assert len(arrays) == 3 * 2 * 7 * cfg.num_layers  # params, mu, nu of 14 adapters per layer
   assert all("lora_a" in k or "lora_b" in k for k in arrays)
   assert sum(int(np.prod(v)) for v in arrays.values()) == 3 * n_adapter
-  on_disk = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-  # float32 adapters + moments (98 KB) vs the bf16 base saved once (410 KB of weights)
-  assert on_disk(step_dir / "state") < on_disk(tmp_path / "part" / "lora_base") and 2 * n_base > 4 * 3 * n_adapter
+  base_saved = ckpt_lib._flat_shapes(ocp.StandardCheckpointHandler().metadata(tmp_path / "part" / "lora_base"))
+  assert sum(int(np.prod(v)) for v in base_saved.values()) == n_base  # the base: once, in its own folder
 
   # exports: the run's merged hf/ == ckpt-to-hf --merge of its last step; without --merge a peft adapter directory
   assert convert_cmd.main(["ckpt-to-hf", str(step_dir), str(tmp_path / "merged"), "--merge"]) == 0
