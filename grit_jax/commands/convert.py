@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="convert a step without grit_checksums.json (written before grit_jax checksummed its steps)")
   c.add_argument("--tokenizer", default=None,
                  help="tokenizer.model or tokenizer.json (default: the run's data.tokenizer)")
+  c.add_argument("--merge", action="store_true",
+                 help="LoRA run: write the base with the adapters merged into its weights (a plain model); without "
+                      "it DST is an adapter directory that peft.PeftModel.from_pretrained(base, DST) loads")
   g = sub.add_parser("gguf-to-hf", help="GGUF file (llama.cpp) -> Hugging Face directory (float32)")
   g.add_argument("src")
   g.add_argument("dst")
@@ -95,7 +98,7 @@ def find_run_config(src: str) -> str:
 
 def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str | None = None,
                dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False,
-               allow_unverified: bool = False) -> str:
+               allow_unverified: bool = False, merge: bool = False) -> str:
   import json
   import os
 
@@ -104,6 +107,7 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   import numpy as np
 
   from grit_jax import contract
+  from grit_jax.convert import hf
   from grit_jax.modeling.model import init_params
   from grit_jax.training import checkpoint as ckpt_lib
   from grit_jax.training import export
@@ -139,9 +143,55 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           jax.eval_shape(lambda: init_params(model_config)))
-  params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
+  if merge and not model_config.lora_rank:
+    raise GritJaxError(f"{run_config}: --merge is for LoRA runs (model.lora_rank > 0); this run's checkpoints hold "
+                       "the full weights already")
+  if model_config.lora_rank:  # the checkpoint holds the adapters only
+    from grit_jax.modeling import lora
+
+    base_abstract, abstract = lora.split(abstract)
+    adapters = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
+    if not merge:
+      with hf.atomic_dir(dst, overwrite) as tmp:
+        hf.save_peft_adapter(adapters, model_config, tmp, base_model=contract.init_source(config.init_from)[1]
+                             if config.init_from else "")
+      return dst
+    base = _lora_base(config, model_config, os.path.dirname(os.path.abspath(run_config)), base_abstract,
+                      allow_unverified)
+    params = lora.merge(lora.combine(base, adapters), lora.scale(model_config), xp=np)
+    model_config = lora.base_config(model_config)
+  else:
+    params = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
   return export.write_run_servable(params, config, model_config, dst, dtype=dtype, max_shard_size=max_shard_size,
                                    overwrite=overwrite)
+
+
+def _lora_base(config, model_config, run_dir: str, abstract, allow_unverified: bool):
+  """The frozen base of a LoRA run, as numpy: from its init_from, else from RUN/lora_base (written once by train)."""
+  import os
+
+  import jax
+  import numpy as np
+
+  from grit_jax import contract
+  from grit_jax.convert import hf
+  from grit_jax.modeling import lora
+  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import run as run_lib
+
+  if config.init_from:
+    kind, path = contract.init_source(config.init_from)
+    if kind == "hf":
+      return hf.load_hf(path, lora.base_config(model_config))
+    return jax.tree.map(np.asarray, ckpt_lib.restore_params(path, abstract, allow_unverified))
+  path = run_lib.base_dir(run_dir)
+  if not os.path.isdir(path):
+    raise GritJaxError(f"{path}: the LoRA run's saved base is missing (a LoRA run without init_from writes it once)")
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    return jax.tree.map(np.asarray, ckptr.restore(path, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, model_config.lora_base_dtype, sharding=a.sharding), abstract)))
 
 
 def main(argv: list[str]) -> int:
@@ -158,6 +208,6 @@ def main(argv: list[str]) -> int:
     out = jax_to_hf(args.src, args.dst, args.dtype, args.max_shard_size, args.overwrite)
   else:
     out = ckpt_to_hf(args.src, args.dst, args.run_config, args.tokenizer, args.dtype, args.max_shard_size,
-                     args.overwrite, args.allow_unverified)
+                     args.overwrite, args.allow_unverified, args.merge)
   print(f"wrote {out}")
   return 0

@@ -335,6 +335,50 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
   return out_dir
 
 
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def peft_tensors(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """peft's adapter tensors (its key names for a CausalLM: base_model.model.<HF module>.lora_A.weight [r, in],
+  .lora_B.weight [out, r]) of the LoRA params (scanned or not) of `config`: each adapter flattened as its HF
+  projection's weight is (`to_hf`), so peft's W x + (alpha / r) B A x equals ours."""
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  out = {}
+  for e in hf_entries(config.replace(lora_rank=0)):
+    if not e.linear or e.expert is not None or e.layer is None:
+      continue
+    node_ref = dataclasses.replace(e, path=e.path[:-1])
+    node, idx = _leaf_ref(params, node_ref)
+    if "lora_a" not in node:
+      continue
+    a, b = _host(node["lora_a"][idx] if idx else node["lora_a"]), _host(node["lora_b"][idx] if idx else node["lora_b"])
+    r = a.shape[-1]
+    module = "base_model.model." + e.name.removesuffix(".weight")
+    out[module + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T.astype(np.float32))  # [r, in]
+    out[module + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T.astype(np.float32))  # [out, r]
+  if not out:
+    raise GritJaxError("params: no LoRA adapters (lora_a / lora_b) to export")
+  return out
+
+
+def save_peft_adapter(params: dict, config: ModelConfig, out_dir: str, base_model: str = "") -> str:
+  """An unmerged LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
+  `peft.PeftModel.from_pretrained(<the HF base model>, out_dir)` loads. Not atomic on its own (`atomic_dir`)."""
+  from grit_jax.modeling.config import LORA_TARGETS
+
+  os.makedirs(out_dir, exist_ok=True)
+  _save_file(peft_tensors(params, config), os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
+  _write_json(os.path.join(out_dir, PEFT_CONFIG), {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
+      "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+      "target_modules": sorted(LORA_TARGETS[t] for t in config.lora_targets), "bias": "none",
+      "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
+      "init_lora_weights": True, "modules_to_save": None})
+  return out_dir
+
+
 def _write_json(path: str, obj) -> None:
   write_json(path, obj, sort_keys=True)
 

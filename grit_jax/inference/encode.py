@@ -117,8 +117,8 @@ def packed_embed_fn(config, causal: bool, pooling: str, normalize: bool, num_per
     _count_trace("embed_packed_cache" if with_cache else "embed_packed")
     U, R, L = ids_URL.shape
     cache = KVCache.init(config, U * R, L, jnp.dtype(config.dtype)) if with_cache else None
-    emb_UND, cache = embed_packed(module, params, ids_URL, seg_URL, pos_URL, pool_URL, num_per_unit=num_per_unit,
-                                  causal=causal, pooling=pooling, cache=cache)
+    emb_UND, cache = embed_packed(module, {"params": params}, ids_URL, seg_URL, pos_URL, pool_URL,
+                                  num_per_unit=num_per_unit, causal=causal, pooling=pooling, cache=cache)
     return (objectives.l2_normalize(emb_UND) if normalize else emb_UND), cache
 
   return jax.jit(fn)

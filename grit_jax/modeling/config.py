@@ -27,7 +27,15 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # gated MLP: SwiGLU (Llama, Qwen, M
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # How the run computes, not what the checkpoint holds: the recipe's own even when a run loads a model.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "matmul_impl", "moe_impl")
+# LoRA (grit_jax.modeling.lora): adapters over the projections named by LORA_TARGETS; the recipe's own too.
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout", "lora_base_dtype")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "matmul_impl",
+                  "moe_impl") + LORA_FIELDS
+# A LoRA target -> the projection it adapts (attention in every layer; the gated MLP in dense layers only: the
+# experts' stacked [E, ...] matrices are not adapted, so gate/up/down on an all-MoE backbone is refused).
+LORA_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                "down": "down_proj"}
+LORA_MLP_TARGETS = ("gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +109,19 @@ class ModelConfig:
   attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # auto | xla | flat: layers.Linear, attention.attend (CPU layouts)
   moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)
+  # -- LoRA (LORA_FIELDS; grit_jax.modeling.lora): W x + (alpha / rank) * B A x, base frozen, only A, B trained --
+  lora_rank: int = 0                      # 0 = off (full fine-tune)
+  lora_alpha: float = 16.0                # scale alpha / rank, as peft's LoraConfig(lora_alpha)
+  lora_targets: tuple[str, ...] = ("q", "k", "v", "o")  # of LORA_TARGETS
+  lora_dropout: float = 0.0               # only 0.0 is implemented (refused otherwise)
+  lora_base_dtype: str = "bfloat16"       # dtype the frozen base is stored in during a LoRA run
 
   def __post_init__(self):
     def bad(key, why):
       raise GritJaxError(f"model config: {key}={getattr(self, key)!r}: {why}")
 
     # JSON and ml_collections hand tuples back as lists
-    for key in ("layer_types", "dense_layers"):
+    for key in ("layer_types", "dense_layers", "lora_targets"):
       if isinstance(getattr(self, key), list):
         object.__setattr__(self, key, tuple(getattr(self, key)))
     if self.family not in FAMILIES:
@@ -150,11 +164,36 @@ class ModelConfig:
           " with ".join(f"{k}={getattr(self, k)!r}" for k in own)
       bad("scan_layers", f"nn.scan needs a layer pattern that repeats: {why} give no period < num_layers={n} "
           "dividing it")
-    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("remat_policy", REMAT_POLICIES),
-                         ("attention_impl", ATTENTION_IMPLS), ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
+    self._check_lora(bad)
+    for key, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES), ("lora_base_dtype", DTYPES),
+                         ("remat_policy", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                         ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
                          ("hidden_act", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
       if getattr(self, key) not in allowed:
         bad(key, f"expected one of {allowed}")
+
+  def _check_lora(self, bad) -> None:
+    if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+      bad("lora_rank", "must be an integer >= 0 (0 = no LoRA)")
+    if not self.lora_rank:
+      return
+    a = self.lora_alpha
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+      bad("lora_alpha", "must be a finite number > 0")
+    if self.lora_dropout != 0.0:
+      bad("lora_dropout", "only 0.0 is implemented")
+    unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+    if unknown or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+      bad("lora_targets", f"{unknown[0]!r} is not a projection of the backbone; expected distinct names of "
+          f"{tuple(LORA_TARGETS)}" if unknown else f"expected distinct names of {tuple(LORA_TARGETS)}")
+    mlp = [t for t in self.lora_targets if t in LORA_MLP_TARGETS]
+    if mlp and self.is_moe and not self.dense_layers:
+      bad("lora_targets", f"{mlp[0]!r}: the backbone's MLPs are all MoE experts, which LoRA does not adapt "
+          "(use q, k, v, o)")
+
+  def lora_on(self, target: str) -> bool:
+    """Whether the projection of LORA_TARGETS key `target` carries a LoRA adapter."""
+    return self.lora_rank > 0 and target in self.lora_targets
 
   @property
   def is_moe(self) -> bool:

@@ -60,6 +60,13 @@ def _flat_dot_bwd(in_dims, out_dtype, residuals, dy):
 flat_dot.defvjp(_flat_dot_fwd, _flat_dot_bwd)
 
 
+def lora_kw(config: ModelConfig, target: str) -> dict:
+  """Linear's LoRA arguments for the projection of ModelConfig.lora_targets key `target` (none when not adapted)."""
+  if not config.lora_on(target):
+    return {}
+  return {"lora_rank": config.lora_rank, "lora_scale": config.lora_alpha / config.lora_rank}
+
+
 def select_matmul_impl(impl: str, platform: str | None = None) -> str:
   """ModelConfig.matmul_impl -> "xla" | "flat" for the platform the trace compiles for (see Linear)."""
   if impl == "auto":
@@ -82,6 +89,15 @@ class Linear(nn.Module):
   out_dtype: str | None = None
   impl: str = "auto"
   use_bias: bool = False  # a `bias` of shape features (Qwen2's q/k/v, Llama's attention_bias / mlp_bias)
+  lora_rank: int = 0      # > 0: y += lora_scale * (x @ lora_a) @ lora_b (grit_jax.modeling.lora)
+  lora_scale: float = 0.0
+
+  def _dot(self, x, kernel, in_dims: int, out_dtype):
+    if select_matmul_impl(self.impl) == "flat":
+      return flat_dot(x, kernel, in_dims, out_dtype)
+    contract_x = tuple(range(x.ndim - in_dims, x.ndim))
+    return jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(in_dims))), ((), ())),
+                               preferred_element_type=out_dtype)
 
   @nn.compact
   def __call__(self, x):
@@ -90,12 +106,20 @@ class Linear(nn.Module):
                         jnp.dtype(self.param_dtype))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     out_dtype = jnp.dtype(self.out_dtype or self.dtype)
-    if select_matmul_impl(self.impl) == "flat":
-      y = flat_dot(x, kernel, self.in_dims, out_dtype)
-    else:
-      contract_x = tuple(range(x.ndim - self.in_dims, x.ndim))
-      y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(self.in_dims))), ((), ())),
-                              preferred_element_type=out_dtype)
+    y = self._dot(x, kernel, self.in_dims, out_dtype)
+    if self.lora_rank:
+      # A [*in, r] sharded like the kernel's input dims, B [r, *out] like its output dims; the rank replicated.
+      # A as peft's kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)); B zeros, so a fresh adapter is the base.
+      in_axes = tuple(range(self.in_dims))
+      a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=in_axes, out_axis=-1)
+      lora_a = self.param("lora_a", nn.with_logical_partitioning(a_init, self.axes[:self.in_dims] + (None,)),
+                          tuple(in_shape) + (self.lora_rank,), jnp.dtype(self.param_dtype))
+      lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                 (None,) + self.axes[self.in_dims:]),
+                          (self.lora_rank,) + tuple(self.features), jnp.dtype(self.param_dtype))
+      h_Nr = self._dot(x, lora_a.astype(self.dtype), self.in_dims, out_dtype)
+      delta = self._dot(h_Nr.astype(self.dtype), lora_b.astype(self.dtype), 1, out_dtype)
+      y = y + (delta * jnp.asarray(self.lora_scale, delta.dtype)).astype(y.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
                         tuple(self.features), jnp.dtype(self.param_dtype))
@@ -184,7 +208,8 @@ class Attention(nn.Module):
   def __call__(self, x_BTD, positions_BT, mask_B1TS, kv=None, cache_index=None):
     c = self.config
     dense = lambda feats, axes, name, in_dims=1, bias=False: Linear(feats, axes, in_dims, c.dtype, c.param_dtype,
-                                                                    impl=c.matmul_impl, use_bias=bias, name=name)
+                                                                    impl=c.matmul_impl, use_bias=bias, name=name,
+                                                                    **lora_kw(c, name.removesuffix("_proj")))
     q_BTHD = dense((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=c.qkv_bias)(x_BTD)
     k_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=c.qkv_bias)(x_BTD)
     v_BTKD = dense((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=c.qkv_bias)(x_BTD)
@@ -227,7 +252,7 @@ class Mlp(nn.Module):
   def __call__(self, x_BTD):
     c = self.config
     dense = lambda feats, axes, name: Linear(feats, axes, 1, c.dtype, c.param_dtype, impl=c.matmul_impl,
-                                            use_bias=c.mlp_bias, name=name)
+                                            use_bias=c.mlp_bias, name=name, **lora_kw(c, name.removesuffix("_proj")))
     gate_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "gate_proj")(x_BTD)
     up_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "up_proj")(x_BTD)
     h_BTI = constrain(ACTIVATIONS[c.hidden_act](gate_BTI) * up_BTI, ("batch", "length", "mlp"))

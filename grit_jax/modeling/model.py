@@ -286,18 +286,19 @@ def init_params(config: ModelConfig, rng=None, batch: int = 1, length: int = 8):
   return nn.meta.unbox(Transformer(config).init(rng, ids, jnp.ones_like(ids), causal=True)["params"])
 
 
-def embed_packed(module: Transformer, params, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL, *,
+def embed_packed(module: Transformer, variables, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL, *,
                  num_per_unit: int, causal: bool, pooling: str, cache=None):
   """The packed embedding pass, the one the train step (GritObjective.embed_packed) and encode
   (inference.encode.packed_embed_fn) both run: packed rows [U, R, L] x4 (segment id s+1 = sequence s of the pass,
   0 = padding; positions restart per sequence) -> (pooled [U, n, D] float32, sequence u*n+i at [u, i], empty
   slots 0; the KVCache of the pass when `cache` is given, else None). Tokens attend only inside their own sequence;
   each sequence is pooled on its own text tokens (objectives.pool_packed); `cls` pools each sequence's first token.
-  With a subset of each unit's rows (GradCache chunks), the other rows' sequences come out as 0."""
+  `variables`: the module's ({"params": ...}, plus a LoRA run's frozen base). With a subset of each unit's rows
+  (GradCache chunks), the other rows' sequences come out as 0."""
   from grit_jax import objectives
   U, R, L = ids_URL.shape
   flat = lambda x: x.reshape(U * R, L)
-  out = module.apply({"params": params}, flat(ids_URL), None, causal=causal, positions=flat(positions_URL),
+  out = module.apply(variables, flat(ids_URL), None, causal=causal, positions=flat(positions_URL),
                      segment_ids=flat(segment_ids_URL), cache=cache, return_logits=False)
   if pooling == "cls":  # the mean over one token: each text's first (BOS)
     pool_mask_URL, pooling = (positions_URL == 0) & (segment_ids_URL > 0), "mean"

@@ -281,7 +281,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, *, hlo_path
     train_step, state, batch = abstract_step(config, model_config, mesh, rules, layouts)
 
   flops = flops_lib.grit_step_flops_from_config(config, layouts)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  n_params = sum(x.size for x in jax.tree.leaves((state.params, state.frozen)))  # LoRA: adapters + frozen base
   res = AotResult(topology=topology, num_chips=len(devices), fits=True, hbm_bytes=topo.chip.hbm_bytes,
                   model_flops=flops.total, model_flops_embedding=flops.embedding,
                   model_flops_generative=flops.generative, param_count=n_params, num_slices=num_slices,

@@ -352,6 +352,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict) -> None:
     """Starts an async save of `state` at `step`. Collective: every process calls it with its own data_state."""
+    if getattr(state, "frozen", None) is not None:  # a LoRA run's frozen base: never in a step (Run.with_base)
+      state = state.replace(frozen=None)
     states = allgather_json(data_state)
     data = {f"process_{i}": s for i, s in enumerate(states)}
     meta = dict(meta, step=int(step), process_count=jax.process_count())

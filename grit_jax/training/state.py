@@ -18,15 +18,18 @@ from grit_jax import sharding as mesh_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """step [] int32, params (float32 master weights, unboxed), opt_state; `tx` is static (not saved)."""
+  """step [] int32, params (float32 master weights, unboxed: what is trained), opt_state; `tx` is static (not
+  saved). frozen: None, or with LoRA the frozen base (in lora_base_dtype) while params are only the adapters
+  (grit_jax.modeling.lora): it gets no gradient and no optimizer state, and checkpoints leave it out."""
   step: jax.Array
   params: Any
   opt_state: Any
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  frozen: Any = None
 
   @classmethod
-  def create(cls, params, tx) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+  def create(cls, params, tx, frozen=None) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx, frozen=frozen)
 
   def apply_gradients(self, grads) -> "TrainState":
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -38,7 +41,15 @@ def _init_boxed(model_config, tx, rng):
 
   ids = jnp.zeros((1, 8), jnp.int32)  # [B, T]: shapes of the params do not depend on it
   params = Transformer(model_config).init(rng, ids, jnp.ones_like(ids), causal=True)["params"]
-  return TrainState.create(params, tx)  # boxed (LogicallyPartitioned) leaves carry the axis names
+  if not model_config.lora_rank:
+    return TrainState.create(params, tx)  # boxed (LogicallyPartitioned) leaves carry the axis names
+  from grit_jax.modeling import lora
+
+  base, adapters = lora.split(params)
+  dtype = jnp.dtype(model_config.lora_base_dtype)
+  base = jax.tree.map(lambda b: b.replace_boxed(b.unbox().astype(dtype)), base,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return TrainState.create(adapters, tx, frozen=base)
 
 
 def state_shardings(model_config, tx, mesh, rules, rng=None):

@@ -23,6 +23,7 @@ Metrics: loss, loss_rep, accuracy (contrastive top-1 within the global batch), l
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any
@@ -74,11 +75,27 @@ class GritObjective:
     self.batch_axes = mesh_lib.batch_axes(mesh, rules)
     self.shards = mesh_lib.num_batch_shards(mesh, rules)
 
+  frozen = None  # with LoRA: the frozen base (set by `with_frozen`), and `params` are the adapters
+
+  def with_frozen(self, frozen) -> "GritObjective":
+    """This objective over LoRA adapters: every pass applies the adapters joined to the frozen base `frozen` (a
+    traced argument of the step), so gradients flow to the adapters only; None = plain params."""
+    if frozen is None:
+      return self
+    obj = copy.copy(self)
+    obj.frozen = frozen
+    return obj
+
+  def variables(self, params) -> dict:
+    from grit_jax.modeling import lora
+
+    return {"params": params if self.frozen is None else lora.combine(self.frozen, params)}
+
   # -- embedding side -------------------------------------------------------------------------------------------
 
   def embed(self, params, ids, mask, pool_mask, *, causal: bool):
     """[b, T] int32 x3 -> pooled representations [b, D] float32 (normalised later, inside the loss)."""
-    out = self.model.apply({"params": params}, ids, mask, causal=causal, return_logits=False)
+    out = self.model.apply(self.variables(params), ids, mask, causal=causal, return_logits=False)
     return objectives.pool(out.hidden, pool_mask, method=self.loss_cfg.pooling)
 
   def embed_query(self, params, ids, mask, pool_mask):
@@ -93,8 +110,9 @@ class GritObjective:
     inside their own sequence (segment ids), positions restart per sequence, each sequence pooled on its own text
     tokens (grit_jax.objectives.pool_packed). With a subset of each unit's rows (GradCache chunks), the sequences
     of the other rows come out as 0: a sum over row chunks gives the full result."""
-    pooled_UND, _ = model_lib.embed_packed(self.model, params, ids_URL, segment_ids_URL, positions_URL, pool_mask_URL,
-                                           num_per_unit=num_per_unit, causal=causal, pooling=self.loss_cfg.pooling)
+    pooled_UND, _ = model_lib.embed_packed(self.model, self.variables(params), ids_URL, segment_ids_URL,
+                                           positions_URL, pool_mask_URL, num_per_unit=num_per_unit, causal=causal,
+                                           pooling=self.loss_cfg.pooling)
     return pooled_UND.reshape(ids_URL.shape[0] * num_per_unit, -1)
 
   def pass_inputs(self, batch: dict, name: str):
@@ -144,7 +162,7 @@ class GritObjective:
     L = gen[ct.GEN_IDS].shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1, L)
     packed = is_packed(gen, ct.GEN)
-    out = self.model.apply({"params": params}, flat(gen[ct.GEN_IDS]), None if packed else gen[ct.GEN_MASK],
+    out = self.model.apply(self.variables(params), flat(gen[ct.GEN_IDS]), None if packed else gen[ct.GEN_MASK],
                            causal=True, positions=flat(gen.get(ct.GEN_POSITIONS)),
                            segment_ids=flat(gen.get(ct.GEN_SEGMENT_IDS)))
     return (objectives.lm_loss(out.logits, flat(gen[ct.GEN_LABELS]), weights=weights.reshape(-1, L - 1)),
@@ -343,7 +361,8 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
   obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
 
   def step(state, batch):
-    (loss, metrics), grads = obj.value_and_grad(state.params, batch, grad_accum, gradcache_chunk)
+    (loss, metrics), grads = obj.with_frozen(getattr(state, "frozen", None)).value_and_grad(
+        state.params, batch, grad_accum, gradcache_chunk)
     new_state = state.apply_gradients(grads)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), tokens=batch_tokens(batch),
                    **packing_efficiency(batch))

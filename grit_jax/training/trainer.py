@@ -81,9 +81,10 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   if restored is not None:
     start, state, data_state, meta = restored
     _warn_config_changes(meta.get("config", {}), config_json)
+    state = run.with_base(state, workdir)  # LoRA: the frozen base is not in the checkpoint
   else:
     start = 0
-    state = run.init_state()
+    state = run.init_state(workdir)
 
   from grit_jax.training import step as step_lib
 
@@ -174,7 +175,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
         if pending is not None:
           settle(pending)
           pending = None
-        ev = evaluate(run_lib.params(state))
+        ev = evaluate(run_lib.model_params(state))
         log.write(step, ev, prefix="eval")
         last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
         if bar is not None:
@@ -188,7 +189,8 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
     if cut and primary:
       print(f"warning: {cut} (raise config.data.*_max_len to keep them whole)", file=sys.stderr, flush=True)
     if final == t.steps and t.export_hf:
-      summary["hf"] = export_lib.export_hf(run_lib.params(state), config, model_config, os.path.join(workdir, "hf"))
+      merged, export_model = run_lib.export_params(state, model_config)  # LoRA: adapters merged into the base
+      summary["hf"] = export_lib.export_hf(merged, config, export_model, os.path.join(workdir, "hf"))
   finally:
     preemption.restore()
     if bar is not None:
