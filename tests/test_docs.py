@@ -101,4 +101,6 @@ def test_a_block_neither_run_nor_marked_fails(tmp_path):
     run_bash("make demo   # a comment\n", "X.md:3")
   assert bash_commands("grit-jax eval \\\n  --model m  # c\n\n") == ["grit-jax eval --model m"]
   python = [b for b in code_blocks("README.md") if b[1] == "python"]
-  assert len(python) >= 3 and not any(b[3] for b in python) and "GritLM.from_pretrained" in python[0][2]
+  ran = [b for b in python if not b[3]]  # README's Python examples run, except the ones that need a server / an index
+  assert len(ran) >= 3 and "GritLM.from_pretrained" in ran[0][2]
+  assert all("openai" in b[2] or "search(" in b[2] for b in python if b[3]), [b[2][:60] for b in python if b[3]]
