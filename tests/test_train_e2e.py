@@ -355,6 +355,33 @@ def tiny_run_config():
   return config, run_lib.Run(config)
 
 
+def test_a_step_holds_the_tree_earlier_versions_wrote(tiny_run_config, tmp_path):
+  """A step stores {step, params, opt_state} whatever fields TrainState gains (LoRA's `frozen`), so checkpoints of
+  earlier grit_jax versions restore: a TrainState with a new field as the restore target failed on them with
+  "tree structures do not match". Written here as those versions wrote it (orbax, the three fields), restored
+  through the Checkpointer."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  from grit_jax.training import checkpoint as ckpt_lib
+
+  _, run = tiny_run_config
+  state = run.init_state()
+  old = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  with ocp.CheckpointManager(str(tmp_path / "checkpoints")) as manager:  # a step's items: state / data / meta
+    manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(old), data=ocp.args.JsonSave({}),
+                                            meta=ocp.args.JsonSave({"step": 3, "process_count": 1})))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False, allow_unverified=True)  # no checksums
+  step, restored, _, _ = ckpt.restore_latest(run.abstract_state())
+  assert step == 3 and restored.frozen is None
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  ckpt.save(4, restored.replace(step=restored.step + 1), None, {})
+  with open(os.path.join(ckpt.directory, "4", "state", "_METADATA")) as f:
+    saved = {eval(k)[0] for k in json.load(f)["tree_metadata"]}
+  assert saved == {"step", "params", "opt_state"}
+
+
 DAMAGE = {  # how the newest step (6) is damaged -> what the run must say about it
     "flipped": (lambda w: _flip_bytes(_state_file(w, 6)), "does not match its sha256"),
     "truncated": (lambda w: _truncate(_state_file(w, 6)), "bytes, "),

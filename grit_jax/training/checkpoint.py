@@ -293,13 +293,24 @@ def _flat_shapes(tree) -> dict[str, tuple]:
           for path, leaf in jax.tree.leaves_with_path(tree) if hasattr(leaf, "shape")}
 
 
+# What a step holds of the TrainState, as a dict: the tree every grit_jax version writes, whatever fields the state
+# gains (a LoRA run's frozen base is never in a step: Run.with_base adds it after a restore).
+SAVED_FIELDS = ("step", "params", "opt_state")
+
+
+def _saved(state):
+  """The tree a step stores of `state`: SAVED_FIELDS of a TrainState, any other tree as it is."""
+  from grit_jax.training.state import TrainState
+  return {f: getattr(state, f) for f in SAVED_FIELDS} if isinstance(state, TrainState) else state
+
+
 def _shape_mismatch(state_dir: str, abstract_state: Any) -> str | None:
   """None when the saved arrays have the shapes of `abstract_state`, else the first difference."""
   # The item's handler, not a Checkpointer: that one also looks for a step-level _CHECKPOINT_METADATA inside the
   # item folder (it is one level up) and logs "Metadata file does not exist" at every resume.
   meta = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   saved = _flat_shapes(getattr(meta, "item_metadata", meta))
-  want = _flat_shapes(abstract_state)
+  want = _flat_shapes(_saved(abstract_state))
   for name, shape in want.items():
     if name not in saved:
       return f"the config has {name} {shape}, the checkpoint does not (a different model config)"
@@ -352,8 +363,6 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict | None, meta: dict) -> None:
     """Starts an async save of `state` at `step`. Collective: every process calls it with its own data_state."""
-    if getattr(state, "frozen", None) is not None:  # a LoRA run's frozen base: never in a step (Run.with_base)
-      state = state.replace(frozen=None)
     states = allgather_json(data_state)
     data = {f"process_{i}": s for i, s in enumerate(states)}
     meta = dict(meta, step=int(step), process_count=jax.process_count())
@@ -361,7 +370,7 @@ class Checkpointer:
     self._sealing = int(step)
     self.manager.save(
         int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(_saved(state)), data=ocp.args.JsonSave(data),
                                 meta=ocp.args.JsonSave(meta)),
         force=True,
     )
@@ -376,7 +385,7 @@ class Checkpointer:
     """
     restored = self.manager.restore(
         int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(_saved(abstract_state)), data=ocp.args.JsonRestore(),
                                 meta=ocp.args.JsonRestore()),
     )
     meta = dict(restored.meta)
@@ -388,7 +397,8 @@ class Checkpointer:
           f"checkpoint {self.directory}/{step} was written by {saved_procs} processes, this run has "
           f"{jax.process_count()}: the data position cannot be carried over. Start a new workdir with "
           f"--config.init_from=ckpt:{self.directory}/{step} to keep the weights.")
-    return restored.state, data.get(f"process_{jax.process_index()}"), meta
+    state = restored.state if _saved(abstract_state) is abstract_state else abstract_state.replace(**restored.state)
+    return state, data.get(f"process_{jax.process_index()}"), meta
 
   def check(self, step: int, abstract_state: Any) -> str | None:
     """Why step `step` cannot be restored for `abstract_state` (None = it can, as far as checks tell): incomplete
