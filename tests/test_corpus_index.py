@@ -238,7 +238,8 @@ def test_cli_search_and_rag_over_the_index(model, model_dir, corpus, tmp_path, c
   assert "is a corpus index" in capsys.readouterr().err
 
 
-def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, model_dir, corpus, built, tmp_path):
+def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, model_dir, corpus, built, tmp_path,
+                                                                      capsys):
   from grit_jax import cli
   from grit_jax.inference import mine as mine_lib
   docs, emb = corpus[2], np.asarray(built.embeddings)
@@ -264,11 +265,19 @@ def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, mode
   none, short = mine_lib.mine(model, rows, built, negatives=3, range_max=8, margin=10.0, margin_type="absolute")
   assert short == 3 and all(r["neg"] == [] for r in none)
   data, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert cli.main(["mine", "--model", model_dir, "--data", str(data), "--corpus", *corpus[0], "--index", built.path,
-                   "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0",
-                   "--margin-type", "absolute", "--shard-rows", "5", "--no-progress"]) == 0
+  # written with a BOM (as Windows editors do), the second row scored by a teacher: its scores go with its old negatives
+  scored = [dict(r, pos_scores=[0.9], neg_scores=[0.1]) if "neg" in r else r for r in rows]
+  data.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in scored), encoding="utf-8")
+  argv = ["mine", "--model", model_dir, "--data", str(data), "--corpus", *corpus[0], "--index", built.path,
+          "--out", str(out), "--negatives", "3", "--range-min", "1", "--range-max", "8", "--margin", "0",
+          "--margin-type", "absolute", "--shard-rows", "5", "--no-progress"]
+  assert cli.main(argv) == 0
   assert [json.loads(line) for line in out.read_text().splitlines()] == mined
+  assert "teacher scores dropped from 1 rows" in capsys.readouterr().out
+  with open(data, "ab") as f:
+    f.write(b'{"query": "caf\xe9", "pos": ["x"]}\n')  # Latin-1, not UTF-8: named by line before any model work
+  assert cli.main(argv) == 2
+  assert f"{data}:4: not valid UTF-8" in capsys.readouterr().err
 
 
 def test_served_search_over_a_corpus_index(model, built):

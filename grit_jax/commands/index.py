@@ -150,5 +150,7 @@ def mine_main(argv: list[str]) -> int:
   mined, short = mine_lib.mine(model, rows, index, a.negatives, a.range_min, a.range_max, a.margin, a.margin_type)
   from grit_jax.fileio import atomic_write
   atomic_write(a.out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mined))
-  print(f"wrote {a.out}: {len(mined)} rows; {short} got fewer than {a.negatives} negatives")
+  scored = sum(any(k in r for k in mine_lib.TEACHER_KEYS) for r in rows)
+  print(f"wrote {a.out}: {len(mined)} rows; {short} got fewer than {a.negatives} negatives"
+        + (f"; teacher scores dropped from {scored} rows (they scored the old negatives)" if scored else ""))
   return 0

@@ -246,6 +246,13 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
 
   check: an extra per-record validation (e.g. token lengths) that raises GritJaxError for a bad record.
   """
+  for lineno, _, record in read_objects(path, kind, policy=policy, stats=stats, group_size=group_size, check=check):
+    yield lineno, record
+
+
+def read_objects(path: str, kind: str, *, policy: str, stats: BadInputStats, group_size: int = 2,
+                 check: Callable[[dict], None] | None = None) -> Iterator[tuple[int, Any, dict]]:
+  """As read_file, with each line's JSON object as written (for tools that rewrite rows, e.g. `grit-jax mine`)."""
   if policy not in POLICIES:
     raise GritJaxError(f"config.data.bad_input={policy!r}: expected one of {POLICIES}")
   with open(path, "rb") as f:
@@ -275,7 +282,7 @@ def read_file(path: str, kind: str, *, policy: str, stats: BadInputStats, group_
       except GritJaxError as e:
         _bad(path, lineno, str(e), policy, stats)
         continue
-      yield lineno, record
+      yield lineno, obj, record
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # JSON can spell half of a UTF-16 pair

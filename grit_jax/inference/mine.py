@@ -6,47 +6,31 @@ score > pos - margin), as sentence-transformers' mine_hard_negatives does. The c
 """
 from __future__ import annotations
 
-import json
+import os
 from typing import Sequence
 
 import numpy as np
 
+from grit_jax.data import jsonl
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import corpus_index as ci
 
 MARGIN_TYPES = ("relative", "absolute")
+TEACHER_KEYS = ("pos_scores", "neg_scores")
 
 
-def _item(x, where: str) -> tuple[str, str]:
-  """(instruction, text) of a query / passage entry: [instruction, text] or a text."""
-  if isinstance(x, str):
-    return "", x
-  if isinstance(x, list) and len(x) == 2 and all(isinstance(s, str) for s in x):
-    return x[0], x[1]
-  raise GritJaxError(f"{where}: expected a text or [instruction, text]")
+def _item(x) -> tuple[str, str]:
+  """(instruction, text) of a query / passage entry as written: [instruction, text] or a text (checked on reading)."""
+  return ("", x) if isinstance(x, str) else (x[0], x[1])
 
 
 def read_rows(path: str) -> list[dict]:
-  """The embedding rows of a training JSONL ({"query", "pos", "neg"}); a bad row names its file and line."""
-  rows = []
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise GritJaxError(f"{path}: cannot open ({e.strerror})") from e
-  with f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise GritJaxError(f"{path}:{n}: invalid JSON ({e.msg})") from e
-      if not isinstance(row, dict) or "query" not in row or not isinstance(row.get("pos"), list) or not row["pos"]:
-        raise GritJaxError(f"{path}:{n}: expected an embedding row with 'query' and a non-empty 'pos' list")
-      _item(row["query"], f"{path}:{n}: 'query'")
-      for i, p in enumerate(row["pos"]):
-        _item(p, f"{path}:{n}: pos[{i}]")
-      rows.append(row)
+  """The embedding rows of a training JSONL ({"query", "pos", "neg"?}) as written, read and checked as training
+  reads them (data/jsonl.py: a BOM, bad UTF-8, a bad row: one error naming file:line)."""
+  if not os.path.isfile(path):
+    raise GritJaxError(f"--data {path}: no such file")
+  rows = [obj for _, obj, _ in jsonl.read_objects(path, jsonl.EMBEDDING, policy="error", stats=jsonl.BadInputStats(),
+                                                  group_size=1)]
   if not rows:
     raise GritJaxError(f"{path}: no rows")
   return rows
@@ -60,8 +44,8 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
   if not 0 <= range_min < range_max or negatives < 1:
     raise GritJaxError(f"--range-min {range_min} / --range-max {range_max} / --negatives {negatives}: need "
                        "0 <= range-min < range-max and negatives >= 1")
-  queries = [_item(r["query"], "query") for r in rows]
-  positives = [_item(r["pos"][0], "pos") for r in rows]
+  queries = [_item(r["query"]) for r in rows]
+  positives = [_item(r["pos"][0]) for r in rows]
   q_QD = _embed(model, index, queries)
   p_QD = _embed(model, index, positives)
   pos_Q = np.einsum("qd,qd->q", q_QD, p_QD)
@@ -69,8 +53,8 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
   out, short = [], 0
   for row, pos, found, scores in zip(rows, pos_Q, found_QK, scores_QK):
     limit = pos * (1 - margin) if margin_type == "relative" else pos - margin
-    pos_texts = {_item(p, "pos")[1] for p in row["pos"]}
-    instruction = _item(row["pos"][0], "pos")[0]
+    pos_texts = {_item(p)[1] for p in row["pos"]}
+    instruction = _item(row["pos"][0])[0]
     neg = []
     for r, s in list(zip(found, scores))[range_min:]:
       if len(neg) == negatives:
@@ -81,7 +65,9 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
       if text not in pos_texts:
         neg.append([instruction, text] if isinstance(row["pos"][0], list) else text)
     short += len(neg) < negatives
-    out.append(dict(row, neg=neg))
+    # a teacher scored the old candidates: its neg_scores would be paired with the mined texts (and pos_scores alone
+    # is refused on reading), so both go; the command reports how many rows lost them
+    out.append({k: v for k, v in row.items() if k not in TEACHER_KEYS} | {"neg": neg})
   return out, short
 
 
