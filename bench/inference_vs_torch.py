@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     src = model_dir(a.model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     model = GritLM.from_pretrained(src, dtype="float32")
-    tok, a.preset = model.tokenizer, os.path.basename(src)
+    tok, a.preset = model.grit_tokenizer, os.path.basename(src)
   else:
     tok = Tokenizer(a.tokenizer)
     cfg = get_config(a.preset, dtype="float32")

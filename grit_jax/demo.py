@@ -48,7 +48,7 @@ def heldout_lm_loss(model, chats: list[list[str]], max_len: int = MAX_LENGTH) ->
 
   total, count = 0.0, 0
   for turns in chats:
-    ids, labels = templates.encode_chat(model.tokenizer, turns, max_len)
+    ids, labels = templates.encode_chat(model.grit_tokenizer, turns, max_len)
     logits = model.logits(np.asarray([ids], np.int32))
     labels_BT = np.asarray([labels], np.int32)
     total += float(np.sum(objectives.token_cross_entropy(logits, labels_BT)))

@@ -123,7 +123,7 @@ def test_cli_convert_round_trip(hf_dirs, tmp_path, batch, capsys):
     assert m.config.sliding_window == 6
     got = m.logits(ids, mask)
     assert np.abs(got[mask.astype(bool)] - ref[mask.astype(bool)]).max() <= 1e-4
-    assert m.tokenizer is not None and os.path.isfile(os.path.join(d, "tokenizer.model"))
+    assert m.grit_tokenizer is not None and os.path.isfile(os.path.join(d, "tokenizer.model"))
   # an existing destination is refused unless --overwrite
   assert cli.main(["convert", "jax-to-hf", jax_dir, hf_dir]) == 2
   assert "already exists" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The GritLM API: parity with the gritlm package (1.0.2) on the same tiny weights, gritlm's argument forms
 (wrapped instructions, chat messages, encode_queries / encode_corpus, constructor keywords), the settings a model
 carries (grit_settings.json through export and convert), and the inference CLI's early, named errors."""
+import dataclasses
 import io
 import json
 import logging
@@ -54,7 +55,7 @@ def test_tokenizer_files_tokenize_like_grit_jax(hf_dir, ours):
   import transformers
   hf = transformers.AutoTokenizer.from_pretrained(hf_dir)
   for s in [gritlm_instruction("Find it") + TEXTS[0], gritlm_instruction("") + TEXTS[2], "a</s>b"]:
-    assert hf(s)["input_ids"] == ours.tokenizer.encode("<s>" + s)
+    assert hf(s)["input_ids"] == ours.grit_tokenizer.encode("<s>" + s)
 
 
 @pytest.mark.parametrize("attn,pooling", [("bbcc", "mean"), ("cccc", "mean"), ("bbcc", "weightedmean"),
@@ -96,34 +97,104 @@ def test_generate_equals_gritlm_package_greedy(hf_dir, ours):
   ref = theirs(hf_dir)
   messages = [{"role": "user", "content": "Why is the sky blue?"}]
   ids = ref.tokenizer("<|user|>\nWhy is the sky blue?\n<|assistant|>\n", return_tensors="pt")["input_ids"]
-  assert ids[0].tolist() == ours.tokenizer.encode("<s><|user|>\nWhy is the sky blue?\n<|assistant|>\n")
+  assert ids[0].tolist() == ours.grit_tokenizer.encode("<s><|user|>\nWhy is the sky blue?\n<|assistant|>\n")
   with torch.no_grad():
     out = ref.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
   eos = ours.config.eos_token_id
-  want = ours.tokenizer.decode(out[:out.index(eos)] if eos in out else out)
+  want = ours.grit_tokenizer.decode(out[:out.index(eos)] if eos in out else out)
   assert ours.generate(messages, max_new_tokens=8) == [want]
   assert ours.generate("Why is the sky blue?", max_new_tokens=8, do_sample=False) == [want]
 
 
 def test_gritlm_readme_generation_flow_gives_the_same_ids_and_text(hf_dir, ours):
   """gritlm's README: encoded = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-  return_tensors="pt"); gen = model.generate(encoded, max_new_tokens=..., do_sample=False);
-  model.tokenizer.batch_decode(gen). The same lines on grit_jax give the package's ids and text."""
+  return_tensors="pt"); encoded = encoded.to(model.device); gen = model.generate(encoded, max_new_tokens=...,
+  do_sample=False); model.tokenizer.batch_decode(gen). The same lines on grit_jax give the package's ids and text
+  (transformers 5 returns a BatchEncoding there, which the package's generate cannot take: it gets input_ids)."""
   import torch
+  import transformers
   ref = theirs(hf_dir)
   messages = [{"role": "user", "content": "Why is the sky blue?"}]
   encoded = ours.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-  assert encoded.tolist() == [ref.tokenizer("<|user|>\nWhy is the sky blue?\n<|assistant|>\n")["input_ids"]]
+  encoded = encoded.to(ours.device)
+  assert isinstance(ours.tokenizer, transformers.PreTrainedTokenizerFast)
+  assert encoded["input_ids"].tolist() == [ref.tokenizer("<|user|>\nWhy is the sky blue?\n<|assistant|>\n")["input_ids"]]
   with torch.no_grad():
-    want = ref.generate(encoded, max_new_tokens=8, do_sample=False)
+    want = ref.generate(encoded["input_ids"], max_new_tokens=8, do_sample=False)
   got = ours.generate(encoded, max_new_tokens=8, do_sample=False)
   np.testing.assert_array_equal(got, want.numpy())
   assert ours.tokenizer.batch_decode(got) == ref.tokenizer.batch_decode(want)
-  np.testing.assert_array_equal(ours.generate(encoded.tolist(), max_new_tokens=8), got)  # lists of ids too
+  np.testing.assert_array_equal(ours.generate(encoded["input_ids"].tolist(), max_new_tokens=8), got)  # lists too
   with pytest.raises(GritJaxError, match="integer"):
     ours.generate(np.zeros([1, 3], np.float32))
   with pytest.raises(GritJaxError, match="token id 99999 in row 0 is outside the vocabulary"):
     ours.generate([[1, 99999]], max_new_tokens=2)
+
+
+def test_transformers_tokenizer_calls_and_left_padded_generate(hf_dir, ours, tmp_path, monkeypatch):
+  """model.tokenizer is callable and batches as transformers does, with grit_jax's ids; a left-padded batch from
+  apply_chat_template(padding=True, return_dict=True) generates (input_ids=, attention_mask=, pad_token_id=) the
+  rows that each prompt generates alone; GritLM(config, params, model.tokenizer) takes it back."""
+  from grit_jax import GritLM
+  monkeypatch.setenv("GRIT_JAX_CACHE", str(tmp_path))
+  before = sorted(os.listdir(hf_dir))
+  # converted from tokenizer.model into this test's cache, not into the model folder
+  tok = GritLM(ours.config, ours.params, ours.grit_tokenizer).tokenizer
+  assert sorted(os.listdir(hf_dir)) == before and len(os.listdir(tmp_path / "tokenizers")) == 1
+  batch = tok(TEXTS, padding=True, return_tensors="np")
+  assert batch["input_ids"].shape == (3, max(len(ours.grit_tokenizer.encode("<s>" + t)) for t in TEXTS))
+  for row, mask, text in zip(batch["input_ids"], batch["attention_mask"], TEXTS):
+    assert row[mask == 1].tolist() == ours.grit_tokenizer.encode("<s>" + text)
+  # 22, 17 and 32 tokens: one length bucket, the README test's (programs shared)
+  chats = [[{"role": "user", "content": "Why is the sky blue?"}], [{"role": "user", "content": "Name a river."}],
+           [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Why?"}]]
+  tok.padding_side = "left"
+  enc = tok.apply_chat_template(chats, add_generation_prompt=True, padding=True, return_dict=True, return_tensors="pt")
+  mask = enc["attention_mask"].numpy()
+  assert mask[:, 0].tolist() == [0, 0, 1] and mask[:, -1].tolist() == [1, 1, 1]  # left padded
+  pad, n = 7, 8  # not the tokenizer's pad id: finished rows are filled with pad_token_id
+  got = ours.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
+                      do_sample=False, pad_token_id=pad)
+  T = mask.shape[1]
+  np.testing.assert_array_equal(got[:, :T], enc["input_ids"].numpy())  # the rows as given, then the new ids
+  for b, chat in enumerate(chats):
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="np")["input_ids"]
+    assert ids[0].tolist() == enc["input_ids"][b][mask[b] == 1].tolist()
+    alone = ours.generate(ids, max_new_tokens=n)[0, ids.shape[1]:].tolist()  # one by one, unpadded
+    assert got[b, T:].tolist() == alone + [pad] * (got.shape[1] - T - len(alone)), b
+  assert tok.batch_decode(got[:, T:], skip_special_tokens=True) == ours.generate(chats, max_new_tokens=n)
+  # a model whose EOS is row 1's first new token: row 1 ends there and is filled with pad_token_id
+  stop = GritLM(dataclasses.replace(ours.config, eos_token_id=int(got[1, T])), ours.params, tok)
+  assert stop.tokenizer is tok and stop.grit_tokenizer is tok._grit_jax_tokenizer  # model.tokenizer taken back
+  early = stop.generate(**enc, max_new_tokens=n, pad_token_id=pad)  # a BatchEncoding, as transformers takes it
+  assert early[1, T:].tolist() == [got[1, T]] + [pad] * (early.shape[1] - T - 1)
+  np.testing.assert_array_equal(ours.generate(**enc, max_new_tokens=n, pad_token_id=pad), got)
+
+
+def test_tokenizer_json_larger_than_the_vocabulary_is_named(hf_dir, ours, tmp_path, monkeypatch):
+  """A model folder whose tokenizer.json has pieces past the weights' vocab_size, and a transformers tokenizer
+  with them passed to GritLM(config, params, tokenizer): one error naming it (from_pretrained: before the
+  weights)."""
+  from tokenizers import Tokenizer as HFTokenizer
+
+  from grit_jax import GritLM
+  from grit_jax.convert import load as load_lib
+  monkeypatch.setenv("GRIT_JAX_CACHE", str(tmp_path / "cache"))
+  d = tmp_path / "bigger"
+  shutil.copytree(hf_dir, d, ignore=shutil.ignore_patterns("tokenizer.model"))
+  spec = HFTokenizer.from_file(str(d / "tokenizer.json"))
+  spec.add_tokens([f"<extra_{i}>" for i in range(3)])
+  spec.save(str(d / "tokenizer.json"))
+  V = ours.config.vocab_size
+  monkeypatch.setattr(load_lib, "load_pretrained", lambda *a, **k: pytest.fail("weights read before the check"))
+  with pytest.raises(GritJaxError, match=rf"tokenizer {d}/tokenizer.json: the tokenizer has {V + 3} pieces but "
+                                         rf"the model's vocab_size is {V}"):
+    GritLM.from_pretrained(str(d))
+  import transformers
+  fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(d))
+  with pytest.raises(GritJaxError, match=rf"tokenizer {d}: the tokenizer has {V + 3} pieces"):
+    GritLM(ours.config, ours.params, fast)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +266,7 @@ def test_settings_round_trip_through_export_and_convert(tmp_path, monkeypatch, c
   assert cli.main(["convert", "hf-to-jax", hf, jx]) == 0
   assert cli.main(["convert", "jax-to-hf", jx, hf2]) == 0
   text = "served the way it was trained"
-  ids, pool = templates.encode_embedding(GritLM.from_pretrained(hf).tokenizer, "", text, 64)
+  ids, pool = templates.encode_embedding(GritLM.from_pretrained(hf).grit_tokenizer, "", text, 64)
   for d in (hf, jx, hf2):
     model = GritLM.from_pretrained(d)
     assert (model.attn, model.pooling, model.normalize) == ("cccc", "weightedmean", False)

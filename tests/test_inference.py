@@ -232,7 +232,7 @@ def test_generation_stops_each_row_at_eos(model, prompts):
   assert out[1] == ref and all(len(o) == 6 for o in out)
   # Declare row 1's third greedy token the end token: row 1 must stop right after it (the token is kept), the
   # other rows go on until they emit it themselves.
-  stop = type(model)(dataclasses.replace(model.config, eos_token_id=ref[2]), model.params, model.tokenizer)
+  stop = type(model)(dataclasses.replace(model.config, eos_token_id=ref[2]), model.params, model.grit_tokenizer)
   stopped = gen.generate_ids(stop, prompts, max_new_tokens=6)
   assert stopped[1] == ref[:ref.index(ref[2]) + 1]
   for p, o in zip(prompts, stopped):
@@ -307,7 +307,7 @@ def test_causal_doc_caching_end_to_end_equals_plain_generation(model):
   assert res.doc_index == int(np.argmax(index.embeddings @ q_emb[0]))
   prep = rag_lib.prepare(model, [QUERIES[0]], [res.document], "doc", causal=True)
   plain = gen.generate_ids(model, [prep.prefix_ids[0] + prep.continuation[0]], max_new_tokens=4)[0]
-  assert res.answer == gen.decode_new(model.tokenizer, plain, model.config.eos_token_id)
+  assert res.answer == gen.decode_new(model.grit_tokenizer, plain, model.config.eos_token_id)
 
 
 def test_batched_caches_do_not_attend_padding(model):
@@ -343,8 +343,8 @@ def test_batched_rag_equals_one_by_one(model, index):
 
 def test_concatenated_caches_keep_segment_positions(model, index):
   prep = rag_lib.prepare(model, [QUERIES[1]], [DOCS[2]], "doc_query", causal=True)
-  n_doc = len(model.tokenizer.encode("<s><|embed|>\n" + DOCS[2]))
-  n_q = len(model.tokenizer.encode("<s><|embed|>\n" + QUERIES[1]))
+  n_doc = len(model.grit_tokenizer.encode("<s><|embed|>\n" + DOCS[2]))
+  n_q = len(model.grit_tokenizer.encode("<s><|embed|>\n" + QUERIES[1]))
   pos = np.asarray(prep.cache.positions)[0]
   assert int(prep.cache.index) == n_doc + n_q
   np.testing.assert_array_equal(pos[:n_doc + n_q], np.r_[np.arange(n_doc), np.arange(n_q)])
@@ -383,7 +383,7 @@ def test_index_save_load_roundtrip(model, tmp_path):
   for i in range(len(DOCS)):
     for a, b in zip(loaded.doc_cache(i), index.doc_cache(i)):
       np.testing.assert_array_equal(a, b)
-  n0 = len(model.tokenizer.encode("<s><|embed|>\n" + index.documents[0]))
+  n0 = len(model.grit_tokenizer.encode("<s><|embed|>\n" + index.documents[0]))
   assert loaded.doc_cache(0)[0].shape[1] == n0
   q = model.encode(QUERIES)
   top, scores = loaded.search(q, k=2)

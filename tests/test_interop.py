@@ -200,11 +200,14 @@ def test_export_tokenizer_gives_grit_jax_ids_in_transformers(model_dir):
 
 
 def test_our_tokenizer_answers_gritlms_chat_calls_as_transformers_does(model_dir):
-  """gritlm scripts call model.tokenizer.apply_chat_template(...) and .batch_decode(...): ours give transformers'
-  answers on the exported tokenizer, for every flag combination and a multi-turn chat."""
+  """gritlm scripts call model.tokenizer.apply_chat_template(...) and .batch_decode(...): GritLM's transformers
+  tokenizer (built from the SentencePiece model) answers as transformers on the export does, with grit_jax's ids,
+  for every flag combination and a multi-turn chat."""
   import transformers
 
+  from grit_jax.inference import hf_compat
   ours = Tokenizer(TOKENIZER)
+  fast = hf_compat.transformers_tokenizer(ours, 256)
   theirs = transformers.AutoTokenizer.from_pretrained(model_dir)
   chats = [[{"role": "user", "content": "Hi there"}],
            [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello! "},
@@ -213,16 +216,13 @@ def test_our_tokenizer_answers_gritlms_chat_calls_as_transformers_does(model_dir
   for chat in chats:
     for gen in (False, True):
       want = theirs.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False)
-      assert ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False) == want
+      assert fast.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False) == want
       want_ids = theirs.apply_chat_template(chat, add_generation_prompt=gen, return_dict=True)["input_ids"]
-      assert ours.apply_chat_template(chat, add_generation_prompt=gen) == want_ids
-      np.testing.assert_array_equal(ours.apply_chat_template(chat, add_generation_prompt=gen, return_tensors="np"),
-                                    [want_ids])
-  with pytest.raises(GritJaxError, match="conversation\\[0\\]"):
-    ours.apply_chat_template([{"role": "system", "content": "x"}])
+      assert fast.apply_chat_template(chat, add_generation_prompt=gen, return_dict=False) == want_ids
+      assert ours.encode(want) == want_ids  # the model's own ids
   rows = [ours.encode("<s><|user|>\nhéllo world\n<|assistant|>\nyes</s>"), ours.encode("<s>two</s>") + [0, 0]]
   for skip in (False, True):
-    assert ours.batch_decode(rows, skip_special_tokens=skip) == theirs.batch_decode(rows, skip_special_tokens=skip)
+    assert fast.batch_decode(rows, skip_special_tokens=skip) == theirs.batch_decode(rows, skip_special_tokens=skip)
 
 
 def test_model_with_only_tokenizer_json(model_dir, tmp_path):
@@ -233,10 +233,10 @@ def test_model_with_only_tokenizer_json(model_dir, tmp_path):
   shutil.copytree(model_dir, d)
   os.remove(d / "tokenizer.model")
   json_only, full = GritLM.from_pretrained(str(d)), GritLM.from_pretrained(model_dir)
-  assert json_only.tokenizer.kind == "tokenizers" and full.tokenizer.kind == "sentencepiece"
+  assert json_only.grit_tokenizer.kind == "tokenizers" and full.grit_tokenizer.kind == "sentencepiece"
   for text in TEXTS:
     for continuation in (False, True):
-      assert json_only.tokenizer.encode(text, continuation) == full.tokenizer.encode(text, continuation), text
+      assert json_only.grit_tokenizer.encode(text, continuation) == full.grit_tokenizer.encode(text, continuation), text
   texts = ["a first text", "naïve  spaces\there"]
   np.testing.assert_array_equal(json_only.encode(texts, instruction="Find"), full.encode(texts, instruction="Find"))
   # ... and it exports again (tokenizer.json carried, no tokenizer.model invented)
@@ -244,7 +244,7 @@ def test_model_with_only_tokenizer_json(model_dir, tmp_path):
   json_only.save_pretrained(str(out))
   assert {"tokenizer.json", "tokenizer_config.json", "modules.json"} <= set(os.listdir(out))
   assert "tokenizer.model" not in os.listdir(out)
-  assert Tokenizer(str(out / "tokenizer.json")).encode(TEXTS[1]) == full.tokenizer.encode(TEXTS[1])
+  assert Tokenizer(str(out / "tokenizer.json")).encode(TEXTS[1]) == full.grit_tokenizer.encode(TEXTS[1])
 
 
 def test_sentence_transformers_equals_gritlm_encode(model_dir):
@@ -277,7 +277,7 @@ def test_sentence_transformers_query_and_document_equal_encode_queries_and_corpu
   from grit_jax.inference.gritlm import GritLM
   model = GritLM.from_pretrained(model_dir)
   instruction = "Given a question, retrieve the passage that answers it"
-  recorded = GritLM(model.config, model.params, model.tokenizer,
+  recorded = GritLM(model.config, model.params, model.grit_tokenizer,
                     settings=dataclasses.replace(model.settings, query_instruction=instruction))
   recorded.save_pretrained(str(tmp_path / "instructed"))
   queries = ["capital of France?", "how do plants make sugar " * 4]

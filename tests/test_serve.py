@@ -65,8 +65,8 @@ def test_embeddings_equal_encode(client, model):
   np.testing.assert_allclose(np.array([d.embedding for d in got.data]), want, atol=1e-6, rtol=0)
   # token ids: embedded after the template's prefix, as the same text is
   from grit_jax.data import templates
-  prefix = model.tokenizer.encode(templates.embed_prefix("", templates.text_format(model.tokenizer)))
-  full = model.tokenizer.encode(templates.embed_prefix("", templates.text_format(model.tokenizer)) + TEXTS[0])
+  prefix = model.grit_tokenizer.encode(templates.embed_prefix("", templates.text_format(model.grit_tokenizer)))
+  full = model.grit_tokenizer.encode(templates.embed_prefix("", templates.text_format(model.grit_tokenizer)) + TEXTS[0])
   assert full[:len(prefix)] == prefix
   got = client.embeddings.create(model=NAME, input=[full[len(prefix):]])
   np.testing.assert_allclose(got.data[0].embedding, model.encode(TEXTS[0]), atol=1e-6, rtol=0)

@@ -90,7 +90,8 @@ def test_short_grit_fine_tune_of_the_real_model(smollm2_hf_dir, tmp_path):
   export = str(tmp_path / "hf")
   ours = GritLM.from_pretrained(export)
   base = GritLM.from_pretrained(src)
-  assert ours.tokenizer.text_format.chat_template == base.tokenizer.text_format.chat_template
+  assert (ours.grit_tokenizer.text_format.chat_template ==
+          base.grit_tokenizer.text_format.chat_template)
   moved = np.abs(ours.params["embed_tokens"]["embedding"] - base.params["embed_tokens"]["embedding"]).max()
   assert moved > 0  # trained
   hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()

@@ -110,13 +110,15 @@ def test_prompts_and_chat_calls_in_the_model_format(tok, hf):
   grit = templates.chat_prompt("Hi")
   assert templates.chat_prompt(grit) == grit == "<s>" + templates.chat_prompt("<|user|>\nHi\n<|assistant|>\n")[3:]
   assert templates.chat_prompt("<|user|>\nHi\n<|assistant|>\n") == grit
-  # model.tokenizer's transformers calls follow the model's template and special tokens.
-  enc = tok.apply_chat_template(messages(["Hi"]), add_generation_prompt=True, return_tensors="np")
+  # GritLM.tokenizer (transformers', from the model's own files) follows the model's template and special tokens.
+  from grit_jax.inference import hf_compat
+  fast = hf_compat.transformers_tokenizer(tok, 256)
+  enc = fast.apply_chat_template(messages(["Hi"]), add_generation_prompt=True, return_tensors="np")["input_ids"]
   want = hf.apply_chat_template(messages(["Hi"]), add_generation_prompt=True, tokenize=True, return_dict=False)
-  assert enc.tolist() == [list(want)]
+  assert enc.tolist() == [list(want)] == [tok.encode(templates.chat_prompt(["Hi"], fmt))]
   rows = [enc[0].tolist() + tok.encode("Hello!<|im_end|>") + [tok.pad_id] * 2]
-  assert tok.batch_decode(rows) == hf.batch_decode(rows)
-  assert tok.batch_decode(rows, skip_special_tokens=True) == hf.batch_decode(rows, skip_special_tokens=True)
+  assert fast.batch_decode(rows) == hf.batch_decode(rows)
+  assert fast.batch_decode(rows, skip_special_tokens=True) == hf.batch_decode(rows, skip_special_tokens=True)
 
 
 def test_generate_prompts_in_the_model_format(tok, hf, monkeypatch):
@@ -296,7 +298,7 @@ def test_rag_caching_in_the_models_own_chat_format(tok, hf):
     prep = rag_lib.prepare(model, [q], [d], mode, causal=True)
     prefix, cont = prep.prefix_ids[0], prep.continuation[0]
     assert tok.decode(prefix) == "<|embed|>\n" + (d if mode == "doc" else q)
-    text = tok.batch_decode([cont])[0]
+    text = hf.batch_decode([cont])[0]
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\nThe answer is")
     assert system not in text
     ids = np.asarray([prefix + cont], np.int32)

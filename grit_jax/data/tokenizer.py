@@ -69,7 +69,6 @@ class _SentencePiece:
     self.vocab_size = int(self.sp.get_piece_size())
     self.specials = (BOS_STR, EOS_STR, UNK_STR)
     self.adds_bos = True  # a bare SentencePiece model is GritLM's (Mistral's)
-    self.has_dummy_prefix = True
 
   def encode(self, text: str, prefix: bool) -> list[int]:
     return (self.sp if prefix else self.sp_cont).encode(text)
@@ -100,7 +99,6 @@ class _HFTokenizers:
     except Exception as e:  # OSError, JSONDecodeError, or the bare Exception tokenizers raises on a bad spec
       raise GritJaxError(f"tokenizer: {path!r} is not a tokenizers JSON file ({e})") from e
     cont = _without_dummy_prefix(spec)
-    self.has_dummy_prefix = cont != spec
     self.tok_cont = HFTokenizer.from_str(json.dumps(cont))
     self.vocab_size = int(self.tok.get_vocab_size(with_added_tokens=True))
     self.specials = tuple(t["content"] for t in spec.get("added_tokens", []) if t.get("special"))
@@ -275,61 +273,6 @@ class Tokenizer:
 
   def id_to_piece(self, i: int) -> str:
     return self._impl.id_to_piece(int(i))
-
-  # The two calls of transformers' tokenizer API that gritlm scripts make on `model.tokenizer`.
-  def apply_chat_template(self, conversation, tokenize: bool = True, add_generation_prompt: bool = False,
-                          return_tensors: str | None = None):
-    """The chat string of `conversation` ({"role", "content"} messages alternating user/assistant, or plain
-    strings) in the model's chat format (GritLM's, or its own template), as transformers renders the exported chat
-    template; tokenize=True: its ids (a list, or an int32 [1, T] array with return_tensors="np"/"jax"/"pt")."""
-    text = templates.render_chat(templates.turns_of(conversation, "conversation"), add_generation_prompt,
-                                 self.text_format)
-    if not tokenize:
-      return text
-    ids = self.encode(text)
-    if return_tensors is None:
-      return ids
-    if return_tensors not in ("np", "jax", "pt"):
-      raise GritJaxError(f"apply_chat_template: return_tensors={return_tensors!r}; use None, 'np', 'jax' or 'pt'")
-    import numpy as np
-    out = np.asarray([ids], np.int32)
-    if return_tensors == "jax":
-      import jax.numpy as jnp
-      return jnp.asarray(out)
-    if return_tensors == "pt":
-      try:
-        import torch
-      except ImportError:
-        raise GritJaxError("apply_chat_template: return_tensors='pt' needs torch; 'np' needs nothing") from None
-      return torch.as_tensor(out, dtype=torch.long)
-    return out
-
-  def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
-    """Texts of a batch of id rows (lists or a [B, T] array), as transformers decodes them with the exported
-    tokenizer: special tokens (GritLM's `<s>`, `</s>` and `<unk>`, also the padding, id 0) spelled out and the "▁"
-    after them kept as a space, unless skip_special_tokens (then dropped, as `decode` does)."""
-    return [self.decode(row) if skip_special_tokens else self._decode_with_specials(row) for row in sequences]
-
-  def _decode_with_specials(self, ids) -> str:
-    if not self._impl.has_dummy_prefix:  # no "▁" to restore after a special token: the library decodes as HF does
-      return self._impl.tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
-    spelled = {i: t for t, i in self._specials.items()}
-    parts, run = [], []
-
-    def flush():
-      if run:  # a segment's leading "▁" is a space except at the very start (the decoders strip only that one)
-        lead = " " if parts and self._impl.id_to_piece(run[0]).startswith("▁") else ""
-        parts.append(lead + self._impl.decode(run))
-        run.clear()
-
-    for i in (int(i) for i in ids):
-      if i in spelled:
-        flush()
-        parts.append(spelled[i])
-      elif 0 <= i < self.vocab_size:
-        run.append(i)
-    flush()
-    return "".join(parts)
 
   def piece_to_id(self, piece: str) -> int | None:
     """The id of a vocabulary piece (e.g. "<0x0A>"); None when the vocabulary has no such piece."""

@@ -62,7 +62,7 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
   """(ids, pool_mask) per text through the GritLM embedding template (data.templates); each an Encoded whose
   `.truncated` says the text was cut to max_length."""
   from grit_jax.data import templates
-  if model.tokenizer is None:
+  if model.grit_tokenizer is None:
     raise GritJaxError("encode needs a tokenizer (tokenizer.model next to the weights)")
   out = []
   for i, t in enumerate(texts):
@@ -73,7 +73,7 @@ def tokenize(model, texts: Sequence[str], instruction: str, max_length: int):
     except UnicodeEncodeError:
       raise GritJaxError(f"texts[{i}]: a lone UTF-16 surrogate in the text: not valid Unicode") from None
     try:
-      enc = templates.encode_embedding(model.tokenizer, instruction, t, max_length)
+      enc = templates.encode_embedding(model.grit_tokenizer, instruction, t, max_length)
     except GritJaxError as e:
       raise GritJaxError(f"texts[{i}]: {e}") from e
     out.append(templates.Encoded(np.asarray(enc[0], np.int32), np.asarray(enc[1], np.int32), enc.truncated))

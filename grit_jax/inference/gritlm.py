@@ -25,15 +25,13 @@ import numpy as np
 from grit_jax import common_types, contract, objectives
 from grit_jax.convert import settings as settings_lib
 from grit_jax.errors import GritJaxError
+from grit_jax.inference import hf_compat
 from grit_jax.modeling.config import ModelConfig
 from grit_jax.modeling.model import Transformer, params_for
 
 log = logging.getLogger(__name__)
 
 _UNSET = object()  # "not given": the model's stored setting applies (None is a value: gritlm's attn=None)
-TORCH_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16"}
-
-
 @functools.lru_cache(maxsize=None)
 def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
   """jit(params, ids [B, T], mask [B, T]) -> hidden [B, T, D] or logits [B, T, V]; one per (config, mode), so
@@ -45,35 +43,6 @@ def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
     return out.logits if return_logits else out.hidden
 
   return jax.jit(fn)
-
-
-def dtype_name(torch_dtype) -> str:
-  """A compute dtype from gritlm's torch_dtype: a name ("bfloat16", "torch.bfloat16", "auto") or a torch dtype."""
-  name = str(torch_dtype).removeprefix("torch.")
-  if name in TORCH_DTYPES or name == "auto":
-    return TORCH_DTYPES.get(name, name)
-  raise GritJaxError(f"torch_dtype={torch_dtype!r}: expected one of {sorted(TORCH_DTYPES)} or 'auto' "
-                     "(float16 is not a grit_jax compute dtype)")
-
-
-def _token_rows(x) -> list[list[int]] | None:
-  """Prompts given as token ids (an integer [B, T] array / tensor or lists of ints) as lists; None for text."""
-  if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy, jax or torch
-    arr = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-      raise GritJaxError(f"generate: token ids must be an integer [batch, length] array, got {arr.dtype} "
-                         f"{list(arr.shape)}")
-    return arr.tolist()
-  if isinstance(x, (list, tuple)) and x and all(isinstance(r, (list, tuple)) and r and
-                                                all(isinstance(i, (int, np.integer)) for i in r) for r in x):
-    return [list(map(int, r)) for r in x]
-  return None
-
-
-def load_tokenizer(path: str):
-  """`tokenizer.model` (SentencePiece), else `tokenizer.json`, from a model directory; None when it has neither."""
-  from grit_jax.data.tokenizer import Tokenizer
-  return Tokenizer.from_dir(path)
 
 
 class GritLM:
@@ -104,41 +73,22 @@ class GritLM:
     elif isinstance(model_name_or_path, (str, os.PathLike)):  # gritlm.GritLM(model_name_or_path, ...)
       if params is not None or tokenizer is not None:
         raise GritJaxError("GritLM(path, ...): params / tokenizer come from the directory")
-      for key in ("device_map", "load_in_4bit", "load_in_8bit", "quantization_config"):
-        if kwargs.pop(key, None):
-          raise GritJaxError(f"GritLM({key}=...): not supported by grit_jax (shard with a mesh instead)")
-      if kwargs.pop("attn_implementation", None) is not None:
-        log.warning("attn_implementation is ignored: grit_jax picks its attention kernel from config "
-                    "attention_impl")
-      if device is not None:
-        log.warning("device=%r is ignored: JAX places arrays on its default backend (%s)", device,
-                    jax.default_backend())
-      torch_dtype = torch_dtype or kwargs.pop("dtype", None)  # transformers 5 renamed torch_dtype to dtype
-      unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(ModelConfig)})
-      if unknown:
-        raise GritJaxError(f"GritLM(path, ...): unknown keyword(s) {unknown} (neither gritlm's nor ModelConfig "
-                           "fields)")
-      from grit_jax.convert.gguf import model_dir
-      path = model_dir(model_name_or_path)  # as from_pretrained: ~ expanded (else no settings nor tokenizer found)
-      dtype = dtype_name(torch_dtype or "float32")
-      if dtype == "auto":
-        from grit_jax.convert import hf
-        dtype = "float32" if hf.is_jax_dir(path) else TORCH_DTYPES.get(hf.hf_dtype_of(path), "float32")
+      path, dtype = hf_compat.gritlm_path_args(model_name_or_path, kwargs, device, torch_dtype)
       self._apply_settings(settings_lib.read(path), given)  # bad values: errors before the weights
       # torch_dtype sets the weights' dtype too (as in torch); other keywords are ModelConfig fields
-      params, config, tokenizer = self._load(path, dtype=dtype, param_dtype=dtype, **kwargs)
+      params, config, tokenizer = hf_compat.load(path, dtype=dtype, param_dtype=dtype, **kwargs)
       self._gritlm_style = True
     else:
       raise GritJaxError(f"GritLM: first argument must be a ModelConfig or a model directory, got "
                          f"{type(model_name_or_path).__name__}")
-    if tokenizer is not None:
-      contract.check_vocab(tokenizer.vocab_size, config.vocab_size,
-                           key=f"tokenizer {getattr(tokenizer, 'path', '')}".strip())
+    grit_tok = hf_compat.grit_tokenizer(tokenizer, config.vocab_size)
     contract.check_matryoshka_dims(self.settings.matryoshka_dims, config.hidden_size,
                                    key=f"{self.settings.source}: matryoshka_dims")
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params_for(nn.meta.unbox(params), config))
-    self.tokenizer = tokenizer
+    # grit_jax's Tokenizer runs the model (templates, encode, rag, serve); `tokenizer` is transformers'
+    self.grit_tokenizer = grit_tok
+    self._hf_tokenizer = None if grit_tok is tokenizer else tokenizer
     self.mode = mode
     self.name_or_path = path
     self.embed_eos = embed_eos
@@ -163,12 +113,6 @@ class GritLM:
     self.attn_mode = common_types.parse_served_attn(out.attn)
     self.settings = out
 
-  @staticmethod
-  def _load(path: str, dtype: str = "float32", **overrides):
-    from grit_jax.convert import load as load_lib
-    config, params = load_lib.load_pretrained(path, dtype=dtype, **overrides)
-    return params, config, load_tokenizer(path)
-
   @classmethod
   def from_pretrained(cls, path: str, dtype: str = "float32", attn=_UNSET, *, pooling=_UNSET, normalize=_UNSET,
                       shard_weights: bool | None = None, **overrides) -> "GritLM":
@@ -182,7 +126,7 @@ class GritLM:
     from grit_jax.convert.gguf import model_dir
     path = model_dir(path)
     stored = settings_lib.read(path)  # a damaged file: an error before the weights are read
-    params, config, tokenizer = cls._load(path, dtype=dtype, **overrides)
+    params, config, tokenizer = hf_compat.load(path, dtype=dtype, **overrides)
     out = cls(config, params, tokenizer, attn, pooling_method=pooling, normalized=normalize, settings=stored,
               shard_weights=shard_weights)
     out.name_or_path = path
@@ -229,6 +173,18 @@ class GritLM:
       self._call_truncation[1] += cut
       if cut:
         self._call_truncation[2].add(int(max_length))
+
+  @property
+  def tokenizer(self):
+    """The model's tokenizer as a transformers PreTrainedTokenizerFast with its chat template (the one
+    `generate` applies), for gritlm / transformers scripts: `model.tokenizer(texts, padding=True)`,
+    `apply_chat_template(..., return_tensors=...)`, `batch_decode`; the same ids as `grit_tokenizer`
+    (inference.hf_compat.transformers_tokenizer). None without a tokenizer."""
+    if self._hf_tokenizer is None and self.grit_tokenizer is not None:
+      self._hf_tokenizer = hf_compat.transformers_tokenizer(self.grit_tokenizer, self.config.max_position_embeddings)
+    return self._hf_tokenizer
+
+  device = property(lambda self: hf_compat.DEVICE, doc="gritlm's `model.device`: where inputs are handed over")
 
   # the settings, under grit_jax's and gritlm's names
   attn = property(lambda self: self.settings.attn)
@@ -290,11 +246,7 @@ class GritLM:
     is logged once). Returns np.float32 [N, D] (D = dim or the hidden size) in input order, or [D] for a single
     string."""
     from grit_jax.inference import encode as encode_lib
-    if isinstance(instruction, (int, np.integer)) and not isinstance(instruction, bool):
-      raise GritJaxError(f"encode(texts, {instruction}): grit_jax's second positional argument is the instruction; "
-                         f"pass batch_size={instruction} by name")
-    if get_cache:
-      raise GritJaxError("encode(get_cache=True) is not supported: use model.rag(..., cache=...) for KV caching")
+    hf_compat.check_gritlm_encode_args(instruction, get_cache)
     single = isinstance(sentences, str)
     texts = [sentences] if single else list(sentences)
     self._check_dim(dim)
@@ -304,8 +256,7 @@ class GritLM:
     max_length = self.max_length(max_length)
     if self._gritlm_style and not instruction and "empty_instruction" not in self._logged:
       self._logged.add("empty_instruction")
-      log.warning("instruction='' embeds '<|embed|>\\n{text}' (gritlm_instruction('')); gritlm 1.0.2 would embed "
-                  "the bare text")
+      log.warning(hf_compat.EMPTY_INSTRUCTION)
     if self.embed_eos:
       texts = [t + self.embed_eos if isinstance(t, str) else t for t in texts]
     if not texts:
@@ -352,20 +303,14 @@ class GritLM:
 
   def encode_corpus(self, corpus, **kwargs):
     """`encode` for documents: strings, or {"title", "text"} dicts joined as gritlm does ("title text")."""
-    if isinstance(corpus, dict):
-      corpus = [corpus]
-    if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
-      for i, doc in enumerate(corpus):
-        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-          raise GritJaxError(f"corpus[{i}]: expected a dict with a string 'text'")
-      corpus = [doc["title"] + " " + doc["text"] if "title" in doc else doc["text"] for doc in corpus]
-    return self.encode(corpus, **kwargs)
+    return self.encode(hf_compat.corpus_texts(corpus), **kwargs)
 
   # ---------------------------------------------------------------------------------------------------------------
   # generation and RAG
 
-  def generate(self, prompts_or_messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0, *, do_sample: bool | None = None) -> list[str] | np.ndarray:
+  def generate(self, prompts_or_messages=None, max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, *, do_sample: bool | None = None, input_ids=None,
+               attention_mask=None, pad_token_id: int | None = None) -> list[str] | np.ndarray:
     """Chat generation. Each prompt is a user message, a list of messages alternating user/assistant (strings,
     or chat messages {"role", "content"}), ending with the user's; a single string or a single list of chat
     messages is one prompt. Each goes through the model's chat template (GritLM's
@@ -374,38 +319,42 @@ class GritLM:
     Greedy when temperature == 0 (or do_sample=False); otherwise temperature + top-p sampling, reproducible for a
     given seed. Returns the replies without EOS.
 
-    Token ids in (an integer [B, T] array or tensor, e.g. from `tokenizer.apply_chat_template(...,
-    return_tensors="pt")`, or lists of ids), as gritlm scripts pass them to transformers' generate: returns an int32
-    [B, T + new] array of prompt + generated ids up to `</s>`, rows right-padded with the pad id (0)."""
+    Token ids in, as transformers' generate takes them (gritlm's generate is transformers'): `input_ids` (or the
+    first argument) an integer [B, T] array / tensor, lists of ids, or the BatchEncoding of
+    `tokenizer.apply_chat_template(..., return_dict=True)` / `tokenizer(texts, padding=True)`, with its
+    `attention_mask` (padding on the left, as transformers wants, or the right: only the mask-1 tokens are the
+    prompt). Returns int32 [B, T + new]: each row as given, then its generated ids up to and including EOS, the
+    finished rows filled with `pad_token_id` (default: the tokenizer's pad id)."""
     from grit_jax.inference import generate as gen
     if self.mode == "embedding":
       raise GritJaxError("generate: this GritLM was loaded with mode='embedding'")
     if do_sample is not None:
       temperature = (temperature or 1.0) if do_sample else 0.0
-    token_rows = _token_rows(prompts_or_messages)
-    if token_rows is not None:
-      bad = [(i, t) for i, row in enumerate(token_rows) for t in row if not 0 <= t < self.config.vocab_size]
-      if bad:
-        raise GritJaxError(f"generate: token id {bad[0][1]} in row {bad[0][0]} is outside the vocabulary "
-                           f"(0..{self.config.vocab_size - 1})")
-      out = gen.generate_ids(self, token_rows, max_new_tokens, temperature, top_p, seed)
-      full = [list(p) + list(o) for p, o in zip(token_rows, out)]
-      return gen.pad_rows(full, max(map(len, full)), len(full), filler=0)[0]
+    if input_ids is not None:
+      if prompts_or_messages is not None:
+        raise GritJaxError("generate: pass the prompts or input_ids=, not both")
+      prompts_or_messages = input_ids
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if hf_compat.token_rows(prompts_or_messages) is not None:
+      return hf_compat.generate_token_ids(self, prompts_or_messages, attention_mask, pad_token_id, **sampling)
+    if attention_mask is not None:
+      raise GritJaxError("generate: attention_mask goes with token ids (input_ids), not text prompts")
     seqs = self.chat_ids(prompts_or_messages)
     if not seqs:
       return []
-    out = gen.generate_ids(self, seqs, max_new_tokens, temperature, top_p, seed)
-    return [gen.decode_new(self.tokenizer, o, self.config.eos_token_id) for o in out]
+    out = gen.generate_ids(self, seqs, **sampling)
+    return [gen.decode_new(self.grit_tokenizer, o, self.config.eos_token_id) for o in out]
 
   def chat_ids(self, prompts_or_messages) -> list[list[int]]:
     """The token ids `generate` feeds the model for each prompt (same forms as `generate` takes): the prompt through
     the model's chat template, ending with the assistant header."""
     from grit_jax.data import templates
     from grit_jax.inference import generate as gen
-    if self.tokenizer is None:
+    tok = self.grit_tokenizer
+    if tok is None:
       raise GritJaxError("generate needs a tokenizer (tokenizer.model next to the weights)")
-    fmt = templates.text_format(self.tokenizer)
-    return [self.tokenizer.encode(templates.chat_prompt(turns, fmt)) for turns in gen.as_prompts(prompts_or_messages)]
+    fmt = templates.text_format(tok)
+    return [tok.encode(templates.chat_prompt(turns, fmt)) for turns in gen.as_prompts(prompts_or_messages)]
 
   def build_index(self, documents: Sequence, **kwargs):
     """A RagIndex of `documents` (see inference.rag.build_index)."""
@@ -445,5 +394,5 @@ class GritLM:
     from grit_jax.convert import servable
     # gritlm's attn=None (the model stays causal) is stored as its equivalent, cccc
     stored = dataclasses.replace(self.settings, attn=self.attn or "cccc")
-    return servable.write_servable(path, self.params, self.config, self.tokenizer, stored, dtype=dtype,
+    return servable.write_servable(path, self.params, self.config, self.grit_tokenizer, stored, dtype=dtype,
                                    max_shard_size=max_shard_size)

@@ -294,7 +294,7 @@ def prepare(model, queries: Sequence[str], docs: Sequence[str], mode: str, *, qu
             max_length: int | None = None) -> Prepared:
   """Build the cache and continuation of each (query, retrieved doc) pair for `mode`. Caches given (from the
   retrieval pass or the index) are reused; missing ones are computed with an embedding pass."""
-  tok = model.tokenizer
+  tok = model.grit_tokenizer
   enc = lambda s: list(tok.encode(s))
   if mode not in MODES:
     raise GritJaxError(f"cache={mode!r}: expected one of {MODES}")
@@ -424,6 +424,6 @@ def _rag(model, query, documents, cache, max_new_tokens, *, prompt, temperature,
                      prompt=prompt, causal=causal, max_length=max_length)
   out = gen.generate_from_cache(model, prepared.cache, prepared.continuation, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
-  results = [RagResult(gen.decode_new(model.tokenizer, o, model.config.eos_token_id), d, i, float(s))
+  results = [RagResult(gen.decode_new(model.grit_tokenizer, o, model.config.eos_token_id), d, i, float(s))
              for o, d, i, s in zip(out, docs, hits, scores[:, 0])]
   return results[0] if single else results

@@ -375,8 +375,8 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
         if bad:
           raise ApiError(400, f"input[{i}]: token id {bad[0]} outside the vocabulary (0..{model.config.vocab_size - 1})",
                          "input")
-        fmt = templates.text_format(model.tokenizer)
-        prefix = model.tokenizer.encode(templates.embed_prefix(req.instruction, fmt))
+        fmt = templates.text_format(model.grit_tokenizer)
+        prefix = model.grit_tokenizer.encode(templates.embed_prefix(req.instruction, fmt))
         ids = prefix + list(x)
         enc = templates.Encoded(np.asarray(ids[:limit], np.int32),
                                 np.asarray(([0] * len(prefix) + [1] * len(x))[:limit], np.int32), len(ids) > limit)
@@ -432,7 +432,7 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
                          seed=seed)
     eos = model.config.eos_token_id
     finish = "stop" if eos in out else "length"
-    pieces = stream_pieces(model.tokenizer, out[:out.index(eos)] if eos in out else out)
+    pieces = stream_pieces(model.grit_tokenizer, out[:out.index(eos)] if eos in out else out)
     stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
     pieces, cut = cut_at_stop(pieces, stops)
     finish = "stop" if cut else finish
