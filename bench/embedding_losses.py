@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=18)
 p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "embedding_losses"))
-p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill")
+p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill, mined")
 args = p.parse_args()
 
 from grit_jax.perf import host  # noqa: E402
@@ -81,6 +81,40 @@ def self_distill_data(base, config, out_dir):
   return out_dir
 
 
+def mined_data(base, config, out_dir):
+  """data/train with each embedding row's `neg` mined by `grit-jax mine` with the base model (the NV-Embed recipe:
+  top ranks, dropping candidates scoring above 95% of the positive): the corpus is every distinct passage text of
+  the training files, the same number of negatives per row as shipped (train_group_size - 1)."""
+  if os.path.isdir(out_dir):
+    return out_dir
+  from grit_jax.inference import corpus_index as ci
+  from grit_jax.inference import mine as mine_lib
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  files = jsonl.split_files(config.data.train_dir)
+  for path in files[jsonl.GENERATIVE]:
+    shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+  texts = {}
+  for path in files[jsonl.EMBEDDING]:
+    for row in mine_lib.read_rows(path):
+      for x in row["pos"] + row.get("neg", []):
+        texts.setdefault(mine_lib._item(x)[1], len(texts))
+  corpus = os.path.join(args.workdir, "mined_corpus.jsonl")
+  atomic_write(corpus, lambda f: f.writelines(json.dumps({"id": i, "text": t}) + "\n" for t, i in texts.items()))
+  index = ci.build(base, [corpus], os.path.join(args.workdir, "mined_index"), max_length=config.data.passage_max_len)
+  short = 0
+  for path in files[jsonl.EMBEDDING]:
+    rows, n = mine_lib.mine(base, mine_lib.read_rows(path), index, negatives=config.data.train_group_size - 1,
+                            range_max=30, margin=0.05, margin_type="relative")
+    short += n
+    atomic_write(os.path.join(tmp, os.path.basename(path)),
+                 lambda f, rows=rows: f.writelines(json.dumps(r) + "\n" for r in rows))
+  print(f"mined: {len(texts)} corpus passages; {short} rows got fewer negatives than asked", flush=True)
+  os.rename(tmp, out_dir)
+  return out_dir
+
+
 base_config = parse(os.path.join(args.workdir, "plain"), [])
 _base = []
 
@@ -98,6 +132,7 @@ RUNS = {
     "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base(), base_config, os.path.join(args.workdir, 'self_distill_data'))}",
                              "--config.loss.distill_weight=1.0",
                              f"--config.loss.distill_temperature={base_config.loss.temperature}"],
+    "mined": lambda: [f"--config.data.train_dir={mined_data(base(), base_config, os.path.join(args.workdir, 'mined_data'))}"],
 }
 names = args.runs.split(",")
 for name in names:

