@@ -13,6 +13,7 @@ same way, not in the corpus.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -55,6 +56,9 @@ def main() -> int:
   p.add_argument("--pq-m", type=int, default=64)
   p.add_argument("--nprobe", type=int, default=32)
   p.add_argument("--rescore", type=int, default=4)
+  p.add_argument("--ivf-sweep", default="", help="more IVF-PQ search settings on the same built index, "
+                 "'NPROBE:RESCORE,...' (e.g. 32:10,64:10,64:25)")
+  p.add_argument("--kinds", default="ivfpq,int8,binary")
   a = p.parse_args()
   rng = np.random.default_rng(0)
   centres = rng.standard_normal((a.clusters, a.dim), np.float32) / np.sqrt(a.dim)
@@ -74,19 +78,28 @@ def main() -> int:
     flat_bytes = ci.index_nbytes(flat)
     print(f"exact (flat IP): {a.queries / t_exact:.0f} queries/s, {flat_bytes / 2**20:.0f} MiB")
     rows = []
-    for name, fs in [
-        ("ivfpq", ci.FaissSettings(kind="ivfpq", nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe, rescore=a.rescore)),
-        ("int8", ci.FaissSettings(quantize="int8", rescore=a.rescore)),
-        ("binary", ci.FaissSettings(quantize="binary", rescore=a.rescore)),
-    ]:
+    kinds = {
+        "ivfpq": ci.FaissSettings(kind="ivfpq", nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe, rescore=a.rescore),
+        "int8": ci.FaissSettings(quantize="int8", rescore=a.rescore),
+        "binary": ci.FaissSettings(quantize="binary", rescore=a.rescore),
+    }
+    for name in a.kinds.split(","):
+      fs = kinds[name]
       index, t_build = timed(lambda: ci.build_faiss(ram, fs))
-      ci.faiss_search(index, fs, emb, q[:10], a.k)  # warm up
-      (got, _), t = timed(lambda: ci.faiss_search(index, fs, emb, q, a.k))
-      nbytes = ci.index_nbytes(index)
-      rows.append((name, recall(got, truth), (a.queries / t) / (a.queries / t_exact), nbytes / flat_bytes, t_build))
-    print(f"{'kind':8} {'recall@10':>9} {'qps/exact':>10} {'memory/flat':>11} {'build s':>8}")
+      settings = [(name, fs)]
+      if name == "ivfpq":  # the same built index searched with other nprobe / rescore settings
+        for item in filter(None, a.ivf_sweep.split(",")):
+          nprobe, rescore = map(int, item.split(":"))
+          settings.append((f"ivfpq {nprobe}:{rescore}", dataclasses.replace(fs, nprobe=nprobe, rescore=rescore)))
+      for label, fs in settings:
+        ci.faiss_search(index, fs, emb, q[:10], a.k)  # warm up
+        (got, _), t = timed(lambda: ci.faiss_search(index, fs, emb, q, a.k))
+        nbytes = ci.index_nbytes(index)
+        rows.append((label, recall(got, truth), (a.queries / t) / (a.queries / t_exact), nbytes / flat_bytes,
+                     t_build))
+    print(f"{'kind':16} {'recall@10':>9} {'qps/exact':>10} {'memory/flat':>11} {'build s':>8}")
     for name, r, speed, mem, tb in rows:
-      print(f"{name:8} {r:9.4f} {speed:9.1f}x {mem:11.3f} {tb:8.1f}")
+      print(f"{name:16} {r:9.4f} {speed:9.1f}x {mem:11.3f} {tb:8.1f}")
     print(f"memory = the serialized FAISS index held by search; the float vectors stay on disk, and rescoring reads "
           f"{a.rescore} x {a.k} rows per query ({a.rescore * a.k * a.dim * 4 / 1024:.0f} KiB)")
     print(f"ivfpq: nlist {a.nlist}, pq_m {a.pq_m} (x8 bits), nprobe {a.nprobe}; rescore {a.rescore} x k candidates "
