@@ -284,8 +284,9 @@ def test_served_search_over_a_corpus_index(model, built):
   """`grit-jax serve --index` on a corpus index: /v1/search returns GritLM.search's hits with their text."""
   import httpx
 
-  from grit_jax.inference import serve
-  worker = serve.Worker(model, searcher=serve.corpus_index_searcher(model, ci.CorpusIndex.load(built.path)))
+  from grit_jax.inference import serve, serve_worker
+  searcher = serve_worker.corpus_index_searcher(model, ci.CorpusIndex.load(built.path))
+  worker = serve_worker.Worker(model, searcher=searcher)
   with serve.Server(serve.build_app(model, worker, model_name="tiny")) as s:
     r = httpx.post(s.url + "/v1/search", json={"model": "tiny", "query": ["river paris", "winter ocean"], "k": 3},
                    timeout=120)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from grit_jax.inference import serve
+from grit_jax.inference import serve, serve_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
@@ -38,7 +38,7 @@ def index(model):
 @pytest.fixture(scope="module")
 def server(model, index):
   """One server for the module: batches of up to 16 inputs gathered for 20 ms, an API key, a 48-token input limit."""
-  worker = serve.Worker(model, max_batch=16, max_wait_ms=20, searcher=serve.rag_index_searcher(model, index))
+  worker = serve_worker.Worker(model, max_batch=16, max_wait_ms=20, searcher=serve_worker.rag_index_searcher(model, index))
   app = serve.build_app(model, worker, model_name=NAME, api_key=KEY, max_input_tokens=LIMIT)
   with serve.Server(app) as s:
     yield s, worker
@@ -56,7 +56,7 @@ def test_embeddings_equal_encode(client, model):
   assert [d.index for d in got.data] == [0, 1, 2, 3]
   np.testing.assert_allclose(np.array([d.embedding for d in got.data]), model.encode(TEXTS), atol=1e-6, rtol=0)
   assert got.usage.prompt_tokens == sum(len(ids) for ids, _ in
-                                        serve.encode_lib.tokenize(model, TEXTS, "", model.max_length()))
+                                        serve_worker.encode_lib.tokenize(model, TEXTS, "", model.max_length()))
   # floats, the instruction extension, and dimensions (the leading components, renormalised)
   got = client.embeddings.create(model=NAME, input=TEXTS[:2], encoding_format="float", dimensions=8,
                                  extra_body={"instruction": "Retrieve the answer"})
@@ -101,9 +101,9 @@ def test_chat_equals_generate_streaming_and_not(client, server, model):
   assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
   # greedy jobs run as one batch (to the longest max_tokens, a power of two), each cut to its own max_tokens
   prompts = [[{"role": "user", "content": c}] for c in ("Hi", "Tell me about mountains please", "Why?")]
-  jobs = [serve.Job("chat", model.chat_ids([p]), {"max_tokens": n}) for p, n in zip(prompts, (3, 16, 9))]
+  jobs = [serve_worker.Job("chat", model.chat_ids([p]), {"max_tokens": n}) for p, n in zip(prompts, (3, 16, 9))]
   for job, (out,) in zip(jobs, server[1].run_chat(jobs)):
-    assert out == serve.gen.generate_ids(model, job.inputs, 16)[0][:job.args["max_tokens"]]
+    assert out == serve_worker.gen.generate_ids(model, job.inputs, 16)[0][:job.args["max_tokens"]]
   # sampling: the seed reproduces GritLM.generate's sample
   got = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0.8, top_p=0.9, seed=3)
   assert got.choices[0].message.content == model.generate(msgs, max_new_tokens=8, temperature=0.8, top_p=0.9,
@@ -151,13 +151,13 @@ def test_bad_requests_are_4xx_with_their_message(client, server):
 
 def test_full_queue_is_503(model, monkeypatch):
   release = threading.Event()
-  monkeypatch.setitem(serve.RUNS, "block", lambda self, jobs: [release.wait()])
-  worker = serve.Worker(model, max_queue=1, max_wait_ms=0)
+  monkeypatch.setitem(serve_worker.RUNS, "block", lambda self, jobs: [release.wait()])
+  worker = serve_worker.Worker(model, max_queue=1, max_wait_ms=0)
   with serve.Server(serve.build_app(model, worker, model_name=NAME)) as s:
-    blocked = worker.submit(serve.Job("block", [0], {}))
+    blocked = worker.submit(serve_worker.Job("block", [0], {}))
     while not worker.queue.empty():  # the worker holds the blocking job
       pass
-    queued = worker.submit(serve.Job("embed", serve.encode_lib.tokenize(model, ["x"], "", 64), {}))
+    queued = worker.submit(serve_worker.Job("embed", serve_worker.encode_lib.tokenize(model, ["x"], "", 64), {}))
     r = httpx.post(s.url + "/v1/embeddings", json={"model": NAME, "input": "y"})
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["message"].startswith("server busy: 1 requests queued")
@@ -170,10 +170,10 @@ def test_full_queue_is_503(model, monkeypatch):
 def test_warmup_compiles_every_batch_shape(client, server):
   """After warmup(16) no embedding request of inputs up to 16 tokens compiles a program (rows 1..16 in buckets)."""
   assert server[1].warmup(16) == 5  # rows 1, 2, 4, 8, 16 (rounded up to the 8 devices: 2 programs) x length 16
-  traced = dict(serve.gen.TRACE_COUNTS)
+  traced = dict(serve_worker.gen.TRACE_COUNTS)
   for inputs in (["a"], ["b c", "d"], ["e"] * 5, ["f g"] * 11):
     client.embeddings.create(model=NAME, input=inputs)
-  assert serve.gen.TRACE_COUNTS == traced
+  assert serve_worker.gen.TRACE_COUNTS == traced
 
 
 def test_load_every_response_checked(client, server, model):

@@ -47,13 +47,13 @@ def main(argv: list[str]) -> int:
     raise GritJaxError(f"--index {a.index}: neither a corpus index (`grit-jax index`) nor a RAG index (index.json)")
   import uvicorn
 
-  from grit_jax.inference import serve
+  from grit_jax.inference import serve, serve_worker
   model = infer._load(a.model, a.attn, a.shard_weights)
   if corpus:
-    searcher = serve.corpus_index_searcher(model, corpus_index.CorpusIndex.load(a.index))
+    searcher = serve_worker.corpus_index_searcher(model, corpus_index.CorpusIndex.load(a.index))
   else:
-    searcher = serve.rag_index_searcher(model, rag.RagIndex.load(a.index)) if a.index else None
-  worker = serve.Worker(model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+    searcher = serve_worker.rag_index_searcher(model, rag.RagIndex.load(a.index)) if a.index else None
+  worker = serve_worker.Worker(model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
                         searcher=searcher)
   if a.warmup_tokens > 0:
     t0 = time.perf_counter()

@@ -7,223 +7,36 @@
   POST /v1/chat/completions    messages through the model's chat template (GritLM.chat_ids), streaming (SSE) or not
   POST /v1/search              {"model", "query": str | [str], "k"} when an index was given
 
-Threads: uvicorn's event loop checks and tokenizes each request (bad input is a 4xx before it queues), then hands it
-to ONE worker thread that owns the model (every JAX call comes from that thread) through a bounded queue. The worker
-batches dynamically: it takes the oldest job, then more jobs of the same kind until `max_batch` inputs are gathered
-or `max_wait_ms` have passed since the first, and runs them as one call: every embedding request of the batch (each
-with its own instruction: they are token lists by then) in one `encode_tokens` call (packed / bucketed as
-GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, rounded up to a
-power of two so few programs compile, each reply cut to its own), sampled ones alone (their seed must not depend on
-the neighbours). Errors are OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
+The app checks and tokenizes each request on uvicorn's event loop (bad input is a 4xx before it queues), then hands
+it to the one worker thread that owns the model (inference/serve_worker.py: dynamic batches).
+Errors are OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}: 400 for bad input
 (malformed JSON included), 401 for a wrong API key, 404 for an unknown model or route, 503 when the queue is full;
 an internal failure is a 500 whose body names the exception type only (the traceback goes to the server log).
 """
 # no `from __future__ import annotations`: FastAPI reads the request models of build_app from live annotations
 import asyncio
 import base64
-import concurrent.futures
-import dataclasses
 import hmac
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 import uuid
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import encode as encode_lib
-from grit_jax.inference import generate as gen
+from grit_jax.inference.serve_worker import ApiError, Job, Worker
 
 log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # per embeddings request, as OpenAI's API
 MAX_BODY_BYTES = 64 << 20  # a request body declaring more is refused (413) before it is read
 DEFAULT_MAX_TOKENS = 256  # a chat reply without max_tokens (GritLM.generate's default), capped by the context
-
-
-class ApiError(Exception):
-  """A request refused with an HTTP status and OpenAI's error body."""
-
-  def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-               type_: str = "invalid_request_error"):
-    super().__init__(message)
-    self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-  def body(self) -> dict:
-    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the worker: one thread owns the model and runs the queued jobs in dynamic batches
-
-
-@dataclasses.dataclass
-class Job:
-  kind: str                 # "embed" | "chat" (greedy: batched) | "sample" (alone) | "search"
-  inputs: list              # embed: templates.Encoded; chat/sample: prompt ids; search: query strings
-  args: dict                # chat: max_tokens per input, temperature, top_p, seed; search: k
-  future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
-
-
-_STOP = object()  # the queue's last item: the worker ends after the batch before it
-# (queries, k) -> per query its hits, best first: {"score", "text", and "index" or "id"}; what GritLM.search returns
-# with return_text=True, so `lambda q, k: model.search(q, index, k, return_text=True)` is a Searcher
-Searcher = Callable[[Sequence[str], int], list]
-
-
-class Worker:
-  """Runs jobs on the model in one thread. `max_batch`: inputs per batch (1 = one request at a time, the baseline
-  of bench/serve.py); `max_wait_ms`: how long the first job of a batch waits for company; `max_queue`: jobs waiting
-  at most (a full queue refuses new ones: 503)."""
-
-  def __init__(self, model, *, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256,
-               encode_batch_size: int = 64, searcher: Searcher | None = None):
-    if max_batch < 1 or max_queue < 1 or max_wait_ms < 0 or encode_batch_size < 1:
-      raise GritJaxError(f"max_batch={max_batch}, max_queue={max_queue} (>= 1), max_wait_ms={max_wait_ms} (>= 0), "
-                         f"encode_batch_size={encode_batch_size} (>= 1)")
-    self.model, self.searcher = model, searcher
-    self.max_batch, self.max_wait, self.encode_batch_size = max_batch, max_wait_ms / 1000, encode_batch_size
-    self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
-    self.stats = {"batches": 0, "inputs": 0}
-    self._held: Job | None = None  # a job of another kind met while gathering: it opens the next batch
-    self._thread = threading.Thread(target=self._loop, name="grit-jax-serve-worker", daemon=True)
-    self._thread.start()
-
-  def warmup(self, max_tokens: int) -> int:
-    """Compile the embedding programs of every batch shape up to `max_tokens` per input (each row bucket up to
-    max_batch x each length bucket), so no request waits for a compile; call before serving (the counts in `stats`
-    start after it). Returns the number of programs."""
-    m, n, most = self.model, 0, min(self.max_batch, self.encode_batch_size)
-    for t in sorted({gen.bucket(x, cap=m.max_length()) for x in range(1, min(max_tokens, m.max_length()) + 1)}):
-      for rows in sorted({gen.bucket(r, cap=most, minimum=1) for r in range(1, most + 1)}):
-        dummy = templates.Encoded(np.full(t, m.config.bos_token_id, np.int32), np.ones(t, np.int32), False)
-        self.submit(Job("embed", [dummy] * rows, {})).result()
-        n += 1
-    self.stats.update(batches=0, inputs=0)
-    return n
-
-  def submit(self, job: Job) -> concurrent.futures.Future:
-    try:
-      self.queue.put_nowait(job)
-    except queue.Full:
-      raise ApiError(503, f"server busy: {self.queue.maxsize} requests queued (max_queue); retry later",
-                     code="queue_full", type_="server_error") from None
-    return job.future
-
-  def stop(self) -> None:
-    self.queue.put(_STOP)
-    self._thread.join()
-
-  def _next_batch(self) -> list[Job] | None:
-    first, self._held = (self.queue.get() if self._held is None else self._held), None
-    if first is _STOP:
-      return None
-    batch, size = [first], len(first.inputs)
-    deadline = time.monotonic() + self.max_wait
-    while first.kind != "sample" and size < self.max_batch:
-      try:
-        job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-      except queue.Empty:
-        break
-      if job is _STOP or job.kind != first.kind or size + len(job.inputs) > self.max_batch:
-        self._held = job  # it opens the next batch (or ends the loop)
-        break
-      batch.append(job)
-      size += len(job.inputs)
-    return batch
-
-  def _loop(self) -> None:
-    while (batch := self._next_batch()) is not None:
-      try:
-        results = RUNS[batch[0].kind](self, batch)
-      except Exception as e:  # noqa: BLE001 (the requests get it; the server stays up)
-        for job in batch:
-          job.future.set_exception(e)
-        continue
-      self.stats["batches"] += 1
-      self.stats["inputs"] += sum(len(j.inputs) for j in batch)
-      for job, result in zip(batch, results):
-        job.future.set_result(result)
-
-  # one function per kind: jobs -> one result per job
-
-  def run_embed(self, jobs: list[Job]) -> list[np.ndarray]:
-    m = self.model
-    tokens = [t for job in jobs for t in job.inputs]
-    emb = np.zeros((len(tokens), m.config.hidden_size), np.float32)  # [N, D]
-    # One padded call per length bucket: no input is padded past its own bucket, so a batch never costs more tokens
-    # than its requests run one by one (plus the rows' power-of-two bucket). Padded, not packed: a server meets every
-    # batch composition, and packed calls would compile a program per composition (their texts per row vary), while
-    # padded shapes are the few buckets `warmup` compiles; the vectors are the same (encode.py).
-    by_bucket: dict[int, list[int]] = {}
-    for i, (ids, _) in enumerate(tokens):
-      by_bucket.setdefault(gen.bucket(len(ids), cap=m.max_length()), []).append(i)
-    for idx in by_bucket.values():
-      emb[idx] = encode_lib.encode_tokens(m, [tokens[i] for i in idx], self.encode_batch_size, m.max_length(),
-                                          m.settings.pooling, m.settings.normalize, m.embedding_causal(),
-                                          show_progress_bar=False, packing=False)
-    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
-    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-  def run_chat(self, jobs: list[Job]) -> list[list[list[int]]]:
-    """Greedy jobs decode together to the longest max_tokens (a power of two, within the context) and are cut to
-    their own; if the batch's longest prompt leaves no room for that, each job runs alone."""
-    m, seqs = self.model, [s for job in jobs for s in job.inputs]
-    want = [job.args["max_tokens"] for job in jobs for _ in job.inputs]
-    room = m.config.max_position_embeddings - max(map(len, seqs))
-    new = min(gen.bucket(max(want)), room)
-    if new < max(want):
-      return [out for job in jobs for out in self.run_chat([job])] if len(jobs) > 1 else [
-          gen.generate_ids(m, seqs, max(want))]
-    out = gen.generate_ids(m, seqs, new)
-    out = [o[:w] for o, w in zip(out, want)]
-    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
-    return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-  def run_sample(self, jobs: list[Job]) -> list[list[list[int]]]:
-    (job,) = jobs
-    a = job.args
-    return [gen.generate_ids(self.model, job.inputs, a["max_tokens"], a["temperature"], a["top_p"], a["seed"])]
-
-  def run_search(self, jobs: list[Job]) -> list[list]:
-    queries = [q for job in jobs for q in job.inputs]
-    hits = self.searcher(queries, max(job.args["k"] for job in jobs))
-    bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
-    return [[h[:job.args["k"]] for h in hits[a:b]] for job, a, b in zip(jobs, bounds[:-1], bounds[1:])]
-
-
-RUNS = {"embed": Worker.run_embed, "chat": Worker.run_chat, "sample": Worker.run_sample,
-        "search": Worker.run_search}
-
-
-def corpus_index_searcher(model, index) -> Searcher:
-  """Search over an inference.corpus_index.CorpusIndex (the `grit-jax index` folder): GritLM.search's hits with
-  their text ({"id", "score", "text"}). Runs on the worker thread."""
-  index.check_model(model)
-  return lambda queries, k: model.search(list(queries), index, k, return_text=True)
-
-
-def rag_index_searcher(model, index) -> Searcher:
-  """Search over an inference.rag.RagIndex (the `grit-jax rag --index` folder): queries embedded as the index's
-  documents were (no instruction, the index's attention), top-k by dot product. Runs on the worker thread."""
-  index.check_model(model)
-
-  def search(queries: Sequence[str], k: int) -> list:
-    causal = index.causal
-    tokens = encode_lib.tokenize(model, queries, "", model.max_length())
-    q = encode_lib.encode_tokens(model, tokens, 64, model.max_length(), model.settings.pooling,
-                                 model.settings.normalize, causal, show_progress_bar=False)
-    top, scores = index.search(q, k)
-    return [[{"index": int(i), "score": float(s), "text": index.documents[i]} for i, s in zip(t, sc)]
-            for t, sc in zip(top, scores)]
-
-  return search
 
 
 # ---------------------------------------------------------------------------------------------------------------
