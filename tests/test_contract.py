@@ -161,18 +161,19 @@ def test_command_line_override_contradicting_the_loaded_backbone_is_named(tmp_pa
 
 def test_weights_with_nan_are_refused(tmp_path):
   from grit_jax.convert import hf as hf_lib
+  from grit_jax.convert import tensor_files
   from grit_jax.modeling import get_config, init_params
 
   config = get_config("tiny_mistral")
   params = init_params(config)
-  params = hf_lib.unflatten({k: np.array(v) for k, v in hf_lib.flatten(params).items()})
+  params = tensor_files.unflatten({k: np.array(v) for k, v in tensor_files.flatten(params).items()})
   hf_lib.save_hf(params, config, str(tmp_path / "ok"))
   hf_lib.load_hf(str(tmp_path / "ok"))  # loads
-  flat = hf_lib.flatten(params)
+  flat = tensor_files.flatten(params)
   name = sorted(flat)[0]
   flat[name] = np.array(flat[name])
   flat[name].reshape(-1)[3] = np.nan
-  hf_lib.save_hf(hf_lib.unflatten(flat), config, str(tmp_path / "nan"))
+  hf_lib.save_hf(tensor_files.unflatten(flat), config, str(tmp_path / "nan"))
   with pytest.raises(GritJaxError, match=r"has 1 NaN/inf value\(s\).*damaged"):
     hf_lib.load_hf(str(tmp_path / "nan"))
 

@@ -15,6 +15,8 @@ from helpers_hf import make_hf_model, random_batch, read_tensors, torch_logits  
 
 from grit_jax import GritLM, cli  # noqa: E402
 from grit_jax.convert import hf as hf_lib  # noqa: E402
+from grit_jax.convert import jax_dir as jax_dir_lib  # noqa: E402
+from grit_jax.convert import tensor_files  # noqa: E402
 from grit_jax.errors import GritJaxError  # noqa: E402
 from grit_jax.modeling import ModelConfig  # noqa: E402
 from grit_jax.modeling.model import scan_params  # noqa: E402
@@ -77,7 +79,7 @@ def test_scanned_params_export_the_same_files(hf_dirs, tmp_path):
   assert_same_tensors(src, str(tmp_path / "out"))
   unscanned = hf_lib.load_hf(src, config.replace(scan_layers=False))
   stacked = scan_params(unscanned, config.num_layers)
-  for a, b in zip(*(hf_lib.flatten(p).items() for p in (params, stacked))):
+  for a, b in zip(*(tensor_files.flatten(p).items() for p in (params, stacked))):
     assert a[0] == b[0] and np.array_equal(a[1], b[1])
 
 
@@ -99,7 +101,7 @@ def test_sharded_export_loads_back_and_in_transformers(hf_dirs, tmp_path, batch)
     assert sum(sizes) <= 150_000 or len(sizes) == 1
   assert_same_tensors(src, out)
   again = hf_lib.load_hf(out, config)  # through the index
-  for (ka, a), (kb, b) in zip(hf_lib.flatten(params).items(), hf_lib.flatten(again).items()):
+  for (ka, a), (kb, b) in zip(tensor_files.flatten(params).items(), tensor_files.flatten(again).items()):
     assert ka == kb and np.array_equal(a, b)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   np.testing.assert_array_equal(torch_logits(reloaded, *batch), torch_logits(model, *batch))
@@ -139,7 +141,7 @@ def test_bfloat16_checkpoint_round_trip(hf_dirs, tmp_path):
   model.to(torch.float32)
   jax_dir, out = str(tmp_path / "jax"), str(tmp_path / "out")
   assert cli.main(["convert", "hf-to-jax", src, jax_dir]) == 0
-  _, params, meta = hf_lib.load_jax(jax_dir)
+  _, params, meta = jax_dir_lib.load_jax(jax_dir)
   assert meta["hf_dtype"] == "bfloat16" and params["norm"]["scale"].dtype == np.float32
   assert cli.main(["convert", "jax-to-hf", jax_dir, out]) == 0  # back in the checkpoint's own dtype
   assert_same_tensors(src, out)
@@ -290,6 +292,6 @@ def test_config_mapping():
   hf_cfg = transformers.AutoConfig.for_model(**mx.to_hf_dict())
   assert type(hf_cfg).__name__ == "MixtralConfig"
   assert ModelConfig.from_hf(hf_cfg.to_dict()) == mx
-  assert hf_lib.parse_size("5GB") == 5_000_000_000 and hf_lib.parse_size("2MiB") == 2 * 1024 ** 2
+  assert tensor_files.parse_size("5GB") == 5_000_000_000 and tensor_files.parse_size("2MiB") == 2 * 1024 ** 2
   with pytest.raises(GritJaxError, match="max_shard_size"):
-    hf_lib.parse_size("lots")
+    tensor_files.parse_size("lots")

@@ -11,6 +11,7 @@ from helpers_hf import make_hf_model, random_batch, read_tensors, torch_logits
 
 from grit_jax import GritLM
 from grit_jax.convert import hf as hf_lib
+from grit_jax.convert import jax_dir as jax_dir_lib
 from grit_jax.convert import load as load_lib
 from grit_jax.errors import GritJaxError
 from grit_jax.modeling import ModelConfig
@@ -88,7 +89,7 @@ def test_bidirectional_hidden_states_match_transformers(models, batch, family):
 def test_hf_to_jax_to_hf_round_trip_is_bit_identical(models, tmp_path, family):
   _, src, _ = models(family)
   config, params = load_lib.load_pretrained(src)
-  hf_lib.save_jax(params, config, str(tmp_path / "jax"))
+  jax_dir_lib.save_jax(params, config, str(tmp_path / "jax"))
   config2, params2 = load_lib.load_pretrained(str(tmp_path / "jax"))
   assert config2 == config
   hf_lib.save_hf(params2, config2, str(tmp_path / "hf"))
@@ -156,7 +157,7 @@ def test_scanned_blocks_of_layers_load_and_export(tmp_path, batch, family, overr
   hf_lib.save_hf(model.params, model.config, str(tmp_path / "hf"))
   a, b = read_tensors(str(tmp_path / "src")), read_tensors(str(tmp_path / "hf"))
   assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
-  hf_lib.save_jax(model.params, model.config, str(tmp_path / "jax"))
+  jax_dir_lib.save_jax(model.params, model.config, str(tmp_path / "jax"))
   for scan in (False, True):
     config, params = load_lib.load_pretrained(str(tmp_path / "jax"), scan_layers=scan)
     assert ("layers" in params) == scan

@@ -98,7 +98,7 @@ def test_peft_loads_the_adapter_export_and_equals_the_merged_export(tmp_path, ki
   import torch
   import transformers
 
-  from grit_jax.convert import hf
+  from grit_jax.convert import hf, peft_adapter
   from helpers_hf import make_hf_model, random_batch, torch_logits
 
   make_hf_model(kind, tmp_path / "base")
@@ -108,7 +108,7 @@ def test_peft_loads_the_adapter_export_and_equals_the_merged_export(tmp_path, ki
   _, adapters = lora.split(nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32),
                                                                causal=True)["params"]))
   params = lora.combine(base, _random_adapters(adapters, std=0.1))
-  hf.save_peft_adapter(params, cfg, str(tmp_path / "adapter"))
+  peft_adapter.save_peft_adapter(params, cfg, str(tmp_path / "adapter"))
   merged_dir = hf.save_hf(lora.merge(params, lora.scale(cfg), xp=np), base_cfg, str(tmp_path / "merged"))
 
   ids, mask = random_batch(np.random.RandomState(0), [9, 6], base_cfg.vocab_size)
@@ -192,7 +192,8 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compil
 
   from grit_jax.commands import convert as convert_cmd
   from grit_jax.commands import train as train_cli
-  from grit_jax.convert import hf
+  from grit_jax.convert import hf, peft_adapter
+  from grit_jax.fileio import read_json
   from grit_jax.training import checkpoint as ckpt_lib
   from grit_jax.training import metrics_log, trainer
   from test_train_e2e import ROOT, TINY
@@ -237,6 +238,6 @@ def test_lora_run_checkpoints_only_adapters_and_resumes_exactly(tmp_path, compil
   assert convert_cmd.main(["ckpt-to-hf", str(step_dir), str(tmp_path / "adapter")]) == 0
   ours, theirs = hf.load_hf(str(tmp_path / "part" / "hf")), hf.load_hf(str(tmp_path / "merged"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), ours, theirs)
-  adapter = hf.read_json(str(tmp_path / "adapter" / hf.PEFT_CONFIG))
+  adapter = read_json(str(tmp_path / "adapter" / peft_adapter.PEFT_CONFIG))
   assert adapter["r"] == 4 and adapter["lora_alpha"] == 8.0 and len(adapter["target_modules"]) == 7
-  assert sorted(os.listdir(tmp_path / "adapter")) == [hf.PEFT_CONFIG, hf.PEFT_WEIGHTS]
+  assert sorted(os.listdir(tmp_path / "adapter")) == [peft_adapter.PEFT_CONFIG, peft_adapter.PEFT_WEIGHTS]

@@ -60,13 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool = False) -> str:
-  from grit_jax.convert import hf, settings
+  from grit_jax.convert import hf, jax_dir, settings, tensor_files
   from grit_jax.modeling.config import ModelConfig
-  config = ModelConfig.from_hf(hf._require_dir(src), param_dtype=param_dtype)
+  config = ModelConfig.from_hf(tensor_files.require_dir(src), param_dtype=param_dtype)
   source_dtype = hf.hf_dtype_of(src)
   params = hf.load_hf(src, config)
-  with hf.atomic_dir(dst, overwrite) as tmp:
-    hf.save_jax(params, config, tmp, hf_dtype=source_dtype)
+  with tensor_files.atomic_dir(dst, overwrite) as tmp:
+    jax_dir.save_jax(params, config, tmp, hf_dtype=source_dtype)
     hf.copy_tokenizer_files(src, tmp)
     settings.copy(src, tmp)
   return dst
@@ -75,10 +75,10 @@ def hf_to_jax(src: str, dst: str, param_dtype: str = "float32", overwrite: bool 
 def jax_to_hf(src: str, dst: str, dtype: str | None = None, max_shard_size="5GB", overwrite: bool = False) -> str:
   import os
 
-  from grit_jax.convert import hf, servable, settings
-  if not hf.is_jax_dir(hf._require_dir(src)):
+  from grit_jax.convert import hf, jax_dir, servable, settings, tensor_files
+  if not hf.is_jax_dir(tensor_files.require_dir(src)):
     raise GritJaxError(f"{src}: not a grit_jax directory (config.json with format={hf.JAX_FORMAT!r})")
-  config, params, meta = hf.load_jax(src)
+  config, params, meta = jax_dir.load_jax(src)
   stated = settings.read(src) if os.path.isfile(os.path.join(src, settings.SETTINGS_FILE)) else None
   return servable.write_servable(dst, params, config, Tokenizer.from_dir(src), stated, tokenizer_files_from=src,
                                  dtype=dtype or meta.get("hf_dtype"), max_shard_size=max_shard_size,
@@ -107,7 +107,7 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
   import numpy as np
 
   from grit_jax import contract
-  from grit_jax.convert import hf
+  from grit_jax.convert import peft_adapter, tensor_files
   from grit_jax.modeling.model import init_params
   from grit_jax.training import checkpoint as ckpt_lib
   from grit_jax.training import export
@@ -152,9 +152,9 @@ def ckpt_to_hf(src: str, dst: str, run_config: str | None = None, tokenizer: str
     base_abstract, abstract = lora.split(abstract)
     adapters = jax.tree.map(np.asarray, ckpt_lib.restore_params(src, abstract, allow_unverified))
     if not merge:
-      with hf.atomic_dir(dst, overwrite) as tmp:
-        hf.save_peft_adapter(adapters, model_config, tmp, base_model=contract.init_source(config.init_from)[1]
-                             if config.init_from else "")
+      with tensor_files.atomic_dir(dst, overwrite) as tmp:
+        peft_adapter.save_peft_adapter(adapters, model_config, tmp,
+                                       base_model=contract.init_source(config.init_from)[1] if config.init_from else "")
       return dst
     base = _lora_base(config, model_config, os.path.dirname(os.path.abspath(run_config)), base_abstract,
                       allow_unverified)

@@ -215,13 +215,13 @@ def _tensors(reader, path: str, config: dict, plan: dict) -> Iterator[tuple[str,
   from gguf.quants import dequantize
   from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-  from grit_jax.convert.hf import _require_finite
+  from grit_jax.convert.tensor_files import require_finite
 
   unpermute = LlamaTensorProcessor(config)  # undoes the Q/K row interleave of llama.cpp's converter
   for gguf_name, (hf_name, t) in plan.items():
     value = unpermute.process(dequantize(t.data, t.tensor_type), gguf_name).weights
     value = np.ascontiguousarray(value, dtype=np.float32)  # [out, in] as HF stores it
-    _require_finite(value, f"{path}: tensor {gguf_name!r}")
+    require_finite(value, f"{path}: tensor {gguf_name!r}")
     yield hf_name, value
   del reader  # the generator keeps the memory map open until here
 
@@ -300,7 +300,7 @@ def gguf_to_hf(path, out_dir, overwrite: bool = False) -> str:
   atomically: `out_dir` is complete or untouched."""
   from safetensors.numpy import save_file
 
-  from grit_jax.convert.hf import atomic_dir
+  from grit_jax.convert.tensor_files import atomic_dir
 
   path = os.fspath(path)
   reader = _open(path)

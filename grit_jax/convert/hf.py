@@ -1,4 +1,4 @@
-"""Hugging Face safetensors of every family (modeling.config.FAMILIES) <-> grit_jax param pytrees, tensor by tensor.
+"""Hugging Face safetensors of every family (modeling.families.FAMILIES) <-> grit_jax param pytrees, tensor by tensor.
 
 The rename table (`hf_entries`) is the whole conversion: each HF tensor maps to one param leaf (or one expert's
 slice of the stacked [E, ...] expert weights, or one layer's slice of the scanned `layers/` stack). Linear weights
@@ -6,8 +6,8 @@ are transposed (HF [out, in] -> Flax [in, out]) and reshaped to the leaf's shape
 [H, Dh, D]); biases are reshaped (q_proj.bias [H * Dh] -> [H, Dh]); everything else is copied. Loading reads one tensor at a time from the memory-mapped safetensors files
 into preallocated leaves, so only one full copy of the weights is ever held; saving writes shard by shard.
 
-Also the grit_jax directory format: config.json ({"format": "grit_jax", "model": ModelConfig fields, "hf_dtype"})
-+ params.safetensors with '/'-joined param paths.
+The file handling beneath (safetensors, atomic folders) is convert/tensor_files.py; the grit_jax directory format
+convert/jax_dir.py; peft adapter directories convert/peft_adapter.py.
 """
 from __future__ import annotations
 
@@ -17,19 +17,21 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from typing import Iterator
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from grit_jax.convert.tensor_files import (get_tensor, host, map_shapes, numpy_dtype, open_safetensors,
+                                           parse_size, require_dir, require_finite, save_safetensors,
+                                           write_sorted_json)
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import read_json, write_json
+from grit_jax.fileio import read_json
 from grit_jax.modeling.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# the grit_jax format (convert/jax_dir.py): its weights are never HF's, and is_jax_dir tells the formats apart
 JAX_PARAMS_FILE = "params.safetensors"
 JAX_FORMAT = "grit_jax"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -100,7 +102,7 @@ def param_shapes(config: ModelConfig) -> dict:
   return jax.tree.map(lambda x: tuple(x.shape), unscan_params(abstract))
 
 
-def _leaf_ref(params: dict, entry: Entry):
+def leaf_ref(params: dict, entry: Entry):
   """(leaf array, index tuple) that `entry` reads or writes, in any layout (`model.scanned_period`)."""
   from grit_jax.modeling.model import stacked_ref
   node, idx = (params, ()) if entry.layer is None else stacked_ref(params, entry.layer)
@@ -131,20 +133,9 @@ def to_hf(entry: Entry, value: np.ndarray) -> np.ndarray:
 # Reading Hugging Face directories
 
 
-def _require_dir(path: str) -> str:
-  path = os.fspath(path)
-  if not os.path.isdir(path):
-    hint = ""
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not os.path.exists(path.split("/")[0]):  # a Hub id, not a path
-      hint = (f" (grit_jax loads local directories only: `huggingface-cli download {path} --local-dir "
-              f"~/{path.split('/')[1]}`, then pass that directory)")
-    raise GritJaxError(f"{path}: no such directory{hint}")
-  return path
-
-
 def weight_files(path: str) -> dict[str, str]:
   """HF tensor name -> safetensors file, from model.safetensors.index.json or the *.safetensors files."""
-  path = _require_dir(path)
+  path = require_dir(path)
   index = os.path.join(path, INDEX_FILE)
   if os.path.isfile(index):
     try:
@@ -178,31 +169,25 @@ def _alloc(shapes: dict, dtype, period: int, num_layers: int) -> dict:
   """Uninitialised numpy leaves in the layout `model.scanned_period` calls `period` (0 = unscanned; 1 = layers
   stacked on a leading axis; P > 1 = layers/layers_{j} stacked over the num_layers // P blocks)."""
   layer_keys = [f"layers_{i}" for i in range(num_layers)]
-  out = {k: _map_shapes(v, lambda s: np.empty(s, dtype)) for k, v in shapes.items() if k not in layer_keys}
+  out = {k: map_shapes(v, lambda s: np.empty(s, dtype)) for k, v in shapes.items() if k not in layer_keys}
   if period == 1:
-    out["layers"] = _map_shapes(shapes["layers_0"], lambda s: np.empty((num_layers,) + s, dtype))
+    out["layers"] = map_shapes(shapes["layers_0"], lambda s: np.empty((num_layers,) + s, dtype))
   elif period:
-    out["layers"] = {f"layers_{j}": _map_shapes(shapes[f"layers_{j}"],
+    out["layers"] = {f"layers_{j}": map_shapes(shapes[f"layers_{j}"],
                                                 lambda s: np.empty((num_layers // period,) + s, dtype))
                      for j in range(period)}
   else:
-    out.update({k: _map_shapes(shapes[k], lambda s: np.empty(s, dtype)) for k in layer_keys})
+    out.update({k: map_shapes(shapes[k], lambda s: np.empty(s, dtype)) for k in layer_keys})
   return out
-
-
-def _map_shapes(tree, fn):
-  if isinstance(tree, dict):
-    return {k: _map_shapes(v, fn) for k, v in tree.items()}
-  return fn(tree)
 
 
 def load_hf(path: str, config: ModelConfig | None = None) -> dict:
   """Params (numpy, config.param_dtype, in config.scan_layers' layout) from an HF Mistral/Mixtral directory.
   `config` defaults to the directory's config.json. Missing, extra or misshapen tensors raise GritJaxError."""
-  path = _require_dir(path)
+  path = require_dir(path)
   config = config or ModelConfig.from_hf(path)
   files = weight_files(path)
-  dtype = np.dtype(_np_dtype(config.param_dtype))
+  dtype = np.dtype(numpy_dtype(config.param_dtype))
   shapes = param_shapes(config)
   params = _alloc(shapes, dtype, config.scan_period if config.scan_layers else 0, config.num_layers)
   entries = hf_entries(config)
@@ -218,68 +203,21 @@ def load_hf(path: str, config: ModelConfig | None = None) -> dict:
         raise GritJaxError(f"{path}: missing weight tensor {e.name!r}")
       fname = files[e.name]
       if fname not in handles:
-        handles[fname] = stack.enter_context(_open_safetensors(fname))
-      leaf, idx = _leaf_ref(params, e)
+        handles[fname] = stack.enter_context(open_safetensors(fname))
+      leaf, idx = leaf_ref(params, e)
       flax_shape = leaf[idx].shape
-      tensor = _get_tensor(handles[fname], e.name, fname)
+      tensor = get_tensor(handles[fname], e.name, fname)
       want = _hf_shape(e, flax_shape)
       if tuple(tensor.shape) != want:
         raise GritJaxError(f"{fname}: tensor {e.name!r} has shape {tuple(tensor.shape)}, the config "
                            f"({config.num_layers} layers, hidden {config.hidden_size}) expects {want}")
-      _require_finite(tensor, f"{fname}: tensor {e.name!r}")
+      require_finite(tensor, f"{fname}: tensor {e.name!r}")
       leaf[idx] = to_flax(e, tensor, flax_shape).astype(dtype)
   return params
 
 
-def _open_safetensors(path: str):
-  try:
-    return safe_open(path, framework="np")
-  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged headers
-    raise GritJaxError(f"{path}: unreadable safetensors file ({_first_line(e)})") from e
-
-
-def _get_tensor(handle, name: str, path: str) -> np.ndarray:
-  try:
-    return handle.get_tensor(name)
-  except Exception as e:  # noqa: BLE001 - a truncated file fails here, past a valid header
-    raise GritJaxError(f"{path}: tensor {name!r} is unreadable ({_first_line(e)}): the file is damaged") from e
-
-
-def _first_line(e: Exception) -> str:
-  return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _require_finite(tensor: np.ndarray, what: str) -> None:
-  """Weights with NaN or inf would train into NaN losses or serve NaN embeddings: refuse them by name."""
-  if np.issubdtype(tensor.dtype, np.floating) or tensor.dtype.name == "bfloat16":
-    bad = int(np.count_nonzero(~np.isfinite(tensor.astype(np.float32, copy=False))))
-    if bad:
-      raise GritJaxError(f"{what} has {bad} NaN/inf value(s) of {tensor.size}: the weights are damaged")
-
-
-def _np_dtype(name: str):
-  import jax.numpy as jnp
-  return jnp.dtype(name)  # numpy-compatible, bfloat16 included (ml_dtypes)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Writing Hugging Face directories
-
-
-def parse_size(size) -> int:
-  """Bytes from an int or a string like "5GB", "500MB" (powers of 1000, as HF)."""
-  if isinstance(size, (int, np.integer)):
-    return int(size)
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), re.IGNORECASE)
-  if not m:
-    raise GritJaxError(f"max_shard_size={size!r}: expected bytes or a size like '5GB'")
-  unit = (m.group(2) or "B").upper()
-  base = 1024 if "I" in unit else 1000
-  return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
-
-
-def _host(x) -> np.ndarray:
-  return np.asarray(x)
 
 
 def hf_tensors(params: dict, config: ModelConfig, dtype=None) -> Iterator[tuple[str, tuple, object]]:
@@ -288,13 +226,13 @@ def hf_tensors(params: dict, config: ModelConfig, dtype=None) -> Iterator[tuple[
   params = nn.meta.unbox(params)
   for e in hf_entries(config):
     try:
-      leaf, idx = _leaf_ref(params, e)
+      leaf, idx = leaf_ref(params, e)
     except KeyError as err:
       raise GritJaxError(f"params: missing leaf {err} for HF tensor {e.name!r}") from err
     shape = tuple(leaf.shape[len(idx):])
 
     def thunk(e=e, leaf=leaf, idx=idx):
-      value = _host(leaf[idx] if idx else leaf)
+      value = host(leaf[idx] if idx else leaf)
       if dtype is not None:
         value = value.astype(dtype)
       return np.ascontiguousarray(to_hf(e, value))
@@ -308,7 +246,7 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
   dtype. Not atomic on its own: write into a temporary directory (see `atomic_dir`)."""
   os.makedirs(out_dir, exist_ok=True)
   limit = parse_size(max_shard_size)
-  np_dtype = None if dtype is None else np.dtype(_np_dtype(dtype))
+  np_dtype = None if dtype is None else np.dtype(numpy_dtype(dtype))
   shards, current, size = [], [], 0
   tensors = list(hf_tensors(params, config, np_dtype))
   for name, shape, dt, thunk in tensors:
@@ -325,98 +263,15 @@ def save_hf(params: dict, config: ModelConfig, out_dir: str, *, max_shard_size="
     fname = SINGLE_FILE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
     arrays = {name: thunk() for name, thunk in shard}
     total += sum(a.nbytes for a in arrays.values())
-    _save_file(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
+    save_safetensors(arrays, os.path.join(out_dir, fname), metadata={"format": "pt"})
     weight_map.update({name: fname for name in arrays})
     del arrays
   if n > 1:
-    _write_json(os.path.join(out_dir, INDEX_FILE), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_sorted_json(os.path.join(out_dir, INDEX_FILE),
+                      {"metadata": {"total_size": total}, "weight_map": weight_map})
   out_dtype = str(np_dtype) if np_dtype is not None else str(tensors[0][2])
-  _write_json(os.path.join(out_dir, "config.json"), config.to_hf_dict(torch_dtype=out_dtype))
+  write_sorted_json(os.path.join(out_dir, "config.json"), config.to_hf_dict(torch_dtype=out_dtype))
   return out_dir
-
-
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-def peft_tensors(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-  """peft's adapter tensors (its key names for a CausalLM: base_model.model.<HF module>.lora_A.weight [r, in],
-  .lora_B.weight [out, r]) of the LoRA params (scanned or not) of `config`: each adapter flattened as its HF
-  projection's weight is (`to_hf`), so peft's W x + (alpha / r) B A x equals ours."""
-  import flax.linen as nn
-  params = nn.meta.unbox(params)
-  out = {}
-  for e in hf_entries(config.replace(lora_rank=0)):
-    if not e.linear or e.expert is not None or e.layer is None:
-      continue
-    node_ref = dataclasses.replace(e, path=e.path[:-1])
-    node, idx = _leaf_ref(params, node_ref)
-    if "lora_a" not in node:
-      continue
-    a, b = _host(node["lora_a"][idx] if idx else node["lora_a"]), _host(node["lora_b"][idx] if idx else node["lora_b"])
-    r = a.shape[-1]
-    module = "base_model.model." + e.name.removesuffix(".weight")
-    out[module + ".lora_A.weight"] = np.ascontiguousarray(a.reshape(-1, r).T.astype(np.float32))  # [r, in]
-    out[module + ".lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T.astype(np.float32))  # [out, r]
-  if not out:
-    raise GritJaxError("params: no LoRA adapters (lora_a / lora_b) to export")
-  return out
-
-
-def save_peft_adapter(params: dict, config: ModelConfig, out_dir: str, base_model: str = "") -> str:
-  """An unmerged LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
-  `peft.PeftModel.from_pretrained(<the HF base model>, out_dir)` loads. Not atomic on its own (`atomic_dir`)."""
-  from grit_jax.modeling.config import LORA_TARGETS
-
-  os.makedirs(out_dir, exist_ok=True)
-  _save_file(peft_tensors(params, config), os.path.join(out_dir, PEFT_WEIGHTS), metadata={"format": "pt"})
-  _write_json(os.path.join(out_dir, PEFT_CONFIG), {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
-      "r": config.lora_rank, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-      "target_modules": sorted(LORA_TARGETS[t] for t in config.lora_targets), "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
-      "init_lora_weights": True, "modules_to_save": None})
-  return out_dir
-
-
-def _write_json(path: str, obj) -> None:
-  write_json(path, obj, sort_keys=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: str, overwrite: bool = False):
-  """Yields a temporary directory next to `dst`; on success it replaces `dst`, on error it is removed, so `dst`
-  is never half-written."""
-  dst = os.path.abspath(os.fspath(dst))
-  if os.path.exists(dst) and not overwrite:
-    raise GritJaxError(f"{dst}: already exists (pass --overwrite to replace it)")
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700: the result gets the user's umask like any new folder
-  try:
-    yield tmp
-    old = None
-    if os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
-      os.replace(dst, os.path.join(old, "d"))
-    os.replace(tmp, dst)
-    if old:
-      shutil.rmtree(old, ignore_errors=True)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _save_file(arrays, path: str, metadata: dict) -> None:
-  save_file(arrays, path, metadata=metadata)
-  os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files 0600: give them the user's umask like the rest
-
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -429,8 +284,15 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   return copied
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The grit_jax directory format
+def hf_dtype_of(path: str) -> str:
+  """The dtype of an HF directory's embedding tensor ("float32", "bfloat16" or "float16")."""
+  name = "model.embed_tokens.weight"
+  files = weight_files(path)
+  if name not in files:
+    raise GritJaxError(f"{path}: missing weight tensor {name!r}")
+  with safe_open(files[name], framework="np") as f:
+    code = f.get_slice(name).get_dtype()
+  return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code, "float32")
 
 
 def is_jax_dir(path: str) -> bool:
@@ -441,87 +303,3 @@ def is_jax_dir(path: str) -> bool:
     return read_json(cfg).get("format") == JAX_FORMAT
   except (GritJaxError, AttributeError):  # unreadable: the HF reader names it
     return False
-
-
-def flatten(params: dict, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for k, v in params.items():
-    if isinstance(v, dict):
-      out.update(flatten(v, f"{prefix}{k}/"))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-  out: dict = {}
-  for name, v in flat.items():
-    node = out
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return out
-
-
-def save_jax(params: dict, config: ModelConfig, out_dir: str, hf_dtype: str | None = None) -> str:
-  """config.json + params.safetensors ('/'-joined names) into `out_dir` (created; see `atomic_dir`)."""
-  import flax.linen as nn
-  os.makedirs(out_dir, exist_ok=True)
-  flat = {k: np.ascontiguousarray(_host(v)) for k, v in flatten(nn.meta.unbox(params)).items()}
-  _save_file(flat, os.path.join(out_dir, JAX_PARAMS_FILE), metadata={"format": JAX_FORMAT})
-  _write_json(os.path.join(out_dir, "config.json"),
-              {"format": JAX_FORMAT, "model": config.to_dict(), "hf_dtype": hf_dtype or config.param_dtype})
-  return out_dir
-
-
-def load_jax(path: str, **overrides) -> tuple[ModelConfig, dict, dict]:
-  """(config, params in config.scan_layers' layout, metadata) from a grit_jax directory."""
-  from grit_jax.modeling.model import params_for
-  path = _require_dir(path)
-  cfg_path = os.path.join(path, "config.json")
-  meta = read_json(cfg_path, "the model config")
-  if not isinstance(meta, dict) or meta.get("format") != JAX_FORMAT or "model" not in meta:
-    raise GritJaxError(f"{cfg_path}: not a grit_jax config (expected format={JAX_FORMAT!r} and a 'model' key)")
-  config = ModelConfig.from_dict({**meta["model"], **overrides}, source=cfg_path)
-  pfile = os.path.join(path, JAX_PARAMS_FILE)
-  if not os.path.isfile(pfile):
-    raise GritJaxError(f"{path}: missing {JAX_PARAMS_FILE}")
-  with _open_safetensors(pfile) as f:
-    flat = {k: _get_tensor(f, k, pfile) for k in f.keys()}
-  for k, v in flat.items():
-    _require_finite(v, f"{pfile}: param {k!r}")
-  params = unflatten(flat)
-  params = params_for(params, config)
-  _check_shapes(params, config, pfile)
-  dtype = np.dtype(_np_dtype(config.param_dtype))
-  params = _map_shapes(params, lambda a: a if a.dtype == dtype else a.astype(dtype))
-  return config, params, meta
-
-
-def _check_shapes(params: dict, config: ModelConfig, source: str) -> None:
-  want = flatten(param_shapes(config))
-  if config.scan_layers:
-    from grit_jax.modeling.model import unscan_params
-    params = unscan_params(params)
-  got = {k: tuple(v.shape) for k, v in flatten(params).items()}
-  missing = sorted(set(want) - set(got))
-  if missing:
-    raise GritJaxError(f"{source}: missing param(s) {missing[:5]}")
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise GritJaxError(f"{source}: unexpected param(s) {extra[:5]}")
-  for k in want:
-    if want[k] != got[k]:
-      raise GritJaxError(f"{source}: param {k!r} has shape {got[k]}, the config expects {want[k]}")
-
-
-def hf_dtype_of(path: str) -> str:
-  """The dtype of an HF directory's embedding tensor ("float32", "bfloat16" or "float16")."""
-  name = "model.embed_tokens.weight"
-  files = weight_files(path)
-  if name not in files:
-    raise GritJaxError(f"{path}: missing weight tensor {name!r}")
-  with safe_open(files[name], framework="np") as f:
-    code = f.get_slice(name).get_dtype()
-  return {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(code, "float32")

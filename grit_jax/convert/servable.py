@@ -5,6 +5,7 @@ writes, all of them write."""
 from __future__ import annotations
 
 from grit_jax.convert import hf, hf_files
+from grit_jax.convert.tensor_files import atomic_dir
 from grit_jax.convert import settings as settings_lib
 
 
@@ -15,7 +16,7 @@ def write_servable(path: str, params, model_config, tokenizer, settings: setting
   tokenizer files copied from `tokenizer_files_from` (the base model's tokenizer.json etc.) and those made for
   `tokenizer`, the sentence-transformers modules and grit_settings.json of `settings` (None: the directory states
   no settings, as its source did not; its modules use the defaults)."""
-  with hf.atomic_dir(path, overwrite) as tmp:
+  with atomic_dir(path, overwrite) as tmp:
     if tokenizer_files_from:
       hf.copy_tokenizer_files(tokenizer_files_from, tmp)
     hf.save_hf(params, model_config, tmp, max_shard_size=max_shard_size, dtype=dtype)
