@@ -466,9 +466,10 @@ def test_shape_mismatch_is_named(full_run, tmp_path, tiny_run_config, capsys):
 @pytest.mark.slow
 def test_checkpoint_without_checksums_restores_with_a_warning(full_run, tmp_path, tiny_run_config, capsys):
   from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import checksums
 
   workdir = _copy_run(full_run, tmp_path / "w")
-  os.remove(workdir / "checkpoints" / "6" / ckpt_lib.MANIFEST)  # as written by an older grit_jax
+  os.remove(workdir / "checkpoints" / "6" / checksums.MANIFEST)  # as written by an older grit_jax
   ckpt = ckpt_lib.Checkpointer(str(workdir), keep=2, allow_unverified=True)
   step, *_ = ckpt.restore_latest(tiny_run_config[1].abstract_state())
   ckpt.close()
@@ -493,20 +494,21 @@ def test_checksums_commit_with_the_step_and_a_failed_save_is_named(tmp_path, mon
   """Fast (no training): the manifest is inside every committed step and catches a flipped byte; a save whose
   background work fails commits nothing and surfaces as one named error."""
   from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import checksums
 
   state = {"params": {"w": np.arange(64, dtype=np.float32).reshape(8, 8)}, "step": np.int32(1)}
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
   ckpt.save(1, state, {"pos": 1}, {"note": "x"})
   step_dir = os.path.join(ckpt.directory, "1")
-  manifest = json.load(open(os.path.join(step_dir, ckpt_lib.MANIFEST)))["files"]
+  manifest = json.load(open(os.path.join(step_dir, checksums.MANIFEST)))["files"]
   assert {"state/_METADATA", "meta/metadata", "data/metadata"} <= set(manifest)
-  assert ckpt_lib.verify_manifest(step_dir) is None
+  assert checksums.verify_manifest(step_dir) is None
   victim = sorted(k for k in manifest if "/d/" in k)[0]
   with open(os.path.join(step_dir, victim), "r+b") as f:
     b = f.read(1)
     f.seek(0)
     f.write(bytes([b[0] ^ 1]))
-  assert ckpt_lib.verify_manifest(step_dir) == f"{victim} does not match its sha256 (corrupted bytes)"
+  assert checksums.verify_manifest(step_dir) == f"{victim} does not match its sha256 (corrupted bytes)"
 
   def disk_full(step_dir):
     raise OSError(28, "No space left on device")
@@ -523,13 +525,14 @@ def test_checkpoint_without_checksums_is_refused_unless_allowed(tmp_path, capsys
   import jax
 
   from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import checksums
 
   state = {"params": {"w": np.arange(16, dtype=np.float32).reshape(4, 4)}, "step": np.int32(1)}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), state)
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2, async_save=False)
   ckpt.save(1, state, {"pos": 1}, {"note": "x"})
   ckpt.close()
-  os.remove(os.path.join(ckpt.directory, "1", ckpt_lib.MANIFEST))
+  os.remove(os.path.join(ckpt.directory, "1", checksums.MANIFEST))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
   with pytest.raises(GritJaxError, match=r"step 1: no grit_checksums.json.*allow_unverified_checkpoints=True") as e:
     ckpt.restore_latest(abstract)
@@ -672,10 +675,10 @@ def test_infinite_grad_norm_stops_the_run_naming_the_last_good_step(tmp_path):
 
 @pytest.mark.slow
 def test_second_run_on_a_workdir_is_refused(tmp_path, env):
-  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import run_folders
 
   workdir = tmp_path / "w"
-  with ckpt_lib.claim_run(str(workdir)):  # a run in progress (this process)
+  with run_folders.claim_run(str(workdir)):  # a run in progress (this process)
     out = train(workdir, env=env, check=False)
     assert out.returncode == 2, out.stderr[-3000:]
     msg = out.stderr.strip().splitlines()[-1]
@@ -683,26 +686,26 @@ def test_second_run_on_a_workdir_is_refused(tmp_path, env):
     assert f"pid {os.getpid()} on {socket.gethostname()}, started " in msg
     assert sorted(os.listdir(workdir)) == [".grit_jax.lock"]  # refused before any work
   # Released: a new claim succeeds without a warning.
-  ckpt_lib.claim_run(str(workdir)).release()
+  run_folders.claim_run(str(workdir)).release()
 
 
 def test_stale_lock_is_taken_over_and_a_live_holder_is_not(tmp_path, capsys):
-  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import run_folders
 
   # A holder killed with SIGKILL: the OS dropped its flock, its pid is gone.
-  code = "import os, sys; from grit_jax.training import checkpoint as c; c.claim_run(sys.argv[1]); os.kill(os.getpid(), 9)"
+  code = "import os, sys; from grit_jax.training import run_folders as c; c.claim_run(sys.argv[1]); os.kill(os.getpid(), 9)"
   dead = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, timeout=120,
                         env=dict(os.environ, PYTHONPATH=ROOT))
   assert dead.returncode == -9, dead.stderr[-2000:]
-  holder = json.load(open(tmp_path / ckpt_lib.LOCK_FILE))
-  claim = ckpt_lib.claim_run(str(tmp_path))
+  holder = json.load(open(tmp_path / run_folders.LOCK_FILE))
+  claim = run_folders.claim_run(str(tmp_path))
   assert f"pid {holder['pid']} is no longer running" in capsys.readouterr().err
   claim.release()
   # A lock file naming a live process of this host (a filesystem where flock is not shared): refused.
-  with open(tmp_path / ckpt_lib.LOCK_FILE, "w") as f:
+  with open(tmp_path / run_folders.LOCK_FILE, "w") as f:
     json.dump({"pid": os.getppid(), "host": socket.gethostname()}, f)
   with pytest.raises(GritJaxError, match="in use by another run"):
-    ckpt_lib.claim_run(str(tmp_path))
+    run_folders.claim_run(str(tmp_path))
 
 
 def test_lock_files_are_not_followed_nor_echoed(tmp_path, monkeypatch):
@@ -710,38 +713,38 @@ def test_lock_files_are_not_followed_nor_echoed(tmp_path, monkeypatch):
   import stat
 
   from grit_jax.fileio import open_lock
-  from grit_jax.training import checkpoint as ckpt_lib
+  from grit_jax.training import run_folders
 
   secret = tmp_path / "secret.txt"
   secret.write_text("password=hunter2\nmore\n")
   run = tmp_path / "run"
   run.mkdir()
-  os.symlink(secret, run / ckpt_lib.LOCK_FILE)  # a lock linked to another file: refused, the file untouched
+  os.symlink(secret, run / run_folders.LOCK_FILE)  # a lock linked to another file: refused, the file untouched
   with pytest.raises(GritJaxError, match=r"lock file is a symbolic link: refused") as e:
-    ckpt_lib.claim_run(str(run))
+    run_folders.claim_run(str(run))
   assert "hunter2" not in str(e.value) and secret.read_text() == "password=hunter2\nmore\n"
   with pytest.raises(GritJaxError, match=r"symbolic link"):
-    open_lock(str(run / ckpt_lib.LOCK_FILE))  # the tfds build lock opens the same way
-  os.remove(run / ckpt_lib.LOCK_FILE)
-  claim = ckpt_lib.claim_run(str(run))
-  assert stat.S_IMODE(os.stat(run / ckpt_lib.LOCK_FILE).st_mode) == 0o600
+    open_lock(str(run / run_folders.LOCK_FILE))  # the tfds build lock opens the same way
+  os.remove(run / run_folders.LOCK_FILE)
+  claim = run_folders.claim_run(str(run))
+  assert stat.S_IMODE(os.stat(run / run_folders.LOCK_FILE).st_mode) == 0o600
   claim.release()
   # Held (flock) with contents that name no run: refused without echoing them.
-  (run / ckpt_lib.LOCK_FILE).write_text("password=hunter2")
-  with open(run / ckpt_lib.LOCK_FILE) as held:
+  (run / run_folders.LOCK_FILE).write_text("password=hunter2")
+  with open(run / run_folders.LOCK_FILE) as held:
     fcntl.flock(held, fcntl.LOCK_EX)
     with pytest.raises(GritJaxError, match="in use by another run") as e:
-      ckpt_lib.claim_run(str(run))
+      run_folders.claim_run(str(run))
     assert "hunter2" not in str(e.value)
-    (run / ckpt_lib.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h", "started": "password=hunter2"}))
+    (run / run_folders.LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "h", "started": "password=hunter2"}))
     with pytest.raises(GritJaxError, match="the lock file does not name it") as e:
-      ckpt_lib.claim_run(str(run))
+      run_folders.claim_run(str(run))
     assert "hunter2" not in str(e.value)
     # Held by another user: the holder cannot be identified (its pid and host mean nothing here).
     uid = os.geteuid()
     monkeypatch.setattr(os, "geteuid", lambda: uid + 1)
     with pytest.raises(GritJaxError, match=rf"a run of another user \(uid {uid}\): the holder cannot be identified"):
-      ckpt_lib.claim_run(str(run))
+      run_folders.claim_run(str(run))
 
 
 # Root writes anywhere: this launcher drops CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH from the bounding set, then execs

@@ -17,265 +17,24 @@ matches its checksums and the shapes of this config, and restores; each newer st
 failed and moved to `<workdir>/damaged_checkpoints/` (never deleted). The target's leaves carry the shardings of
 the current mesh, so a checkpoint restores onto a different mesh shape than it was saved from.
 
-`claim_run` guards the run's folders: they must be writable (checked before any work) and one run at a time holds
-them (a lock file naming pid and host; a crashed holder's lock is taken over).
+The run's folders and lock: training/run_folders.py; the checksums: training/checksums.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import re
-import socket
-import sys
-import tempfile
-import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import file_lock, owner, write_json
+from grit_jax.training.checksums import MANIFEST, verify_manifest, write_manifest
+from grit_jax.training.run_folders import allgather_json, first_error, one_line, warn
 
-MANIFEST = "grit_checksums.json"
-# Written by orbax at the commit, after the checksums: not covered.
-_UNCOVERED = ("_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST)
 _ITEMS = ("state", "data", "meta")
 _TMP = ".orbax-checkpoint-tmp"
-LOCK_FILE = ".grit_jax.lock"
 DAMAGED_DIR = "damaged_checkpoints"
-
-
-def allgather_json(obj: Any) -> list[Any]:
-  """Every process's `obj` (JSON-serialisable), in process order, on every process."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-
-  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-  n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
-  padded = np.zeros([n], np.uint8)  # [max bytes]
-  padded[:raw.size] = raw
-  lens = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)  # [P]
-  rows = multihost_utils.process_allgather(padded).reshape(len(lens), n)  # [P, max bytes]
-  return [json.loads(bytes(r[:k]).decode()) for r, k in zip(rows, lens)]
-
-
-def _first_error(error: str | None) -> str | None:
-  """The first process's error (collective), so every process takes the same decision."""
-  errors = allgather_json(error)
-  for i, e in enumerate(errors):
-    if e is not None:
-      return e if len(errors) == 1 else f"(process {i}) {e}"
-  return None
-
-
-def _warn(message: str) -> None:
-  if jax.process_index() == 0:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-  """The cause of a library exception in one line (its type and first line, not the traceback)."""
-  text = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
-
-
-def _is_local(path: str) -> bool:
-  return "://" not in path
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run's folders: writable, one run at a time
-
-def _check_writable(path: str, what: str) -> None:
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
-      pass
-  except OSError as e:
-    raise GritJaxError(f"{what} {path} is not writable ({e.strerror or e}); choose another folder or fix its "
-                       "permissions") from None
-
-
-class RunLock:
-  """`<dir>/.grit_jax.lock`, held (filelock: flock) for the life of a run; it records pid, host and start time so a
-  refused run can say who holds it (filelock names no holder). The OS drops the flock when its holder dies; the file
-  content then shows a run that did not finish cleanly, whose lock is taken over when its pid is gone from this
-  host."""
-
-  def __init__(self, folder: str):
-    self.path = os.path.join(folder, LOCK_FILE)
-    self._file = self._lock = None
-
-  def acquire(self) -> str | None:
-    """None, or why the folder is in use."""
-    import filelock
-
-    folder = os.path.dirname(self.path)
-    f, lock = file_lock(self.path)  # both held until release
-    try:
-      lock.acquire(timeout=0)
-    except filelock.Timeout:
-      other = os.fstat(f.fileno()).st_uid != os.geteuid()
-      holder = (f"a run of {owner(self.path)}: the holder cannot be identified" if other else _holder(f.read())[2])
-      f.close()
-      return f"{folder} is in use by another run ({holder}); wait for it to finish or use another --workdir"
-    text = f.read().strip()
-    if text:  # the previous run did not release it: crashed, killed, or (network filesystem) still running
-      pid, host, holder = _holder(text)
-      if host != socket.gethostname() or (pid != os.getpid() and _pid_alive(pid)):
-        f.close()
-        lock.release()
-        return f"{folder} is in use by another run ({holder}); if that run has ended, delete {self.path}"
-      _warn(f"{self.path}: taking over the lock of a run that did not finish cleanly ({holder}; pid {pid} is no "
-            "longer running)")
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
-    f.flush()
-    self._file, self._lock = f, lock
-    return None
-
-  def release(self) -> None:
-    if self._file is not None:
-      self._file.seek(0)
-      self._file.truncate()  # empty = released cleanly; the file stays (unlinking would race with a new holder)
-      self._file.close()
-      self._lock.release()  # drops the flock
-      self._file = self._lock = None
-
-
-def _holder(text: str) -> tuple[int, str, str]:
-  """(pid, host, a description) of the run a lock file names; pid -1 when unreadable."""
-  try:
-    info = json.loads(text)
-    pid, host, started = int(info["pid"]), str(info["host"]), str(info.get("started", "?"))
-  except (ValueError, KeyError, TypeError, AttributeError):
-    return -1, "", "starting" if not text.strip() else "the lock file does not name it"  # never its contents
-  if not (re.fullmatch(r"[\w.-]{1,253}", host) and re.fullmatch(r"[\w :+-]{1,40}", started)):
-    return -1, "", "the lock file does not name it"  # not what RunLock writes: show none of it
-  return pid, host, f"pid {pid} on {host}, started {started}"
-
-
-def _pid_alive(pid: int) -> bool:
-  if pid <= 0:
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-class RunClaim:
-  """The claim of `claim_run`: a context manager that releases the locks."""
-
-  def __init__(self, locks: list[RunLock]):
-    self.locks = locks
-
-  def release(self) -> None:
-    for lock in self.locks:
-      lock.release()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.release()
-
-
-def claim_run(workdir: str, checkpoint_dir: str = "") -> RunClaim:
-  """Checks that the run's local folders are writable and locks them against a second run; raises GritJaxError
-  (on every process) otherwise. Collective. Call before any expensive work; release when the run ends."""
-  root = checkpoint_dir or workdir
-  folders = [(workdir, "workdir")]
-  if root != workdir:
-    folders.append((root, "checkpoint_dir"))
-  error, locks = None, []
-  try:
-    for path, what in folders:
-      if _is_local(path):
-        _check_writable(path, what)
-        ckpts = os.path.join(path, "checkpoints")
-        if root == path and os.path.isdir(ckpts):
-          _check_writable(ckpts, "checkpoint folder")
-    if jax.process_index() == 0:  # the processes of one run share the folders: one lock per run
-      for path, _ in folders:
-        if _is_local(path) and error is None:
-          lock = RunLock(path)
-          error = lock.acquire()
-          if error is None:
-            locks.append(lock)
-  except GritJaxError as e:
-    error = str(e)
-  error = _first_error(error)
-  claim = RunClaim(locks)
-  if error is not None:
-    claim.release()
-    raise GritJaxError(error)
-  return claim
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checksums
-
-def _covered_files(step_dir: epath.Path) -> list[str]:
-  """Relative paths of the files a manifest covers, sorted."""
-  out, todo = [], [step_dir]
-  while todo:  # (epath has no recursive glob on object stores)
-    for p in todo.pop().iterdir():
-      if p.is_dir():
-        todo.append(p)
-      elif p.name not in _UNCOVERED:
-        out.append(str(p.relative_to(step_dir)))
-  return sorted(out)
-
-
-def _sha256(path: epath.Path) -> tuple[int, str]:
-  h, size = hashlib.sha256(), 0
-  with path.open("rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-      size += len(chunk)
-  return size, h.hexdigest()
-
-
-def write_manifest(step_dir: str) -> None:
-  """Writes `<step_dir>/grit_checksums.json`: {relative path: [size, sha256]} of every covered file."""
-  d = epath.Path(step_dir)
-  manifest = {"format": 1, "files": {rel: list(_sha256(d / rel)) for rel in _covered_files(d)}}
-  if _is_local(step_dir):
-    write_json(os.path.join(step_dir, MANIFEST), manifest, indent=1)
-  else:  # object stores write an object atomically
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=1))
-
-
-def verify_manifest(step_dir: str, shard: int = 0, num_shards: int = 1) -> str | None:
-  """None when this shard (files [shard::num_shards]) of the step's files matches its manifest, else what differs
-  (the first problem). A step without a manifest is reported by the caller."""
-  d = epath.Path(step_dir)
-  try:
-    files = json.loads((d / MANIFEST).read_text())["files"]
-  except (ValueError, KeyError, TypeError) as e:
-    return f"{MANIFEST} is unreadable ({_one_line(e)})"
-  for rel in sorted(files)[shard::num_shards]:
-    size, digest = files[rel]
-    p = d / rel
-    if not p.exists():
-      return f"{rel} is missing"
-    got_size, got_digest = _sha256(p)
-    if got_size != size:
-      return f"{rel} has {got_size} bytes, {size} were written (truncated or overwritten)"
-    if got_digest != digest:
-      return f"{rel} does not match its sha256 (corrupted bytes)"
-  return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,8 +177,8 @@ class Checkpointer:
       if error is None and not missing:
         error = _shape_mismatch(os.path.join(d, "state"), abstract_state)
     except Exception as e:  # noqa: BLE001 - a damaged step fails in the library in many ways; name the cause
-      error = _one_line(e)
-    return _first_error(error)
+      error = one_line(e)
+    return first_error(error)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict | None, dict] | None:
     """(step, state, data-iterator state, meta) of the newest step that checks and restores, or None when there
@@ -430,22 +189,22 @@ class Checkpointer:
       why = self.check(step, abstract_state)
       if why is None:
         if not epath.Path(self._step_dir(step), MANIFEST).exists():
-          _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST}: restoring it unverified "
+          warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST}: restoring it unverified "
                 "(train.allow_unverified_checkpoints)")
         try:
           restored = self.restore(step, abstract_state)
         except GritJaxError:
           raise
         except Exception as e:  # noqa: BLE001 - see check()
-          why = _one_line(e)
-        why = _first_error(why)
+          why = one_line(e)
+        why = first_error(why)
       if why is None:
         if damaged:
           self._set_aside([s for s, _ in damaged])
-          _warn(f"resuming from step {step}, the newest intact checkpoint")
+          warn(f"resuming from step {step}, the newest intact checkpoint")
         return (step, *restored)
       damaged.append((step, why))
-      _warn(f"checkpoint step {step} in {self.directory} is damaged: {why}")
+      warn(f"checkpoint step {step} in {self.directory} is damaged: {why}")
     if damaged:
       steps = "; ".join(f"step {s}: {why}" for s, why in damaged)
       raise GritJaxError(f"no checkpoint in {self.directory} can be restored ({steps}). Fix the config if it "
@@ -462,7 +221,7 @@ class Checkpointer:
         while target.exists():
           target, n = dest / f"{step}.{n}", n + 1
         epath.Path(self._step_dir(step)).rename(target)
-        _warn(f"moved damaged checkpoint step {step} to {target}")
+        warn(f"moved damaged checkpoint step {step} to {target}")
     allgather_json(None)  # every process waits for the moves
     self.manager.reload()
 
@@ -474,7 +233,7 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - orbax re-raises its background thread's error; name it in one line
-      raise GritJaxError(f"saving checkpoint step {self._sealing} in {self.directory} failed: {_one_line(e)}") from e
+      raise GritJaxError(f"saving checkpoint step {self._sealing} in {self.directory} failed: {one_line(e)}") from e
 
   def close(self) -> None:
     self.wait()
@@ -494,7 +253,7 @@ def restore_params(path: str, abstract_params: Any, allow_unverified: bool = Fal
       raise GritJaxError(f"init_from=ckpt:{path}: no grit_jax checkpoint there (expected <step>/state)")
     path = os.path.join(path, str(max(steps)))
   if os.path.exists(os.path.join(path, MANIFEST)):
-    why = _first_error(verify_manifest(path, jax.process_index(), jax.process_count()))
+    why = first_error(verify_manifest(path, jax.process_index(), jax.process_count()))
     if why is not None:
       raise GritJaxError(f"init_from=ckpt:{path}: the checkpoint is damaged: {why}")
   elif not allow_unverified:

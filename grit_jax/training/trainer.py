@@ -30,6 +30,7 @@ from grit_jax.training import evaluate as eval_lib
 from grit_jax.training import export as export_lib
 from grit_jax.training import metrics_log
 from grit_jax.training import run as run_lib
+from grit_jax.training import run_folders
 
 
 class TrainingDiverged(GritJaxError):
@@ -57,7 +58,7 @@ def train(config, workdir: str, *, progress: bool = True) -> dict:
                                    num_slices=mesh_lib.num_slices(jax.devices()),
                                    log=print if jax.process_index() == 0 else None)
   config = contract.with_model(config, model_config)  # what is saved and logged is the model really trained
-  with ckpt_lib.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
+  with run_folders.claim_run(workdir, config.train.checkpoint_dir):  # writable, and no other run in it
     return _train(config, model_config, workdir, progress=progress)
 
 
@@ -232,7 +233,7 @@ class _Preemption:
 
 def _sum_over_processes(counts: dict) -> dict:
   """Host-side counts of this process -> the run's (collective)."""
-  per_process = ckpt_lib.allgather_json({k: int(v) for k, v in counts.items()})
+  per_process = run_folders.allgather_json({k: int(v) for k, v in counts.items()})
   return {k: sum(c[k] for c in per_process) for k in counts}
 
 
