@@ -13,12 +13,12 @@ from grit_jax.perf import host
 host.prepare_cpu_host()  # before jax starts, as the CLI does
 
 from grit_jax import cli  # noqa: E402
-from grit_jax.inference import corpus_index as ci  # noqa: E402
+from grit_jax.inference import corpus_shards  # noqa: E402
 
 
 def main() -> int:
   phase, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-  write_shard, commit, calls = ci._write_shard, ci._commit, []
+  write_shard, commit, calls = corpus_shards._write_shard, corpus_shards._commit, []
 
   def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -38,7 +38,7 @@ def main() -> int:
     if phase == "commit" and len(calls) == n:
       die()
 
-  ci._write_shard, ci._commit = hooked_write, hooked_commit
+  corpus_shards._write_shard, corpus_shards._commit = hooked_write, hooked_commit
   return cli.main(["index", *argv])
 
 

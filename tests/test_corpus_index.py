@@ -12,6 +12,7 @@ import pytest
 
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import corpus_index as ci
+from grit_jax.inference import corpus_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("river stone paris light sugar mountain cloud engine paper music garden winter bridge coffee "
@@ -82,10 +83,12 @@ def test_index_equals_encode_and_top_k_equals_numpy(model, corpus, built):
 def test_two_processes_split_the_shards_and_equal_one(model, corpus, built, tmp_path):
   out = str(tmp_path / "two")
   files = ci.read_corpus(corpus[0])
-  s0 = ci.encode_corpus(model, files, out, shard_rows=5, process_index=0, process_count=2, show_progress_bar=False)
+  s0 = corpus_shards.encode_corpus(model, files, out, shard_rows=5, process_index=0, process_count=2,
+                                  show_progress_bar=False)
   with pytest.raises(GritJaxError, match=r"3 of 7 shards not encoded yet \(first: shards/00000-0000000005"):
     ci.finish(out, files, s0, ci.FaissSettings())
-  ci.encode_corpus(model, files, out, shard_rows=5, process_index=1, process_count=2, show_progress_bar=False)
+  corpus_shards.encode_corpus(model, files, out, shard_rows=5, process_index=1, process_count=2,
+                             show_progress_bar=False)
   shards = [set(json.load(open(os.path.join(out, f"manifest-0000{p}.json")))["shards"]) for p in (0, 1)]
   assert len(shards[0]) == 4 and len(shards[1]) == 3 and not shards[0] & shards[1]
   two = ci.finish(out, files, s0, ci.FaissSettings())
@@ -107,7 +110,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(model_dir, corpus, built
   for phase, n in (("write", 3), ("renamed", 1)):
     r = _index_cli(args, (phase, str(n)))
     assert r.returncode == -9, (phase, r.stderr[-2000:])
-  done = ci.done_shards(out)
+  done = corpus_shards.done_shards(out)
   assert len(done) == 2  # 2 before the first kill, none in the second run
   r = _index_cli(args)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -115,7 +118,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(model_dir, corpus, built
   resumed = ci.CorpusIndex.load(out)
   np.testing.assert_array_equal(resumed.ids, built.ids)
   np.testing.assert_allclose(np.asarray(resumed.embeddings), np.asarray(built.embeddings), atol=1e-6)
-  assert sorted(os.listdir(os.path.join(out, "shards"))) == sorted(c.name for c in ci.chunks(
+  assert sorted(os.listdir(os.path.join(out, "shards"))) == sorted(c.name for c in corpus_shards.chunks(
       ci.read_corpus(corpus[0]), 5))  # no temporary file left, no shard twice
 
 
