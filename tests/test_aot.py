@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from grit_jax.errors import GritJaxError
 from grit_jax import flops
-from grit_jax.perf import aot, hlo, topologies
+from grit_jax.perf import aot, aot_compile, hlo, topologies
 
 def needs_libtpu(fn):
   """libtpu is a test requirement (requirements-test.txt): without it these tests fail, they are never skipped."""
@@ -36,7 +36,7 @@ def compiled_tiny(tmp_path_factory):
   config = _tiny("--config.model.scan_layers=True", "--config.model.remat_policy=full")
   path = tmp_path_factory.mktemp("aot") / "v5p-8.hlo"
   with contextlib.redirect_stderr(io.StringIO()) as err:
-    results = {t: aot.compile_for_topology(config, t, hlo_path=str(path) if t == "v5p-8" else None)
+    results = {t: aot_compile.compile_for_topology(config, t, hlo_path=str(path) if t == "v5p-8" else None)
                for t in ("v5e-4", "v5p-8")}
   return config, results, path.read_text(), err.getvalue()
 
@@ -80,7 +80,7 @@ def test_out_of_memory_recipe_is_reported_not_raised():
   # logits alone: 2048 x 4096 x 1024 float32 = 32 GiB per step, 8 GiB per chip, twice over (grad) > 16 GiB HBM
   config = _tiny("--config.data.mode=generative", "--config.data.generative_batch_size=2048",
                  "--config.data.generative_max_len=4096", "--config.model.max_position_embeddings=4096")
-  res = aot.compile_for_topology(config, "v5e-4")
+  res = aot_compile.compile_for_topology(config, "v5e-4")
   assert not res.fits
   assert "RESOURCE_EXHAUSTED" in res.error or "memory" in res.error.lower()
   assert "DOES NOT FIT" in aot.format_report(config, res)
@@ -90,15 +90,16 @@ def test_compiled_but_over_hbm_does_not_fit():
   # The shape of GritLM-8x7B on v5p-64 (32 chips): the deviceless compile accepted temporaries of 88.69 GiB, but
   # with the 16.31 GiB sharded state the chip would need 105 GiB of its 95.
   gib = 2**30
-  res = aot.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib, argument_bytes=16.31 * gib,
-                      output_bytes=16.31 * gib, alias_bytes=16.31 * gib, temp_bytes=88.69 * gib)
-  aot.judge_memory(res)
+  res = aot_compile.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib,
+                              argument_bytes=16.31 * gib, output_bytes=16.31 * gib, alias_bytes=16.31 * gib,
+                              temp_bytes=88.69 * gib)
+  aot_compile.judge_memory(res)
   assert not res.fits and "105.00 GiB per chip > 95.00 GiB" in res.error
   out = aot.format_report(_tiny(), res)
   assert "memory per chip" in out and "RESULT: DOES NOT FIT (compiled, but" in out and "RESULT: FITS" not in out
-  ok = aot.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib, argument_bytes=10 * gib,
-                     temp_bytes=84 * gib)
-  aot.judge_memory(ok)
+  ok = aot_compile.AotResult(topology="v5p-64", num_chips=32, fits=True, hbm_bytes=95 * gib,
+                             argument_bytes=10 * gib, temp_bytes=84 * gib)
+  aot_compile.judge_memory(ok)
   assert ok.fits
 
 
@@ -120,7 +121,7 @@ def _traced_executed_flops(config, topology: str):
   from grit_jax import sharding as mesh_lib
 
   mesh, rules = mesh_lib.make_mesh(config.mesh, topologies.get_topology(topology).devices())
-  step, state, batch = aot.abstract_step(config, aot._model_config(config), mesh, rules)
+  step, state, batch = aot_compile.abstract_step(config, aot_compile.model_config_of(config), mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return flops.executed_flops(step.trace(state, batch).jaxpr)
 
@@ -140,7 +141,7 @@ def test_routed_moe_compiles_grouped_megablox_for_tpu(tmp_path):
   config = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5p-8", *moe])[0]
   assert config.model.moe_impl == "ragged"
   path = tmp_path / "moe.hlo"
-  res = aot.compile_for_topology(config, "v5p-8", hlo_path=str(path))
+  res = aot_compile.compile_for_topology(config, "v5p-8", hlo_path=str(path))
   text = path.read_text()
   assert res.fits
   # per pass (query, passage, generative) and layer stack: 3 gmm forward, 3 recompute, 3 dx; 3 tgmm dw [E=4, ...]
@@ -201,7 +202,7 @@ def test_multislice_only_the_gradient_reduction_crosses_slices():
   config = _tiny("--config.data.mode=generative", "--config.data.embedding_batch_size=0",
                  "--config.model.hidden_size=128", "--config.model.intermediate_size=256",
                  "--config.model.head_dim=32", "--config.model.vocab_size=1024")
-  res = aot.compile_for_topology(config, "v5p-8", num_slices=2)
+  res = aot_compile.compile_for_topology(config, "v5p-8", num_slices=2)
   assert res.fits and res.num_chips == 8 and res.num_slices == 2
   for kind in ("all-gather", "reduce-scatter"):  # the FSDP traffic
     assert res.traffic[kind]["bytes"] > res.traffic[kind]["cross_slice_bytes"]
@@ -422,7 +423,8 @@ def test_executed_flops_counts_the_program():
   mesh, rules = mesh_lib.make_mesh(dict(fsdp=1), jax.devices()[:1])
 
   def executed(**model):
-    step, state, batch = aot.abstract_step(config, ModelConfig(**dict(config.model.to_dict(), **model)), mesh, rules)
+    model_config = ModelConfig(**dict(config.model.to_dict(), **model))
+    step, state, batch = aot_compile.abstract_step(config, model_config, mesh, rules)
     return flops.executed_flops(step.trace(state, batch).jaxpr)
 
   model = flops.grit_step_flops_from_config(config).total
@@ -452,15 +454,15 @@ def test_pack_level_picks_the_compiled_step_shape():
   layouts = {"query": PassLayout("query", 2, 8, [(1, 256), (2, 256), (8, 256)], [0.7, 0.3, 0.0], True, 300.0),
              "passage": PassLayout("passage", 2, 16, [(4, 512), (3, 1024), (16, 1024)], [0.7, 0.3, 0.0], True, 3e3)}
   for level, k in (("primary", 0), ("top", 1), ("0", 0), ("1", 1)):
-    out, line = aot.at_pack_level(layouts, level)
+    out, line = aot_compile.at_pack_level(layouts, level)
     assert {n: (lay.rows, lay.row_len) for n, lay in out.items()} == {n: lay.shapes[k] for n, lay in layouts.items()}
     assert f"level {k} of 2" in line and "fallback" in line
-  assert "7168 token slots" in aot.at_pack_level(layouts, "top")[1]  # 2 units x (2 x 256 + 3 x 1024)
+  assert "7168 token slots" in aot_compile.at_pack_level(layouts, "top")[1]  # 2 units x (2 x 256 + 3 x 1024)
   with pytest.raises(GritJaxError, match="levels 0..1"):
-    aot.at_pack_level(layouts, "2")
+    aot_compile.at_pack_level(layouts, "2")
   with pytest.raises(GritJaxError, match="packs no pass"):
-    aot.at_pack_level({}, "top")
-  assert aot.at_pack_level({}, "primary") == aot.at_pack_level({}, "0") == ({}, "")
+    aot_compile.at_pack_level({}, "top")
+  assert aot_compile.at_pack_level({}, "primary") == aot_compile.at_pack_level({}, "0") == ({}, "")
   with pytest.raises(GritJaxError, match="--pack_level='big'"):
     aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--pack_level", "big"])
 
@@ -473,8 +475,8 @@ def test_pack_level_all_compiles_every_packed_level(monkeypatch, capsys):
   def fake_compile(config, topology, num_slices=1, *, hlo_path=None, pack_level="primary"):
     seen.append(pack_level)
     temp = {"0": 10, "1": 99, "2": 20}[pack_level] * 2**30
-    return aot.AotResult(topology=topology, num_chips=4, fits=temp < 95 * 2**30, hbm_bytes=95 * 2**30,
-                         temp_bytes=temp, pack_levels=3, error="" if temp < 95 * 2**30 else "too big")
+    return aot_compile.AotResult(topology=topology, num_chips=4, fits=temp < 95 * 2**30, hbm_bytes=95 * 2**30,
+                                 temp_bytes=temp, pack_levels=3, error="" if temp < 95 * 2**30 else "too big")
 
   monkeypatch.setattr(aot, "compile_for_topology", fake_compile)
   monkeypatch.setattr(aot, "format_report", lambda config, res: f"level report {res.temp_bytes >> 30}")

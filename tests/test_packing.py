@@ -190,16 +190,16 @@ def test_aot_batch_of_a_packed_recipe():
   """`grit-jax aot` builds the packed batch the train iterator would yield (rows derived from the recipe's data) and
   counts the FLOPs of the packed rows."""
   from grit_jax import flops as mfu
-  from grit_jax.perf import aot
+  from grit_jax.perf import aot, aot_compile
   from grit_jax import sharding as mesh_lib
 
   c = aot.parse_args(["--config", "configs/tiny.py", "--topology", "v5e-4", "--config.data.pack_embedding=True",
                       "--config.data.pack_generative=True", "--config.data.query_pack_len=256",
                       "--config.data.passage_pack_len=256", "--config.data.generative_pack_len=256"])[0]
   mesh, _ = mesh_lib.make_mesh(dict(data=2, fsdp=4, tensor=1, expert=1))
-  layouts = aot.packed_layouts(c, mesh)
+  layouts = aot_compile.packed_layouts(c, mesh)
   assert set(layouts) == {"query", "passage", "gen"} and all(lay.units == 8 for lay in layouts.values())
-  batch = aot.abstract_batch(c.data, step_lib.input_batch_sharding(mesh), layouts)
+  batch = aot_compile.abstract_batch(c.data, step_lib.input_batch_sharding(mesh), layouts)
   p = layouts["passage"]
   assert batch["passage_ids"].shape == (8, p.rows, 256) and batch["passage_lengths"].shape == (8, 4)
   assert "passage_mask" not in batch and 0 < p.expected_efficiency <= 1
