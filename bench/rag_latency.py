@@ -48,6 +48,7 @@ def main(argv=None) -> int:
 
   from grit_jax.data.tokenizer import Tokenizer
   from grit_jax.inference import rag as rag_lib
+  from grit_jax.inference import rag_index
   from grit_jax.inference.gritlm import GritLM
   from grit_jax.modeling import get_config, init_params
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
   doc = long_document(tok, a.doc_tokens)
   docs = [doc, long_document(tok, a.doc_tokens, seed=1)]  # whichever is retrieved is long
   query = "a"  # one token after the template
-  index = rag_lib.build_index(model, docs, with_cache=True, max_length=a.doc_tokens + 64)  # not timed
+  index = rag_index.build_index(model, docs, with_cache=True, max_length=a.doc_tokens + 64)  # not timed
   print(f"model {a.preset}: {n_params / 1e6:.2f}M params, {cfg.num_layers} layers, d={cfg.hidden_size}; "
         f"document {len(tok.encode('<s><|embed|>' + chr(10) + doc))} tokens; query {query!r}; "
         f"{a.new_tokens} new tokens; {jax.devices()[0].platform}, {os.cpu_count()} cores")

@@ -329,7 +329,7 @@ def test_cli_help_documents_every_option(verb, capsys):
 
 def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, capsys, caplog):
   from grit_jax import cli
-  from grit_jax.inference import rag as rag_lib
+  from grit_jax.inference import rag_index
   a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
   a.write_text("".join(json.dumps(t) + "\n" for t in ["Paris is the capital of France.", "Rivers flow."]))
   b.write_text("".join(json.dumps(t) + "\n" for t in ["Mount Everest is high.", "Bread needs yeast."]))
@@ -341,7 +341,7 @@ def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, ca
   with caplog.at_level(logging.WARNING):
     assert run(b) == 0  # a new corpus: rebuilt, answers from it
   assert any("rebuilding" in r.getMessage() for r in caplog.records)
-  assert rag_lib.RagIndex.load(str(idx)).documents == ["Mount Everest is high.", "Bread needs yeast."]
+  assert rag_index.RagIndex.load(str(idx)).documents == ["Mount Everest is high.", "Bread needs yeast."]
   retrieved = capsys.readouterr().out.split("retrieved ")[1]
   assert "Everest" in retrieved or "Bread" in retrieved
   other = tmp_path / "other"
@@ -373,7 +373,7 @@ def test_rag_index_never_reused_for_another_corpus_or_model(hf_dir, tmp_path, ca
     (copy / name).write_bytes(edit(old) if callable(edit) else edit)
     assert (copy / name).read_bytes() != old
     with pytest.raises(GritJaxError, match=message) as e:
-      rag_lib.RagIndex.load(str(copy))
+      rag_index.RagIndex.load(str(copy))
     assert "\n" not in str(e.value)
   (idx / "embeddings.npy").write_bytes(b"garbage")
   assert run(None) != 0  # the CLI says so in one line, before loading the model

@@ -13,6 +13,7 @@ from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import generate as gen
 from grit_jax.inference import rag as rag_lib
+from grit_jax.inference import rag_index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tokenizer.model")
@@ -301,7 +302,7 @@ def test_causal_cache_reproduces_plain_rag_logits(model, mode):
 
 
 def test_causal_doc_caching_end_to_end_equals_plain_generation(model):
-  index = rag_lib.build_index(model, DOCS, attn="cccc")
+  index = rag_index.build_index(model, DOCS, attn="cccc")
   res = rag_lib.rag(model, QUERIES[0], index, cache="doc", max_new_tokens=4, attn="cccc")
   q_emb = model.encode([QUERIES[0]], attn="cccc")
   assert res.doc_index == int(np.argmax(index.embeddings @ q_emb[0]))
@@ -330,7 +331,7 @@ def test_batched_caches_do_not_attend_padding(model):
 
 @pytest.fixture(scope="module")
 def index(model):
-  return rag_lib.build_index(model, DOCS)
+  return rag_index.build_index(model, DOCS)
 
 
 def test_batched_rag_equals_one_by_one(model, index):
@@ -366,17 +367,17 @@ def test_index_build_shows_progress_beyond_one_batch(model, monkeypatch):
     return np.zeros((len(tokens), model.config.hidden_size), np.float32)
 
   monkeypatch.setattr(encode_lib, "encode_tokens", fake_encode)
-  rag_lib.build_index(model, DOCS, with_cache=False, batch_size=4)
-  rag_lib.build_index(model, DOCS * 2, with_cache=False, batch_size=4)
-  rag_lib.build_index(model, DOCS, with_cache=False, show_progress_bar=True)
+  rag_index.build_index(model, DOCS, with_cache=False, batch_size=4)
+  rag_index.build_index(model, DOCS * 2, with_cache=False, batch_size=4)
+  rag_index.build_index(model, DOCS, with_cache=False, show_progress_bar=True)
   assert seen == [(False, "Indexing"), (True, "Indexing"), (True, "Indexing")]
 
 
 def test_index_save_load_roundtrip(model, tmp_path):
-  index = rag_lib.build_index(model, [{"title": "Paris", "text": DOCS[0]}] + DOCS[1:])
+  index = rag_index.build_index(model, [{"title": "Paris", "text": DOCS[0]}] + DOCS[1:])
   assert index.documents[0] == "Paris " + DOCS[0]
   index.save(str(tmp_path / "idx"))
-  loaded = rag_lib.RagIndex.load(str(tmp_path / "idx"))
+  loaded = rag_index.RagIndex.load(str(tmp_path / "idx"))
   assert sorted(os.listdir(tmp_path / "idx")) == ["documents.jsonl", "embeddings.npy", "index.json",
                                                    "kv_cache.npz"]
   np.testing.assert_array_equal(loaded.embeddings, index.embeddings)

@@ -235,6 +235,7 @@ def generate_main(argv: list[str]) -> int:
 
 def rag_main(argv: list[str]) -> int:
   from grit_jax.inference import rag as rag_lib
+  from grit_jax.inference import rag_index
   p = _parser("grit-jax rag", "Retrieve from a corpus and answer (KV caching).")
   p.add_argument("--corpus", help="JSONL of documents (string or {'title', 'text'}); not needed with an --index")
   p.add_argument("--query", required=True, action="append", help="a question (repeat for a batch)")
@@ -260,16 +261,16 @@ def rag_main(argv: list[str]) -> int:
     raise GritJaxError(f"--index {a.index}: exists and is not a directory")
   if a.index and not os.path.exists(a.index):
     check_writable_folder(os.path.dirname(os.path.abspath(a.index)), "--index", a.index)
-  have_index = bool(a.index) and rag_lib.RagIndex.exists(a.index)
+  have_index = bool(a.index) and rag_index.RagIndex.exists(a.index)
   if not a.corpus and not have_index:
     raise GritJaxError("--corpus is required unless --index names an existing index")
   docs = read_texts(a.corpus, allow_title=True) if a.corpus else None
   _check_new_tokens(a.model, a.max_new_tokens)
-  index = rag_lib.RagIndex.load(a.index) if have_index else None  # damaged files: named errors before loading
+  index = rag_index.RagIndex.load(a.index) if have_index else None  # damaged files: named errors before loading
   model = _load(a.model, a.attn, a.shard_weights)
   if index is not None:
     stale = None
-    if docs is not None and index.corpus != rag_lib.corpus_fingerprint(docs):
+    if docs is not None and index.corpus != rag_index.corpus_fingerprint(docs):
       stale = f"--corpus {a.corpus} differs from the corpus it was built from"
     elif docs is not None and index.causal != model.attn_mode.embedding_causal:
       stale = f"it was built with causal={index.causal} embedding passes, --attn {model.attn} differs"
@@ -284,7 +285,7 @@ def rag_main(argv: list[str]) -> int:
       log.warning("--index %s: %s; rebuilding it", a.index, stale)
       index = None
   if index is None:
-    index = rag_lib.build_index(model, docs, max_length=a.max_length,
+    index = rag_index.build_index(model, docs, max_length=a.max_length,
                                 with_cache=a.cache in ("doc", "doc_query") or bool(a.index), show_progress_bar=None)
     if a.index:
       index.save(a.index)

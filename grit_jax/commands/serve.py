@@ -41,9 +41,9 @@ def main(argv: list[str]) -> int:
   if a.max_wait_ms < 0:
     raise GritJaxError(f"--max-wait-ms {a.max_wait_ms}: must be >= 0")
   infer.model_config(a.model)  # a bad model path fails before anything loads
-  from grit_jax.inference import corpus_index, rag
+  from grit_jax.inference import corpus_index, rag_index
   corpus = bool(a.index) and corpus_index.CorpusIndex.exists(a.index)
-  if a.index and not corpus and not rag.RagIndex.exists(a.index):
+  if a.index and not corpus and not rag_index.RagIndex.exists(a.index):
     raise GritJaxError(f"--index {a.index}: neither a corpus index (`grit-jax index`) nor a RAG index (index.json)")
   import uvicorn
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
   if corpus:
     searcher = serve_worker.corpus_index_searcher(model, corpus_index.CorpusIndex.load(a.index))
   else:
-    searcher = serve_worker.rag_index_searcher(model, rag.RagIndex.load(a.index)) if a.index else None
+    searcher = serve_worker.rag_index_searcher(model, rag_index.RagIndex.load(a.index)) if a.index else None
   worker = serve_worker.Worker(model, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
                         searcher=searcher)
   if a.warmup_tokens > 0:

@@ -227,7 +227,7 @@ class CorpusIndex:
     caches are never read). Without cache_dir: None (rag computes them)."""
     if cache_dir is None:
       return None
-    from grit_jax.inference import rag
+    from grit_jax.inference import rag, rag_index
     folder = os.path.join(cache_dir, f"{model.weights_fingerprint()}-{'causal' if self.causal else 'bidir'}-"
                                      f"{max_length}")
     os.makedirs(folder, exist_ok=True)
@@ -244,7 +244,7 @@ class CorpusIndex:
           raise GritJaxError(f"{path}: damaged document KV cache ({e}): delete it") from e
     todo = [j for j, c in enumerate(out) if c is None]
     if todo:
-      ids = [t.tolist() for t, _ in rag._embed_tokens(model, [docs[j] for j in todo], max_length)]
+      ids = [t.tolist() for t, _ in rag_index.embed_tokens(model, [docs[j] for j in todo], max_length)]
       for j, (k, v) in zip(todo, rag._segment_cache(model, ids, self.causal)):
         k, v = np.asarray(k), np.asarray(v)
         dtype = str(k.dtype)

@@ -100,11 +100,11 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
   from tqdm import tqdm
 
   from grit_jax.inference import encode as encode_lib
-  from grit_jax.inference import rag
+  from grit_jax.inference import rag_index
   if shard_rows < 1:
     raise GritJaxError(f"shard_rows={shard_rows}: must be >= 1")
   enc = encode_settings(model, max_length, attn)
-  settings = {"version": VERSION, "model": rag.model_identity(model), "encode": enc, "shard_rows": shard_rows,
+  settings = {"version": VERSION, "model": rag_index.model_identity(model), "encode": enc, "shard_rows": shard_rows,
               "corpus": [{"path": os.path.abspath(cf.path), "sha256": sha256_file(cf.path), "rows": len(cf.ids)}
                          for cf in files]}
   os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)

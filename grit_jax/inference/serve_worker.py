@@ -188,7 +188,7 @@ def corpus_index_searcher(model, index) -> Searcher:
 
 
 def rag_index_searcher(model, index) -> Searcher:
-  """Search over an inference.rag.RagIndex (the `grit-jax rag --index` folder): queries embedded as the index's
+  """Search over an inference.rag_index.RagIndex (the `grit-jax rag --index` folder): queries embedded as the index's
   documents were (no instruction, the index's attention), top-k by dot product. Runs on the worker thread."""
   index.check_model(model)
 
