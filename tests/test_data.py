@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from grit_jax import data as D
-from grit_jax.data import batching, iterator, jsonl, tasks, templates, tfds_builders
+from grit_jax.data import batching, iterator, jsonl, sampler, tasks, templates, tfds_builders
 from grit_jax.errors import GritJaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,7 +221,7 @@ def test_batch_contract(unified, tok):
 def test_single_dataset_batches():
   counts, batch = np.array([10, 14, 7]), 4
   offsets = np.concatenate([[0], np.cumsum(counts)])
-  bs = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(0), True)
+  bs = sampler.epoch_batches(counts, offsets, batch, np.random.default_rng(0), True)
   ds_of = np.searchsorted(offsets, bs, side="right") - 1
   pure = sum(len(set(row)) == 1 for row in ds_of)
   assert pure >= 2 + 3 + 1 and len(bs) == 31 // 4  # 6 single-dataset batches + 1 mixed from the leftovers
@@ -608,13 +608,13 @@ def test_same_dataset_batches_are_drawn_in_proportion_to_size():
   offsets = np.concatenate([[0], np.cumsum(counts)])
   first = np.zeros(3)
   for seed in range(600):
-    bs = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(seed), True)
+    bs = sampler.epoch_batches(counts, offsets, batch, np.random.default_rng(seed), True)
     ds_of = np.searchsorted(offsets, bs, side="right") - 1  # [6, 4]
     assert all(len(set(row)) == 1 for row in ds_of)
     np.testing.assert_array_equal(np.bincount(ds_of[:, 0], minlength=3), [3, 1, 2])
     first[ds_of[0, 0]] += 1
   np.testing.assert_allclose(first / first.sum(), counts / counts.sum(), atol=0.05)
-  mixed = iterator._epoch_batches(counts, offsets, batch, np.random.default_rng(0), False)
+  mixed = sampler.epoch_batches(counts, offsets, batch, np.random.default_rng(0), False)
   assert sorted(mixed.ravel()) == list(range(24))
   ds_mixed = np.searchsorted(offsets, mixed, side="right") - 1
   assert any(len(set(row)) > 1 for row in ds_mixed)

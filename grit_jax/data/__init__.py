@@ -6,7 +6,7 @@ the training pipeline's TensorFlow, seqio and tfds."""
 import importlib
 
 _EXPORTS = {"Tokenizer": "tokenizer", "TrainIterator": "iterator", "make_train_iterator": "iterator",
-            "make_eval_iterator": "iterator", "to_global_batch": "batching"}
+            "make_eval_iterator": "eval_iterator", "to_global_batch": "batching"}
 __all__ = list(_EXPORTS)
 
 

@@ -17,10 +17,10 @@ Generative stream: one permutation per epoch cut into global batches.
 The two streams run their epochs independently (the smaller one wraps around first, like the reference's refill).
 Packing (config.data.pack_embedding / pack_generative; grit_jax.data.packing) changes only where the sequences of
 these same batches sit: whole sequences packed into fixed-shape rows per device share.
+The index sampling: data/sampler.py; the eval batches: data/eval_iterator.py.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -29,69 +29,14 @@ import numpy as np
 from grit_jax import common_types as ct
 from grit_jax.common_types import IGNORE
 from grit_jax.data import batching, jsonl, packing, tfds_builders
+from grit_jax.data.sampler import Stream
 from grit_jax.errors import GritJaxError
 
 STATE_VERSION = 1
 _EMB, _GEN = 0, 1  # stream ids in the seeds
 
 
-
-
-def _epoch_batches(counts: np.ndarray, offsets: np.ndarray, batch: int, rng: np.random.Generator,
-                   single_dataset: bool) -> np.ndarray:
-  """[num_batches, batch] global example indices of one epoch."""
-  if single_dataset and len(counts) > 1:
-    full, leftover = [], []
-    for d, n in enumerate(counts):
-      perm = offsets[d] + rng.permutation(int(n))
-      k = int(n) // batch
-      full.append(perm[:k * batch].reshape(k, batch))
-      leftover.append(perm[k * batch:])
-    mixed = rng.permutation(np.concatenate(leftover))
-    k = len(mixed) // batch
-    batches = np.concatenate(full + [mixed[:k * batch].reshape(k, batch)])
-    return batches[rng.permutation(len(batches))]
-  perm = rng.permutation(int(offsets[-1]))
-  k = len(perm) // batch
-  return perm[:k * batch].reshape(k, batch)
-
-
-class _Stream:
-  """Global batches of indices epoch by epoch. State: {"epoch", "batch"} = the next batch to yield."""
-
-  def __init__(self, ds: tfds_builders.JsonlDataset, global_batch: int, seed: int, stream: int,
-               single_dataset: bool, name: str):
-    self.ds, self.global_batch, self.seed, self.stream = ds, global_batch, seed, stream
-    self.single_dataset = single_dataset
-    self.epoch, self.batch = 0, 0
-    self._cache: tuple[int, np.ndarray] | None = None
-    if len(ds) < global_batch:
-      raise GritJaxError(f"{name}: {len(ds)} valid examples in {ds.files}, fewer than one global batch of "
-                         f"{global_batch}")
-
-  def batches(self, epoch: int) -> np.ndarray:
-    if self._cache is None or self._cache[0] != epoch:
-      rng = np.random.default_rng([self.seed, self.stream, epoch])
-      self._cache = (epoch, _epoch_batches(self.ds.counts, self.ds.offsets, self.global_batch, rng,
-                                           self.single_dataset))
-    return self._cache[1]
-
-  def next(self) -> tuple[int, np.ndarray]:
-    """(epoch, [global_batch] indices) of the next global batch."""
-    if self.batch >= len(self.batches(self.epoch)):
-      self.epoch, self.batch = self.epoch + 1, 0
-    out = self.epoch, self.batches(self.epoch)[self.batch]
-    self.batch += 1
-    return out
-
-  def get_state(self) -> dict:
-    return {"epoch": self.epoch, "batch": self.batch}
-
-  def set_state(self, state: dict) -> None:
-    self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-
-
-def _check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
+def check_cfg(data_cfg, num_shards: int, shard_index: int) -> None:
   """What only the iterator knows: the process sharding. The rest of config.data is grit_jax.contract's."""
   emb, gen = ct.passes(data_cfg.mode)
   if not 0 <= shard_index < num_shards:
@@ -110,7 +55,7 @@ class TrainIterator:
     chunks: (GradCache chunks of the embedding batch, generative micro-batches): packed rows divide into them."""
     from grit_jax.data.tokenizer import Tokenizer
 
-    _check_cfg(data_cfg, num_shards, shard_index)
+    check_cfg(data_cfg, num_shards, shard_index)
     self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
     self.shard_index, self.num_shards = int(shard_index), int(num_shards)
     self.seed = int(data_cfg.seed)
@@ -130,14 +75,14 @@ class TrainIterator:
     self.emb = self.gen = None
     if jsonl.EMBEDDING in self.datasets:
       self.emb_batch = int(data_cfg.embedding_batch_size)
-      self.emb = _Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
+      self.emb = Stream(self.datasets[jsonl.EMBEDDING], self.emb_batch, self.seed, _EMB,
                          data_cfg.batching == "same_dataset", "embedding data")
       self.no_in_batch = self._no_in_batch_datasets(data_cfg)
       self.scored = any(self.emb.ds.scored)
     if jsonl.GENERATIVE in self.datasets:
       self.gen_batch = int(data_cfg.generative_batch_size)
       ds = self.datasets[jsonl.GENERATIVE]
-      self.gen = _Stream(ds, self.gen_batch, self.seed, _GEN, False, "generative data")
+      self.gen = Stream(ds, self.gen_batch, self.seed, _GEN, False, "generative data")
     self.step = 0
     self.packer = self._make_packer(data_cfg, batch_shards, chunks)
     self._fingerprint = {
@@ -358,64 +303,3 @@ def make_train_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shar
   """The training iterator of `config.data` (see TrainIterator; packing_kw: batch_shards, chunks)."""
   return TrainIterator(data_cfg, tokenizer, shard_index, num_shards, cache_dir, **packing_kw)
 
-
-def _filler(kind: str, data_cfg, tokenizer) -> dict[str, np.ndarray]:
-  """A weight-0 row: all padding, no labels (its loss and accuracy terms are masked out by the weights)."""
-  if kind == jsonl.EMBEDDING:
-    q, p, g = int(data_cfg.query_max_len), int(data_cfg.passage_max_len), int(data_cfg.train_group_size)
-    row = {ct.QUERY_IDS: np.full([q], tokenizer.pad_id, np.int32), ct.QUERY_MASK: np.zeros([q], np.int32),
-           ct.PASSAGE_IDS: np.full([g, p], tokenizer.pad_id, np.int32), ct.PASSAGE_MASK: np.zeros([g, p], np.int32)}
-    # One real token (BOS) keeps masked means finite for consumers that do not look at the weight.
-    row[ct.QUERY_IDS][0] = row[ct.PASSAGE_IDS][:, 0] = tokenizer.bos_id
-    row[ct.QUERY_MASK][0] = row[ct.PASSAGE_MASK][:, 0] = 1
-    row[ct.QUERY_POOL_MASK] = row[ct.QUERY_MASK].copy()
-    row[ct.PASSAGE_POOL_MASK] = row[ct.PASSAGE_MASK].copy()
-    return row
-  n = int(data_cfg.generative_max_len)
-  ids = np.full([n], tokenizer.pad_id, np.int32)
-  ids[0] = tokenizer.bos_id
-  return {ct.GEN_IDS: ids, ct.GEN_MASK: (np.arange(n) == 0).astype(np.int32),
-          ct.GEN_LABELS: np.full([n], IGNORE, np.int32)}
-
-
-def make_eval_iterator(data_cfg, tokenizer=None, shard_index: int = 0, num_shards: int = 1,
-                       cache_dir: str | None = None, embedding_batch_size: int | None = None,
-                       generative_batch_size: int | None = None):
-  """Finite list of this process's eval batches over `data_cfg.eval_dir`, read through the seqio eval tasks.
-
-  Deterministic passages (first positive, first negatives). Every process gets the same number of batches;
-  the last ones are completed with filler rows whose weight is 0: batches carry `query_weight` [Bq] and
-  `gen_weight` [Bg] (1 = real example) besides the training keys, and filler rows have all gen_labels IGNORE.
-  Only the kinds of `data_cfg.mode` that eval_dir has are included (an embedding-only eval folder gives batches
-  without gen_* keys).
-  """
-  from grit_jax.data import tasks
-  from grit_jax.data.tokenizer import Tokenizer
-
-  _check_cfg(data_cfg, num_shards, shard_index)
-  tokenizer = tokenizer if tokenizer is not None else Tokenizer(data_cfg.tokenizer)
-  names = tasks.register_tasks(data_cfg, split="eval", tokenizer=tokenizer,
-                               cache_dir=cache_dir or data_cfg.cache_dir)
-  sizes = {jsonl.EMBEDDING: int(embedding_batch_size or data_cfg.embedding_batch_size) // num_shards,
-           jsonl.GENERATIVE: int(generative_batch_size or data_cfg.generative_batch_size) // num_shards}
-  per_kind, num_batches = {}, 0
-  for kind, name in names.items():
-    examples = list(tasks.task_numpy(name, shard_index=shard_index, num_shards=num_shards))
-    total = tasks.num_examples(name)
-    per_kind[kind] = examples
-    num_batches = max(num_batches, math.ceil(math.ceil(total / num_shards) / sizes[kind]))
-  batches = []
-  for b in range(num_batches):
-    batch = {}
-    for kind, examples in per_kind.items():
-      size = sizes[kind]
-      chunk = examples[b * size:(b + 1) * size]
-      weight = np.array([1] * len(chunk) + [0] * (size - len(chunk)), np.int32)  # [B]
-      filler = _filler(kind, data_cfg, tokenizer)
-      chunk = chunk + [filler] * (size - len(chunk))
-      if kind == jsonl.EMBEDDING:
-        batch.update(batching.stack_embedding(chunk), **{ct.key(ct.QUERY, ct.WEIGHT): weight})
-      else:
-        batch.update(batching.stack_generative(chunk), **{ct.key(ct.GEN, ct.WEIGHT): weight})
-    batches.append(batch)
-  return batches
