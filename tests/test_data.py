@@ -698,7 +698,7 @@ def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
   import jax
   from grit_jax import sharding as mesh_lib
   from grit_jax.modeling import get_config, init_params
-  from grit_jax.training import step as step_lib
+  from grit_jax.training import grit_objective
 
   cfg = dict_cfg(_scored_folder(tmp_path), embedding_batch_size=4)
   it = D.make_train_iterator(cfg, tokenizer=tok, cache_dir=cache)
@@ -710,7 +710,7 @@ def test_same_dataset_step_loss_equals_hand_computed(tmp_path, tok, cache):
                                         lm_token_factor=1.0, contrastive_grad="exact", matryoshka_dims=(16, 64),
                                         matryoshka_weights=(1.0, 0.5), distill_weight=0.5, distill_temperature=2.0))
   mesh, rules = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1, expert=1), devices=jax.devices()[:1])
-  obj = step_lib.GritObjective(model, loss, mesh, rules)
+  obj = grit_objective.GritObjective(model, loss, mesh, rules)
   loss_fn, embed_q, embed_p = (jax.jit(f) for f in (obj.loss, obj.embed_query, obj.embed_passage))
   checked = set()
   for b in batches:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from grit_jax.data import packing
+from grit_jax.training import grit_objective
 from grit_jax.training import step as step_lib
 from test_train_step import B, G, LG, LP, LQ, MODEL, assert_tree_close, loss_cfg, meshes, random_batch, states  # noqa: F401
 
@@ -101,7 +102,7 @@ def test_packed_mesh_chunked_equals_padded_single_device(fns, kw):
 @pytest.fixture(scope="module")
 def embed(meshes, states):  # noqa: F811
   mesh, rules = meshes["mesh1"]
-  obj = step_lib.GritObjective(MODEL, loss_cfg(), mesh, rules, "bbcc")
+  obj = grit_objective.GritObjective(MODEL, loss_cfg(), mesh, rules, "bbcc")
   params = states["mesh1"].params
 
   @jax.jit

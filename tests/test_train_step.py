@@ -14,6 +14,7 @@ from grit_jax import flops as flops_lib  # noqa: E402
 from grit_jax import sharding as mesh_lib  # noqa: E402
 from grit_jax.training import optimizer as opt_lib  # noqa: E402
 from grit_jax.training import state as state_lib  # noqa: E402
+from grit_jax.training import grit_objective  # noqa: E402
 from grit_jax.training import step as step_lib  # noqa: E402
 
 V, B, G, BG = 128, 8, 2, 8  # vocab, queries, group size, generative rows
@@ -290,10 +291,10 @@ def test_tiny_model_learns(meshes):
 def test_indivisible_chunks_are_config_errors(meshes, states):
   mesh, rules = meshes["mesh1"]
   batch = random_batch(0)
-  obj = step_lib.GritObjective(MODEL, loss_cfg(lm_loss_sub_batches=3), mesh, rules)
+  obj = grit_objective.GritObjective(MODEL, loss_cfg(lm_loss_sub_batches=3), mesh, rules)
   with pytest.raises(GritJaxError, match="lm_loss_sub_batches"):
     obj.value_and_grad(states["mesh1"].params, batch)
-  obj = step_lib.GritObjective(MODEL, loss_cfg(), mesh, rules)
+  obj = grit_objective.GritObjective(MODEL, loss_cfg(), mesh, rules)
   with pytest.raises(GritJaxError, match="gradcache_chunk"):
     obj.value_and_grad(states["mesh1"].params, batch, gradcache_chunk=3)
   with pytest.raises(GritJaxError, match="grad_accum"):

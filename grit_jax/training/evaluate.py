@@ -1,5 +1,5 @@
 """Held-out evaluation during training: retrieval accuracy of the eval queries against every eval passage and the
-generative LM loss, with the train step's own passes (grit_jax.training.step.GritObjective)."""
+generative LM loss, with the train step's own passes (grit_jax.training.grit_objective.GritObjective)."""
 from __future__ import annotations
 
 import jax
@@ -14,9 +14,10 @@ from grit_jax.training import run as run_lib
 def make_eval_fns(model_config, config, mesh, rules):
   """Jitted (embed_queries, embed_passages, lm_sums) over global (sharded) batches, called under the mesh and the
   logical-axis rules as the train step is."""
+  from grit_jax.training import grit_objective
   from grit_jax.training import step as step_lib
 
-  obj = step_lib.GritObjective(model_config, config.loss, mesh, rules, config.attn)
+  obj = grit_objective.GritObjective(model_config, config.loss, mesh, rules, config.attn)
   finish = objectives.l2_normalize if config.loss.normalize else (lambda e: e)
 
   def lm_sums(params, ids, mask, labels):
