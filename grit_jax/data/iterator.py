@@ -285,10 +285,6 @@ class TrainIterator:
   def report(self) -> str:
     return self.stats.report() + ("\n" + self.packer.report() if self.packer is not None else "")
 
-  @property
-  def examples_per_epoch(self) -> dict[str, int]:
-    return {k: len(ds) for k, ds in self.datasets.items()}
-
 
 def truncation_report(truncated: dict[str, int], texts: dict[str, int]) -> str:
   """One line: how many texts of each pass were cut to the max length (empty when none was)."""

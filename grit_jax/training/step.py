@@ -164,18 +164,3 @@ def make_grad_fn(model_config, loss_cfg, mesh, rules, *, attn: str | None = None
   fn = lambda params, batch: obj.value_and_grad(params, batch, grad_accum, gradcache_chunk)
   batch_sharding = input_batch_sharding(mesh)
   return MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding)))
-
-
-def make_eval_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None):
-  """Returns eval_step(params, batch) -> metrics (loss, loss_rep, accuracy = in-batch top-1 retrieval, loss_gen,
-  aux_loss, tokens), jitted, no gradients."""
-  loss_cfg, attn, _, _ = _split_config(loss_cfg, attn, 1, 0)
-  obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
-
-  def eval_step(params, batch):
-    _, metrics = obj.loss(params, batch)
-    return dict(metrics, tokens=batch_tokens(batch))
-
-  batch_sharding = input_batch_sharding(mesh)
-  return MeshFn(mesh, rules, lambda params: jax.jit(eval_step, in_shardings=(_shardings_of(params),
-                                                                              batch_sharding)))
