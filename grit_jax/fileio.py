@@ -29,10 +29,11 @@ def read_json(path: str, what: str = "JSON") -> Any:
     raise GritJaxError(f"{path}: cannot read {what} ({e})") from e
 
 
-def write_json(path: str, obj, *, indent: int = 2, **dump_kwargs) -> None:
-  """The one JSON writer: `obj` as UTF-8 JSON + a newline, atomically (json.dump's keyword arguments pass through)."""
+def write_json(path: str, obj, *, indent: int = 2, ensure_ascii: bool = False, **dump_kwargs) -> None:
+  """The one JSON writer: `obj` as UTF-8 JSON + a newline (non-ASCII characters as themselves, as transformers writes
+  its files), atomically (json.dump's keyword arguments pass through)."""
   def dump(f):
-    json.dump(obj, f, indent=indent, **dump_kwargs)
+    json.dump(obj, f, indent=indent, ensure_ascii=ensure_ascii, **dump_kwargs)
     f.write("\n")
   atomic_write(path, dump)
 

@@ -239,10 +239,6 @@ def read_gguf(path) -> tuple[dict, Iterator[tuple[str, np.ndarray]]]:
 # Writing Hugging Face files
 
 
-def _write_json(path: str, obj) -> None:
-  write_json(path, obj, ensure_ascii=False)
-
-
 def _write_tokenizer(reader, path: str, out_dir: str) -> list[str]:
   from transformers import PreTrainedTokenizerFast
   from transformers.integrations.gguf.gguf_tokenizer_mapping import (GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS,
@@ -275,12 +271,12 @@ def _write_tokenizer(reader, path: str, out_dir: str) -> list[str]:
   # transformers 4 does not know the class name 5 writes (TokenizersBackend); 5 reads this alias the same way
   cfg.update(tokenizer_class="PreTrainedTokenizerFast",
              model_max_length=_int_field(reader, path, f"{arch}.context_length", cfg.get("model_max_length")))
-  _write_json(cfg_path, cfg)
+  write_json(cfg_path, cfg)
   written = sorted(os.listdir(out_dir))
   ids = {name: tok.get(name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
   if ids["eos_token_id"] is not None:  # generate() stops at EOS and pads with pad; the model config says the same
-    _write_json(os.path.join(out_dir, "generation_config.json"),
-                {k: v for k, v in ids.items() if v is not None})
+    write_json(os.path.join(out_dir, "generation_config.json"),
+               {k: v for k, v in ids.items() if v is not None})
     written.append("generation_config.json")
   return written
 
@@ -309,7 +305,7 @@ def gguf_to_hf(path, out_dir, overwrite: bool = False) -> str:
     _write_tokenizer(reader, path, tmp)
     save_file(dict(_tensors(reader, path, config, plan)), os.path.join(tmp, "model.safetensors"),
               metadata={"format": "pt"})
-    _write_json(os.path.join(tmp, "config.json"), config)
+    write_json(os.path.join(tmp, "config.json"), config)
   return os.path.abspath(out_dir)
 
 

@@ -115,9 +115,9 @@ def write_tokenizer_files(tokenizer, out_dir: str, model_max_length: int) -> lis
       "add_bos_token": True, "add_eos_token": False, "padding_side": "right", "clean_up_tokenization_spaces": False,
       "model_max_length": int(model_max_length), "chat_template": CHAT_TEMPLATE,
   }
-  _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
-  _write_json(os.path.join(out_dir, "special_tokens_map.json"),
-              {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
+  write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+  write_json(os.path.join(out_dir, "special_tokens_map.json"),
+             {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")})
   return written + ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -134,7 +134,7 @@ def _copy_own_tokenizer_files(tokenizer, out_dir: str) -> list[str]:
       config = json.load(f)
     bos = "{{ bos_token }}"
     config["chat_template"] = CHAT_TEMPLATE if tokenizer.text_format.add_bos else CHAT_TEMPLATE[len(bos):]
-    _write_json(path, config)
+    write_json(path, config)
   return written
 
 
@@ -168,20 +168,20 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
       config_args["sliding_window"] = model_config["sliding_window"] // 2 + 1
   else:
     model_config["is_causal"] = True  # declared, so that sentence_bert_config's config_args can switch it off
-    _write_json(cfg_path, model_config)
+    write_json(cfg_path, model_config)
     config_args = {"is_causal": not bidirectional}
   modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
   if normalize:
     modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-  _write_json(os.path.join(out_dir, "modules.json"), modules)
-  _write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+  write_json(os.path.join(out_dir, "modules.json"), modules)
+  write_json(os.path.join(out_dir, "sentence_bert_config.json"),
               {"max_seq_length": int(max_seq_length), "do_lower_case": False, "config_args": config_args,
                # the causal-LM class of config.json (no UNEXPECTED lm_head.weight), its last hidden states pooled
                "transformer_task": "text-generation",
                "modality_config": {"text": {"method": "forward", "method_output_name": ["hidden_states", -1]}},
                "module_output_name": "token_embeddings"})
-  _write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
+  write_json(os.path.join(out_dir, "config_sentence_transformers.json"),
               {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine",
                # GritLM.encode without an instruction embeds `<s><|embed|>\n{text}` (`<s>`: when the model has a BOS);
                # encode_queries with the query instruction (none by default)
@@ -189,7 +189,7 @@ def write_sentence_transformers_files(out_dir: str, hidden_size: int, bidirectio
                            for name, instr in (("query", query_instruction or ""), ("document", ""))},
                "default_prompt_name": "document"})
   os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
-  _write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
+  write_json(os.path.join(out_dir, "1_Pooling", "config.json"),
               {"word_embedding_dimension": int(hidden_size), "pooling_mode_cls_token": False,
                "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
                **{flag: name == pooling for name, flag in POOLING_MODES.items()}, "include_prompt": False})
@@ -242,6 +242,3 @@ def check_transformers_tokenizer(out_dir: str, tokenizer) -> bool:
       return False
   return True
 
-
-def _write_json(path: str, obj) -> None:
-  write_json(path, obj, ensure_ascii=False)
