@@ -21,6 +21,6 @@ demo: venv
 	$(BIN)/python -m grit_jax.demo --workdir runs/demo
 
 test: venv
-	$(BIN)/python -m pytest -q -x --durations=15 tests
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadgroup --durations=15 tests
 
 .PHONY: venv demo test
