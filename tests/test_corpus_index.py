@@ -122,6 +122,26 @@ def test_resume_after_kill_loses_and_duplicates_nothing(model_dir, corpus, built
       ci.read_corpus(corpus[0]), 5))  # no temporary file left, no shard twice
 
 
+def test_every_entry_point_joins_titles_as_gritlm(tmp_path):
+  """One rule for a document's title: corpus files (index, mine), embed/rag's --input/--corpus, RAG documents and
+  encode_corpus all give gritlm's encode_corpus strings (an empty title still joined, no title key: the text)."""
+  from grit_jax.commands import infer as cli
+  from grit_jax.inference import hf_compat, rag_index
+  rows = [{"id": 1, "title": "Paris", "text": "on the Seine"}, {"id": 2, "text": "no title"},
+          {"id": 3, "title": "", "text": "empty title"}]
+  want = ["Paris on the Seine", "no title", " empty title"]
+  src = tmp_path / "c.jsonl"
+  src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert [t for cf in ci.read_corpus([str(src)]) for t in cf.texts] == want
+  assert cli.read_texts(str(src)) == want
+  assert [rag_index.doc_text(r) for r in rows] == want
+  assert hf_compat.corpus_texts(rows) == want
+  src.write_text(json.dumps({"id": 1, "title": 7, "text": "x"}) + "\n")
+  for read in (lambda: ci.read_corpus([str(src)]), lambda: cli.read_texts(str(src))):
+    with pytest.raises(GritJaxError, match=r"c.jsonl:1: key 'title' must be a string"):
+      read()
+
+
 def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
   bad = tmp_path / "bad.jsonl"
   for rows, msg in [(['{"id": 1, "text": "x"}', '{"text": "no id"}'], r"bad.jsonl:2: no 'id'"),

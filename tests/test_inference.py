@@ -536,5 +536,6 @@ def test_cli_generate_and_rag(model, model_dir, tmp_path, capsys):
   assert cli.rag_main(argv) == 0  # second run loads the saved index
   again, err = capsys.readouterr()
   assert again == first and "Indexing" not in err
-  expect = rag_lib.rag(model, QUERIES[0], DOCS, cache="doc", max_new_tokens=4)
+  # the same {"title", "text"} rows through the library: joined by the same rule (data.corpus.document_text)
+  expect = rag_lib.rag(model, QUERIES[0], [{"title": "", "text": d} for d in DOCS], cache="doc", max_new_tokens=4)
   assert f"answer: {expect.answer}" in first

@@ -20,14 +20,15 @@ import os
 import numpy as np
 
 from grit_jax import common_types
+from grit_jax.data.corpus import document_text
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json
 
 log = logging.getLogger(__name__)
 
 
-def read_texts(path: str, allow_title: bool = False) -> list:
-  """Rows of a JSONL file: strings, or {"text": ..., "title": ...} (title joined only when `allow_title`)."""
+def read_texts(path: str) -> list:
+  """Rows of a JSONL file: strings, or {"text": ..., "title": ...} objects (data.corpus.document_text)."""
   try:
     f = open(path, "rb")
   except OSError as e:
@@ -46,10 +47,7 @@ def read_texts(path: str, allow_title: bool = False) -> list:
       except json.JSONDecodeError as e:
         raise GritJaxError(f"{path}:{n}: invalid JSON ({e.msg})") from e
       if isinstance(row, dict) and isinstance(row.get("text"), str):
-        title = row.get("title", "")
-        if not isinstance(title, str):
-          raise GritJaxError(f"{path}:{n}: key 'title' must be a string")
-        text = (title + " " + row["text"]).strip() if allow_title and title else row["text"]
+        text = document_text(row, f"{path}:{n}")
       elif isinstance(row, str):
         text = row
       else:
@@ -264,7 +262,7 @@ def rag_main(argv: list[str]) -> int:
   have_index = bool(a.index) and rag_index.RagIndex.exists(a.index)
   if not a.corpus and not have_index:
     raise GritJaxError("--corpus is required unless --index names an existing index")
-  docs = read_texts(a.corpus, allow_title=True) if a.corpus else None
+  docs = read_texts(a.corpus) if a.corpus else None
   _check_new_tokens(a.model, a.max_new_tokens)
   index = rag_index.RagIndex.load(a.index) if have_index else None  # damaged files: named errors before loading
   model = _load(a.model, a.attn, a.shard_weights)

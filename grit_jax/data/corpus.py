@@ -19,21 +19,33 @@ class CorpusFile:
   lines: list[int]    # its line number
 
 
+def document_text(doc: dict, where: str) -> str:
+  """The one rule for a document that may have a title (a corpus row, an encode_corpus dict, a RAG document):
+  "title text" as gritlm's encode_corpus joins them, the text alone when the row has no "title" key. As there, an
+  empty title still gives " text", so a BEIR corpus (empty titles included) embeds as in the reference."""
+  text = doc.get("text")
+  if not isinstance(text, str):
+    raise GritJaxError(f"{where}: expected a string 'text'")
+  if "title" not in doc:
+    return text
+  if not isinstance(doc["title"], str):
+    raise GritJaxError(f"{where}: key 'title' must be a string")
+  return doc["title"] + " " + text
+
+
 def row_text(row: dict, where: str) -> tuple[str, str]:
-  """(id, "title text") of one corpus row; a bad row is a GritJaxError naming `where`."""
+  """(id, its document_text) of one corpus row; a bad row is a GritJaxError naming `where`."""
   rid = row.get("id", row.get("_id"))
   if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
     raise GritJaxError(f"{where}: no 'id' (a string or an integer)")
-  text, title = row.get("text"), row.get("title", "")
-  if not isinstance(text, str) or not text.strip():
+  if not isinstance(row.get("text"), str) or not row["text"].strip():
     raise GritJaxError(f"{where}: id {rid!r} has no text (a non-empty string 'text')")
-  if not isinstance(title, str):
-    raise GritJaxError(f"{where}: key 'title' must be a string")
+  text = document_text(row, where)
   try:
-    text.encode("utf-8"), title.encode("utf-8")
+    text.encode("utf-8")
   except UnicodeEncodeError:  # JSON can spell half of a UTF-16 pair (\ud800); no tokenizer takes it
     raise GritJaxError(f"{where}: a lone UTF-16 surrogate in the text: not valid Unicode") from None
-  return str(rid), (title + " " + text).strip() if title else text
+  return str(rid), text
 
 
 def read_corpus_file(path: str) -> CorpusFile:

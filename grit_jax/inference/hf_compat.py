@@ -15,6 +15,7 @@ import tempfile
 
 import numpy as np
 
+from grit_jax.data.corpus import document_text
 from grit_jax.errors import GritJaxError
 
 log = logging.getLogger(__name__)
@@ -77,14 +78,14 @@ def check_gritlm_encode_args(instruction, get_cache: bool) -> None:
 
 
 def corpus_texts(corpus):
-  """gritlm's encode_corpus input as texts: strings, or {"title", "text"} dicts joined as gritlm does."""
+  """gritlm's encode_corpus input as texts: strings, or {"title", "text"} dicts (data.corpus.document_text)."""
   if isinstance(corpus, dict):
     corpus = [corpus]
   if isinstance(corpus, list) and corpus and isinstance(corpus[0], dict):
     for i, doc in enumerate(corpus):
-      if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+      if not isinstance(doc, dict):
         raise GritJaxError(f"corpus[{i}]: expected a dict with a string 'text'")
-    corpus = [doc["title"] + " " + doc["text"] if "title" in doc else doc["text"] for doc in corpus]
+    corpus = [document_text(doc, f"corpus[{i}]") for i, doc in enumerate(corpus)]
   return corpus
 
 

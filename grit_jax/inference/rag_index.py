@@ -13,6 +13,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from grit_jax.data.corpus import document_text
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 from grit_jax.inference import encode as encode_lib
@@ -22,11 +23,11 @@ INDEX_VERSION = 3  # 2: records the model and corpus it was built from; 3: the s
 
 
 def doc_text(doc) -> str:
-  """A corpus entry as text: a string, or {"title", "text"} joined as the reference's encode_corpus does."""
+  """A corpus entry as text: a string, or a {"title", "text"} dict (data.corpus.document_text)."""
   if isinstance(doc, str):
     return doc
   if isinstance(doc, dict) and "text" in doc:
-    return (doc.get("title", "") + " " + doc["text"]).strip() if doc.get("title") else doc["text"]
+    return document_text(doc, f"document {str(doc)[:60]!r}")
   raise GritJaxError(f"document {str(doc)[:60]!r}: expected a string or an object with a 'text' field")
 
 
