@@ -22,7 +22,7 @@ from _common import host  # noqa: F401  (puts the repository on sys.path)
 
 import numpy as np  # noqa: E402
 
-from grit_jax.inference import corpus_index as ci  # noqa: E402
+from grit_jax.inference import vector_search as vs  # noqa: E402
 
 
 def vectors(n: int, dim: int, centres_CD: np.ndarray, rng, noise: float) -> np.ndarray:
@@ -72,29 +72,29 @@ def main() -> int:
     ram = np.asarray(emb)
     print(f"{a.n} x {a.dim} float32 vectors ({ram.nbytes / 2**20:.0f} MiB), {a.queries} queries, k={a.k}, "
           f"{a.clusters} clusters")
-    flat_fs = ci.FaissSettings()
-    flat, t_build = timed(lambda: ci.build_faiss(ram, flat_fs))
-    (truth, _), t_exact = timed(lambda: ci.faiss_search(flat, flat_fs, emb, q, a.k))
-    flat_bytes = ci.index_nbytes(flat)
+    flat_fs = vs.FaissSettings()
+    flat, t_build = timed(lambda: vs.build_faiss(ram, flat_fs))
+    (truth, _), t_exact = timed(lambda: vs.faiss_search(flat, flat_fs, emb, q, a.k))
+    flat_bytes = vs.index_nbytes(flat)
     print(f"exact (flat IP): {a.queries / t_exact:.0f} queries/s, {flat_bytes / 2**20:.0f} MiB")
     rows = []
     kinds = {
-        "ivfpq": ci.FaissSettings(kind="ivfpq", nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe, rescore=a.rescore),
-        "int8": ci.FaissSettings(quantize="int8", rescore=a.rescore),
-        "binary": ci.FaissSettings(quantize="binary", rescore=a.rescore),
+        "ivfpq": vs.FaissSettings(kind="ivfpq", nlist=a.nlist, pq_m=a.pq_m, nprobe=a.nprobe, rescore=a.rescore),
+        "int8": vs.FaissSettings(quantize="int8", rescore=a.rescore),
+        "binary": vs.FaissSettings(quantize="binary", rescore=a.rescore),
     }
     for name in a.kinds.split(","):
       fs = kinds[name]
-      index, t_build = timed(lambda: ci.build_faiss(ram, fs))
+      index, t_build = timed(lambda: vs.build_faiss(ram, fs))
       settings = [(name, fs)]
       if name == "ivfpq":  # the same built index searched with other nprobe / rescore settings
         for item in filter(None, a.ivf_sweep.split(",")):
           nprobe, rescore = map(int, item.split(":"))
           settings.append((f"ivfpq {nprobe}:{rescore}", dataclasses.replace(fs, nprobe=nprobe, rescore=rescore)))
       for label, fs in settings:
-        ci.faiss_search(index, fs, emb, q[:10], a.k)  # warm up
-        (got, _), t = timed(lambda: ci.faiss_search(index, fs, emb, q, a.k))
-        nbytes = ci.index_nbytes(index)
+        vs.faiss_search(index, fs, emb, q[:10], a.k)  # warm up
+        (got, _), t = timed(lambda: vs.faiss_search(index, fs, emb, q, a.k))
+        nbytes = vs.index_nbytes(index)
         rows.append((label, recall(got, truth), (a.queries / t) / (a.queries / t_exact), nbytes / flat_bytes,
                      t_build))
     print(f"{'kind':16} {'recall@10':>9} {'qps/exact':>10} {'memory/flat':>11} {'build s':>8}")

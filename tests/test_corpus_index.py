@@ -13,6 +13,7 @@ import pytest
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import corpus_index as ci
 from grit_jax.inference import corpus_shards
+from grit_jax.inference import vector_search as vs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("river stone paris light sugar mountain cloud engine paper music garden winter bridge coffee "
@@ -86,12 +87,12 @@ def test_two_processes_split_the_shards_and_equal_one(model, corpus, built, tmp_
   s0 = corpus_shards.encode_corpus(model, files, out, shard_rows=5, process_index=0, process_count=2,
                                   show_progress_bar=False)
   with pytest.raises(GritJaxError, match=r"3 of 7 shards not encoded yet \(first: shards/00000-0000000005"):
-    ci.finish(out, files, s0, ci.FaissSettings())
+    ci.finish(out, files, s0, vs.FaissSettings())
   corpus_shards.encode_corpus(model, files, out, shard_rows=5, process_index=1, process_count=2,
                              show_progress_bar=False)
   shards = [set(json.load(open(os.path.join(out, f"manifest-0000{p}.json")))["shards"]) for p in (0, 1)]
   assert len(shards[0]) == 4 and len(shards[1]) == 3 and not shards[0] & shards[1]
-  two = ci.finish(out, files, s0, ci.FaissSettings())
+  two = ci.finish(out, files, s0, vs.FaissSettings())
   np.testing.assert_array_equal(np.asarray(two.embeddings), np.asarray(built.embeddings))
   np.testing.assert_array_equal(two.ids, built.ids)
 
@@ -200,11 +201,11 @@ def test_quantized_and_approximate_search_recall(tmp_path):
   truth = np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :10]
   recall = lambda rows: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, truth)])
   got = {}
-  for fs in [ci.FaissSettings(quantize="int8"), ci.FaissSettings(quantize="int8", rescore=0),
-             ci.FaissSettings(quantize="binary", rescore=10), ci.FaissSettings(quantize="binary", rescore=1),
-             ci.FaissSettings(kind="ivfpq", nlist=16, pq_m=32, pq_bits=4, rescore=10),
-             ci.FaissSettings(kind="hnsw", hnsw_m=16)]:
-    rows, scores = ci.faiss_search(ci.build_faiss(emb, fs), fs, emb, q, 10)
+  for fs in [vs.FaissSettings(quantize="int8"), vs.FaissSettings(quantize="int8", rescore=0),
+             vs.FaissSettings(quantize="binary", rescore=10), vs.FaissSettings(quantize="binary", rescore=1),
+             vs.FaissSettings(kind="ivfpq", nlist=16, pq_m=32, pq_bits=4, rescore=10),
+             vs.FaissSettings(kind="hnsw", hnsw_m=16)]:
+    rows, scores = vs.faiss_search(vs.build_faiss(emb, fs), fs, emb, q, 10)
     got[(fs.kind, fs.quantize, fs.rescore)] = recall(rows)
     if fs.rescore:  # rescored: the exact inner products of the rows returned, best first
       np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, emb[rows]), atol=1e-5)
@@ -213,9 +214,9 @@ def test_quantized_and_approximate_search_recall(tmp_path):
   # binary codes of 64 dims are coarse: rescoring more candidates is what recovers the neighbours
   assert got[("flat", "binary", 10)] >= 0.5 > 0.3 > got[("flat", "binary", 1)]
   assert got[("ivfpq", "none", 10)] >= 0.95 and got[("hnsw", "none", 4)] >= 0.95
-  assert ci.index_nbytes(ci.build_faiss(emb, ci.FaissSettings(quantize="int8"))) < 0.3 * emb.nbytes
+  assert vs.index_nbytes(vs.build_faiss(emb, vs.FaissSettings(quantize="int8"))) < 0.3 * emb.nbytes
   with pytest.raises(GritJaxError, match="--quantize int8 applies to --faiss flat"):
-    ci.FaissSettings(kind="hnsw", quantize="int8").check(64)
+    vs.FaissSettings(kind="hnsw", quantize="int8").check(64)
 
 
 def test_device_topk_one_vs_eight_devices_equals_numpy():
@@ -225,7 +226,7 @@ def test_device_topk_one_vs_eight_devices_equals_numpy():
   top = np.argsort(-s, axis=1)[:, :7]
   assert len(jax.local_devices()) == 8
   for devices, block in ((jax.local_devices()[:1], 64), (jax.local_devices(), 16), (jax.local_devices(), 4096)):
-    rows, scores = ci.device_topk(ci.device_corpus(emb, devices, block), q, 7)
+    rows, scores = vs.device_topk(vs.device_corpus(emb, devices, block), q, 7)
     np.testing.assert_array_equal(rows, top)
     np.testing.assert_allclose(scores, np.take_along_axis(s, top, 1), rtol=1e-5, atol=1e-5)
 

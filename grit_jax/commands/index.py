@@ -23,10 +23,10 @@ from grit_jax.errors import GritJaxError
 
 
 def _faiss_args(p: argparse.ArgumentParser) -> None:
-  from grit_jax.inference import corpus_index as ci
-  d = ci.FaissSettings()
-  p.add_argument("--faiss", default=d.kind, choices=ci.KINDS, help="flat = exact inner product")
-  p.add_argument("--quantize", default=d.quantize, choices=ci.QUANTIZE,
+  from grit_jax.inference import vector_search as vs
+  d = vs.FaissSettings()
+  p.add_argument("--faiss", default=d.kind, choices=vs.KINDS, help="flat = exact inner product")
+  p.add_argument("--quantize", default=d.quantize, choices=vs.QUANTIZE,
                  help="flat only: int8 (scalar quantizer, 1/4 of the memory) or binary (signs, Hamming; 1/32)")
   p.add_argument("--nlist", type=int, default=d.nlist, help="ivfpq: inverted lists (0 = about 4 sqrt(N))")
   p.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: PQ sub-quantizers (0 = dim / 4)")
@@ -39,8 +39,8 @@ def _faiss_args(p: argparse.ArgumentParser) -> None:
 
 
 def _faiss_settings(a):
-  from grit_jax.inference import corpus_index as ci
-  return ci.FaissSettings(kind=a.faiss, quantize=a.quantize, nlist=a.nlist, pq_m=a.pq_m, pq_bits=a.pq_bits,
+  from grit_jax.inference import vector_search as vs
+  return vs.FaissSettings(kind=a.faiss, quantize=a.quantize, nlist=a.nlist, pq_m=a.pq_m, pq_bits=a.pq_bits,
                           nprobe=a.nprobe, hnsw_m=a.hnsw_m, ef_search=a.ef_search, rescore=a.rescore)
 
 

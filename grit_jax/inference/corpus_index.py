@@ -41,8 +41,7 @@ from grit_jax.data.corpus import CorpusFile, read_corpus, row_text
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file
 from grit_jax.inference.corpus_shards import VERSION, chunks, done_shards, encode_corpus, load_shard
-from grit_jax.inference.vector_search import (KINDS, QUANTIZE, FaissSettings, build_faiss, device_corpus,  # noqa: F401
-                                              device_topk, faiss_search, index_nbytes)
+from grit_jax.inference.vector_search import FaissSettings, build_faiss, device_corpus, device_topk, faiss_search
 
 log = logging.getLogger(__name__)
 
