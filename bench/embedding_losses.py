@@ -9,8 +9,6 @@ scores are the base model's own cosine similarities of each training row's posit
 beside the shipped rows as pos_scores / neg_scores), with distill_temperature = loss.temperature, so the teacher
 is the base model's own candidate distribution. It shows the term is wired and what it does to the numbers
 (pulls the student towards its starting point); it says nothing about distillation from a stronger teacher.
-NOT RUN YET: the first attempt was killed by the shared host's out-of-memory killer and there was no time left in
-the session for a third run, so `--runs self_distill` is written but has never completed (BENCHMARKS.md).
 
   .venv/bin/python bench/embedding_losses.py [--steps 18] [--workdir runs/embedding_losses] [--runs plain,...]
 
@@ -29,6 +27,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=18)
 p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "embedding_losses"))
 p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill, mined")
+p.add_argument("--mine-margin", type=float, default=0.05, help="mined: grit-jax mine's --margin")
+p.add_argument("--mine-margin-type", default="relative", help="mined: grit-jax mine's --margin-type")
 args = p.parse_args()
 
 from grit_jax.perf import host  # noqa: E402
@@ -82,9 +82,11 @@ def self_distill_data(base, config, out_dir):
 
 
 def mined_data(base, config, out_dir):
-  """data/train with each embedding row's `neg` mined by `grit-jax mine` with the base model (the NV-Embed recipe:
-  top ranks, dropping candidates scoring above 95% of the positive): the corpus is every distinct passage text of
-  the training files, the same number of negatives per row as shipped (train_group_size - 1)."""
+  """data/train with each embedding row's `neg` mined by `grit-jax mine` with the base model, ranks 1-30: by default
+  the NV-Embed recipe (dropping candidates scoring above 95% of the positive; --mine-margin-type absolute
+  --mine-margin 0: only those scoring above the positive itself); the corpus is every distinct passage text of the
+  training files, the same number of negatives per row as shipped (train_group_size - 1). A row left with none is
+  skipped by training, counted in its bad-input report."""
   if os.path.isdir(out_dir):
     return out_dir
   from grit_jax.inference import corpus_index as ci
@@ -106,7 +108,7 @@ def mined_data(base, config, out_dir):
   short = 0
   for path in files[jsonl.EMBEDDING]:
     rows, n = mine_lib.mine(base, mine_lib.read_rows(path), index, negatives=config.data.train_group_size - 1,
-                            range_max=30, margin=0.05, margin_type="relative")
+                            range_max=30, margin=args.mine_margin, margin_type=args.mine_margin_type)
     short += n
     atomic_write(os.path.join(tmp, os.path.basename(path)),
                  lambda f, rows=rows: f.writelines(json.dumps(r) + "\n" for r in rows))
@@ -132,9 +134,13 @@ RUNS = {
     "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base(), base_config, os.path.join(args.workdir, 'self_distill_data'))}",
                              "--config.loss.distill_weight=1.0",
                              f"--config.loss.distill_temperature={base_config.loss.temperature}"],
-    "mined": lambda: [f"--config.data.train_dir={mined_data(base(), base_config, os.path.join(args.workdir, 'mined_data'))}"],
+    "mined": lambda: [f"--config.data.train_dir={mined_data(base(), base_config, os.path.join(args.workdir, MINED + '_data'))}"],
 }
-names = args.runs.split(",")
+# the first mined run (NV-Embed's 95%) keeps its plain name; other margins get their own run and data folders
+MINED = "mined" if (args.mine_margin, args.mine_margin_type) == (0.05, "relative") else \
+    f"mined_{args.mine_margin_type}_{args.mine_margin:g}"
+RUNS[MINED] = RUNS.pop("mined")
+names = [MINED if n == "mined" else n for n in args.runs.split(",")]
 for name in names:
   workdir = os.path.join(args.workdir, name)
   extra = RUNS[name]() if callable(RUNS[name]) else RUNS[name]
