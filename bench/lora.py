@@ -48,6 +48,7 @@ def child(kind: str) -> dict:
     c.model.lora_targets = tuple(args.targets.split(","))
     c.model.remat_policy = args.lora_remat or c.model.remat_policy
   model_config = contract.validate(c, log=None)
+  c = contract.with_model(c, model_config)  # as the trainer: the GGUF named as data.tokenizer -> its converted folder
   run = run_lib.Run(c, model_config)
   state = run.init_state()
   it = data_lib.make_train_iterator(c.data, **step_lib.packing_layout(c, run.mesh))

@@ -33,6 +33,7 @@ def recipe(packed: bool):
   c.model.dtype, c.model.remat_policy = "float32", "none"
   c.data.pack_embedding = c.data.pack_generative = packed
   c.data.pack_levels = args.pack_levels or base.get_config("tiny_mistral").data.pack_levels
+  c.data.tokenizer = contract.tokenizer_path(c.data.tokenizer)  # the GGUF -> its converted folder, as the trainer
   return c
 
 
