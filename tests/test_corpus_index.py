@@ -298,6 +298,9 @@ def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, mode
   assert cli.main(argv) == 0
   assert [json.loads(line) for line in out.read_text().splitlines()] == mined
   assert "teacher scores dropped from 1 rows" in capsys.readouterr().out
+  assert cli.main(argv[:-13] + ["--negatives", "3", "--range-max", "8", "--margin", "10", "--margin-type", "absolute",
+                                "--shard-rows", "5", "--no-progress"]) == 0
+  assert "3 got fewer than 3 negatives (3 none: training skips such a row" in capsys.readouterr().out
   with open(data, "ab") as f:
     f.write(b'{"query": "caf\xe9", "pos": ["x"]}\n')  # Latin-1, not UTF-8: named by line before any model work
   assert cli.main(argv) == 2

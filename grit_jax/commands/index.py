@@ -151,6 +151,9 @@ def mine_main(argv: list[str]) -> int:
   from grit_jax.fileio import atomic_write
   atomic_write(a.out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mined))
   scored = sum(any(k in r for k in mine_lib.TEACHER_KEYS) for r in rows)
+  empty = sum(not r["neg"] for r in mined)
   print(f"wrote {a.out}: {len(mined)} rows; {short} got fewer than {a.negatives} negatives"
+        + (f" ({empty} none: training skips such a row, counted, or refuses it with data.bad_input=error)"
+           if empty else "")
         + (f"; teacher scores dropped from {scored} rows (they scored the old negatives)" if scored else ""))
   return 0
