@@ -104,10 +104,53 @@ def test_chat_equals_generate_streaming_and_not(client, server, model):
   jobs = [serve_worker.Job("chat", model.chat_ids([p]), {"max_tokens": n}) for p, n in zip(prompts, (3, 16, 9))]
   for job, (out,) in zip(jobs, server[1].run_chat(jobs)):
     assert out == serve_worker.gen.generate_ids(model, job.inputs, 16)[0][:job.args["max_tokens"]]
-  # sampling: the seed reproduces GritLM.generate's sample
+  # sampling: the seed reproduces GritLM.generate's sample, streamed or not
+  sample = model.generate(msgs, max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)[0]
   got = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0.8, top_p=0.9, seed=3)
-  assert got.choices[0].message.content == model.generate(msgs, max_new_tokens=8, temperature=0.8, top_p=0.9,
-                                                          seed=3)[0]
+  assert got.choices[0].message.content == sample
+  stream = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0.8, top_p=0.9,
+                                          seed=3, stream=True)
+  assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == sample
+
+
+def test_streamed_tokens_leave_the_worker_one_by_one_and_stop_when_cancelled(server, model):
+  """The worker hands each token to the request as it is decoded (one emit per token, then None), not the reply at
+  the end; a cancelled request (its client went away) stops decoding after the token in hand."""
+  ids = model.chat_ids([[{"role": "user", "content": "Why is the sky blue?"}]])[0]
+  want = serve_worker.gen.generate_ids(model, [ids], 12)[0]
+  emitted, cancelled = [], threading.Event()
+  args = {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "seed": 0, "emit": emitted.append,
+          "cancelled": cancelled}
+  out = server[1].submit(serve_worker.Job("stream", [ids], args)).result()
+  assert out == want and len(out) > 2
+  assert emitted == [[t] for t in out] + [None]
+  emitted.clear()
+  args["emit"] = lambda new: (emitted.append(new), cancelled.set())
+  out = server[1].submit(serve_worker.Job("stream", [ids], args)).result()
+  assert len(out) == 1 and emitted == [out, None]
+
+
+def test_text_stream_holds_back_partial_characters_and_stops():
+  """Pieces join to the decoded reply; a multi-byte character is sent once whole; text that may begin a stop string
+  waits, and the reply ends before the stop (OpenAI's rule); </s> ends it; what waits is released at the end."""
+  from grit_jax.data.tokenizer import Tokenizer
+  from grit_jax.inference.text_stream import TextStream
+  tok = Tokenizer(TOKENIZER)
+  ids = tok.encode("Paris é 🙂 END of it")
+  eos = tok.eos_id
+  whole = TextStream(tok, [], eos)
+  assert whole.push(ids + [eos, 7], last=True) == tok.decode(ids) and whole.finish == "stop"
+  one = TextStream(tok, [], eos)
+  pieces = [one.push([t]) for t in ids] + [one.push([], last=True)]
+  assert "".join(pieces) == tok.decode(ids) and one.finish == "length"
+  assert all("\ufffd" not in p for p in pieces)
+  stop = TextStream(tok, ["END", "zzz"], eos)
+  pieces = [stop.push([t]) for t in ids]
+  assert "".join(pieces) == tok.decode(ids).split("END")[0] and stop.finish == "stop"
+  assert stop.push([5], last=True) == ""  # ended: later ids are ignored
+  held = TextStream(tok, [tok.decode(ids) + "!"], eos)  # every prefix of the reply may begin it
+  sent = "".join(held.push([t]) for t in ids)
+  assert sent == "" and held.push([], last=True) == tok.decode(ids) and held.finish == "length"
 
 
 def test_bad_requests_are_4xx_with_their_message(client, server):

@@ -1,4 +1,5 @@
-"""Generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode program per shape bucket.
+"""Generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode program per shape bucket
+(for streaming, the same two halves as two programs: the decode loop runs a few tokens per call).
 
 The same program continues from a cache that already holds a prefix (RAG caching: the KV states of an embedding
 pass). Layout conventions (see docs/DESIGN.md "Model"):
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -137,49 +138,82 @@ def continuation_logits_fn(config):
   return jax.jit(fn)
 
 
+def _prefill(module, params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p, *, greedy, stop_at_eos,
+             max_new_tokens):
+  """One causal call writes the (right-padded) prompt into the cache after its prefix and samples the first token.
+  Returns the decode state (i = tokens so far, cache, last token [B], its position [B], done [B], tokens [B, N])."""
+  eos, pad = module.config.eos_token_id, 0
+  B, T = ids_BT.shape
+  pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+  out = module.apply({"params": params}, ids_BT, mask_BT, causal=True, positions=pos_BT, cache=cache,
+                     return_logits=True)
+  len_B = mask_BT.sum(-1).astype(jnp.int32)
+  last_BV = jnp.take_along_axis(out.logits, jnp.maximum(len_B - 1, 0)[:, None, None], axis=1)[:, 0]
+  tok_B = sample_token(last_BV, jax.random.fold_in(rng, 0), temperature, top_p, greedy)
+  done_B = (tok_B == eos) if stop_at_eos else jnp.zeros((B,), bool)
+  tokens_BN = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok_B)
+  return jnp.int32(1), out.cache, tok_B, start_B + len_B, done_B, tokens_BN
+
+
+def _decode(module, params, state, stop, rng, temperature, top_p, *, greedy, stop_at_eos):
+  """The `lax.while_loop` of single-token calls from the state's i until `stop` tokens (or every row done). Step i
+  samples with fold_in(rng, i), so decoding in pieces gives the tokens of one call."""
+  eos, pad = module.config.eos_token_id, 0
+
+  def cond(state):
+    i, _, _, _, done_B, _ = state
+    return (i < stop) & ~jnp.all(done_B)
+
+  def body(state):
+    i, cache, tok_B, pos_B, done_B, tokens_BN = state
+    out = module.apply({"params": params}, tok_B[:, None], jnp.ones((tok_B.shape[0], 1), jnp.int32), causal=True,
+                       positions=pos_B[:, None], cache=cache, return_logits=True)
+    nxt_B = sample_token(out.logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p, greedy)
+    nxt_B = jnp.where(done_B, pad, nxt_B)
+    tokens_BN = tokens_BN.at[:, i].set(nxt_B)
+    if stop_at_eos:
+      done_B = done_B | (nxt_B == eos)
+    return i + 1, out.cache, nxt_B, pos_B + 1, done_B, tokens_BN
+
+  return jax.lax.while_loop(cond, body, state)
+
+
 @functools.lru_cache(maxsize=None)
 def generate_fn(config, max_new_tokens: int, greedy: bool, stop_at_eos: bool = True):
-  """jit(params, cache, ids [B,T], mask [B,T], start [B], rng, temperature, top_p) -> tokens [B, max_new_tokens].
-
-  Prefill: one causal call writes the (right-padded) prompt into the cache after its prefix. Decode: a
-  `lax.while_loop` of single-token calls, stopping when every row has emitted `</s>` (or after max_new_tokens).
-  The cache must have room for prefix + T + max_new_tokens - 1 slots.
+  """jit(params, cache, ids [B,T], mask [B,T], start [B], rng, temperature, top_p) -> tokens [B, max_new_tokens]:
+  the prefill and the whole decode loop (stopping when every row has emitted `</s>`, or after max_new_tokens) in
+  one program. The cache must have room for prefix + T + max_new_tokens - 1 slots.
   """
   module = Transformer(config)
-  eos, pad = config.eos_token_id, 0
+  kw = dict(greedy=greedy, stop_at_eos=stop_at_eos)
 
   def fn(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p):
     _count_trace("generate")
-    B, T = ids_BT.shape
-    pos_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    out = module.apply({"params": params}, ids_BT, mask_BT, causal=True, positions=pos_BT, cache=cache,
-                       return_logits=True)
-    len_B = mask_BT.sum(-1).astype(jnp.int32)
-    last_BV = jnp.take_along_axis(out.logits, jnp.maximum(len_B - 1, 0)[:, None, None], axis=1)[:, 0]
-    tok_B = sample_token(last_BV, jax.random.fold_in(rng, 0), temperature, top_p, greedy)
-    done_B = (tok_B == eos) if stop_at_eos else jnp.zeros((B,), bool)
-    tokens_BN = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok_B)
-    pos_B = start_B + len_B  # position of the token just sampled
-
-    def cond(state):
-      i, _, _, _, done_B, _ = state
-      return (i < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(state):
-      i, cache, tok_B, pos_B, done_B, tokens_BN = state
-      out = module.apply({"params": params}, tok_B[:, None], jnp.ones((B, 1), jnp.int32), causal=True,
-                         positions=pos_B[:, None], cache=cache, return_logits=True)
-      nxt_B = sample_token(out.logits[:, 0], jax.random.fold_in(rng, i), temperature, top_p, greedy)
-      nxt_B = jnp.where(done_B, pad, nxt_B)
-      tokens_BN = tokens_BN.at[:, i].set(nxt_B)
-      if stop_at_eos:
-        done_B = done_B | (nxt_B == eos)
-      return i + 1, out.cache, nxt_B, pos_B + 1, done_B, tokens_BN
-
-    state = (jnp.int32(1), out.cache, tok_B, pos_B, done_B, tokens_BN)
-    return jax.lax.while_loop(cond, body, state)[-1]
+    state = _prefill(module, params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p,
+                     max_new_tokens=max_new_tokens, **kw)
+    return _decode(module, params, state, max_new_tokens, rng, temperature, top_p, **kw)[-1]
 
   return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def stream_fns(config, max_new_tokens: int, greedy: bool):
+  """(prefill, decode) as two programs, for streaming: prefill(generate_fn's arguments) -> state;
+  decode(params, state, stop, rng, temperature, top_p) -> state, decoding until `stop` tokens (state donated: the
+  cache is updated in place)."""
+  module = Transformer(config)
+  kw = dict(greedy=greedy, stop_at_eos=True)
+
+  def prefill(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p):
+    _count_trace("stream_prefill")
+    return _prefill(module, params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p,
+                    max_new_tokens=max_new_tokens, **kw)
+
+  def decode(params, state, stop, rng, temperature, top_p):
+    _count_trace("stream_decode")
+    return _decode(module, params, state, stop, rng, temperature, top_p, **kw)
+
+  return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -204,12 +238,9 @@ def check_sampling(temperature: float, top_p: float, names=("temperature", "top_
     raise GritJaxError(f"{names[1]}={top_p}: must be in (0, 1]")
 
 
-def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start=None, *,
-                        max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                        stop_at_eos: bool = True) -> list[list[int]]:
-  """Continue each row of `cache` (None = empty) with its token list `seqs[b]` and generate. `start[b]` = first
-  position of the continuation (default: the row's number of valid cached tokens). Returns the new token ids per
-  row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two."""
+def _prepared(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start, max_new_tokens: int,
+              temperature: float, top_p: float, seed: int) -> tuple:
+  """generate_fn's arguments for `seqs` (checked; shapes bucketed: rows and continuation length to powers of two)."""
   if max_new_tokens < 1:
     raise GritJaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   check_sampling(temperature, top_p)
@@ -232,16 +263,48 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
     cache = pad_cache(cache, bucket_slots(int(cache.index) + T + max_new_tokens))
   if start is None:
     start = np.asarray(cache.valid).sum(-1)
-  start = np.asarray(start, np.int32)
-  greedy = temperature == 0.0
-  fn = generate_fn(model.config, int(max_new_tokens), greedy, stop_at_eos)
-  tokens = np.asarray(fn(generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(start),
-                         jax.random.PRNGKey(seed), jnp.float32(temperature or 1.0), jnp.float32(top_p)))
+  start = jnp.asarray(np.asarray(start, np.int32))
+  return (generation_params(model), cache, jnp.asarray(ids), jnp.asarray(mask), start, jax.random.PRNGKey(seed),
+          jnp.float32(temperature or 1.0), jnp.float32(top_p))
+
+
+def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start=None, *,
+                        max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                        stop_at_eos: bool = True) -> list[list[int]]:
+  """Continue each row of `cache` (None = empty) with its token list `seqs[b]` and generate. `start[b]` = first
+  position of the continuation (default: the row's number of valid cached tokens). Returns the new token ids per
+  row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two."""
+  args = _prepared(model, cache, seqs, start, max_new_tokens, temperature, top_p, seed)
+  fn = generate_fn(model.config, int(max_new_tokens), temperature == 0.0, stop_at_eos)
+  tokens = np.asarray(fn(*args))
   eos = model.config.eos_token_id
   result = []
-  for row in tokens[:n].tolist():
+  for row in tokens[:len(seqs)].tolist():
     result.append(row[:row.index(eos) + 1] if stop_at_eos and eos in row else row)
   return result
+
+
+def generate_stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 0, every: int = 1) -> Iterator[list[int]]:
+  """One prompt's new token ids as they are decoded, `every` tokens per program call: the tokens generate_ids gives
+  (same sampling stream), ending after `</s>` (yielded). Closing the generator stops the decoding."""
+  if every < 1:
+    raise GritJaxError(f"every={every}: must be >= 1")
+  params, cache, ids, mask, start, rng, temp, top_p_ = _prepared(model, None, [prompt_ids], None, max_new_tokens,
+                                                                 temperature, top_p, seed)
+  prefill, decode = stream_fns(model.config, int(max_new_tokens), temperature == 0.0)
+  state, sent, eos = prefill(params, cache, ids, mask, start, rng, temp, top_p_), 0, model.config.eos_token_id
+  while True:
+    i = int(state[0])
+    new = np.asarray(state[5][0, sent:i]).tolist()
+    sent = i
+    if eos in new:
+      yield new[:new.index(eos) + 1]
+      return
+    yield new
+    if i >= max_new_tokens:
+      return
+    state = decode(params, state, jnp.int32(min(i + every, max_new_tokens)), rng, temp, top_p_)
 
 
 def as_prompts(prompts_or_messages) -> list[list[str]]:

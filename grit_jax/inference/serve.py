@@ -4,7 +4,8 @@
   GET  /v1/models              the one model, under its served name
   POST /v1/embeddings          OpenAI's request (input: str | [str] | [int] | [[int]]; encoding_format float |
                                base64; dimensions) + an `instruction` field; the vectors of GritLM.encode
-  POST /v1/chat/completions    messages through the model's chat template (GritLM.chat_ids), streaming (SSE) or not
+  POST /v1/chat/completions    messages through the model's chat template (GritLM.chat_ids); stream=true sends each
+                               token's text as it is decoded (SSE)
   POST /v1/search              {"model", "query": str | [str], "k"} when an index was given
 
 The app checks and tokenizes each request on uvicorn's event loop (bad input is a 4xx before it queues), then hands
@@ -16,6 +17,7 @@ an internal failure is a 500 whose body names the exception type only (the trace
 # no `from __future__ import annotations`: FastAPI reads the request models of build_app from live annotations
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -23,7 +25,7 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -31,6 +33,7 @@ from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import encode as encode_lib
 from grit_jax.inference.serve_worker import ApiError, Job, Worker
+from grit_jax.inference.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -237,37 +240,54 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
   async def chat(req: ChatRequest):
     check_model(req.model)
     ids, max_tokens = chat_prompt(req)
+    args = {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
+            "seed": secrets.randbits(31) if req.seed is None else req.seed}
+    reply = TextStream(model.grit_tokenizer, [req.stop] if isinstance(req.stop, str) else (req.stop or []),
+                       model.config.eos_token_id)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+    if req.stream:
+      return streamed(req, ids, args, reply, head)
     if req.temperature == 0:
       (out,) = await run("chat", [ids], max_tokens=max_tokens)
     else:
-      seed = secrets.randbits(31) if req.seed is None else req.seed
-      (out,) = await run("sample", [ids], max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                         seed=seed)
-    eos = model.config.eos_token_id
-    finish = "stop" if eos in out else "length"
-    pieces = stream_pieces(model.grit_tokenizer, out[:out.index(eos)] if eos in out else out)
-    stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-    pieces, cut = cut_at_stop(pieces, stops)
-    finish = "stop" if cut else finish
-    usage = {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    head = {"id": rid, "created": int(time.time()), "model": model_name}
-    if not req.stream:
-      return {**head, "object": "chat.completion", "usage": usage, "choices": [
-          {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": finish}]}
+      (out,) = await run("sample", [ids], **args)
+    content = reply.push(out, last=True)
+    return {**head, "object": "chat.completion", "usage": usage(ids, out), "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reply.finish}]}
+
+  def usage(ids, out) -> dict:
+    return {"prompt_tokens": len(ids), "completion_tokens": len(out), "total_tokens": len(ids) + len(out)}
+
+  def streamed(req, ids, args, reply, head):
+    """Server-sent events, one chunk per piece of text as the worker decodes it (run_stream). The job is queued
+    before the response starts, so a full queue is still a 503; a client that goes away stops the decoding."""
+    loop, pieces, cancelled = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    emit = functools.partial(loop.call_soon_threadsafe, pieces.put_nowait)
+    done = asyncio.wrap_future(worker.submit(Job("stream", [ids], {**args, "emit": emit, "cancelled": cancelled})))
 
     def chunk(delta: dict, finish_reason=None, **extra) -> str:
       body = {**head, "object": "chat.completion.chunk",
               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
       return f"data: {json.dumps(body)}\n\n"
 
-    def events():
-      yield chunk({"role": "assistant", "content": ""})
-      for piece in pieces:
-        yield chunk({"content": piece})
-      yield chunk({}, finish)
+    async def events():
+      try:
+        yield chunk({"role": "assistant", "content": ""})
+        while (new := await pieces.get()) is not None:
+          if text := reply.push(new):
+            yield chunk({"content": text})
+        out = await done
+        if text := reply.push([], last=True):
+          yield chunk({"content": text})
+      except GritJaxError as e:  # the status line is sent: the error goes in the stream, as OpenAI's does
+        yield f"data: {json.dumps(ApiError(400, str(e)).body())}\n\n"
+        return
+      finally:
+        cancelled.set()
+      yield chunk({}, reply.finish)
       if req.stream_options and req.stream_options.include_usage:
-        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage})}\n\n"
+        tail = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(ids, out)}
+        yield f"data: {json.dumps(tail)}\n\n"
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -289,40 +309,6 @@ def build_app(model, worker: Worker, *, model_name: str, api_key: str | None = N
           {"object": "search_result", "index": i, "results": h} for i, h in enumerate(hits)]}
 
   return app
-
-
-def stream_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-  """The reply as one text piece per token that completes characters: piece i = decode(ids[:i+1]) minus the text
-  sent so far (a token that ends inside a UTF-8 character, or after which the decoder changes earlier text, waits),
-  so the pieces always join to decode(ids)."""
-  pieces, sent = [], ""
-  for i in range(1, len(ids) + 1):
-    text = tokenizer.decode(list(ids[:i]))
-    if i < len(ids) and (text.endswith("\ufffd") or not text.startswith(sent)):
-      continue
-    if not text.startswith(sent):  # the last token rewrote text already cut into pieces: one piece then
-      return [text]
-    if text != sent:
-      pieces.append(text[len(sent):])
-      sent = text
-  return pieces
-
-
-def cut_at_stop(pieces: list[str], stops: Sequence[str]) -> tuple[list[str], bool]:
-  """The pieces up to the first occurrence of any stop string (excluded, as OpenAI); (pieces, whether cut)."""
-  text = "".join(pieces)
-  at = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-  if at < 0:
-    return pieces, False
-  out, n = [], 0
-  for p in pieces:
-    if n + len(p) >= at:
-      if at > n:
-        out.append(p[:at - n])
-      break
-    out.append(p)
-    n += len(p)
-  return out, True
 
 
 class Server:

@@ -8,7 +8,7 @@ or `max_wait_ms` have passed since the first, and runs them as one call: every e
 with its own instruction: they are token lists by then) in one `encode_tokens` call (packed / bucketed as
 GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, rounded up to a
 power of two so few programs compile, each reply cut to its own), sampled ones alone (their seed must not depend on
-the neighbours).
+the neighbours), streamed ones alone (`generate_stream`: each decoded token handed to the request as it comes).
 """
 import concurrent.futures
 import dataclasses
@@ -43,10 +43,14 @@ class ApiError(Exception):
 
 @dataclasses.dataclass
 class Job:
-  kind: str                 # "embed" | "chat" (greedy: batched) | "sample" (alone) | "search"
-  inputs: list              # embed: templates.Encoded; chat/sample: prompt ids; search: query strings
-  args: dict                # chat: max_tokens per input, temperature, top_p, seed; search: k
+  kind: str                 # "embed" | "chat" (greedy: batched) | "sample" | "stream" (alone) | "search"
+  inputs: list              # embed: templates.Encoded; chat/sample/stream: prompt ids; search: query strings
+  args: dict                # chat: max_tokens per input, temperature, top_p, seed; stream: also emit, cancelled;
+  #                           search: k
   future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+ALONE = ("sample", "stream")  # kinds that run one job per batch
 
 
 _STOP = object()  # the queue's last item: the worker ends after the batch before it
@@ -104,7 +108,7 @@ class Worker:
       return None
     batch, size = [first], len(first.inputs)
     deadline = time.monotonic() + self.max_wait
-    while first.kind != "sample" and size < self.max_batch:
+    while first.kind not in ALONE and size < self.max_batch:
       try:
         job = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
@@ -169,6 +173,23 @@ class Worker:
     a = job.args
     return [gen.generate_ids(self.model, job.inputs, a["max_tokens"], a["temperature"], a["top_p"], a["seed"])]
 
+  def run_stream(self, jobs: list[Job]) -> list[list[int]]:
+    """One reply streamed: args["emit"](ids) is called (from this thread) with each decoded token as it comes, then
+    emit(None) at the end, also on an error; decoding stops early once args["cancelled"] (a threading.Event) is
+    set, e.g. when the client went away. The result: every new id."""
+    (job,) = jobs
+    a, out = job.args, []
+    try:
+      for ids in gen.generate_stream(self.model, job.inputs[0], a["max_tokens"], a["temperature"], a["top_p"],
+                                     a["seed"]):
+        out += ids
+        a["emit"](ids)
+        if a["cancelled"].is_set():
+          break
+    finally:
+      a["emit"](None)
+    return [out]
+
   def run_search(self, jobs: list[Job]) -> list[list]:
     queries = [q for job in jobs for q in job.inputs]
     hits = self.searcher(queries, max(job.args["k"] for job in jobs))
@@ -177,7 +198,7 @@ class Worker:
 
 
 RUNS = {"embed": Worker.run_embed, "chat": Worker.run_chat, "sample": Worker.run_sample,
-        "search": Worker.run_search}
+        "stream": Worker.run_stream, "search": Worker.run_search}
 
 
 def corpus_index_searcher(model, index) -> Searcher:
