@@ -286,6 +286,12 @@ def test_mine_takes_the_rank_window_without_positives_or_near_scores(model, mode
   m = 1 - (order[0][1][order[0][0][3]] + order[0][1][order[0][0][4]]) / 2 / order[0][1][order[0][0][1]]
   part, short = mine_lib.mine(model, rows[:1], built, negatives=3, range_min=1, range_max=8, margin=float(m))
   assert part[0]["neg"] == [["", docs[r]] for r in order[0][0][4:7]] and short == 0
+  # a positive written bare that the corpus holds with its title ("T " + text) is still the positive, not a negative
+  q_D = model.encode([texts(17, 0)[2]])[0]
+  ranked = [r for r in np.argsort(-(emb @ q_D), kind="stable") if r != 2][:3]
+  bare, _ = mine_lib.mine(model, [{"query": texts(17, 0)[2], "pos": [texts(17, 0)[2]]}], built, negatives=3,
+                          range_max=8, margin=-10.0, margin_type="absolute")
+  assert docs[2] == "T " + texts(17, 0)[2] and bare[0]["neg"] == [docs[r] for r in ranked]
   none, short = mine_lib.mine(model, rows, built, negatives=3, range_max=8, margin=10.0, margin_type="absolute")
   assert short == 3 and all(r["neg"] == [] for r in none)
   data, out = tmp_path / "train.jsonl", tmp_path / "mined.jsonl"

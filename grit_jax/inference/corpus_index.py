@@ -200,15 +200,20 @@ class CorpusIndex:
                            f"{c['sha256'][:16]} -> {got[:16]}): rebuild the index")
     self._corpus_checked = True
 
-  def document(self, row: int) -> str:
-    """The text (title + text) of index row `row`, read from its corpus file (checked once per index)."""
+  def row(self, row: int) -> dict:
+    """The corpus row (the JSON object) of index row `row`, read from its corpus file (checked once per index)."""
     if not self._corpus_checked:
       self.check_corpus()
     f, offset = self.locations[row]
     path = self.meta["corpus"][int(f)]["path"]
     with open(path, "rb") as fh:
       fh.seek(int(offset))
-      return row_text(json.loads(fh.readline().decode("utf-8")), path)[1]
+      return json.loads(fh.readline().decode("utf-8"))
+
+  def document(self, row: int) -> str:
+    """The text of index row `row` as it was embedded (data.corpus.document_text: title joined)."""
+    f = self.meta["corpus"][int(self.locations[row][0])]["path"]
+    return row_text(self.row(row), f)[1]
 
   @property
   def documents(self):

@@ -1,6 +1,6 @@
 """Hard-negative mining over a corpus index (`grit-jax mine`): each training row's query is searched in the index
 and its `neg` replaced by the documents at ranks [range_min, range_max), best first, skipping its positives (by
-text) and every candidate within `margin` of the positive's score (relative: score > pos * (1 - margin); absolute:
+text: a corpus row whose embedded "title text" or bare text is a positive) and every candidate within `margin` of the positive's score (relative: score > pos * (1 - margin); absolute:
 score > pos - margin), as sentence-transformers' mine_hard_negatives does. The corpus side is `grit-jax index`
 (resumable); queries and positives are embedded again on each run (they are a training file, not a corpus).
 """
@@ -62,7 +62,7 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
       if r < 0 or s > limit:
         continue
       text = index.document(int(r))
-      if text not in pos_texts:
+      if text not in pos_texts and index.row(int(r))["text"] not in pos_texts:  # a positive, titled in the corpus
         neg.append([instruction, text] if isinstance(row["pos"][0], list) else text)
     short += len(neg) < negatives
     # a teacher scored the old candidates: its neg_scores would be paired with the mined texts (and pos_scores alone
