@@ -133,7 +133,7 @@ def test_every_entry_point_joins_titles_as_gritlm(tmp_path):
   want = ["Paris on the Seine", "no title", " empty title"]
   src = tmp_path / "c.jsonl"
   src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert [t for cf in ci.read_corpus([str(src)]) for t in cf.texts] == want
+  assert [t for cf in ci.read_corpus([str(src)]) for t in cf.texts(0, len(cf.ids))] == want
   assert cli.read_texts(str(src)) == want
   assert [rag_index.doc_text(r) for r in rows] == want
   assert hf_compat.corpus_texts(rows) == want
@@ -152,6 +152,11 @@ def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
     bad.write_text("\n".join(rows) + "\n")
     with pytest.raises(GritJaxError, match=msg):
       ci.read_corpus([str(bad)])
+  bad.write_text('{"id": 1, "text": "x"}\n{"id": 2, "text": "y"}\n')
+  (cf,) = ci.read_corpus([str(bad)])
+  bad.write_text('{"id": 1, "text": "x"}\n{"id": 3, "text": "y"}\n')  # edited after it was read
+  with pytest.raises(GritJaxError, match=r"bad.jsonl:2: the row changed since the corpus was read \(id '2'\)"):
+    cf.texts(0, 2)
   dup = tmp_path / "dup.jsonl"
   dup.write_text('{"id": "a3", "text": "again"}\n')
   with pytest.raises(GritJaxError, match=r"dup.jsonl:1: duplicate id 'a3', first at .*a.jsonl:4"):

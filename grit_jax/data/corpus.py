@@ -1,5 +1,6 @@
 """A corpus for `grit-jax index` / `mine`: JSONL files of {"id" (or BEIR's "_id"), "text", "title"?} rows, read
-whole and checked before any model loads (every bad row and every id used twice is one line naming file:line)."""
+whole and checked before any model loads (every bad row and every id used twice is one line naming file:line).
+Only ids and row offsets stay in memory; each shard's texts are read again when it is encoded."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,11 +13,29 @@ from grit_jax.errors import GritJaxError
 
 @dataclasses.dataclass
 class CorpusFile:
+  """A checked corpus file: its rows' ids and where each row is. The texts stay on disk (a corpus may be far larger
+  than memory): `texts` reads a range of them again, for the shard being encoded."""
   path: str
   ids: list[str]
-  texts: list[str]
   offsets: list[int]  # byte offset of each row's line
   lines: list[int]    # its line number
+
+  def texts(self, start: int, stop: int) -> list[str]:
+    """The document_text of rows [start, stop); a row changed since the file was read is a GritJaxError naming
+    its line."""
+    out = []
+    with open(self.path, "rb") as f:
+      for n in range(start, stop):
+        f.seek(self.offsets[n])
+        where = f"{self.path}:{self.lines[n]}"
+        try:
+          row = json.loads(f.readline().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+          row = None
+        if not isinstance(row, dict) or row_text(row, where)[0] != self.ids[n]:
+          raise GritJaxError(f"{where}: the row changed since the corpus was read (id {self.ids[n]!r}): rerun")
+        out.append(row_text(row, where)[1])
+    return out
 
 
 def document_text(doc: dict, where: str) -> str:
@@ -50,7 +69,7 @@ def row_text(row: dict, where: str) -> tuple[str, str]:
 
 def read_corpus_file(path: str) -> CorpusFile:
   """Every row of a corpus JSONL; a bad row is a GritJaxError naming the file and line."""
-  out = CorpusFile(path, [], [], [], [])
+  out = CorpusFile(path, [], [], [])
   try:
     f = open(path, "rb")
   except OSError as e:
@@ -69,9 +88,8 @@ def read_corpus_file(path: str) -> CorpusFile:
         raise GritJaxError(f"{path}:{n}: invalid JSON ({e.msg})") from e
       if not isinstance(row, dict):
         raise GritJaxError(f"{path}:{n}: expected an object with 'id' and 'text'")
-      rid, text = row_text(row, f"{path}:{n}")
+      rid, _ = row_text(row, f"{path}:{n}")
       out.ids.append(rid)
-      out.texts.append(text)
       out.offsets.append(start)
       out.lines.append(n)
   if not out.ids:

@@ -155,9 +155,9 @@ class CorpusIndex:
         raise GritJaxError(f"{file}: does not match the sha256 in {meta_path} (edited or damaged): rerun "
                            "`grit-jax index` after deleting it")
     try:
-      emb = np.load(os.path.join(path, "embeddings.npy"), mmap_mode="r")
-      ids = np.load(os.path.join(path, "ids.npy"))
-      locations = np.load(os.path.join(path, "locations.npy"))
+      # memory-mapped: a search reads the rows of its hits, not the corpus's N vectors, ids and locations
+      emb, ids, locations = (np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
+                             for name in ("embeddings", "ids", "locations"))
       read = faiss.read_index_binary if meta["faiss"]["quantize"] == "binary" else faiss.read_index
       index = read(os.path.join(path, "faiss.index"))
     except (OSError, ValueError, RuntimeError) as e:

@@ -129,7 +129,7 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
   with model.truncation_report(), bar:
     for c in todo:
       cf = files[c.file]
-      tokens = encode_lib.tokenize(model, cf.texts[c.start:c.stop], "", enc["max_length"])
+      tokens = encode_lib.tokenize(model, cf.texts(c.start, c.stop), "", enc["max_length"])
       model.count_truncation(tokens, enc["max_length"])
       emb_nD = encode_lib.encode_tokens(model, tokens, batch_size, enc["max_length"], enc["pooling"],
                                         enc["normalize"], enc["causal"], show_progress_bar=False, packing=packing)
