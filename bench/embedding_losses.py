@@ -52,8 +52,9 @@ def parse(workdir, extra):
   return config
 
 
-def self_distill_data(base, config, out_dir):
-  """data/train with pos_scores / neg_scores = the base model's cosine similarities (at the recipe's lengths)."""
+def derived_data(config, out_dir, rows_of):
+  """A copy of data/train whose embedding files hold rows_of(path) instead (the generative files as they are),
+  built beside `out_dir` and renamed into place once whole; a folder already there is reused."""
   if os.path.isdir(out_dir):
     return out_dir
   tmp = out_dir + ".tmp"
@@ -62,9 +63,20 @@ def self_distill_data(base, config, out_dir):
   files = jsonl.split_files(config.data.train_dir)
   for path in files[jsonl.GENERATIVE]:
     shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-  kw = dict(normalize=True)
   for path in files[jsonl.EMBEDDING]:
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = rows_of(path)
+    atomic_write(os.path.join(tmp, os.path.basename(path)), lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+  os.rename(tmp, out_dir)
+  return out_dir
+
+
+def self_distill_data(base, config, out_dir):
+  """data/train with pos_scores / neg_scores = the base model's cosine similarities (at the recipe's lengths)."""
+  from grit_jax.inference import mine as mine_lib
+  kw = dict(normalize=True)
+
+  def scored(path):
+    rows = mine_lib.read_rows(path)
     parsed = [jsonl.parse_embedding(r, config.data.train_group_size) for r in rows]
     q_QD = retrieval_eval.embed_pairs(base, [r["query"] for r in parsed], max_length=config.data.query_max_len, **kw)
     for key in ("pos", "neg"):
@@ -75,10 +87,9 @@ def self_distill_data(base, config, out_dir):
         n = len(r[key])
         row[f"{key}_scores"] = [round(float(v), 6) for v in e_ND[start:start + n] @ q_QD[i]]
         start += n
-    atomic_write(os.path.join(tmp, os.path.basename(path)),
-                 lambda f, rows=rows: f.write("".join(json.dumps(r) + "\n" for r in rows)))
-  os.rename(tmp, out_dir)
-  return out_dir
+    return rows
+
+  return derived_data(config, out_dir, scored)
 
 
 def mined_data(base, config, out_dir):
@@ -91,29 +102,25 @@ def mined_data(base, config, out_dir):
     return out_dir
   from grit_jax.inference import corpus_index as ci
   from grit_jax.inference import mine as mine_lib
-  tmp = out_dir + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  files = jsonl.split_files(config.data.train_dir)
-  for path in files[jsonl.GENERATIVE]:
-    shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+  emb_files = jsonl.split_files(config.data.train_dir)[jsonl.EMBEDDING]
   texts = {}
-  for path in files[jsonl.EMBEDDING]:
+  for path in emb_files:
     for row in mine_lib.read_rows(path):
       for x in row["pos"] + row.get("neg", []):
         texts.setdefault(mine_lib._item(x)[1], len(texts))
   corpus = os.path.join(args.workdir, "mined_corpus.jsonl")
   atomic_write(corpus, lambda f: f.writelines(json.dumps({"id": i, "text": t}) + "\n" for t, i in texts.items()))
   index = ci.build(base, [corpus], os.path.join(args.workdir, "mined_index"), max_length=config.data.passage_max_len)
-  short = 0
-  for path in files[jsonl.EMBEDDING]:
+  short = []
+
+  def mined(path):
     rows, n = mine_lib.mine(base, mine_lib.read_rows(path), index, negatives=config.data.train_group_size - 1,
                             range_max=30, margin=args.mine_margin, margin_type=args.mine_margin_type)
-    short += n
-    atomic_write(os.path.join(tmp, os.path.basename(path)),
-                 lambda f, rows=rows: f.writelines(json.dumps(r) + "\n" for r in rows))
-  print(f"mined: {len(texts)} corpus passages; {short} rows got fewer negatives than asked", flush=True)
-  os.rename(tmp, out_dir)
+    short.append(n)
+    return rows
+
+  derived_data(config, out_dir, mined)
+  print(f"mined: {len(texts)} corpus passages; {sum(short)} rows got fewer negatives than asked", flush=True)
   return out_dir
 
 
