@@ -26,16 +26,21 @@ class CorpusFile:
     out = []
     with open(self.path, "rb") as f:
       for n in range(start, stop):
-        f.seek(self.offsets[n])
-        where = f"{self.path}:{self.lines[n]}"
-        try:
-          row = json.loads(f.readline().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-          row = None
-        if not isinstance(row, dict) or row_text(row, where)[0] != self.ids[n]:
+        where, row = f"{self.path}:{self.lines[n]}", row_at(f, self.offsets[n])
+        rid, text = row_text(row, where) if isinstance(row, dict) else (None, None)
+        if rid != self.ids[n]:
           raise GritJaxError(f"{where}: the row changed since the corpus was read (id {self.ids[n]!r}): rerun")
-        out.append(row_text(row, where)[1])
+        out.append(text)
     return out
+
+
+def row_at(f, offset: int):
+  """The JSON value of the line at byte `offset` of the open (binary) corpus file `f`; None if it is not JSON."""
+  f.seek(offset)
+  try:
+    return json.loads(f.readline().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError):
+    return None
 
 
 def document_text(doc: dict, where: str) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import time
@@ -37,9 +36,9 @@ from typing import Sequence
 
 import numpy as np
 
-from grit_jax.data.corpus import CorpusFile, read_corpus, row_text
+from grit_jax.data.corpus import CorpusFile, document_text, read_corpus, row_at
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, read_json, sha256_file
+from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 from grit_jax.inference.corpus_shards import VERSION, chunks, done_shards, encode_corpus, load_shard
 from grit_jax.inference.vector_search import FaissSettings, build_faiss, device_corpus, device_topk, faiss_search
 
@@ -112,7 +111,7 @@ def finish(out_dir: str, files: Sequence[CorpusFile], settings: dict, fs: FaissS
   atomic_write(faiss_path, lambda f: f.write(serialize(index).tobytes()), "wb")
   meta = dict(settings, num_documents=N, dim=int(emb_ND.shape[1]), faiss=dataclasses.asdict(fs),
               sha256={n: sha256_file(os.path.join(out_dir, n)) for n in FINAL_FILES})
-  atomic_write(meta_path, lambda f: json.dump(meta, f, indent=1))
+  write_json(meta_path, meta, indent=1)
   log.info("%s: %s index of %d documents built in %.1f s", out_dir, fs.kind, N, time.perf_counter() - t0)
   return CorpusIndex.load(out_dir, verify=False)
 
@@ -205,15 +204,12 @@ class CorpusIndex:
     if not self._corpus_checked:
       self.check_corpus()
     f, offset = self.locations[row]
-    path = self.meta["corpus"][int(f)]["path"]
-    with open(path, "rb") as fh:
-      fh.seek(int(offset))
-      return json.loads(fh.readline().decode("utf-8"))
+    with open(self.meta["corpus"][int(f)]["path"], "rb") as fh:
+      return row_at(fh, int(offset))
 
   def document(self, row: int) -> str:
     """The text of index row `row` as it was embedded (data.corpus.document_text: title joined)."""
-    f = self.meta["corpus"][int(self.locations[row][0])]["path"]
-    return row_text(self.row(row), f)[1]
+    return document_text(self.row(row), f"index {self.path}: row {row}")
 
   @property
   def documents(self):

@@ -1,8 +1,9 @@
 """Hard-negative mining over a corpus index (`grit-jax mine`): each training row's query is searched in the index
 and its `neg` replaced by the documents at ranks [range_min, range_max), best first, skipping its positives (by
-text: a corpus row whose embedded "title text" or bare text is a positive) and every candidate within `margin` of the positive's score (relative: score > pos * (1 - margin); absolute:
-score > pos - margin), as sentence-transformers' mine_hard_negatives does. The corpus side is `grit-jax index`
-(resumable); queries and positives are embedded again on each run (they are a training file, not a corpus).
+text: a corpus row whose embedded "title text" or bare text is a positive) and every candidate within `margin` of
+the positive's score (relative: score > pos * (1 - margin); absolute: score > pos - margin), as
+sentence-transformers' mine_hard_negatives does. The corpus side is `grit-jax index` (resumable); queries and
+positives are embedded again on each run (they are a training file, not a corpus).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from grit_jax.data import jsonl
+from grit_jax.data.corpus import document_text
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import corpus_index as ci
 
@@ -61,8 +63,9 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
         break
       if r < 0 or s > limit:
         continue
-      text = index.document(int(r))
-      if text not in pos_texts and index.row(int(r))["text"] not in pos_texts:  # a positive, titled in the corpus
+      doc = index.row(int(r))
+      text = document_text(doc, f"index {index.path}: row {r}")  # as embedded: a positive may be titled there
+      if text not in pos_texts and doc["text"] not in pos_texts:
         neg.append([instruction, text] if isinstance(row["pos"][0], list) else text)
     short += len(neg) < negatives
     # a teacher scored the old candidates: its neg_scores would be paired with the mined texts (and pos_scores alone
