@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 from grit_jax import common_types
 from grit_jax.data import jsonl, templates
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, cache_dir as _cache_dir, file_lock, sha256_file
+from grit_jax.fileio import cache_dir as _cache_dir, file_lock, sha256_file, write_json
 
 FORMAT_VERSION = 3  # in the cache key: 2 = duplicate rows counted in the metadata; 3 = teacher scores
 tfds.disable_progress_bar()
@@ -102,7 +102,7 @@ def make_config(kind: str, files: list[str], *, tokenizer: str, query_max_len: i
   fingerprint = hashlib.sha256(json.dumps([content_fp, files]).encode()).hexdigest()[:16]
   if cache_dir is not None and memo != before:
     os.makedirs(cache_dir, exist_ok=True)
-    atomic_write(os.path.join(cache_dir, HASH_MEMO), lambda f: json.dump(memo, f))
+    write_json(os.path.join(cache_dir, HASH_MEMO), memo, indent=None)
   return GritJsonlConfig(name=f"{kind}_{fingerprint}", version=tfds.core.Version("1.0.0"), kind=kind, files=files,
                          tokenizer=os.path.abspath(tokenizer), query_max_len=query_max_len,
                          passage_max_len=passage_max_len, generative_max_len=generative_max_len,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 from typing import Sequence
 
@@ -14,7 +13,7 @@ import numpy as np
 
 from grit_jax.data.corpus import CorpusFile
 from grit_jax.errors import GritJaxError
-from grit_jax.fileio import atomic_write, read_json, sha256_file
+from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 
 VERSION = 1
 SETTINGS = "index_settings.json"
@@ -89,7 +88,7 @@ def _write_shard(path: str, ids: Sequence[str], emb: np.ndarray) -> None:
 
 
 def _commit(out_dir: str, process_index: int, shards: dict) -> None:
-  atomic_write(_manifest_path(out_dir, process_index), lambda f: json.dump({"shards": shards}, f, indent=0))
+  write_json(_manifest_path(out_dir, process_index), {"shards": shards}, indent=0)
 
 
 def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_rows: int = 4096,
@@ -112,7 +111,7 @@ def encode_corpus(model, files: Sequence[CorpusFile], out_dir: str, *, shard_row
   if os.path.exists(settings_path):
     _check_same(read_json(settings_path, "index settings"), settings, settings_path)
   elif process_index == 0:
-    atomic_write(settings_path, lambda f: json.dump(settings, f, indent=1))
+    write_json(settings_path, settings, indent=1)
   shard_path = lambda name: os.path.join(out_dir, "shards", name)  # noqa: E731
   # a listed shard deleted by the user (after a checksum error) is encoded again
   done = {n: v for n, v in done_shards(out_dir).items() if os.path.exists(shard_path(n))}
