@@ -1,5 +1,5 @@
 """Generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode program per shape bucket
-(for streaming, the same two halves as two programs: the decode loop runs a few tokens per call).
+(for streaming, the same two halves as two programs: the decode loop runs one token per call).
 
 The same program continues from a cache that already holds a prefix (RAG caching: the KV states of an embedding
 pass). Layout conventions (see docs/DESIGN.md "Model"):
@@ -285,11 +285,9 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
 
 
 def generate_stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int = 0, every: int = 1) -> Iterator[list[int]]:
-  """One prompt's new token ids as they are decoded, `every` tokens per program call: the tokens generate_ids gives
-  (same sampling stream), ending after `</s>` (yielded). Closing the generator stops the decoding."""
-  if every < 1:
-    raise GritJaxError(f"every={every}: must be >= 1")
+                    top_p: float = 1.0, seed: int = 0) -> Iterator[list[int]]:
+  """One prompt's new token ids as they are decoded, one per program call: the tokens generate_ids gives (same
+  sampling stream), ending after `</s>` (yielded). Closing the generator stops the decoding."""
   params, cache, ids, mask, start, rng, temp, top_p_ = _prepared(model, None, [prompt_ids], None, max_new_tokens,
                                                                  temperature, top_p, seed)
   prefill, decode = stream_fns(model.config, int(max_new_tokens), temperature == 0.0)
@@ -304,7 +302,7 @@ def generate_stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 256,
     yield new
     if i >= max_new_tokens:
       return
-    state = decode(params, state, jnp.int32(min(i + every, max_new_tokens)), rng, temp, top_p_)
+    state = decode(params, state, jnp.int32(i + 1), rng, temp, top_p_)
 
 
 def as_prompts(prompts_or_messages) -> list[list[str]]:

@@ -32,6 +32,8 @@ from grit_jax.modeling.model import Transformer, params_for
 log = logging.getLogger(__name__)
 
 _UNSET = object()  # "not given": the model's stored setting applies (None is a value: gritlm's attn=None)
+
+
 @functools.lru_cache(maxsize=None)
 def forward_fn(config: ModelConfig, causal: bool, return_logits: bool):
   """jit(params, ids [B, T], mask [B, T]) -> hidden [B, T, D] or logits [B, T, V]; one per (config, mode), so

@@ -7,6 +7,7 @@ rewriting text already sent, and while its tail could still begin a stop string;
 reply ends, the stop excluded (as OpenAI's `stop`). `</s>` ends it too and is not text."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 
@@ -31,7 +32,7 @@ class TextStream:
     if not last and (text.endswith("\ufffd") or not text.startswith(self.sent)):
       return ""
     # a rewrite at the very end cannot take back what was sent: send what follows the common prefix
-    start = len(self.sent) if text.startswith(self.sent) else _common_prefix(text, self.sent)
+    start = len(os.path.commonprefix([text, self.sent]))
     at = min((i for i in (text.find(s, max(0, start - len(s) + 1)) for s in self.stops) if i >= 0), default=-1)
     if at >= 0:
       end, self.finish = at, "stop"
@@ -48,9 +49,3 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
   """The length of the longest tail of `text` that is the beginning of some stop string (0: none)."""
   return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:n])), default=0)
 
-
-def _common_prefix(a: str, b: str) -> int:
-  n = 0
-  while n < min(len(a), len(b)) and a[n] == b[n]:
-    n += 1
-  return n
