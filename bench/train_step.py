@@ -2,7 +2,7 @@
 measured in the same run (the practical ceiling of this machine).
 
   .venv/bin/python bench/train_step.py [--hidden 768 --layers 12 --seq 512 --queries 2 --gen 2 --steps 3]
-                                       [--dtype float32|bfloat16] [--remat none|full|minimal] [--scan]
+                                       [--dtype float32|bfloat16] [--remat none|full|minimal|...] [--scan]
 
 Default shape: a ~100M-parameter Mistral (d 768, 12 layers, 12 heads / 4 kv heads, mlp 2048, vocab 32000) at
 sequence 512; one step = the query and passage passes (bidirectional, group size 2) + the causal generative pass,
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
   ap.add_argument("--gen", type=int, default=2, help="generative rows per step")
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  ap.add_argument("--remat", default="none", choices=("none", "full", "minimal", "save_dots_except_mlp"))
+  from grit_jax.modeling.config import REMAT_POLICIES
+  ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
   ap.add_argument("--scan", action="store_true", help="nn.scan over layers")
   ap.add_argument("--grad-accum", type=int, default=1)
   ap.add_argument("--gradcache-chunk", type=int, default=0)

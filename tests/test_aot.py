@@ -383,7 +383,7 @@ def remat_runs():
   ids = jnp.asarray(np.random.default_rng(0).integers(3, base.vocab_size, (4, 64)), jnp.int32)
   mask = jnp.ones_like(ids)
   out = {}
-  for policy in ("none", "full", "minimal", "save_dots_except_mlp"):
+  for policy in ("none", "full", "minimal", "save_dots_except_mlp", "save_qkv_gate_up"):
     model = Transformer(base.replace(remat_policy=policy))
 
     def loss(p, model=model):
@@ -396,7 +396,7 @@ def remat_runs():
 
 def test_remat_policies_same_loss_and_grads(remat_runs):
   (l0, g0), _ = remat_runs["none"]
-  for policy in ("full", "minimal", "save_dots_except_mlp"):
+  for policy in ("full", "minimal", "save_dots_except_mlp", "save_qkv_gate_up"):
     (l, g), _ = remat_runs[policy]
     np.testing.assert_allclose(l, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g, g0)
@@ -406,6 +406,7 @@ def test_remat_full_saves_activation_memory(remat_runs):
   temp = {p: t for p, (_, t) in remat_runs.items()}
   assert temp["full"] < temp["none"], temp
   assert temp["full"] <= temp["save_dots_except_mlp"] <= temp["none"], temp
+  assert temp["full"] <= temp["save_qkv_gate_up"] <= temp["none"], temp
   assert math.isfinite(temp["minimal"])
 
 

@@ -18,7 +18,7 @@ from grit_jax.modeling.families import ACTIVATIONS, FAMILIES, LAYER_TYPES, ROPE_
 DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "flat")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # grit_jax.modeling.kernels dispatches on these
-REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp")
+REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp", "save_qkv_gate_up")
 MOE_IMPLS = ("ragged", "dense")
 # How the run computes, not what the checkpoint holds: the recipe's own even when a run loads a model.
 # LoRA (grit_jax.modeling.lora): adapters over the projections named by LORA_TARGETS; the recipe's own too.
@@ -77,7 +77,7 @@ class ModelConfig:
   dtype: str = "float32"                  # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = False               # nn.scan over layers: params stacked under `layers/` (see scan_period)
-  remat_policy: str = "none"              # none | full | minimal | save_dots_except_mlp
+  remat_policy: str = "none"              # REMAT_POLICIES
   attention_impl: str = "auto"            # auto | xla | splash | cudnn (grit_jax.modeling.attention.attend)
   matmul_impl: str = "auto"               # auto | xla | flat: layers.Linear, attention.attend (CPU layouts)
   moe_impl: str = "ragged"                # experts: ragged (routed, grouped matmuls) | dense (all experts, reference)

@@ -253,8 +253,8 @@ class Mlp(nn.Module):
     c = self.config
     dense = lambda feats, axes, name: Linear(feats, axes, 1, c.dtype, c.param_dtype, impl=c.matmul_impl,
                                             use_bias=c.mlp_bias, name=name, **lora_kw(c, name.removesuffix("_proj")))
-    gate_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "gate_proj")(x_BTD)
-    up_BTI = dense((c.intermediate_size,), ("embed", "mlp"), "up_proj")(x_BTD)
+    gate_BTI = checkpoint_name(dense((c.intermediate_size,), ("embed", "mlp"), "gate_proj")(x_BTD), "mlp_gate")
+    up_BTI = checkpoint_name(dense((c.intermediate_size,), ("embed", "mlp"), "up_proj")(x_BTD), "mlp_up")
     h_BTI = constrain(ACTIVATIONS[c.hidden_act](gate_BTI) * up_BTI, ("batch", "length", "mlp"))
     return dense((c.hidden_size,), ("mlp", "embed"), "down_proj")(h_BTI)
 

@@ -21,6 +21,9 @@ REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "out_proj"),
+    # what a LoRA backward needs and is dear to recompute: attention's inputs and SwiGLU's (BENCHMARKS.md, LoRA)
+    "save_qkv_gate_up": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "mlp_gate", "mlp_up"),
 }
 
 
