@@ -148,7 +148,11 @@ def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
   for rows, msg in [(['{"id": 1, "text": "x"}', '{"text": "no id"}'], r"bad.jsonl:2: no 'id'"),
                     (['{"id": 1, "text": "x"}', '{"id": 2, "text": " "}'], r"bad.jsonl:2: id 2 has no text"),
                     (['{"id": 1, "text": "x"}', '', '{"id": "1", "text": "y"}'],
-                     r"bad.jsonl:3: duplicate id '1', first at .*bad.jsonl:1")]:
+                     r"bad.jsonl:3: duplicate id '1', first at .*bad.jsonl:1"),
+                    # several ids used twice: the first repeat met in file order is named
+                    (['{"id": "a", "text": "x"}', '{"id": "b", "text": "x"}', '{"id": "b", "text": "y"}',
+                      '{"id": "a", "text": "y"}'], r"bad.jsonl:3: duplicate id 'b', first at .*bad.jsonl:2"),
+                    (['{"id": "a\\u0000", "text": "x"}'], r"bad.jsonl:1: id 'a\\x00' holds a NUL character")]:
     bad.write_text("\n".join(rows) + "\n")
     with pytest.raises(GritJaxError, match=msg):
       ci.read_corpus([str(bad)])

@@ -101,8 +101,8 @@ def finish(out_dir: str, files: Sequence[CorpusFile], settings: dict, fs: FaissS
     if os.path.exists(tmp):
       os.remove(tmp)
   emb_ND = np.load(emb_path, mmap_mode="r")
-  ids = np.asarray([i for cf in files for i in cf.ids], dtype=str)
-  locations = np.asarray([(f, o) for f, cf in enumerate(files) for o in cf.offsets], np.int64).reshape(-1, 2)
+  ids = np.concatenate([cf.ids for cf in files])
+  locations = np.concatenate([np.stack([np.full(len(cf.offsets), f), cf.offsets], 1) for f, cf in enumerate(files)])
   atomic_write(os.path.join(out_dir, "ids.npy"), lambda f: np.save(f, ids), "wb")
   atomic_write(os.path.join(out_dir, "locations.npy"), lambda f: np.save(f, locations), "wb")
   index = build_faiss(np.asarray(emb_ND), fs)

@@ -152,6 +152,6 @@ def load_shard(path: str, want: dict, ids: Sequence[str]) -> np.ndarray:
       got_ids, emb = z["ids"], z["emb"]
   except (OSError, ValueError, KeyError) as e:
     raise GritJaxError(f"{path}: cannot read ({e})") from e
-  if list(got_ids) != list(ids):
+  if not np.array_equal(got_ids, ids):
     raise GritJaxError(f"{path}: holds other ids than its corpus rows")
   return emb
