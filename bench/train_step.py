@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   from grit_jax.modeling.config import REMAT_POLICIES
-  ap.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+  ap.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
   ap.add_argument("--scan", action="store_true", help="nn.scan over layers")
   ap.add_argument("--grad-accum", type=int, default=1)
   ap.add_argument("--gradcache-chunk", type=int, default=0)

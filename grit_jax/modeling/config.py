@@ -18,7 +18,17 @@ from grit_jax.modeling.families import ACTIVATIONS, FAMILIES, LAYER_TYPES, ROPE_
 DTYPES = ("float32", "bfloat16")
 MATMUL_IMPLS = ("auto", "xla", "flat")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # grit_jax.modeling.kernels dispatches on these
-REMAT_POLICIES = ("none", "full", "minimal", "save_dots_except_mlp", "save_qkv_gate_up")
+# remat_policy -> what the scanned layer keeps for its backward pass (model._layer_class makes the jax policy):
+# None = everything (no remat), () = nothing (the layer recomputed), "dots_with_no_batch_dims" = every projection's
+# output, a tuple = the values of those checkpoint names (tagged in layers.Attention / layers.Mlp)
+REMAT_POLICIES = {
+    "none": None,
+    "full": (),
+    "minimal": "dots_with_no_batch_dims",
+    "save_dots_except_mlp": ("query_proj", "key_proj", "value_proj", "out_proj"),
+    # what a LoRA backward needs and is dear to recompute: attention's inputs and SwiGLU's (BENCHMARKS.md, LoRA)
+    "save_qkv_gate_up": ("query_proj", "key_proj", "value_proj", "mlp_gate", "mlp_up"),
+}
 MOE_IMPLS = ("ragged", "dense")
 # How the run computes, not what the checkpoint holds: the recipe's own even when a run loads a model.
 # LoRA (grit_jax.modeling.lora): adapters over the projections named by LORA_TARGETS; the recipe's own too.
@@ -142,7 +152,7 @@ class ModelConfig:
                          ("matmul_impl", MATMUL_IMPLS), ("moe_impl", MOE_IMPLS),
                          ("hidden_act", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
       if getattr(self, key) not in allowed:
-        bad(key, f"expected one of {allowed}")
+        bad(key, f"expected one of {tuple(allowed)}")
 
   def _check_lora(self, bad) -> None:
     if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:

@@ -12,19 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from grit_jax.modeling.attention import SelfAttentionMask, make_attention_mask
-from grit_jax.modeling.config import ModelConfig
+from grit_jax.modeling.config import REMAT_POLICIES, ModelConfig
 from grit_jax.modeling.layers import INIT_STD, DecoderLayer, Linear, RMSNorm
 
-# remat_policy name -> jax.checkpoint policy (None = recompute everything). Names tagged in layers.Attention.
-REMAT_POLICIES = {
-    "full": None,
-    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "out_proj"),
-    # what a LoRA backward needs and is dear to recompute: attention's inputs and SwiGLU's (BENCHMARKS.md, LoRA)
-    "save_qkv_gate_up": jax.checkpoint_policies.save_only_these_names(
-        "query_proj", "key_proj", "value_proj", "mlp_gate", "mlp_up"),
-}
 
 
 @flax.struct.dataclass
@@ -69,9 +59,14 @@ def load_balancing_loss(stats_L2E, num_tokens, num_experts: int):
 
 
 def _layer_class(config: ModelConfig):
-  if config.remat_policy == "none":
+  saved = REMAT_POLICIES[config.remat_policy]
+  if saved is None:
     return DecoderLayer
-  return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=not config.scan_layers)
+  if saved == "dots_with_no_batch_dims":
+    policy = jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  else:
+    policy = jax.checkpoint_policies.save_only_these_names(*saved) if saved else None  # None: keep nothing
+  return nn.remat(DecoderLayer, policy=policy, prevent_cse=not config.scan_layers)
 
 
 def apply_layers(c: ModelConfig, count: int, x_BTD, kv, masks, positions_BT, cache_index, token_mask_BT):
