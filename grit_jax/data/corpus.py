@@ -1,7 +1,7 @@
 """A corpus for `grit-jax index` / `mine`: JSONL files of {"id" (or BEIR's "_id"), "text", "title"?} rows, read
 whole and checked before any model loads (every bad row and every id used twice is one line naming file:line).
-Only ids and row offsets stay in memory, as numpy arrays (~4 bytes per id character + 16 per row: a 100M-row
-corpus of BEIR-length ids fits a host); each shard's texts are read again when it is encoded."""
+Only ids and row offsets stay in memory, as numpy arrays (per row: 4 bytes per character of the longest id + 16;
+56 MiB per million BEIR-style ids); each shard's texts are read again when it is encoded."""
 from __future__ import annotations
 
 import dataclasses

@@ -16,7 +16,6 @@ from grit_jax.modeling.config import REMAT_POLICIES, ModelConfig
 from grit_jax.modeling.layers import INIT_STD, DecoderLayer, Linear, RMSNorm
 
 
-
 @flax.struct.dataclass
 class KVCache:
   """Keys/values of every layer for S slots. A call writes its T tokens at slots [index, index + T); attention
