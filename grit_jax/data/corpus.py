@@ -1,7 +1,8 @@
 """A corpus for `grit-jax index` / `mine`: JSONL files of {"id" (or BEIR's "_id"), "text", "title"?} rows, read
 whole and checked before any model loads (every bad row and every id used twice is one line naming file:line).
-Only ids and row offsets stay in memory, as numpy arrays (per row: 4 bytes per character of the longest id + 16;
-56 MiB per million BEIR-style ids); each shard's texts are read again when it is encoded."""
+Only ids and row offsets stay in memory, as numpy arrays (per row 32 bytes, plus the UTF-8 length of an id longer
+than 15 bytes: variable-width strings, so one long id does not widen every row); each shard's texts are read again
+when it is encoded."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ import numpy as np
 
 from grit_jax.errors import GritJaxError
 
+IDS = np.dtypes.StringDType()  # variable-width str (a fixed-width "U" array is as wide as its longest id)
 BLOCK_ROWS = 1 << 16  # rows gathered as Python objects before they become arrays (bounds that transient)
 
 
@@ -21,7 +23,7 @@ class CorpusFile:
   """A checked corpus file: its rows' ids and where each row is. The texts stay on disk (a corpus may be far larger
   than memory): `texts` reads a range of them again, for the shard being encoded."""
   path: str
-  ids: np.ndarray      # [n] str
+  ids: np.ndarray      # [n] IDS
   offsets: np.ndarray  # [n] int64: byte offset of each row's line
   lines: np.ndarray    # [n] int64: its line number
 
@@ -34,9 +36,15 @@ class CorpusFile:
         where, row = f"{self.path}:{self.lines[n]}", row_at(f, self.offsets[n])
         rid, text = row_text(row, where) if isinstance(row, dict) else (None, None)
         if rid != self.ids[n]:
-          raise GritJaxError(f"{where}: the row changed since the corpus was read (id {str(self.ids[n])!r}): rerun")
+          raise GritJaxError(f"{where}: the row changed since the corpus was read (id {self.ids[n]!r}): rerun")
         out.append(text)
     return out
+
+
+def fixed_width(ids) -> np.ndarray:
+  """Ids as the .npy format's fixed-width str, the width of the longest (what ids.npy and the shards hold)."""
+  ids = np.asarray(ids, dtype=IDS)
+  return ids.astype(f"U{max(1, int(np.strings.str_len(ids).max(initial=0)))}")
 
 
 def row_at(f, offset: int):
@@ -67,7 +75,7 @@ def row_text(row: dict, where: str) -> tuple[str, str]:
   rid = row.get("id", row.get("_id"))
   if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
     raise GritJaxError(f"{where}: no 'id' (a string or an integer)")
-  if "\x00" in str(rid):  # numpy's str arrays (the ids in memory and in ids.npy) cannot hold a NUL
+  if "\x00" in str(rid):  # numpy's fixed-width str arrays (ids.npy, the shards) cannot hold a NUL
     raise GritJaxError(f"{where}: id {rid!r} holds a NUL character")
   if not isinstance(row.get("text"), str) or not row["text"].strip():
     raise GritJaxError(f"{where}: id {rid!r} has no text (a non-empty string 'text')")
@@ -85,7 +93,7 @@ def read_corpus_file(path: str) -> CorpusFile:
 
   def flush():
     if ids:
-      blocks.append((np.asarray(ids, dtype=str), np.asarray(offsets, np.int64), np.asarray(lines, np.int64)))
+      blocks.append((np.asarray(ids, dtype=IDS), np.asarray(offsets, np.int64), np.asarray(lines, np.int64)))
       ids.clear(), offsets.clear(), lines.clear()
 
   try:
@@ -137,5 +145,5 @@ def read_corpus(paths: Sequence[str]) -> list[CorpusFile]:
     def at(r):  # a row of the whole corpus -> "file:line"
       f = int(np.searchsorted(ends, r, side="right"))
       return f"{files[f].path}:{files[f].lines[r - (ends[f - 1] if f else 0)]}"
-    raise GritJaxError(f"{at(order[later])}: duplicate id {str(sorted_ids[later])!r}, first at {at(order[first])}")
+    raise GritJaxError(f"{at(order[later])}: duplicate id {sorted_ids[later]!r}, first at {at(order[first])}")
   return files

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-from grit_jax.data.corpus import CorpusFile, document_text, read_corpus, row_at
+from grit_jax.data.corpus import CorpusFile, document_text, fixed_width, read_corpus, row_at
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 from grit_jax.inference.corpus_shards import VERSION, chunks, done_shards, encode_corpus, load_shard
@@ -101,7 +101,7 @@ def finish(out_dir: str, files: Sequence[CorpusFile], settings: dict, fs: FaissS
     if os.path.exists(tmp):
       os.remove(tmp)
   emb_ND = np.load(emb_path, mmap_mode="r")
-  ids = np.concatenate([cf.ids for cf in files])
+  ids = fixed_width(np.concatenate([cf.ids for cf in files]))
   locations = np.concatenate([np.stack([np.full(len(cf.offsets), f), cf.offsets], 1) for f, cf in enumerate(files)])
   atomic_write(os.path.join(out_dir, "ids.npy"), lambda f: np.save(f, ids), "wb")
   atomic_write(os.path.join(out_dir, "locations.npy"), lambda f: np.save(f, locations), "wb")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from grit_jax.data.corpus import CorpusFile
+from grit_jax.data.corpus import CorpusFile, fixed_width
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 
@@ -84,7 +84,7 @@ def _check_same(recorded: dict, current: dict, where: str) -> None:
 
 
 def _write_shard(path: str, ids: Sequence[str], emb: np.ndarray) -> None:
-  atomic_write(path, lambda f: np.savez(f, ids=np.asarray(ids, dtype=str), emb=emb), "wb")
+  atomic_write(path, lambda f: np.savez(f, ids=fixed_width(ids), emb=emb), "wb")
 
 
 def _commit(out_dir: str, process_index: int, shards: dict) -> None:
