@@ -29,6 +29,10 @@ p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "embedding_losses
 p.add_argument("--runs", default="plain,matryoshka", help="comma-separated: plain, matryoshka, self_distill, mined")
 p.add_argument("--mine-margin", type=float, default=0.05, help="mined: grit-jax mine's --margin")
 p.add_argument("--mine-margin-type", default="relative", help="mined: grit-jax mine's --margin-type")
+p.add_argument("--mine-range-min", type=int, default=0, help="mined: grit-jax mine's --range-min (ranks kept: "
+               "[range-min, 30))")
+p.add_argument("--miner", default=None, help="mined: the model that mines (an export folder, e.g. the plain "
+               "run's hf/); default the base model")
 args = p.parse_args()
 
 from grit_jax.perf import host  # noqa: E402
@@ -93,7 +97,8 @@ def self_distill_data(base, config, out_dir):
 
 
 def mined_data(base, config, out_dir):
-  """data/train with each embedding row's `neg` mined by `grit-jax mine` with the base model, ranks 1-30: by default
+  """data/train with each embedding row's `neg` mined by `grit-jax mine` with `base` (the base model, or --miner),
+  ranks [--mine-range-min, 30): by default
   the NV-Embed recipe (dropping candidates scoring above 95% of the positive; --mine-margin-type absolute
   --mine-margin 0: only those scoring above the positive itself); the corpus is every distinct passage text of the
   training files, the same number of negatives per row as shipped (train_group_size - 1). A row left with none is
@@ -107,15 +112,15 @@ def mined_data(base, config, out_dir):
   for path in emb_files:
     for row in mine_lib.read_rows(path):
       for x in row["pos"] + row.get("neg", []):
-        texts.setdefault(mine_lib._item(x)[1], len(texts))
+        texts.setdefault(mine_lib.entry_parts(x)[1], len(texts))
   corpus = os.path.join(args.workdir, "mined_corpus.jsonl")
   atomic_write(corpus, lambda f: f.writelines(json.dumps({"id": i, "text": t}) + "\n" for t, i in texts.items()))
-  index = ci.build(base, [corpus], os.path.join(args.workdir, "mined_index"), max_length=config.data.passage_max_len)
+  index = ci.build(base, [corpus], os.path.join(args.workdir, MINED + "_index"), max_length=config.data.passage_max_len)
   short = []
 
   def mined(path):
     rows, n = mine_lib.mine(base, mine_lib.read_rows(path), index, negatives=config.data.train_group_size - 1,
-                            range_max=30, margin=args.mine_margin, margin_type=args.mine_margin_type)
+                            range_min=args.mine_range_min, range_max=30, margin=args.mine_margin, margin_type=args.mine_margin_type)
     short.append(n)
     return rows
 
@@ -141,11 +146,23 @@ RUNS = {
     "self_distill": lambda: [f"--config.data.train_dir={self_distill_data(base(), base_config, os.path.join(args.workdir, 'self_distill_data'))}",
                              "--config.loss.distill_weight=1.0",
                              f"--config.loss.distill_temperature={base_config.loss.temperature}"],
-    "mined": lambda: [f"--config.data.train_dir={mined_data(base(), base_config, os.path.join(args.workdir, MINED + '_data'))}"],
+    "mined": lambda: [f"--config.data.train_dir={mined_data(miner(), base_config, os.path.join(args.workdir, MINED + '_data'))}"],
 }
-# the first mined run (NV-Embed's 95%) keeps its plain name; other margins get their own run and data folders
-MINED = "mined" if (args.mine_margin, args.mine_margin_type) == (0.05, "relative") else \
-    f"mined_{args.mine_margin_type}_{args.mine_margin:g}"
+
+
+def miner():
+  return GritLM.from_pretrained(args.miner) if args.miner else base()
+
+
+# the first mined run (base model, ranks 0-30, NV-Embed's 95%) keeps its plain name; other settings get their own
+# run, data and index folders
+MINED = "mined"
+if (args.mine_margin, args.mine_margin_type) != (0.05, "relative"):
+  MINED += f"_{args.mine_margin_type}_{args.mine_margin:g}"
+if args.mine_range_min:
+  MINED += f"_from{args.mine_range_min}"
+if args.miner:
+  MINED += "_by_" + os.path.basename(os.path.dirname(os.path.abspath(args.miner)))
 RUNS[MINED] = RUNS.pop("mined")
 names = [MINED if n == "mined" else n for n in args.runs.split(",")]
 for name in names:

@@ -33,6 +33,9 @@ def main(argv: list[str]) -> int:
   p.add_argument("--warmup-tokens", type=int, default=0,
                  help="before serving, compile the embedding programs of every batch shape for inputs up to this "
                       "many tokens (0 = none: the first requests of each shape wait for its compile)")
+  p.add_argument("--warmup-chat-tokens", type=int, default=0,
+                 help="before serving, compile the chat programs (greedy batches, sampled, streamed) for prompts up "
+                      "to this many tokens and replies up to the default max_tokens (0 = none)")
   infer._add_attn(p)
   infer.add_shard_weights(p)
   a = p.parse_args(argv)
@@ -59,6 +62,10 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     n = worker.warmup(a.warmup_tokens)
     print(f"compiled {n} embedding programs in {time.perf_counter() - t0:.0f} s", flush=True)
+  if a.warmup_chat_tokens > 0:
+    t0 = time.perf_counter()
+    n = worker.warmup_chat(a.warmup_chat_tokens)
+    print(f"compiled {n} chat programs in {time.perf_counter() - t0:.0f} s", flush=True)
   name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
   app = serve.build_app(model, worker, model_name=name, api_key=a.api_key, max_input_tokens=a.max_input_tokens)
   print(f"serving {name} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch}, max wait {a.max_wait_ms} ms"

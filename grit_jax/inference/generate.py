@@ -1,5 +1,7 @@
 """Generation with a preallocated KV cache: one jitted prefill + `lax.while_loop` decode program per shape bucket
-(for streaming, the same two halves as two programs: the decode loop runs one token per call).
+(for streaming, the same two halves as two programs: the decode loop runs one token per call). The reply length is
+a bucket too: a program has room for `slots` new tokens and stops at a `stop` it is given, so every max_new_tokens
+of one bucket runs the same program and none decodes past its own.
 
 The same program continues from a cache that already holds a prefix (RAG caching: the KV states of an embedding
 pass). Layout conventions (see docs/DESIGN.md "Model"):
@@ -36,6 +38,11 @@ def bucket(n: int, cap: int | None = None, minimum: int = MIN_LENGTH_BUCKET) -> 
   """Smallest power of two >= n (at least `minimum`), clipped to `cap`: shapes come from a short fixed list."""
   b = max(minimum, 1 << max(0, int(n) - 1).bit_length())
   return max(int(n), min(b, cap)) if cap else b
+
+
+def reply_slots(max_new_tokens: int, minimum: int = MIN_LENGTH_BUCKET) -> int:
+  """The reply room of the program that generates max_new_tokens: the cache-size rule, at least `minimum`."""
+  return bucket_slots(max(int(max_new_tokens), minimum))
 
 
 def bucket_slots(n: int) -> int:
@@ -179,26 +186,26 @@ def _decode(module, params, state, stop, rng, temperature, top_p, *, greedy, sto
 
 
 @functools.lru_cache(maxsize=None)
-def generate_fn(config, max_new_tokens: int, greedy: bool, stop_at_eos: bool = True):
-  """jit(params, cache, ids [B,T], mask [B,T], start [B], rng, temperature, top_p) -> tokens [B, max_new_tokens]:
-  the prefill and the whole decode loop (stopping when every row has emitted `</s>`, or after max_new_tokens) in
-  one program. The cache must have room for prefix + T + max_new_tokens - 1 slots.
+def generate_fn(config, slots: int, greedy: bool, stop_at_eos: bool = True):
+  """jit(params, cache, ids [B,T], mask [B,T], start [B], rng, temperature, top_p, stop) -> tokens [B, slots]:
+  the prefill and the whole decode loop (stopping when every row has emitted `</s>`, or after `stop` <= slots
+  tokens; the rest is padding) in one program. The cache must have room for prefix + T + stop - 1 slots.
   """
   module = Transformer(config)
   kw = dict(greedy=greedy, stop_at_eos=stop_at_eos)
 
-  def fn(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p):
+  def fn(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p, stop):
     _count_trace("generate")
     state = _prefill(module, params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p,
-                     max_new_tokens=max_new_tokens, **kw)
-    return _decode(module, params, state, max_new_tokens, rng, temperature, top_p, **kw)[-1]
+                     max_new_tokens=slots, **kw)
+    return _decode(module, params, state, stop, rng, temperature, top_p, **kw)[-1]
 
   return jax.jit(fn)
 
 
 @functools.lru_cache(maxsize=None)
-def stream_fns(config, max_new_tokens: int, greedy: bool):
-  """(prefill, decode) as two programs, for streaming: prefill(generate_fn's arguments) -> state;
+def stream_fns(config, slots: int, greedy: bool):
+  """(prefill, decode) as two programs, for streaming: prefill(generate_fn's arguments but `stop`) -> state;
   decode(params, state, stop, rng, temperature, top_p) -> state, decoding until `stop` tokens (state donated: the
   cache is updated in place)."""
   module = Transformer(config)
@@ -207,7 +214,7 @@ def stream_fns(config, max_new_tokens: int, greedy: bool):
   def prefill(params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p):
     _count_trace("stream_prefill")
     return _prefill(module, params, cache, ids_BT, mask_BT, start_B, rng, temperature, top_p,
-                    max_new_tokens=max_new_tokens, **kw)
+                    max_new_tokens=slots, **kw)
 
   def decode(params, state, stop, rng, temperature, top_p):
     _count_trace("stream_decode")
@@ -239,8 +246,9 @@ def check_sampling(temperature: float, top_p: float, names=("temperature", "top_
 
 
 def _prepared(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start, max_new_tokens: int,
-              temperature: float, top_p: float, seed: int) -> tuple:
-  """generate_fn's arguments for `seqs` (checked; shapes bucketed: rows and continuation length to powers of two)."""
+              temperature: float, top_p: float, seed: int, slots: int) -> tuple:
+  """generate_fn's arguments for `seqs` but `stop` (checked; shapes bucketed: rows and continuation length to powers
+  of two; the cache has room for `slots` new tokens)."""
   if max_new_tokens < 1:
     raise GritJaxError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   check_sampling(temperature, top_p)
@@ -256,11 +264,11 @@ def _prepared(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start
   T = bucket(max(len(s) for s in seqs))
   ids, mask = pad_rows(seqs, T, rows, model.config.bos_token_id)
   if cache is None:
-    cache = KVCache.init(model.config, rows, T + max_new_tokens, jnp.dtype(model.config.dtype))
+    cache = KVCache.init(model.config, rows, T + slots, jnp.dtype(model.config.dtype))
   else:
     if cache.k.shape[1] != n:
       raise GritJaxError(f"cache has {cache.k.shape[1]} rows, got {n} continuations")
-    cache = pad_cache(cache, bucket_slots(int(cache.index) + T + max_new_tokens))
+    cache = pad_cache(cache, bucket_slots(int(cache.index) + T + slots))
   if start is None:
     start = np.asarray(cache.valid).sum(-1)
   start = jnp.asarray(np.asarray(start, np.int32))
@@ -270,13 +278,16 @@ def _prepared(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start
 
 def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[int]], start=None, *,
                         max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                        stop_at_eos: bool = True) -> list[list[int]]:
+                        stop_at_eos: bool = True, min_slots: int = MIN_LENGTH_BUCKET) -> list[list[int]]:
   """Continue each row of `cache` (None = empty) with its token list `seqs[b]` and generate. `start[b]` = first
   position of the continuation (default: the row's number of valid cached tokens). Returns the new token ids per
-  row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two."""
-  args = _prepared(model, cache, seqs, start, max_new_tokens, temperature, top_p, seed)
-  fn = generate_fn(model.config, int(max_new_tokens), temperature == 0.0, stop_at_eos)
-  tokens = np.asarray(fn(*args))
+  row, cut after `</s>` (which is kept). Shapes are bucketed: rows and continuation length to powers of two, the
+  reply's room by reply_slots(max_new_tokens, min_slots) (a server passes its default reply length, so every reply
+  up to it shares one program)."""
+  slots = reply_slots(max_new_tokens, min_slots)
+  args = _prepared(model, cache, seqs, start, max_new_tokens, temperature, top_p, seed, slots)
+  fn = generate_fn(model.config, slots, temperature == 0.0, stop_at_eos)
+  tokens = np.asarray(fn(*args, jnp.int32(max_new_tokens)))[:, :max_new_tokens]
   eos = model.config.eos_token_id
   result = []
   for row in tokens[:len(seqs)].tolist():
@@ -285,12 +296,13 @@ def generate_from_cache(model, cache: KVCache | None, seqs: Sequence[Sequence[in
 
 
 def generate_stream(model, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                    top_p: float = 1.0, seed: int = 0) -> Iterator[list[int]]:
+                    top_p: float = 1.0, seed: int = 0, min_slots: int = MIN_LENGTH_BUCKET) -> Iterator[list[int]]:
   """One prompt's new token ids as they are decoded, one per program call: the tokens generate_ids gives (same
   sampling stream), ending after `</s>` (yielded). Closing the generator stops the decoding."""
+  slots = reply_slots(max_new_tokens, min_slots)
   params, cache, ids, mask, start, rng, temp, top_p_ = _prepared(model, None, [prompt_ids], None, max_new_tokens,
-                                                                 temperature, top_p, seed)
-  prefill, decode = stream_fns(model.config, int(max_new_tokens), temperature == 0.0)
+                                                                 temperature, top_p, seed, slots)
+  prefill, decode = stream_fns(model.config, slots, temperature == 0.0)
   state, sent, eos = prefill(params, cache, ids, mask, start, rng, temp, top_p_), 0, model.config.eos_token_id
   while True:
     i = int(state[0])
@@ -315,10 +327,25 @@ def as_prompts(prompts_or_messages) -> list[list[str]]:
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 min_slots: int = MIN_LENGTH_BUCKET) -> list[list[int]]:
   """Token-level generation for already tokenized prompts (BOS included if wanted)."""
   return generate_from_cache(model, None, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, stop_at_eos=stop_at_eos)
+                             top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, min_slots=min_slots)
+
+
+def precompile(model, rows: int, prompt_len: int, max_new_tokens: int, *, greedy: bool = True, stream: bool = False,
+               min_slots: int = MIN_LENGTH_BUCKET) -> None:
+  """Compile the program(s) that generate_ids (stream=False) or generate_stream (stream=True) run for `rows`
+  prompts of up to `prompt_len` tokens and this max_new_tokens, by running them for a token or two."""
+  slots = reply_slots(max_new_tokens, min_slots)
+  args = _prepared(model, None, [[model.config.bos_token_id] * prompt_len] * rows, None, 1, 0.0 if greedy else 1.0,
+                   1.0, 0, slots)
+  if stream:
+    prefill, decode = stream_fns(model.config, slots, greedy)
+    decode(args[0], prefill(*args), jnp.int32(2), *args[5:])
+  else:
+    generate_fn(model.config, slots, greedy, True)(*args, jnp.int32(1))
 
 
 def decode_new(tokenizer, ids: Sequence[int], eos_id: int) -> str:

@@ -21,7 +21,7 @@ MARGIN_TYPES = ("relative", "absolute")
 TEACHER_KEYS = ("pos_scores", "neg_scores")
 
 
-def _item(x) -> tuple[str, str]:
+def entry_parts(x) -> tuple[str, str]:
   """(instruction, text) of a query / passage entry as written: [instruction, text] or a text (checked on reading)."""
   return ("", x) if isinstance(x, str) else (x[0], x[1])
 
@@ -46,8 +46,8 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
   if not 0 <= range_min < range_max or negatives < 1:
     raise GritJaxError(f"--range-min {range_min} / --range-max {range_max} / --negatives {negatives}: need "
                        "0 <= range-min < range-max and negatives >= 1")
-  queries = [_item(r["query"]) for r in rows]
-  positives = [_item(r["pos"][0]) for r in rows]
+  queries = [entry_parts(r["query"]) for r in rows]
+  positives = [entry_parts(r["pos"][0]) for r in rows]
   q_QD = _embed(model, index, queries)
   p_QD = _embed(model, index, positives)
   pos_Q = np.einsum("qd,qd->q", q_QD, p_QD)
@@ -55,8 +55,8 @@ def mine(model, rows: Sequence[dict], index: ci.CorpusIndex, negatives: int = 7,
   out, short = [], 0
   for row, pos, found, scores in zip(rows, pos_Q, found_QK, scores_QK):
     limit = pos * (1 - margin) if margin_type == "relative" else pos - margin
-    pos_texts = {_item(p)[1] for p in row["pos"]}
-    instruction = _item(row["pos"][0])[0]
+    pos_texts = {entry_parts(p)[1] for p in row["pos"]}
+    instruction = entry_parts(row["pos"][0])[0]
     neg = []
     for r, s in list(zip(found, scores))[range_min:]:
       if len(neg) == negatives:

@@ -32,14 +32,13 @@ import numpy as np
 from grit_jax.data import templates
 from grit_jax.errors import GritJaxError
 from grit_jax.inference import encode as encode_lib
-from grit_jax.inference.serve_worker import ApiError, Job, Worker
+from grit_jax.inference.serve_worker import DEFAULT_MAX_TOKENS, ApiError, Job, Worker
 from grit_jax.inference.text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
 MAX_INPUTS = 2048  # per embeddings request, as OpenAI's API
 MAX_BODY_BYTES = 64 << 20  # a request body declaring more is refused (413) before it is read
-DEFAULT_MAX_TOKENS = 256  # a chat reply without max_tokens (GritLM.generate's default), capped by the context
 
 
 # ---------------------------------------------------------------------------------------------------------------

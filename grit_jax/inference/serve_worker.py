@@ -6,9 +6,10 @@ to ONE worker thread that owns the model (every JAX call comes from that thread)
 batches dynamically: it takes the oldest job, then more jobs of the same kind until `max_batch` inputs are gathered
 or `max_wait_ms` have passed since the first, and runs them as one call: every embedding request of the batch (each
 with its own instruction: they are token lists by then) in one `encode_tokens` call (packed / bucketed as
-GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, rounded up to a
-power of two so few programs compile, each reply cut to its own), sampled ones alone (their seed must not depend on
-the neighbours), streamed ones alone (`generate_stream`: each decoded token handed to the request as it comes).
+GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, each reply cut to its own),
+sampled ones alone (their seed must not depend on the neighbours), streamed ones alone (`generate_stream`: each
+decoded token handed to the request as it comes). Every reply of up to DEFAULT_MAX_TOKENS runs the program sized
+for that many (generate's min_slots), so `warmup` can compile the chat programs a server meets.
 """
 import concurrent.futures
 import dataclasses
@@ -51,6 +52,7 @@ class Job:
 
 
 ALONE = ("sample", "stream")  # kinds that run one job per batch
+DEFAULT_MAX_TOKENS = 256  # a chat reply without max_tokens (GritLM.generate's default), capped by the context
 
 
 _STOP = object()  # the queue's last item: the worker ends after the batch before it
@@ -89,6 +91,23 @@ class Worker:
         n += 1
     self.stats.update(batches=0, inputs=0)
     return n
+
+  def warmup_chat(self, prompt_tokens: int) -> int:
+    """Compile the chat programs for prompts up to `prompt_tokens` (template included) and replies up to
+    DEFAULT_MAX_TOKENS: greedy at each row bucket up to max_batch, sampled and streamed at one row, each prompt
+    length bucket. Longer replies compile on first use. Call before serving (it runs on the calling thread).
+    Returns the number of programs."""
+    m = self.model
+    room = m.config.max_position_embeddings - DEFAULT_MAX_TOKENS
+    lengths = sorted({gen.bucket(x) for x in range(1, min(prompt_tokens, room) + 1)})
+    row_buckets = sorted({gen.bucket(r, minimum=1) for r in range(1, self.max_batch + 1)})
+    for t in lengths:
+      for rows in row_buckets:
+        gen.precompile(m, rows, t, DEFAULT_MAX_TOKENS, min_slots=DEFAULT_MAX_TOKENS)
+      gen.precompile(m, 1, t, DEFAULT_MAX_TOKENS, greedy=False, min_slots=DEFAULT_MAX_TOKENS)
+      for greedy in (True, False):
+        gen.precompile(m, 1, t, DEFAULT_MAX_TOKENS, greedy=greedy, stream=True, min_slots=DEFAULT_MAX_TOKENS)
+    return len(lengths) * (len(row_buckets) + 1 + 2 * 2)
 
   def submit(self, job: Job) -> concurrent.futures.Future:
     try:
@@ -154,16 +173,13 @@ class Worker:
     return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
   def run_chat(self, jobs: list[Job]) -> list[list[list[int]]]:
-    """Greedy jobs decode together to the longest max_tokens (a power of two, within the context) and are cut to
-    their own; if the batch's longest prompt leaves no room for that, each job runs alone."""
+    """Greedy jobs decode together to the longest max_tokens and are cut to their own; if the batch's longest
+    prompt leaves no room for that (each job alone fits: the app checked), each job runs alone."""
     m, seqs = self.model, [s for job in jobs for s in job.inputs]
     want = [job.args["max_tokens"] for job in jobs for _ in job.inputs]
-    room = m.config.max_position_embeddings - max(map(len, seqs))
-    new = min(gen.bucket(max(want)), room)
-    if new < max(want):
-      return [out for job in jobs for out in self.run_chat([job])] if len(jobs) > 1 else [
-          gen.generate_ids(m, seqs, max(want))]
-    out = gen.generate_ids(m, seqs, new)
+    if len(jobs) > 1 and max(map(len, seqs)) + max(want) > m.config.max_position_embeddings:
+      return [out for job in jobs for out in self.run_chat([job])]
+    out = gen.generate_ids(m, seqs, max(want), min_slots=DEFAULT_MAX_TOKENS)
     out = [o[:w] for o, w in zip(out, want)]
     bounds = np.cumsum([0] + [len(j.inputs) for j in jobs])
     return [out[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -171,7 +187,8 @@ class Worker:
   def run_sample(self, jobs: list[Job]) -> list[list[list[int]]]:
     (job,) = jobs
     a = job.args
-    return [gen.generate_ids(self.model, job.inputs, a["max_tokens"], a["temperature"], a["top_p"], a["seed"])]
+    return [gen.generate_ids(self.model, job.inputs, a["max_tokens"], a["temperature"], a["top_p"], a["seed"],
+                             min_slots=DEFAULT_MAX_TOKENS)]
 
   def run_stream(self, jobs: list[Job]) -> list[list[int]]:
     """One reply streamed: args["emit"](ids) is called (from this thread) with each decoded token as it comes, then
@@ -181,7 +198,7 @@ class Worker:
     a, out = job.args, []
     try:
       for ids in gen.generate_stream(self.model, job.inputs[0], a["max_tokens"], a["temperature"], a["top_p"],
-                                     a["seed"]):
+                                     a["seed"], min_slots=DEFAULT_MAX_TOKENS):
         out += ids
         a["emit"](ids)
         if a["cancelled"].is_set():
