@@ -41,10 +41,46 @@ class CorpusFile:
     return out
 
 
-def fixed_width(ids) -> np.ndarray:
-  """Ids as the .npy format's fixed-width str, the width of the longest (what ids.npy and the shards hold)."""
-  ids = np.asarray(ids, dtype=IDS)
-  return ids.astype(f"U{max(1, int(np.strings.str_len(ids).max(initial=0)))}")
+@dataclasses.dataclass(frozen=True)
+class PackedIds:
+  """Ids as Arrow lays out strings, what an index and its shards store: their UTF-8 bytes end to end and N + 1
+  offsets. An id costs its own bytes (the .npy format's fixed-width str is as wide as the longest id, for every
+  row), and both arrays memory-map: a search reads the ids of its hits only."""
+  utf8: np.ndarray     # [total bytes] uint8
+  offsets: np.ndarray  # [N + 1] int64
+
+  @classmethod
+  def of(cls, ids) -> "PackedIds":
+    encoded = [str(i).encode("utf-8") for i in ids]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  def __getitem__(self, i: int) -> str:
+    i = range(len(self))[i]  # negative and out-of-range indices as a list's
+    return self.utf8[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+
+  def __iter__(self):
+    return (self[i] for i in range(len(self)))
+
+  def __eq__(self, other) -> bool:
+    return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.utf8, other.utf8)
+
+  def arrays(self, prefix: str = "ids") -> dict[str, np.ndarray]:
+    """{prefix_utf8, prefix_offsets}: how np.savez stores them."""
+    return {f"{prefix}_utf8": self.utf8, f"{prefix}_offsets": self.offsets}
+
+  @classmethod
+  def check(cls, utf8: np.ndarray, offsets: np.ndarray, where: str) -> "PackedIds":
+    """Read back: a GritJaxError naming `where` unless the offsets run from 0 to the byte count (the sha256s
+    recorded beside them catch the rest)."""
+    if not (utf8.dtype == np.uint8 and offsets.dtype == np.int64 and offsets.ndim == utf8.ndim == 1 and
+            len(offsets) and offsets[0] == 0 and offsets[-1] == len(utf8)):
+      raise GritJaxError(f"{where}: the ids' bytes and offsets disagree (damaged)")
+    return cls(utf8, offsets)
 
 
 def row_at(f, offset: int):
@@ -75,8 +111,6 @@ def row_text(row: dict, where: str) -> tuple[str, str]:
   rid = row.get("id", row.get("_id"))
   if isinstance(rid, bool) or not isinstance(rid, (str, int)) or str(rid) == "":
     raise GritJaxError(f"{where}: no 'id' (a string or an integer)")
-  if "\x00" in str(rid):  # numpy's fixed-width str arrays (ids.npy, the shards) cannot hold a NUL
-    raise GritJaxError(f"{where}: id {rid!r} holds a NUL character")
   if not isinstance(row.get("text"), str) or not row["text"].strip():
     raise GritJaxError(f"{where}: id {rid!r} has no text (a non-empty string 'text')")
   text = document_text(row, where)

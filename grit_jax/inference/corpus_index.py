@@ -11,14 +11,15 @@ Layout of `out_dir` (index_settings.json, shards/ and the manifests: inference/c
   index_settings.json     written once at the first start: the model's weights fingerprint, the encode settings
                           (max length, attention, pooling, normalisation) and each corpus file's sha256. A resume
                           with another model, other settings or a changed corpus file is an error naming which.
-  shards/F-START-STOP.npz ids [n] + emb [n, D] float32 of rows [START, STOP) of corpus file F, each written
+  shards/F-START-STOP.npz ids (PackedIds) + emb [n, D] float32 of rows [START, STOP) of corpus file F, each written
                           atomically; the chunks are dealt round-robin to the processes (chunk i -> process i % P).
   manifest-P.json         process P's finished shards with their sha256, rewritten atomically after each one. A
                           shard is done only once its manifest entry exists: a kill between the shard's rename and
                           the manifest redoes that shard under the same name (never two copies), and the index is
                           built from the manifests' shards only, after checking each one's sha256.
   embeddings.npy          [N, D] float32 in corpus order (read by memory map: rescoring and device search)
-  ids.npy, locations.npy  [N] ids; [N, 2] int64 (corpus file, byte offset of the row): document texts on demand
+  ids_utf8.npy, ids_offsets.npy  the N ids as data.corpus.PackedIds (UTF-8 bytes end to end, N + 1 offsets)
+  locations.npy           [N, 2] int64 (corpus file, byte offset of the row): document texts on demand
   faiss.index             flat inner product (exact), IVF-PQ or HNSW, or int8 (scalar quantizer) / binary (Hamming)
   corpus_index.json       written last: everything above plus the FAISS settings and each file's sha256
 
@@ -36,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from grit_jax.data.corpus import CorpusFile, document_text, fixed_width, read_corpus, row_at
+from grit_jax.data.corpus import CorpusFile, PackedIds, document_text, read_corpus, row_at
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 from grit_jax.inference.corpus_shards import VERSION, chunks, done_shards, encode_corpus, load_shard
@@ -45,7 +46,7 @@ from grit_jax.inference.vector_search import FaissSettings, build_faiss, device_
 log = logging.getLogger(__name__)
 
 META = "corpus_index.json"
-FINAL_FILES = ("embeddings.npy", "ids.npy", "locations.npy", "faiss.index")
+FINAL_FILES = ("embeddings.npy", "ids_utf8.npy", "ids_offsets.npy", "locations.npy", "faiss.index")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,9 +102,10 @@ def finish(out_dir: str, files: Sequence[CorpusFile], settings: dict, fs: FaissS
     if os.path.exists(tmp):
       os.remove(tmp)
   emb_ND = np.load(emb_path, mmap_mode="r")
-  ids = fixed_width(np.concatenate([cf.ids for cf in files]))
+  ids = PackedIds.of(np.concatenate([cf.ids for cf in files]))
   locations = np.concatenate([np.stack([np.full(len(cf.offsets), f), cf.offsets], 1) for f, cf in enumerate(files)])
-  atomic_write(os.path.join(out_dir, "ids.npy"), lambda f: np.save(f, ids), "wb")
+  for name, array in ids.arrays().items():
+    atomic_write(os.path.join(out_dir, name + ".npy"), lambda f: np.save(f, array), "wb")
   atomic_write(os.path.join(out_dir, "locations.npy"), lambda f: np.save(f, locations), "wb")
   index = build_faiss(np.asarray(emb_ND), fs)
   faiss_path = os.path.join(out_dir, "faiss.index")
@@ -155,8 +157,9 @@ class CorpusIndex:
                            "`grit-jax index` after deleting it")
     try:
       # memory-mapped: a search reads the rows of its hits, not the corpus's N vectors, ids and locations
-      emb, ids, locations = (np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
-                             for name in ("embeddings", "ids", "locations"))
+      emb, utf8, offsets, locations = (np.load(os.path.join(path, f"{name}.npy"), mmap_mode="r")
+                                       for name in ("embeddings", "ids_utf8", "ids_offsets", "locations"))
+      ids = PackedIds.check(utf8, offsets, os.path.join(path, "ids_offsets.npy"))
       read = faiss.read_index_binary if meta["faiss"]["quantize"] == "binary" else faiss.read_index
       index = read(os.path.join(path, "faiss.index"))
     except (OSError, ValueError, RuntimeError) as e:
@@ -231,7 +234,7 @@ class CorpusIndex:
     folder = os.path.join(cache_dir, f"{model.weights_fingerprint()}-{'causal' if self.causal else 'bidir'}-"
                                      f"{max_length}")
     os.makedirs(folder, exist_ok=True)
-    paths = [os.path.join(folder, hashlib.sha256(str(self.ids[r]).encode()).hexdigest()[:32] + ".npz")
+    paths = [os.path.join(folder, hashlib.sha256(self.ids[r].encode()).hexdigest()[:32] + ".npz")
              for r in rows]
     out = [None] * len(rows)
     for j, path in enumerate(paths):
@@ -300,6 +303,6 @@ def search(model, queries, index_dir_or_obj, k: int = 10, *, instruction: str | 
   if not queries:
     return []
   rows, scores = index.search(embed_queries(model, index, queries, instruction, max_length), k, on_device)
-  out = [[dict(id=str(index.ids[r]), score=float(s), **({"text": index.document(r)} if return_text else {}))
+  out = [[dict(id=index.ids[r], score=float(s), **({"text": index.document(r)} if return_text else {}))
           for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]
   return out[0] if single else out

@@ -11,11 +11,11 @@ from typing import Sequence
 
 import numpy as np
 
-from grit_jax.data.corpus import CorpusFile, fixed_width
+from grit_jax.data.corpus import CorpusFile, PackedIds
 from grit_jax.errors import GritJaxError
 from grit_jax.fileio import atomic_write, read_json, sha256_file, write_json
 
-VERSION = 1
+VERSION = 2  # 2: ids stored as UTF-8 bytes + offsets (PackedIds), not fixed-width str
 SETTINGS = "index_settings.json"
 
 
@@ -84,7 +84,7 @@ def _check_same(recorded: dict, current: dict, where: str) -> None:
 
 
 def _write_shard(path: str, ids: Sequence[str], emb: np.ndarray) -> None:
-  atomic_write(path, lambda f: np.savez(f, ids=fixed_width(ids), emb=emb), "wb")
+  atomic_write(path, lambda f: np.savez(f, emb=emb, **PackedIds.of(ids).arrays()), "wb")
 
 
 def _commit(out_dir: str, process_index: int, shards: dict) -> None:
@@ -149,9 +149,9 @@ def load_shard(path: str, want: dict, ids: Sequence[str]) -> np.ndarray:
                        f"`grit-jax index` to encode it again")
   try:
     with np.load(path) as z:
-      got_ids, emb = z["ids"], z["emb"]
+      got_ids, emb = PackedIds.check(z["ids_utf8"], z["ids_offsets"], path), z["emb"]
   except (OSError, ValueError, KeyError) as e:
     raise GritJaxError(f"{path}: cannot read ({e})") from e
-  if not np.array_equal(got_ids, ids):
+  if got_ids != PackedIds.of(ids):
     raise GritJaxError(f"{path}: holds other ids than its corpus rows")
   return emb
