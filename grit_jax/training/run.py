@@ -25,7 +25,8 @@ class Run:
     self.mesh, self.rules = mesh_lib.make_mesh(config.mesh)
     self.tx = opt_lib.make_optimizer(config.optimizer, config.train.steps)
     rng = jax.random.PRNGKey(config.train.seed)
-    self._create = lambda: state_lib.create_train_state(self.model_config, self.tx, self.mesh, self.rules, rng)
+    self._create = lambda **kw: state_lib.create_train_state(self.model_config, self.tx, self.mesh, self.rules, rng,
+                                                             **kw)
     self.train_step = step_lib.make_train_step(self.model_config, config, self.mesh, self.rules)
 
   def abstract_state(self, with_frozen: bool = False):
@@ -40,14 +41,14 @@ class Run:
   def init_state(self, workdir: str | None = None):
     """Fresh state (seeded init), with the weights of config.init_from when it is set. LoRA: they go into the frozen
     base; a base initialised from scratch is saved once to <workdir>/lora_base (what `with_base` reads back)."""
-    state = self._create()
     if self.model_config.lora_rank:
       if self.config.init_from or (workdir and os.path.isdir(base_dir(workdir))):
-        state = state.replace(frozen=None)  # the random base goes before the real one is read
-        return self.with_base(state, workdir)
+        return self.with_base(self._create(with_frozen=False), workdir)  # no random base beside the real one
+      state = self._create()
       if workdir:
         save_base(state.frozen, base_dir(workdir))
       return state
+    state = self._create()
     if self.config.init_from:
       state = replace_params(state, load_init_params(self.config.init_from, self.model_config, params(state),
                                                      self.config.train.allow_unverified_checkpoints))

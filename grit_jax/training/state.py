@@ -58,10 +58,12 @@ def state_shardings(model_config, tx, mesh, rules, rng=None):
   return mesh_lib.logical_shardings(jax.eval_shape(lambda r: _init_boxed(model_config, tx, r), rng), mesh, rules)
 
 
-def create_train_state(model_config, tx, mesh, rules, rng) -> TrainState:
-  """A TrainState whose params and optimizer state are created sharded over `mesh` (one jitted init)."""
+def create_train_state(model_config, tx, mesh, rules, rng, with_frozen: bool = True) -> TrainState:
+  """A TrainState whose params and optimizer state are created sharded over `mesh` (one jitted init). LoRA with
+  `with_frozen=False`: no random base (the compiler drops its init; the real one is read next), the same adapters."""
   _, shardings = state_shardings(model_config, tx, mesh, rules, rng)
-  init = jax.jit(lambda r: nn.meta.unbox(_init_boxed(model_config, tx, r)), out_shardings=shardings)
+  keep = lambda state: state if with_frozen else state.replace(frozen=None)  # noqa: E731
+  init = jax.jit(lambda r: keep(nn.meta.unbox(_init_boxed(model_config, tx, r))), out_shardings=keep(shardings))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return init(rng)
 
