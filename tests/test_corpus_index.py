@@ -171,6 +171,9 @@ def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
     bad.write_text("\n".join(rows) + "\n")
     with pytest.raises(GritJaxError, match=msg):
       ci.read_corpus([str(bad)])
+  bad.write_bytes(b'\xef\xbb\xbf{"id": 1, "text": "x"}\n')  # a byte-order mark, as Windows editors write
+  (cf,) = ci.read_corpus([str(bad)])
+  assert list(cf.ids) == ["1"] and cf.texts(0, 1) == ["x"]
   bad.write_text('{"id": 1, "text": "x"}\n{"id": 2, "text": "y"}\n')
   (cf,) = ci.read_corpus([str(bad)])
   bad.write_text('{"id": 1, "text": "x"}\n{"id": 3, "text": "y"}\n')  # edited after it was read

@@ -5,6 +5,7 @@ than 15 bytes: variable-width strings, so one long id does not widen every row);
 when it is encoded."""
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
@@ -138,6 +139,8 @@ def read_corpus_file(path: str) -> CorpusFile:
     offset = 0
     for n, raw in enumerate(f, 1):
       start, offset = offset, offset + len(raw)
+      if n == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not part of row 1 (as jsonl.py reads)
+        raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
       if not raw.strip():
         continue
       try:
