@@ -120,6 +120,16 @@ def packing_layout(config, mesh) -> dict:
   return {"batch_shards": shards, "chunks": (max(emb_chunks, 1), t.grad_accum)}
 
 
+def compiler_options(mesh) -> dict | None:
+  """XLA options of the train step's compile. On a CPU mesh, no while-loop invariant code motion: XLA:CPU has no
+  bf16 dot, so it upcasts each layer's bf16 weights to f32, and that pass hoists the upcasts out of the scanned
+  layers, keeping a f32 copy of the whole stack through the step (LoRA on SmolLM2: peak 3.05 -> 2.08 GiB without it,
+  same step time and loss; BENCHMARKS.md). TPUs and GPUs dot in bf16 and keep the pass."""
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+  return None
+
+
 def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = None, grad_accum: int | None = None,
                     gradcache_chunk: int | None = None, state_shardings: Any = None, donate: bool = True):
   """Returns step(state, batch) -> (new state, metrics): one jitted GRIT update.
@@ -150,7 +160,7 @@ def make_train_step(model_config, loss_cfg, mesh, rules, *, attn: str | None = N
   def build(state):
     shardings = state_shardings if state_shardings is not None else _shardings_of(state)
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options(mesh))
 
   return MeshFn(mesh, rules, build)
 
@@ -163,4 +173,5 @@ def make_grad_fn(model_config, loss_cfg, mesh, rules, *, attn: str | None = None
   obj = GritObjective(model_config, loss_cfg, mesh, rules, attn)
   fn = lambda params, batch: obj.value_and_grad(params, batch, grad_accum, gradcache_chunk)
   batch_sharding = input_batch_sharding(mesh)
-  return MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding)))
+  return MeshFn(mesh, rules, lambda params: jax.jit(fn, in_shardings=(_shardings_of(params), batch_sharding),
+                                                    compiler_options=compiler_options(mesh)))
