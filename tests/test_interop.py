@@ -74,6 +74,24 @@ def test_tokenizer_errors_name_the_file(tmp_path):
   assert Tokenizer.from_dir(str(tmp_path / "nothing_here")) is None
 
 
+def test_a_folder_whose_tokenizer_files_disagree_is_an_error(tmp_path):
+  """grit_jax reads a folder's tokenizer.model, transformers its tokenizer.json: with both there, a stale one would
+  tokenize differently without a word. The pair an export writes agrees (its tokenizer.json is converted from the
+  model); another tokenizer.json is named."""
+  import shutil
+
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers.models import WordLevel
+
+  from grit_jax.convert import hf_files
+  shutil.copy(TOKENIZER, tmp_path / "tokenizer.model")
+  hf_files._converted_sentencepiece(TOKENIZER).save(str(tmp_path / "tokenizer.json"))
+  assert Tokenizer(tmp_path).encode("Hello, world!") == Tokenizer(TOKENIZER).encode("Hello, world!")
+  HFTokenizer(WordLevel({"[UNK]": 0, "Hello": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+  with pytest.raises(GritJaxError, match=r"tokenizer.model and .*tokenizer.json disagree \(1000 vs 2 tokens"):
+    Tokenizer(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inference imports neither TensorFlow nor seqio, and no command prints third-party noise
 

@@ -200,6 +200,21 @@ def resolve(path) -> str:
   return path
 
 
+# ASCII only: a SentencePiece model and the tokenizer.json transformers converts from it agree on it with or
+# without byte fallback
+PROBE = "Hello, world! It costs 12.50 dollars.\nA second line: two  spaces, (brackets) and CAPITALS."
+
+
+def _check_same(sp, json_path: str, sp_path: str) -> None:
+  """A folder's tokenizer.model is what grit_jax tokenizes with and its tokenizer.json what transformers (and
+  GritLM.tokenizer) use: a stale one of the two would give other ids without a word, so they must agree."""
+  hf = _HFTokenizers(json_path)
+  a, b = sp.encode(PROBE, True), hf.encode(PROBE, True)
+  if sp.vocab_size != hf.vocab_size or a != b:
+    raise GritJaxError(f"tokenizer: {sp_path} and {json_path} disagree ({sp.vocab_size} vs {hf.vocab_size} tokens; "
+                       f"{PROBE[:12]!r}... -> {a[:6]} vs {b[:6]}): one of them is stale; remove it or re-export")
+
+
 class Tokenizer:
   """encode(text) -> ids without added BOS/EOS; the literal BOS/EOS/UNK strings of its format (GritLM's "<s>",
   "</s>", "<unk>") -> bos_id/eos_id/unk_id. `text_format`: the model's special tokens and chat format
@@ -215,6 +230,8 @@ class Tokenizer:
     self.path = path
     self.kind = "tokenizers" if path.endswith(".json") else "sentencepiece"
     self._impl = _HFTokenizers(path) if self.kind == "tokenizers" else _SentencePiece(path)
+    if self.kind == "sentencepiece" and os.path.isfile(os.path.join(os.path.dirname(path), HF_FILE)):
+      _check_same(self._impl, os.path.join(os.path.dirname(path), HF_FILE), path)
     self.text_format = fmt = read_text_format(path, self._impl)
     self.vocab_size = self._impl.vocab_size
     self.eos_id = self._id(fmt.eos_token)
