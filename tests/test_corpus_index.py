@@ -208,6 +208,15 @@ def test_bad_input_is_named(model, model_dir, corpus, built, tmp_path):
   os.remove(os.path.join(out, "shards", os.path.basename(shard)))  # as the message says: deleted, encoded again
   repaired = ci.build(model, corpus[0], out, shard_rows=5, show_progress_bar=False)
   np.testing.assert_allclose(np.asarray(repaired.embeddings), np.asarray(built.embeddings), atol=1e-6)
+  # a folder started by a grit_jax that wrote another index format: its shards are not read as this format's
+  old = str(tmp_path / "old_format")
+  shutil.copytree(built.path, old)
+  os.remove(os.path.join(old, ci.META))
+  settings = json.load(open(os.path.join(old, "index_settings.json")))
+  json.dump(dict(settings, version=1), open(os.path.join(old, "index_settings.json"), "w"))
+  with pytest.raises(GritJaxError, match=r"index_settings.json: started by a grit_jax writing index format 1, "
+                                         r"this one writes format 2: use another --out"):
+    ci.build(model, corpus[0], old, shard_rows=5, show_progress_bar=False)
   # the corpus changed after the build: texts are refused, naming the file
   idx = ci.CorpusIndex.load(built.path)
   idx.meta["corpus"][1]["path"] = copy_corpus[1]

@@ -63,6 +63,9 @@ def encode_settings(model, max_length: int | None, attn: str | None) -> dict:
 
 def _check_same(recorded: dict, current: dict, where: str) -> None:
   """A GritJaxError naming the first difference between the recorded settings and this run's."""
+  if recorded.get("version") != current["version"]:  # its shards are in another format
+    raise GritJaxError(f"{where}: started by a grit_jax writing index format {recorded.get('version')}, this one "
+                       f"writes format {current['version']}: use another --out (or delete this one)")
   if recorded.get("model", {}).get("weights") != current["model"]["weights"]:
     raise GritJaxError(f"{where}: started with model {recorded.get('model', {}).get('name')} (weights "
                        f"{recorded.get('model', {}).get('weights')}), not this model {current['model']['name']} "
