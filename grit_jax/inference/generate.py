@@ -334,18 +334,20 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int
                              top_p=top_p, seed=seed, stop_at_eos=stop_at_eos, min_slots=min_slots)
 
 
-def precompile(model, rows: int, prompt_len: int, max_new_tokens: int, *, greedy: bool = True, stream: bool = False,
-               min_slots: int = MIN_LENGTH_BUCKET) -> None:
+def precompile(model, rows: int, prompt_len: int, max_new_tokens: int, *, greedy: bool = True,
+               stream: bool = False) -> int:
   """Compile the program(s) that generate_ids (stream=False) or generate_stream (stream=True) run for `rows`
-  prompts of up to `prompt_len` tokens and this max_new_tokens, by running them for a token or two."""
-  slots = reply_slots(max_new_tokens, min_slots)
+  prompts of up to `prompt_len` tokens and replies in max_new_tokens' bucket, by running them for a token or two.
+  Returns how many programs that is (a stream has two)."""
+  slots = reply_slots(max_new_tokens)
   args = _prepared(model, None, [[model.config.bos_token_id] * prompt_len] * rows, None, 1, 0.0 if greedy else 1.0,
                    1.0, 0, slots)
   if stream:
     prefill, decode = stream_fns(model.config, slots, greedy)
     decode(args[0], prefill(*args), jnp.int32(2), *args[5:])
-  else:
-    generate_fn(model.config, slots, greedy, True)(*args, jnp.int32(1))
+    return 2
+  generate_fn(model.config, slots, greedy, True)(*args, jnp.int32(1))
+  return 1
 
 
 def decode_new(tokenizer, ids: Sequence[int], eos_id: int) -> str:

@@ -6,10 +6,10 @@ to ONE worker thread that owns the model (every JAX call comes from that thread)
 batches dynamically: it takes the oldest job, then more jobs of the same kind until `max_batch` inputs are gathered
 or `max_wait_ms` have passed since the first, and runs them as one call: every embedding request of the batch (each
 with its own instruction: they are token lists by then) in one `encode_tokens` call (packed / bucketed as
-GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, each reply cut to its own),
-sampled ones alone (their seed must not depend on the neighbours), streamed ones alone (`generate_stream`: each
-decoded token handed to the request as it comes). Every reply of up to DEFAULT_MAX_TOKENS runs the program sized
-for that many (generate's min_slots), so `warmup` can compile the chat programs a server meets.
+GritLM.encode), greedy chat requests in one `generate_ids` call (decoding to the longest max_tokens, each reply cut
+to its own), sampled ones alone (their seed must not depend on the neighbours), streamed ones alone
+(`generate_stream`: each decoded token handed to the request as it comes). Every reply of up to DEFAULT_MAX_TOKENS
+runs the program sized for that many (generate's min_slots), so `warmup` can compile the chat programs a server meets.
 """
 import concurrent.futures
 import dataclasses
@@ -97,17 +97,16 @@ class Worker:
     DEFAULT_MAX_TOKENS: greedy at each row bucket up to max_batch, sampled and streamed at one row, each prompt
     length bucket. Longer replies compile on first use. Call before serving (it runs on the calling thread).
     Returns the number of programs."""
-    m = self.model
+    m, n = self.model, 0
     room = m.config.max_position_embeddings - DEFAULT_MAX_TOKENS
     lengths = sorted({gen.bucket(x) for x in range(1, min(prompt_tokens, room) + 1)})
     row_buckets = sorted({gen.bucket(r, minimum=1) for r in range(1, self.max_batch + 1)})
+    # (rows, greedy, stream): run_chat's batches, run_sample, run_stream greedy and sampled
+    kinds = [(rows, True, False) for rows in row_buckets] + [(1, False, False), (1, True, True), (1, False, True)]
     for t in lengths:
-      for rows in row_buckets:
-        gen.precompile(m, rows, t, DEFAULT_MAX_TOKENS, min_slots=DEFAULT_MAX_TOKENS)
-      gen.precompile(m, 1, t, DEFAULT_MAX_TOKENS, greedy=False, min_slots=DEFAULT_MAX_TOKENS)
-      for greedy in (True, False):
-        gen.precompile(m, 1, t, DEFAULT_MAX_TOKENS, greedy=greedy, stream=True, min_slots=DEFAULT_MAX_TOKENS)
-    return len(lengths) * (len(row_buckets) + 1 + 2 * 2)
+      for rows, greedy, stream in kinds:
+        n += gen.precompile(m, rows, t, DEFAULT_MAX_TOKENS, greedy=greedy, stream=stream)
+    return n
 
   def submit(self, job: Job) -> concurrent.futures.Future:
     try:
