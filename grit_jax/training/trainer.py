@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grit_jax import contract
 from grit_jax import flops as flops_lib
