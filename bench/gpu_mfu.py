@@ -62,6 +62,6 @@ print(f"batch {bq}q x 256 + {bp}p x 2048 + {bg}g x 2048; model FLOPs/step {flops
       f"(embedding {flops.embedding:.4g}, generative {flops.generative:.4g})")
 print(f"first step (compile) {compile_s:.1f} s; step {step_s * 1e3:.1f} ms (median of {args.steps}); "
       f"loss {float(metrics['loss']):.3f}")
-peak = args.peak or mfu.peak_flops(jax.devices()[:1])
+peak = args.peak or mfu.peak_flops(jax.devices()[:1], c.model.dtype)
 util = mfu.mfu(flops.total, step_s, 1, peak)
 print(f"MFU {util:.1%} of {peak / 1e12:.0f} TFLOP/s ({'PASS' if util >= 0.35 else 'FAIL'}, target >= 35%)")

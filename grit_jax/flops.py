@@ -151,17 +151,19 @@ _DEVICE_PEAKS = (
     ("TPU v4", TPU_PEAK_BF16_FLOPS["v4"]),
     ("NVIDIA H200", 989e12), ("NVIDIA H100", 989e12), ("NVIDIA A100", 312e12),
 )
-# A CPU host has no datasheet number; ~100 GFLOP/s per core (AVX-512 float32, measured ~50% of theoretical FMA peak
-# on the reference machine) makes MFU on a laptop comparable between runs, not between machines.
-_CPU_FLOPS_PER_CORE = 100e9
+# A CPU host has no datasheet number; a jitted matmul's rate per core on the reference machine, by compute dtype
+# (AVX-512: ~100 GFLOP/s in float32, ~50% of the FMA peak; AVX512_BF16 dots twice that), makes MFU on a laptop
+# comparable between runs, not between machines. Accelerators are rated at their bf16 peak, as MFU usually is.
+_CPU_FLOPS_PER_CORE = {"float32": 100e9, "bfloat16": 200e9}
 
 
-def peak_flops(devices) -> float:
-  """Summed peak FLOP/s of `devices` (jax devices of this process; for the train log's MFU); NaN if unknown."""
+def peak_flops(devices, dtype: str) -> float:
+  """Summed peak FLOP/s of `devices` (jax devices of this process; for the train log's MFU) computing in `dtype`
+  (ModelConfig.dtype); NaN if unknown."""
   if devices[0].platform == "cpu":
     import jax
 
-    return _CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) * jax.process_count()
+    return _CPU_FLOPS_PER_CORE[str(dtype)] * (os.cpu_count() or 1) * jax.process_count()
   for prefix, flops in _DEVICE_PEAKS:
     if devices[0].device_kind.startswith(prefix):
       return flops * len(devices)

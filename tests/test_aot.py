@@ -4,6 +4,7 @@ import contextlib
 import importlib.util
 import io
 import math
+import os
 import re
 
 import numpy as np
@@ -343,6 +344,10 @@ def test_flops_hand_worked():
   assert flops.forward_flops(gemma, 1, 4, causal=True, lm_head=False) == 9216 + 224 + 320
   assert flops.forward_flops(gemma, 1, 4, causal=False, lm_head=False) == 9216 + 320 + 512
   assert flops.mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
+  # a CPU host's peak follows the compute dtype (bf16 dots run at twice the f32 rate), so a bf16 step's MFU is not
+  # read against the f32 figure
+  cpu = jax.devices("cpu")
+  assert flops.peak_flops(cpu, "bfloat16") == 2 * flops.peak_flops(cpu, "float32") == 2 * 100e9 * os.cpu_count()
 
 
 def test_executed_flops_of_ragged_dot_and_its_gradients():

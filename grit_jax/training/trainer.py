@@ -100,7 +100,7 @@ def _train(config, model_config, workdir: str, *, progress: bool) -> dict:
   stop = min(t.stop_after or t.steps, t.steps)
   # the packed rows are what a packed step computes
   flops = flops_lib.grit_step_flops_from_config(config, it.packer.layouts if it.packer else None).total
-  peak = flops_lib.peak_flops(jax.devices())
+  peak = flops_lib.peak_flops(jax.devices(), config.model.dtype)
   bar = None
   if progress and primary and stop > start:
     from tqdm import tqdm
